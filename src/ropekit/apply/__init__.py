@@ -1,0 +1,1 @@
+"""Apply and export: the only code that knows runtimes' config formats."""

@@ -1,0 +1,144 @@
+"""Export a plan as config blocks that stock runtimes load with no ropekit code.
+
+Every plan exports as transformers' `longrope` (per-pair factors f, explicit attention
+factor a, short = long so generation that crosses L has no cache switch). Methods that a
+runtime implements natively also export in that native form.
+
+    transformers v5: config["rope_parameters"] (rope_theta inside)
+    transformers v4: config["rope_scaling"] + top-level rope_theta
+    vLLM:            --hf-overrides JSON, magnitude from short_mscale / long_mscale (= a)
+    llama.cpp:       GGUF tensor `rope_freqs` (= f, float32), one entry per pair
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ropekit.plan.scaling import Plan
+
+
+def longrope_block(plan: Plan) -> dict[str, Any]:
+    """The `longrope` parameters that reproduce `plan` exactly (without rope_theta)."""
+    block: dict[str, Any] = {
+        "rope_type": "longrope",
+        "short_factor": list(plan.factors),
+        "long_factor": list(plan.factors),
+        "factor": plan.scale,
+        "original_max_position_embeddings": plan.spec.original_length,
+        "attention_factor": plan.attention_factor,
+    }
+    return block
+
+
+def native_block(plan: Plan) -> dict[str, Any] | None:
+    """The runtime-native form of the plan's method, or None if there is none."""
+    p, L = plan.params, plan.spec.original_length
+    match plan.method:
+        case "none":
+            return {"rope_type": "default"}
+        case "pi":
+            return {"rope_type": "linear", "factor": p.get("factor") or plan.scale}
+        case "dynamic-ntk":
+            return {"rope_type": "dynamic", "factor": p.get("factor") or plan.scale}
+        case "yarn":
+            return {
+                "rope_type": "yarn",
+                "factor": p.get("factor") or plan.scale,
+                "original_max_position_embeddings": L,
+                "beta_fast": float(p.get("beta_fast", 32.0)),
+                "beta_slow": float(p.get("beta_slow", 1.0)),
+                "attention_factor": plan.attention_factor,
+            }
+        case "llama3":
+            return {
+                "rope_type": "llama3",
+                "factor": p.get("factor") or plan.scale,
+                "low_freq_factor": float(p.get("low_freq_factor", 1.0)),
+                "high_freq_factor": float(p.get("high_freq_factor", 4.0)),
+                "original_max_position_embeddings": L,
+            }
+        case "ntk" | "base":
+            return {"rope_type": "default", "rope_theta": plan.scaling.details["new_base"]}
+    return None
+
+
+def _with_geometry(plan: Plan, block: dict[str, Any]) -> dict[str, Any]:
+    full = {**block}
+    full.setdefault("rope_theta", plan.spec.base)
+    if plan.spec.partial_rotary_factor < 1.0:
+        full["partial_rotary_factor"] = plan.spec.partial_rotary_factor
+    return full
+
+
+def max_positions_for(plan: Plan, block: dict[str, Any]) -> int:
+    """`max_position_embeddings` to write. transformers' `dynamic` reads L from it, so it stays L there."""
+    return plan.spec.original_length if block.get("rope_type") == "dynamic" else plan.target_length
+
+
+def transformers_config(plan: Plan, *, native: bool = False, version: int = 5) -> dict[str, Any]:
+    """The config.json keys to set: `rope_parameters` (v5) or `rope_scaling` + `rope_theta` (v4)."""
+    block = native_block(plan) if native else longrope_block(plan)
+    if block is None:
+        raise ValueError(f"method {plan.method!r} has no native transformers form; use the longrope export")
+    block = _with_geometry(plan, block)
+    out: dict[str, Any] = {"max_position_embeddings": max_positions_for(plan, block)}
+    if version >= 5:
+        out["rope_parameters"] = block
+    else:
+        theta = block.pop("rope_theta")
+        out["rope_theta"] = theta
+        if block.get("rope_type") != "default":
+            out["rope_scaling"] = {"type": block["rope_type"], **block}
+        if "partial_rotary_factor" in block:
+            out["partial_rotary_factor"] = block.pop("partial_rotary_factor")
+    return out
+
+
+def vllm_hf_overrides(plan: Plan, *, version: int = 5) -> dict[str, Any]:
+    """`vllm serve MODEL --hf-overrides '<json>'`: longrope with short/long_mscale = a."""
+    cfg = transformers_config(plan, version=version)
+    key = "rope_parameters" if version >= 5 else "rope_scaling"
+    cfg[key]["short_mscale"] = plan.attention_factor
+    cfg[key]["long_mscale"] = plan.attention_factor
+    return cfg
+
+
+def llama_cpp_rope_freqs(plan: Plan) -> dict[str, Any]:
+    """llama.cpp's per-pair frequency divisors: GGUF tensor `rope_freqs` (F32, d/2 values)."""
+    return {
+        "tensor": "rope_freqs",
+        "ggml_type": "F32",
+        "shape": [plan.spec.num_pairs],
+        "values": list(plan.factors),
+        "rope_freq_base": plan.spec.base,
+        "attention_factor": plan.attention_factor,
+        "context_length": plan.target_length,
+        "how_to_use": (
+            "add `values` as the float32 tensor `rope_freqs` when converting to GGUF (llama.cpp divides each "
+            "pair's frequency by it), keep rope scaling type 'none', set the context length to context_length, "
+            "and, if attention_factor != 1, set '<arch>.rope.scaling.attn_factor' to it"
+        ),
+    }
+
+
+def write_exports(plan: Plan, out_dir: str | Path) -> dict[str, Path]:
+    """Write every export of `plan` into `out_dir`; returns {kind: path}."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Any] = {
+        "transformers_v5": transformers_config(plan, version=5),
+        "transformers_v4": transformers_config(plan, version=4),
+        "vllm_hf_overrides": vllm_hf_overrides(plan, version=5),
+        "vllm_hf_overrides_v4": vllm_hf_overrides(plan, version=4),
+        "llama_cpp_rope_freqs": llama_cpp_rope_freqs(plan),
+    }
+    if native_block(plan) is not None:
+        files["transformers_v5_native"] = transformers_config(plan, native=True, version=5)
+    written = {}
+    for kind, data in files.items():
+        path = out / f"{kind}.json"
+        path.write_text(json.dumps(data, indent=2) + "\n")
+        written[kind] = path
+    return written

@@ -1,0 +1,186 @@
+"""`ropekit` command line: a thin layer over the Python API. Run `ropekit --help`."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ropekit.errors import RopekitError
+from ropekit.cli import options as o
+from ropekit.cli.render import comparison_table, geometry_header, pair_table
+
+app = typer.Typer(
+    help="Plan, apply, fine-tune and evaluate RoPE context-window extensions.\n\n"
+    "Example: ropekit plan --preset llama2-7b --target-length 16384 --method dprope",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+out_console = Console()
+err_console = Console(stderr=True)
+
+
+def user_errors(fn):
+    """Turn a RopekitError into one line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RopekitError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+@app.command("plan")
+@user_errors
+def plan_cmd(
+    target_length: o.TargetLength,
+    method: Annotated[str, typer.Option("--method", help="none, pi, ntk, dynamic-ntk, yarn, llama3, longrope, base, resonance, dprope.")] = "dprope",
+    preset: o.Preset = None, model: o.Model = None, head_dim: o.HeadDim = None, rope_theta: o.RopeTheta = None,
+    original_length: o.OriginalLength = None, partial_rotary_factor: o.PartialRotary = None,
+    bins: o.Bins = 360, threshold: o.Threshold = None, interpolated_dims: o.InterpDims = None,
+    factors_file: o.FactorsFile = None, alpha: o.Alpha = None, beta_fast: o.BetaFast = None, beta_slow: o.BetaSlow = None,
+    attention_factor: o.AttentionFactor = None, low_freq_factor: o.LowFreq = None, high_freq_factor: o.HighFreq = None,
+    new_base: o.NewBase = None, base_rule: o.BaseRule = None, inner: o.Inner = None, at_length: o.AtLength = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object (and nothing else) on stdout.")] = False,
+    compare: Annotated[bool, typer.Option("--compare", help="With --json: add disturbance_by_method for every method.")] = False,
+    out: Annotated[Path | None, typer.Option("--out", help="Where to write the export files (default out/plans/NAME-METHOD-TARGET).")] = None,
+    no_write: Annotated[bool, typer.Option("--no-write", help="Do not write export files.")] = False,
+) -> None:
+    """Plan an extension: per-pair factors, attention factor, disturbance, and config exports.
+
+    Prints the per-pair plan and every method's disturbance, and writes configs for
+    transformers (v5 and v4), vLLM and llama.cpp.
+    """
+    from ropekit.apply.export import write_exports
+    from ropekit.plan.registry import compare as compare_methods, plan as make_plan
+    from ropekit.plan.summary import plan_summary
+
+    spec = o.build_spec(preset=preset, model=model, head_dim=head_dim, rope_theta=rope_theta,
+                        original_length=original_length, partial_rotary_factor=partial_rotary_factor)
+    params = o.method_params(method, threshold=threshold, interpolated_dims=interpolated_dims, factors_file=factors_file,
+                             alpha=alpha, beta_fast=beta_fast, beta_slow=beta_slow, attention_factor=attention_factor,
+                             low_freq_factor=low_freq_factor, high_freq_factor=high_freq_factor, new_base=new_base,
+                             rule=base_rule, inner=inner, at_length=at_length)
+    with err_console.status(f"planning {method} to {target_length} tokens"):
+        plan = make_plan(spec, target_length, method, bins=bins, **params)
+        scores = None
+        if compare or not json_out:
+            scores = {n: p.disturbance for n, p in compare_methods(spec, target_length, bins=bins).items()}
+            scores[plan.method] = plan.disturbance  # the user's own parameters win
+    summary = plan_summary(plan, disturbance_by_method=scores if compare else None)
+    if not no_write:
+        out_dir = out or Path("out/plans") / o.safe_name(f"{spec.name}-{plan.method}-{target_length}")
+        written = write_exports(plan, out_dir)
+        (out_dir / "plan.json").write_text(json.dumps(summary, indent=2) + "\n")
+        summary["exports"] = {k: str(v) for k, v in written.items()}
+    if json_out:
+        print(json.dumps(summary))
+        return
+    geometry_header(out_console, plan)
+    out_console.print(pair_table(plan))
+    out_console.print(comparison_table(scores, plan.method))
+    out_console.print(f"[bold]{plan.method}[/]: disturbance {plan.disturbance:.3f}, attention factor "
+                      f"{plan.attention_factor:.4f}, {len(plan.interpolated_pairs)} of {spec.num_pairs} pairs interpolated")
+    if not no_write:
+        out_console.print(f"exports written to {out_dir}/: " + ", ".join(p.name for p in written.values()) + ", plan.json")
+
+
+@app.command("analyze")
+@user_errors
+def analyze_cmd(
+    target_length: o.TargetLength,
+    out: Annotated[Path, typer.Option("--out", help="Directory for plots and per_pair.csv.")] = Path("out/analysis"),
+    methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods to compare (default: all that need no factors).")] = "",
+    pairs: Annotated[str, typer.Option("--pairs", help="Comma-separated pair indices for angle histograms (default: around the critical dimension).")] = "",
+    fmt: Annotated[str, typer.Option("--format", help="png or svg.")] = "png",
+    preset: o.Preset = None, model: o.Model = None, head_dim: o.HeadDim = None, rope_theta: o.RopeTheta = None,
+    original_length: o.OriginalLength = None, partial_rotary_factor: o.PartialRotary = None, bins: o.Bins = 360,
+) -> None:
+    """Angle distributions and disturbance of every method: plots (PNG/SVG) and a per-pair CSV."""
+    from ropekit.plan.analysis import plots
+    from ropekit.plan.analysis.bounds import critical_dimension
+    from ropekit.plan.registry import compare as compare_methods
+    from ropekit.plan.summary import per_pair_rows
+
+    if fmt not in ("png", "svg"):
+        raise RopekitError(f"--format must be png or svg, got {fmt!r}")
+    spec = o.build_spec(preset=preset, model=model, head_dim=head_dim, rope_theta=rope_theta,
+                        original_length=original_length, partial_rotary_factor=partial_rotary_factor)
+    names = [m.strip() for m in methods.split(",") if m.strip()] or None
+    pair_list = _parse_pairs(pairs, spec.num_pairs) or _default_pairs(critical_dimension(spec) // 2, spec.num_pairs)
+    with err_console.status("computing angle distributions"):
+        plans = compare_methods(spec, target_length, names, bins=bins)
+        written = [plots.plot_pair_disturbance(plans, out / f"disturbance_per_pair.{fmt}"),
+                   plots.plot_factors(plans, out / f"factors_per_pair.{fmt}")]
+        written += [plots.plot_angle_histograms(spec, target_length, i, out / f"angles_pair{i:03d}.{fmt}", bins=bins) for i in pair_list]
+    rows = per_pair_rows(plans)
+    csv_path = out / "per_pair.csv"
+    with csv_path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    out_console.print(comparison_table({n: p.disturbance for n, p in plans.items()}, chosen="dprope"))
+    out_console.print(f"wrote {csv_path} and " + ", ".join(str(p) for p in written))
+
+
+def _parse_pairs(text: str, num_pairs: int) -> list[int]:
+    try:
+        pairs = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise RopekitError(f"--pairs must be comma-separated integers, got {text!r}") from None
+    bad = [p for p in pairs if not 0 <= p < num_pairs]
+    if bad:
+        raise RopekitError(f"pair {bad[0]} is out of range: this geometry has pairs 0 … {num_pairs - 1}")
+    return pairs
+
+
+def _default_pairs(critical_pair: int, num_pairs: int) -> list[int]:
+    """The last pair that saw a full turn, the first that did not, and the lowest frequency."""
+    return sorted({max(critical_pair - 1, 0), min(critical_pair, num_pairs - 1), num_pairs - 1})
+
+
+@app.command("methods")
+def methods_cmd() -> None:
+    """List the scaling methods, their parameters and papers."""
+    from ropekit.plan.registry import METHODS
+
+    t = Table(title="methods")
+    for col in ("name", "what it does", "parameters", "paper", "transformers rope_type"):
+        t.add_column(col)
+    for m in METHODS.values():
+        t.add_row(m.name, m.summary, ", ".join(m.parameters), m.paper, m.transformers_type or "—")
+    out_console.print(t)
+
+
+@app.command("presets")
+def presets_cmd() -> None:
+    """List the model presets and where their numbers come from."""
+    from ropekit.plan.presets import PRESETS
+
+    t = Table(title="presets (figures from public config.json files)")
+    for col in ("name", "head_dim", "rotary_dim", "rope_theta", "original length", "source", "note"):
+        t.add_column(col)
+    for name, p in PRESETS.items():
+        s = p.spec
+        t.add_row(name, str(s.head_dim), str(s.rotary_dim), f"{s.base:g}", str(s.original_length), p.source, p.note)
+    out_console.print(t)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

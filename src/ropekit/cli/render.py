@@ -1,0 +1,55 @@
+"""Rich tables for the terminal (stdout stays clean JSON under --json)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from ropekit.plan.analysis.bounds import critical_dimension, extrapolation_bound, full_rotation_seen
+from ropekit.plan.scaling import Plan
+
+
+def geometry_header(console: Console, plan: Plan) -> None:
+    spec = plan.spec
+    console.print(f"[bold]{spec.name or 'model'}[/]: {spec.describe()}")
+    console.print(
+        f"target {plan.target_length} tokens (scale s = {plan.scale:g}); critical dimension "
+        f"{critical_dimension(spec)} of {spec.rotary_dim} (pairs ≥ {critical_dimension(spec) // 2} never completed a "
+        f"rotation in pre-training); extrapolation bound {extrapolation_bound(spec):,.0f} tokens"
+    )
+
+
+def pair_table(plan: Plan) -> Table:
+    """Per-pair plan: wavelength, whether a full rotation was seen, factor, and disturbance."""
+    details = plan.scaling.details
+    has_candidates = "d_extrapolation" in details
+    t = Table(title=f"{plan.method}: per-pair plan (D in nats; θ'_i = θ_i / f_i)")
+    for col in ("pair", "wavelength", "turn in L"):
+        t.add_column(col, justify="right")
+    if has_candidates:
+        t.add_column("D extra", justify="right")
+        t.add_column("D interp", justify="right")
+    t.add_column("factor f", justify="right")
+    t.add_column("D chosen" if has_candidates else "D", justify="right")
+    wavelengths = plan.spec.wavelengths().tolist()
+    seen = full_rotation_seen(plan.spec).tolist()
+    for i, f in enumerate(plan.factors):
+        row = [str(i), f"{wavelengths[i]:,.1f}", "yes" if seen[i] else "no"]
+        if has_candidates:
+            row += [f"{details['d_extrapolation'][i]:.4f}", f"{details['d_interpolation'][i]:.4f}"]
+        style = "bold" if f > 1 + 1e-12 else None
+        row += [f"{f:.4g}", f"{float(plan.pair_disturbance[i]):.4f}"]
+        t.add_row(*row, style=style)
+    return t
+
+
+def comparison_table(scores: dict[str, float], chosen: str) -> Table:
+    t = Table(title="disturbance by method (1000 × mean KL; lower = closer to pre-training)")
+    t.add_column("method")
+    t.add_column("disturbance", justify="right")
+    t.add_column("vs pi", justify="right")
+    pi = scores.get("pi")
+    for name, value in sorted(scores.items(), key=lambda kv: kv[1]):
+        rel = f"{100 * (value / pi - 1):+.0f}%" if pi else ""
+        t.add_row(f"[bold]{name}[/] ←" if name == chosen else name, f"{value:.3f}", rel)
+    return t

@@ -1,0 +1,22 @@
+"""One exception type for every user-facing mistake.
+
+`RopekitError` subclasses `ValueError`, so Python callers can catch either.
+The CLI turns it into one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class RopekitError(ValueError):
+    """A bad input, with a message that names the fix."""
+
+
+def did_you_mean(kind: str, name: str, choices: Iterable[str]) -> RopekitError:
+    """Build the error for an unknown `name` among `choices`, with a suggestion."""
+    choices = sorted(choices)
+    close = difflib.get_close_matches(name, choices, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return RopekitError(f"unknown {kind} {name!r}{hint} Choose from: {', '.join(choices)}")

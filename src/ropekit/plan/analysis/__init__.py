@@ -1,0 +1,1 @@
+"""Rotary-angle distributions, disturbance, and closed-form bounds."""

@@ -1,0 +1,86 @@
+"""Closed-form bounds on how far a RoPE geometry extrapolates.
+
+Scaling Laws of RoPE-based Extrapolation (Liu et al. 2023):
+    a pair has seen a full rotation in pre-training iff λ_i ≤ L;
+    critical dimension d_extra = 2·⌈(d/2)·log_b(L/2π)⌉;
+    extrapolation bound with base b': T_extra = 2π·b'^(d_extra/d), inverted for the base.
+
+Base of RoPE Bounds Context Length (Men et al. 2024):
+    the smallest base b with B(m) = Σ_i cos(m·θ_i) ≥ 0 for all 0 ≤ m < L'.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ropekit.errors import RopekitError
+from ropekit.plan.geometry import RopeSpec
+
+
+def critical_dimension(spec: RopeSpec) -> int:
+    """d_extra = 2·⌈(d/2)·log_b(L/2π)⌉, clipped to [0, d].
+
+    >>> critical_dimension(RopeSpec(head_dim=128, base=10000.0, original_length=4096))
+    92
+    """
+    d, L = spec.rotary_dim, spec.original_length
+    value = 2 * math.ceil((d / 2) * math.log(L / (2 * math.pi)) / math.log(spec.base))
+    return min(max(value, 0), d)
+
+
+def extrapolation_bound(spec: RopeSpec, base: float | None = None) -> float:
+    """T_extra = 2π·b'^(d_extra/d) in tokens, with d_extra from the pre-training geometry."""
+    b = spec.base if base is None else base
+    return 2 * math.pi * b ** (critical_dimension(spec) / spec.rotary_dim)
+
+
+def base_for_bound(spec: RopeSpec, bound: float) -> float:
+    """The base b' whose extrapolation bound T_extra equals `bound` tokens: (T/2π)^(d/d_extra)."""
+    d_extra = critical_dimension(spec)
+    if d_extra == 0:
+        raise RopekitError("critical dimension is 0 (no pair has completed a rotation); no base change can help")
+    return (bound / (2 * math.pi)) ** (spec.rotary_dim / d_extra)
+
+
+def full_rotation_seen(spec: RopeSpec) -> torch.Tensor:
+    """Boolean per pair: λ_i ≤ L (the pair saw every angle in pre-training)."""
+    return spec.wavelengths() <= spec.original_length
+
+
+def long_term_decay_min(rotary_dim: int, base: float, length: int, chunk: int = 1 << 16) -> float:
+    """min over 0 ≤ m < length of B(m) = Σ_i cos(m·θ_i), float64 (Men et al. 2024, eq. for B_{m,θ})."""
+    exponent = torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim
+    inv_freq = base**-exponent  # (d/2,)
+    low = math.inf
+    for start in range(0, length, chunk):
+        m = torch.arange(start, min(start + chunk, length), dtype=torch.float64)
+        total = torch.cos(m[:, None] * inv_freq[None, :]).sum(dim=1)  # (chunk,)
+        low = min(low, float(total.min()))
+        if low < 0:
+            return low  # already fails; the exact minimum is not needed
+    return low
+
+
+def min_base_for_length(spec: RopeSpec, length: int, *, rel_tol: float = 1e-4) -> float:
+    """Smallest base b with B(m) ≥ 0 for all 0 ≤ m < `length` (Men et al. 2024).
+
+    Scans b on a ×1.25 geometric grid from 2, then bisects (in log space) between the last
+    failing and the first passing grid point to a relative tolerance `rel_tol`.
+    Cost: O(length · d/2) cosines per candidate.
+    """
+    d = spec.rotary_dim
+
+    def ok(b: float) -> bool:
+        return long_term_decay_min(d, b, length) >= 0
+
+    lo, hi = 1.0, 2.0
+    while not ok(hi):
+        lo, hi = hi, hi * 1.25
+        if hi > 1e15:
+            raise RopekitError(f"no base up to 1e15 keeps B(m) ≥ 0 for {length} tokens")
+    while hi / lo > 1 + rel_tol:
+        mid = math.sqrt(lo * hi)
+        lo, hi = (lo, mid) if ok(mid) else (mid, hi)
+    return hi

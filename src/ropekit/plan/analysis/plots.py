@@ -1,0 +1,93 @@
+"""Figures: angle histograms of one pair (the paper's Fig. 3), disturbance per pair for each
+method (Fig. 7), and factors per pair for every method side by side. PNG or SVG by suffix."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from ropekit.plan.analysis.angles import DEFAULT_BINS  # noqa: E402
+from ropekit.plan.analysis.bounds import critical_dimension  # noqa: E402
+from ropekit.plan.analysis.disturbance import distribution, kl_per_pair, pre_training_distribution  # noqa: E402
+from ropekit.plan.geometry import RopeSpec  # noqa: E402
+from ropekit.plan.scaling import Plan  # noqa: E402
+
+
+def plot_angle_histograms(spec: RopeSpec, target_length: int, pair: int, path: str | Path, *, bins: int = DEFAULT_BINS) -> Path:
+    """Pair `pair`'s angle distribution: pre-training (θ, L), interpolated (θ/s, L'), extrapolated (θ, L')."""
+    s = target_length / spec.original_length
+    inv = spec.inv_freq()
+    p = pre_training_distribution(spec, bins)[pair]
+    curves = {
+        f"original (L={spec.original_length})": p,
+        f"interpolated θ/s (L'={target_length})": distribution(inv / s, target_length, bins)[pair],
+        f"extrapolated θ (L'={target_length})": distribution(inv, target_length, bins)[pair],
+    }
+    degrees = [k * 360 / bins for k in range(bins)]
+    fig, axes = plt.subplots(3, 1, figsize=(8, 6.5), sharex=True, sharey=True)
+    for ax, (label, q) in zip(axes, curves.items()):
+        d = float(kl_per_pair(p[None], q[None])[0])
+        title = label if q is p else f"{label}   KL(P‖Q) = {d:.3f} nats"
+        ax.fill_between(degrees, q.numpy(), step="post", alpha=0.7)
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel("share of positions")
+    axes[-1].set_xlabel(f"rotary angle (degrees, {bins} bins)")
+    wavelength = 2 * math.pi / float(inv[pair])
+    fig.suptitle(f"{spec.name or 'model'}: rotary pair {pair} (wavelength {wavelength:,.0f} tokens)")
+    return _save(fig, path)
+
+
+def plot_pair_disturbance(plans: dict[str, Plan], path: str | Path) -> Path:
+    """D_i per pair for each method, log scale, critical dimension marked."""
+    spec = next(iter(plans.values())).spec
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for name, plan in plans.items():
+        ax.plot(range(spec.num_pairs), plan.pair_disturbance.clamp(min=1e-6).numpy(), marker=".", label=f"{name} ({plan.disturbance:.1f})")
+    _mark_critical(ax, spec)
+    ax.set_yscale("log")
+    ax.set_xlabel("rotary pair i (high → low frequency)")
+    ax.set_ylabel("disturbance D_i = KL(P_i‖Q_i) (nats)")
+    target = next(iter(plans.values())).target_length
+    ax.set_title(f"{spec.name or 'model'} → {target} tokens: disturbance per pair (legend: 1000 × mean)")
+    ax.legend(fontsize=8, ncol=2)
+    return _save(fig, path)
+
+
+def plot_factors(plans: dict[str, Plan], path: str | Path) -> Path:
+    """Per-pair factors f_i (θ'_i = θ_i/f_i) of every method, one small panel each."""
+    spec = next(iter(plans.values())).spec
+    n = len(plans)
+    cols = min(n, 4)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), sharex=True, squeeze=False)
+    for ax, (name, plan) in zip(axes.flat, plans.items()):
+        ax.bar(range(spec.num_pairs), plan.factors, width=1.0)
+        ax.axhline(1.0, color="grey", lw=0.6)
+        ax.set_yscale("log")
+        ax.set_title(f"{name}  (a = {plan.attention_factor:.3f})", fontsize=9)
+        _mark_critical(ax, spec, label=False)
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    fig.supxlabel("rotary pair i")
+    fig.supylabel("factor f_i")
+    fig.suptitle(f"{spec.name or 'model'}: per-pair factors, scale {next(iter(plans.values())).scale:g}")
+    return _save(fig, path)
+
+
+def _mark_critical(ax, spec: RopeSpec, *, label: bool = True) -> None:
+    crit_pair = critical_dimension(spec) / 2
+    ax.axvline(crit_pair - 0.5, color="black", ls="--", lw=0.8, label="critical dimension" if label else None)
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,34 @@
+"""Base change / ABF (adjusted base frequency); a = 1.
+
+θ'_i = (b')^(−2i/d). b' is given, or derived from the target length L' by one of two rules:
+  * "critical" (Scaling Laws of RoPE-based Extrapolation, Liu et al. 2023): the base whose
+    extrapolation bound T_extra = 2π·b'^(d_extra/d) equals L' (never below the original b);
+  * "men2024" (Base of RoPE Bounds Context Length, Men et al. 2024): the smallest base with
+    Σ_i cos(m·θ_i) ≥ 0 for all m < L'.
+Base change needs fine-tuning to work; without it the model sees frequencies it never saw.
+"""
+
+from __future__ import annotations
+
+from ropekit.errors import did_you_mean
+from ropekit.plan.analysis.bounds import base_for_bound, min_base_for_length
+from ropekit.plan.geometry import RopeSpec
+from ropekit.plan.methods._common import base_change_factors, require_finite_positive
+from ropekit.plan.scaling import Scaling
+
+BASE_RULES = ("critical", "men2024")
+
+
+def base_change(spec: RopeSpec, target_length: int, *, new_base: float | None = None, rule: str = "critical") -> Scaling:
+    """Change the RoPE base to `new_base`, or to the base `rule` gives for L'."""
+    if new_base is None:
+        if rule not in BASE_RULES:
+            raise did_you_mean("base rule", rule, BASE_RULES)
+        derived = base_for_bound(spec, target_length) if rule == "critical" else min_base_for_length(spec, target_length)
+        new_base = max(derived, spec.base) if rule == "critical" else derived
+        details = {"rule": rule, "derived_base": derived}
+    else:
+        details = {"rule": "given"}
+    require_finite_positive("new_base", new_base)
+    details["new_base"] = float(new_base)
+    return Scaling(inv_freq=spec.inv_freq(new_base), factors=base_change_factors(spec, new_base), details=details)

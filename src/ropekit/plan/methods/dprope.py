@@ -1,0 +1,83 @@
+"""The distributional method (Wu et al. 2024, "Extending Context Window of Large Language
+Models from a Distributional Perspective"); a = 1.
+
+Per pair i, two candidates: extrapolation (f_i = 1) and interpolation (f_i = s). With P_i
+the pre-training angle distribution (θ, N = L) and Q_i a candidate's (θ', N = L'), the
+disturbance is D_i = KL(P_i‖Q_i). Interpolate pair i iff D_i(extra) − D_i(interp) > t
+(authors' default t = 0, ties extrapolate), or, with `interpolated_dims=n`, interpolate
+the n/2 pairs with the largest margin. Candidate frequencies use the authors' arithmetic
+(θ and θ/s in float32); the runtime inv_freq is 1/(f_i·b^(2i/d)), as transformers'
+`longrope` computes it, so an exported config reloads to exactly this plan.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ropekit.errors import RopekitError
+from ropekit.plan.analysis.angles import DEFAULT_BINS
+from ropekit.plan.analysis.disturbance import kl_per_pair, distribution, pre_training_distribution
+from ropekit.plan.geometry import RopeSpec
+from ropekit.plan.methods.longrope import per_pair_inv_freq
+from ropekit.plan.scaling import Scaling
+
+
+def candidate_disturbances(spec: RopeSpec, target_length: int, *, scale: float, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(D_extra, D_interp) per pair, float64, shape (d/2,) each."""
+    base_inv_freq = spec.inv_freq()
+    p = pre_training_distribution(spec, bins)
+    d_extra = kl_per_pair(p, distribution(base_inv_freq, target_length, bins))
+    d_interp = kl_per_pair(p, distribution(base_inv_freq / scale, target_length, bins))
+    return d_extra, d_interp
+
+
+def choose_interpolated(margin: torch.Tensor, *, threshold: float | None, interpolated_dims: int | None) -> torch.Tensor:
+    """Boolean per pair: interpolate? By threshold (margin > t) or by count (top n/2 margins)."""
+    if interpolated_dims is None:
+        return margin > (0.0 if threshold is None else threshold)
+    num_pairs = margin.numel()
+    if interpolated_dims % 2 or not 0 <= interpolated_dims <= 2 * num_pairs:
+        raise RopekitError(f"interpolated_dims n must be even and in [0, {2 * num_pairs}], got {interpolated_dims}")
+    order = sorted(range(num_pairs), key=lambda i: (-float(margin[i]), i))  # largest margin first, ties by pair
+    chosen = torch.zeros(num_pairs, dtype=torch.bool)
+    chosen[order[: interpolated_dims // 2]] = True
+    return chosen
+
+
+def dprope(
+    spec: RopeSpec,
+    target_length: int,
+    *,
+    bins: int = DEFAULT_BINS,
+    threshold: float | None = None,
+    interpolated_dims: int | None = None,
+) -> Scaling:
+    """Per-pair choice of interpolation or extrapolation by least angle-distribution disturbance.
+
+    Give at most one of `threshold` (t, default 0) and `interpolated_dims` (n, even).
+    `details` carries the per-pair D_extra, D_interp, margin and the chosen D.
+    """
+    if threshold is not None and interpolated_dims is not None:
+        raise RopekitError("give either threshold t or interpolated_dims n, not both")
+    if threshold is not None and not math.isfinite(threshold):
+        raise RopekitError(f"threshold must be a finite number, got {threshold}")
+    if not isinstance(bins, int) or bins < 2:
+        raise RopekitError(f"bins K must be an integer ≥ 2, got {bins!r}")
+    scale = target_length / spec.original_length
+    d_extra, d_interp = candidate_disturbances(spec, target_length, scale=scale, bins=bins)
+    margin = d_extra - d_interp
+    interpolate = choose_interpolated(margin, threshold=threshold, interpolated_dims=interpolated_dims)
+    factors = tuple(float(scale) if flag else 1.0 for flag in interpolate.tolist())
+    chosen = torch.where(interpolate, d_interp, d_extra)
+    return Scaling(
+        inv_freq=per_pair_inv_freq(spec, factors),
+        factors=factors,
+        details={
+            "d_extrapolation": d_extra.tolist(),
+            "d_interpolation": d_interp.tolist(),
+            "margin": margin.tolist(),
+            "pair_disturbance": chosen.tolist(),
+        },
+    )

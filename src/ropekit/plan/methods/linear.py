@@ -1,0 +1,24 @@
+"""Linear position interpolation, PI (Chen et al. 2023): θ'_i = θ_i / s, a = 1.
+
+Scaling positions by 1/s is the same as scaling inv_freq by 1/s. Matches transformers'
+`rope_type="linear"` (`inv_freq /= factor` in float32).
+"""
+
+from __future__ import annotations
+
+from ropekit.plan.geometry import RopeSpec
+from ropekit.plan.methods._common import require_finite_positive
+from ropekit.plan.scaling import Scaling
+
+
+def linear(spec: RopeSpec, target_length: int, *, factor: float | None = None) -> Scaling:
+    """Divide every frequency by `factor` (default s = L'/L).
+
+    >>> linear(RopeSpec(head_dim=8, base=10000.0, original_length=512), 2048).factors
+    (4.0, 4.0, 4.0, 4.0)
+    """
+    s = target_length / spec.original_length if factor is None else factor
+    require_finite_positive("factor", s)
+    inv_freq = spec.inv_freq()
+    inv_freq /= s
+    return Scaling(inv_freq=inv_freq, factors=(float(s),) * spec.num_pairs)

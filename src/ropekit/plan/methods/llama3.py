@@ -1,0 +1,46 @@
+"""Llama 3.1 frequency scaling; a = 1.
+
+λ_i < L/hf: θ_i;  λ_i > L/lf: θ_i/s;  between: (1−g)·θ_i/s + g·θ_i with
+g = (L/λ_i − lf)/(hf − lf). Defaults lf = 1, hf = 4. Same float32 arithmetic as
+transformers' `_compute_llama3_parameters`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ropekit.errors import RopekitError
+from ropekit.plan.geometry import RopeSpec
+from ropekit.plan.methods._common import require_finite_positive
+from ropekit.plan.scaling import Scaling
+
+
+def llama3(
+    spec: RopeSpec,
+    target_length: int,
+    *,
+    factor: float | None = None,
+    low_freq_factor: float = 1.0,
+    high_freq_factor: float = 4.0,
+) -> Scaling:
+    """Llama 3.1 scaling for s = `factor` (default L'/L)."""
+    s = target_length / spec.original_length if factor is None else factor
+    require_finite_positive("factor", s)
+    if not 0 < low_freq_factor < high_freq_factor:
+        raise RopekitError(f"need 0 < low_freq_factor < high_freq_factor, got {low_freq_factor}, {high_freq_factor}")
+    L = spec.original_length
+    inv_freq = spec.inv_freq()
+    low_freq_wavelen, high_freq_wavelen = L / low_freq_factor, L / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / s, inv_freq)
+    smooth = (L / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    inv_freq = torch.where(is_medium, smoothed, scaled)
+
+    lam = spec.wavelengths()
+    g = ((L / lam - low_freq_factor) / (high_freq_factor - low_freq_factor)).clamp(0, 1)
+    factors = 1.0 / ((1 - g) / s + g)
+    return Scaling(inv_freq=inv_freq, factors=tuple(factors.tolist()))

@@ -1,0 +1,71 @@
+"""YaRN (Peng et al. 2023): blend θ_i/s and θ_i by a linear ramp over pairs; a = 0.1·ln s + 1.
+
+corr(r) = d·ln(L/(2π·r)) / (2·ln b); low = max(floor(corr(β_fast)), 0);
+high = min(ceil(corr(β_slow)), d−1); ramp_i = clip((i − low)/(high − low), 0, 1);
+mask_i = 1 − ramp_i; θ'_i = (θ_i/s)·(1 − mask_i) + θ_i·mask_i.
+
+Same arithmetic as the authors' repo (jquesnelle/yarn) and transformers' `rope_type="yarn"`
+with `truncate=True`: interpolated frequencies are 1/(s·b^(2i/d)) in float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ropekit.errors import RopekitError
+from ropekit.plan.geometry import RopeSpec
+from ropekit.plan.methods._common import require_finite_positive
+from ropekit.plan.scaling import Scaling
+
+
+def yarn_attention_factor(scale: float) -> float:
+    """a = 0.1·ln s + 1, or 1 when s ≤ 1."""
+    return 1.0 if scale <= 1 else 0.1 * math.log(scale) + 1.0
+
+
+def yarn_ramp_bounds(spec: RopeSpec, beta_fast: float, beta_slow: float) -> tuple[float, float]:
+    """(low, high) pair indices of the ramp, truncated to integers as the authors do."""
+    d, b, L = spec.rotary_dim, spec.base, spec.original_length
+
+    def corr(rotations: float) -> float:
+        return (d * math.log(L / (rotations * 2 * math.pi))) / (2 * math.log(b))
+
+    return max(math.floor(corr(beta_fast)), 0), min(math.ceil(corr(beta_slow)), d - 1)
+
+
+def yarn(
+    spec: RopeSpec,
+    target_length: int,
+    *,
+    factor: float | None = None,
+    beta_fast: float = 32.0,
+    beta_slow: float = 1.0,
+    attention_factor: float | None = None,
+) -> Scaling:
+    """YaRN frequencies and attention factor for s = `factor` (default L'/L)."""
+    s = target_length / spec.original_length if factor is None else factor
+    require_finite_positive("factor", s)
+    if beta_fast < beta_slow:
+        raise RopekitError(f"beta_fast ({beta_fast}) must be ≥ beta_slow ({beta_slow})")
+    low, high = yarn_ramp_bounds(spec, beta_fast, beta_slow)
+    if low == high:
+        high += 0.001  # the authors' guard against a zero-width ramp
+    ramp = torch.clamp((torch.arange(spec.num_pairs, dtype=torch.float32) - low) / (high - low), 0, 1)
+    extrapolation_mask = 1 - ramp  # 1: keep θ_i, 0: interpolate to θ_i/s
+
+    pos_freqs = spec.base ** (torch.arange(0, spec.rotary_dim, 2).float() / spec.rotary_dim)
+    inv_extra, inv_inter = 1.0 / pos_freqs, 1.0 / (s * pos_freqs)
+    inv_freq = inv_inter * (1 - extrapolation_mask) + inv_extra * extrapolation_mask
+
+    mask64 = extrapolation_mask.double()
+    factors = 1.0 / ((1 - mask64) / s + mask64)
+    a = yarn_attention_factor(s) if attention_factor is None else attention_factor
+    require_finite_positive("attention_factor", a)
+    return Scaling(
+        inv_freq=inv_freq,
+        factors=tuple(factors.tolist()),
+        attention_factor=float(a),
+        details={"ramp_low": low, "ramp_high": high},
+    )

@@ -1,0 +1,79 @@
+"""What every method returns: per-pair factors, the runtime inv_freq, and an attention factor.
+
+Convention (shared reference): θ'_i = θ_i / f_i, and the attention factor `a` multiplies
+both cos and sin, so attention logits scale by a².
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import torch
+
+from ropekit.plan.geometry import RopeSpec
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """The output of one method function.
+
+    `inv_freq` is float32 and computed with the same arithmetic as the runtime that
+    implements the method (transformers where it has one), so it can be compared bit for
+    bit. `factors` are float64 from the method's closed form.
+    """
+
+    inv_freq: torch.Tensor  # θ'_i in rad/token, float32, shape (d/2,)
+    factors: tuple[float, ...]  # f_i = θ_i / θ'_i, one per pair
+    attention_factor: float = 1.0  # multiplies cos and sin
+    details: dict[str, Any] = field(default_factory=dict)  # method-specific diagnostics
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A method applied to a geometry for one target length. Build it with `ropekit.plan(...)`."""
+
+    method: str
+    spec: RopeSpec
+    target_length: int  # L' in tokens
+    params: dict[str, Any]  # the method's parameters as used (defaults filled in)
+    scaling: Scaling
+    bins: int = 360  # K, for the disturbance score
+
+    @property
+    def scale(self) -> float:
+        """s = L' / L."""
+        return self.target_length / self.spec.original_length
+
+    @property
+    def factors(self) -> tuple[float, ...]:
+        return self.scaling.factors
+
+    @property
+    def inv_freq(self) -> torch.Tensor:
+        return self.scaling.inv_freq
+
+    @property
+    def attention_factor(self) -> float:
+        return self.scaling.attention_factor
+
+    @property
+    def interpolated_pairs(self) -> list[int]:
+        """Pairs whose frequency the method lowers (f_i > 1)."""
+        return [i for i, f in enumerate(self.factors) if f > 1.0 + 1e-12]
+
+    @cached_property
+    def pair_disturbance(self) -> torch.Tensor:
+        """D_i = KL(P_i ‖ Q_i) per pair (nats, float64); see `ropekit.plan.analysis.disturbance`."""
+        from ropekit.plan.analysis.disturbance import pair_disturbance
+
+        precomputed = self.scaling.details.get("pair_disturbance")
+        if precomputed is not None:
+            return torch.as_tensor(precomputed, dtype=torch.float64)
+        return pair_disturbance(self.spec, self.inv_freq, self.target_length, bins=self.bins)
+
+    @property
+    def disturbance(self) -> float:
+        """Whole-method disturbance in the paper's units: 1000 × mean over pairs of D_i."""
+        return 1000.0 * float(self.pair_disturbance.mean())

@@ -1,0 +1,66 @@
+"""A plan as plain data: the JSON `ropekit plan --json` prints, and rows for the per-pair CSV."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ropekit
+from ropekit.plan.analysis.bounds import critical_dimension, extrapolation_bound, full_rotation_seen
+from ropekit.plan.scaling import Plan
+
+
+def plan_summary(plan: Plan, *, disturbance_by_method: dict[str, float] | None = None) -> dict[str, Any]:
+    """Every number of the plan, JSON-ready. Units: lengths in tokens, inv_freq in rad/token,
+    disturbance in the paper's units (1000 × mean_i KL), pair disturbance in nats."""
+    spec = plan.spec
+    interpolated = plan.interpolated_pairs
+    out: dict[str, Any] = {
+        "ropekit_version": ropekit.__version__,
+        "method": plan.method,
+        "params": {k: v for k, v in plan.params.items()},
+        "source": spec.name,
+        "head_dim": spec.head_dim,
+        "partial_rotary_factor": spec.partial_rotary_factor,
+        "rotary_dim": spec.rotary_dim,
+        "rope_theta": spec.base,
+        "original_length": spec.original_length,
+        "target_length": plan.target_length,
+        "scale": plan.scale,
+        "factors": list(plan.factors),
+        "inv_freq": [float(x) for x in plan.inv_freq.tolist()],
+        "attention_factor": plan.attention_factor,
+        "disturbance": plan.disturbance,
+        "pair_disturbance": plan.pair_disturbance.tolist(),
+        "bins": plan.bins,
+        "interpolated_pairs": interpolated,
+        "num_interpolated_pairs": len(interpolated),
+        "interpolated_dims": 2 * len(interpolated),
+        "critical_dimension": critical_dimension(spec),
+        "extrapolation_bound": extrapolation_bound(spec),
+        "details": {k: v for k, v in plan.scaling.details.items() if k != "pair_disturbance"},
+    }
+    if disturbance_by_method is not None:
+        out["disturbance_by_method"] = disturbance_by_method
+    return out
+
+
+def per_pair_rows(plans: dict[str, Plan]) -> list[dict[str, Any]]:
+    """One row per pair: geometry, then factor_<method> and disturbance_<method> columns."""
+    first = next(iter(plans.values()))
+    spec = first.spec
+    base_inv = spec.inv_freq().tolist()
+    wavelengths = spec.wavelengths().tolist()
+    seen = full_rotation_seen(spec).tolist()
+    rows = []
+    for i in range(spec.num_pairs):
+        row: dict[str, Any] = {
+            "pair": i,
+            "inv_freq": base_inv[i],
+            "wavelength": wavelengths[i],
+            "full_rotation_seen": seen[i],
+        }
+        for name, p in plans.items():
+            row[f"factor_{name}"] = p.factors[i]
+            row[f"disturbance_{name}"] = float(p.pair_disturbance[i])
+        rows.append(row)
+    return rows

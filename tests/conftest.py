@@ -1,0 +1,25 @@
+"""Shared test helpers: where the shared assets live, and how a missing one is handled.
+
+Outside CI a test that needs ../shared/assets skips with a clear message; under CI=true a
+missing asset fails the run (CI always has them, so a skip would hide a broken path).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_ASSETS = Path(os.environ.get("ROPEKIT_SHARED", REPO.parent / "shared")) / "assets"
+
+
+def require_asset(relative: str) -> Path:
+    path = SHARED_ASSETS / relative
+    if not path.exists():
+        message = f"shared asset {path} is missing (expected ../shared/assets beside the repository)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path

@@ -21,8 +21,11 @@ DEFAULT_BINS = 360
 def angle_counts(inv_freq: torch.Tensor, length: int, bins: int = DEFAULT_BINS, *, chunk: int = 1 << 17) -> torch.Tensor:
     """Integer angle counts, shape (d/2, K), int64; each row sums to `length`.
 
-    >>> angle_counts(torch.tensor([math.pi / 2]), 8, bins=4).tolist()
-    [[2, 2, 2, 2]]
+    >>> counts = angle_counts(torch.tensor([1.0, 0.001]), 1000)
+    >>> counts.shape, counts.sum(dim=1).tolist()
+    (torch.Size([2, 360]), [1000, 1000])
+    >>> int((counts[1] > 0).sum())  # 0.001 rad/token sweeps 1 rad ≈ 57° in 1000 tokens
+    58
     """
     inv_freq = inv_freq.to(torch.float32).reshape(-1)
     num_pairs = inv_freq.numel()

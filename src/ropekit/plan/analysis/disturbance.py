@@ -36,6 +36,11 @@ def distribution(inv_freq: torch.Tensor, length: int, bins: int = DEFAULT_BINS) 
     return result
 
 
+def clear_cache() -> None:
+    """Forget memoised distributions (for honest timings)."""
+    _CACHE.clear()
+
+
 def kl_per_pair(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """Σ_k P ln(P/Q) per row, float64."""
     return (p * (p.log() - q.log())).sum(dim=-1)

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Set up .venv/ in the repository root (torch 2.13.0 CPU first, then ropekit with its dev
+# extras), then run the main job: plan LLaMA-2-7B to 16k with dprope and compare every method.
+#   bash scripts/setup.sh                 # set up + main job
+#   bash scripts/setup.sh --no-main-job   # set up only (CI)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+# torch first and pinned: any other spec pulls several GB of CUDA packages
+.venv/bin/python -m pip install --quiet "torch==2.13.0"
+.venv/bin/python -m pip install --quiet -e ".[dev]"
+echo "ropekit installed in .venv ($(.venv/bin/python -c 'import ropekit; print(ropekit.__version__)'))"
+if [ "${1:-}" != "--no-main-job" ]; then
+  .venv/bin/ropekit plan --preset llama2-7b --target-length 16384 --method dprope
+fi

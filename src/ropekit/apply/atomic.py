@@ -1,0 +1,29 @@
+"""Write a directory all at once: build it beside the target, then rename it into place."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from ropekit.errors import RopekitError
+
+
+@contextmanager
+def atomic_directory(target: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory; on success it becomes `target`, on error it is removed."""
+    target = Path(target)
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise RopekitError(f"{target} already exists and is not empty; choose another --out or remove it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

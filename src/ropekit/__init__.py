@@ -9,6 +9,10 @@
 
 from ropekit.errors import RopekitError
 from ropekit.plan import METHODS, Plan, RopeSpec, Scaling, compare, get_method, plan, register_method
+# The subpackages are imported before their same-named functions are bound, so later imports
+# of e.g. `ropekit.apply.export` leave `ropekit.apply` (the function) in place.
+from ropekit.apply.extend import extend
+from ropekit.apply.patch import apply
 from ropekit.plan.analysis.bounds import (
     base_for_bound,
     critical_dimension,
@@ -25,9 +29,11 @@ __all__ = [
     "RopekitError",
     "Scaling",
     "__version__",
+    "apply",
     "base_for_bound",
     "compare",
     "critical_dimension",
+    "extend",
     "extrapolation_bound",
     "get_method",
     "min_base_for_length",

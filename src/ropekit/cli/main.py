@@ -151,6 +151,93 @@ def _default_pairs(critical_pair: int, num_pairs: int) -> list[int]:
     return sorted({max(critical_pair - 1, 0), min(critical_pair, num_pairs - 1), num_pairs - 1})
 
 
+@app.command("extend")
+@user_errors
+def extend_cmd(
+    model: Annotated[str, typer.Argument(help="Model directory or hub id (transformers format; see `ropekit convert`).")],
+    target_length: o.TargetLength,
+    out: Annotated[Path, typer.Option("--out", help="New model directory (must not exist or be empty).")],
+    method: Annotated[str, typer.Option("--method", help="Scaling method (see `ropekit methods`).")] = "dprope",
+    bins: o.Bins = 360, threshold: o.Threshold = None, interpolated_dims: o.InterpDims = None,
+    factors_file: o.FactorsFile = None, alpha: o.Alpha = None, beta_fast: o.BetaFast = None, beta_slow: o.BetaSlow = None,
+    attention_factor: o.AttentionFactor = None, low_freq_factor: o.LowFreq = None, high_freq_factor: o.HighFreq = None,
+    new_base: o.NewBase = None, base_rule: o.BaseRule = None, inner: o.Inner = None, at_length: o.AtLength = None,
+) -> None:
+    """Write an extended copy of MODEL that stock transformers loads (no ropekit needed).
+
+    The config gets a longrope block with the plan's per-pair factors and attention factor and
+    max_position_embeddings = target; ropekit.json records the plan. Prints the vLLM and
+    llama.cpp equivalents.
+    """
+    from ropekit.apply.extend import extend
+
+    params = o.method_params(method, threshold=threshold, interpolated_dims=interpolated_dims, factors_file=factors_file,
+                             alpha=alpha, beta_fast=beta_fast, beta_slow=beta_slow, attention_factor=attention_factor,
+                             low_freq_factor=low_freq_factor, high_freq_factor=high_freq_factor, new_base=new_base,
+                             rule=base_rule, inner=inner, at_length=at_length)
+    if method.lower() == "dprope":
+        params["bins"] = bins
+    with err_console.status(f"extending {model} to {target_length} tokens with {method}"):
+        plan = extend(model, out, target_length=target_length, method=method, **params)
+    out_console.print(f"wrote {out}/ ({plan.method}: {len(plan.interpolated_pairs)} of {plan.spec.num_pairs} pairs "
+                      f"interpolated, attention factor {plan.attention_factor:.4f}, disturbance {plan.disturbance:.3f})")
+    out_console.print("load it with: AutoModelForCausalLM.from_pretrained(" + repr(str(out)) + ")")
+    out_console.print(f"vLLM on the original weights: --hf-overrides '{json.dumps(_vllm(plan))}'", soft_wrap=True)
+    out_console.print(f"llama.cpp: add GGUF tensor rope_freqs = {list(plan.factors)}", soft_wrap=True)
+
+
+def _vllm(plan):
+    from ropekit.apply.export import vllm_hf_overrides
+
+    return vllm_hf_overrides(plan)
+
+
+convert_app = typer.Typer(help="Convert checkpoints from other formats to transformers.", no_args_is_help=True)
+app.add_typer(convert_app, name="convert")
+
+
+@convert_app.command("llama2c")
+@user_errors
+def convert_llama2c_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="llama2.c .bin checkpoint (legacy or v1 'ak42').")],
+    tokenizer: Annotated[Path, typer.Argument(help="llama2.c tokenizer.bin (e.g. tok512.bin).")],
+    out: Annotated[Path, typer.Option("--out", help="Output model directory (must not exist or be empty).")],
+    sha256: Annotated[str | None, typer.Option("--sha256", help="Expected sha256 of the checkpoint; refuse on mismatch.")] = None,
+) -> None:
+    """Convert a llama2.c checkpoint + tokenizer to a transformers LlamaForCausalLM directory."""
+    import hashlib
+
+    from ropekit.apply.llama2c import convert
+
+    if sha256 is not None:
+        if not checkpoint.is_file():
+            raise RopekitError(f"{checkpoint}: checkpoint file not found")
+        digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+        if digest != sha256.lower():
+            raise RopekitError(f"{checkpoint}: sha256 {digest} does not match the expected {sha256}")
+    convert(checkpoint, tokenizer, out)
+    out_console.print(f"wrote {out}/ (transformers LlamaForCausalLM + tokenizer); try: ropekit inspect {out}")
+
+
+@app.command("inspect")
+@user_errors
+def inspect_cmd(
+    model: Annotated[str, typer.Argument(help="Model directory, config.json, or hub id.")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Model card: RoPE geometry, current scaling, critical dimension, trained context, what to do next."""
+    from ropekit.apply.inspect import model_card
+
+    card = model_card(model)
+    if json_out:
+        print(json.dumps(card))
+        return
+    t = Table(title=f"{model}", show_header=False)
+    for key, value in card.items():
+        t.add_row(key.replace("_", " "), value if isinstance(value, str) else json.dumps(value))
+    out_console.print(t)
+
+
 @app.command("methods")
 def methods_cmd() -> None:
     """List the scaling methods, their parameters and papers."""

@@ -1,0 +1,83 @@
+"""Extend a saved model: plan, apply (config route), save a directory stock transformers loads.
+
+The output directory holds the weights (save_pretrained), the tokenizer (when the source has
+one), a config.json with the `longrope` block and max_position_embeddings = L', and
+`ropekit.json` recording the plan. Everything is written to a temporary sibling directory
+first, so a failure leaves nothing partial at `out_dir`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import ropekit
+from ropekit.apply.atomic import atomic_directory
+from ropekit.apply.export import llama_cpp_rope_freqs, vllm_hf_overrides
+from ropekit.apply.patch import apply
+from ropekit.errors import RopekitError
+from ropekit.plan.geometry import RopeSpec
+from ropekit.plan.scaling import Plan
+from ropekit.plan.summary import plan_summary
+
+RECORD = "ropekit.json"
+
+
+def load_model(path_or_id: str, *, dtype: str = "auto"):
+    """AutoModelForCausalLM.from_pretrained with a one-line error for a missing or broken model."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype).eval()
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RopekitError(f"{path_or_id}: could not load the model ({first})") from None
+
+
+def load_tokenizer(path_or_id: str):
+    """The model's tokenizer, or None when it has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path_or_id)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def plan_for_model(path_or_id: str, target_length: int, method: str, **params: Any) -> Plan:
+    """Plan against the geometry in the model's own config."""
+    return ropekit.plan(RopeSpec.from_pretrained(path_or_id), target_length, method, **params)
+
+
+def extend(path_or_id: str, out_dir: str | Path, *, target_length: int, method: str = "dprope",
+           overwrite: bool = False, extra_record: dict[str, Any] | None = None, **params: Any) -> Plan:
+    """Write an extended copy of a model to `out_dir`; returns the plan it applied."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise RopekitError(f"{out_dir} already exists and is not empty; choose another --out or remove it")
+    plan = plan_for_model(path_or_id, target_length, method, **params)
+    model = apply(load_model(path_or_id), plan)
+    save_extended(model, plan, out_dir, tokenizer=load_tokenizer(path_or_id), source=str(path_or_id),
+                  overwrite=overwrite, extra_record=extra_record)
+    return plan
+
+
+def save_extended(model, plan: Plan, out_dir: str | Path, *, tokenizer=None, source: str,
+                  overwrite: bool = False, extra_record: dict[str, Any] | None = None) -> Path:
+    """Save an already-patched model, its tokenizer and `ropekit.json` atomically."""
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        record = {"source_model": source, "plan": plan_summary(plan),
+                  "vllm_hf_overrides": vllm_hf_overrides(plan), "llama_cpp": llama_cpp_rope_freqs(plan),
+                  **(extra_record or {})}
+        (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    return Path(out_dir)
+
+
+def read_record(model_dir: str | Path) -> dict[str, Any] | None:
+    """The `ropekit.json` of an extended model directory, if any."""
+    path = Path(model_dir) / RECORD
+    return json.loads(path.read_text()) if path.is_file() else None

@@ -69,10 +69,8 @@ def plan_cmd(
 
     spec = o.build_spec(preset=preset, model=model, head_dim=head_dim, rope_theta=rope_theta,
                         original_length=original_length, partial_rotary_factor=partial_rotary_factor)
-    params = o.method_params(method, threshold=threshold, interpolated_dims=interpolated_dims, factors_file=factors_file,
-                             alpha=alpha, beta_fast=beta_fast, beta_slow=beta_slow, attention_factor=attention_factor,
-                             low_freq_factor=low_freq_factor, high_freq_factor=high_freq_factor, new_base=new_base,
-                             rule=base_rule, inner=inner, at_length=at_length)
+    params = o.method_params_from(method, locals())
+    params.pop("bins", None)  # plan() takes bins itself
     with err_console.status(f"planning {method} to {target_length} tokens"):
         plan = make_plan(spec, target_length, method, bins=bins, **params)
         scores = None
@@ -171,12 +169,7 @@ def extend_cmd(
     """
     from ropekit.apply.extend import extend
 
-    params = o.method_params(method, threshold=threshold, interpolated_dims=interpolated_dims, factors_file=factors_file,
-                             alpha=alpha, beta_fast=beta_fast, beta_slow=beta_slow, attention_factor=attention_factor,
-                             low_freq_factor=low_freq_factor, high_freq_factor=high_freq_factor, new_base=new_base,
-                             rule=base_rule, inner=inner, at_length=at_length)
-    if method.lower() == "dprope":
-        params["bins"] = bins
+    params = o.method_params_from(method, locals())
     with err_console.status(f"extending {model} to {target_length} tokens with {method}"):
         plan = extend(model, out, target_length=target_length, method=method, **params)
     out_console.print(f"wrote {out}/ ({plan.method}: {len(plan.interpolated_pairs)} of {plan.spec.num_pairs} pairs "

@@ -84,6 +84,22 @@ def method_params(method: str, **given: Any) -> dict[str, Any]:
     return params
 
 
+METHOD_OPTIONS = {  # CLI parameter name → method keyword
+    "threshold": "threshold", "interpolated_dims": "interpolated_dims", "factors_file": "factors_file",
+    "alpha": "alpha", "beta_fast": "beta_fast", "beta_slow": "beta_slow", "attention_factor": "attention_factor",
+    "low_freq_factor": "low_freq_factor", "high_freq_factor": "high_freq_factor", "new_base": "new_base",
+    "base_rule": "rule", "inner": "inner", "at_length": "at_length",
+}
+
+
+def method_params_from(method: str, cli_values: dict[str, Any]) -> dict[str, Any]:
+    """`method_params` from a command's parsed options (its locals); adds `bins` for dprope."""
+    params = method_params(method, **{kw: cli_values[name] for name, kw in METHOD_OPTIONS.items()})
+    if get_method(method).name == "dprope":
+        params["bins"] = cli_values["bins"]
+    return params
+
+
 def check_finite(**values: float | None) -> None:
     for name, value in values.items():
         if value is not None and not math.isfinite(value):

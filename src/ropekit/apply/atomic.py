@@ -11,12 +11,18 @@ from pathlib import Path
 from ropekit.errors import RopekitError
 
 
+def check_target(target: str | Path, *, overwrite: bool = False) -> Path:
+    """Refuse an existing, non-empty output directory unless `overwrite`."""
+    target = Path(target)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+        raise RopekitError(f"{target} already exists and is not empty; choose another --out or remove it")
+    return target
+
+
 @contextmanager
 def atomic_directory(target: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory; on success it becomes `target`, on error it is removed."""
-    target = Path(target)
-    if target.exists() and any(target.iterdir()) and not overwrite:
-        raise RopekitError(f"{target} already exists and is not empty; choose another --out or remove it")
+    target = check_target(target, overwrite=overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import ropekit
-from ropekit.apply.atomic import atomic_directory
+from ropekit.apply.atomic import atomic_directory, check_target
 from ropekit.apply.export import llama_cpp_rope_freqs, vllm_hf_overrides
 from ropekit.apply.patch import apply
 from ropekit.errors import RopekitError
@@ -53,9 +53,7 @@ def plan_for_model(path_or_id: str, target_length: int, method: str, **params: A
 def extend(path_or_id: str, out_dir: str | Path, *, target_length: int, method: str = "dprope",
            overwrite: bool = False, extra_record: dict[str, Any] | None = None, **params: Any) -> Plan:
     """Write an extended copy of a model to `out_dir`; returns the plan it applied."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise RopekitError(f"{out_dir} already exists and is not empty; choose another --out or remove it")
+    check_target(out_dir, overwrite=overwrite)  # before the (slow) model load
     plan = plan_for_model(path_or_id, target_length, method, **params)
     model = apply(load_model(path_or_id), plan)
     save_extended(model, plan, out_dir, tokenizer=load_tokenizer(path_or_id), source=str(path_or_id),

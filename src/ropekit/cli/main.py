@@ -70,7 +70,6 @@ def plan_cmd(
     spec = o.build_spec(preset=preset, model=model, head_dim=head_dim, rope_theta=rope_theta,
                         original_length=original_length, partial_rotary_factor=partial_rotary_factor)
     params = o.method_params_from(method, locals())
-    params.pop("bins", None)  # plan() takes bins itself
     with err_console.status(f"planning {method} to {target_length} tokens"):
         plan = make_plan(spec, target_length, method, bins=bins, **params)
         scores = None
@@ -171,7 +170,7 @@ def extend_cmd(
 
     params = o.method_params_from(method, locals())
     with err_console.status(f"extending {model} to {target_length} tokens with {method}"):
-        plan = extend(model, out, target_length=target_length, method=method, **params)
+        plan = extend(model, out, target_length=target_length, method=method, bins=bins, **params)
     out_console.print(f"wrote {out}/ ({plan.method}: {len(plan.interpolated_pairs)} of {plan.spec.num_pairs} pairs "
                       f"interpolated, attention factor {plan.attention_factor:.4f}, disturbance {plan.disturbance:.3f})")
     out_console.print("load it with: AutoModelForCausalLM.from_pretrained(" + repr(str(out)) + ")")

@@ -93,11 +93,8 @@ METHOD_OPTIONS = {  # CLI parameter name → method keyword
 
 
 def method_params_from(method: str, cli_values: dict[str, Any]) -> dict[str, Any]:
-    """`method_params` from a command's parsed options (its locals); adds `bins` for dprope."""
-    params = method_params(method, **{kw: cli_values[name] for name, kw in METHOD_OPTIONS.items()})
-    if get_method(method).name == "dprope":
-        params["bins"] = cli_values["bins"]
-    return params
+    """`method_params` from a command's parsed options (its locals)."""
+    return method_params(method, **{kw: cli_values[name] for name, kw in METHOD_OPTIONS.items()})
 
 
 def check_finite(**values: float | None) -> None:

@@ -1,0 +1,1 @@
+"""Evaluate long-context ability: perplexity (three named conventions), passkey retrieval."""

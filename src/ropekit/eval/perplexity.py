@@ -1,0 +1,126 @@
+"""Perplexity over long documents, with the convention named and recorded.
+
+Conventions (shared reference, "Evaluation conventions"):
+  * "strided": sliding window of L tokens moved by stride S; each window scores only the
+    tokens no earlier window scored (the first window scores all but its first token).
+  * "disjoint": consecutive non-overlapping windows of L tokens, each scoring all but its first.
+  * "truncated": one window per document, its first L tokens.
+Aggregation is token-weighted: exp(Σ NLL / Σ scored tokens) over all windows and documents.
+
+Memory: the decoder runs once per window (SDPA attention); the LM head and the loss are
+applied to `loss_chunk` positions at a time, so full-length float32 logits (L × vocab) are
+never materialised.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ropekit.errors import RopekitError
+
+CONVENTIONS = ("strided", "disjoint", "truncated")
+
+
+@dataclass(frozen=True)
+class Window:
+    start: int  # first token of the window in the document
+    end: int  # one past the last token
+    score_from: int  # first position (document index) whose prediction is scored; > start
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    perplexity: float
+    nll_sum: float  # nats
+    tokens_scored: int
+    windows: int
+    documents: int
+    length: int  # window L, tokens
+    stride: int | None  # S for "strided"
+    convention: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def windows(num_tokens: int, length: int, *, convention: str = "strided", stride: int = 256) -> Iterator[Window]:
+    """The windows and scored spans of one document under a convention."""
+    if convention not in CONVENTIONS:
+        raise RopekitError(f"perplexity convention must be one of {', '.join(CONVENTIONS)}, got {convention!r}")
+    if num_tokens < 2:
+        return
+    if convention == "truncated":
+        yield Window(0, min(length, num_tokens), 1)
+    elif convention == "disjoint":
+        for start in range(0, num_tokens - 1, length):
+            end = min(start + length, num_tokens)
+            if end - start >= 2:
+                yield Window(start, end, start + 1)
+    else:
+        if not 0 < stride <= length:
+            raise RopekitError(f"stride must be in [1, window length {length}], got {stride}")
+        scored_until = 1  # token 0 has no prediction
+        for start in range(0, num_tokens, stride):
+            end = min(start + length, num_tokens)
+            if end > scored_until:
+                yield Window(start, end, max(scored_until, start + 1))
+                scored_until = end
+            if end == num_tokens:
+                break
+
+
+def final_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """LM head on hidden states, float32, with the model's logit soft-capping if it has one."""
+    logits = model.get_output_embeddings()(hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+@torch.no_grad()
+def window_nll(model, ids: torch.Tensor, *, score_from: int, loss_chunk: int = 512) -> tuple[float, int]:
+    """Σ NLL (nats) of predicting ids[t] for t ≥ score_from (window-relative), and the count.
+
+    ids: (T,) token ids of one window. The prediction of ids[t] comes from position t−1.
+    """
+    device = next(model.parameters()).device
+    ids = ids.to(device)[None]  # (1, T)
+    hidden = model.get_decoder()(input_ids=ids).last_hidden_state  # (1, T, H)
+    total, count = 0.0, 0
+    for a in range(score_from - 1, ids.shape[1] - 1, loss_chunk):
+        b = min(a + loss_chunk, ids.shape[1] - 1)
+        logits = final_logits(model, hidden[:, a:b])  # (1, b−a, V) float32
+        targets = ids[:, a + 1 : b + 1]
+        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"))
+        count += b - a
+    return total, count
+
+
+def perplexity(model, documents: list[np.ndarray], *, length: int, convention: str = "strided", stride: int = 256,
+               loss_chunk: int = 512, progress: bool = False) -> PerplexityResult:
+    """Token-weighted perplexity of `model` over tokenised documents at window length `length`."""
+    if length < 2:
+        raise RopekitError(f"window length must be ≥ 2, got {length}")
+    plan = [(d, w) for d, doc in enumerate(documents) for w in windows(len(doc), length, convention=convention, stride=stride)]
+    if not plan:
+        raise RopekitError("no document has at least 2 tokens to score")
+    iterator = plan
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(plan, desc=f"perplexity @ {length} ({convention})", unit="window", leave=False)
+    nll, count = 0.0, 0
+    for d, w in iterator:
+        ids = torch.as_tensor(documents[d][w.start : w.end], dtype=torch.long)
+        part, n = window_nll(model, ids, score_from=w.score_from - w.start, loss_chunk=loss_chunk)
+        nll, count = nll + part, count + n
+    return PerplexityResult(
+        perplexity=math.exp(nll / count), nll_sum=nll, tokens_scored=count, windows=len(plan),
+        documents=len(documents), length=length, stride=stride if convention == "strided" else None,
+        convention=convention,
+    )

@@ -230,6 +230,52 @@ def inspect_cmd(
     out_console.print(t)
 
 
+@app.command("eval")
+@user_errors
+def eval_cmd(
+    model: Annotated[str, typer.Argument(help="Model directory or hub id.")],
+    out: Annotated[Path, typer.Option("--out", help="Report directory (results.json/.csv, report.md, plots).")] = Path("out/eval"),
+    tasks: Annotated[str, typer.Option("--tasks", help="Comma-separated: ppl, passkey.")] = "ppl",
+    lengths: Annotated[str, typer.Option("--lengths", help="Comma-separated context lengths in tokens.")] = "512",
+    method: Annotated[list[str] | None, typer.Option("--method", help="Apply this method on the fly; repeat for a side-by-side comparison. None: evaluate the model as saved.")] = None,
+    target_length: Annotated[int | None, typer.Option("--target-length", help="Plan target (default: the longest length).")] = None,
+    data: Annotated[str | None, typer.Option("--data", help="ppl: text file, folder, or JSONL with a 'text' field.")] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="ppl: tokens read per document (0 = all).")] = 16384,
+    convention: Annotated[str, typer.Option("--convention", help="ppl: strided, disjoint or truncated.")] = "strided",
+    stride: Annotated[int, typer.Option("--stride", help="ppl: stride S of the strided convention.")] = 256,
+    depths: Annotated[str, typer.Option("--depths", help="passkey: comma-separated needle depths in [0, 1].")] = "0,0.25,0.5,0.75,1",
+    trials: Annotated[int, typer.Option("--trials", help="passkey: seeded trials per cell.")] = 5,
+    seed: Annotated[int, typer.Option("--seed", help="passkey: seed for the keys.")] = 0,
+) -> None:
+    """Evaluate long-context ability; several --method values give a side-by-side comparison.
+
+    Example: ropekit eval out/s260k --tasks ppl,passkey --lengths 256,512,1024,2048,4096
+    --method none --method pi --method yarn --method dprope --data ../shared/assets/text/tinystories
+    """
+    from ropekit.eval.runner import EvalConfig, evaluate
+
+    cfg = EvalConfig(model=model, out=out, tasks=_split(tasks, str), lengths=_split(lengths, int),
+                     methods=list(method or []), target_length=target_length, data=data,
+                     max_tokens=max_tokens or None, convention=convention, stride=stride,
+                     depths=_split(depths, float), trials=trials, seed=seed)
+    results = evaluate(cfg)
+    from ropekit.eval.runner import result_rows
+
+    t = Table(title=f"{model}: results (written to {out}/)")
+    for col in ("method", "task", "length", "depth", "value"):
+        t.add_column(col)
+    for r in result_rows(results):
+        t.add_row(r["method"], r["task"], str(r["length"]), str(r["depth"]), f"{r['value']:.4g}")
+    out_console.print(t)
+
+
+def _split(text: str, kind):
+    try:
+        return [kind(x.strip()) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise RopekitError(f"expected a comma-separated list of {kind.__name__} values, got {text!r}") from None
+
+
 @app.command("methods")
 def methods_cmd() -> None:
     """List the scaling methods, their parameters and papers."""

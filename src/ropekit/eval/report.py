@@ -1,0 +1,79 @@
+"""Tables and plots for an evaluation run: perplexity vs length per method, passkey heatmaps."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_ppl(rows: list[dict[str, Any]], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for method in dict.fromkeys(r["method"] for r in rows if r["task"] == "ppl"):
+        points = sorted((r["length"], r["value"]) for r in rows if r["task"] == "ppl" and r["method"] == method)
+        ax.plot(*zip(*points), marker="o", label=method)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("perplexity")
+    ax.set_title("perplexity vs context length")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_passkey_heatmaps(results: dict[str, Any], path: Path) -> Path:
+    methods = [m for m, e in results["methods"].items() if "passkey" in e]
+    cols = min(len(methods), 3)
+    rows = math.ceil(len(methods) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    for ax, method in zip(axes.flat, methods):
+        pk = results["methods"][method]["passkey"]
+        grid = [[pk["accuracy"][f"{n}@{d:g}"] for n in pk["lengths"]] for d in pk["depths"]]
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
+        ax.set_xticks(range(len(pk["lengths"])), [str(n) for n in pk["lengths"]], rotation=45)
+        ax.set_yticks(range(len(pk["depths"])), [f"{d:g}" for d in pk["depths"]])
+        ax.set_xlabel("context length")
+        ax.set_ylabel("needle depth")
+        ax.set_title(method)
+        for i, row in enumerate(grid):
+            for j, value in enumerate(row):
+                ax.text(j, i, f"{value:.0%}", ha="center", va="center", fontsize=8)
+    for ax in list(axes.flat)[len(methods):]:
+        ax.set_visible(False)
+    fig.colorbar(image, ax=axes.ravel().tolist(), label="passkey accuracy")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def markdown_report(results: dict[str, Any], rows: list[dict[str, Any]], figures: list[str]) -> str:
+    cfg = results["config"]
+    lines = [f"# ropekit eval: {cfg['model']}", "",
+             f"ropekit {results['ropekit_version']}; tasks {', '.join(cfg['tasks'])}; seed {cfg['seed']}.", ""]
+    ppl = [r for r in rows if r["task"] == "ppl"]
+    if ppl:
+        lengths = sorted({r["length"] for r in ppl})
+        lines += [f"## Perplexity ({cfg['convention']}, stride {cfg['stride']}, token-weighted; data {cfg['data']})", "",
+                  "| method | " + " | ".join(str(n) for n in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
+        for method in dict.fromkeys(r["method"] for r in ppl):
+            values = {r["length"]: r["value"] for r in ppl if r["method"] == method}
+            lines.append(f"| {method} | " + " | ".join(f"{values[n]:.3f}" for n in lengths) + " |")
+        lines.append("")
+    for method, entry in results["methods"].items():
+        pk = entry.get("passkey")
+        if pk:
+            mean = sum(pk["accuracy"].values()) / len(pk["accuracy"])
+            agree = f"; scorer agreement with generation {pk['agreement']:.0%} on {pk['agreement_trials']} trials" \
+                if pk.get("agreement") is not None else ""
+            lines.append(f"- passkey, {method}: mean accuracy {mean:.0%} ({pk['scorer']}, {pk['trials']} trials per cell{agree})")
+    lines += [""] + [f"![{f}]({f})" for f in figures] + [""]
+    return "\n".join(lines)

@@ -1,0 +1,140 @@
+"""`ropekit eval`: one model, several methods side by side, perplexity and passkey tasks.
+
+Every protocol parameter goes into results.json. Files are written into a temporary sibling
+directory and renamed into place at the end, so an interrupted or failed run never leaves a
+results file that looks complete.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ropekit
+from ropekit.apply.atomic import atomic_directory
+from ropekit.apply.extend import load_model, load_tokenizer
+from ropekit.apply.patch import apply, model_spec
+from ropekit.errors import RopekitError
+from ropekit.eval.data import read_documents, tokenize_documents
+from ropekit.plan.geometry import load_config_dict
+from ropekit.eval.passkey import passkey_grid
+from ropekit.eval.perplexity import CONVENTIONS, perplexity
+
+TASKS = ("ppl", "passkey")
+AS_SAVED = "as-saved"  # the model exactly as loaded, no plan applied
+
+
+@dataclass
+class EvalConfig:
+    model: str  # model directory or hub id
+    out: Path  # report directory
+    tasks: list[str] = field(default_factory=lambda: ["ppl"])
+    lengths: list[int] = field(default_factory=lambda: [512])
+    methods: list[str] = field(default_factory=list)  # empty: evaluate the model as saved
+    target_length: int | None = None  # plan target; default: the largest length
+    data: str | None = None  # documents for perplexity
+    max_tokens: int | None = 16384  # perplexity reads at most this many tokens per document
+    convention: str = "strided"
+    stride: int = 256
+    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    trials: int = 5
+    seed: int = 0
+    progress: bool = True
+
+    def validate(self) -> None:
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown or not self.tasks:
+            raise RopekitError(f"unknown task {unknown[0] if unknown else '(none)'!r}; choose from {', '.join(TASKS)}")
+        if "ppl" in self.tasks and not self.data:
+            raise RopekitError("the ppl task needs --data (a text file, a folder, or JSONL with a 'text' field)")
+        if self.convention not in CONVENTIONS:
+            raise RopekitError(f"--convention must be one of {', '.join(CONVENTIONS)}")
+        if not self.lengths or min(self.lengths) < 2:
+            raise RopekitError("--lengths must be positive token counts ≥ 2")
+        for m in self.methods:
+            ropekit.get_method(m)
+        if self.max_tokens is not None and self.max_tokens < max(self.lengths):
+            raise RopekitError(f"--max-tokens {self.max_tokens} is below the longest length {max(self.lengths)}")
+        if self.trials < 1:
+            raise RopekitError("--trials must be ≥ 1")
+
+
+def context_limit(cfg: EvalConfig) -> int:
+    """The longest length a run may ask for: the plan target, else the model's max_position_embeddings."""
+    if cfg.methods:
+        return cfg.target_length or max(cfg.lengths)
+    return int(load_config_dict(cfg.model).get("max_position_embeddings") or 0)
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    """Run every task for every method and write results.json, results.csv, report.md and plots."""
+    cfg.validate()
+    limit = context_limit(cfg)  # from the config alone: refuse before loading any weights
+    if max(cfg.lengths) > limit:
+        raise RopekitError(f"length {max(cfg.lengths)} is beyond this run's limit of {limit} tokens "
+                           "(raise --target-length, or evaluate a model extended that far)")
+    tokenizer = load_tokenizer(cfg.model)
+    if tokenizer is None:
+        raise RopekitError(f"{cfg.model}: no tokenizer found beside the model")
+    documents = tokenize_documents(read_documents(cfg.data), tokenizer) if "ppl" in cfg.tasks else []
+    documents = [doc[: cfg.max_tokens] for doc in documents] if cfg.max_tokens else documents
+    results: dict[str, Any] = {"ropekit_version": ropekit.__version__, "config": _jsonable(asdict(cfg)), "methods": {}}
+    for method in cfg.methods or [AS_SAVED]:
+        model = load_model(cfg.model, dtype="float32")
+        entry: dict[str, Any] = {}
+        if method != AS_SAVED:
+            plan = ropekit.plan(model_spec(model), limit, method)
+            apply(model, plan)
+            entry["plan"] = {"target_length": plan.target_length, "factors": list(plan.factors),
+                             "attention_factor": plan.attention_factor, "disturbance": plan.disturbance}
+        if "ppl" in cfg.tasks:
+            entry["ppl"] = {str(n): perplexity(model, documents, length=n, convention=cfg.convention,
+                                               stride=min(cfg.stride, n), progress=cfg.progress).as_dict()
+                            for n in cfg.lengths}
+        if "passkey" in cfg.tasks:
+            entry["passkey"] = passkey_grid(model, tokenizer, lengths=cfg.lengths, depths=cfg.depths,
+                                            trials=cfg.trials, seed=cfg.seed, progress=cfg.progress).as_dict()
+        results["methods"][method] = entry
+    write_report(results, cfg.out)
+    return results
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
+
+
+def result_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Flat rows: method, task, length, (depth), value."""
+    rows = []
+    for method, entry in results["methods"].items():
+        for n, r in entry.get("ppl", {}).items():
+            rows.append({"method": method, "task": "ppl", "length": int(n), "depth": "", "value": r["perplexity"],
+                         "convention": r["convention"], "stride": r["stride"], "tokens_scored": r["tokens_scored"]})
+        pk = entry.get("passkey")
+        if pk:
+            for cell, acc in pk["accuracy"].items():
+                n, d = cell.split("@")
+                rows.append({"method": method, "task": "passkey", "length": int(n), "depth": float(d), "value": acc,
+                             "convention": pk["scorer"], "stride": "", "tokens_scored": ""})
+    return rows
+
+
+def write_report(results: dict[str, Any], out: Path) -> None:
+    from ropekit.eval.report import markdown_report, plot_passkey_heatmaps, plot_ppl
+
+    rows = result_rows(results)
+    with atomic_directory(out, overwrite=True) as tmp:
+        figures = []
+        if any(r["task"] == "ppl" for r in rows):
+            figures.append(plot_ppl(rows, tmp / "ppl_vs_length.png"))
+        if any(r["task"] == "passkey" for r in rows):
+            figures.append(plot_passkey_heatmaps(results, tmp / "passkey_heatmaps.png"))
+        with (tmp / "results.csv").open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        (tmp / "report.md").write_text(markdown_report(results, rows, [f.name for f in figures]))
+        (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")

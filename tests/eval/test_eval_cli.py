@@ -23,7 +23,7 @@ def s260k(tmp_path_factory):
 def test_eval_compares_methods_and_writes_report(s260k, tmp_path):
     text = require_asset("text/tinystories/tinystories_val_head.txt")
     out = tmp_path / "report"
-    result = runner.invoke(app, ["eval", s260k, "--tasks", "ppl,passkey", "--lengths", "256,4096", "--method", "none",
+    result = runner.invoke(app, ["eval", s260k, "--tasks", "ppl,longppl,passkey", "--lengths", "256,4096", "--method", "none",
                                  "--method", "dprope", "--data", str(text), "--max-tokens", "4096", "--trials", "1",
                                  "--depths", "0,1", "--out", str(out)])
     assert result.exit_code == 0, result.output
@@ -39,7 +39,10 @@ def test_eval_compares_methods_and_writes_report(s260k, tmp_path):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     report = (out / "report.md").read_text()
     assert "| none |" in report and "| dprope |" in report
-    assert len((out / "results.csv").read_text().splitlines()) == 1 + 2 * (2 + 4)
+    longppl = results["methods"]["dprope"]["longppl"]
+    assert set(longppl) == {"4096"} and longppl["4096"]["short_length"] == 256 and longppl["4096"]["key_tokens"] > 0
+    assert "## LongPPL" in report
+    assert len((out / "results.csv").read_text().splitlines()) == 1 + 2 * (2 + 1 + 4)
 
 
 def test_eval_bad_inputs_exit_2_without_results(s260k, tmp_path):
@@ -55,7 +58,7 @@ def test_eval_bad_inputs_exit_2_without_results(s260k, tmp_path):
         "garbled": (["--data", str(garbled)], "UTF-8"),
         "jsonl without text": (["--data", str(nofield)], "'text'"),
         "beyond limit": (["--data", good, "--lengths", "4096"], "beyond"),
-        "no data": ([], "needs --data"),
+        "no data": ([], "need --data"),
         "unknown task": (["--tasks", "ppl,bogus", "--data", good], "unknown task"),
     }
     for case, (args, expected) in cases.items():

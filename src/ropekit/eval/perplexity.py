@@ -83,22 +83,27 @@ def final_logits(model, hidden: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def window_nll(model, ids: torch.Tensor, *, score_from: int, loss_chunk: int = 512) -> tuple[float, int]:
-    """Σ NLL (nats) of predicting ids[t] for t ≥ score_from (window-relative), and the count.
+def token_logprobs(model, ids: torch.Tensor, *, score_from: int = 1, loss_chunk: int = 512) -> torch.Tensor:
+    """log p(ids[t] | ids[:t]) for t = score_from … T−1 (window-relative), float32, shape (T − score_from,).
 
-    ids: (T,) token ids of one window. The prediction of ids[t] comes from position t−1.
+    ids: (T,) token ids of one window. The LM head runs on `loss_chunk` positions at a time.
     """
     device = next(model.parameters()).device
     ids = ids.to(device)[None]  # (1, T)
     hidden = model.get_decoder()(input_ids=ids).last_hidden_state  # (1, T, H)
-    total, count = 0.0, 0
+    parts = []
     for a in range(score_from - 1, ids.shape[1] - 1, loss_chunk):
         b = min(a + loss_chunk, ids.shape[1] - 1)
         logits = final_logits(model, hidden[:, a:b])  # (1, b−a, V) float32
         targets = ids[:, a + 1 : b + 1]
-        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"))
-        count += b - a
-    return total, count
+        parts.append(-F.cross_entropy(logits[0], targets[0], reduction="none"))
+    return torch.cat(parts).cpu() if parts else torch.zeros(0)
+
+
+def window_nll(model, ids: torch.Tensor, *, score_from: int, loss_chunk: int = 512) -> tuple[float, int]:
+    """Σ NLL (nats) of predicting ids[t] for t ≥ score_from (window-relative), and the count."""
+    logprobs = token_logprobs(model, ids, score_from=score_from, loss_chunk=loss_chunk)
+    return float(-logprobs.double().sum()), logprobs.numel()
 
 
 def perplexity(model, documents: list[np.ndarray], *, length: int, convention: str = "strided", stride: int = 256,

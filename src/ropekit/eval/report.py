@@ -68,6 +68,17 @@ def markdown_report(results: dict[str, Any], rows: list[dict[str, Any]], figures
             values = {r["length"]: r["value"] for r in ppl if r["method"] == method}
             lines.append(f"| {method} | " + " | ".join(f"{values[n]:.3f}" for n in lengths) + " |")
         lines.append("")
+    lp = [r for r in rows if r["task"] == "longppl"]
+    if lp:
+        lengths = sorted({r["length"] for r in lp})
+        lines += [f"## LongPPL (key tokens: long − short log-prob > {cfg['longppl_threshold']} nats, "
+                  f"short context {cfg['short_length']}; the model is its own evaluator)", "",
+                  "| method | " + " | ".join(str(n) for n in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
+        for method in dict.fromkeys(r["method"] for r in lp):
+            values = {r["length"]: r for r in lp if r["method"] == method}
+            lines.append(f"| {method} | " + " | ".join(
+                f"{values[n]['value']:.3f} ({values[n]['tokens_scored']} keys)" if n in values else "—" for n in lengths) + " |")
+        lines.append("")
     for method, entry in results["methods"].items():
         pk = entry.get("passkey")
         if pk:

@@ -20,10 +20,11 @@ from ropekit.apply.patch import apply, model_spec
 from ropekit.errors import RopekitError
 from ropekit.eval.data import read_documents, tokenize_documents
 from ropekit.plan.geometry import load_config_dict
+from ropekit.eval.longppl import long_ppl
 from ropekit.eval.passkey import passkey_grid
 from ropekit.eval.perplexity import CONVENTIONS, perplexity
 
-TASKS = ("ppl", "passkey")
+TASKS = ("ppl", "longppl", "passkey")
 AS_SAVED = "as-saved"  # the model exactly as loaded, no plan applied
 
 
@@ -39,6 +40,8 @@ class EvalConfig:
     max_tokens: int | None = 16384  # perplexity reads at most this many tokens per document
     convention: str = "strided"
     stride: int = 256
+    short_length: int = 256  # longppl: short context, tokens
+    longppl_threshold: float = 2.0  # longppl: key-token threshold, nats
     depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     trials: int = 5
     seed: int = 0
@@ -48,8 +51,8 @@ class EvalConfig:
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown or not self.tasks:
             raise RopekitError(f"unknown task {unknown[0] if unknown else '(none)'!r}; choose from {', '.join(TASKS)}")
-        if "ppl" in self.tasks and not self.data:
-            raise RopekitError("the ppl task needs --data (a text file, a folder, or JSONL with a 'text' field)")
+        if {"ppl", "longppl"} & set(self.tasks) and not self.data:
+            raise RopekitError("the ppl and longppl tasks need --data (a text file, a folder, or JSONL with a 'text' field)")
         if self.convention not in CONVENTIONS:
             raise RopekitError(f"--convention must be one of {', '.join(CONVENTIONS)}")
         if not self.lengths or min(self.lengths) < 2:
@@ -79,7 +82,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg.model)
     if tokenizer is None:
         raise RopekitError(f"{cfg.model}: no tokenizer found beside the model")
-    documents = tokenize_documents(read_documents(cfg.data), tokenizer) if "ppl" in cfg.tasks else []
+    needs_text = {"ppl", "longppl"} & set(cfg.tasks)
+    documents = tokenize_documents(read_documents(cfg.data), tokenizer) if needs_text else []
     documents = [doc[: cfg.max_tokens] for doc in documents] if cfg.max_tokens else documents
     results: dict[str, Any] = {"ropekit_version": ropekit.__version__, "config": _jsonable(asdict(cfg)), "methods": {}}
     for method in cfg.methods or [AS_SAVED]:
@@ -94,6 +98,10 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             entry["ppl"] = {str(n): perplexity(model, documents, length=n, convention=cfg.convention,
                                                stride=min(cfg.stride, n), progress=cfg.progress).as_dict()
                             for n in cfg.lengths}
+        if "longppl" in cfg.tasks:
+            entry["longppl"] = {str(n): long_ppl(model, documents, length=n, short_length=cfg.short_length,
+                                                 threshold=cfg.longppl_threshold).as_dict()
+                                for n in cfg.lengths if n > cfg.short_length}
         if "passkey" in cfg.tasks:
             entry["passkey"] = passkey_grid(model, tokenizer, lengths=cfg.lengths, depths=cfg.depths,
                                             trials=cfg.trials, seed=cfg.seed, progress=cfg.progress).as_dict()
@@ -113,6 +121,10 @@ def result_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         for n, r in entry.get("ppl", {}).items():
             rows.append({"method": method, "task": "ppl", "length": int(n), "depth": "", "value": r["perplexity"],
                          "convention": r["convention"], "stride": r["stride"], "tokens_scored": r["tokens_scored"]})
+        for n, r in entry.get("longppl", {}).items():
+            rows.append({"method": method, "task": "longppl", "length": int(n), "depth": "", "value": r["long_ppl"],
+                         "convention": f"short {r['short_length']}, threshold {r['threshold']}", "stride": "",
+                         "tokens_scored": r["key_tokens"]})
         pk = entry.get("passkey")
         if pk:
             for cell, acc in pk["accuracy"].items():

@@ -23,7 +23,7 @@ def s260k(tmp_path_factory):
 def test_eval_compares_methods_and_writes_report(s260k, tmp_path):
     text = require_asset("text/tinystories/tinystories_val_head.txt")
     out = tmp_path / "report"
-    result = runner.invoke(app, ["eval", s260k, "--tasks", "ppl,longppl,passkey", "--lengths", "256,4096", "--method", "none",
+    result = runner.invoke(app, ["eval", s260k, "--tasks", "ppl,longppl,passkey,ruler", "--ruler-tasks", "niah_single", "--lengths", "256,4096", "--method", "none",
                                  "--method", "dprope", "--data", str(text), "--max-tokens", "4096", "--trials", "1",
                                  "--depths", "0,1", "--out", str(out)])
     assert result.exit_code == 0, result.output
@@ -42,7 +42,10 @@ def test_eval_compares_methods_and_writes_report(s260k, tmp_path):
     longppl = results["methods"]["dprope"]["longppl"]
     assert set(longppl) == {"4096"} and longppl["4096"]["short_length"] == 256 and longppl["4096"]["key_tokens"] > 0
     assert "## LongPPL" in report
-    assert len((out / "results.csv").read_text().splitlines()) == 1 + 2 * (2 + 1 + 4)
+    ruler = results["methods"]["none"]["ruler"]["score"]
+    assert set(ruler) == {"niah_single@256", "niah_single@4096"}
+    assert all(0.0 <= v <= 1.0 for v in ruler.values()) and "## RULER" in report
+    assert len((out / "results.csv").read_text().splitlines()) == 1 + 2 * (2 + 1 + 4 + 2)
 
 
 def test_eval_bad_inputs_exit_2_without_results(s260k, tmp_path):
@@ -60,6 +63,8 @@ def test_eval_bad_inputs_exit_2_without_results(s260k, tmp_path):
         "beyond limit": (["--data", good, "--lengths", "4096"], "beyond"),
         "no data": ([], "need --data"),
         "unknown task": (["--tasks", "ppl,bogus", "--data", good], "unknown task"),
+        "unknown ruler task": (["--tasks", "ruler", "--ruler-tasks", "niah_singel"], "did you mean"),
+        "ruler task too long": (["--tasks", "ruler", "--ruler-tasks", "vt", "--lengths", "128"], "does not fit"),
     }
     for case, (args, expected) in cases.items():
         out = tmp_path / f"out-{case.replace(' ', '_')}"

@@ -38,6 +38,19 @@ class PasskeyPrompt:
     depth: float  # requested needle depth in [0, 1]
 
 
+def largest_fill(count_tokens, length: int) -> int:
+    """The largest n ≥ 0 with count_tokens(n) ≤ length (count_tokens must grow with n)."""
+    if count_tokens(0) > length:
+        raise RopekitError(f"the prompt needs more than {length} tokens even without filler")
+    lo, hi = 0, 1
+    while count_tokens(hi) <= length:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if count_tokens(mid) <= length else (lo, mid)
+    return lo
+
+
 def build_prompt(tokenizer, length: int, depth: float, passkey: int) -> PasskeyPrompt:
     """The longest prompt of whole filler sentences that fits in `length` tokens (answer included)."""
     if not 0.0 <= depth <= 1.0:
@@ -50,18 +63,8 @@ def build_prompt(tokenizer, length: int, depth: float, passkey: int) -> PasskeyP
         body = " ".join(x for x in [head, needle, " ".join([FILLER] * (n_fill - before)), QUESTION] if x)
         return head, body
 
-    def count(n_fill):
-        return len(tokenizer(text(n_fill)[1] + f" {passkey}")["input_ids"])
-
-    lo, hi = 0, 1
-    while count(hi) <= length:
-        lo, hi = hi, hi * 2
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if count(mid) <= length else (lo, mid)
-    if count(lo) > length:
-        raise RopekitError(f"a passkey prompt needs more than {length} tokens with this tokenizer")
-    head, body = text(lo)
+    n_fill = largest_fill(lambda n: len(tokenizer(text(n)[1] + f" {passkey}")["input_ids"]), length)
+    head, body = text(n_fill)
     prompt_ids = tokenizer(body)["input_ids"]
     full_ids = tokenizer(body + f" {passkey}")["input_ids"]
     if full_ids[: len(prompt_ids)] != prompt_ids:

@@ -22,9 +22,10 @@ from ropekit.eval.data import read_documents, tokenize_documents
 from ropekit.plan.geometry import load_config_dict
 from ropekit.eval.longppl import long_ppl
 from ropekit.eval.passkey import passkey_grid
+from ropekit.eval.ruler import TASKS as RULER_TASKS, get_task as get_ruler_task, make_sample as make_ruler_sample, run_ruler
 from ropekit.eval.perplexity import CONVENTIONS, perplexity
 
-TASKS = ("ppl", "longppl", "passkey")
+TASKS = ("ppl", "longppl", "passkey", "ruler")
 AS_SAVED = "as-saved"  # the model exactly as loaded, no plan applied
 
 
@@ -43,7 +44,8 @@ class EvalConfig:
     short_length: int = 256  # longppl: short context, tokens
     longppl_threshold: float = 2.0  # longppl: key-token threshold, nats
     depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
-    trials: int = 5
+    trials: int = 5  # passkey trials per cell; RULER samples per cell
+    ruler_tasks: list[str] = field(default_factory=lambda: list(RULER_TASKS))
     seed: int = 0
     progress: bool = True
 
@@ -59,6 +61,8 @@ class EvalConfig:
             raise RopekitError("--lengths must be positive token counts ≥ 2")
         for m in self.methods:
             ropekit.get_method(m)
+        for t in self.ruler_tasks if "ruler" in self.tasks else []:
+            get_ruler_task(t)
         if self.max_tokens is not None and self.max_tokens < max(self.lengths):
             raise RopekitError(f"--max-tokens {self.max_tokens} is below the longest length {max(self.lengths)}")
         if self.trials < 1:
@@ -82,6 +86,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg.model)
     if tokenizer is None:
         raise RopekitError(f"{cfg.model}: no tokenizer found beside the model")
+    if "ruler" in cfg.tasks:
+        check_ruler_fits(cfg, tokenizer)
     needs_text = {"ppl", "longppl"} & set(cfg.tasks)
     documents = tokenize_documents(read_documents(cfg.data), tokenizer) if needs_text else []
     documents = [doc[: cfg.max_tokens] for doc in documents] if cfg.max_tokens else documents
@@ -105,9 +111,23 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         if "passkey" in cfg.tasks:
             entry["passkey"] = passkey_grid(model, tokenizer, lengths=cfg.lengths, depths=cfg.depths,
                                             trials=cfg.trials, seed=cfg.seed, progress=cfg.progress).as_dict()
+        if "ruler" in cfg.tasks:
+            entry["ruler"] = run_ruler(model, tokenizer, tasks=cfg.ruler_tasks, lengths=cfg.lengths, samples=cfg.trials,
+                                       seed=cfg.seed, progress=cfg.progress).as_dict()
         results["methods"][method] = entry
     write_report(results, cfg.out)
     return results
+
+
+def check_ruler_fits(cfg: EvalConfig, tokenizer) -> None:
+    """Refuse, before any weights load, a RULER task whose prompt cannot fit the shortest length."""
+    shortest = min(cfg.lengths)
+    for name in cfg.ruler_tasks:
+        try:
+            make_ruler_sample(get_ruler_task(name), tokenizer, shortest, 0)
+        except RopekitError:
+            raise RopekitError(f"RULER task {name} does not fit in {shortest} tokens with this tokenizer; "
+                               "use longer --lengths or drop it from --ruler-tasks") from None
 
 
 def _jsonable(d: dict) -> dict:
@@ -125,6 +145,10 @@ def result_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
             rows.append({"method": method, "task": "longppl", "length": int(n), "depth": "", "value": r["long_ppl"],
                          "convention": f"short {r['short_length']}, threshold {r['threshold']}", "stride": "",
                          "tokens_scored": r["key_tokens"]})
+        for cell, value in entry.get("ruler", {}).get("score", {}).items():
+            task, n = cell.split("@")
+            rows.append({"method": method, "task": f"ruler:{task}", "length": int(n), "depth": "", "value": value,
+                         "convention": "string_match_all", "stride": "", "tokens_scored": ""})
         pk = entry.get("passkey")
         if pk:
             for cell, acc in pk["accuracy"].items():

@@ -48,6 +48,20 @@ def test_eval_compares_methods_and_writes_report(s260k, tmp_path):
     assert len((out / "results.csv").read_text().splitlines()) == 1 + 2 * (2 + 1 + 4 + 2)
 
 
+def test_eval_longbench_from_local_files(s260k, tmp_path):
+    from pathlib import Path
+
+    fixture = Path(__file__).parents[1] / "fixtures" / "longbench_e"
+    out = tmp_path / "lb"
+    result = runner.invoke(app, ["eval", s260k, "--tasks", "longbench", "--longbench-dir", str(fixture),
+                                 "--longbench-datasets", "hotpotqa,trec", "--lengths", "512", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    lb = json.loads((out / "results.json").read_text())["methods"]["as-saved"]["longbench"]
+    assert lb["window"] == 512 and set(lb["scores"]) == {"hotpotqa", "trec"}
+    assert set(lb["scores"]["trec"]) == {"0-4k", "8k+"} and all(0 <= r["score"] <= 100 for r in lb["rows"])
+    assert "## LongBench-E, as-saved" in (out / "report.md").read_text()
+
+
 def test_eval_bad_inputs_exit_2_without_results(s260k, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
@@ -64,6 +78,8 @@ def test_eval_bad_inputs_exit_2_without_results(s260k, tmp_path):
         "no data": ([], "need --data"),
         "unknown task": (["--tasks", "ppl,bogus", "--data", good], "unknown task"),
         "unknown ruler task": (["--tasks", "ruler", "--ruler-tasks", "niah_singel"], "did you mean"),
+        "longbench without dir": (["--tasks", "longbench"], "--longbench-dir"),
+        "longbench bad dataset": (["--tasks", "longbench", "--longbench-dir", str(tmp_path), "--longbench-datasets", "trek"], "did you mean"),
         "ruler task too long": (["--tasks", "ruler", "--ruler-tasks", "vt", "--lengths", "128"], "does not fit"),
     }
     for case, (args, expected) in cases.items():

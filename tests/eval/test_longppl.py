@@ -46,8 +46,15 @@ def test_short_context_logprobs_match_naive_windows(model, documents):
 def test_threshold_extremes(model, documents):
     everything = long_ppl(model, documents, length=360, short_length=64, threshold=-math.inf)
     assert everything.key_tokens == everything.tokens_considered == 360 - 64
-    with pytest.raises(RopekitError, match="no key tokens"):
-        long_ppl(model, documents, length=360, short_length=64, threshold=math.inf)
+    nothing = long_ppl(model, documents, length=360, short_length=64, threshold=math.inf)
+    assert nothing.long_ppl is None and nothing.key_tokens == 0 and nothing.tokens_considered == 296
+    with pytest.raises(RopekitError, match="longer than the short context"):
+        long_ppl(model, [documents[0][:50]], length=360, short_length=64)
+
+
+def test_every_disjoint_window_counts(model, documents):
+    whole = long_ppl(model, documents, length=120, short_length=64, threshold=-math.inf)
+    assert whole.tokens_considered == 3 * (120 - 64)
 
 
 def test_key_tokens_are_those_the_long_context_helps(model, documents):

@@ -235,7 +235,7 @@ def inspect_cmd(
 def eval_cmd(
     model: Annotated[str, typer.Argument(help="Model directory or hub id.")],
     out: Annotated[Path, typer.Option("--out", help="Report directory (results.json/.csv, report.md, plots).")] = Path("out/eval"),
-    tasks: Annotated[str, typer.Option("--tasks", help="Comma-separated: ppl, longppl, passkey, ruler.")] = "ppl",
+    tasks: Annotated[str, typer.Option("--tasks", help="Comma-separated: ppl, longppl, passkey, ruler, longbench.")] = "ppl",
     lengths: Annotated[str, typer.Option("--lengths", help="Comma-separated context lengths in tokens.")] = "512",
     method: Annotated[list[str] | None, typer.Option("--method", help="Apply this method on the fly; repeat for a side-by-side comparison. None: evaluate the model as saved.")] = None,
     target_length: Annotated[int | None, typer.Option("--target-length", help="Plan target (default: the longest length).")] = None,
@@ -247,6 +247,8 @@ def eval_cmd(
     longppl_threshold: Annotated[float, typer.Option("--longppl-threshold", help="longppl: key-token threshold (nats).")] = 2.0,
     depths: Annotated[str, typer.Option("--depths", help="passkey: comma-separated needle depths in [0, 1].")] = "0,0.25,0.5,0.75,1",
     trials: Annotated[int, typer.Option("--trials", help="passkey trials / RULER samples per cell (seeded).")] = 5,
+    longbench_dir: Annotated[str | None, typer.Option("--longbench-dir", help="longbench: folder of LongBench-E *_e.jsonl files you downloaded.")] = None,
+    longbench_datasets: Annotated[str, typer.Option("--longbench-datasets", help="longbench: comma-separated datasets (default: all files found).")] = "",
     ruler_tasks: Annotated[str, typer.Option("--ruler-tasks", help="ruler: niah_single, niah_multikey, niah_multivalue, vt.")] = "niah_single,niah_multikey,niah_multivalue,vt",
     seed: Annotated[int, typer.Option("--seed", help="passkey: seed for the keys.")] = 0,
 ) -> None:
@@ -261,7 +263,8 @@ def eval_cmd(
                      methods=list(method or []), target_length=target_length, data=data,
                      max_tokens=max_tokens or None, convention=convention, stride=stride,
                      short_length=short_length, longppl_threshold=longppl_threshold,
-                     depths=_split(depths, float), trials=trials, seed=seed, ruler_tasks=_split(ruler_tasks, str))
+                     depths=_split(depths, float), trials=trials, seed=seed, ruler_tasks=_split(ruler_tasks, str),
+                     longbench_dir=longbench_dir, longbench_datasets=_split(longbench_datasets, str))
     results = evaluate(cfg)
     from ropekit.eval.runner import result_rows
 
@@ -269,7 +272,7 @@ def eval_cmd(
     for col in ("method", "task", "length", "depth", "value"):
         t.add_column(col)
     for r in result_rows(results):
-        t.add_row(r["method"], r["task"], str(r["length"]), str(r["depth"]), f"{r['value']:.4g}")
+        t.add_row(r["method"], r["task"], str(r["length"]), str(r["depth"]), "—" if r['value'] is None else f"{r['value']:.4g}")
     out_console.print(t)
 
 

@@ -25,7 +25,7 @@ from ropekit.eval.perplexity import token_logprobs, windows
 
 @dataclass(frozen=True)
 class LongPPLResult:
-    long_ppl: float  # exp(mean NLL over key tokens, long context)
+    long_ppl: float | None  # exp(mean NLL over key tokens, long context); None when no token is key
     key_tokens: int
     tokens_considered: int
     threshold: float  # nats
@@ -48,13 +48,14 @@ def short_context_logprobs(model, ids: torch.Tensor, short_length: int) -> torch
 
 def long_ppl(model, documents: list[np.ndarray], *, length: int, short_length: int = 256, threshold: float = 2.0,
              evaluator=None) -> LongPPLResult:
-    """LongPPL of `model` over the first `length` tokens of each document."""
+    """LongPPL of `model` over disjoint windows of `length` tokens covering each document."""
     if not 2 <= short_length < length:
         raise RopekitError(f"short_length must be in [2, length {length}), got {short_length}")
     judge = evaluator if evaluator is not None else model
     nll, keys, considered = 0.0, 0, 0
-    for doc in documents:
-        ids = torch.as_tensor(doc[:length], dtype=torch.long)
+    spans = [doc[start : start + length] for doc in documents for start in range(0, len(doc), length)]
+    for span in spans:
+        ids = torch.as_tensor(span, dtype=torch.long)
         if len(ids) <= short_length:
             continue
         long_lp = token_logprobs(model, ids)
@@ -65,8 +66,8 @@ def long_ppl(model, documents: list[np.ndarray], *, length: int, short_length: i
         nll += float(-long_lp[mask].double().sum())
         keys += int(mask.sum())
         considered += len(ids) - short_length
-    if keys == 0:
-        raise RopekitError(f"no key tokens at threshold {threshold} (documents longer than {short_length} tokens: "
-                           f"{considered} tokens considered); lower the threshold or use longer documents")
-    return LongPPLResult(math.exp(nll / keys), keys, considered, threshold, short_length, length,
+    if considered == 0:
+        raise RopekitError(f"no document is longer than the short context ({short_length} tokens)")
+    value = math.exp(nll / keys) if keys else None  # no key token: the long context never helped enough
+    return LongPPLResult(value, keys, considered, threshold, short_length, length,
                          "self" if evaluator is None else type(evaluator).__name__)

@@ -34,25 +34,33 @@ def plot_passkey_heatmaps(results: dict[str, Any], path: Path) -> Path:
     methods = [m for m, e in results["methods"].items() if "passkey" in e]
     cols = min(len(methods), 3)
     rows = math.ceil(len(methods) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
-    for ax, method in zip(axes.flat, methods):
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols + 1.2, 3.2 * rows), squeeze=False, constrained_layout=True)
+    for index, (ax, method) in enumerate(zip(axes.flat, methods)):
         pk = results["methods"][method]["passkey"]
         grid = [[pk["accuracy"][f"{n}@{d:g}"] for n in pk["lengths"]] for d in pk["depths"]]
         image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
-        ax.set_xticks(range(len(pk["lengths"])), [str(n) for n in pk["lengths"]], rotation=45)
-        ax.set_yticks(range(len(pk["depths"])), [f"{d:g}" for d in pk["depths"]])
-        ax.set_xlabel("context length")
-        ax.set_ylabel("needle depth")
+        ax.set_xticks(range(len(pk["lengths"])), [str(n) for n in pk["lengths"]], fontsize=8)
+        ax.set_yticks(range(len(pk["depths"])), [f"{d:g}" for d in pk["depths"]], fontsize=8)
+        if index // cols == rows - 1 or index + cols >= len(methods):
+            ax.set_xlabel("context length (tokens)")
+        if index % cols == 0:
+            ax.set_ylabel("needle depth")
         ax.set_title(method)
         for i, row in enumerate(grid):
             for j, value in enumerate(row):
                 ax.text(j, i, f"{value:.0%}", ha="center", va="center", fontsize=8)
     for ax in list(axes.flat)[len(methods):]:
         ax.set_visible(False)
-    fig.colorbar(image, ax=axes.ravel().tolist(), label="passkey accuracy")
+    fig.colorbar(image, ax=axes.ravel().tolist(), label="passkey accuracy", shrink=0.8)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _longppl_cell(row: dict | None) -> str:
+    if row is None:
+        return "—"
+    return f"{row['value']:.3f} (key tokens: {row['tokens_scored']})" if row["value"] is not None else "no key tokens"
 
 
 def markdown_report(results: dict[str, Any], rows: list[dict[str, Any]], figures: list[str]) -> str:
@@ -77,7 +85,7 @@ def markdown_report(results: dict[str, Any], rows: list[dict[str, Any]], figures
         for method in dict.fromkeys(r["method"] for r in lp):
             values = {r["length"]: r for r in lp if r["method"] == method}
             lines.append(f"| {method} | " + " | ".join(
-                f"{values[n]['value']:.3f} ({values[n]['tokens_scored']} keys)" if n in values else "—" for n in lengths) + " |")
+                _longppl_cell(values.get(n)) for n in lengths) + " |")
         lines.append("")
     ruler = [r for r in rows if r["task"].startswith("ruler:")]
     if ruler:
@@ -88,6 +96,15 @@ def markdown_report(results: dict[str, Any], rows: list[dict[str, Any]], figures
             values = {r["length"]: r["value"] for r in ruler if r["method"] == method and r["task"] == task}
             lines.append(f"| {method} | {task[6:]} | " + " | ".join(f"{values[n]:.0%}" for n in lengths) + " |")
         lines.append("")
+    for method, entry in results["methods"].items():
+        lb = entry.get("longbench")
+        if lb:
+            buckets = ["0-4k", "4-8k", "8k+"]
+            lines += [f"## LongBench-E, {method} (window {lb['window']} tokens, middle truncation, scores ×100)", "",
+                      "| dataset | " + " | ".join(buckets) + " |", "|---" * 4 + "|"]
+            for dataset, scores in {**lb["scores"], "average": lb["average"]}.items():
+                lines.append(f"| {dataset} | " + " | ".join(f"{scores[b]:.1f}" if b in scores else "—" for b in buckets) + " |")
+            lines.append("")
     for method, entry in results["methods"].items():
         pk = entry.get("passkey")
         if pk:

@@ -20,12 +20,13 @@ from ropekit.apply.patch import apply, model_spec
 from ropekit.errors import RopekitError
 from ropekit.eval.data import read_documents, tokenize_documents
 from ropekit.plan.geometry import load_config_dict
+from ropekit.eval.longbench import load_longbench, run_longbench
 from ropekit.eval.longppl import long_ppl
 from ropekit.eval.passkey import passkey_grid
 from ropekit.eval.ruler import TASKS as RULER_TASKS, get_task as get_ruler_task, make_sample as make_ruler_sample, run_ruler
 from ropekit.eval.perplexity import CONVENTIONS, perplexity
 
-TASKS = ("ppl", "longppl", "passkey", "ruler")
+TASKS = ("ppl", "longppl", "passkey", "ruler", "longbench")
 AS_SAVED = "as-saved"  # the model exactly as loaded, no plan applied
 
 
@@ -46,6 +47,8 @@ class EvalConfig:
     depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     trials: int = 5  # passkey trials per cell; RULER samples per cell
     ruler_tasks: list[str] = field(default_factory=lambda: list(RULER_TASKS))
+    longbench_dir: str | None = None  # folder of LongBench-E JSONL files
+    longbench_datasets: list[str] = field(default_factory=list)  # empty: every known file in the folder
     seed: int = 0
     progress: bool = True
 
@@ -63,6 +66,8 @@ class EvalConfig:
             ropekit.get_method(m)
         for t in self.ruler_tasks if "ruler" in self.tasks else []:
             get_ruler_task(t)
+        if "longbench" in self.tasks and not self.longbench_dir:
+            raise RopekitError("the longbench task needs --longbench-dir (a folder of LongBench-E JSONL files)")
         if self.max_tokens is not None and self.max_tokens < max(self.lengths):
             raise RopekitError(f"--max-tokens {self.max_tokens} is below the longest length {max(self.lengths)}")
         if self.trials < 1:
@@ -88,6 +93,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         raise RopekitError(f"{cfg.model}: no tokenizer found beside the model")
     if "ruler" in cfg.tasks:
         check_ruler_fits(cfg, tokenizer)
+    longbench = load_longbench(cfg.longbench_dir, cfg.longbench_datasets or None) if "longbench" in cfg.tasks else {}
     needs_text = {"ppl", "longppl"} & set(cfg.tasks)
     documents = tokenize_documents(read_documents(cfg.data), tokenizer) if needs_text else []
     documents = [doc[: cfg.max_tokens] for doc in documents] if cfg.max_tokens else documents
@@ -114,6 +120,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         if "ruler" in cfg.tasks:
             entry["ruler"] = run_ruler(model, tokenizer, tasks=cfg.ruler_tasks, lengths=cfg.lengths, samples=cfg.trials,
                                        seed=cfg.seed, progress=cfg.progress).as_dict()
+        if longbench:
+            entry["longbench"] = run_longbench(model, tokenizer, longbench, window=limit, progress=cfg.progress).as_dict()
         results["methods"][method] = entry
     write_report(results, cfg.out)
     return results
@@ -149,6 +157,10 @@ def result_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
             task, n = cell.split("@")
             rows.append({"method": method, "task": f"ruler:{task}", "length": int(n), "depth": "", "value": value,
                          "convention": "string_match_all", "stride": "", "tokens_scored": ""})
+        for dataset, buckets in entry.get("longbench", {}).get("scores", {}).items():
+            for bucket, value in buckets.items():
+                rows.append({"method": method, "task": f"longbench:{dataset}", "length": "", "depth": bucket,
+                             "value": value, "convention": "LongBench-E metric ×100", "stride": "", "tokens_scored": ""})
         pk = entry.get("passkey")
         if pk:
             for cell, acc in pk["accuracy"].items():

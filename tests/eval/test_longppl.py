@@ -7,18 +7,15 @@ import math
 import numpy as np
 import pytest
 import torch
-import transformers as T
 
+from conftest import tiny_llama
 from ropekit import RopekitError
 from ropekit.eval.longppl import long_ppl, short_context_logprobs
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    config = T.LlamaConfig(vocab_size=50, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    return T.LlamaForCausalLM(config).eval()
+    return tiny_llama(50)
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 import torch
-import transformers as T
 
+from conftest import tiny_llama
 from ropekit import RopekitError
 from ropekit.eval.data import read_documents, tokenize_documents
 from ropekit.eval.perplexity import perplexity, windows
@@ -17,10 +17,7 @@ from ropekit.eval.perplexity import perplexity, windows
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    config = T.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    return T.LlamaForCausalLM(config).eval()
+    return tiny_llama(300)
 
 
 def docs(*lengths, seed=0):

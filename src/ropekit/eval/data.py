@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -36,17 +37,30 @@ def _read_file(path: Path) -> list[tuple[str, str]]:
     if path.suffix != ".jsonl":
         return [(path.name, raw)]
     docs = []
-    for number, line in enumerate(raw.splitlines(), 1):
+    for number, record in jsonl_records(path, raw):
+        if not isinstance(record.get("text"), str):
+            raise RopekitError(f"{path}:{number}: a JSONL record needs a string field 'text'")
+        docs.append((f"{path.name}:{number}", record["text"]))
+    return docs
+
+
+def jsonl_records(path: Path, text: str | None = None) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; one clear error for invalid JSON or a non-object."""
+    if text is None:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise RopekitError(f"{path}: not UTF-8 text") from None
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             raise RopekitError(f"{path}:{number}: not valid JSON") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise RopekitError(f"{path}:{number}: a JSONL record needs a string field 'text'")
-        docs.append((f"{path.name}:{number}", record["text"]))
-    return docs
+        if not isinstance(record, dict):
+            raise RopekitError(f"{path}:{number}: each JSONL line must be a JSON object")
+        yield number, record
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

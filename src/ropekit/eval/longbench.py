@@ -11,11 +11,11 @@ the continuation.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ropekit.errors import RopekitError, did_you_mean
+from ropekit.eval.data import jsonl_records
 from ropekit.eval.longbench_metrics import score_sample
 from ropekit.eval.passkey import generate_greedy
 
@@ -93,13 +93,7 @@ def load_longbench(folder: str | Path, datasets: list[str] | None = None) -> dic
 
 def _read_examples(path: Path, name: str) -> list[Example]:
     examples = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise RopekitError(f"{path}:{number}: not valid JSON") from None
+    for number, record in jsonl_records(path):
         missing = [f for f in REQUIRED_FIELDS if f not in record]
         if missing or not isinstance(record.get("answers"), list):
             raise RopekitError(f"{path}:{number}: a LongBench record needs {', '.join(REQUIRED_FIELDS)} "

@@ -283,6 +283,71 @@ def _split(text: str, kind):
         raise RopekitError(f"expected a comma-separated list of {kind.__name__} values, got {text!r}") from None
 
 
+@app.command("finetune")
+@user_errors
+def finetune_cmd(
+    model: Annotated[str, typer.Argument(help="Model directory or hub id to extend and fine-tune.")],
+    data: Annotated[str, typer.Option("--data", help="Long documents: text file, folder, or JSONL with a 'text' field.")],
+    out: Annotated[Path, typer.Option("--out", help="Run directory; becomes the fine-tuned extended model.")],
+    recipe: Annotated[str | None, typer.Option("--recipe", help="dprope-llama2-8k or dprope-llama2-16k (the paper's recipe); flags override it.")] = None,
+    method: Annotated[str | None, typer.Option("--method", help="Scaling method (default dprope).")] = None,
+    target_length: Annotated[int | None, typer.Option("--target-length", help="Context to extend to, tokens.")] = None,
+    train_length: Annotated[int | None, typer.Option("--train-length", help="Training window (default: target; with --pose: required, e.g. the original length).")] = None,
+    pose: Annotated[bool, typer.Option("--pose", help="PoSE: train at --train-length with position ids skipped up to the target.")] = False,
+    pose_chunks: Annotated[int, typer.Option("--pose-chunks", help="PoSE chunks per window.")] = 2,
+    steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps (default 100).")] = None,
+    global_batch: Annotated[int | None, typer.Option("--global-batch", help="Windows per step over all processes (default 8).")] = None,
+    micro_batch: Annotated[int, typer.Option("--micro-batch", help="Windows per forward pass per process.")] = 1,
+    lr: Annotated[float | None, typer.Option("--lr", help="AdamW learning rate (default 2e-5).")] = None,
+    weight_decay: Annotated[float | None, typer.Option("--weight-decay", help="AdamW weight decay (default 0).")] = None,
+    warmup_steps: Annotated[int | None, typer.Option("--warmup-steps", help="Linear warmup steps (default 0).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Data order, PoSE skips and init of any new state.")] = 0,
+    save_every: Annotated[int, typer.Option("--save-every", help="Checkpoint every N steps.")] = 50,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its latest complete checkpoint.")] = False,
+    stop_after_steps: Annotated[int | None, typer.Option("--stop-after-steps", help="Stop cleanly after N steps (time-limited jobs); continue with --resume.")] = None,
+    gradient_checkpointing: Annotated[bool | None, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Trade compute for memory.")] = None,
+    mixed_precision: Annotated[str, typer.Option("--mixed-precision", help="auto (bf16 on a capable GPU), no, bf16, fp16.")] = "auto",
+    report_to: Annotated[str, typer.Option("--report-to", help="auto (tensorboard if installed), none, tensorboard, wandb.")] = "auto",
+    max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Tokens read per document.")] = None,
+    bins: o.Bins = 360, threshold: o.Threshold = None, interpolated_dims: o.InterpDims = None,
+    factors_file: o.FactorsFile = None, alpha: o.Alpha = None, beta_fast: o.BetaFast = None, beta_slow: o.BetaSlow = None,
+    attention_factor: o.AttentionFactor = None, low_freq_factor: o.LowFreq = None, high_freq_factor: o.HighFreq = None,
+    new_base: o.NewBase = None, base_rule: o.BaseRule = None, inner: o.Inner = None, at_length: o.AtLength = None,
+) -> None:
+    """Extend MODEL with a method and fine-tune it at long context (full-length or PoSE).
+
+    Runs on accelerate: one process here, or many with
+    `torchrun --nproc_per_node N -m ropekit.cli.main finetune ...` (CPU/GPU) or
+    `accelerate launch --config_file configs/accelerate/deepspeed_zero3.yaml -m ropekit.cli.main finetune ...`.
+    """
+    from ropekit.train.loop import TrainConfig, finetune
+    from ropekit.train.recipes import get_recipe
+
+    settings = get_recipe(recipe) if recipe else {}
+    explicit = dict(method=method, target_length=target_length, steps=steps, global_batch=global_batch, lr=lr,
+                    weight_decay=weight_decay, warmup_steps=warmup_steps, gradient_checkpointing=gradient_checkpointing)
+    settings.update({k: v for k, v in explicit.items() if v is not None})
+    if settings.get("target_length") is None:
+        raise RopekitError("give --target-length (or a --recipe)")
+    chosen = settings.pop("method", "dprope")
+    params = o.method_params_from(chosen, locals())
+    if ropekit_method_name(chosen) == "dprope":
+        params["bins"] = bins
+    cfg = TrainConfig(model=model, out=out, data=data, method=chosen, method_params=params, train_length=train_length,
+                      pose=pose, pose_chunks=pose_chunks, micro_batch=micro_batch, seed=seed, save_every=save_every,
+                      resume=resume, stop_after=stop_after_steps, mixed_precision=mixed_precision, report_to=report_to,
+                      max_tokens=max_tokens, **settings)
+    record = finetune(cfg)
+    state = "finished" if record["completed"] else f"stopped after step {record['steps_completed']} (continue with --resume)"
+    err_console.print(f"{state}; {record['tokens_per_second'] or 0:,.0f} tokens/s; loss curve in {out}/logs/loss_curve.csv")
+
+
+def ropekit_method_name(name: str) -> str:
+    from ropekit.plan.registry import get_method
+
+    return get_method(name).name
+
+
 @app.command("methods")
 def methods_cmd() -> None:
     """List the scaling methods, their parameters and papers."""

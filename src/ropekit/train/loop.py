@@ -1,0 +1,323 @@
+"""The fine-tuning loop: a plain accelerate loop (see README, "Fine-tune", for why not Trainer).
+
+Layout of `out/` (a normal extended model once the run completes):
+    config.json, model.safetensors, tokenizer files, ropekit.json   (written at the end)
+    checkpoints/step-000050/ …   accelerate state + trainer_state.json
+    checkpoints/latest           name of the newest complete checkpoint (atomically replaced)
+    logs/train_log.jsonl, logs/loss_curve.csv, logs/data_rank{r}.jsonl
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import ropekit
+from ropekit.apply.extend import RECORD, load_model, load_tokenizer
+from ropekit.apply.export import llama_cpp_rope_freqs, vllm_hf_overrides
+from ropekit.apply.patch import apply, model_spec
+from ropekit.errors import RopekitError
+from ropekit.eval.data import read_documents, tokenize_documents
+from ropekit.plan.summary import plan_summary
+from ropekit.train.data import pack_windows, window_indices
+from ropekit.train.pose import pose_position_ids, pose_rng
+
+RESUME_KEYS = ("model", "method", "method_params", "target_length", "train_length", "pose", "pose_chunks",
+               "global_batch", "micro_batch", "lr", "weight_decay", "warmup_steps", "seed", "steps", "data")
+
+
+@dataclass
+class TrainConfig:
+    model: str  # model directory or hub id
+    out: Path  # run directory; becomes the extended model
+    data: str  # text file, folder, or JSONL with 'text'
+    target_length: int  # L' the plan extends to
+    method: str = "dprope"
+    method_params: dict[str, Any] = field(default_factory=dict)
+    train_length: int | None = None  # window length; default L' (full-length), < L' with PoSE
+    pose: bool = False
+    pose_chunks: int = 2
+    steps: int = 100  # optimizer steps
+    global_batch: int = 8  # windows per optimizer step, over all processes
+    micro_batch: int = 1  # windows per forward pass per process
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    stop_after: int | None = None  # stop cleanly after this many steps in this run (resume later)
+    resume: bool = False
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "auto"  # auto: bf16 on a GPU that supports it, else fp32
+    report_to: str = "auto"  # tensorboard/wandb trackers; auto: tensorboard if installed
+    max_tokens: int | None = None  # tokens read per document
+    progress: bool = True
+
+    def window(self) -> int:
+        return self.train_length or self.target_length
+
+    def validate(self, original_length: int) -> None:
+        if self.target_length <= original_length:
+            raise RopekitError(f"target length {self.target_length} must exceed the model's original length {original_length}")
+        if self.pose and (self.train_length is None or self.train_length >= self.target_length):
+            raise RopekitError("--pose needs --train-length below --target-length (e.g. the original length)")
+        if not self.pose and self.window() != self.target_length and self.window() > self.target_length:
+            raise RopekitError(f"training length {self.window()} exceeds the target length {self.target_length}")
+        for name in ("steps", "global_batch", "micro_batch", "save_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise RopekitError(f"--{name.replace('_', '-')} must be ≥ 1")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise RopekitError(f"--lr must be a finite positive number, got {self.lr}")
+
+
+def _mixed_precision(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def _trackers(choice: str) -> list[str]:
+    import importlib.util
+
+    if choice == "none":
+        return []
+    if choice == "auto":
+        return ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
+    return [t for t in choice.split(",") if t]
+
+
+def _checkpoint_root(out: Path) -> Path:
+    return out / "checkpoints"
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint (the `latest` pointer), or None."""
+    pointer = _checkpoint_root(out) / "latest"
+    if not pointer.is_file():
+        return None
+    path = _checkpoint_root(out) / pointer.read_text().strip()
+    return path if (path / "trainer_state.json").is_file() else None
+
+
+def _check_out_dir(cfg: TrainConfig) -> None:
+    out = cfg.out
+    if cfg.resume:
+        if latest_checkpoint(out) is None:
+            raise RopekitError(f"{out}: no complete checkpoint to resume from")
+        return
+    if out.exists() and any(out.iterdir()):
+        raise RopekitError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+
+
+def finetune(cfg: TrainConfig) -> dict[str, Any]:
+    """Fine-tune `cfg.model` extended by `cfg.method` to `cfg.target_length`; returns the training record."""
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import set_seed
+
+    spec = ropekit.RopeSpec.from_pretrained(cfg.model)
+    cfg.validate(spec.original_length)
+    _check_out_dir(cfg)
+    # accelerate only builds a gloo process group under torchrun when told cpu=True on a machine without CUDA
+    cpu = not torch.cuda.is_available()
+    world, rank = PartialState(cpu=cpu).num_processes, PartialState(cpu=cpu).process_index
+    if cfg.global_batch % (cfg.micro_batch * world):
+        raise RopekitError(f"global batch {cfg.global_batch} is not a multiple of micro batch × processes "
+                           f"({cfg.micro_batch} × {world})")
+    accumulation = cfg.global_batch // (cfg.micro_batch * world)
+    # accumulation through accelerate, so DeepSpeed's engine and FSDP step only at the sync points
+    accelerator = Accelerator(cpu=cpu, gradient_accumulation_steps=accumulation,
+                              mixed_precision=_mixed_precision(cfg.mixed_precision),
+                              log_with=_trackers(cfg.report_to) or None, project_dir=str(cfg.out / "logs"))
+    set_seed(cfg.seed)
+
+    tokenizer = load_tokenizer(cfg.model)
+    if tokenizer is None:
+        raise RopekitError(f"{cfg.model}: no tokenizer beside the model")
+    with accelerator.main_process_first():  # one process fills the tokenisation cache
+        documents = tokenize_documents(read_documents(cfg.data), tokenizer)
+    documents = [d[: cfg.max_tokens] for d in documents] if cfg.max_tokens else documents
+    windows = pack_windows(documents, cfg.window(), eos_id=tokenizer.eos_token_id)
+
+    model = load_model(cfg.model, dtype="float32")
+    plan = ropekit.plan(model_spec(model), cfg.target_length, cfg.method, **cfg.method_params)
+    apply(model, plan)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = cfg.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # not prepared: a prepared scheduler advances once per process; ours advances once per optimizer step
+    accelerator.register_for_checkpointing(scheduler)
+
+    start_step = _resume(accelerator, cfg) if cfg.resume else 0
+    logs = cfg.out / "logs"
+    if accelerator.is_main_process:
+        logs.mkdir(parents=True, exist_ok=True)
+        _truncate_log(logs / "train_log.jsonl", start_step)
+    accelerator.wait_for_everyone()
+    _truncate_log(logs / f"data_rank{rank}.jsonl", start_step)
+    accelerator.init_trackers("ropekit-finetune", config={k: str(v) for k, v in asdict(cfg).items()})
+
+    tokens_per_step = cfg.global_batch * cfg.window()
+    end_step = cfg.steps if cfg.stop_after is None else min(cfg.steps, start_step + cfg.stop_after)
+    progress = None
+    if cfg.progress and accelerator.is_local_main_process:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=cfg.steps, initial=start_step, desc=f"fine-tune {plan.method} @ {cfg.window()}", unit="step")
+    started = time.perf_counter()
+    for step in range(start_step, end_step):
+        loss_sum = torch.zeros((), device=accelerator.device)
+        seen = []
+        for micro in range(accumulation):
+            idx = window_indices(step, micro, rank, num_windows=len(windows), micro_batch=cfg.micro_batch,
+                                 world=world, accumulation=accumulation, seed=cfg.seed)
+            seen += idx
+            ids = torch.from_numpy(windows[idx]).to(accelerator.device)  # (micro_batch, window)
+            positions = None
+            if cfg.pose:
+                positions = torch.stack([pose_position_ids(cfg.window(), cfg.target_length, pose_rng(cfg.seed, i, step),
+                                                           chunks=cfg.pose_chunks) for i in idx]).to(accelerator.device)
+            with accelerator.accumulate(model):  # syncs and steps only on the last micro-batch
+                loss = model(input_ids=ids, position_ids=positions, labels=ids).loss
+                accelerator.backward(loss)  # scales by 1/accumulation
+                if cfg.max_grad_norm and accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
+                optimizer.zero_grad()
+            loss_sum += loss.detach() / accumulation
+        mean_loss = float(accelerator.reduce(loss_sum, "mean"))
+        record = {"step": step + 1, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
+                  "tokens": (step + 1) * tokens_per_step, "seconds": time.perf_counter() - started}
+        _append(logs / f"data_rank{rank}.jsonl", {"step": step + 1, "windows": seen})
+        if accelerator.is_main_process:
+            _append(logs / "train_log.jsonl", record)
+        accelerator.log({"loss": mean_loss, "lr": record["lr"]}, step=step + 1)
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{mean_loss:.4f}")
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            _save_checkpoint(accelerator, cfg, step + 1)
+    if progress is not None:
+        progress.close()
+    done = end_step >= cfg.steps
+    elapsed = time.perf_counter() - started
+    record = _training_record(cfg, start_step, end_step, elapsed, tokens_per_step, world, accumulation, done)
+    if done:
+        _save_final(accelerator, model, tokenizer, plan, cfg, record)
+    elif end_step % cfg.save_every:
+        _save_checkpoint(accelerator, cfg, end_step)  # stopping early: keep the work
+    accelerator.end_training()
+    return record
+
+
+def _training_record(cfg, start, end, elapsed, tokens_per_step, world, accumulation, done) -> dict[str, Any]:
+    steps_run = end - start
+    return {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+            "processes": world, "gradient_accumulation": accumulation, "steps_completed": end,
+            "steps_this_run": steps_run, "completed": done,
+            "tokens_per_second": steps_run * tokens_per_step / elapsed if elapsed > 0 and steps_run else None,
+            "loss_curve": "logs/loss_curve.csv", "document_boundaries": "EOS token between documents"}
+
+
+def _append(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def _truncate_log(path: Path, keep_until_step: int) -> None:
+    """Drop log lines past the resumed step, so the curve is what one uninterrupted run writes."""
+    if not path.is_file():
+        return
+    kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= keep_until_step]
+    path.write_text("".join(ln + "\n" for ln in kept))
+
+
+def _save_checkpoint(accelerator, cfg: TrainConfig, step: int) -> None:
+    root = _checkpoint_root(cfg.out)
+    partial, final = root / f".step-{step:06d}.partial", root / f"step-{step:06d}"
+    if accelerator.is_main_process and partial.exists():
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    if accelerator.is_main_process:
+        state = {"step": step, **{k: getattr(cfg, k) for k in RESUME_KEYS}}
+        (partial / "trainer_state.json").write_text(json.dumps(state, indent=2, default=str))
+        if final.exists():
+            shutil.rmtree(final)
+        partial.rename(final)
+        pointer_tmp = root / "latest.tmp"
+        pointer_tmp.write_text(final.name)
+        os.replace(pointer_tmp, root / "latest")  # the pointer moves only to a complete checkpoint
+        for old in sorted(root.glob("step-*"))[: -cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _resume(accelerator, cfg: TrainConfig) -> int:
+    checkpoint = latest_checkpoint(cfg.out)
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    for key in RESUME_KEYS:
+        if key == "steps":
+            continue
+        if json.dumps(state.get(key), default=str) != json.dumps(getattr(cfg, key), default=str):
+            raise RopekitError(f"cannot resume: the checkpoint was made with {key}={state.get(key)!r}, "
+                               f"this run has {getattr(cfg, key)!r}")
+    accelerator.load_state(str(checkpoint))
+    return int(state["step"])
+
+
+def _save_final(accelerator, model, tokenizer, plan, cfg: TrainConfig, record: dict[str, Any]) -> None:
+    """Write the extended, fine-tuned model into `out/` (files staged, then moved in)."""
+    state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 / FSDP shards
+    unwrapped = accelerator.unwrap_model(model)
+    if cfg.gradient_checkpointing:
+        unwrapped.gradient_checkpointing_disable()
+        unwrapped.config.use_cache = True
+    staging = cfg.out / ".final.partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+        unwrapped.save_pretrained(staging, state_dict=state_dict, save_function=accelerator.save)
+        tokenizer.save_pretrained(staging)
+        full = {"source_model": cfg.model, "plan": plan_summary(plan), "training": record,
+                "vllm_hf_overrides": vllm_hf_overrides(plan), "llama_cpp": llama_cpp_rope_freqs(plan)}
+        (staging / RECORD).write_text(json.dumps(full, indent=2) + "\n")
+        _write_loss_csv(cfg.out / "logs")
+        for item in staging.iterdir():
+            os.replace(item, cfg.out / item.name)
+        staging.rmdir()
+    accelerator.wait_for_everyone()
+
+
+def _write_loss_csv(logs: Path) -> None:
+    rows = [json.loads(ln) for ln in (logs / "train_log.jsonl").read_text().splitlines() if ln]
+    with (logs / "loss_curve.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["step", "loss", "lr", "tokens", "seconds"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def loss_curve(out: Path) -> list[float]:
+    """Losses per step from a run's log."""
+    path = Path(out) / "logs" / "train_log.jsonl"
+    return [json.loads(ln)["loss"] for ln in path.read_text().splitlines() if ln]
+
+
+__all__ = ["TrainConfig", "finetune", "latest_checkpoint", "loss_curve"]

@@ -1,0 +1,56 @@
+"""Packing, the per-rank data schedule, and PoSE position ids."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ropekit import RopekitError
+from ropekit.train.data import pack_windows, window_indices
+from ropekit.train.pose import pose_position_ids, pose_rng
+
+
+def test_packing_marks_document_boundaries_with_eos():
+    windows = pack_windows([np.array([5, 6, 7]), np.array([8, 9])], 3, eos_id=2)
+    assert windows.tolist() == [[5, 6, 7], [2, 8, 9]]  # stream 5 6 7 EOS 8 9 EOS → tail dropped
+    with pytest.raises(RopekitError, match="fewer than one window"):
+        pack_windows([np.array([1, 2])], 8, eos_id=2)
+
+
+def schedule(step, *, world, accumulation, micro_batch=1, n=50):
+    return [window_indices(step, m, r, num_windows=n, micro_batch=micro_batch, world=world, accumulation=accumulation,
+                           seed=7) for m in range(accumulation) for r in range(world)]
+
+
+def test_same_global_batch_sees_the_same_windows_whatever_the_process_count():
+    for step in range(6):
+        one = sorted(i for part in schedule(step, world=1, accumulation=4) for i in part)
+        two = sorted(i for part in schedule(step, world=2, accumulation=2) for i in part)
+        four = sorted(i for part in schedule(step, world=4, accumulation=1) for i in part)
+        assert one == two == four and len(set(one)) == 4
+
+
+def test_ranks_get_disjoint_windows_and_an_epoch_covers_everything():
+    seen = [i for step in range(10) for part in schedule(step, world=2, accumulation=1, micro_batch=5) for i in part]
+    assert sorted(seen[:50]) == list(range(50))  # 10 steps × global batch 10 = 2 epochs of 50; first epoch complete
+    step0 = schedule(0, world=2, accumulation=1, micro_batch=5)
+    assert not set(step0[0]) & set(step0[1])
+
+
+@pytest.mark.parametrize("train,target,chunks", [(512, 2048, 2), (256, 4096, 4), (100, 101, 2), (64, 64, 3)])
+def test_pose_position_ids(train, target, chunks):
+    for seed in range(20):
+        ids = pose_position_ids(train, target, pose_rng(seed, 3, 1), chunks=chunks)
+        assert ids.shape == (train,) and ids.dtype == torch.int64
+        steps = ids[1:] - ids[:-1]
+        assert (steps >= 1).all() and int(ids[0]) == 0 and int(ids[-1]) < target
+        assert int((steps > 1).sum()) <= chunks - 1  # skips only at chunk boundaries: chunks keep their order
+
+
+def test_pose_skips_reach_far_positions_and_are_deterministic():
+    tops = [int(pose_position_ids(512, 8192, pose_rng(s, 0, 0))[-1]) for s in range(50)]
+    assert max(tops) > 4096
+    assert torch.equal(pose_position_ids(512, 8192, pose_rng(1, 2, 3)), pose_position_ids(512, 8192, pose_rng(1, 2, 3)))
+    with pytest.raises(RopekitError, match="exceeds the target"):
+        pose_position_ids(600, 512, pose_rng(0, 0, 0))

@@ -1,0 +1,129 @@
+"""Fine-tuning stories260K for real: loss goes down, stock reload, exact resume, 2 processes, refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+import ropekit
+from conftest import require_asset
+from ropekit.apply.llama2c import convert
+from ropekit.cli.main import app
+from ropekit.train.loop import latest_checkpoint, loss_curve
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def s260k(tmp_path_factory):
+    ckpt = require_asset("stories260K/stories260K.bin")
+    return str(convert(ckpt, ckpt.with_name("tok512.bin"), tmp_path_factory.mktemp("m") / "s260k"))
+
+
+@pytest.fixture(scope="module")
+def text():
+    return str(require_asset("text/tinystories/tinystories_val_head.txt"))
+
+
+def run(s260k, text, out, *extra):
+    args = ["finetune", s260k, "--data", text, "--out", str(out), "--target-length", "2048", "--lr", "2e-3",
+            "--max-tokens", "40000", "--report-to", "none", *extra]
+    return runner.invoke(app, args)
+
+
+def weights(out):
+    return load_file(str(out / "model.safetensors"))
+
+
+@pytest.mark.parametrize("extra", [[], ["--pose", "--train-length", "512"]], ids=["full-length", "pose"])
+def test_loss_goes_down_and_stock_transformers_loads_the_result(s260k, text, tmp_path, extra):
+    out = tmp_path / "run"
+    result = run(s260k, text, out, "--steps", "10", "--global-batch", "2", "--save-every", "5", *extra)
+    assert result.exit_code == 0, result.output
+    losses = loss_curve(out)
+    assert len(losses) == 10 and sum(losses[-3:]) / 3 < 0.85 * sum(losses[:3]) / 3
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    plan = ropekit.plan(ropekit.RopeSpec.from_pretrained(s260k), 2048, "dprope")
+    assert model.config.max_position_embeddings == 2048
+    assert torch.equal(model.model.rotary_emb.inv_freq, plan.inv_freq)
+    record = json.loads((out / "ropekit.json").read_text())
+    assert record["training"]["completed"] and record["training"]["config"]["pose"] == bool(extra)
+    assert (out / "logs" / "loss_curve.csv").read_text().count("\n") == 11
+
+
+def test_resume_continues_the_same_run(s260k, text, tmp_path):
+    common = ["--steps", "6", "--global-batch", "2", "--save-every", "2"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert run(s260k, text, whole, *common).exit_code == 0
+    first = run(s260k, text, parts, *common, "--stop-after-steps", "3")
+    assert first.exit_code == 0, first.output
+    assert latest_checkpoint(parts).name == "step-000003" and not (parts / "model.safetensors").exists()
+    (parts / "checkpoints" / ".step-000004.partial").mkdir()  # debris of a crash mid-save is ignored
+    second = run(s260k, text, parts, *common, "--resume")
+    assert second.exit_code == 0, second.output
+    assert loss_curve(parts) == pytest.approx(loss_curve(whole), abs=1e-6)
+    a, b = weights(whole), weights(parts)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_two_processes_match_one_with_the_same_global_batch(s260k, text, tmp_path):
+    common = ["--data", text, "--target-length", "2048", "--lr", "2e-3", "--max-tokens", "40000", "--report-to", "none",
+              "--steps", "3", "--global-batch", "2", "--save-every", "3", "--warmup-steps", "2"]
+    single, double = tmp_path / "one", tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "ropekit.cli.main", "finetune", s260k, "--out", str(single), *common],
+                   check=True, capture_output=True, env=env)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29571"]
+    proc = subprocess.run([*torchrun, "-m", "ropekit.cli.main", "finetune", s260k, "--out", str(double), *common],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((double / "ropekit.json").read_text())["training"]
+    assert record["processes"] == 2 and record["gradient_accumulation"] == 1
+    ranks = [[json.loads(ln)["windows"] for ln in (double / "logs" / f"data_rank{r}.jsonl").read_text().splitlines()]
+             for r in (0, 1)]
+    one = [json.loads(ln)["windows"] for ln in (single / "logs" / "data_rank0.jsonl").read_text().splitlines()]
+    for step in range(3):
+        assert not set(ranks[0][step]) & set(ranks[1][step])  # the two ranks saw different data
+        assert sorted(ranks[0][step] + ranks[1][step]) == sorted(one[step])
+    a, b = weights(single), weights(double)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert loss_curve(double) == pytest.approx(loss_curve(single), abs=1e-5)
+
+
+def test_bad_runs_are_refused_cleanly(s260k, text, tmp_path):
+    (tmp_path / "empty").mkdir()
+    short = tmp_path / "short.txt"
+    short.write_text("Once upon a time.")
+    done = tmp_path / "done"
+    assert run(s260k, text, done, "--steps", "1", "--global-batch", "1").exit_code == 0
+    cases = {
+        "empty folder": (["--data", str(tmp_path / "empty")], "no .txt or .jsonl"),
+        "text shorter than a window": (["--data", str(short)], "fewer than one window"),
+        "missing data": (["--data", str(tmp_path / "nope")], "no such file"),
+        "train length above target": (["--train-length", "4096"], "exceeds the target"),
+        "pose without train length": (["--pose"], "--pose needs --train-length"),
+        "target not above original": (["--target-length", "512"], "must exceed"),
+        "resume with nothing": (["--resume"], "no complete checkpoint"),
+        "batch not divisible": (["--global-batch", "3", "--micro-batch", "2"], "not a multiple"),
+        "unknown recipe": (["--recipe", "dprope-llama2-32k"], "did you mean"),
+    }
+    for case, (extra, expected) in cases.items():
+        out = tmp_path / f"out-{case.replace(' ', '_')}"
+        result = runner.invoke(app, ["finetune", s260k, "--data", text, "--out", str(out), "--target-length", "2048",
+                                     "--steps", "1", "--global-batch", "1", "--report-to", "none", *extra])
+        assert result.exit_code == 2, (case, result.output)
+        assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1, (case, result.stderr)
+        assert not (out / "model.safetensors").exists(), case
+    again = run(s260k, text, done, "--steps", "1", "--global-batch", "1")
+    assert again.exit_code == 2 and "already holds a run" in again.stderr
+    different = run(s260k, text, done, "--steps", "2", "--global-batch", "1", "--seed", "5", "--resume")
+    assert different.exit_code == 2 and "cannot resume" in different.stderr

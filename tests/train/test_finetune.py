@@ -127,3 +127,26 @@ def test_bad_runs_are_refused_cleanly(s260k, text, tmp_path):
     assert again.exit_code == 2 and "already holds a run" in again.stderr
     different = run(s260k, text, done, "--steps", "2", "--global-batch", "1", "--seed", "5", "--resume")
     assert different.exit_code == 2 and "cannot resume" in different.stderr
+
+
+def test_ctrl_c_saves_the_last_completed_step_and_resume_finishes_the_same_run(s260k, text, tmp_path):
+    import signal
+    import time
+
+    args = ["--data", text, "--target-length", "2048", "--lr", "2e-3", "--max-tokens", "40000", "--report-to", "none",
+            "--steps", "8", "--global-batch", "2", "--save-every", "100"]
+    interrupted, whole = tmp_path / "interrupted", tmp_path / "whole"
+    proc = subprocess.Popen([sys.executable, "-m", "ropekit.cli.main", "finetune", s260k, "--out", str(interrupted), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = interrupted / "logs" / "train_log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "interrupted after step" in stderr, stderr[-2000:]
+    assert int(latest_checkpoint(interrupted).name.split("-")[1]) >= 2
+    assert not (interrupted / "model.safetensors").exists()
+    assert runner.invoke(app, ["finetune", s260k, "--out", str(interrupted), *args, "--resume"]).exit_code == 0
+    assert runner.invoke(app, ["finetune", s260k, "--out", str(whole), *args]).exit_code == 0
+    assert loss_curve(interrupted) == pytest.approx(loss_curve(whole), abs=1e-6)

@@ -14,6 +14,9 @@ import json
 import math
 import os
 import shutil
+import signal
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -180,42 +183,56 @@ def finetune(cfg: TrainConfig) -> dict[str, Any]:
 
         progress = tqdm(total=cfg.steps, initial=start_step, desc=f"fine-tune {plan.method} @ {cfg.window()}", unit="step")
     started = time.perf_counter()
-    for step in range(start_step, end_step):
-        loss_sum = torch.zeros((), device=accelerator.device)
-        seen = []
-        for micro in range(accumulation):
-            idx = window_indices(step, micro, rank, num_windows=len(windows), micro_batch=cfg.micro_batch,
-                                 world=world, accumulation=accumulation, seed=cfg.seed)
-            seen += idx
-            ids = torch.from_numpy(windows[idx]).to(accelerator.device)  # (micro_batch, window)
-            positions = None
-            if cfg.pose:
-                positions = torch.stack([pose_position_ids(cfg.window(), cfg.target_length, pose_rng(cfg.seed, i, step),
-                                                           chunks=cfg.pose_chunks) for i in idx]).to(accelerator.device)
-            with accelerator.accumulate(model):  # syncs and steps only on the last micro-batch
-                loss = model(input_ids=ids, position_ids=positions, labels=ids).loss
-                accelerator.backward(loss)  # scales by 1/accumulation
-                if cfg.max_grad_norm and accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                if accelerator.sync_gradients:
-                    scheduler.step()
-                optimizer.zero_grad()
-            loss_sum += loss.detach() / accumulation
-        mean_loss = float(accelerator.reduce(loss_sum, "mean"))
-        record = {"step": step + 1, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
-                  "tokens": (step + 1) * tokens_per_step, "seconds": time.perf_counter() - started}
-        _append(logs / f"data_rank{rank}.jsonl", {"step": step + 1, "windows": seen})
-        if accelerator.is_main_process:
-            _append(logs / "train_log.jsonl", record)
-        accelerator.log({"loss": mean_loss, "lr": record["lr"]}, step=step + 1)
+    completed = start_step
+    try:
+        with GracefulStop() as stop:
+            for step in range(start_step, end_step):
+                loss_sum = torch.zeros((), device=accelerator.device)
+                seen = []
+                for micro in range(accumulation):
+                    idx = window_indices(step, micro, rank, num_windows=len(windows), micro_batch=cfg.micro_batch,
+                                         world=world, accumulation=accumulation, seed=cfg.seed)
+                    seen += idx
+                    ids = torch.from_numpy(windows[idx]).to(accelerator.device)  # (micro_batch, window)
+                    positions = None
+                    if cfg.pose:
+                        positions = torch.stack([pose_position_ids(cfg.window(), cfg.target_length, pose_rng(cfg.seed, i, step),
+                                                                   chunks=cfg.pose_chunks) for i in idx]).to(accelerator.device)
+                    with accelerator.accumulate(model):  # syncs and steps only on the last micro-batch
+                        loss = model(input_ids=ids, position_ids=positions, labels=ids).loss
+                        accelerator.backward(loss)  # scales by 1/accumulation
+                        if cfg.max_grad_norm and accelerator.sync_gradients:
+                            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                        optimizer.step()
+                        if accelerator.sync_gradients:
+                            scheduler.step()
+                        optimizer.zero_grad()
+                    loss_sum += loss.detach() / accumulation
+                mean_loss = float(accelerator.reduce(loss_sum, "mean"))
+                record = {"step": step + 1, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
+                          "tokens": (step + 1) * tokens_per_step, "seconds": time.perf_counter() - started}
+                _append(logs / f"data_rank{rank}.jsonl", {"step": step + 1, "windows": seen})
+                if accelerator.is_main_process:
+                    _append(logs / "train_log.jsonl", record)
+                accelerator.log({"loss": mean_loss, "lr": record["lr"]}, step=step + 1)
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{mean_loss:.4f}")
+                if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+                    _save_checkpoint(accelerator, cfg, step + 1)
+                completed = step + 1
+                if _any_rank(accelerator, stop.requested) and completed < cfg.steps:  # all ranks stop at one step
+                    if completed % cfg.save_every:
+                        _save_checkpoint(accelerator, cfg, completed)
+                    raise RopekitError(f"interrupted after step {completed}; its checkpoint is complete, "
+                                       "continue with --resume")
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once, keep the last complete checkpoint
+        latest = latest_checkpoint(cfg.out)
+        where = f"the latest complete checkpoint is {latest.name}" if latest else "no checkpoint was completed"
+        raise RopekitError(f"aborted during step {completed + 1}; {where}") from None
+    finally:
         if progress is not None:
-            progress.update(1)
-            progress.set_postfix(loss=f"{mean_loss:.4f}")
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            _save_checkpoint(accelerator, cfg, step + 1)
-    if progress is not None:
-        progress.close()
+            progress.close()
     done = end_step >= cfg.steps
     elapsed = time.perf_counter() - started
     record = _training_record(cfg, start_step, end_step, elapsed, tokens_per_step, world, accumulation, done)
@@ -225,6 +242,37 @@ def finetune(cfg: TrainConfig) -> dict[str, Any]:
         _save_checkpoint(accelerator, cfg, end_step)  # stopping early: keep the work
     accelerator.end_training()
     return record
+
+
+class GracefulStop:
+    """First Ctrl-C: finish the current step, checkpoint, stop. Second Ctrl-C: abort at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step (Ctrl-C again to abort)", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+def _any_rank(accelerator, flag: bool) -> bool:
+    """True on every rank if any rank asked to stop (one scalar all-reduce per step)."""
+    if accelerator.num_processes == 1:
+        return flag
+    return float(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "sum")) > 0
 
 
 def _training_record(cfg, start, end, elapsed, tokens_per_step, world, accumulation, done) -> dict[str, Any]:

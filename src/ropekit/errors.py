@@ -18,5 +18,5 @@ def did_you_mean(kind: str, name: str, choices: Iterable[str]) -> RopekitError:
     """Build the error for an unknown `name` among `choices`, with a suggestion."""
     choices = sorted(choices)
     close = difflib.get_close_matches(name, choices, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+    hint = f"; did you mean {close[0]!r}?" if close else "."
     return RopekitError(f"unknown {kind} {name!r}{hint} Choose from: {', '.join(choices)}")

@@ -123,3 +123,14 @@ def test_analyze_writes_plots_and_csv(tmp_path):
 def test_real_entry_point_error_exit_code():
     proc = run_cli("plan", "--preset", "llama2-7b", "--target-length", "100")
     assert proc.returncode == 2 and proc.stderr.startswith("error:") and proc.stdout == ""
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["plan", "--preset", "llama2-7b"], "Missing option '--target-length'"),
+    (["plan", "--preset", "llama2-7b", "--target-length", "abc"], "Invalid value for '--target-length'"),
+    (["plan", "--preset", "llama2-7b", "--target-length", "8192", "--bogus"], "No such option: --bogus"),
+])
+def test_usage_mistakes_are_one_line_too(args, expected):
+    proc = run_cli(*args)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0]

@@ -15,7 +15,8 @@ def check_target(target: str | Path, *, overwrite: bool = False) -> Path:
     """Refuse an existing, non-empty output directory unless `overwrite`."""
     target = Path(target)
     if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
-        raise RopekitError(f"{target} already exists and is not empty; choose another --out or remove it")
+        raise RopekitError(f"{target} already exists and is not empty; choose another output directory, "
+                           "remove it, or overwrite it (--overwrite / overwrite=True)")
     return target
 
 

@@ -219,7 +219,7 @@ def to_transformers_tokenizer(pieces: list[bytes], scores: list[float]):
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-def convert(checkpoint: str | Path, tokenizer: str | Path, out_dir: str | Path) -> Path:
+def convert(checkpoint: str | Path, tokenizer: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:
     """Convert a llama2.c checkpoint + tokenizer.bin to a transformers model directory.
 
     Writes into a temporary sibling directory and renames it into place, so a failure
@@ -231,7 +231,7 @@ def convert(checkpoint: str | Path, tokenizer: str | Path, out_dir: str | Path) 
     pieces, scores = read_tokenizer(tokenizer, config.vocab_size)
     model = to_transformers(config, weights)
     hf_tokenizer = to_transformers_tokenizer(pieces, scores)
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
         hf_tokenizer.save_pretrained(tmp)
     return Path(out_dir)

@@ -151,10 +151,11 @@ def _default_pairs(critical_pair: int, num_pairs: int) -> list[int]:
 @app.command("extend")
 @user_errors
 def extend_cmd(
-    model: Annotated[str, typer.Argument(help="Model directory or hub id (transformers format; see `ropekit convert`).")],
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="Model directory or hub id (transformers format; see `ropekit convert`).")],
     target_length: o.TargetLength,
     out: Annotated[Path, typer.Option("--out", help="New model directory (must not exist or be empty).")],
     method: Annotated[str, typer.Option("--method", help="Scaling method (see `ropekit methods`).")] = "dprope",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out directory.")] = False,
     bins: o.Bins = 360, threshold: o.Threshold = None, interpolated_dims: o.InterpDims = None,
     factors_file: o.FactorsFile = None, alpha: o.Alpha = None, beta_fast: o.BetaFast = None, beta_slow: o.BetaSlow = None,
     attention_factor: o.AttentionFactor = None, low_freq_factor: o.LowFreq = None, high_freq_factor: o.HighFreq = None,
@@ -170,7 +171,7 @@ def extend_cmd(
 
     params = o.method_params_from(method, locals())
     with err_console.status(f"extending {model} to {target_length} tokens with {method}"):
-        plan = extend(model, out, target_length=target_length, method=method, bins=bins, **params)
+        plan = extend(model, out, target_length=target_length, method=method, bins=bins, overwrite=overwrite, **params)
     out_console.print(f"wrote {out}/ ({plan.method}: {len(plan.interpolated_pairs)} of {plan.spec.num_pairs} pairs "
                       f"interpolated, attention factor {plan.attention_factor:.4f}, disturbance {plan.disturbance:.3f})")
     out_console.print("load it with: AutoModelForCausalLM.from_pretrained(" + repr(str(out)) + ")")
@@ -191,10 +192,11 @@ app.add_typer(convert_app, name="convert")
 @convert_app.command("llama2c")
 @user_errors
 def convert_llama2c_cmd(
-    checkpoint: Annotated[Path, typer.Argument(help="llama2.c .bin checkpoint (legacy or v1 'ak42').")],
-    tokenizer: Annotated[Path, typer.Argument(help="llama2.c tokenizer.bin (e.g. tok512.bin).")],
+    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="llama2.c .bin checkpoint (legacy or v1 'ak42').")],
+    tokenizer: Annotated[Path, typer.Argument(metavar="TOKENIZER", help="llama2.c tokenizer.bin (e.g. tok512.bin).")],
     out: Annotated[Path, typer.Option("--out", help="Output model directory (must not exist or be empty).")],
     sha256: Annotated[str | None, typer.Option("--sha256", help="Expected sha256 of the checkpoint; refuse on mismatch.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out directory.")] = False,
 ) -> None:
     """Convert a llama2.c checkpoint + tokenizer to a transformers LlamaForCausalLM directory."""
     import hashlib
@@ -207,14 +209,14 @@ def convert_llama2c_cmd(
         digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
         if digest != sha256.lower():
             raise RopekitError(f"{checkpoint}: sha256 {digest} does not match the expected {sha256}")
-    convert(checkpoint, tokenizer, out)
+    convert(checkpoint, tokenizer, out, overwrite=overwrite)
     out_console.print(f"wrote {out}/ (transformers LlamaForCausalLM + tokenizer); try: ropekit inspect {out}")
 
 
 @app.command("inspect")
 @user_errors
 def inspect_cmd(
-    model: Annotated[str, typer.Argument(help="Model directory, config.json, or hub id.")],
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="Model directory, config.json, or hub id.")],
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Model card: RoPE geometry, current scaling, critical dimension, trained context, what to do next."""
@@ -233,14 +235,14 @@ def inspect_cmd(
 @app.command("eval")
 @user_errors
 def eval_cmd(
-    model: Annotated[str, typer.Argument(help="Model directory or hub id.")],
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="Model directory or hub id.")],
     out: Annotated[Path, typer.Option("--out", help="Report directory (results.json/.csv, report.md, plots).")] = Path("out/eval"),
     tasks: Annotated[str, typer.Option("--tasks", help="Comma-separated: ppl, longppl, passkey, ruler, longbench.")] = "ppl",
     lengths: Annotated[str, typer.Option("--lengths", help="Comma-separated context lengths in tokens.")] = "512",
-    method: Annotated[list[str] | None, typer.Option("--method", help="Apply this method on the fly; repeat for a side-by-side comparison. None: evaluate the model as saved.")] = None,
+    method: Annotated[list[str] | None, typer.Option("--method", help="Apply this method on the fly; repeat for a side-by-side comparison. Without --method the model is evaluated as saved.")] = None,
     target_length: Annotated[int | None, typer.Option("--target-length", help="Plan target (default: the longest length).")] = None,
-    data: Annotated[str | None, typer.Option("--data", help="ppl: text file, folder, or JSONL with a 'text' field.")] = None,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", help="ppl: tokens read per document (0 = all).")] = 16384,
+    data: Annotated[str | None, typer.Option("--data", help="ppl/longppl: text file, folder, or JSONL with a 'text' field.")] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="ppl/longppl: tokens read per document (0 = all).")] = 16384,
     convention: Annotated[str, typer.Option("--convention", help="ppl: strided, disjoint or truncated.")] = "strided",
     stride: Annotated[int, typer.Option("--stride", help="ppl: stride S of the strided convention.")] = 256,
     short_length: Annotated[int, typer.Option("--short-length", help="longppl: short context in tokens.")] = 256,
@@ -250,7 +252,7 @@ def eval_cmd(
     longbench_dir: Annotated[str | None, typer.Option("--longbench-dir", help="longbench: folder of LongBench-E *_e.jsonl files you downloaded.")] = None,
     longbench_datasets: Annotated[str, typer.Option("--longbench-datasets", help="longbench: comma-separated datasets (default: all files found).")] = "",
     ruler_tasks: Annotated[str, typer.Option("--ruler-tasks", help="ruler: niah_single, niah_multikey, niah_multivalue, vt.")] = "niah_single,niah_multikey,niah_multivalue,vt",
-    seed: Annotated[int, typer.Option("--seed", help="passkey: seed for the keys.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="passkey and ruler: seed for the generated samples.")] = 0,
 ) -> None:
     """Evaluate long-context ability; several --method values give a side-by-side comparison.
 
@@ -286,12 +288,12 @@ def _split(text: str, kind):
 @app.command("finetune")
 @user_errors
 def finetune_cmd(
-    model: Annotated[str, typer.Argument(help="Model directory or hub id to extend and fine-tune.")],
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="Model directory or hub id to extend and fine-tune.")],
     data: Annotated[str, typer.Option("--data", help="Long documents: text file, folder, or JSONL with a 'text' field.")],
     out: Annotated[Path, typer.Option("--out", help="Run directory; becomes the fine-tuned extended model.")],
     recipe: Annotated[str | None, typer.Option("--recipe", help="dprope-llama2-8k or dprope-llama2-16k (the paper's recipe); flags override it.")] = None,
     method: Annotated[str | None, typer.Option("--method", help="Scaling method (default dprope).")] = None,
-    target_length: Annotated[int | None, typer.Option("--target-length", help="Context to extend to, tokens.")] = None,
+    target_length: Annotated[int | None, typer.Option("--target-length", help="Context to extend to, tokens (required unless --recipe gives it).")] = None,
     train_length: Annotated[int | None, typer.Option("--train-length", help="Training window (default: target; with --pose: required, e.g. the original length).")] = None,
     pose: Annotated[bool, typer.Option("--pose", help="PoSE: train at --train-length with position ids skipped up to the target.")] = False,
     pose_chunks: Annotated[int, typer.Option("--pose-chunks", help="PoSE chunks per window.")] = 2,
@@ -305,7 +307,7 @@ def finetune_cmd(
     save_every: Annotated[int, typer.Option("--save-every", help="Checkpoint every N steps.")] = 50,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its latest complete checkpoint.")] = False,
     stop_after_steps: Annotated[int | None, typer.Option("--stop-after-steps", help="Stop cleanly after N steps (time-limited jobs); continue with --resume.")] = None,
-    gradient_checkpointing: Annotated[bool | None, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Trade compute for memory.")] = None,
+    gradient_checkpointing: Annotated[bool | None, typer.Option("--gradient-checkpointing/--no-gc", help="Trade compute for memory (default off; on in recipes).")] = None,
     mixed_precision: Annotated[str, typer.Option("--mixed-precision", help="auto (bf16 on a capable GPU), no, bf16, fp16.")] = "auto",
     report_to: Annotated[str, typer.Option("--report-to", help="auto (tensorboard if installed), none, tensorboard, wandb.")] = "auto",
     max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Tokens read per document.")] = None,
@@ -354,8 +356,9 @@ def methods_cmd() -> None:
     from ropekit.plan.registry import METHODS
 
     t = Table(title="methods")
-    for col in ("name", "what it does", "parameters", "paper", "transformers rope_type"):
-        t.add_column(col)
+    t.add_column("name", no_wrap=True)
+    for col in ("what it does", "parameters", "paper", "transformers rope_type"):
+        t.add_column(col, overflow="fold")
     for m in METHODS.values():
         t.add_row(m.name, m.summary, ", ".join(m.parameters), m.paper, m.transformers_type or "—")
     out_console.print(t)
@@ -367,16 +370,37 @@ def presets_cmd() -> None:
     from ropekit.plan.presets import PRESETS
 
     t = Table(title="presets (figures from public config.json files)")
-    for col in ("name", "head_dim", "rotary_dim", "rope_theta", "original length", "source", "note"):
-        t.add_column(col)
+    t.add_column("name", no_wrap=True)
+    for col in ("head_dim", "rotary", "rope_theta", "L"):
+        t.add_column(col, justify="right", no_wrap=True)
+    t.add_column("source", overflow="fold")
     for name, p in PRESETS.items():
         s = p.spec
-        t.add_row(name, str(s.head_dim), str(s.rotary_dim), f"{s.base:g}", str(s.original_length), p.source, p.note)
+        t.add_row(name, str(s.head_dim), str(s.rotary_dim), f"{s.base:g}", str(s.original_length), p.source)
     out_console.print(t)
+    for name, p in PRESETS.items():
+        if p.note:
+            out_console.print(f"[bold]{name}[/]: {p.note}")
 
 
 def main() -> None:
-    app()
+    """Entry point: usage mistakes (missing or malformed options) also become one `error:` line, exit 2."""
+    # typer 0.29 vendors click as typer._click; its exception classes live there (version pinned)
+    from typer._click import exceptions as click_errors
+
+    try:
+        code = app(standalone_mode=False)
+    except click_errors.NoArgsIsHelpError as exc:
+        print(exc.ctx.get_help())
+        raise SystemExit(0) from None
+    except click_errors.UsageError as exc:
+        command = exc.ctx.command_path if exc.ctx else "ropekit"
+        print(f"error: {exc.format_message()} (see '{command} --help')", file=sys.stderr)
+        raise SystemExit(2) from None
+    except typer.Abort:
+        print("error: aborted", file=sys.stderr)
+        raise SystemExit(130) from None
+    raise SystemExit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

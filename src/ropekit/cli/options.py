@@ -24,7 +24,7 @@ RopeTheta = Annotated[float | None, typer.Option("--rope-theta", help="RoPE base
 OriginalLength = Annotated[int | None, typer.Option("--original-length", help="Pre-training context L in tokens (overrides a preset/config).", rich_help_panel=GEOMETRY)]
 PartialRotary = Annotated[float | None, typer.Option("--partial-rotary-factor", help="Rotated fraction of head_dim (GPT-NeoX/Phi), default 1.", rich_help_panel=GEOMETRY)]
 TargetLength = Annotated[int, typer.Option("--target-length", help="Target context L' in tokens; must exceed L.")]
-Bins = Annotated[int, typer.Option("--bins", help="Histogram bins K over [0, 2π) for disturbance (dprope default 360).", rich_help_panel=METHOD)]
+Bins = Annotated[int, typer.Option("--bins", help="Histogram bins K over [0, 2π) for disturbance (and dprope's choice).", rich_help_panel=METHOD)]
 Threshold = Annotated[float | None, typer.Option("--threshold", help="dprope: interpolate a pair iff D(extra) − D(interp) > t (default 0).", rich_help_panel=METHOD)]
 InterpDims = Annotated[int | None, typer.Option("--interpolated-dims", help="dprope: interpolate exactly n dims (n/2 pairs with largest margin).", rich_help_panel=METHOD)]
 FactorsFile = Annotated[Path | None, typer.Option("--factors-file", help="longrope: JSON list / Phi-3 config / text of per-pair factors.", rich_help_panel=METHOD)]

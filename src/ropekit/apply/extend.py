@@ -51,27 +51,30 @@ def plan_for_model(path_or_id: str, target_length: int, method: str, **params: A
 
 
 def extend(path_or_id: str, out_dir: str | Path, *, target_length: int, method: str = "dprope",
-           overwrite: bool = False, extra_record: dict[str, Any] | None = None, **params: Any) -> Plan:
+           overwrite: bool = False, **params: Any) -> Plan:
     """Write an extended copy of a model to `out_dir`; returns the plan it applied."""
     check_target(out_dir, overwrite=overwrite)  # before the (slow) model load
     plan = plan_for_model(path_or_id, target_length, method, **params)
     model = apply(load_model(path_or_id), plan)
     save_extended(model, plan, out_dir, tokenizer=load_tokenizer(path_or_id), source=str(path_or_id),
-                  overwrite=overwrite, extra_record=extra_record)
+                  overwrite=overwrite)
     return plan
 
 
+def extended_record(plan: Plan, *, source: str, **extra: Any) -> dict[str, Any]:
+    """The `ropekit.json` of an extended model: source, plan, runtime equivalents, and any extras."""
+    return {"source_model": source, "plan": plan_summary(plan), "vllm_hf_overrides": vllm_hf_overrides(plan),
+            "llama_cpp": llama_cpp_rope_freqs(plan), **extra}
+
+
 def save_extended(model, plan: Plan, out_dir: str | Path, *, tokenizer=None, source: str,
-                  overwrite: bool = False, extra_record: dict[str, Any] | None = None) -> Path:
+                  overwrite: bool = False) -> Path:
     """Save an already-patched model, its tokenizer and `ropekit.json` atomically."""
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        record = {"source_model": source, "plan": plan_summary(plan),
-                  "vllm_hf_overrides": vllm_hf_overrides(plan), "llama_cpp": llama_cpp_rope_freqs(plan),
-                  **(extra_record or {})}
-        (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        (tmp / RECORD).write_text(json.dumps(extended_record(plan, source=source), indent=2) + "\n")
     return Path(out_dir)
 
 

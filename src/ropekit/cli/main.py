@@ -167,6 +167,7 @@ def extend_cmd(
     max_position_embeddings = target; ropekit.json records the plan. Prints the vLLM and
     llama.cpp equivalents.
     """
+    from ropekit.apply.export import vllm_hf_overrides
     from ropekit.apply.extend import extend
 
     params = o.method_params_from(method, locals())
@@ -175,14 +176,8 @@ def extend_cmd(
     out_console.print(f"wrote {out}/ ({plan.method}: {len(plan.interpolated_pairs)} of {plan.spec.num_pairs} pairs "
                       f"interpolated, attention factor {plan.attention_factor:.4f}, disturbance {plan.disturbance:.3f})")
     out_console.print("load it with: AutoModelForCausalLM.from_pretrained(" + repr(str(out)) + ")")
-    out_console.print(f"vLLM on the original weights: --hf-overrides '{json.dumps(_vllm(plan))}'", soft_wrap=True)
+    out_console.print(f"vLLM on the original weights: --hf-overrides '{json.dumps(vllm_hf_overrides(plan))}'", soft_wrap=True)
     out_console.print(f"llama.cpp: add GGUF tensor rope_freqs = {list(plan.factors)}", soft_wrap=True)
-
-
-def _vllm(plan):
-    from ropekit.apply.export import vllm_hf_overrides
-
-    return vllm_hf_overrides(plan)
 
 
 convert_app = typer.Typer(help="Convert checkpoints from other formats to transformers.", no_args_is_help=True)
@@ -332,9 +327,7 @@ def finetune_cmd(
     if settings.get("target_length") is None:
         raise RopekitError("give --target-length (or a --recipe)")
     chosen = settings.pop("method", "dprope")
-    params = o.method_params_from(chosen, locals())
-    if ropekit_method_name(chosen) == "dprope":
-        params["bins"] = bins
+    params = {**o.method_params_from(chosen, locals()), "bins": bins}  # ropekit.plan takes bins for any method
     cfg = TrainConfig(model=model, out=out, data=data, method=chosen, method_params=params, train_length=train_length,
                       pose=pose, pose_chunks=pose_chunks, micro_batch=micro_batch, seed=seed, save_every=save_every,
                       resume=resume, stop_after=stop_after_steps, mixed_precision=mixed_precision, report_to=report_to,
@@ -342,12 +335,6 @@ def finetune_cmd(
     record = finetune(cfg)
     state = "finished" if record["completed"] else f"stopped after step {record['steps_completed']} (continue with --resume)"
     err_console.print(f"{state}; {record['tokens_per_second'] or 0:,.0f} tokens/s; loss curve in {out}/logs/loss_curve.csv")
-
-
-def ropekit_method_name(name: str) -> str:
-    from ropekit.plan.registry import get_method
-
-    return get_method(name).name
 
 
 @app.command("methods")

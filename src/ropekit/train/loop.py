@@ -25,12 +25,10 @@ from typing import Any
 import torch
 
 import ropekit
-from ropekit.apply.extend import RECORD, load_model, load_tokenizer
-from ropekit.apply.export import llama_cpp_rope_freqs, vllm_hf_overrides
+from ropekit.apply.extend import RECORD, extended_record, load_model, load_tokenizer
 from ropekit.apply.patch import apply, model_spec
 from ropekit.errors import RopekitError
-from ropekit.eval.data import read_documents, tokenize_documents
-from ropekit.plan.summary import plan_summary
+from ropekit.eval.data import jsonl_records, read_documents, tokenize_documents
 from ropekit.train.data import pack_windows, window_indices
 from ropekit.train.pose import pose_position_ids, pose_rng
 
@@ -294,8 +292,8 @@ def _truncate_log(path: Path, keep_until_step: int) -> None:
     """Drop log lines past the resumed step, so the curve is what one uninterrupted run writes."""
     if not path.is_file():
         return
-    kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= keep_until_step]
-    path.write_text("".join(ln + "\n" for ln in kept))
+    kept = [r for _, r in jsonl_records(path) if r["step"] <= keep_until_step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
 def _save_checkpoint(accelerator, cfg: TrainConfig, step: int) -> None:
@@ -344,8 +342,7 @@ def _save_final(accelerator, model, tokenizer, plan, cfg: TrainConfig, record: d
         shutil.rmtree(staging, ignore_errors=True)
         unwrapped.save_pretrained(staging, state_dict=state_dict, save_function=accelerator.save)
         tokenizer.save_pretrained(staging)
-        full = {"source_model": cfg.model, "plan": plan_summary(plan), "training": record,
-                "vllm_hf_overrides": vllm_hf_overrides(plan), "llama_cpp": llama_cpp_rope_freqs(plan)}
+        full = extended_record(plan, source=cfg.model, training=record)
         (staging / RECORD).write_text(json.dumps(full, indent=2) + "\n")
         _write_loss_csv(cfg.out / "logs")
         for item in staging.iterdir():
@@ -355,7 +352,7 @@ def _save_final(accelerator, model, tokenizer, plan, cfg: TrainConfig, record: d
 
 
 def _write_loss_csv(logs: Path) -> None:
-    rows = [json.loads(ln) for ln in (logs / "train_log.jsonl").read_text().splitlines() if ln]
+    rows = [r for _, r in jsonl_records(logs / "train_log.jsonl")]
     with (logs / "loss_curve.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["step", "loss", "lr", "tokens", "seconds"])
         writer.writeheader()
@@ -365,7 +362,7 @@ def _write_loss_csv(logs: Path) -> None:
 def loss_curve(out: Path) -> list[float]:
     """Losses per step from a run's log."""
     path = Path(out) / "logs" / "train_log.jsonl"
-    return [json.loads(ln)["loss"] for ln in path.read_text().splitlines() if ln]
+    return [r["loss"] for _, r in jsonl_records(path)]
 
 
 __all__ = ["TrainConfig", "finetune", "latest_checkpoint", "loss_curve"]

@@ -47,11 +47,12 @@ def method_grid(spec: ropekit.RopeSpec) -> dict[str, tuple[str, dict]]:
 
 
 SETTINGS = {
-    "quick": dict(scales=[2, 4], ft_scales=[4], pose_methods=["pi", "dprope"], steps=20, batch=4, trials=2,
-                  max_tokens=6144, methods=["none", "pi", "yarn", "dprope"]),
-    "full": dict(scales=[2, 4, 8], ft_scales=[2, 4], pose_methods=["pi", "yarn", "dprope"], steps=100, batch=4,
+    "quick": dict(scales=[2, 4], ft_scales=[4], pose_methods=["pi", "dprope"], steps=20, batch=2, trials=2,
+                  max_tokens=4096, methods=["none", "pi", "yarn", "dprope"]),
+    "full": dict(scales=[2, 4, 8], ft_scales=[2, 4, 8], pose_methods=["pi", "yarn", "dprope"], steps=100, batch=2,
                  trials=4, max_tokens=16384, methods=None),
 }
+DEPTHS = [0.0, 0.5, 1.0]
 
 
 def training_data(docs_dir: Path) -> Path:
@@ -64,13 +65,17 @@ def training_data(docs_dir: Path) -> Path:
     return docs_dir
 
 
-def evaluate(model, tokenizer, held: list[np.ndarray], scale: int, trials: int) -> dict:
-    lengths = [256 * 2**k for k in range(int(np.log2(scale)) + 1)]
-    ppl = {str(n): perplexity(model, held, length=n, stride=min(256, n)).perplexity for n in lengths}
-    grid = passkey_grid(model, tokenizer, lengths=[256, 256 * scale], depths=[0.0, 0.5, 1.0], trials=trials, seed=7,
-                        agreement_every=6)
-    target = 256 * scale
-    passkey = {str(n): float(np.mean([grid.cell(n, d) for d in (0.0, 0.5, 1.0)])) for n in (256, target)}
+def lengths_up_to(scale: int) -> list[int]:
+    """256, 512, …, 256·scale."""
+    return [256 * 2**k for k in range(int(np.log2(scale)) + 1)]
+
+
+def evaluate(model, tokenizer, book: list[np.ndarray], scale: int, trials: int) -> dict:
+    """Held-out book perplexity (windows of n tokens, stride n/2) and passkey accuracy at 256 … 256·scale."""
+    lengths = lengths_up_to(scale)
+    ppl = {str(n): perplexity(model, book, length=n, stride=n // 2).perplexity for n in lengths}
+    grid = passkey_grid(model, tokenizer, lengths=lengths, depths=DEPTHS, trials=trials, seed=7, agreement_every=6)
+    passkey = {str(n): float(np.mean([grid.cell(n, d) for d in DEPTHS])) for n in lengths}
     return {"ppl": ppl, "passkey": passkey, "scorer_agreement": grid.agreement}
 
 
@@ -98,55 +103,96 @@ def finetuned_dir(ref_dir: Path, data: Path, name: str, method: str, params: dic
     return out, seconds
 
 
+def average_ranks(values: list[float]) -> np.ndarray:
+    """Ranks 1..n, ties sharing their mean rank (as scipy.stats.rankdata)."""
+    v = np.asarray(values, dtype=float)
+    order = np.argsort(v, kind="stable")
+    ranks = np.empty(len(v))
+    ranks[order] = np.arange(1, len(v) + 1)
+    for value in np.unique(v):
+        ranks[v == value] = ranks[v == value].mean()
+    return ranks
+
+
 def spearman(x: list[float], y: list[float]) -> float | None:
-    if len(x) < 3:
+    """Spearman's ρ with tied ranks; None for fewer than 3 points or a constant variable."""
+    if len(x) < 3 or len(set(x)) == 1 or len(set(y)) == 1:
         return None
-    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
-    return float(np.corrcoef(rx, ry)[0, 1])
+    return float(np.corrcoef(average_ranks(x), average_ranks(y))[0, 1])
+
+
+def load_book(ref_dir: Path, tokenizer, max_tokens: int) -> list[np.ndarray]:
+    text = (ref_dir / "held_out" / ref.HELD_OUT_BOOK_FILE).read_text()
+    return [np.array(tokenizer(text)["input_ids"][:max_tokens])]
+
+
+def report(kind: str, scale: int, label: str, r: dict) -> None:
+    target = str(256 * scale)
+    print(f"[{kind:11s}] s={scale} {label:9s} D={r['disturbance']:8.2f}  ppl@256={r['ppl']['256']:7.2f}  "
+          f"ppl@{target}={r['ppl'][target]:8.2f}  passkey@{target}={r['passkey'][target]:.0%}", flush=True)
+
+
+def run_no_finetune(ref_dir, spec, grid, tokenizer, book, setting) -> dict:
+    out: dict = {}
+    for scale in setting["scales"]:
+        row = out[str(scale)] = {}
+        for label, (method, params) in grid.items():
+            plan = ropekit.plan(spec, 256 * scale, method, **params)
+            model = apply(load_model(str(ref_dir), dtype="float32"), plan)
+            row[label] = {"disturbance": plan.disturbance, **evaluate(model, tokenizer, book, scale, setting["trials"])}
+            report("no FT", scale, label, row[label])
+    return out
+
+
+def run_finetune(ref_dir, spec, grid, tokenizer, book, setting, *, pose: bool) -> dict:
+    out: dict = {}
+    data = training_data(ref.CACHE / "train-docs")
+    scales = [4] if pose else setting["ft_scales"]
+    methods = {k: grid[k] for k in setting["pose_methods"] if k in grid} if pose else grid
+    for scale in scales:
+        row = out[str(scale)] = {}
+        for label, (method, params) in methods.items():
+            if label == "none" and not pose:  # fine-tuning with no scaling is "train longer", outside the grid
+                continue
+            run_dir, seconds = finetuned_dir(ref_dir, data, label, method, params, scale, pose, setting)
+            plan = ropekit.plan(spec, 256 * scale, method, **params)
+            row[label] = {"disturbance": plan.disturbance, "train_seconds": seconds,
+                          **evaluate(load_model(str(run_dir), dtype="float32"), tokenizer, book, scale, setting["trials"])}
+            report("PoSE" if pose else "fine-tuned", scale, label, row[label])
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller grid and fine-tunes (< 10 minutes)")
+    parser.add_argument("--replot", action="store_true", help="redraw the plots from the saved results only")
     args = parser.parse_args()
     name = "quick" if args.quick else "full"
+    if args.replot:  # recompute the derived statistics and plots from the saved measurements
+        path = OUT / f"results_{name}.json"
+        results = json.loads(path.read_text())
+        results["correlations"] = correlations(results)
+        path.write_text(json.dumps(results, indent=2) + "\n")
+        plots(results, name)
+        return
     setting = SETTINGS[name]
     started = time.perf_counter()
     ref_dir = ref.reference_model(ref.RefConfig())
     tokenizer = load_tokenizer(str(ref_dir))
-    held = [np.array(tokenizer(p.read_text())["input_ids"][: setting["max_tokens"]]) for p in sorted((ref_dir / "held_out").glob("*.txt"))]
-    data = training_data(ref.CACHE / "train-docs")
+    book = load_book(ref_dir, tokenizer, setting["max_tokens"])
     spec = ropekit.RopeSpec.from_pretrained(str(ref_dir))
     grid = {k: v for k, v in method_grid(spec).items() if setting["methods"] is None or k in setting["methods"]}
-    results: dict = {"setting": name, "reference_model": json.loads((ref_dir / "metrics.json").read_text()),
-                     "no_finetune": {}, "finetune": {}, "pose": {}}
-    for scale in setting["scales"]:
-        row = results["no_finetune"][str(scale)] = {}
-        for label, (method, params) in grid.items():
-            plan = ropekit.plan(spec, 256 * scale, method, **params)
-            model = apply(load_model(str(ref_dir), dtype="float32"), plan)
-            row[label] = {"disturbance": plan.disturbance, **evaluate(model, tokenizer, held, scale, setting["trials"])}
-            print(f"[no FT] s={scale} {label:9s} D={plan.disturbance:8.2f} ppl@{256 * scale}="
-                  f"{row[label]['ppl'][str(256 * scale)]:.2f} passkey={row[label]['passkey'][str(256 * scale)]:.0%}", flush=True)
-    for scale in setting["ft_scales"]:
-        for kind, methods in (("finetune", grid), ("pose", {k: grid[k] for k in setting["pose_methods"] if k in grid})):
-            if kind == "pose" and scale != 4:
-                continue
-            row = results[kind].setdefault(str(scale), {})
-            for label, (method, params) in methods.items():
-                out, seconds = finetuned_dir(ref_dir, data, label, method, params, scale, kind == "pose", setting)
-                model = load_model(str(out), dtype="float32")
-                plan = ropekit.plan(spec, 256 * scale, method, **params)
-                row[label] = {"disturbance": plan.disturbance, "train_seconds": seconds,
-                              **evaluate(model, tokenizer, held, scale, setting["trials"])}
-                print(f"[{kind}] s={scale} {label:9s} ppl@{256 * scale}={row[label]['ppl'][str(256 * scale)]:.2f} "
-                      f"passkey={row[label]['passkey'][str(256 * scale)]:.0%}", flush=True)
+    results: dict = {"setting": name, "settings": setting, "reference_model": json.loads((ref_dir / "metrics.json").read_text()),
+                     "critical_dimension": ropekit.critical_dimension(spec)}
+    results["no_finetune"] = run_no_finetune(ref_dir, spec, grid, tokenizer, book, setting)
+    results["finetune"] = run_finetune(ref_dir, spec, grid, tokenizer, book, setting, pose=False)
+    results["pose"] = run_finetune(ref_dir, spec, grid, tokenizer, book, setting, pose=True)
     results["correlations"] = correlations(results)
     results["wall_seconds"] = time.perf_counter() - started
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"results_{name}.json").write_text(json.dumps(results, indent=2) + "\n")
     plots(results, name)
-    print(f"wrote {OUT}/results_{name}.json in {results['wall_seconds'] / 60:.1f} min")
+    print(f"wrote {OUT}/results_{name}.json and plots in {results['wall_seconds'] / 60:.1f} min")
 
 
 def correlations(results: dict) -> dict:
@@ -165,6 +211,9 @@ def correlations(results: dict) -> dict:
     return out
 
 
+KIND_TITLES = {"no_finetune": "no fine-tuning", "finetune": "fine-tuned", "pose": "PoSE fine-tuned"}
+
+
 def plots(results: dict, name: str) -> None:
     import matplotlib
 
@@ -172,39 +221,88 @@ def plots(results: dict, name: str) -> None:
     import matplotlib.pyplot as plt
 
     for kind in ("no_finetune", "finetune"):
-        rows = results[kind]
-        if not rows:
-            continue
-        fig, axes = plt.subplots(1, len(rows), figsize=(4.6 * len(rows), 3.8), squeeze=False)
-        for ax, (scale, row) in zip(axes[0], rows.items()):
-            for method, r in row.items():
-                xs = [int(n) for n in r["ppl"]]
-                ax.plot(xs, list(r["ppl"].values()), marker="o", label=method)
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_title(f"s = {scale} ({'fine-tuned' if kind == 'finetune' else 'no fine-tuning'})")
-            ax.set_xlabel("context length")
-            ax.set_ylabel("held-out perplexity")
-            ax.grid(alpha=0.3)
-        axes[0][-1].legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(OUT / f"ppl_{kind}_{name}.png", dpi=110)
-        plt.close(fig)
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for scale, row in results["no_finetune"].items():
-        target = str(256 * int(scale))
-        ds = [r["disturbance"] for m, r in row.items() if m != "none"]
-        ps = [r["ppl"][target] for m, r in row.items() if m != "none"]
-        ax.scatter(ds, ps, label=f"s = {scale}")
-        for m, d, p in zip([m for m in row if m != "none"], ds, ps):
-            ax.annotate(m, (d, p), fontsize=7)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("disturbance (1000 × mean KL)")
-    ax.set_ylabel("perplexity at the target length (no fine-tuning)")
-    ax.legend()
+        if results[kind]:
+            plot_ppl(plt, results, kind, OUT / f"ppl_{kind}_{name}.png")
+    plot_passkey(plt, results, OUT / f"passkey_{name}.png")
+    plot_disturbance(plt, results, OUT / f"disturbance_vs_quality_{name}.png")
+
+
+def plain_log_axes(ax, *, x: bool = True) -> None:
+    """Log axes labelled with plain numbers (100, 200) rather than 10^2, 2×10^2."""
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)  # perplexity spans often sit inside one decade
+    ax.tick_params(axis="y", which="minor", labelsize=7)
+    if x:
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(plain)
+        ax.tick_params(axis="x", which="minor", labelsize=6)
+
+
+def plot_ppl(plt, results: dict, kind: str, path: Path) -> None:
+    """Perplexity vs length, one panel per scale, one line per method (PoSE runs dashed)."""
+    rows = results[kind]
+    fig, axes = plt.subplots(1, len(rows), figsize=(4.6 * len(rows), 3.8), squeeze=False)
+    for ax, (scale, row) in zip(axes[0], rows.items()):
+        extra = results["pose"].get(scale, {}) if kind == "finetune" else {}
+        for label, r, style in [(m, r, "-") for m, r in row.items()] + [(f"{m} (PoSE)", r, "--") for m, r in extra.items()]:
+            ax.plot([int(n) for n in r["ppl"]], list(r["ppl"].values()), style, marker="o", ms=3, label=label)
+        ax.axvline(256, color="grey", lw=0.8, ls=":")
+        ax.set(xscale="log", yscale="log", title=f"s = {scale} ({KIND_TITLES[kind]})", xlabel="context length (tokens)",
+               ylabel="held-out book perplexity")
+        ax.set_xscale("log", base=2)
+        plain_log_axes(ax)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(OUT / f"disturbance_vs_ppl_{name}.png", dpi=110)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_passkey(plt, results: dict, path: Path) -> None:
+    """Heatmaps of passkey accuracy (method × length), one per (setting, scale)."""
+    panels = [(kind, scale, row) for kind in ("no_finetune", "finetune", "pose") for scale, row in results[kind].items()]
+    cols = 3
+    fig, axes = plt.subplots(-(-len(panels) // cols), cols, figsize=(4.4 * cols, 2.9 * -(-len(panels) // cols)),
+                             squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (kind, scale, row) in zip(axes.flat, panels):
+        methods = list(row)
+        lengths = list(next(iter(row.values()))["passkey"])
+        acc = np.array([[row[m]["passkey"][n] for n in lengths] for m in methods])
+        ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        for i in range(len(methods)):
+            for j in range(len(lengths)):
+                ax.text(j, i, f"{acc[i, j]:.0%}", ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(lengths)), lengths, fontsize=7)
+        ax.set_yticks(range(len(methods)), methods, fontsize=7)
+        ax.set_title(f"passkey, s = {scale}, {KIND_TITLES[kind]}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_disturbance(plt, results: dict, path: Path) -> None:
+    """Disturbance vs perplexity at the target length, without and with fine-tuning."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, kind in zip(axes, ("no_finetune", "finetune")):
+        for scale, row in results[kind].items():
+            target = str(256 * int(scale))
+            names = [m for m in row if m != "none"]
+            ds, ps = [row[m]["disturbance"] for m in names], [row[m]["ppl"][target] for m in names]
+            ax.scatter(ds, ps, label=f"s = {scale}")
+            for m, d, p in zip(names, ds, ps):
+                ax.annotate(m, (d, p), fontsize=7, xytext=(3, 2), textcoords="offset points")
+        ax.set(xscale="log", yscale="log", xlabel="disturbance (1000 × mean KL; lower = closer to pre-training)",
+               ylabel="perplexity at the target length", title=KIND_TITLES[kind])
+        plain_log_axes(ax)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

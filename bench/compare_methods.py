@@ -241,21 +241,30 @@ def plain_log_axes(ax, *, x: bool = True) -> None:
         ax.tick_params(axis="x", which="minor", labelsize=6)
 
 
+def method_color(method: str) -> str:
+    """One colour per method in every plot."""
+    order = ["none", "pi", "ntk", "yarn", "dprope", "dprope-n", "base"]
+    return f"C{order.index(method) if method in order else len(order)}"
+
+
 def plot_ppl(plt, results: dict, kind: str, path: Path) -> None:
     """Perplexity vs length, one panel per scale, one line per method (PoSE runs dashed)."""
     rows = results[kind]
     fig, axes = plt.subplots(1, len(rows), figsize=(4.6 * len(rows), 3.8), squeeze=False)
     for ax, (scale, row) in zip(axes[0], rows.items()):
         extra = results["pose"].get(scale, {}) if kind == "finetune" else {}
-        for label, r, style in [(m, r, "-") for m, r in row.items()] + [(f"{m} (PoSE)", r, "--") for m, r in extra.items()]:
-            ax.plot([int(n) for n in r["ppl"]], list(r["ppl"].values()), style, marker="o", ms=3, label=label)
+        for method, r, pose in [(m, r, False) for m, r in row.items()] + [(m, r, True) for m, r in extra.items()]:
+            ax.plot([int(n) for n in r["ppl"]], list(r["ppl"].values()), "--" if pose else "-", marker="o", ms=3,
+                    color=method_color(method), label=f"{method} (PoSE)" if pose else method)
+        if extra:
+            ax.legend(fontsize=6, loc="center right")
         ax.axvline(256, color="grey", lw=0.8, ls=":")
         ax.set(xscale="log", yscale="log", title=f"s = {scale} ({KIND_TITLES[kind]})", xlabel="context length (tokens)",
                ylabel="held-out book perplexity")
         ax.set_xscale("log", base=2)
         plain_log_axes(ax)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

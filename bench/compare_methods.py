@@ -6,13 +6,14 @@
 For scale s ∈ {2, 4, 8} (target 256·s) and methods none, pi, ntk, yarn, dprope (t = 0),
 dprope-n (the paper's "n" setting: interpolate exactly the dims past the critical dimension)
 and base (critical-dimension base change):
-  (a) no fine-tuning: perplexity on held-out text at 256 … 256·s and a passkey grid;
+  (a) no fine-tuning: perplexity on the held-out book at 256 … 256·s and a passkey grid;
   (b) fine-tuning: the same budget for every method (steps × global batch at length 256·s,
       same data, same seed) through `ropekit finetune`, PoSE variants at s = 4 (train at
       256); then the same evaluation.
 Each method's disturbance (1000 × mean KL) is recorded next to its results, with Spearman
 rank correlations between disturbance and quality. Writes bench/results/compare/
-(results.json, tables.md, plots); `bench/readme_results.py` turns them into the README section.
+(results_{quick,full}.json and PNG plots); `bench/readme_results.py` turns them into the
+README section. --replot recomputes the correlations and plots from a saved JSON.
 """
 
 from __future__ import annotations
@@ -169,11 +170,8 @@ def main() -> None:
     args = parser.parse_args()
     name = "quick" if args.quick else "full"
     if args.replot:  # recompute the derived statistics and plots from the saved measurements
-        path = OUT / f"results_{name}.json"
-        results = json.loads(path.read_text())
-        results["correlations"] = correlations(results)
-        path.write_text(json.dumps(results, indent=2) + "\n")
-        plots(results, name)
+        results = json.loads((OUT / f"results_{name}.json").read_text())
+        save(results, name)
         return
     setting = SETTINGS[name]
     started = time.perf_counter()
@@ -187,12 +185,17 @@ def main() -> None:
     results["no_finetune"] = run_no_finetune(ref_dir, spec, grid, tokenizer, book, setting)
     results["finetune"] = run_finetune(ref_dir, spec, grid, tokenizer, book, setting, pose=False)
     results["pose"] = run_finetune(ref_dir, spec, grid, tokenizer, book, setting, pose=True)
-    results["correlations"] = correlations(results)
     results["wall_seconds"] = time.perf_counter() - started
+    save(results, name)
+    print(f"wrote {OUT}/results_{name}.json and plots in {results['wall_seconds'] / 60:.1f} min")
+
+
+def save(results: dict, name: str) -> None:
+    """Add the correlations (derived from the measurements), write results_<name>.json and draw the plots."""
+    results["correlations"] = correlations(results)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"results_{name}.json").write_text(json.dumps(results, indent=2) + "\n")
     plots(results, name)
-    print(f"wrote {OUT}/results_{name}.json and plots in {results['wall_seconds'] / 60:.1f} min")
 
 
 def correlations(results: dict) -> dict:

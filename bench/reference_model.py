@@ -32,7 +32,6 @@ import hashlib
 import json
 import math
 import random
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -40,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from ropekit.apply.atomic import atomic_directory
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT.parent / "shared" / "assets" / "text"
@@ -304,16 +305,14 @@ def save(model, tokenizer, metrics: dict, held: list[str], cfg: RefConfig, out: 
     """Evaluate, then write model, tokenizer, metrics.json and the held-out texts to `out` (atomically)."""
     model.eval()
     metrics = {**evaluate(model, tokenizer, held, cfg), **metrics}
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (tmp / "held_out").mkdir()
-    book, stories = held
-    (tmp / "held_out" / HELD_OUT_BOOK_FILE).write_text(book)
-    (tmp / "held_out" / "tinystories-tail.txt").write_text(stories)
-    tmp.rename(out)
+    with atomic_directory(out, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        (tmp / "held_out").mkdir()
+        book, stories = held
+        (tmp / "held_out" / HELD_OUT_BOOK_FILE).write_text(book)
+        (tmp / "held_out" / "tinystories-tail.txt").write_text(stories)
     return metrics
 
 

@@ -37,6 +37,7 @@ HighFreq = Annotated[float | None, typer.Option("--high-freq-factor", help="llam
 NewBase = Annotated[float | None, typer.Option("--new-base", help="base: the new RoPE base b' (else derived by --base-rule).", rich_help_panel=METHOD)]
 BaseRule = Annotated[str | None, typer.Option("--base-rule", help="base: 'critical' (Liu et al. 2023, default) or 'men2024'.", rich_help_panel=METHOD)]
 Inner = Annotated[str | None, typer.Option("--inner", help="resonance: the method it wraps (default yarn).", rich_help_panel=METHOD)]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace --out if it is an earlier ropekit output (never anything else).")]
 AtLength = Annotated[int | None, typer.Option("--at-length", help="dynamic-ntk: sequence length to evaluate at (default L').", rich_help_panel=METHOD)]
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import ropekit
-from ropekit.apply.atomic import atomic_directory
+from ropekit.apply.atomic import OutputTarget, atomic_directory, prepare_output
 from ropekit.apply.extend import load_model, load_tokenizer
 from ropekit.apply.patch import apply, model_spec
 from ropekit.errors import RopekitError
@@ -51,6 +51,7 @@ class EvalConfig:
     longbench_datasets: list[str] = field(default_factory=list)  # empty: every known file in the folder
     seed: int = 0
     progress: bool = True
+    overwrite: bool = False  # replace an earlier ropekit report at `out` (never anything else)
 
     def validate(self) -> None:
         unknown = [t for t in self.tasks if t not in TASKS]
@@ -84,6 +85,8 @@ def context_limit(cfg: EvalConfig) -> int:
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Run every task for every method and write results.json, results.csv, report.md and plots."""
     cfg.validate()
+    target = prepare_output(cfg.out, overwrite=cfg.overwrite, marker="results.json",
+                            inputs=(cfg.model, cfg.data, cfg.longbench_dir))  # before any work
     limit = context_limit(cfg)  # from the config alone: refuse before loading any weights
     if max(cfg.lengths) > limit:
         raise RopekitError(f"length {max(cfg.lengths)} is beyond this run's limit of {limit} tokens "
@@ -123,7 +126,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         if longbench:
             entry["longbench"] = run_longbench(model, tokenizer, longbench, window=limit, progress=cfg.progress).as_dict()
         results["methods"][method] = entry
-    write_report(results, cfg.out)
+    write_report(results, target)
     return results
 
 
@@ -170,11 +173,12 @@ def result_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def write_report(results: dict[str, Any], out: Path) -> None:
+def write_report(results: dict[str, Any], out: OutputTarget | Path) -> None:
+    """results.json (the marker), results.csv, report.md and plots, written atomically to `out`."""
     from ropekit.eval.report import markdown_report, plot_passkey_heatmaps, plot_ppl
 
     rows = result_rows(results)
-    with atomic_directory(out, overwrite=True) as tmp:
+    with atomic_directory(out, marker="results.json") as tmp:
         figures = []
         if any(r["task"] == "ppl" for r in rows):
             figures.append(plot_ppl(rows, tmp / "ppl_vs_length.png"))

@@ -279,14 +279,18 @@ def eval_cmd(
                      depths=_split(depths, float), trials=trials, seed=seed, ruler_tasks=_split(ruler_tasks, str),
                      longbench_dir=longbench_dir, longbench_datasets=_split(longbench_datasets, str), overwrite=overwrite)
     results = evaluate(cfg)
-    from ropekit.eval.runner import result_rows
+    from ropekit.eval.runner import best_by_length, result_rows
 
     t = Table(title=f"{model}: results (written to {out}/)")
-    for col in ("method", "task", "length", "depth", "value"):
+    for col in ("method", "task", "length", "depth", "value", "tokens scored"):
         t.add_column(col)
-    for r in result_rows(results):
-        t.add_row(r["method"], r["task"], str(r["length"]), str(r["depth"]), "—" if r['value'] is None else f"{r['value']:.4g}")
+    rows = result_rows(results)
+    for r in rows:
+        t.add_row(r["method"], r["task"], str(r["length"]), str(r["depth"]), "—" if r['value'] is None else f"{r['value']:.4g}",
+                  str(r["tokens_scored"]))
     out_console.print(t)
+    for line in best_by_length(rows):
+        out_console.print(line)
 
 
 def _split(text: str, kind):

@@ -215,6 +215,12 @@ def _derive_head_dim(cfg: dict[str, Any], name: str | None) -> int:
     return int(hidden) // int(heads)
 
 
+def require_spec(spec: Any, name: str = "spec") -> None:
+    """Refuse anything but a RopeSpec where the API expects one (`critical_dimension("x")`)."""
+    if not isinstance(spec, RopeSpec):
+        raise RopekitError(f"{name} must be a RopeSpec (e.g. RopeSpec.from_preset('llama2-7b')), got {spec!r}")
+
+
 def _check_positive_int(what: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise RopekitError(f"{what} must be a positive integer, got {value!r}")

@@ -248,3 +248,16 @@ def test_summary_and_plot_helpers():
 
     cmap = matplotlib.colormaps["RdYlGn"]
     assert text_colour(cmap(0.0)) == "white" and text_colour(cmap(1.0)) == "white" and text_colour(cmap(0.5)) == "black"
+
+
+def test_tied_weights_warning_of_accelerate_is_silenced():
+    import logging
+
+    import ropekit.train.loop  # noqa: F401  (installs the filter)
+
+    logger = logging.getLogger("accelerate.utils.other")
+    record = logger.makeRecord(logger.name, logging.WARNING, "other.py", 403,
+                               "[RANK 0] Removed shared tensor {'lm_head.weight'} while saving.", (), None)
+    assert not logger.filter(record)
+    other = logger.makeRecord(logger.name, logging.WARNING, "other.py", 1, "something else", (), None)
+    assert logger.filter(other)

@@ -27,7 +27,7 @@ def read_documents(path: str | Path) -> list[tuple[str, str]]:
         raise RopekitError(f"{path}: no such file or directory")
     files = sorted(f for f in p.rglob("*") if f.suffix in SUFFIXES and f.is_file()) if p.is_dir() else [p]
     if not files:
-        raise RopekitError(f"{path}: folder holds no .txt, .jsonl or .json files")
+        raise RopekitError(f"{path}: folder holds no .txt or .jsonl (or .json) files")
     docs = [doc for f in files for doc in _read_file(f)]
     if not any(text.strip() for _, text in docs):
         raise RopekitError(f"{path}: every document is empty")

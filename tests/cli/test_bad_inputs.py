@@ -216,6 +216,8 @@ def test_interrupted_finetune_exits_130_and_writes_the_loss_curve(tiny, tmp_path
     curve = (out / "logs" / "loss_curve.csv").read_text().splitlines()
     assert curve[0].startswith("step,loss") and len(curve) == 2
     assert json.loads((out / "ropekit.json").read_text())["written_by"] == "ropekit"  # an earlier run --overwrite may replace
+    again = runner.invoke(app, ["finetune", str(model), "--data", str(text), "--target-length", "1024", "--out", str(out)])
+    assert_one_line_error(again, "already holds a run; pass --resume to continue it, --overwrite to start it again")
 
 
 def test_eval_shows_tokens_scored_warns_on_short_documents_and_names_progress(tiny, tmp_path):

@@ -288,7 +288,7 @@ def test_outputs_have_normal_permissions(tmp_path):
 
 
 def test_every_command_signs_its_output_so_overwrite_can_replace_it(tiny, tmp_path):
-    for command in ("plan", "analyze", "convert"):
+    for command in ("plan", "analyze", "convert", "extend"):
         out = tmp_path / command
         assert runner.invoke(app, command_args(command, tiny, tmp_path, out)).exit_code == 0
         assert is_ropekit_output(out), command

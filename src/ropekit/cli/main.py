@@ -407,7 +407,7 @@ def main() -> None:
         command = exc.ctx.command_path if exc.ctx else "ropekit"
         print(f"error: {exc.format_message()} (see '{command} --help')", file=sys.stderr)
         raise SystemExit(2) from None
-    except typer.Abort:
+    except (typer.Abort, KeyboardInterrupt):
         print("error: aborted", file=sys.stderr)
         raise SystemExit(130) from None
     raise SystemExit(code if isinstance(code, int) else 0)

@@ -272,6 +272,14 @@ def test_a_target_that_appears_meanwhile_is_never_replaced(tmp_path):
     assert leftovers(tmp_path) == []
 
 
+def test_a_failing_body_leaves_nothing_not_even_new_parents(tmp_path):
+    with pytest.raises(ZeroDivisionError):
+        with atomic_directory(prepare_output(tmp_path / "a" / "b" / "out")) as tmp:
+            (tmp / "half.txt").write_text("partial")
+            1 / 0
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_outputs_have_normal_permissions(tmp_path):
     old = os.umask(0o022)
     try:

@@ -33,7 +33,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,6 +111,7 @@ def atomic_directory(target: OutputTarget | str | Path, *, overwrite: bool = Fal
     if not isinstance(target, OutputTarget):
         target = prepare_output(target, overwrite=overwrite, marker=marker)
     path = target.path
+    created = [p for p in path.parents if not p.exists()]  # removed again if the body fails
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
     try:
@@ -119,6 +120,9 @@ def atomic_directory(target: OutputTarget | str | Path, *, overwrite: bool = Fal
         set_normal_permissions(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for parent in created:  # innermost first; rmdir leaves any that something else filled
+            with suppress(OSError):
+                parent.rmdir()
         raise
     _commit(tmp, target)
 

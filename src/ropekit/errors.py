@@ -13,6 +13,14 @@ from collections.abc import Iterable
 class RopekitError(ValueError):
     """A bad input, with a message that names the fix."""
 
+    exit_code = 2  # the CLI's exit status
+
+
+class Interrupted(RopekitError):
+    """The user interrupted the run (Ctrl-C); the message says what was kept. CLI exit 130."""
+
+    exit_code = 130
+
 
 def did_you_mean(kind: str, name: str, choices: Iterable[str]) -> RopekitError:
     """Build the error for an unknown `name` among `choices`, with a suggestion."""

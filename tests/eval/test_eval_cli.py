@@ -67,6 +67,7 @@ def test_eval_bad_inputs_exit_2_without_results(s260k, tmp_path):
     empty.write_text("")
     garbled = tmp_path / "garbled.txt"
     garbled.write_bytes(b"\xff\xfe\x00\x81")
+    (tmp_path / "lb").mkdir()  # an input folder: the outputs below must not be inside it
     nofield = tmp_path / "x.jsonl"
     nofield.write_text(json.dumps({"content": "hi"}) + "\n")
     good = str(require_asset("text/tinystories/tinystories_val_head.txt"))
@@ -79,7 +80,7 @@ def test_eval_bad_inputs_exit_2_without_results(s260k, tmp_path):
         "unknown task": (["--tasks", "ppl,bogus", "--data", good], "unknown task"),
         "unknown ruler task": (["--tasks", "ruler", "--ruler-tasks", "niah_singel"], "did you mean"),
         "longbench without dir": (["--tasks", "longbench"], "--longbench-dir"),
-        "longbench bad dataset": (["--tasks", "longbench", "--longbench-dir", str(tmp_path), "--longbench-datasets", "trek"], "did you mean"),
+        "longbench bad dataset": (["--tasks", "longbench", "--longbench-dir", str(garbled.parent / "lb"), "--longbench-datasets", "trek"], "did you mean"),
         "ruler task too long": (["--tasks", "ruler", "--ruler-tasks", "vt", "--lengths", "128"], "does not fit"),
     }
     for case, (args, expected) in cases.items():

@@ -116,6 +116,6 @@ def test_tokenisation_is_cached(tmp_path):
     tok = to_transformers_tokenizer(*read_tokenizer(require_asset("stories260K/tok512.bin"), 512))
     documents = [("d", "Once upon a time there was a cat.")]
     first = tokenize_documents(documents, tok, cache_dir=tmp_path)
-    assert len(list(tmp_path.glob("*.npy"))) == 1
+    assert len(list(tmp_path.glob("*.npz"))) == 1
     second = tokenize_documents(documents, tok, cache_dir=tmp_path)
     assert np.array_equal(first[0], second[0]) and first[0][0] == 1

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import ropekit
-from ropekit.apply.atomic import atomic_directory, check_target
+from ropekit.apply.atomic import SIGNATURE, OutputTarget, atomic_directory, prepare_output
 from ropekit.apply.export import llama_cpp_rope_freqs, vllm_hf_overrides
 from ropekit.apply.patch import apply
 from ropekit.errors import RopekitError
-from ropekit.plan.geometry import RopeSpec
+from ropekit.plan.geometry import RopeSpec, check_local_source
 from ropekit.plan.scaling import Plan
 from ropekit.plan.summary import plan_summary
 
@@ -26,11 +26,13 @@ RECORD = "ropekit.json"
 
 def load_model(path_or_id: str, *, dtype: str = "auto"):
     """AutoModelForCausalLM.from_pretrained with a one-line error for a missing or broken model."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
+    check_local_source(path_or_id)
     try:
         return AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype).eval()
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:  # SafetensorError: truncated or garbled weights
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RopekitError(f"{path_or_id}: could not load the model ({first})") from None
 
@@ -39,6 +41,7 @@ def load_tokenizer(path_or_id: str):
     """The model's tokenizer, or None when it has none."""
     from transformers import AutoTokenizer
 
+    check_local_source(path_or_id)
     try:
         return AutoTokenizer.from_pretrained(path_or_id)
     except (OSError, ValueError, KeyError, TypeError):
@@ -53,21 +56,20 @@ def plan_for_model(path_or_id: str, target_length: int, method: str, **params: A
 def extend(path_or_id: str, out_dir: str | Path, *, target_length: int, method: str = "dprope",
            overwrite: bool = False, **params: Any) -> Plan:
     """Write an extended copy of a model to `out_dir`; returns the plan it applied."""
-    check_target(out_dir, overwrite=overwrite)  # before the (slow) model load
+    target = prepare_output(out_dir, overwrite=overwrite, inputs=(path_or_id,))  # before the (slow) model load
     plan = plan_for_model(path_or_id, target_length, method, **params)
     model = apply(load_model(path_or_id), plan)
-    save_extended(model, plan, out_dir, tokenizer=load_tokenizer(path_or_id), source=str(path_or_id),
-                  overwrite=overwrite)
+    save_extended(model, plan, target, tokenizer=load_tokenizer(path_or_id), source=str(path_or_id))
     return plan
 
 
 def extended_record(plan: Plan, *, source: str, **extra: Any) -> dict[str, Any]:
     """The `ropekit.json` of an extended model: source, plan, runtime equivalents, and any extras."""
-    return {"source_model": source, "plan": plan_summary(plan), "vllm_hf_overrides": vllm_hf_overrides(plan),
+    return {**SIGNATURE, "ropekit_version": ropekit.__version__, "source_model": source, "plan": plan_summary(plan), "vllm_hf_overrides": vllm_hf_overrides(plan),
             "llama_cpp": llama_cpp_rope_freqs(plan), **extra}
 
 
-def save_extended(model, plan: Plan, out_dir: str | Path, *, tokenizer=None, source: str,
+def save_extended(model, plan: Plan, out_dir: OutputTarget | str | Path, *, tokenizer=None, source: str,
                   overwrite: bool = False) -> Path:
     """Save an already-patched model, its tokenizer and `ropekit.json` atomically."""
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
@@ -75,7 +77,7 @@ def save_extended(model, plan: Plan, out_dir: str | Path, *, tokenizer=None, sou
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / RECORD).write_text(json.dumps(extended_record(plan, source=source), indent=2) + "\n")
-    return Path(out_dir)
+    return out_dir.path if isinstance(out_dir, OutputTarget) else Path(out_dir)
 
 
 def read_record(model_dir: str | Path) -> dict[str, Any] | None:

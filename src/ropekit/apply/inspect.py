@@ -32,7 +32,7 @@ def model_card(path_or_id: str) -> dict[str, Any]:
     }
     target = 4 * spec.original_length
     if family in SUPPORTED_FAMILIES:
-        card["next"] = (f"ropekit plan --model {path_or_id} --target-length {target} --compare; "
+        card["next"] = (f"ropekit plan --model {path_or_id} --target-length {target}; "
                         f"ropekit extend {path_or_id} --method dprope --target-length {target} --out DIR")
     else:
         card["next"] = (f"ropekit plan --model {path_or_id} --target-length {target} (planning and export work; "

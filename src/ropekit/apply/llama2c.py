@@ -62,6 +62,9 @@ def read_checkpoint(path: str | Path) -> tuple[Llama2cConfig, dict[str, torch.Te
         needed += freq_floats * 4
     if len(data) - offset < needed:
         raise RopekitError(f"{path}: truncated checkpoint: {len(data) - offset} bytes of weights, expected {needed}")
+    if len(data) - offset > needed:
+        raise RopekitError(f"{path}: {len(data) - offset - needed} unexpected bytes after the weights the header "
+                           f"describes ({needed} bytes); not a llama2.c checkpoint of this shape, or corrupted")
     floats = np.frombuffer(data, dtype="<f4", offset=offset)
     weights, cursor = {}, 0
     for name, shape in shapes:
@@ -219,19 +222,34 @@ def to_transformers_tokenizer(pieces: list[bytes], scores: list[float]):
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-def convert(checkpoint: str | Path, tokenizer: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:
+def convert(checkpoint: str | Path, tokenizer: str | Path, out_dir, *, overwrite: bool = False,
+            allow_non_finite: bool = False) -> Path:
     """Convert a llama2.c checkpoint + tokenizer.bin to a transformers model directory.
 
-    Writes into a temporary sibling directory and renames it into place, so a failure
-    leaves nothing partial at `out_dir`.
+    `out_dir`: a path or a `prepare_output` target. Writes into a temporary sibling directory
+    and renames it into place, so a failure leaves nothing partial at `out_dir`. Refuses
+    checkpoints with NaN or inf weights unless `allow_non_finite`.
     """
-    from ropekit.apply.atomic import atomic_directory
+    from ropekit.apply.atomic import OutputTarget, atomic_directory, prepare_output
 
+    if not isinstance(out_dir, OutputTarget):
+        out_dir = prepare_output(out_dir, overwrite=overwrite, inputs=(checkpoint, tokenizer))
     config, weights = read_checkpoint(checkpoint)
+    if not allow_non_finite:
+        check_finite_weights(weights, checkpoint)
     pieces, scores = read_tokenizer(tokenizer, config.vocab_size)
     model = to_transformers(config, weights)
     hf_tokenizer = to_transformers_tokenizer(pieces, scores)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
         hf_tokenizer.save_pretrained(tmp)
-    return Path(out_dir)
+    return out_dir.path
+
+
+def check_finite_weights(weights: dict[str, torch.Tensor], source) -> None:
+    """Refuse weights holding NaN or inf, naming the first tensor and the count."""
+    for name, tensor in weights.items():
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise RopekitError(f"{source}: {bad} NaN/inf values in {name}; the model would output NaN "
+                               "(pass --allow-non-finite / allow_non_finite=True to convert anyway)")

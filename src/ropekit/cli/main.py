@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -13,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ropekit.apply.atomic import atomic_directory, prepare_output
 from ropekit.errors import RopekitError
 from ropekit.cli import options as o
 from ropekit.cli.render import comparison_table, geometry_header, pair_table
@@ -29,7 +31,7 @@ err_console = Console(stderr=True)
 
 
 def user_errors(fn):
-    """Turn a RopekitError into one line on stderr and exit code 2."""
+    """Turn a RopekitError into one line on stderr and exit code 2 (130 for an interrupt)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -37,7 +39,10 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except RopekitError as exc:
             print(f"error: {exc}", file=sys.stderr)
-            raise typer.Exit(2) from None
+            raise typer.Exit(getattr(exc, "exit_code", 2)) from None
+        except KeyboardInterrupt:
+            print("error: interrupted; nothing was written to the output directory", file=sys.stderr)
+            raise typer.Exit(130) from None
 
     return wrapper
 
@@ -57,6 +62,7 @@ def plan_cmd(
     compare: Annotated[bool, typer.Option("--compare", help="With --json: add disturbance_by_method for every method.")] = False,
     out: Annotated[Path | None, typer.Option("--out", help="Where to write the export files (default out/plans/NAME-METHOD-TARGET).")] = None,
     no_write: Annotated[bool, typer.Option("--no-write", help="Do not write export files.")] = False,
+    overwrite: o.Overwrite = False,
 ) -> None:
     """Plan an extension: per-pair factors, attention factor, disturbance, and config exports.
 
@@ -64,12 +70,14 @@ def plan_cmd(
     transformers (v5 and v4), vLLM and llama.cpp.
     """
     from ropekit.apply.export import write_exports
-    from ropekit.plan.registry import compare as compare_methods, plan as make_plan
+    from ropekit.plan.registry import compare as compare_methods, get_method, plan as make_plan
     from ropekit.plan.summary import plan_summary
 
     spec = o.build_spec(preset=preset, model=model, head_dim=head_dim, rope_theta=rope_theta,
                         original_length=original_length, partial_rotary_factor=partial_rotary_factor)
     params = o.method_params_from(method, locals())
+    out_dir = out or Path("out/plans") / o.safe_name(f"{spec.name}-{get_method(method).name}-{target_length}")
+    target = None if no_write else prepare_output(out_dir, overwrite=overwrite, inputs=(model, factors_file))
     with err_console.status(f"planning {method} to {target_length} tokens"):
         plan = make_plan(spec, target_length, method, bins=bins, **params)
         scores = None
@@ -77,11 +85,11 @@ def plan_cmd(
             scores = {n: p.disturbance for n, p in compare_methods(spec, target_length, bins=bins).items()}
             scores[plan.method] = plan.disturbance  # the user's own parameters win
     summary = plan_summary(plan, disturbance_by_method=scores if compare else None)
-    if not no_write:
-        out_dir = out or Path("out/plans") / o.safe_name(f"{spec.name}-{plan.method}-{target_length}")
-        written = write_exports(plan, out_dir)
-        (out_dir / "plan.json").write_text(json.dumps(summary, indent=2) + "\n")
-        summary["exports"] = {k: str(v) for k, v in written.items()}
+    if target is not None:
+        with atomic_directory(target, marker="plan.json") as tmp:
+            written = {k: out_dir / p.name for k, p in write_exports(plan, tmp).items()}
+            summary["exports"] = {k: str(v) for k, v in written.items()}
+            (tmp / "plan.json").write_text(json.dumps(summary, indent=2) + "\n")
     if json_out:
         print(json.dumps(summary))
         return
@@ -104,11 +112,12 @@ def analyze_cmd(
     fmt: Annotated[str, typer.Option("--format", help="png or svg.")] = "png",
     preset: o.Preset = None, model: o.Model = None, head_dim: o.HeadDim = None, rope_theta: o.RopeTheta = None,
     original_length: o.OriginalLength = None, partial_rotary_factor: o.PartialRotary = None, bins: o.Bins = 360,
+    overwrite: o.Overwrite = False,
 ) -> None:
     """Angle distributions and disturbance of every method: plots (PNG/SVG) and a per-pair CSV."""
     from ropekit.plan.analysis import plots
     from ropekit.plan.analysis.bounds import critical_dimension
-    from ropekit.plan.registry import compare as compare_methods
+    from ropekit.plan.registry import compare as compare_methods, get_method
     from ropekit.plan.summary import per_pair_rows
 
     if fmt not in ("png", "svg"):
@@ -116,20 +125,24 @@ def analyze_cmd(
     spec = o.build_spec(preset=preset, model=model, head_dim=head_dim, rope_theta=rope_theta,
                         original_length=original_length, partial_rotary_factor=partial_rotary_factor)
     names = [m.strip() for m in methods.split(",") if m.strip()] or None
+    for name in names or []:
+        if get_method(name).needs_factors:
+            raise RopekitError(f"analyze compares methods from the geometry alone; {name} needs searched factors "
+                               f"(see it with: ropekit plan --method {name} --factors-file FILE)")
     pair_list = _parse_pairs(pairs, spec.num_pairs) or _default_pairs(critical_dimension(spec) // 2, spec.num_pairs)
-    with err_console.status("computing angle distributions"):
+    target = prepare_output(out, overwrite=overwrite, inputs=(model,))
+    with err_console.status("computing angle distributions"), atomic_directory(target) as tmp:
         plans = compare_methods(spec, target_length, names, bins=bins)
-        written = [plots.plot_pair_disturbance(plans, out / f"disturbance_per_pair.{fmt}"),
-                   plots.plot_factors(plans, out / f"factors_per_pair.{fmt}")]
-        written += [plots.plot_angle_histograms(spec, target_length, i, out / f"angles_pair{i:03d}.{fmt}", bins=bins) for i in pair_list]
-    rows = per_pair_rows(plans)
-    csv_path = out / "per_pair.csv"
-    with csv_path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+        written = [plots.plot_pair_disturbance(plans, tmp / f"disturbance_per_pair.{fmt}"),
+                   plots.plot_factors(plans, tmp / f"factors_per_pair.{fmt}")]
+        written += [plots.plot_angle_histograms(spec, target_length, i, tmp / f"angles_pair{i:03d}.{fmt}", bins=bins) for i in pair_list]
+        rows = per_pair_rows(plans)
+        with (tmp / "per_pair.csv").open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
     out_console.print(comparison_table({n: p.disturbance for n, p in plans.items()}, chosen="dprope"))
-    out_console.print(f"wrote {csv_path} and " + ", ".join(str(p) for p in written))
+    out_console.print(f"wrote {out / 'per_pair.csv'} and " + ", ".join(str(out / p.name) for p in written))
 
 
 def _parse_pairs(text: str, num_pairs: int) -> list[int]:
@@ -155,7 +168,7 @@ def extend_cmd(
     target_length: o.TargetLength,
     out: Annotated[Path, typer.Option("--out", help="New model directory (must not exist or be empty).")],
     method: Annotated[str, typer.Option("--method", help="Scaling method (see `ropekit methods`).")] = "dprope",
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out directory.")] = False,
+    overwrite: o.Overwrite = False,
     bins: o.Bins = 360, threshold: o.Threshold = None, interpolated_dims: o.InterpDims = None,
     factors_file: o.FactorsFile = None, alpha: o.Alpha = None, beta_fast: o.BetaFast = None, beta_slow: o.BetaSlow = None,
     attention_factor: o.AttentionFactor = None, low_freq_factor: o.LowFreq = None, high_freq_factor: o.HighFreq = None,
@@ -191,20 +204,22 @@ def convert_llama2c_cmd(
     tokenizer: Annotated[Path, typer.Argument(metavar="TOKENIZER", help="llama2.c tokenizer.bin (e.g. tok512.bin).")],
     out: Annotated[Path, typer.Option("--out", help="Output model directory (must not exist or be empty).")],
     sha256: Annotated[str | None, typer.Option("--sha256", help="Expected sha256 of the checkpoint; refuse on mismatch.")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out directory.")] = False,
+    overwrite: o.Overwrite = False,
+    allow_non_finite: Annotated[bool, typer.Option("--allow-non-finite", help="Convert even if some weights are NaN or inf.")] = False,
 ) -> None:
     """Convert a llama2.c checkpoint + tokenizer to a transformers LlamaForCausalLM directory."""
     import hashlib
 
     from ropekit.apply.llama2c import convert
 
+    target = prepare_output(out, overwrite=overwrite, inputs=(checkpoint, tokenizer))
     if sha256 is not None:
         if not checkpoint.is_file():
             raise RopekitError(f"{checkpoint}: checkpoint file not found")
         digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
         if digest != sha256.lower():
             raise RopekitError(f"{checkpoint}: sha256 {digest} does not match the expected {sha256}")
-    convert(checkpoint, tokenizer, out, overwrite=overwrite)
+    convert(checkpoint, tokenizer, target, allow_non_finite=allow_non_finite)
     out_console.print(f"wrote {out}/ (transformers LlamaForCausalLM + tokenizer); try: ropekit inspect {out}")
 
 
@@ -248,6 +263,7 @@ def eval_cmd(
     longbench_datasets: Annotated[str, typer.Option("--longbench-datasets", help="longbench: comma-separated datasets (default: all files found).")] = "",
     ruler_tasks: Annotated[str, typer.Option("--ruler-tasks", help="ruler: niah_single, niah_multikey, niah_multivalue, vt.")] = "niah_single,niah_multikey,niah_multivalue,vt",
     seed: Annotated[int, typer.Option("--seed", help="passkey and ruler: seed for the generated samples.")] = 0,
+    overwrite: o.Overwrite = False,
 ) -> None:
     """Evaluate long-context ability; several --method values give a side-by-side comparison.
 
@@ -261,16 +277,20 @@ def eval_cmd(
                      max_tokens=max_tokens or None, convention=convention, stride=stride,
                      short_length=short_length, longppl_threshold=longppl_threshold,
                      depths=_split(depths, float), trials=trials, seed=seed, ruler_tasks=_split(ruler_tasks, str),
-                     longbench_dir=longbench_dir, longbench_datasets=_split(longbench_datasets, str))
+                     longbench_dir=longbench_dir, longbench_datasets=_split(longbench_datasets, str), overwrite=overwrite)
     results = evaluate(cfg)
-    from ropekit.eval.runner import result_rows
+    from ropekit.eval.runner import best_by_length, result_rows
 
     t = Table(title=f"{model}: results (written to {out}/)")
-    for col in ("method", "task", "length", "depth", "value"):
+    for col in ("method", "task", "length", "depth", "value", "tokens scored"):
         t.add_column(col)
-    for r in result_rows(results):
-        t.add_row(r["method"], r["task"], str(r["length"]), str(r["depth"]), "—" if r['value'] is None else f"{r['value']:.4g}")
+    rows = result_rows(results)
+    for r in rows:
+        t.add_row(r["method"], r["task"], str(r["length"]), str(r["depth"]), "—" if r['value'] is None else f"{r['value']:.4g}",
+                  str(r["tokens_scored"]))
     out_console.print(t)
+    for line in best_by_length(rows):
+        out_console.print(line)
 
 
 def _split(text: str, kind):
@@ -306,6 +326,7 @@ def finetune_cmd(
     mixed_precision: Annotated[str, typer.Option("--mixed-precision", help="auto (bf16 on a capable GPU), no, bf16, fp16.")] = "auto",
     report_to: Annotated[str, typer.Option("--report-to", help="auto (tensorboard if installed), none, tensorboard, wandb.")] = "auto",
     max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Tokens read per document.")] = None,
+    overwrite: o.Overwrite = False,
     bins: o.Bins = 360, threshold: o.Threshold = None, interpolated_dims: o.InterpDims = None,
     factors_file: o.FactorsFile = None, alpha: o.Alpha = None, beta_fast: o.BetaFast = None, beta_slow: o.BetaSlow = None,
     attention_factor: o.AttentionFactor = None, low_freq_factor: o.LowFreq = None, high_freq_factor: o.HighFreq = None,
@@ -331,8 +352,10 @@ def finetune_cmd(
     cfg = TrainConfig(model=model, out=out, data=data, method=chosen, method_params=params, train_length=train_length,
                       pose=pose, pose_chunks=pose_chunks, micro_batch=micro_batch, seed=seed, save_every=save_every,
                       resume=resume, stop_after=stop_after_steps, mixed_precision=mixed_precision, report_to=report_to,
-                      max_tokens=max_tokens, **settings)
+                      max_tokens=max_tokens, overwrite=overwrite, **settings)
     record = finetune(cfg)
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun every process returns here; one reports
     state = "finished" if record["completed"] else f"stopped after step {record['steps_completed']} (continue with --resume)"
     err_console.print(f"{state}; {record['tokens_per_second'] or 0:,.0f} tokens/s; loss curve in {out}/logs/loss_curve.csv")
 
@@ -383,7 +406,7 @@ def main() -> None:
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
         print(f"error: {message} (see '{command} --help')", file=sys.stderr)
         raise SystemExit(2) from None
-    except typer.Abort:
+    except (typer.Abort, KeyboardInterrupt):
         print("error: aborted", file=sys.stderr)
         raise SystemExit(130) from None
     raise SystemExit(code if isinstance(code, int) else 0)

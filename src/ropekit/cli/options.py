@@ -9,8 +9,9 @@ from typing import Annotated, Any
 
 import typer
 
-from ropekit.errors import RopekitError
+from ropekit.errors import RopekitError, did_you_mean
 from ropekit.plan.geometry import RopeSpec
+from ropekit.plan.methods.base_change import BASE_RULES
 from ropekit.plan.methods.longrope import read_factors_file
 from ropekit.plan.registry import get_method
 
@@ -37,6 +38,7 @@ HighFreq = Annotated[float | None, typer.Option("--high-freq-factor", help="llam
 NewBase = Annotated[float | None, typer.Option("--new-base", help="base: the new RoPE base b' (else derived by --base-rule).", rich_help_panel=METHOD)]
 BaseRule = Annotated[str | None, typer.Option("--base-rule", help="base: 'critical' (Liu et al. 2023, default) or 'men2024'.", rich_help_panel=METHOD)]
 Inner = Annotated[str | None, typer.Option("--inner", help="resonance: the method it wraps (default yarn).", rich_help_panel=METHOD)]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace --out if it is an earlier ropekit output (never anything else).")]
 AtLength = Annotated[int | None, typer.Option("--at-length", help="dynamic-ntk: sequence length to evaluate at (default L').", rich_help_panel=METHOD)]
 
 
@@ -81,6 +83,10 @@ def method_params(method: str, **given: Any) -> dict[str, Any]:
         if key not in accepted:
             flag = "--" + ("factors-file" if key == "factors" else key.replace("_", "-"))
             raise RopekitError(f"option {flag} does not apply to method {m.name!r}")
+    if "rule" in params and params["rule"] not in BASE_RULES:  # enumerated options: refused before any work
+        raise did_you_mean("--base-rule", params["rule"], BASE_RULES)
+    if "inner" in params:
+        get_method(params["inner"])
     return params
 
 

@@ -1,10 +1,15 @@
-"""Long documents for evaluation and training: text files, folders of them, or JSONL with a
-`text` field. Tokenised once per (file content, tokenizer) and cached as int32 arrays."""
+"""Long documents for evaluation and training: text files, folders of them, JSONL with a
+`text` field, or a JSON array of such objects (or of strings). Tokenised once per (file
+content, tokenizer) and cached as int32 arrays in uncompressed .npz files, whose zip CRC-32
+detects a corrupted entry; a corrupted entry is rebuilt, with a note on stderr."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import sys
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,9 +25,9 @@ def read_documents(path: str | Path) -> list[tuple[str, str]]:
     p = Path(path)
     if not p.exists():
         raise RopekitError(f"{path}: no such file or directory")
-    files = sorted(f for f in p.rglob("*") if f.suffix in (".txt", ".jsonl") and f.is_file()) if p.is_dir() else [p]
+    files = sorted(f for f in p.rglob("*") if f.suffix in SUFFIXES and f.is_file()) if p.is_dir() else [p]
     if not files:
-        raise RopekitError(f"{path}: folder holds no .txt or .jsonl files")
+        raise RopekitError(f"{path}: folder holds no .txt or .jsonl (or .json) files")
     docs = [doc for f in files for doc in _read_file(f)]
     if not any(text.strip() for _, text in docs):
         raise RopekitError(f"{path}: every document is empty")
@@ -34,6 +39,8 @@ def _read_file(path: Path) -> list[tuple[str, str]]:
         raw = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise RopekitError(f"{path}: not UTF-8 text") from None
+    if path.suffix == ".json":
+        return _json_documents(path, raw)
     if path.suffix != ".jsonl":
         return [(path.name, raw)]
     docs = []
@@ -41,6 +48,25 @@ def _read_file(path: Path) -> list[tuple[str, str]]:
         if not isinstance(record.get("text"), str):
             raise RopekitError(f"{path}:{number}: a JSONL record needs a string field 'text'")
         docs.append((f"{path.name}:{number}", record["text"]))
+    return docs
+
+
+SUFFIXES = (".txt", ".jsonl", ".json")
+
+
+def _json_documents(path: Path, raw: str) -> list[tuple[str, str]]:
+    """A .json file: an array of strings or of objects with a string 'text' (or one such object)."""
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise RopekitError(f"{path}: not valid JSON (line {exc.lineno}); for one document per line use .jsonl") from None
+    items = data if isinstance(data, list) else [data]
+    docs = []
+    for number, item in enumerate(items):
+        text = item if isinstance(item, str) else item.get("text") if isinstance(item, dict) else None
+        if not isinstance(text, str):
+            raise RopekitError(f"{path}: item {number} is neither a string nor an object with a string field 'text'")
+        docs.append((f"{path.name}[{number}]", text))
     return docs
 
 
@@ -76,15 +102,29 @@ def tokenize_documents(docs: list[tuple[str, str]], tokenizer, *, cache_dir: Pat
     out = []
     for _, text in docs:
         key = hashlib.sha256((fingerprint + "\0" + text).encode()).hexdigest()[:32]
-        path = cache_dir / f"{key}.npy" if cache_dir is not None else None
-        if path is not None and path.is_file():
-            out.append(np.load(path))
+        path = cache_dir / f"{key}.npz" if cache_dir is not None else None
+        ids = _read_cached(path) if path is not None and path.is_file() else None
+        if ids is not None:
+            out.append(ids)
             continue
         ids = np.asarray(tokenizer(text)["input_ids"], dtype=np.int32)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp.npy")
-            np.save(tmp, ids)
+            tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
+            np.savez(tmp, ids=ids)
             tmp.replace(path)
         out.append(ids)
     return out
+
+
+def _read_cached(path: Path) -> np.ndarray | None:
+    """The cached ids, or None (with a note) when the entry is corrupted: bad zip, CRC, dtype or shape."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            ids = archive["ids"]
+        if ids.dtype == np.int32 and ids.ndim == 1:
+            return ids
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        pass
+    print(f"note: tokenisation cache entry {path} was corrupted; rebuilding it", file=sys.stderr)
+    return None

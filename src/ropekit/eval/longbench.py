@@ -134,14 +134,14 @@ class LongBenchResult:
 
 
 def run_longbench(model, tokenizer, examples: dict[str, list[Example]], *, window: int,
-                  progress: bool = False) -> LongBenchResult:
+                  progress: bool = False, label: str = "") -> LongBenchResult:
     """Greedy-generate every example and score it; scores are ×100 as LongBench reports them."""
     result = LongBenchResult(window)
     items = [e for group in examples.values() for e in group]
     if progress:
         from tqdm.auto import tqdm
 
-        items = tqdm(items, desc="longbench-e", unit="example", leave=False)
+        items = tqdm(items, desc=f"{label + ' · ' if label else ''}longbench-e", unit="example", leave=False)
     for ex in items:
         spec = DATASETS[ex.dataset]
         prediction = tokenizer.decode(generate_greedy(model, build_prompt_ids(tokenizer, ex, window), spec.max_new_tokens),

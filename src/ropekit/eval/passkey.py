@@ -127,7 +127,8 @@ class PasskeyResult:
 
 
 def passkey_grid(model, tokenizer, *, lengths: list[int], depths: list[float], trials: int = 5, seed: int = 0,
-                 scorer: str = "teacher-forced", agreement_every: int = 4, progress: bool = False) -> PasskeyResult:
+                 scorer: str = "teacher-forced", agreement_every: int = 4, progress: bool = False,
+                 label: str = "") -> PasskeyResult:
     """Accuracy per (length, depth) cell over `trials` seeded passkeys.
 
     With the teacher-forced scorer, every `agreement_every`-th trial is also scored by
@@ -141,7 +142,7 @@ def passkey_grid(model, tokenizer, *, lengths: list[int], depths: list[float], t
     if progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(cells, desc="passkey", unit="trial", leave=False)
+        iterator = tqdm(cells, desc=f"{label + ' · ' if label else ''}passkey", unit="trial", leave=False)
     agree = checked = 0
     for index, (n, d, t) in enumerate(iterator):
         key = random.Random(f"{seed}-{n}-{d}-{t}").randint(10000, 99999)

@@ -107,8 +107,11 @@ def window_nll(model, ids: torch.Tensor, *, score_from: int, loss_chunk: int = 5
 
 
 def perplexity(model, documents: list[np.ndarray], *, length: int, convention: str = "strided", stride: int = 256,
-               loss_chunk: int = 512, progress: bool = False) -> PerplexityResult:
-    """Token-weighted perplexity of `model` over tokenised documents at window length `length`."""
+               loss_chunk: int = 512, progress: bool = False, label: str = "") -> PerplexityResult:
+    """Token-weighted perplexity of `model` over tokenised documents at window length `length`.
+
+    `label` (e.g. the method) prefixes the progress bar: "dprope · perplexity @ 512".
+    """
     if length < 2:
         raise RopekitError(f"window length must be ≥ 2, got {length}")
     plan = [(d, w) for d, doc in enumerate(documents) for w in windows(len(doc), length, convention=convention, stride=stride)]
@@ -118,7 +121,7 @@ def perplexity(model, documents: list[np.ndarray], *, length: int, convention: s
     if progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(plan, desc=f"perplexity @ {length} ({convention})", unit="window", leave=False)
+        iterator = tqdm(plan, desc=f"{label + ' · ' if label else ''}perplexity @ {length} ({convention})", unit="window", leave=False)
     nll, count = 0.0, 0
     for d, w in iterator:
         ids = torch.as_tensor(documents[d][w.start : w.end], dtype=torch.long)

@@ -10,15 +10,42 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 
-def plot_ppl(rows: list[dict[str, Any]], path: Path) -> Path:
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def plain_number(value: float, _position=None) -> str:
+    """Log-axis tick label as a plain number (12, 0.5, 1500), not 1.2×10¹."""
+    return f"{value:g}" if value >= 1e-3 else f"{value:.1e}"
+
+
+def text_colour(rgba) -> str:
+    """Black or white, whichever reads better on a cell of colour `rgba` (relative luminance)."""
+    r, g, b = rgba[:3]
+    return "black" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.45 else "white"
+
+
+def plot_ppl(rows: list[dict[str, Any]], path: Path, *, trained_length: int | None = None) -> Path:
+    """Perplexity vs length per method (log-log, plain tick labels); NaN/inf points are skipped and
+    a dotted line marks the length the model was trained at."""
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for method in dict.fromkeys(r["method"] for r in rows if r["task"] == "ppl"):
-        points = sorted((r["length"], r["value"]) for r in rows if r["task"] == "ppl" and r["method"] == method)
-        ax.plot(*zip(*points), marker="o", label=method)
+    ppl = [r for r in rows if r["task"] == "ppl"]
+    for method in dict.fromkeys(r["method"] for r in ppl):
+        points = sorted((r["length"], r["value"]) for r in ppl if r["method"] == method and _finite(r["value"]))
+        if points:
+            ax.plot(*zip(*points), marker="o", label=method)
+    if trained_length:
+        ax.axvline(trained_length, color="grey", ls=":", lw=1.2, label=f"trained length ({trained_length})")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    lengths = sorted({r["length"] for r in ppl})
+    ax.set_xticks(lengths, [str(n) for n in lengths])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(plain_number))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(plain_number))
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("perplexity")
     ax.set_title("perplexity vs context length")
@@ -48,7 +75,8 @@ def plot_passkey_heatmaps(results: dict[str, Any], path: Path) -> Path:
         ax.set_title(method)
         for i, row in enumerate(grid):
             for j, value in enumerate(row):
-                ax.text(j, i, f"{value:.0%}", ha="center", va="center", fontsize=8)
+                ax.text(j, i, f"{value:.0%}", ha="center", va="center", fontsize=8,
+                        color=text_colour(image.cmap(image.norm(value))))
     for ax in list(axes.flat)[len(methods):]:
         ax.set_visible(False)
     fig.colorbar(image, ax=axes.ravel().tolist(), label="passkey accuracy", shrink=0.8)
@@ -73,8 +101,9 @@ def markdown_report(results: dict[str, Any], rows: list[dict[str, Any]], figures
         lines += [f"## Perplexity ({cfg['convention']}, stride {cfg['stride']}, token-weighted; data {cfg['data']})", "",
                   "| method | " + " | ".join(str(n) for n in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
         for method in dict.fromkeys(r["method"] for r in ppl):
-            values = {r["length"]: r["value"] for r in ppl if r["method"] == method}
-            lines.append(f"| {method} | " + " | ".join(f"{values[n]:.3f}" for n in lengths) + " |")
+            values = {r["length"]: r for r in ppl if r["method"] == method}
+            lines.append(f"| {method} | " + " | ".join(
+                f"{values[n]['value']:.3f} ({values[n]['tokens_scored']} tokens)" for n in lengths) + " |")
         lines.append("")
     lp = [r for r in rows if r["task"] == "longppl"]
     if lp:
@@ -112,5 +141,7 @@ def markdown_report(results: dict[str, Any], rows: list[dict[str, Any]], figures
             agree = f"; scorer agreement with generation {pk['agreement']:.0%} on {pk['agreement_trials']} trials" \
                 if pk.get("agreement") is not None else ""
             lines.append(f"- passkey, {method}: mean accuracy {mean:.0%} ({pk['scorer']}, {pk['trials']} trials per cell{agree})")
+    if results.get("warnings"):
+        lines += ["", "## Warnings", ""] + [f"- {w}" for w in results["warnings"]]
     lines += [""] + [f"![{f}]({f})" for f in figures] + [""]
     return "\n".join(lines)

@@ -120,7 +120,7 @@ class RulerResult:
 
 
 def run_ruler(model, tokenizer, *, tasks: list[str], lengths: list[int], samples: int = 5, seed: int = 0,
-              progress: bool = False) -> RulerResult:
+              progress: bool = False, label: str = "") -> RulerResult:
     """Greedy-decode every sample and score it by string match."""
     specs = [get_task(t) for t in tasks]
     result = RulerResult([t.name for t in specs], list(lengths), samples, seed)
@@ -128,7 +128,7 @@ def run_ruler(model, tokenizer, *, tasks: list[str], lengths: list[int], samples
     if progress:
         from tqdm.auto import tqdm
 
-        cells = tqdm(cells, desc="ruler", unit="sample", leave=False)
+        cells = tqdm(cells, desc=f"{label + ' · ' if label else ''}ruler", unit="sample", leave=False)
     for task, n, i in cells:
         sample = make_sample(task, tokenizer, n, seed * 100_003 + i)
         prediction = tokenizer.decode(generate_greedy(model, sample.prompt_ids, task.max_new_tokens),

@@ -9,20 +9,22 @@ from __future__ import annotations
 
 import csv
 import json
+import math
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import ropekit
-from ropekit.apply.atomic import atomic_directory
+from ropekit.apply.atomic import OutputTarget, atomic_directory, prepare_output
 from ropekit.apply.extend import load_model, load_tokenizer
 from ropekit.apply.patch import apply, model_spec
 from ropekit.errors import RopekitError
 from ropekit.eval.data import read_documents, tokenize_documents
-from ropekit.plan.geometry import load_config_dict
+from ropekit.plan.geometry import RopeSpec, load_config_dict
 from ropekit.eval.longbench import load_longbench, run_longbench
 from ropekit.eval.longppl import long_ppl
-from ropekit.eval.passkey import passkey_grid
+from ropekit.eval.passkey import build_prompt, passkey_grid
 from ropekit.eval.ruler import TASKS as RULER_TASKS, get_task as get_ruler_task, make_sample as make_ruler_sample, run_ruler
 from ropekit.eval.perplexity import CONVENTIONS, perplexity
 
@@ -51,6 +53,7 @@ class EvalConfig:
     longbench_datasets: list[str] = field(default_factory=list)  # empty: every known file in the folder
     seed: int = 0
     progress: bool = True
+    overwrite: bool = False  # replace an earlier ropekit report at `out` (never anything else)
 
     def validate(self) -> None:
         unknown = [t for t in self.tasks if t not in TASKS]
@@ -72,6 +75,8 @@ class EvalConfig:
             raise RopekitError(f"--max-tokens {self.max_tokens} is below the longest length {max(self.lengths)}")
         if self.trials < 1:
             raise RopekitError("--trials must be ≥ 1")
+        if "passkey" in self.tasks and not all(0.0 <= d <= 1.0 for d in self.depths):
+            raise RopekitError(f"--depths must lie in [0, 1], got {self.depths}")
 
 
 def context_limit(cfg: EvalConfig) -> int:
@@ -84,6 +89,8 @@ def context_limit(cfg: EvalConfig) -> int:
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Run every task for every method and write results.json, results.csv, report.md and plots."""
     cfg.validate()
+    target = prepare_output(cfg.out, overwrite=cfg.overwrite, marker="results.json",
+                            inputs=(cfg.model, cfg.data, cfg.longbench_dir))  # before any work
     limit = context_limit(cfg)  # from the config alone: refuse before loading any weights
     if max(cfg.lengths) > limit:
         raise RopekitError(f"length {max(cfg.lengths)} is beyond this run's limit of {limit} tokens "
@@ -93,38 +100,106 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         raise RopekitError(f"{cfg.model}: no tokenizer found beside the model")
     if "ruler" in cfg.tasks:
         check_ruler_fits(cfg, tokenizer)
+    if "passkey" in cfg.tasks:
+        check_passkey_fits(cfg, tokenizer)
     longbench = load_longbench(cfg.longbench_dir, cfg.longbench_datasets or None) if "longbench" in cfg.tasks else {}
     needs_text = {"ppl", "longppl"} & set(cfg.tasks)
     documents = tokenize_documents(read_documents(cfg.data), tokenizer) if needs_text else []
     documents = [doc[: cfg.max_tokens] for doc in documents] if cfg.max_tokens else documents
-    results: dict[str, Any] = {"ropekit_version": ropekit.__version__, "config": _jsonable(asdict(cfg)), "methods": {}}
-    for method in cfg.methods or [AS_SAVED]:
-        model = load_model(cfg.model, dtype="float32")
-        entry: dict[str, Any] = {}
-        if method != AS_SAVED:
-            plan = ropekit.plan(model_spec(model), limit, method)
-            apply(model, plan)
-            entry["plan"] = {"target_length": plan.target_length, "factors": list(plan.factors),
-                             "attention_factor": plan.attention_factor, "disturbance": plan.disturbance}
-        if "ppl" in cfg.tasks:
+    results: dict[str, Any] = {"ropekit_version": ropekit.__version__, "config": _jsonable(asdict(cfg)),
+                               "trained_length": _trained_length(cfg.model), "methods": {}, "warnings": []}
+    if "ppl" in cfg.tasks:
+        results["warnings"] += short_document_warnings(documents, cfg.lengths)
+    methods = cfg.methods or [AS_SAVED]
+    overall = _progress_bar(cfg, total=len(methods) * len(cfg.tasks))
+    try:
+        for method in methods:
+            results["methods"][method] = run_method(cfg, method, limit=limit, tokenizer=tokenizer,
+                                                    documents=documents, longbench=longbench, overall=overall)
+    finally:
+        if overall is not None:
+            overall.close()
+    results["warnings"] += non_finite_warnings(result_rows(results))
+    for line in results["warnings"]:
+        print(f"warning: {line}", file=sys.stderr)
+    write_report(results, target)
+    return results
+
+
+def run_method(cfg: EvalConfig, method: str, *, limit: int, tokenizer, documents: list, longbench: dict,
+               overall=None) -> dict[str, Any]:
+    """Every task of `cfg` for one method (AS_SAVED: the model as loaded); its results entry."""
+    model = load_model(cfg.model, dtype="float32")
+    entry: dict[str, Any] = {}
+    if method != AS_SAVED:
+        plan = ropekit.plan(model_spec(model), limit, method)
+        apply(model, plan)
+        entry["plan"] = {"target_length": plan.target_length, "factors": list(plan.factors),
+                         "attention_factor": plan.attention_factor, "disturbance": plan.disturbance}
+    show = dict(progress=cfg.progress, label=method)
+    for task in cfg.tasks:
+        if overall is not None:
+            overall.set_description(f"eval: {method} · {task}")
+        if task == "ppl":
             entry["ppl"] = {str(n): perplexity(model, documents, length=n, convention=cfg.convention,
-                                               stride=min(cfg.stride, n), progress=cfg.progress).as_dict()
-                            for n in cfg.lengths}
-        if "longppl" in cfg.tasks:
+                                               stride=min(cfg.stride, n), **show).as_dict() for n in cfg.lengths}
+        elif task == "longppl":
             entry["longppl"] = {str(n): long_ppl(model, documents, length=n, short_length=cfg.short_length,
                                                  threshold=cfg.longppl_threshold).as_dict()
                                 for n in cfg.lengths if n > cfg.short_length}
-        if "passkey" in cfg.tasks:
+        elif task == "passkey":
             entry["passkey"] = passkey_grid(model, tokenizer, lengths=cfg.lengths, depths=cfg.depths,
-                                            trials=cfg.trials, seed=cfg.seed, progress=cfg.progress).as_dict()
-        if "ruler" in cfg.tasks:
-            entry["ruler"] = run_ruler(model, tokenizer, tasks=cfg.ruler_tasks, lengths=cfg.lengths, samples=cfg.trials,
-                                       seed=cfg.seed, progress=cfg.progress).as_dict()
-        if longbench:
-            entry["longbench"] = run_longbench(model, tokenizer, longbench, window=limit, progress=cfg.progress).as_dict()
-        results["methods"][method] = entry
-    write_report(results, cfg.out)
-    return results
+                                            trials=cfg.trials, seed=cfg.seed, **show).as_dict()
+        elif task == "ruler":
+            entry["ruler"] = run_ruler(model, tokenizer, tasks=cfg.ruler_tasks, lengths=cfg.lengths,
+                                       samples=cfg.trials, seed=cfg.seed, **show).as_dict()
+        elif task == "longbench" and longbench:
+            entry["longbench"] = run_longbench(model, tokenizer, longbench, window=limit, **show).as_dict()
+        if overall is not None:
+            overall.update(1)
+    return entry
+
+
+def _progress_bar(cfg: EvalConfig, *, total: int):
+    """The whole-eval bar (one unit per method × task), above each task's own bar."""
+    if not cfg.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="eval", unit="task", position=0)
+
+
+def _trained_length(model: str) -> int | None:
+    """The context the model was trained at (its spec's original length), for plots and reports."""
+    try:
+        return RopeSpec.from_pretrained(model).original_length
+    except RopekitError:
+        return None
+
+
+def short_document_warnings(documents: list, lengths: list[int]) -> list[str]:
+    """One line per window length that some documents do not fill (their perplexity uses fewer tokens)."""
+    out = []
+    for n in lengths:
+        short = [len(d) for d in documents if len(d) < n]
+        if short:
+            out.append(f"{len(short)} of {len(documents)} documents are shorter than the {n}-token window "
+                       f"(shortest {min(short)} tokens); perplexity @ {n} scores them with less context")
+    return out
+
+
+def non_finite_warnings(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per result that is NaN or inf (e.g. a model with NaN weights)."""
+    return [f"{r['method']} · {r['task']} @ {r['length'] or r['depth']}: non-finite result ({r['value']}); "
+            "check the model's weights" for r in rows if isinstance(r["value"], float) and not math.isfinite(r["value"])]
+
+
+def check_passkey_fits(cfg: EvalConfig, tokenizer) -> None:
+    """Refuse, before any weights load, a passkey prompt that cannot fit the shortest length."""
+    try:
+        build_prompt(tokenizer, min(cfg.lengths), 0.0, 12345)
+    except RopekitError as exc:
+        raise RopekitError(f"passkey at {min(cfg.lengths)} tokens: {exc}; use longer --lengths") from None
 
 
 def check_ruler_fits(cfg: EvalConfig, tokenizer) -> None:
@@ -138,8 +213,37 @@ def check_ruler_fits(cfg: EvalConfig, tokenizer) -> None:
                                "use longer --lengths or drop it from --ruler-tasks") from None
 
 
+def _finite_or_null(value: Any) -> Any:
+    """NaN and inf become null, so results.json stays standard JSON (the warnings name them)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_null(v) for v in value]
+    return value
+
+
 def _jsonable(d: dict) -> dict:
     return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
+
+
+def best_by_length(rows: list[dict[str, Any]]) -> list[str]:
+    """The best method per length: lowest perplexity, highest passkey accuracy (mean over depths)."""
+    lines = []
+    for task, better, unit in (("ppl", min, "perplexity"), ("passkey", max, "passkey accuracy")):
+        cells: dict[int, dict[str, list[float]]] = {}
+        for r in rows:
+            if r["task"] == task and isinstance(r["value"], float) and math.isfinite(r["value"]):
+                cells.setdefault(r["length"], {}).setdefault(r["method"], []).append(r["value"])
+        for n, by_method in sorted(cells.items()):
+            if len(by_method) > 1:
+                means = {m: sum(v) / len(v) for m, v in by_method.items()}
+                best = better(means, key=means.get)
+                shown = f"{means[best]:.0%}" if task == "passkey" else f"{means[best]:.4g}"
+                tie = len(set(means.values())) == 1
+                lines.append(f"best {unit} @ {n}: " + (f"all methods tie ({shown})" if tie else f"{best} ({shown})"))
+    return lines
 
 
 def result_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -170,14 +274,15 @@ def result_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def write_report(results: dict[str, Any], out: Path) -> None:
+def write_report(results: dict[str, Any], out: OutputTarget | Path) -> None:
+    """results.json (the marker), results.csv, report.md and plots, written atomically to `out`."""
     from ropekit.eval.report import markdown_report, plot_passkey_heatmaps, plot_ppl
 
     rows = result_rows(results)
-    with atomic_directory(out, overwrite=True) as tmp:
+    with atomic_directory(out, marker="results.json") as tmp:
         figures = []
         if any(r["task"] == "ppl" for r in rows):
-            figures.append(plot_ppl(rows, tmp / "ppl_vs_length.png"))
+            figures.append(plot_ppl(rows, tmp / "ppl_vs_length.png", trained_length=results.get("trained_length")))
         if any(r["task"] == "passkey" for r in rows):
             figures.append(plot_passkey_heatmaps(results, tmp / "passkey_heatmaps.png"))
         with (tmp / "results.csv").open("w", newline="") as fh:
@@ -185,4 +290,4 @@ def write_report(results: dict[str, Any], out: Path) -> None:
             writer.writeheader()
             writer.writerows(rows)
         (tmp / "report.md").write_text(markdown_report(results, rows, [f.name for f in figures]))
-        (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        (tmp / "results.json").write_text(json.dumps(_finite_or_null(results), indent=2) + "\n")

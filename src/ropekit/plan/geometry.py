@@ -128,9 +128,26 @@ def load_config_dict(path_or_id: str) -> dict[str, Any]:
         if not isinstance(data, dict):
             raise RopekitError(f"{path}: a model config must be a JSON object")
         return data
-    if path_or_id.count("/") > 1 or path_or_id.startswith((".", "/")) or path.suffix == ".json":
+    check_local_source(path_or_id)
+    if path.suffix == ".json":
         raise RopekitError(f"{path_or_id}: no such file or directory")
     return _config_dict_from_hub(path_or_id)
+
+
+def check_local_source(path_or_id: str | Path) -> None:
+    """Refuse at once a model path that looks local but does not exist, instead of asking the hub.
+
+    Local-looking: an absolute or ./ path, more than one '/', a backslash, or a first
+    component that exists here (`out/s260kk` when `out/` exists). Hub ids are `org/name`.
+    """
+    text = str(path_or_id)
+    if Path(text).exists():
+        return
+    first = text.replace("\\", "/").split("/")[0]
+    looks_local = (text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text
+                   or ("/" in text and Path(first).exists()))
+    if looks_local:
+        raise RopekitError(f"{text}: no such file or directory")
 
 
 def _config_dict_from_hub(model_id: str) -> dict[str, Any]:
@@ -196,6 +213,12 @@ def _derive_head_dim(cfg: dict[str, Any], name: str | None) -> int:
     if not hidden or not heads:
         raise RopekitError(f"{name}: config gives neither head_dim nor hidden_size/num_attention_heads")
     return int(hidden) // int(heads)
+
+
+def require_spec(spec: Any, name: str = "spec") -> None:
+    """Refuse anything but a RopeSpec where the API expects one (`critical_dimension("x")`)."""
+    if not isinstance(spec, RopeSpec):
+        raise RopekitError(f"{name} must be a RopeSpec (e.g. RopeSpec.from_preset('llama2-7b')), got {spec!r}")
 
 
 def _check_positive_int(what: str, value: Any) -> None:

@@ -8,12 +8,15 @@ transformers `rope_type` that implements it natively (if any). Users can add met
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+import numbers
+import types
+import typing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ropekit.errors import RopekitError, did_you_mean
-from ropekit.plan.geometry import RopeSpec
+from ropekit.plan.geometry import RopeSpec, require_spec
 from ropekit.plan.methods.base_change import base_change
 from ropekit.plan.methods.dprope import dprope
 from ropekit.plan.methods.dynamic_ntk import dynamic_ntk
@@ -88,7 +91,39 @@ def compute_scaling(method: str, spec: RopeSpec, target_length: int, **params: A
     if unknown and not takes_any:
         allowed = ", ".join(accepted) or "no parameters"
         raise RopekitError(f"method {m.name!r} does not take {unknown[0]!r}; it takes: {allowed}")
+    check_parameter_types(m, params)
     return m.function(spec, target_length, **params)
+
+
+def check_parameter_types(m: Method, params: dict[str, Any]) -> None:
+    """Refuse a parameter whose value does not fit the method's annotation (`threshold="x"`)."""
+    hints = typing.get_type_hints(m.function)
+    for name, value in params.items():
+        hint = hints.get(name)
+        if hint is None or value is None:
+            continue
+        union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+        options = [t for t in (typing.get_args(hint) if union else (hint,)) if t is not type(None)]
+        if not any(_fits(value, t) for t in options):
+            raise RopekitError(f"method {m.name!r}: {name} must be {' or '.join(_describe(t) for t in options)}, "
+                               f"got {value!r}")
+
+
+def _fits(value: Any, kind: Any) -> bool:
+    if kind is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if kind is str:
+        return isinstance(value, str)
+    if typing.get_origin(kind) in (Sequence, list, tuple):
+        return (isinstance(value, (list, tuple)) or hasattr(value, "tolist")) and all(
+            _fits(v, float) for v in (value.tolist() if hasattr(value, "tolist") else value))
+    return True
+
+
+def _describe(kind: Any) -> str:
+    return {float: "a number", int: "an integer", str: "a string"}.get(kind, "a list of numbers")
 
 
 def plan(spec: RopeSpec, target_length: int, method: str = "dprope", *, bins: int = 360, **params: Any) -> Plan:
@@ -101,6 +136,7 @@ def plan(spec: RopeSpec, target_length: int, method: str = "dprope", *, bins: in
     >>> p.factors, p.scale
     ((4.0, 4.0, 4.0, 4.0), 4.0)
     """
+    require_spec(spec)
     check_target_length(spec, target_length)
     m = get_method(method)
     if m.name == "dprope":
@@ -109,9 +145,15 @@ def plan(spec: RopeSpec, target_length: int, method: str = "dprope", *, bins: in
     return Plan(method=m.name, spec=spec, target_length=target_length, params=params, scaling=scaling, bins=bins)
 
 
+MAX_TARGET_LENGTH = 1 << 22  # 4,194,304 tokens (LongRoPE's 2048k fits): disturbance costs O(L' · d/2), ~1 min per method there
+
+
 def check_target_length(spec: RopeSpec, target_length: int) -> None:
     if isinstance(target_length, bool) or not isinstance(target_length, int):
         raise RopekitError(f"target length must be an integer number of tokens, got {target_length!r}")
+    if target_length > MAX_TARGET_LENGTH:
+        raise RopekitError(f"target length {target_length:,} is beyond ropekit's bound of {MAX_TARGET_LENGTH:,} tokens "
+                           "(2^22; planning cost grows with the length)")
     if target_length <= spec.original_length:
         raise RopekitError(
             f"target length {target_length} must exceed the original length {spec.original_length}"
@@ -125,5 +167,6 @@ def comparable_methods() -> list[str]:
 
 def compare(spec: RopeSpec, target_length: int, methods: list[str] | None = None, *, bins: int = 360) -> dict[str, Plan]:
     """Plan every method (default: all that need no extra input) with default parameters."""
+    require_spec(spec)
     names = methods or comparable_methods()
     return {get_method(n).name: plan(spec, target_length, n, bins=bins) for n in names}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 import shutil
@@ -25,9 +26,10 @@ from typing import Any
 import torch
 
 import ropekit
+from ropekit.apply.atomic import MARKER, SIGNATURE, default_modes, prepare_output, set_normal_permissions
 from ropekit.apply.extend import RECORD, extended_record, load_model, load_tokenizer
 from ropekit.apply.patch import apply, model_spec
-from ropekit.errors import RopekitError
+from ropekit.errors import Interrupted, RopekitError
 from ropekit.eval.data import jsonl_records, read_documents, tokenize_documents
 from ropekit.train.data import pack_windows, window_indices
 from ropekit.train.pose import pose_position_ids, pose_rng
@@ -64,6 +66,7 @@ class TrainConfig:
     report_to: str = "auto"  # tensorboard/wandb trackers; auto: tensorboard if installed
     max_tokens: int | None = None  # tokens read per document
     progress: bool = True
+    overwrite: bool = False  # start again over an earlier ropekit run in `out` (never anything else)
 
     def window(self) -> int:
         return self.train_length or self.target_length
@@ -80,6 +83,16 @@ class TrainConfig:
                 raise RopekitError(f"--{name.replace('_', '-')} must be ≥ 1")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise RopekitError(f"--lr must be a finite positive number, got {self.lr}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise RopekitError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
+        trackers = [t for t in self.report_to.split(",") if t]
+        if not trackers or any(t not in REPORT_TO for t in trackers) or len(trackers) > 1 and {"auto", "none"} & set(trackers):
+            raise RopekitError(f"--report-to must be auto, none, or a comma-separated list of "
+                               f"tensorboard, wandb; got {self.report_to!r}")
+
+
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+REPORT_TO = ("auto", "none", "tensorboard", "wandb")
 
 
 def _mixed_precision(choice: str) -> str:
@@ -111,14 +124,40 @@ def latest_checkpoint(out: Path) -> Path | None:
     return path if (path / "trainer_state.json").is_file() else None
 
 
-def _check_out_dir(cfg: TrainConfig) -> None:
-    out = cfg.out
-    if cfg.resume:
-        if latest_checkpoint(out) is None:
-            raise RopekitError(f"{out}: no complete checkpoint to resume from")
-        return
-    if out.exists() and any(out.iterdir()):
-        raise RopekitError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+def _check_out_dir(cfg: TrainConfig):
+    """The output contract (ropekit.apply.atomic) for a run directory written in place."""
+    out = Path(cfg.out)
+    if not cfg.resume and not cfg.overwrite and latest_checkpoint(out) is not None:
+        raise RopekitError(f"{out} already holds a run; pass --resume to continue it, --overwrite to start "
+                           "it again, or choose another --out")
+    target = prepare_output(out, overwrite=cfg.overwrite, inputs=(cfg.model, cfg.data), in_place=True,
+                            existing_ok=cfg.resume)
+    if cfg.resume and latest_checkpoint(out) is None:
+        raise RopekitError(f"{out}: no complete checkpoint to resume from")
+    return target
+
+
+def _start_run_dir(target) -> None:
+    """Main process: remove the earlier ropekit run `--overwrite` replaces, then sign the new one."""
+    if target.replaces is not None:
+        shutil.rmtree(target.path)
+    dir_mode, _ = default_modes()
+    target.path.mkdir(parents=True, exist_ok=True)
+    os.chmod(target.path, dir_mode)
+    marker = target.path / MARKER
+    marker.write_text(json.dumps({**SIGNATURE, "ropekit_version": ropekit.__version__,
+                                  "status": "fine-tuning; this becomes the model record when the run completes"}) + "\n")
+
+
+class _TiedWeightsNote(logging.Filter):
+    """accelerate's save_state warns "Removed shared tensor" for tied input/output embeddings: they
+    are one tensor, saved once and tied again on load (the resume tests check the weights)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()  # accelerate prefixes "[RANK r] "
+
+
+logging.getLogger("accelerate.utils.other").addFilter(_TiedWeightsNote())
 
 
 def finetune(cfg: TrainConfig) -> dict[str, Any]:
@@ -128,10 +167,14 @@ def finetune(cfg: TrainConfig) -> dict[str, Any]:
 
     spec = ropekit.RopeSpec.from_pretrained(cfg.model)
     cfg.validate(spec.original_length)
-    _check_out_dir(cfg)
+    target = _check_out_dir(cfg)
     # accelerate only builds a gloo process group under torchrun when told cpu=True on a machine without CUDA
     cpu = not torch.cuda.is_available()
     world, rank = PartialState(cpu=cpu).num_processes, PartialState(cpu=cpu).process_index
+    if not cfg.resume:
+        if PartialState(cpu=cpu).is_main_process:
+            _start_run_dir(target)
+        PartialState(cpu=cpu).wait_for_everyone()
     if cfg.global_batch % (cfg.micro_batch * world):
         raise RopekitError(f"global batch {cfg.global_batch} is not a multiple of micro batch × processes "
                            f"({cfg.micro_batch} × {world})")
@@ -222,12 +265,14 @@ def finetune(cfg: TrainConfig) -> dict[str, Any]:
                 if _any_rank(accelerator, stop.requested) and completed < cfg.steps:  # all ranks stop at one step
                     if completed % cfg.save_every:
                         _save_checkpoint(accelerator, cfg, completed)
-                    raise RopekitError(f"interrupted after step {completed}; its checkpoint is complete, "
-                                       "continue with --resume")
+                    _write_loss_csv_on_main(accelerator, logs)
+                    raise Interrupted(f"interrupted after step {completed}; its checkpoint is complete and the loss "
+                                      f"curve so far is in {logs / 'loss_curve.csv'}; continue with --resume")
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once, keep the last complete checkpoint
         latest = latest_checkpoint(cfg.out)
         where = f"the latest complete checkpoint is {latest.name}" if latest else "no checkpoint was completed"
-        raise RopekitError(f"aborted during step {completed + 1}; {where}") from None
+        _write_loss_csv_on_main(accelerator, logs)
+        raise Interrupted(f"aborted during step {completed + 1}; {where}") from None
     finally:
         if progress is not None:
             progress.close()
@@ -236,8 +281,10 @@ def finetune(cfg: TrainConfig) -> dict[str, Any]:
     record = _training_record(cfg, start_step, end_step, elapsed, tokens_per_step, world, accumulation, done)
     if done:
         _save_final(accelerator, model, tokenizer, plan, cfg, record)
-    elif end_step % cfg.save_every:
-        _save_checkpoint(accelerator, cfg, end_step)  # stopping early: keep the work
+    else:
+        if end_step % cfg.save_every:
+            _save_checkpoint(accelerator, cfg, end_step)  # stopping early: keep the work
+        _write_loss_csv_on_main(accelerator, logs)
     accelerator.end_training()
     return record
 
@@ -345,10 +392,16 @@ def _save_final(accelerator, model, tokenizer, plan, cfg: TrainConfig, record: d
         full = extended_record(plan, source=cfg.model, training=record)
         (staging / RECORD).write_text(json.dumps(full, indent=2) + "\n")
         _write_loss_csv(cfg.out / "logs")
+        set_normal_permissions(staging)
         for item in staging.iterdir():
             os.replace(item, cfg.out / item.name)
         staging.rmdir()
     accelerator.wait_for_everyone()
+
+
+def _write_loss_csv_on_main(accelerator, logs: Path) -> None:
+    if accelerator.is_main_process and (logs / "train_log.jsonl").is_file():
+        _write_loss_csv(logs)
 
 
 def _write_loss_csv(logs: Path) -> None:

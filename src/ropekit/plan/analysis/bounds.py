@@ -16,7 +16,7 @@ import math
 import torch
 
 from ropekit.errors import RopekitError
-from ropekit.plan.geometry import RopeSpec
+from ropekit.plan.geometry import RopeSpec, require_spec
 
 
 def critical_dimension(spec: RopeSpec) -> int:
@@ -25,6 +25,7 @@ def critical_dimension(spec: RopeSpec) -> int:
     >>> critical_dimension(RopeSpec(head_dim=128, base=10000.0, original_length=4096))
     92
     """
+    require_spec(spec)
     d, L = spec.rotary_dim, spec.original_length
     value = 2 * math.ceil((d / 2) * math.log(L / (2 * math.pi)) / math.log(spec.base))
     return min(max(value, 0), d)
@@ -32,12 +33,20 @@ def critical_dimension(spec: RopeSpec) -> int:
 
 def extrapolation_bound(spec: RopeSpec, base: float | None = None) -> float:
     """T_extra = 2π·b'^(d_extra/d) in tokens, with d_extra from the pre-training geometry."""
+    require_spec(spec)
+    if base is not None and not (isinstance(base, (int, float)) and math.isfinite(base) and base > 1):
+        raise RopekitError(f"base must be a finite number > 1, got {base!r}")
     b = spec.base if base is None else base
     return 2 * math.pi * b ** (critical_dimension(spec) / spec.rotary_dim)
 
 
 def base_for_bound(spec: RopeSpec, bound: float) -> float:
-    """The base b' whose extrapolation bound T_extra equals `bound` tokens: (T/2π)^(d/d_extra)."""
+    """The base b' whose extrapolation bound T_extra equals `bound` tokens: (T/2π)^(d/d_extra).
+
+    `bound` must exceed 2π tokens (a shorter bound would need a base ≤ 1).
+    """
+    if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not math.isfinite(bound) or bound <= 2 * math.pi:
+        raise RopekitError(f"bound must be a number of tokens above 2π ≈ 6.28, got {bound!r}")
     d_extra = critical_dimension(spec)
     if d_extra == 0:
         raise RopekitError("critical dimension is 0 (no pair has completed a rotation); no base change can help")
@@ -70,6 +79,9 @@ def min_base_for_length(spec: RopeSpec, length: int, *, rel_tol: float = 1e-4) -
     failing and the first passing grid point to a relative tolerance `rel_tol`.
     Cost: O(length · d/2) cosines per candidate.
     """
+    require_spec(spec)
+    if isinstance(length, bool) or not isinstance(length, int) or length < 2:
+        raise RopekitError(f"length must be an integer number of tokens ≥ 2, got {length!r}")
     d = spec.rotary_dim
 
     def ok(b: float) -> bool:

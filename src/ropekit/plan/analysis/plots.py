@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 from ropekit.plan.analysis.angles import DEFAULT_BINS  # noqa: E402
 from ropekit.plan.analysis.bounds import critical_dimension  # noqa: E402
@@ -65,10 +66,19 @@ def plot_factors(plans: dict[str, Plan], path: str | Path) -> Path:
     cols = min(n, 4)
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), sharex=True, squeeze=False)
+    top = max(max(p.factors) for p in plans.values()) * 1.3
+    bottom = min(min(min(p.factors) for p in plans.values()) / 1.3, 0.8)
     for ax, (name, plan) in zip(axes.flat, plans.items()):
-        ax.bar(range(spec.num_pairs), plan.factors, width=1.0)
+        pairs = range(spec.num_pairs)
+        ax.fill_between(pairs, 1.0, plan.factors, step="mid", alpha=0.6)  # from f = 1, visible on a log axis
+        ax.step(pairs, plan.factors, where="mid", lw=1.0)
         ax.axhline(1.0, color="grey", lw=0.6)
-        ax.set_yscale("log")
+        if all(abs(f - 1.0) < 1e-12 for f in plan.factors):
+            ax.text(0.35, 0.6, "f = 1 for every pair\n(no scaling)", transform=ax.transAxes, ha="center", fontsize=8)
+        ax.set_yscale("log", base=2)
+        ax.set_ylim(bottom, top)
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(times_label))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_title(f"{name}  (a = {plan.attention_factor:.3f})", fontsize=9)
         _mark_critical(ax, spec, label=False)
     for ax in list(axes.flat)[n:]:
@@ -77,6 +87,11 @@ def plot_factors(plans: dict[str, Plan], path: str | Path) -> Path:
     fig.supylabel("factor f_i")
     fig.suptitle(f"{spec.name or 'model'}: per-pair factors, scale {next(iter(plans.values())).scale:g}")
     return _save(fig, path)
+
+
+def times_label(value: float, _position=None) -> str:
+    """A factor tick as a multiple: 1×, 2×, 4×, 0.5× (not 4×10⁰)."""
+    return f"{value:g}×"
 
 
 def _mark_critical(ax, spec: RopeSpec, *, label: bool = True) -> None:

@@ -10,10 +10,12 @@ Base change needs fine-tuning to work; without it the model sees frequencies it 
 
 from __future__ import annotations
 
-from ropekit.errors import did_you_mean
+import math
+
+from ropekit.errors import RopekitError, did_you_mean
 from ropekit.plan.analysis.bounds import base_for_bound, min_base_for_length
 from ropekit.plan.geometry import RopeSpec
-from ropekit.plan.methods._common import base_change_factors, require_finite_positive
+from ropekit.plan.methods._common import base_change_factors
 from ropekit.plan.scaling import Scaling
 
 BASE_RULES = ("critical", "men2024")
@@ -29,6 +31,8 @@ def base_change(spec: RopeSpec, target_length: int, *, new_base: float | None = 
         details = {"rule": rule, "derived_base": derived}
     else:
         details = {"rule": "given"}
-    require_finite_positive("new_base", new_base)
+    if isinstance(new_base, bool) or not isinstance(new_base, (int, float)) or not math.isfinite(new_base) or new_base <= 1:
+        raise RopekitError(f"new_base must be a finite number > 1 (a RoPE base ≤ 1 has no rotation "
+                           f"geometry), got {new_base!r}")
     details["new_base"] = float(new_base)
     return Scaling(inv_freq=spec.inv_freq(new_base), factors=base_change_factors(spec, new_base), details=details)

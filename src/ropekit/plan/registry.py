@@ -106,12 +106,40 @@ def plan(spec: RopeSpec, target_length: int, method: str = "dprope", *, bins: in
     if m.name == "dprope":
         params = {"bins": bins, **params}
     scaling = compute_scaling(m.name, spec, target_length, **params)
+    if spec.is_extended:
+        scaling = compose_with_current(spec, scaling)
     return Plan(method=m.name, spec=spec, target_length=target_length, params=params, scaling=scaling, bins=bins)
+
+
+def compose_with_current(spec: RopeSpec, scaling: Scaling) -> Scaling:
+    """A method's factors f on top of an already-extended model's current frequencies θ_i / g_i.
+
+    Runtime frequencies are those of a `longrope` block with combined factors F_i = g_i·f_i
+    relative to the original base, 1/(F_i·b^(2i/d)) in float32, exactly what transformers
+    reloads (within float32 rounding of θ^cur_i / f_i); the attention factor is a_cur·a.
+    `factors` stay relative to the current frequencies; `details["method_attention_factor"]` is a.
+    """
+    from ropekit.plan.methods.longrope import per_pair_inv_freq
+
+    combined = [g * f for g, f in zip(spec.prior_factors, scaling.factors)]
+    return Scaling(
+        inv_freq=per_pair_inv_freq(spec, combined),
+        factors=scaling.factors,
+        attention_factor=spec.prior_attention_factor * scaling.attention_factor,
+        details={**scaling.details, "method_attention_factor": scaling.attention_factor},
+    )
 
 
 def check_target_length(spec: RopeSpec, target_length: int) -> None:
     if isinstance(target_length, bool) or not isinstance(target_length, int):
         raise RopekitError(f"target length must be an integer number of tokens, got {target_length!r}")
+    if target_length <= spec.original_length and spec.is_extended:
+        kind = (spec.current_scaling or {}).get("rope_type", "existing")
+        raise RopekitError(
+            f"target length {target_length} does not exceed the {spec.original_length} tokens this model already "
+            f"handles with its {kind} scaling; pass --from-scratch (from_scratch=True) to re-plan from its original "
+            f"{spec.pretrained_length}-token RoPE, replacing that scaling"
+        )
     if target_length <= spec.original_length:
         raise RopekitError(
             f"target length {target_length} must exceed the original length {spec.original_length}"

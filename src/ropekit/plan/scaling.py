@@ -51,6 +51,21 @@ class Plan:
         return self.scaling.factors
 
     @property
+    def runtime_factors(self) -> tuple[float, ...]:
+        """F_i = θ_i / θ'_i relative to the plain base frequencies: what a runtime config carries.
+
+        Equal to `factors` for plain RoPE; for an already-extended spec, its existing g_i × f_i.
+        """
+        if self.spec.prior_factors is None:
+            return self.factors
+        return tuple(g * f for g, f in zip(self.spec.prior_factors, self.factors))
+
+    @property
+    def export_original_length(self) -> int:
+        """`original_max_position_embeddings` of the exported block: the pre-scaling length for an extended spec."""
+        return self.spec.pretrained_length or self.spec.original_length
+
+    @property
     def inv_freq(self) -> torch.Tensor:
         return self.scaling.inv_freq
 

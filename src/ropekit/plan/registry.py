@@ -146,12 +146,13 @@ def check_target_length(spec: RopeSpec, target_length: int) -> None:
         )
 
 
-def comparable_methods() -> list[str]:
-    """Methods that run from the geometry alone (longrope needs searched factors)."""
-    return [name for name, m in METHODS.items() if not m.needs_factors]
+def comparable_methods(spec: RopeSpec | None = None) -> list[str]:
+    """Methods that run from the geometry alone (longrope needs searched factors; the base rules need plain RoPE)."""
+    skip = {"base"} if spec is not None and spec.is_extended else set()
+    return [name for name, m in METHODS.items() if not m.needs_factors and name not in skip]
 
 
 def compare(spec: RopeSpec, target_length: int, methods: list[str] | None = None, *, bins: int = 360) -> dict[str, Plan]:
     """Plan every method (default: all that need no extra input) with default parameters."""
-    names = methods or comparable_methods()
+    names = methods or comparable_methods(spec)
     return {get_method(n).name: plan(spec, target_length, n, bins=bins) for n in names}

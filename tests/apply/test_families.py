@@ -44,13 +44,27 @@ FAMILIES = {
         rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
                          "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}), 64),
     "olmo3 (per layer type)": (T.Olmo3Config, dict(sliding_window=16, layer_types=SLIDING_FULL), 64),
+    "gemma3n (per layer type)": (T.Gemma3nTextConfig, dict(
+        intermediate_size=[96, 96], head_dim=16, sliding_window=16, layer_types=SLIDING_FULL,
+        hidden_size_per_layer_input=8, num_kv_shared_layers=0, laurel_rank=4, altup_num_inputs=2,
+        activation_sparsity_pattern=[0.0, 0.0]), 64),
+    # one RoPE block shared by every RoPE layer, with sliding/global or RoPE/NoPE layer mixes
+    "cohere2 (RoPE sliding, NoPE full)": (T.Cohere2Config, dict(sliding_window=16, layer_types=SLIDING_FULL), 64),
+    "exaone4 (sliding/full)": (T.Exaone4Config, dict(sliding_window=16, layer_types=SLIDING_FULL), 64),
+    "ministral (sliding/full)": (T.MinistralConfig, dict(head_dim=16, sliding_window=16, layer_types=SLIDING_FULL), 64),
+    "qwen3 (sliding window layers)": (T.Qwen3Config, dict(head_dim=16, use_sliding_window=True, sliding_window=16,
+                                                           max_window_layers=1), 64),
+    "smollm3 (NoPE layers)": (T.SmolLM3Config, dict(no_rope_layers=[1, 0]), 64),
+    "llama4 text (chunked, NoPE layers)": (T.Llama4TextConfig, dict(
+        head_dim=16, intermediate_size_mlp=96, num_local_experts=2, no_rope_layers=[1, 0], attention_chunk_size=16,
+        interleave_moe_layer_step=1), 64),
 }
 
 
 def make_model(family: str):
     config_cls, extra, _ = FAMILIES[family]
     torch.manual_seed(0)
-    return T.AutoModelForCausalLM.from_config(config_cls(**COMMON, **extra), dtype=torch.float32).eval()
+    return T.AutoModelForCausalLM.from_config(config_cls(**{**COMMON, **extra}), dtype=torch.float32).eval()
 
 
 def logits(model, ids):
@@ -139,3 +153,22 @@ def test_gemma3_v4_hub_config_reads_per_layer_type():
     assert (sliding.base, sliding.is_extended) == (10000.0, False)
     with pytest.raises(RopekitError, match="layer type 'global'"):
         spec_from_config_dict(cfg, name="gemma-3-4b", layer_type="global")
+
+
+def test_unsupported_layouts_are_refused_with_one_clear_line():
+    gemma4 = T.Gemma4TextConfig(**{**COMMON, "head_dim": 16}).to_dict()
+    with pytest.raises(RopekitError, match="'proportional' RoPE"):
+        spec_from_config_dict(gemma4, name="gemma4", from_scratch=True)
+    sliding_only = {**gemma4, "model_type": "some_new_family",
+                    "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}
+    with pytest.raises(RopekitError, match="without a 'full_attention' block"):
+        spec_from_config_dict(sliding_only, name="x")
+    with pytest.raises(RopekitError, match="one RoPE block for every layer"):
+        spec_from_config_dict(FAMILIES["olmo2"][0](**COMMON).to_dict(), name="olmo2", layer_type="full_attention")
+    # a per-layer-type module ropekit has not tested is refused before anything changes
+    model = make_model("gemma3 (per layer type)")
+    plan = make_plan(model_spec(model), 128, "pi")
+    model.config.model_type = "untested_family"
+    with pytest.raises(RopekitError, match="not tested"):
+        apply(model, plan)
+    assert model.config.rope_parameters["full_attention"]["rope_type"] == "default"

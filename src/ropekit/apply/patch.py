@@ -25,8 +25,11 @@ from ropekit.plan.scaling import Plan
 
 ROUTES = ("config", "inv_freq")
 GEOMETRY_KEYS = ("partial_rotary_factor",)  # keys of the model's own rope block that a plan keeps
+# model_type values tested end to end (tests/apply/test_apply.py, tests/apply/test_families.py)
 SUPPORTED_FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text",
-                      "gpt_neox", "olmo2", "olmo3", "gpt_oss")
+                      "gemma3n_text", "gpt_neox", "olmo2", "olmo3", "gpt_oss", "cohere2", "exaone4", "ministral",
+                      "smollm3", "llama4_text")
+PER_LAYER_TYPE_FAMILIES = ("gemma3_text", "gemma3n_text", "olmo3")  # per-layer-type rotary modules that are tested
 
 
 def rotary_modules(model: torch.nn.Module, layer_type: str | None = None) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
@@ -87,6 +90,7 @@ def apply(model: torch.nn.Module, plan: Plan | Mapping[str, Plan] | Iterable[Pla
     if route not in ROUTES:
         raise RopekitError(f"route must be one of {', '.join(ROUTES)}, got {route!r}")
     plans = as_plan_list(plan)
+    check_family(model, plans)
     for p in plans:
         layer_type = p.spec.layer_type
         check_plan_fits(model_spec(model, from_scratch=not p.spec.is_extended, layer_type=layer_type), p)
@@ -101,6 +105,18 @@ def apply(model: torch.nn.Module, plan: Plan | Mapping[str, Plan] | Iterable[Pla
         exact = route == "inv_freq" or "d_extrapolation" in p.scaling.details or p.spec.is_extended
         _verify(p, rotary_modules(model, p.spec.layer_type), exact=exact)
     return model
+
+
+def check_family(model: torch.nn.Module, plans: list[Plan]) -> None:
+    """Refuse what ropekit cannot patch exactly: multimodal wrappers, untested per-layer-type modules."""
+    config = model.config
+    if getattr(config, "text_config", None) is not None and not getattr(config, "rope_parameters", None):
+        raise RopekitError(f"{config.model_type} is a multimodal wrapper; apply the plan to its language model "
+                           "(e.g. model.model.language_model), whose config holds the RoPE block")
+    per_layer = any(p.spec.layer_type is not None for p in plans)
+    if per_layer and config.model_type not in PER_LAYER_TYPE_FAMILIES:
+        raise RopekitError(f"per-layer-type RoPE of {config.model_type!r} models is not tested by ropekit "
+                           f"(tested: {', '.join(PER_LAYER_TYPE_FAMILIES)})")
 
 
 def as_plan_list(plan: Plan | Mapping[str, Plan] | Iterable[Plan]) -> list[Plan]:

@@ -200,6 +200,9 @@ def spec_from_config_dict(cfg: dict[str, Any], *, name: str | None = None, from_
     mrope = rope.get("mrope_section") or rope.get("rope_type") in ("mrope", "3d", "axial")
     if mrope:
         raise RopekitError(f"{name}: multimodal RoPE variant {rope.get('rope_type')!r} is not supported")
+    if rope.get("rope_type") == "proportional":
+        raise RopekitError(f"{name}: 'proportional' RoPE (Gemma 4: exponents over head_dim, unrotated pairs kept) "
+                           "is not supported")
     base = rope.get("rope_theta", cfg.get("rope_theta", cfg.get("rotary_emb_base", 10000.0)))
     prf = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", cfg.get("rotary_pct", 1.0)))
     head_dim = cfg.get("head_dim") or _derive_head_dim(cfg, name)

@@ -172,3 +172,26 @@ def test_unsupported_layouts_are_refused_with_one_clear_line():
     with pytest.raises(RopekitError, match="not tested"):
         apply(model, plan)
     assert model.config.rope_parameters["full_attention"]["rope_type"] == "default"
+
+
+def test_gemma3_cli_extend_and_inspect_per_layer_type(tmp_path):
+    from typer.testing import CliRunner
+
+    from ropekit.apply.inspect import model_card
+    from ropekit.cli.main import app
+
+    make_model("gemma3 (per layer type)").save_pretrained(tmp_path / "src")
+    card = model_card(str(tmp_path / "src"))
+    layers = card["layer_types"]
+    assert layers["full_attention"]["extended_by_default"] and not layers["sliding_attention"]["extended_by_default"]
+    assert (layers["full_attention"]["rope_theta"], layers["sliding_attention"]["rope_theta"]) == (1e6, 1e4)
+    result = CliRunner().invoke(app, ["extend", str(tmp_path / "src"), "--target-length", "256", "--out",
+                                      str(tmp_path / "out"), "--layer-types", "full_attention"])
+    assert result.exit_code == 0, result.output
+    assert "full_attention layers" in result.stdout and "no exact llama.cpp form" in result.stdout
+    extended = model_card(str(tmp_path / "out"))
+    assert extended["trained_context"] == 256 and "--from-scratch" in extended["note"]
+    result = CliRunner().invoke(app, ["extend", str(tmp_path / "src"), "--target-length", "256", "--out",
+                                      str(tmp_path / "bad"), "--layer-types", "global"])
+    assert result.exit_code == 2 and "no RoPE block for layer type 'global'" in result.stderr
+    assert not (tmp_path / "bad").exists()

@@ -35,6 +35,10 @@ def model_card(path_or_id: str) -> dict[str, Any]:
                 "extended_by_default": lt == spec.layer_type}
             for lt, block in blocks.items() if block is not None
         }
+    if record is not None and "training" not in record and spec.is_extended:
+        card["note"] = (f"extended by ropekit without fine-tuning: it was never trained at {spec.original_length} "
+                        f"tokens; pass --from-scratch to plan from its RoPE before that extension "
+                        f"({spec.pretrained_length} tokens)")
     card["next"] = _next_steps(path_or_id, spec, family)
     return card
 

@@ -173,7 +173,7 @@ def extend_cmd(
     max_position_embeddings = target; ropekit.json records the plan. Prints the vLLM and
     llama.cpp equivalents.
     """
-    from ropekit.apply.export import vllm_hf_overrides
+    from ropekit.apply.export import llama_cpp_rope_freqs, vllm_hf_overrides
     from ropekit.apply.extend import extend
     from ropekit.apply.patch import as_plan_list
 
@@ -190,7 +190,8 @@ def extend_cmd(
     out_console.print("load it with: AutoModelForCausalLM.from_pretrained(" + repr(str(out)) + ")")
     plan = plans[0]
     out_console.print(f"vLLM on the original weights: --hf-overrides '{json.dumps(vllm_hf_overrides(plan))}'", soft_wrap=True)
-    out_console.print(f"llama.cpp: add GGUF tensor rope_freqs = {list(plan.runtime_factors)}", soft_wrap=True)
+    cpp = llama_cpp_rope_freqs(plan)
+    out_console.print(cpp.get("note") or f"llama.cpp: add GGUF tensor rope_freqs = {cpp['values']}", soft_wrap=True)
 
 
 convert_app = typer.Typer(help="Convert checkpoints from other formats to transformers.", no_args_is_help=True)

@@ -195,3 +195,19 @@ def test_gemma3_cli_extend_and_inspect_per_layer_type(tmp_path):
                                       str(tmp_path / "bad"), "--layer-types", "global"])
     assert result.exit_code == 2 and "no RoPE block for layer type 'global'" in result.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_from_scratch_plan_replaces_the_existing_scaling(input_ids, tmp_path):
+    family = "llama3.x (llama3 scaling)"
+    make_model(family).save_pretrained(tmp_path / "src")
+    plan = extend(str(tmp_path / "src"), tmp_path / "out", target_length=128, method="dprope", from_scratch=True)
+    assert (plan.spec.original_length, plan.spec.is_extended) == (16, False)  # the llama3 block's original length
+    reloaded = T.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    assert torch.equal(reloaded.model.rotary_emb.inv_freq, plan.inv_freq)
+    patched = apply(load_model(str(tmp_path / "src"), dtype="float32"), plan)
+    assert (logits(patched, input_ids) - logits(reloaded, input_ids)).abs().max() <= 1e-5
+    # a plan composed for other existing factors does not fit this model
+    other = spec_from_config_dict({**make_model(family).config.to_dict(), "rope_parameters": {
+        **FAMILIES[family][1]["rope_parameters"], "factor": 4.0}}, name="other")
+    with pytest.raises(RopekitError, match="existing scaling factors"):
+        apply(make_model(family), make_plan(other, 128, "pi"))

@@ -24,7 +24,7 @@ from ropekit.plan.methods.none import none
 from ropekit.plan.methods.ntk import ntk
 from ropekit.plan.methods.resonance import resonance
 from ropekit.plan.methods.yarn import yarn
-from ropekit.plan.scaling import Plan, Scaling
+from ropekit.plan.scaling import Plan, Scaling, combined_factors
 
 
 @dataclass(frozen=True)
@@ -121,9 +121,8 @@ def compose_with_current(spec: RopeSpec, scaling: Scaling) -> Scaling:
     """
     from ropekit.plan.methods.longrope import per_pair_inv_freq
 
-    combined = [g * f for g, f in zip(spec.prior_factors, scaling.factors)]
     return Scaling(
-        inv_freq=per_pair_inv_freq(spec, combined),
+        inv_freq=per_pair_inv_freq(spec, combined_factors(spec, scaling.factors)),
         factors=scaling.factors,
         attention_factor=spec.prior_attention_factor * scaling.attention_factor,
         details={**scaling.details, "method_attention_factor": scaling.attention_factor},

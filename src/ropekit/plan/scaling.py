@@ -30,6 +30,13 @@ class Scaling:
     details: dict[str, Any] = field(default_factory=dict)  # method-specific diagnostics
 
 
+def combined_factors(spec: RopeSpec, factors: tuple[float, ...]) -> tuple[float, ...]:
+    """F_i = g_i·f_i: new factors on top of an already-extended spec's existing g (f itself for plain RoPE)."""
+    if spec.prior_factors is None:
+        return tuple(factors)
+    return tuple(g * f for g, f in zip(spec.prior_factors, factors))
+
+
 @dataclass(frozen=True)
 class Plan:
     """A method applied to a geometry for one target length. Build it with `ropekit.plan(...)`."""
@@ -56,9 +63,7 @@ class Plan:
 
         Equal to `factors` for plain RoPE; for an already-extended spec, its existing g_i × f_i.
         """
-        if self.spec.prior_factors is None:
-            return self.factors
-        return tuple(g * f for g, f in zip(self.spec.prior_factors, self.factors))
+        return combined_factors(self.spec, self.factors)
 
     @property
     def export_original_length(self) -> int:

@@ -211,3 +211,28 @@ def test_from_scratch_plan_replaces_the_existing_scaling(input_ids, tmp_path):
         **FAMILIES[family][1]["rope_parameters"], "factor": 4.0}}, name="other")
     with pytest.raises(RopekitError, match="existing scaling factors"):
         apply(make_model(family), make_plan(other, 128, "pi"))
+
+
+@pytest.mark.parametrize("version", [5, 4])
+def test_gemma3_exports_reload_per_layer_type(version):
+    from ropekit.apply.export import transformers_config
+
+    config = T.Gemma3TextConfig(**{**COMMON, **FAMILIES["gemma3 (per layer type, linear ×8 on full)"][1]})
+    plan = make_plan(spec_from_config_dict(config.to_dict(), name="g3"), 128, "dprope")
+    keys = transformers_config(plan, version=version)
+    base = {k: v for k, v in config.to_dict().items() if k not in ("rope_parameters", "max_position_embeddings")}
+    if version == 4:  # the v4 form: rope_scaling for the full-attention layers, rope_local_base_freq for sliding
+        keys = {**keys, "rope_local_base_freq": 1e4}
+    else:  # v5: the planned layer type's block; the others as in the model
+        keys["rope_parameters"] = {**config.rope_parameters, **keys["rope_parameters"]}
+    torch.manual_seed(0)
+    rotary = T.AutoModelForCausalLM.from_config(T.Gemma3TextConfig(**base, **keys)).model.rotary_emb
+    assert torch.equal(rotary.full_attention_inv_freq, plan.inv_freq)
+    assert torch.equal(rotary.sliding_attention_inv_freq, model_spec_inv_freq(config, "sliding_attention"))
+    sliding_plan = make_plan(spec_from_config_dict(config.to_dict(), name="g3", layer_type="sliding_attention"), 128, "pi")
+    with pytest.raises(RopekitError, match="no RoPE block for sliding_attention"):
+        transformers_config(sliding_plan, version=4)
+
+
+def model_spec_inv_freq(config, layer_type):
+    return spec_from_config_dict(config.to_dict(), name="g3", layer_type=layer_type).inv_freq()

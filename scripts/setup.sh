@@ -13,7 +13,7 @@ fi
 # torch first and pinned. Our machines serve a CPU build of 2.13.0 locally; elsewhere set
 # TORCH_INDEX_URL (e.g. https://download.pytorch.org/whl/cpu) to choose the build.
 .venv/bin/python -m pip install --quiet "torch==2.13.0" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
-.venv/bin/python -m pip install --quiet -e ".[dev]"
+.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[dev]"
 echo "ropekit installed in .venv ($(.venv/bin/python -c 'import ropekit; print(ropekit.__version__)'))"
 if [ "${1:-}" != "--no-main-job" ]; then
   .venv/bin/ropekit plan --preset llama2-7b --target-length 16384 --method dprope

@@ -16,24 +16,34 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ropekit.errors import RopekitError
 from ropekit.plan.scaling import Plan
 
 
 def longrope_block(plan: Plan) -> dict[str, Any]:
-    """The `longrope` parameters that reproduce `plan` exactly (without rope_theta)."""
+    """The `longrope` parameters that reproduce `plan` exactly (without rope_theta).
+
+    For an already-extended model the factors are the combined ones relative to the original
+    base and `original_max_position_embeddings` is the pre-scaling length (transformers gives a
+    Phi-3 top-level value priority, so it must stay that); short = long, so transformers'
+    length switch at that length changes nothing, and the explicit attention factor is used as is.
+    """
+    original = plan.export_original_length
     block: dict[str, Any] = {
         "rope_type": "longrope",
-        "short_factor": list(plan.factors),
-        "long_factor": list(plan.factors),
-        "factor": plan.scale,
-        "original_max_position_embeddings": plan.spec.original_length,
+        "short_factor": list(plan.runtime_factors),
+        "long_factor": list(plan.runtime_factors),
+        "factor": plan.target_length / original,
+        "original_max_position_embeddings": original,
         "attention_factor": plan.attention_factor,
     }
     return block
 
 
 def native_block(plan: Plan) -> dict[str, Any] | None:
-    """The runtime-native form of the plan's method, or None if there is none."""
+    """The runtime-native form of the plan's method, or None if there is none (or the model is already extended)."""
+    if plan.spec.is_extended:
+        return None
     p, L = plan.params, plan.spec.original_length
     match plan.method:
         case "none":
@@ -50,6 +60,7 @@ def native_block(plan: Plan) -> dict[str, Any] | None:
                 "beta_fast": float(p.get("beta_fast", 32.0)),
                 "beta_slow": float(p.get("beta_slow", 1.0)),
                 "attention_factor": plan.attention_factor,
+                **({} if p.get("truncate", True) else {"truncate": False}),
             }
         case "llama3":
             return {
@@ -78,40 +89,57 @@ def max_positions_for(plan: Plan, block: dict[str, Any]) -> int:
 
 
 def transformers_config(plan: Plan, *, native: bool = False, version: int = 5) -> dict[str, Any]:
-    """The config.json keys to set: `rope_parameters` (v5) or `rope_scaling` + `rope_theta` (v4)."""
+    """The config.json keys to set: `rope_parameters` (v5) or `rope_scaling` + `rope_theta` (v4).
+
+    A per-layer-type plan (Gemma 3) nests its block under its layer type in v5 (the other layer
+    types keep theirs); in v4 only the full-attention layers have a block (`rope_scaling`).
+    """
     block = native_block(plan) if native else longrope_block(plan)
     if block is None:
         raise ValueError(f"method {plan.method!r} has no native transformers form; use the longrope export")
     block = _with_geometry(plan, block)
     out: dict[str, Any] = {"max_position_embeddings": max_positions_for(plan, block)}
+    layer_type = plan.spec.layer_type
     if version >= 5:
-        out["rope_parameters"] = block
-    else:
-        theta = block.pop("rope_theta")
-        out["rope_theta"] = theta
-        if block.get("rope_type") != "default":
-            out["rope_scaling"] = {"type": block["rope_type"], **block}
-        if "partial_rotary_factor" in block:
-            out["partial_rotary_factor"] = block.pop("partial_rotary_factor")
+        out["rope_parameters"] = block if layer_type is None else {layer_type: block}
+        return out
+    if layer_type not in (None, "full_attention"):
+        raise RopekitError(f"transformers v4 configs have no RoPE block for {layer_type} layers; use the v5 form")
+    theta = block.pop("rope_theta")
+    out["rope_theta"] = theta
+    if block.get("rope_type") != "default":
+        out["rope_scaling"] = {"type": block["rope_type"], **block}
+    if "partial_rotary_factor" in block:
+        out["partial_rotary_factor"] = block.pop("partial_rotary_factor")
     return out
+
+
+def has_v4_form(plan: Plan) -> bool:
+    return plan.spec.layer_type in (None, "full_attention")
+
+
+def rope_block_of(config_keys: dict[str, Any], plan: Plan) -> dict[str, Any]:
+    """The plan's own RoPE block inside `transformers_config(plan)` (v5) output."""
+    block = config_keys["rope_parameters"]
+    return block if plan.spec.layer_type is None else block[plan.spec.layer_type]
 
 
 def vllm_hf_overrides(plan: Plan, *, version: int = 5) -> dict[str, Any]:
     """`vllm serve MODEL --hf-overrides '<json>'`: longrope with short/long_mscale = a."""
     cfg = transformers_config(plan, version=version)
-    key = "rope_parameters" if version >= 5 else "rope_scaling"
-    cfg[key]["short_mscale"] = plan.attention_factor
-    cfg[key]["long_mscale"] = plan.attention_factor
+    block = rope_block_of(cfg, plan) if version >= 5 else cfg["rope_scaling"]
+    block["short_mscale"] = plan.attention_factor
+    block["long_mscale"] = plan.attention_factor
     return cfg
 
 
 def llama_cpp_rope_freqs(plan: Plan) -> dict[str, Any]:
     """llama.cpp's per-pair frequency divisors: GGUF tensor `rope_freqs` (F32, d/2 values)."""
-    return {
+    out = {
         "tensor": "rope_freqs",
         "ggml_type": "F32",
         "shape": [plan.spec.num_pairs],
-        "values": list(plan.factors),
+        "values": list(plan.runtime_factors),
         "rope_freq_base": plan.spec.base,
         "attention_factor": plan.attention_factor,
         "context_length": plan.target_length,
@@ -121,6 +149,10 @@ def llama_cpp_rope_freqs(plan: Plan) -> dict[str, Any]:
             "and, if attention_factor != 1, set '<arch>.rope.scaling.attn_factor' to it"
         ),
     }
+    if plan.spec.layer_type is not None:
+        out["note"] = (f"this plan is for the {plan.spec.layer_type} layers only; llama.cpp's rope_freqs tensor is "
+                       "shared by all layers, so it has no exact llama.cpp form")
+    return out
 
 
 def write_exports(plan: Plan, out_dir: str | Path) -> dict[str, Path]:
@@ -129,11 +161,12 @@ def write_exports(plan: Plan, out_dir: str | Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, Any] = {
         "transformers_v5": transformers_config(plan, version=5),
-        "transformers_v4": transformers_config(plan, version=4),
         "vllm_hf_overrides": vllm_hf_overrides(plan, version=5),
-        "vllm_hf_overrides_v4": vllm_hf_overrides(plan, version=4),
         "llama_cpp_rope_freqs": llama_cpp_rope_freqs(plan),
     }
+    if has_v4_form(plan):
+        files["transformers_v4"] = transformers_config(plan, version=4)
+        files["vllm_hf_overrides_v4"] = vllm_hf_overrides(plan, version=4)
     if native_block(plan) is not None:
         files["transformers_v5_native"] = transformers_config(plan, native=True, version=5)
     written = {}

@@ -58,6 +58,7 @@ def plan_cmd(
     factors_file: o.FactorsFile = None, alpha: o.Alpha = None, beta_fast: o.BetaFast = None, beta_slow: o.BetaSlow = None,
     attention_factor: o.AttentionFactor = None, low_freq_factor: o.LowFreq = None, high_freq_factor: o.HighFreq = None,
     new_base: o.NewBase = None, base_rule: o.BaseRule = None, inner: o.Inner = None, at_length: o.AtLength = None,
+    from_scratch: o.FromScratch = False, layer_type: o.LayerType = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object (and nothing else) on stdout.")] = False,
     compare: Annotated[bool, typer.Option("--compare", help="With --json: add disturbance_by_method for every method.")] = False,
     out: Annotated[Path | None, typer.Option("--out", help="Where to write the export files (default out/plans/NAME-METHOD-TARGET).")] = None,
@@ -74,7 +75,8 @@ def plan_cmd(
     from ropekit.plan.summary import plan_summary
 
     spec = o.build_spec(preset=preset, model=model, head_dim=head_dim, rope_theta=rope_theta,
-                        original_length=original_length, partial_rotary_factor=partial_rotary_factor)
+                        original_length=original_length, partial_rotary_factor=partial_rotary_factor,
+                        from_scratch=from_scratch, layer_type=layer_type)
     params = o.method_params_from(method, locals())
     out_dir = out or Path("out/plans") / o.safe_name(f"{spec.name}-{get_method(method).name}-{target_length}")
     target = None if no_write else prepare_output(out_dir, overwrite=overwrite, inputs=(model, factors_file))
@@ -113,6 +115,7 @@ def analyze_cmd(
     preset: o.Preset = None, model: o.Model = None, head_dim: o.HeadDim = None, rope_theta: o.RopeTheta = None,
     original_length: o.OriginalLength = None, partial_rotary_factor: o.PartialRotary = None, bins: o.Bins = 360,
     overwrite: o.Overwrite = False,
+    from_scratch: o.FromScratch = False, layer_type: o.LayerType = None,
 ) -> None:
     """Angle distributions and disturbance of every method: plots (PNG/SVG) and a per-pair CSV."""
     from ropekit.plan.analysis import plots
@@ -123,7 +126,8 @@ def analyze_cmd(
     if fmt not in ("png", "svg"):
         raise RopekitError(f"--format must be png or svg, got {fmt!r}")
     spec = o.build_spec(preset=preset, model=model, head_dim=head_dim, rope_theta=rope_theta,
-                        original_length=original_length, partial_rotary_factor=partial_rotary_factor)
+                        original_length=original_length, partial_rotary_factor=partial_rotary_factor,
+                        from_scratch=from_scratch, layer_type=layer_type)
     names = [m.strip() for m in methods.split(",") if m.strip()] or None
     for name in names or []:
         if get_method(name).needs_factors:
@@ -169,6 +173,8 @@ def extend_cmd(
     out: Annotated[Path, typer.Option("--out", help="New model directory (must not exist or be empty).")],
     method: Annotated[str, typer.Option("--method", help="Scaling method (see `ropekit methods`).")] = "dprope",
     overwrite: o.Overwrite = False,
+    from_scratch: o.FromScratch = False,
+    layer_types: Annotated[str, typer.Option("--layer-types", help="Per-layer-type RoPE (Gemma 3): comma-separated layer types to extend (default: full_attention only).")] = "",
     bins: o.Bins = 360, threshold: o.Threshold = None, interpolated_dims: o.InterpDims = None,
     factors_file: o.FactorsFile = None, alpha: o.Alpha = None, beta_fast: o.BetaFast = None, beta_slow: o.BetaSlow = None,
     attention_factor: o.AttentionFactor = None, low_freq_factor: o.LowFreq = None, high_freq_factor: o.HighFreq = None,
@@ -180,17 +186,25 @@ def extend_cmd(
     max_position_embeddings = target; ropekit.json records the plan. Prints the vLLM and
     llama.cpp equivalents.
     """
-    from ropekit.apply.export import vllm_hf_overrides
+    from ropekit.apply.export import llama_cpp_rope_freqs, vllm_hf_overrides
     from ropekit.apply.extend import extend
+    from ropekit.apply.patch import as_plan_list
 
     params = o.method_params_from(method, locals())
     with err_console.status(f"extending {model} to {target_length} tokens with {method}"):
-        plan = extend(model, out, target_length=target_length, method=method, bins=bins, overwrite=overwrite, **params)
-    out_console.print(f"wrote {out}/ ({plan.method}: {len(plan.interpolated_pairs)} of {plan.spec.num_pairs} pairs "
-                      f"interpolated, attention factor {plan.attention_factor:.4f}, disturbance {plan.disturbance:.3f})")
+        plans = as_plan_list(extend(model, out, target_length=target_length, method=method, bins=bins,
+                                    overwrite=overwrite, from_scratch=from_scratch,
+                                    layer_types=_split(layer_types, str) or None, **params))
+    out_console.print(f"wrote {out}/")
+    for plan in plans:
+        layers = f"{plan.spec.layer_type} layers, " if plan.spec.layer_type else ""
+        out_console.print(f"  {layers}{plan.method}: {len(plan.interpolated_pairs)} of {plan.spec.num_pairs} pairs "
+                          f"interpolated, attention factor {plan.attention_factor:.4f}, disturbance {plan.disturbance:.3f}")
     out_console.print("load it with: AutoModelForCausalLM.from_pretrained(" + repr(str(out)) + ")")
+    plan = plans[0]
     out_console.print(f"vLLM on the original weights: --hf-overrides '{json.dumps(vllm_hf_overrides(plan))}'", soft_wrap=True)
-    out_console.print(f"llama.cpp: add GGUF tensor rope_freqs = {list(plan.factors)}", soft_wrap=True)
+    cpp = llama_cpp_rope_freqs(plan)
+    out_console.print(cpp.get("note") or f"llama.cpp: add GGUF tensor rope_freqs = {cpp['values']}", soft_wrap=True)
 
 
 convert_app = typer.Typer(help="Convert checkpoints from other formats to transformers.", no_args_is_help=True)

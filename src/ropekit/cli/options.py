@@ -24,6 +24,8 @@ HeadDim = Annotated[int | None, typer.Option("--head-dim", help="Channels per at
 RopeTheta = Annotated[float | None, typer.Option("--rope-theta", help="RoPE base b, e.g. 10000.", rich_help_panel=GEOMETRY)]
 OriginalLength = Annotated[int | None, typer.Option("--original-length", help="Pre-training context L in tokens (overrides a preset/config).", rich_help_panel=GEOMETRY)]
 PartialRotary = Annotated[float | None, typer.Option("--partial-rotary-factor", help="Rotated fraction of head_dim (GPT-NeoX/Phi), default 1.", rich_help_panel=GEOMETRY)]
+FromScratch = Annotated[bool, typer.Option("--from-scratch", help="Already-extended model: plan from plain RoPE at its original length, replacing its scaling (default: plan from its current frequencies over its trained context).", rich_help_panel=GEOMETRY)]
+LayerType = Annotated[str | None, typer.Option("--layer-type", help="Per-layer-type RoPE (Gemma 3): which layers' block to plan (default full_attention).", rich_help_panel=GEOMETRY)]
 TargetLength = Annotated[int, typer.Option("--target-length", help="Target context L' in tokens; must exceed L.")]
 Bins = Annotated[int, typer.Option("--bins", help="Histogram bins K over [0, 2π) for disturbance (and dprope's choice).", rich_help_panel=METHOD)]
 Threshold = Annotated[float | None, typer.Option("--threshold", help="dprope: interpolate a pair iff D(extra) − D(interp) > t (default 0).", rich_help_panel=METHOD)]
@@ -43,8 +45,14 @@ AtLength = Annotated[int | None, typer.Option("--at-length", help="dynamic-ntk: 
 
 
 def build_spec(*, preset: str | None, model: str | None, head_dim: int | None, rope_theta: float | None,
-               original_length: int | None, partial_rotary_factor: float | None) -> RopeSpec:
-    """Exactly one geometry source: --preset, --model, or explicit --head-dim/--rope-theta/--original-length."""
+               original_length: int | None, partial_rotary_factor: float | None, from_scratch: bool = False,
+               layer_type: str | None = None) -> RopeSpec:
+    """Exactly one geometry source: --preset, --model, or explicit --head-dim/--rope-theta/--original-length.
+
+    `--from-scratch` and `--layer-type` apply to --model only.
+    """
+    if (from_scratch or layer_type) and not model:
+        raise RopekitError("--from-scratch and --layer-type apply to --model only")
     explicit = head_dim is not None or rope_theta is not None
     sources = [name for name, given in (("--preset", preset), ("--model", model), ("--head-dim/--rope-theta", explicit)) if given]
     if len(sources) != 1:
@@ -54,7 +62,7 @@ def build_spec(*, preset: str | None, model: str | None, head_dim: int | None, r
     if preset:
         spec = RopeSpec.from_preset(preset)
     elif model:
-        spec = RopeSpec.from_pretrained(model)
+        spec = RopeSpec.from_pretrained(model, from_scratch=from_scratch, layer_type=layer_type)
     else:
         if head_dim is None or rope_theta is None or original_length is None:
             raise RopekitError("explicit geometry needs all of --head-dim, --rope-theta and --original-length")

@@ -33,7 +33,8 @@ PRESETS: dict[str, Preset] = {
         _preset("llama3-8b", "meta-llama/Meta-Llama-3-8B", head_dim=128, base=500000.0, length=8192),
         _preset(
             "llama3.1-8b", "meta-llama/Llama-3.1-8B", head_dim=128, base=500000.0, length=8192,
-            note="ships rope_scaling llama3 (factor 8, low 1, high 4) to 131072; planned here from its 8192 pre-training length",
+            note="plain RoPE at its 8192 pre-training length (the pre-3.1 view); the shipped model runs llama3 scaling "
+                 "(factor 8) to 131072: plan with --model on its config.json to start from those frequencies",
         ),
         _preset(
             "mistral-7b-v0.1", "mistralai/Mistral-7B-v0.1", head_dim=128, base=10000.0, length=32768,

@@ -27,7 +27,7 @@ from ropekit.plan.methods.none import none
 from ropekit.plan.methods.ntk import ntk
 from ropekit.plan.methods.resonance import resonance
 from ropekit.plan.methods.yarn import yarn
-from ropekit.plan.scaling import Plan, Scaling
+from ropekit.plan.scaling import Plan, Scaling, combined_factors
 
 
 @dataclass(frozen=True)
@@ -142,15 +142,42 @@ def plan(spec: RopeSpec, target_length: int, method: str = "dprope", *, bins: in
     if m.name == "dprope":
         params = {"bins": bins, **params}
     scaling = compute_scaling(m.name, spec, target_length, **params)
+    if spec.is_extended:
+        scaling = compose_with_current(spec, scaling)
     return Plan(method=m.name, spec=spec, target_length=target_length, params=params, scaling=scaling, bins=bins)
 
 
 MAX_TARGET_LENGTH = 1 << 22  # 4,194,304 tokens (LongRoPE's 2048k fits): disturbance costs O(L' · d/2), ~1 min per method there
 
 
+def compose_with_current(spec: RopeSpec, scaling: Scaling) -> Scaling:
+    """A method's factors f on top of an already-extended model's current frequencies θ_i / g_i.
+
+    Runtime frequencies are those of a `longrope` block with combined factors F_i = g_i·f_i
+    relative to the original base, 1/(F_i·b^(2i/d)) in float32, exactly what transformers
+    reloads (within float32 rounding of θ^cur_i / f_i); the attention factor is a_cur·a.
+    `factors` stay relative to the current frequencies; `details["method_attention_factor"]` is a.
+    """
+    from ropekit.plan.methods.longrope import per_pair_inv_freq
+
+    return Scaling(
+        inv_freq=per_pair_inv_freq(spec, combined_factors(spec, scaling.factors)),
+        factors=scaling.factors,
+        attention_factor=spec.prior_attention_factor * scaling.attention_factor,
+        details={**scaling.details, "method_attention_factor": scaling.attention_factor},
+    )
+
+
 def check_target_length(spec: RopeSpec, target_length: int) -> None:
     if isinstance(target_length, bool) or not isinstance(target_length, int):
         raise RopekitError(f"target length must be an integer number of tokens, got {target_length!r}")
+    if target_length <= spec.original_length and spec.is_extended:
+        kind = (spec.current_scaling or {}).get("rope_type", "existing")
+        raise RopekitError(
+            f"target length {target_length} does not exceed the {spec.original_length} tokens this model already "
+            f"handles with its {kind} scaling; pass --from-scratch (from_scratch=True) to re-plan from its original "
+            f"{spec.pretrained_length}-token RoPE, replacing that scaling"
+        )
     if target_length > MAX_TARGET_LENGTH:
         raise RopekitError(f"target length {target_length:,} is beyond ropekit's bound of {MAX_TARGET_LENGTH:,} tokens "
                            "(2^22; planning cost grows with the length)")
@@ -160,13 +187,14 @@ def check_target_length(spec: RopeSpec, target_length: int) -> None:
         )
 
 
-def comparable_methods() -> list[str]:
-    """Methods that run from the geometry alone (longrope needs searched factors)."""
-    return [name for name, m in METHODS.items() if not m.needs_factors]
+def comparable_methods(spec: RopeSpec | None = None) -> list[str]:
+    """Methods that run from the geometry alone (longrope needs searched factors; the base rules need plain RoPE)."""
+    skip = {"base"} if spec is not None and spec.is_extended else set()
+    return [name for name, m in METHODS.items() if not m.needs_factors and name not in skip]
 
 
 def compare(spec: RopeSpec, target_length: int, methods: list[str] | None = None, *, bins: int = 360) -> dict[str, Plan]:
     """Plan every method (default: all that need no extra input) with default parameters."""
     require_spec(spec)
-    names = methods or comparable_methods()
+    names = methods or comparable_methods(spec)
     return {get_method(n).name: plan(spec, target_length, n, bins=bins) for n in names}

@@ -54,6 +54,13 @@ def _same_details(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return True
 
 
+def combined_factors(spec: RopeSpec, factors: tuple[float, ...]) -> tuple[float, ...]:
+    """F_i = g_i·f_i: new factors on top of an already-extended spec's existing g (f itself for plain RoPE)."""
+    if spec.prior_factors is None:
+        return tuple(factors)
+    return tuple(g * f for g, f in zip(spec.prior_factors, factors))
+
+
 @dataclass(frozen=True)
 class Plan:
     """A method applied to a geometry for one target length. Build it with `ropekit.plan(...)`."""
@@ -73,6 +80,19 @@ class Plan:
     @property
     def factors(self) -> tuple[float, ...]:
         return self.scaling.factors
+
+    @property
+    def runtime_factors(self) -> tuple[float, ...]:
+        """F_i = θ_i / θ'_i relative to the plain base frequencies: what a runtime config carries.
+
+        Equal to `factors` for plain RoPE; for an already-extended spec, its existing g_i × f_i.
+        """
+        return combined_factors(self.spec, self.factors)
+
+    @property
+    def export_original_length(self) -> int:
+        """`original_max_position_embeddings` of the exported block: the pre-scaling length for an extended spec."""
+        return self.spec.pretrained_length or self.spec.original_length
 
     @property
     def inv_freq(self) -> torch.Tensor:

@@ -38,7 +38,17 @@ def plan_summary(plan: Plan, *, disturbance_by_method: dict[str, float] | None =
         "critical_dimension": critical_dimension(spec),
         "extrapolation_bound": extrapolation_bound(spec),
         "details": {k: v for k, v in plan.scaling.details.items() if k != "pair_disturbance"},
+        "layer_type": spec.layer_type,
+        "original_length_source": spec.length_source,
     }
+    if spec.is_extended:
+        out["existing_scaling"] = {
+            "rope_type": (spec.current_scaling or {}).get("rope_type"),
+            "pretrained_length": spec.pretrained_length,
+            "factors": list(spec.prior_factors),
+            "attention_factor": spec.prior_attention_factor,
+        }
+        out["runtime_factors"] = list(plan.runtime_factors)
     if disturbance_by_method is not None:
         out["disturbance_by_method"] = disturbance_by_method
     return out

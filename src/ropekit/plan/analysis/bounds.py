@@ -27,15 +27,24 @@ def critical_dimension(spec: RopeSpec) -> int:
     """
     require_spec(spec)
     d, L = spec.rotary_dim, spec.original_length
+    if spec.is_extended:  # current frequencies are not b^(-2i/d): count the pairs that completed a turn
+        return 2 * int(full_rotation_seen(spec).sum())
     value = 2 * math.ceil((d / 2) * math.log(L / (2 * math.pi)) / math.log(spec.base))
     return min(max(value, 0), d)
 
 
 def extrapolation_bound(spec: RopeSpec, base: float | None = None) -> float:
-    """T_extra = 2π·b'^(d_extra/d) in tokens, with d_extra from the pre-training geometry."""
+    """T_extra = 2π·b'^(d_extra/d) in tokens, with d_extra from the pre-training geometry.
+
+    For an already-extended spec (and no `base`): the shortest current wavelength that did not
+    complete a turn in L (the same quantity for plain RoPE), or inf when every pair did.
+    """
     require_spec(spec)
     if base is not None and not (isinstance(base, (int, float)) and math.isfinite(base) and base > 1):
         raise RopekitError(f"base must be a finite number > 1, got {base!r}")
+    if spec.is_extended and base is None:
+        unseen = spec.wavelengths()[~full_rotation_seen(spec)]
+        return float(unseen.min()) if unseen.numel() else math.inf
     b = spec.base if base is None else base
     return 2 * math.pi * b ** (critical_dimension(spec) / spec.rotary_dim)
 

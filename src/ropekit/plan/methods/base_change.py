@@ -24,6 +24,9 @@ BASE_RULES = ("critical", "men2024")
 def base_change(spec: RopeSpec, target_length: int, *, new_base: float | None = None, rule: str = "critical") -> Scaling:
     """Change the RoPE base to `new_base`, or to the base `rule` gives for L'."""
     if new_base is None:
+        if spec.is_extended:
+            raise RopekitError("the base rules assume plain RoPE frequencies; for an already-extended model give "
+                               "new_base (--new-base), or plan from scratch (--from-scratch)")
         if rule not in BASE_RULES:
             raise did_you_mean("base rule", rule, BASE_RULES)
         derived = base_for_bound(spec, target_length) if rule == "critical" else min_base_for_length(spec, target_length)

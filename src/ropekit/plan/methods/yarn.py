@@ -25,14 +25,20 @@ def yarn_attention_factor(scale: float) -> float:
     return 1.0 if scale <= 1 else 0.1 * math.log(scale) + 1.0
 
 
-def yarn_ramp_bounds(spec: RopeSpec, beta_fast: float, beta_slow: float) -> tuple[float, float]:
-    """(low, high) pair indices of the ramp, truncated to integers as the authors do."""
+def yarn_ramp_bounds(spec: RopeSpec, beta_fast: float, beta_slow: float, *, truncate: bool = True) -> tuple[float, float]:
+    """(low, high) pair indices of the ramp, truncated to integers as the authors do.
+
+    `truncate=False` keeps the fractional bounds (transformers' `truncate: false`, used by GPT-OSS).
+    """
     d, b, L = spec.rotary_dim, spec.base, spec.original_length
 
     def corr(rotations: float) -> float:
         return (d * math.log(L / (rotations * 2 * math.pi))) / (2 * math.log(b))
 
-    return max(math.floor(corr(beta_fast)), 0), min(math.ceil(corr(beta_slow)), d - 1)
+    low, high = corr(beta_fast), corr(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    return max(low, 0), min(high, d - 1)
 
 
 def yarn(
@@ -43,13 +49,14 @@ def yarn(
     beta_fast: float = 32.0,
     beta_slow: float = 1.0,
     attention_factor: float | None = None,
+    truncate: bool = True,
 ) -> Scaling:
     """YaRN frequencies and attention factor for s = `factor` (default L'/L)."""
     s = target_length / spec.original_length if factor is None else factor
     require_finite_positive("factor", s)
     if beta_fast < beta_slow:
         raise RopekitError(f"beta_fast ({beta_fast}) must be ≥ beta_slow ({beta_slow})")
-    low, high = yarn_ramp_bounds(spec, beta_fast, beta_slow)
+    low, high = yarn_ramp_bounds(spec, beta_fast, beta_slow, truncate=truncate)
     if low == high:
         high += 0.001  # the authors' guard against a zero-width ramp
     ramp = torch.clamp((torch.arange(spec.num_pairs, dtype=torch.float32) - low) / (high - low), 0, 1)
@@ -67,5 +74,5 @@ def yarn(
         inv_freq=inv_freq,
         factors=tuple(factors.tolist()),
         attention_factor=float(a),
-        details={"ramp_low": low, "ramp_high": high},
+        details={"ramp_low": low, "ramp_high": high, "truncate": truncate},
     )

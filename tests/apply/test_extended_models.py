@@ -122,8 +122,9 @@ LLAMA31 = {"model_type": "llama", "hidden_size": 4096, "num_attention_heads": 32
 
 @pytest.fixture
 def llama31_dir(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps(LLAMA31))
-    return tmp_path
+    (tmp_path / "llama31").mkdir()
+    (tmp_path / "llama31" / "config.json").write_text(json.dumps(LLAMA31))
+    return tmp_path / "llama31"
 
 
 def test_llama31_inspect_and_plan_from_its_trained_context(llama31_dir):

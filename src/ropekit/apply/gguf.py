@@ -310,6 +310,9 @@ def _atomic_write(target: Path, write: Callable[[Path], None]) -> None:
     tmp = Path(name)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions a plain open() would
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -364,3 +367,75 @@ def _raw_value(f, *, path) -> tuple[Any, Any, Any]:
     if main == T.STRING:
         return bytes(f.parts[f.data[0]]), main, None
     return f.parts[f.data[0]][0], main, None
+
+
+# ---- model card ---------------------------------------------------------------------------------
+
+
+def gguf_card(path: str | os.PathLike) -> dict[str, Any]:
+    """`ropekit inspect X.gguf`: geometry, existing scaling, quantisation, and whether llama.cpp can take a plan."""
+    from collections import Counter
+
+    from ropekit.plan.analysis.bounds import critical_dimension, extrapolation_bound
+
+    reader = open_gguf(path)
+    rope = read_rope(path, reader)
+    types = Counter(t.tensor_type.name for t in reader.tensors)
+    card: dict[str, Any] = {
+        "format": "gguf",
+        "architecture": rope.architecture,
+        "tensor_types": ", ".join(f"{n}×{k}" for k, n in types.most_common()),
+        "head_dim": rope.head_dim,
+        "rotary_dim": rope.rotary_dim,
+        "rope_theta": rope.base,
+        "context_length": rope.context_length,
+        "trained_context": rope.original_length or "unknown (pass --original-length to plan)",
+        "current_scaling": _scaling_summary(rope),
+        "ropekit_plan": rope.ropekit_method or "none",
+    }
+    if rope.original_length:
+        spec = rope.spec()
+        crit = critical_dimension(spec)
+        card["critical_dimension"] = crit
+        card["pairs_without_full_turn"] = f"{spec.num_pairs - crit // 2} of {spec.num_pairs} (pairs ≥ {crit // 2})"
+        card["extrapolation_bound"] = round(extrapolation_bound(spec))
+    supported = rope.architecture in ROPE_FREQS_ARCHITECTURES
+    card["llama_cpp_plan"] = ("supported (rope_freqs.weight)" if supported else
+                              f"not supported: llama.cpp's {rope.architecture!r} graph ignores rope_freqs")
+    target = 4 * (rope.original_length or rope.context_length)
+    card["next"] = (f"ropekit plan --model {path} --target-length {target} --compare; "
+                    + (f"ropekit extend {path} --method dprope --target-length {target} --out EXTENDED.gguf; "
+                       if supported else "")
+                    + f"ropekit convert gguf {path} --out DIR")
+    return card
+
+
+def _scaling_summary(rope: GgufRope) -> str:
+    if rope.scaling_type == "none":
+        return "none"
+    keys = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in rope.scaling.items())
+    if rope.rope_freqs is not None:
+        f = rope.rope_freqs
+        keys = f"{ROPE_FREQS}: {len(f)} factors in [{min(f):g}, {max(f):g}]" + (f"; {keys}" if keys else "")
+    return f"{rope.scaling_type} ({keys})" if keys else rope.scaling_type
+
+
+# ---- extend -------------------------------------------------------------------------------------
+
+
+def extend_gguf(source: str | os.PathLike, out: str | os.PathLike, *, target_length: int, method: str = "dprope",
+                overwrite: bool = False, original_length: int | None = None, **params: Any) -> Plan:
+    """Plan against the GGUF's own geometry and write the extended GGUF (`write_extended_gguf`); returns the plan.
+
+    Any scaling the file already carries is replaced, not stacked: the plan starts from the trained
+    length before it (`rope.scaling.original_context_length`, or `original_length` when the file
+    does not say).
+    """
+    import ropekit
+
+    rope = read_rope(source)
+    check_rope_freqs_support(rope)  # before planning: one clear line, nothing written
+    check_output_file(out, source=source, overwrite=overwrite)
+    plan = ropekit.plan(rope.spec(original_length=original_length), target_length, method, **params)
+    write_extended_gguf(source, plan, out, overwrite=overwrite)
+    return plan

@@ -12,6 +12,10 @@ from ropekit.plan.geometry import RopeSpec, load_config_dict, spec_from_config_d
 
 def model_card(path_or_id: str) -> dict[str, Any]:
     """Geometry, current scaling block, critical dimension, trained context, and next steps."""
+    if str(path_or_id).lower().endswith(".gguf"):
+        from ropekit.apply.gguf import gguf_card
+
+        return gguf_card(path_or_id)
     cfg = load_config_dict(path_or_id)
     spec: RopeSpec = spec_from_config_dict(cfg, name=str(path_or_id))
     family = cfg.get("model_type", "unknown")

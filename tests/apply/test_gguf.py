@@ -15,12 +15,16 @@ import sys
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
 import ropekit
 from conftest import REPO, tiny_llama
 from gguf_fixtures import vocabulary, write_llama_gguf
 from ropekit.apply.gguf import ROPE_FREQS, extend_gguf, open_gguf, read_rope, write_extended_gguf
+from ropekit.cli.main import app
 from ropekit.errors import RopekitError
+
+runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
@@ -163,17 +167,24 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(case, tmp_path, model, 
                 "not-gguf": "not a GGUF", "truncated": "truncated", "unsupported-arch": "ignores rope_freqs",
                 "same-file": "is the input"}[case]
     before = sorted(os.listdir(tmp_path))
-    r = subprocess.run([sys.executable, "-m", "ropekit.cli.main", "extend", str(src), "--target-length", "2048",
-                        "--out", str(out)], capture_output=True, text=True, cwd=REPO)
-    assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
-    assert expected in r.stderr and "Traceback" not in r.stderr
+    r = runner.invoke(app, ["extend", str(src), "--target-length", "2048", "--out", str(out)])
+    assert r.exit_code == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert expected in r.stderr
     assert sorted(os.listdir(tmp_path)) == before
+
+
+@pytest.mark.slow
+def test_bad_gguf_through_the_entry_point(tmp_path):
+    (tmp_path / "x.gguf").write_bytes(b"GGUF\x03\x00")
+    r = subprocess.run([sys.executable, "-m", "ropekit.cli.main", "inspect", str(tmp_path / "x.gguf")],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "truncated" in r.stderr and r.stderr.count("\n") == 1
 
 
 def test_cli_inspect_plan_and_convert(gguf_path, tmp_path):
     def cli(*args):
-        r = subprocess.run([sys.executable, "-m", "ropekit.cli.main", *args], capture_output=True, text=True, cwd=REPO)
-        assert r.returncode == 0, r.stderr
+        r = runner.invoke(app, list(args))
+        assert r.exit_code == 0, r.stderr
         return r.stdout
 
     card = json.loads(cli("inspect", str(gguf_path), "--json"))
@@ -184,3 +195,22 @@ def test_cli_inspect_plan_and_convert(gguf_path, tmp_path):
     assert planned["original_length"] == 512 and planned["factors"] == [4.0] * 8
     cli("convert", "gguf", str(gguf_path), "--out", str(tmp_path / "hf"))
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["num_hidden_layers"] == 2
+
+
+def test_eval_of_a_gguf_is_eval_of_its_model(gguf_path, model, tmp_path, monkeypatch):
+    """`ropekit eval X.gguf` converts once into the cache; an F32 GGUF scores exactly like its source model."""
+    from ropekit.apply.gguf_convert import load_gguf_tokenizer
+    from ropekit.eval.runner import EvalConfig, evaluate
+
+    monkeypatch.setenv("ROPEKIT_CACHE", str(tmp_path / "cache"))
+    model.save_pretrained(tmp_path / "hf")
+    load_gguf_tokenizer(gguf_path).save_pretrained(tmp_path / "hf")
+    text = tmp_path / "doc.txt"
+    text.write_text(" the cat sat on the mat and the dog ran after a ball." * 40)
+    scores = []
+    for source in (gguf_path, tmp_path / "hf"):
+        cfg = EvalConfig(model=str(source), out=tmp_path / f"eval-{len(scores)}", tasks=["ppl"], lengths=[128],
+                         data=str(text), progress=False)
+        scores.append(evaluate(cfg)["methods"]["as-saved"]["ppl"]["128"]["perplexity"])
+    assert scores[0] == pytest.approx(scores[1], rel=1e-6)
+    assert len(list((tmp_path / "cache" / "gguf").iterdir())) == 1

@@ -266,7 +266,7 @@ def inspect_cmd(
 @app.command("eval")
 @user_errors
 def eval_cmd(
-    model: Annotated[str, typer.Argument(metavar="MODEL", help="Model directory or hub id.")],
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="Model directory, hub id, or .gguf file (dequantised once into ~/.cache/ropekit).")],
     out: Annotated[Path, typer.Option("--out", help="Report directory (results.json/.csv, report.md, plots).")] = Path("out/eval"),
     tasks: Annotated[str, typer.Option("--tasks", help="Comma-separated: ppl, longppl, passkey, ruler, longbench.")] = "ppl",
     lengths: Annotated[str, typer.Option("--lengths", help="Comma-separated context lengths in tokens.")] = "512",

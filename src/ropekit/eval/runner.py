@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ class EvalConfig:
     longbench_datasets: list[str] = field(default_factory=list)  # empty: every known file in the folder
     seed: int = 0
     progress: bool = True
+    source_gguf: str | None = None  # set when `model` is the cached conversion of this GGUF
 
     def validate(self) -> None:
         unknown = [t for t in self.tasks if t not in TASKS]
@@ -84,6 +85,10 @@ def context_limit(cfg: EvalConfig) -> int:
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Run every task for every method and write results.json, results.csv, report.md and plots."""
     cfg.validate()
+    if str(cfg.model).lower().endswith(".gguf"):  # evaluate a GGUF through its dequantised transformers copy
+        from ropekit.apply.gguf_convert import converted_dir
+
+        cfg = replace(cfg, model=str(converted_dir(cfg.model)), source_gguf=str(cfg.model))
     limit = context_limit(cfg)  # from the config alone: refuse before loading any weights
     if max(cfg.lengths) > limit:
         raise RopekitError(f"length {max(cfg.lengths)} is beyond this run's limit of {limit} tokens "

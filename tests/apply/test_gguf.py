@@ -214,3 +214,45 @@ def test_eval_of_a_gguf_is_eval_of_its_model(gguf_path, model, tmp_path, monkeyp
         scores.append(evaluate(cfg)["methods"]["as-saved"]["ppl"]["128"]["perplexity"])
     assert scores[0] == pytest.approx(scores[1], rel=1e-6)
     assert len(list((tmp_path / "cache" / "gguf").iterdir())) == 1
+
+
+@pytest.mark.slow
+def test_llama_cpp_runs_the_extended_tiny_gguf_like_transformers_with_the_plan(gguf_path, tmp_path):
+    """The real llama.cpp on F32 weights, 3× past the trained 512 tokens: the same logits as
+    transformers + plan up to float rounding (f16 KV cache), and far from the unextended file."""
+    from gguf_fixtures import require_llama_cpp
+
+    require_llama_cpp()
+    from ropekit.eval.llamacpp import agreement, llama_cpp_logits, transformers_logits
+
+    plan = extend_gguf(gguf_path, tmp_path / "yarn.gguf", target_length=2048, method="yarn")
+    ids = torch.randint(0, len(vocabulary()), (1536,), generator=torch.Generator().manual_seed(0)).tolist()
+    positions = list(range(1280, 1536))
+    reference = transformers_logits(ropekit.apply(tiny_llama(len(vocabulary()), seed=3), plan), ids, positions)
+    extended = agreement(llama_cpp_logits(tmp_path / "yarn.gguf", ids, positions), reference)
+    unextended = agreement(llama_cpp_logits(gguf_path, ids, positions), reference)
+    assert extended["top1_agreement"] == 1.0 and extended["max_abs_logit_diff"] < 1e-4
+    assert unextended["mean_abs_logit_diff"] > 20 * extended["mean_abs_logit_diff"]
+
+
+@pytest.mark.slow
+def test_llama_cpp_perplexity_backend_matches_transformers(gguf_path, tmp_path, monkeypatch):
+    """`ropekit eval X.gguf --backend llama.cpp --method yarn`: same windows, same perplexity as transformers."""
+    from gguf_fixtures import require_llama_cpp
+
+    require_llama_cpp()
+    from ropekit.eval.runner import EvalConfig, evaluate
+
+    monkeypatch.setenv("ROPEKIT_CACHE", str(tmp_path / "cache"))
+    text = tmp_path / "doc.txt"
+    text.write_text(" the cat sat on the mat and the dog ran after a ball." * 60)
+    runs = {}
+    for backend in ("llama.cpp", "transformers"):
+        cfg = EvalConfig(model=str(gguf_path), out=tmp_path / backend, tasks=["ppl"], lengths=[256, 1024],
+                         methods=["yarn"], data=str(text), convention="strided", stride=200, backend=backend,
+                         progress=False)
+        runs[backend] = evaluate(cfg)["methods"]["yarn"]["ppl"]
+    for n in ("256", "1024"):
+        cpp, tf = runs["llama.cpp"][n], runs["transformers"][n]
+        assert cpp["tokens_scored"] == tf["tokens_scored"] and cpp["windows"] == tf["windows"]
+        assert cpp["perplexity"] == pytest.approx(tf["perplexity"], rel=1e-5)

@@ -284,6 +284,7 @@ def eval_cmd(
     longbench_datasets: Annotated[str, typer.Option("--longbench-datasets", help="longbench: comma-separated datasets (default: all files found).")] = "",
     ruler_tasks: Annotated[str, typer.Option("--ruler-tasks", help="ruler: niah_single, niah_multikey, niah_multivalue, vt.")] = "niah_single,niah_multikey,niah_multivalue,vt",
     seed: Annotated[int, typer.Option("--seed", help="passkey and ruler: seed for the generated samples.")] = 0,
+    backend: Annotated[str, typer.Option("--backend", help="transformers, or llama.cpp (ppl of a .gguf in llama.cpp itself; needs ropekit[llamacpp]).")] = "transformers",
 ) -> None:
     """Evaluate long-context ability; several --method values give a side-by-side comparison.
 
@@ -297,7 +298,7 @@ def eval_cmd(
                      max_tokens=max_tokens or None, convention=convention, stride=stride,
                      short_length=short_length, longppl_threshold=longppl_threshold,
                      depths=_split(depths, float), trials=trials, seed=seed, ruler_tasks=_split(ruler_tasks, str),
-                     longbench_dir=longbench_dir, longbench_datasets=_split(longbench_datasets, str))
+                     longbench_dir=longbench_dir, longbench_datasets=_split(longbench_datasets, str), backend=backend)
     results = evaluate(cfg)
     from ropekit.eval.runner import result_rows
 

@@ -3,8 +3,8 @@
 `llama_cpp_logits` feeds token ids to llama.cpp's low-level API in batches and returns the
 logits at the positions asked for (float32, shape (K, vocab)); positions are 0-based token
 indices, and the context is sized to the input. Only the asked-for positions are kept, so an
-8k-token pass stores K × vocab floats, not 8k × vocab. `llama_cpp_perplexity` scores a
-document with disjoint windows the same way.
+8k-token pass stores K × vocab floats, not 8k × vocab. `llama_cpp_perplexity` scores documents
+with the same windows and conventions as `ropekit.eval.perplexity`.
 """
 
 from __future__ import annotations
@@ -74,28 +74,35 @@ def llama_cpp_logits(gguf_path: str | os.PathLike, ids: Sequence[int], positions
 
 
 def llama_cpp_perplexity(gguf_path: str | os.PathLike, documents: Sequence[Sequence[int]], *, length: int,
-                         n_batch: int = 512, n_threads: int | None = None) -> dict[str, float]:
-    """Perplexity in llama.cpp with disjoint windows of `length` tokens (every token after the first
-    of a window is scored; a last partial window is dropped), as exp(mean NLL in nats)."""
+                         convention: str = "strided", stride: int = 256, n_batch: int = 512,
+                         n_threads: int | None = None):
+    """Token-weighted perplexity in llama.cpp with the windows of `ropekit.eval.perplexity.windows`
+    (same conventions, same scored tokens as the transformers backend); a `PerplexityResult`."""
+    from ropekit.eval.perplexity import PerplexityResult, windows
+
+    plan = [(d, w) for d, doc in enumerate(documents) for w in windows(len(doc), length, convention=convention,
+                                                                          stride=stride)]
+    if not plan:
+        raise RopekitError("no document has at least 2 tokens to score")
     nll, count = 0.0, 0
     with llama_context(gguf_path, n_ctx=length, n_batch=n_batch, n_threads=n_threads) as (lib, model, ctx):
         vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(model))
         memory = lib.llama_get_memory(ctx)
-        for doc in documents:
-            for w in range(0, len(doc) - length + 1, length):
-                window = list(doc[w:w + length])
-                lib.llama_memory_clear(memory, True)
-                for start in range(0, length, n_batch):
-                    chunk = window[start:start + n_batch]
-                    _decode(lib, ctx, chunk, start, range(start, start + len(chunk)))
-                    logits = np.ctypeslib.as_array(lib.llama_get_logits(ctx), shape=(len(chunk), vocab))
-                    targets = window[start + 1:start + len(chunk) + 1]
-                    log_probs = _log_softmax(logits[: len(targets)].astype(np.float64))
-                    nll -= float(log_probs[np.arange(len(targets)), targets].sum())
-                    count += len(targets)
-    if count == 0:
-        raise RopekitError(f"no document has {length} tokens; give longer documents or a shorter length")
-    return {"perplexity": math.exp(nll / count), "tokens_scored": count, "length": length, "convention": "disjoint"}
+        for d, w in plan:
+            window = [int(t) for t in documents[d][w.start:w.end]]
+            first = w.score_from - w.start - 1  # window index of the first logit that is scored
+            lib.llama_memory_clear(memory, True)
+            for start in range(0, len(window), n_batch):
+                chunk = window[start:start + n_batch]
+                outputs = [i for i in range(start, start + len(chunk)) if first <= i < len(window) - 1]
+                _decode(lib, ctx, chunk, start, outputs)
+                for i in outputs:
+                    logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx, i - start), shape=(vocab,))
+                    nll -= float(_log_softmax(logits.astype(np.float64))[window[i + 1]])
+                count += len(outputs)
+    return PerplexityResult(perplexity=math.exp(nll / count), nll_sum=nll, tokens_scored=count, windows=len(plan),
+                            documents=len(documents), length=length,
+                            stride=stride if convention == "strided" else None, convention=convention)
 
 
 def _decode(lib, ctx, tokens: list[int], start: int, outputs) -> None:
@@ -180,3 +187,42 @@ def runtime_parity(original_gguf: str | os.PathLike, extended_gguf: str | os.Pat
         "noise_floor": agreement(llama_cpp_logits(original_gguf, short, short_positions, n_threads=n_threads),
                                  floor_reference),
     }
+
+
+def evaluate_llama_cpp(cfg) -> dict:
+    """`ropekit eval X.gguf --backend llama.cpp --tasks ppl`: perplexity in llama.cpp, the file as saved or
+    extended on the fly by each `--method` (an extended GGUF in a temporary directory); same report files."""
+    import tempfile
+    from dataclasses import asdict
+
+    import ropekit
+    from ropekit.apply.gguf import extend_gguf, read_rope
+    from ropekit.apply.gguf_convert import load_gguf_tokenizer
+    from ropekit.eval.data import read_documents, tokenize_documents
+    from ropekit.eval.runner import AS_SAVED, _jsonable, write_report
+
+    require_llama_cpp()
+    rope = read_rope(cfg.model)
+    limit = (cfg.target_length or max(cfg.lengths)) if cfg.methods else rope.context_length
+    if max(cfg.lengths) > limit:
+        raise RopekitError(f"length {max(cfg.lengths)} is beyond this run's limit of {limit} tokens "
+                           "(raise --target-length, or evaluate a GGUF extended that far)")
+    tokenizer = load_gguf_tokenizer(cfg.model)
+    if tokenizer is None:
+        raise RopekitError(f"{cfg.model}: transformers cannot read this GGUF's tokenizer")
+    documents = tokenize_documents(read_documents(cfg.data), tokenizer)
+    documents = [doc[: cfg.max_tokens] for doc in documents] if cfg.max_tokens else documents
+    results: dict = {"ropekit_version": ropekit.__version__, "config": _jsonable(asdict(cfg)), "methods": {}}
+    with tempfile.TemporaryDirectory(prefix="ropekit-gguf-") as tmp:
+        for method in cfg.methods or [AS_SAVED]:
+            path, entry = cfg.model, {}
+            if method != AS_SAVED:
+                path = f"{tmp}/{method}.gguf"
+                plan = extend_gguf(cfg.model, path, target_length=limit, method=method)
+                entry["plan"] = {"target_length": plan.target_length, "factors": list(plan.factors),
+                                 "attention_factor": plan.attention_factor, "disturbance": plan.disturbance}
+            entry["ppl"] = {str(n): llama_cpp_perplexity(path, documents, length=n, convention=cfg.convention,
+                                                         stride=min(cfg.stride, n)).as_dict() for n in cfg.lengths}
+            results["methods"][method] = entry
+    write_report(results, cfg.out)
+    return results

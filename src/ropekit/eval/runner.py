@@ -52,6 +52,7 @@ class EvalConfig:
     seed: int = 0
     progress: bool = True
     source_gguf: str | None = None  # set when `model` is the cached conversion of this GGUF
+    backend: str = "transformers"  # or "llama.cpp": perplexity of a .gguf in llama.cpp itself
 
     def validate(self) -> None:
         unknown = [t for t in self.tasks if t not in TASKS]
@@ -73,6 +74,10 @@ class EvalConfig:
             raise RopekitError(f"--max-tokens {self.max_tokens} is below the longest length {max(self.lengths)}")
         if self.trials < 1:
             raise RopekitError("--trials must be ≥ 1")
+        if self.backend not in ("transformers", "llama.cpp"):
+            raise RopekitError(f"--backend must be transformers or llama.cpp, got {self.backend!r}")
+        if self.backend == "llama.cpp" and (set(self.tasks) != {"ppl"} or not str(self.model).lower().endswith(".gguf")):
+            raise RopekitError("--backend llama.cpp scores perplexity (--tasks ppl) of a .gguf MODEL")
 
 
 def context_limit(cfg: EvalConfig) -> int:
@@ -85,6 +90,10 @@ def context_limit(cfg: EvalConfig) -> int:
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Run every task for every method and write results.json, results.csv, report.md and plots."""
     cfg.validate()
+    if cfg.backend == "llama.cpp":
+        from ropekit.eval.llamacpp import evaluate_llama_cpp
+
+        return evaluate_llama_cpp(cfg)
     if str(cfg.model).lower().endswith(".gguf"):  # evaluate a GGUF through its dequantised transformers copy
         from ropekit.apply.gguf_convert import converted_dir
 

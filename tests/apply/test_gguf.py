@@ -256,3 +256,12 @@ def test_llama_cpp_perplexity_backend_matches_transformers(gguf_path, tmp_path, 
         cpp, tf = runs["llama.cpp"][n], runs["transformers"][n]
         assert cpp["tokens_scored"] == tf["tokens_scored"] and cpp["windows"] == tf["windows"]
         assert cpp["perplexity"] == pytest.approx(tf["perplexity"], rel=1e-5)
+
+
+def test_extend_to_a_directory_says_how_to_get_a_gguf_that_keeps_the_plan(model, tmp_path):
+    model.save_pretrained(tmp_path / "hf")
+    r = runner.invoke(app, ["extend", str(tmp_path / "hf"), "--method", "pi", "--target-length", "2048",
+                            "--out", str(tmp_path / "ext")])
+    assert r.exit_code == 0, r.stderr
+    assert "ropekit extend MODEL.gguf --method pi --target-length 2048" in " ".join(r.stdout.split())
+    assert "convert_hf_to_gguf.py" in r.stderr and "runs unextended" in " ".join(r.stderr.split())

@@ -242,10 +242,10 @@ def extended_metadata(rope: GgufRope, plan: Plan) -> tuple[dict[str, Any], set[s
     """
     from gguf import GGUFValueType as T
 
-    arch = rope.architecture
-    drop = {f"{arch}.rope.scaling.{k}" for k in (*rope.scaling, "type")} | {f"{arch}.rope.scale_linear"}
     import ropekit
 
+    arch = rope.architecture
+    drop = {f"{arch}.rope.scaling.{k}" for k in (*rope.scaling, "type")} | {f"{arch}.rope.scale_linear"}
     sets = {
         f"{arch}.context_length": (plan.target_length, T.UINT32),
         f"{arch}.rope.scaling.type": ("none", T.STRING),

@@ -183,9 +183,10 @@ def extend_cmd(
     out_console.print("load it with: AutoModelForCausalLM.from_pretrained(" + repr(str(out)) + ")")
     out_console.print(f"vLLM on the original weights: --hf-overrides '{json.dumps(vllm_hf_overrides(plan))}'", soft_wrap=True)
     out_console.print(f"llama.cpp: for a GGUF that keeps the plan, run `ropekit extend MODEL.gguf --method {plan.method} "
-                      f"--target-length {target_length} --out EXTENDED.gguf` on the model's GGUF", soft_wrap=True)
-    err_console.print(f"warning: llama.cpp's convert_hf_to_gguf.py drops the longrope factors of Llama-family models, "
-                      f"so converting {out} gives the unextended model", soft_wrap=True)
+                      f"--target-length {target_length} --out EXTENDED.gguf` on a GGUF of the original (unextended) "
+                      "model", soft_wrap=True)
+    err_console.print(f"warning: do not convert {out} with llama.cpp's convert_hf_to_gguf.py: it drops the longrope "
+                      "factors of Llama-family models, and the GGUF runs unextended", soft_wrap=True)
 
 
 def _extend_gguf(model, out, target_length, method, overwrite, original_length, bins, params) -> None:

@@ -189,24 +189,20 @@ def runtime_parity(original_gguf: str | os.PathLike, extended_gguf: str | os.Pat
     }
 
 
-def evaluate_llama_cpp(cfg) -> dict:
+def evaluate_llama_cpp(cfg, limit: int) -> dict:
     """`ropekit eval X.gguf --backend llama.cpp --tasks ppl`: perplexity in llama.cpp, the file as saved or
-    extended on the fly by each `--method` (an extended GGUF in a temporary directory); same report files."""
+    extended on the fly by each `--method` to `limit` tokens (an extended GGUF in a temporary directory);
+    the same report files as the transformers backend."""
     import tempfile
     from dataclasses import asdict
 
     import ropekit
-    from ropekit.apply.gguf import extend_gguf, read_rope
+    from ropekit.apply.gguf import extend_gguf
     from ropekit.apply.gguf_convert import load_gguf_tokenizer
     from ropekit.eval.data import read_documents, tokenize_documents
     from ropekit.eval.runner import AS_SAVED, _jsonable, write_report
 
     require_llama_cpp()
-    rope = read_rope(cfg.model)
-    limit = (cfg.target_length or max(cfg.lengths)) if cfg.methods else rope.context_length
-    if max(cfg.lengths) > limit:
-        raise RopekitError(f"length {max(cfg.lengths)} is beyond this run's limit of {limit} tokens "
-                           "(raise --target-length, or evaluate a GGUF extended that far)")
     tokenizer = load_gguf_tokenizer(cfg.model)
     if tokenizer is None:
         raise RopekitError(f"{cfg.model}: transformers cannot read this GGUF's tokenizer")

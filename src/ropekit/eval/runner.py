@@ -84,24 +84,28 @@ def context_limit(cfg: EvalConfig) -> int:
     """The longest length a run may ask for: the plan target, else the model's max_position_embeddings."""
     if cfg.methods:
         return cfg.target_length or max(cfg.lengths)
+    if str(cfg.model).lower().endswith(".gguf"):
+        from ropekit.apply.gguf import read_rope
+
+        return read_rope(cfg.model).context_length
     return int(load_config_dict(cfg.model).get("max_position_embeddings") or 0)
 
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Run every task for every method and write results.json, results.csv, report.md and plots."""
     cfg.validate()
-    if cfg.backend == "llama.cpp":
-        from ropekit.eval.llamacpp import evaluate_llama_cpp
-
-        return evaluate_llama_cpp(cfg)
-    if str(cfg.model).lower().endswith(".gguf"):  # evaluate a GGUF through its dequantised transformers copy
-        from ropekit.apply.gguf_convert import converted_dir
-
-        cfg = replace(cfg, model=str(converted_dir(cfg.model)), source_gguf=str(cfg.model))
     limit = context_limit(cfg)  # from the config alone: refuse before loading any weights
     if max(cfg.lengths) > limit:
         raise RopekitError(f"length {max(cfg.lengths)} is beyond this run's limit of {limit} tokens "
                            "(raise --target-length, or evaluate a model extended that far)")
+    if cfg.backend == "llama.cpp":
+        from ropekit.eval.llamacpp import evaluate_llama_cpp
+
+        return evaluate_llama_cpp(cfg, limit)
+    if str(cfg.model).lower().endswith(".gguf"):  # evaluate a GGUF through its dequantised transformers copy
+        from ropekit.apply.gguf_convert import converted_dir
+
+        cfg = replace(cfg, model=str(converted_dir(cfg.model)), source_gguf=str(cfg.model))
     tokenizer = load_tokenizer(cfg.model)
     if tokenizer is None:
         raise RopekitError(f"{cfg.model}: no tokenizer found beside the model")

@@ -265,3 +265,27 @@ def test_extend_to_a_directory_says_how_to_get_a_gguf_that_keeps_the_plan(model,
     assert r.exit_code == 0, r.stderr
     assert "ropekit extend MODEL.gguf --method pi --target-length 2048" in " ".join(r.stdout.split())
     assert "convert_hf_to_gguf.py" in r.stderr and "runs unextended" in " ".join(r.stderr.split())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("keys", [
+    {"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0},
+    {"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0, "llama.rope.scaling.original_context_length": 128},
+    {"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0, "llama.rope.scaling.original_context_length": 128,
+     "llama.rope.scaling.attn_factor": 0.9},  # llama.cpp: 0.9 × its own 1 + 0.1 ln 4
+], ids=["linear", "yarn", "yarn-attn_factor"])
+def test_converted_scaling_computes_what_llama_cpp_computes(keys, model, tmp_path):
+    """`convert gguf` maps a GGUF's own scaling keys to transformers; llama.cpp on the same file is the reference."""
+    from gguf_fixtures import require_llama_cpp
+
+    require_llama_cpp()
+    from ropekit.apply.gguf_convert import load_gguf_model
+    from ropekit.eval.llamacpp import agreement, llama_cpp_logits, transformers_logits
+
+    path = write_llama_gguf(tmp_path / "scaled.gguf", model, extra_keys=keys)
+    ids = torch.randint(0, len(vocabulary()), (1024,), generator=torch.Generator().manual_seed(0)).tolist()
+    positions = list(range(768, 1024))
+    cpp = llama_cpp_logits(path, ids, positions)
+    converted = agreement(cpp, transformers_logits(load_gguf_model(path), ids, positions))
+    plain = agreement(cpp, transformers_logits(model, ids, positions))
+    assert converted["max_abs_logit_diff"] < 1e-4 and plain["mean_abs_logit_diff"] > 20 * converted["mean_abs_logit_diff"]

@@ -20,7 +20,7 @@ from ropekit.plan.analysis.bounds import (
     min_base_for_length,
 )
 
-__version__ = "0.1.0"
+from ropekit._version import __version__
 
 __all__ = [
     "METHODS",

@@ -85,7 +85,10 @@ def load_gguf_model(path: str | os.PathLike, *, dtype=None):
     rope = read_rope(path, open_gguf(path))
     config = gguf_config(path, rope)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
+    try:
+        tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
+    except (ValueError, KeyError, NotImplementedError) as exc:  # e.g. a quantisation gguf cannot dequantise
+        raise RopekitError(f"{path}: cannot dequantise this GGUF's tensors ({first_line(exc)})") from None
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     missing = [k for k in missing if k not in tied]

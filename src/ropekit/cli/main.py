@@ -410,17 +410,16 @@ def presets_cmd() -> None:
 
 def main() -> None:
     """Entry point: usage mistakes (missing or malformed options) also become one `error:` line, exit 2."""
-    # typer 0.29 vendors click as typer._click; its exception classes live there (version pinned)
-    from typer._click import exceptions as click_errors
-
     try:
         code = app(standalone_mode=False)
-    except click_errors.NoArgsIsHelpError as exc:
-        print(exc.ctx.get_help())
-        raise SystemExit(0) from None
-    except click_errors.UsageError as exc:
-        command = exc.ctx.command_path if exc.ctx else "ropekit"
-        print(f"error: {exc.format_message()} (see '{command} --help')", file=sys.stderr)
+    except typer.TyperException as exc:  # typer's public base of its usage errors (no private imports)
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:  # a bare `ropekit plan`
+            print(ctx.get_help())
+            raise SystemExit(0) from None
+        command = ctx.command_path if ctx else "ropekit"
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        print(f"error: {message} (see '{command} --help')", file=sys.stderr)
         raise SystemExit(2) from None
     except typer.Abort:
         print("error: aborted", file=sys.stderr)

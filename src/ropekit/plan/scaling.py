@@ -15,7 +15,7 @@ import torch
 from ropekit.plan.geometry import RopeSpec
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Scaling:
     """The output of one method function.
 
@@ -28,6 +28,30 @@ class Scaling:
     factors: tuple[float, ...]  # f_i = θ_i / θ'_i, one per pair
     attention_factor: float = 1.0  # multiplies cos and sin
     details: dict[str, Any] = field(default_factory=dict)  # method-specific diagnostics
+
+    def __eq__(self, other: object) -> bool:
+        """Equal when the frequencies are equal bit for bit and every other field is equal."""
+        if not isinstance(other, Scaling):
+            return NotImplemented
+        return (torch.equal(self.inv_freq, other.inv_freq) and self.factors == other.factors
+                and self.attention_factor == other.attention_factor
+                and _same_details(self.details, other.details))
+
+    __hash__ = None  # type: ignore[assignment]  # mutable details: not hashable
+
+
+def _same_details(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Dict equality that compares tensor values with `torch.equal` instead of raising."""
+    if a.keys() != b.keys():
+        return False
+    for key, x in a.items():
+        y = b[key]
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and torch.equal(x, y)):
+                return False
+        elif x != y:
+            return False
+    return True
 
 
 @dataclass(frozen=True)

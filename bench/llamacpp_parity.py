@@ -45,6 +45,21 @@ def book_body(path: Path) -> str:
     return text[start.end() if start else 0: end.start() if end else len(text)]
 
 
+def markdown_table(results: dict) -> str:
+    """The README table: one row per method and comparison."""
+    rows = ["| method | comparison (last {n} of {t:,} tokens) | top-1 agreement | mean abs Δlogit | max abs Δlogit |".format(
+                n=results["compare_last"], t=results["tokens"]), "|---|---|---|---|---|"]
+    labels = {"extended_vs_plan": "llama.cpp, extended GGUF vs transformers + plan",
+              "unextended_vs_plan": "llama.cpp, original GGUF vs transformers + plan",
+              "noise_floor": "llama.cpp vs transformers, no plan, first 1,024 tokens (noise floor)"}
+    for method, entry in results["methods"].items():
+        for key, label in labels.items():
+            r = entry[key]
+            rows.append(f"| {method} | {label} | {100 * r['top1_agreement']:.1f}% | {r['mean_abs_logit_diff']:.3f} | "
+                        f"{r['max_abs_logit_diff']:.2f} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", default="yarn,dprope")
@@ -53,7 +68,11 @@ def main() -> None:
     ap.add_argument("--compare-last", type=int, default=256, help="positions compared, at the end of the input")
     ap.add_argument("--book", type=Path, default=BOOK)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "llamacpp_parity.json")
+    ap.add_argument("--table", action="store_true", help="only print the README table from an existing --out JSON")
     args = ap.parse_args()
+    if args.table:
+        print(markdown_table(json.loads(args.out.read_text())))
+        return
     llama_cpp = require_llama_cpp()
     source = smollm2_gguf()
     model_dir = converted_dir(source, progress=print)
@@ -74,9 +93,10 @@ def main() -> None:
         entry["interpolated_pairs"] = len(plan.interpolated_pairs)
         entry["seconds"] = round(time.time() - start, 1)
         results["methods"][method] = entry
-        print(method, json.dumps(entry, indent=1))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+        print(method, json.dumps(entry, indent=1), flush=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")  # after every method: a partial run keeps its results
+    print(markdown_table(results))
     print(f"wrote {args.out}")
 
 

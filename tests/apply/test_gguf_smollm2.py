@@ -72,11 +72,12 @@ def test_llama_cpp_runs_the_plan_past_the_trained_context(smollm2, converted, tm
     """One pass of 8,448 tokens of a PG19 book; the last 256 positions (8,192 … 8,447) are compared."""
     require_llama_cpp()
     from ropekit.apply.extend import load_tokenizer
+    from ropekit.eval.data import gutenberg_body
     from ropekit.eval.llamacpp import runtime_parity
 
-    book = require_asset("text/pg19_test/10146.txt").read_text(encoding="utf-8", errors="replace")
+    book = gutenberg_body(require_asset("text/pg19_test/10146.txt").read_text(encoding="utf-8", errors="replace"))
     tokenizer = load_tokenizer(str(converted))
-    ids = ([1] + tokenizer(book[5000:]).input_ids)[:8448]
+    ids = ([tokenizer.bos_token_id or 1] + tokenizer(book).input_ids)[:8448]  # as bench/llamacpp_parity.py
     plan = extend_gguf(smollm2, tmp_path / "yarn.gguf", target_length=32768, method="yarn")
     r = runtime_parity(smollm2, tmp_path / "yarn.gguf", plan, converted, ids, compare_last=256)
     print(json.dumps(r, indent=1))

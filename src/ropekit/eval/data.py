@@ -88,3 +88,14 @@ def tokenize_documents(docs: list[tuple[str, str]], tokenizer, *, cache_dir: Pat
             tmp.replace(path)
         out.append(ids)
     return out
+
+
+def gutenberg_body(text: str) -> str:
+    """A Project Gutenberg file's text between the '*** START OF …' line and '*** END OF' (all of it
+    when the markers are absent), with Windows line ends made '\\n'."""
+    import re
+
+    text = text.replace("\r\n", "\n")
+    start = re.search(r"\*\*\*\s*START OF.*\n", text)
+    end = re.search(r"\*\*\*\s*END OF", text)
+    return text[start.end() if start else 0: end.start() if end else len(text)]

@@ -76,7 +76,7 @@ def test_vllm_and_llama_cpp_forms():
         assert block["short_mscale"] == block["long_mscale"] == plan.attention_factor
         assert block["short_factor"] == block["long_factor"] == list(plan.factors)
     cpp = llama_cpp_rope_freqs(plan)
-    assert cpp["tensor"] == "rope_freqs" and cpp["shape"] == [32] and cpp["values"] == list(plan.factors)
+    assert cpp["tensor"] == "rope_freqs.weight" and cpp["shape"] == [32] and cpp["values"] == list(plan.factors)
 
 
 def test_partial_rotary_export_keeps_the_fraction():

@@ -7,7 +7,8 @@ runtime implements natively also export in that native form.
     transformers v5: config["rope_parameters"] (rope_theta inside)
     transformers v4: config["rope_scaling"] + top-level rope_theta
     vLLM:            --hf-overrides JSON, magnitude from short_mscale / long_mscale (= a)
-    llama.cpp:       GGUF tensor `rope_freqs` (= f, float32), one entry per pair
+    llama.cpp:       GGUF tensor `rope_freqs.weight` (= f, float32), one entry per pair, scaling type
+                     none, attention factor in `<arch>.rope.scaling.attn_factor` (ropekit.apply.gguf)
 """
 
 from __future__ import annotations
@@ -134,9 +135,12 @@ def vllm_hf_overrides(plan: Plan, *, version: int = 5) -> dict[str, Any]:
 
 
 def llama_cpp_rope_freqs(plan: Plan) -> dict[str, Any]:
-    """llama.cpp's per-pair frequency divisors: GGUF tensor `rope_freqs` (F32, d/2 values)."""
+    """llama.cpp's per-pair frequency divisors: GGUF tensor `rope_freqs.weight` (F32, d/2 values).
+
+    `ropekit extend MODEL.gguf ... --out OUT.gguf` writes exactly this (see `ropekit.apply.gguf`).
+    """
     out = {
-        "tensor": "rope_freqs",
+        "tensor": "rope_freqs.weight",
         "ggml_type": "F32",
         "shape": [plan.spec.num_pairs],
         "values": list(plan.runtime_factors),
@@ -144,9 +148,12 @@ def llama_cpp_rope_freqs(plan: Plan) -> dict[str, Any]:
         "attention_factor": plan.attention_factor,
         "context_length": plan.target_length,
         "how_to_use": (
-            "add `values` as the float32 tensor `rope_freqs` when converting to GGUF (llama.cpp divides each "
-            "pair's frequency by it), keep rope scaling type 'none', set the context length to context_length, "
-            "and, if attention_factor != 1, set '<arch>.rope.scaling.attn_factor' to it"
+            "ropekit extend MODEL.gguf --method M --target-length N --out OUT.gguf writes these into a GGUF. By hand: "
+            "add `values` as the float32 tensor `rope_freqs.weight` (llama.cpp divides each pair's frequency by it), "
+            "set '<arch>.rope.scaling.type' to 'none' and remove any other rope.scaling keys and rope_factors_* "
+            "tensors, set '<arch>.context_length' to context_length and '<arch>.rope.scaling.attn_factor' to "
+            "attention_factor. llama.cpp's convert_hf_to_gguf.py does not carry a longrope plan over for "
+            "Llama-family models."
         ),
     }
     if plan.spec.layer_type is not None:

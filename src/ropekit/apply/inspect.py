@@ -17,7 +17,12 @@ def model_card(path_or_id: str) -> dict[str, Any]:
     For an already-extended model the trained context is the one it runs at with its current
     scaling, and the suggested target is never below it. Per-layer-type models (Gemma 3) get one
     entry per layer type under `layer_types`; the top-level numbers are the full-attention layers'.
+    A `.gguf` file gets the GGUF card (`ropekit.apply.gguf.gguf_card`).
     """
+    if str(path_or_id).lower().endswith(".gguf"):
+        from ropekit.apply.gguf import gguf_card
+
+        return gguf_card(path_or_id)
     cfg = load_config_dict(path_or_id)
     spec: RopeSpec = spec_from_config_dict(cfg, name=str(path_or_id))
     family = cfg.get("model_type", "unknown")

@@ -168,9 +168,9 @@ def _default_pairs(critical_pair: int, num_pairs: int) -> list[int]:
 @app.command("extend")
 @user_errors
 def extend_cmd(
-    model: Annotated[str, typer.Argument(metavar="MODEL", help="Model directory or hub id (transformers format; see `ropekit convert`).")],
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="Model directory or hub id (transformers format; see `ropekit convert`), or a .gguf file.")],
     target_length: o.TargetLength,
-    out: Annotated[Path, typer.Option("--out", help="New model directory (must not exist or be empty).")],
+    out: Annotated[Path, typer.Option("--out", help="New model directory (must not exist or be empty); for a .gguf MODEL, a new .gguf file.")],
     method: Annotated[str, typer.Option("--method", help="Scaling method (see `ropekit methods`).")] = "dprope",
     overwrite: o.Overwrite = False,
     from_scratch: o.FromScratch = False,
@@ -179,18 +179,23 @@ def extend_cmd(
     factors_file: o.FactorsFile = None, alpha: o.Alpha = None, beta_fast: o.BetaFast = None, beta_slow: o.BetaSlow = None,
     attention_factor: o.AttentionFactor = None, low_freq_factor: o.LowFreq = None, high_freq_factor: o.HighFreq = None,
     new_base: o.NewBase = None, base_rule: o.BaseRule = None, inner: o.Inner = None, at_length: o.AtLength = None,
+    original_length: Annotated[int | None, typer.Option("--original-length", help="GGUF only: trained context when the file carries scaling without saying it.")] = None,
 ) -> None:
     """Write an extended copy of MODEL that stock transformers loads (no ropekit needed).
 
     The config gets a longrope block with the plan's per-pair factors and attention factor and
     max_position_embeddings = target; ropekit.json records the plan. Prints the vLLM and
-    llama.cpp equivalents.
+    llama.cpp equivalents. A .gguf MODEL gives a .gguf that llama.cpp runs with the plan.
     """
     from ropekit.apply.export import llama_cpp_rope_freqs, vllm_hf_overrides
     from ropekit.apply.extend import extend
     from ropekit.apply.patch import as_plan_list
 
     params = o.method_params_from(method, locals())
+    if model.lower().endswith(".gguf"):
+        return _extend_gguf(model, out, target_length, method, overwrite, original_length, bins, params)
+    if original_length is not None:
+        raise RopekitError("--original-length applies to a .gguf MODEL only (a model directory's config says it)")
     with err_console.status(f"extending {model} to {target_length} tokens with {method}"):
         plans = as_plan_list(extend(model, out, target_length=target_length, method=method, bins=bins,
                                     overwrite=overwrite, from_scratch=from_scratch,
@@ -204,7 +209,27 @@ def extend_cmd(
     plan = plans[0]
     out_console.print(f"vLLM on the original weights: --hf-overrides '{json.dumps(vllm_hf_overrides(plan))}'", soft_wrap=True)
     cpp = llama_cpp_rope_freqs(plan)
-    out_console.print(cpp.get("note") or f"llama.cpp: add GGUF tensor rope_freqs = {cpp['values']}", soft_wrap=True)
+    if cpp.get("note"):
+        out_console.print(cpp["note"], soft_wrap=True)
+    else:
+        out_console.print(f"llama.cpp: for a GGUF that keeps the plan, run `ropekit extend MODEL.gguf --method {plan.method} "
+                          f"--target-length {target_length} --out EXTENDED.gguf` on a GGUF of the original (unextended) "
+                          "model", soft_wrap=True)
+        err_console.print(f"warning: do not convert {out} with llama.cpp's convert_hf_to_gguf.py: it drops the longrope "
+                          "factors of Llama-family models, and the GGUF runs unextended", soft_wrap=True)
+
+
+def _extend_gguf(model, out, target_length, method, overwrite, original_length, bins, params) -> None:
+    from ropekit.apply.gguf import extend_gguf
+
+    with err_console.status(f"extending {model} to {target_length} tokens with {method}"):
+        plan = extend_gguf(model, out, target_length=target_length, method=method, overwrite=overwrite,
+                           original_length=original_length, bins=bins, **params)
+    out_console.print(f"wrote {out} ({plan.method}: {len(plan.interpolated_pairs)} of {plan.spec.num_pairs} pairs "
+                      f"interpolated, attention factor {plan.attention_factor:.4f}; tensors copied unchanged, "
+                      f"rope_freqs.weight added, context_length {target_length})")
+    out_console.print(f"run it with llama.cpp: llama-cli -m {out} -c {target_length}  (or llama_cpp.Llama(model_path="
+                      f"{str(out)!r}, n_ctx={target_length}))", soft_wrap=True)
 
 
 convert_app = typer.Typer(help="Convert checkpoints from other formats to transformers.", no_args_is_help=True)
@@ -237,10 +262,25 @@ def convert_llama2c_cmd(
     out_console.print(f"wrote {out}/ (transformers LlamaForCausalLM + tokenizer); try: ropekit inspect {out}")
 
 
+@convert_app.command("gguf")
+@user_errors
+def convert_gguf_cmd(
+    gguf_file: Annotated[Path, typer.Argument(metavar="GGUF", help="A .gguf file (any quantisation transformers can dequantise).")],
+    out: Annotated[Path, typer.Option("--out", help="Output model directory (must not exist or be empty).")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out directory.")] = False,
+) -> None:
+    """Convert a GGUF to a transformers directory: dequantised float32 weights, tokenizer, chat template, RoPE plan."""
+    from ropekit.apply.gguf_convert import convert_gguf
+
+    with err_console.status(f"dequantising {gguf_file}"):
+        convert_gguf(gguf_file, out, overwrite=overwrite)
+    out_console.print(f"wrote {out}/ (transformers model + tokenizer); try: ropekit inspect {out}")
+
+
 @app.command("inspect")
 @user_errors
 def inspect_cmd(
-    model: Annotated[str, typer.Argument(metavar="MODEL", help="Model directory, config.json, or hub id.")],
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="Model directory, config.json, .gguf file, or hub id.")],
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Model card: RoPE geometry, current scaling, critical dimension, trained context, what to do next."""
@@ -259,7 +299,7 @@ def inspect_cmd(
 @app.command("eval")
 @user_errors
 def eval_cmd(
-    model: Annotated[str, typer.Argument(metavar="MODEL", help="Model directory or hub id.")],
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="Model directory, hub id, or .gguf file (dequantised once into ~/.cache/ropekit).")],
     out: Annotated[Path, typer.Option("--out", help="Report directory (results.json/.csv, report.md, plots).")] = Path("out/eval"),
     tasks: Annotated[str, typer.Option("--tasks", help="Comma-separated: ppl, longppl, passkey, ruler, longbench.")] = "ppl",
     lengths: Annotated[str, typer.Option("--lengths", help="Comma-separated context lengths in tokens.")] = "512",
@@ -278,6 +318,7 @@ def eval_cmd(
     ruler_tasks: Annotated[str, typer.Option("--ruler-tasks", help="ruler: niah_single, niah_multikey, niah_multivalue, vt.")] = "niah_single,niah_multikey,niah_multivalue,vt",
     seed: Annotated[int, typer.Option("--seed", help="passkey and ruler: seed for the generated samples.")] = 0,
     overwrite: o.Overwrite = False,
+    backend: Annotated[str, typer.Option("--backend", help="transformers, or llama.cpp (ppl of a .gguf in llama.cpp itself; needs ropekit[llamacpp]).")] = "transformers",
 ) -> None:
     """Evaluate long-context ability; several --method values give a side-by-side comparison.
 
@@ -291,7 +332,8 @@ def eval_cmd(
                      max_tokens=max_tokens or None, convention=convention, stride=stride,
                      short_length=short_length, longppl_threshold=longppl_threshold,
                      depths=_split(depths, float), trials=trials, seed=seed, ruler_tasks=_split(ruler_tasks, str),
-                     longbench_dir=longbench_dir, longbench_datasets=_split(longbench_datasets, str), overwrite=overwrite)
+                     longbench_dir=longbench_dir, longbench_datasets=_split(longbench_datasets, str), overwrite=overwrite,
+                     backend=backend)
     results = evaluate(cfg)
     from ropekit.eval.runner import best_by_length, result_rows
 

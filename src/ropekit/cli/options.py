@@ -19,7 +19,7 @@ GEOMETRY = "Model geometry (pick one source)"
 METHOD = "Method options"
 
 Preset = Annotated[str | None, typer.Option("--preset", help="Named model, e.g. llama2-7b (see `ropekit presets`).", rich_help_panel=GEOMETRY)]
-Model = Annotated[str | None, typer.Option("--model", help="Model directory, config.json path, or hub id.", rich_help_panel=GEOMETRY)]
+Model = Annotated[str | None, typer.Option("--model", help="Model directory, config.json path, .gguf file, or hub id.", rich_help_panel=GEOMETRY)]
 HeadDim = Annotated[int | None, typer.Option("--head-dim", help="Channels per attention head.", rich_help_panel=GEOMETRY)]
 RopeTheta = Annotated[float | None, typer.Option("--rope-theta", help="RoPE base b, e.g. 10000.", rich_help_panel=GEOMETRY)]
 OriginalLength = Annotated[int | None, typer.Option("--original-length", help="Pre-training context L in tokens (overrides a preset/config).", rich_help_panel=GEOMETRY)]
@@ -61,6 +61,8 @@ def build_spec(*, preset: str | None, model: str | None, head_dim: int | None, r
     check_finite(rope_theta=rope_theta, partial_rotary_factor=partial_rotary_factor)
     if preset:
         spec = RopeSpec.from_preset(preset)
+    elif model and model.lower().endswith(".gguf"):  # a GGUF may need --original-length to be read at all
+        spec = RopeSpec.from_gguf(model, original_length=original_length)
     elif model:
         spec = RopeSpec.from_pretrained(model, from_scratch=from_scratch, layer_type=layer_type)
     else:

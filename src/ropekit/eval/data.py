@@ -128,3 +128,14 @@ def _read_cached(path: Path) -> np.ndarray | None:
         pass
     print(f"note: tokenisation cache entry {path} was corrupted; rebuilding it", file=sys.stderr)
     return None
+
+
+def gutenberg_body(text: str) -> str:
+    """A Project Gutenberg file's text between the '*** START OF …' line and '*** END OF' (all of it
+    when the markers are absent), with Windows line ends made '\\n'."""
+    import re
+
+    text = text.replace("\r\n", "\n")
+    start = re.search(r"\*\*\*\s*START OF.*\n", text)
+    end = re.search(r"\*\*\*\s*END OF", text)
+    return text[start.end() if start else 0: end.start() if end else len(text)]

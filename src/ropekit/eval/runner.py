@@ -11,7 +11,7 @@ import csv
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,8 @@ class EvalConfig:
     seed: int = 0
     progress: bool = True
     overwrite: bool = False  # replace an earlier ropekit report at `out` (never anything else)
+    source_gguf: str | None = None  # set when `model` is the cached conversion of this GGUF
+    backend: str = "transformers"  # or "llama.cpp": perplexity of a .gguf in llama.cpp itself
 
     def validate(self) -> None:
         unknown = [t for t in self.tasks if t not in TASKS]
@@ -77,12 +79,20 @@ class EvalConfig:
             raise RopekitError("--trials must be ≥ 1")
         if "passkey" in self.tasks and not all(0.0 <= d <= 1.0 for d in self.depths):
             raise RopekitError(f"--depths must lie in [0, 1], got {self.depths}")
+        if self.backend not in ("transformers", "llama.cpp"):
+            raise RopekitError(f"--backend must be transformers or llama.cpp, got {self.backend!r}")
+        if self.backend == "llama.cpp" and (set(self.tasks) != {"ppl"} or not str(self.model).lower().endswith(".gguf")):
+            raise RopekitError("--backend llama.cpp scores perplexity (--tasks ppl) of a .gguf MODEL")
 
 
 def context_limit(cfg: EvalConfig) -> int:
     """The longest length a run may ask for: the plan target, else the model's max_position_embeddings."""
     if cfg.methods:
         return cfg.target_length or max(cfg.lengths)
+    if str(cfg.model).lower().endswith(".gguf"):
+        from ropekit.apply.gguf import read_rope
+
+        return read_rope(cfg.model).context_length
     return int(load_config_dict(cfg.model).get("max_position_embeddings") or 0)
 
 
@@ -95,6 +105,14 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     if max(cfg.lengths) > limit:
         raise RopekitError(f"length {max(cfg.lengths)} is beyond this run's limit of {limit} tokens "
                            "(raise --target-length, or evaluate a model extended that far)")
+    if cfg.backend == "llama.cpp":
+        from ropekit.eval.llamacpp import evaluate_llama_cpp
+
+        return evaluate_llama_cpp(cfg, limit)
+    if str(cfg.model).lower().endswith(".gguf"):  # evaluate a GGUF through its dequantised transformers copy
+        from ropekit.apply.gguf_convert import converted_dir
+
+        cfg = replace(cfg, model=str(converted_dir(cfg.model)), source_gguf=str(cfg.model))
     tokenizer = load_tokenizer(cfg.model)
     if tokenizer is None:
         raise RopekitError(f"{cfg.model}: no tokenizer found beside the model")

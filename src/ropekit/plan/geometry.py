@@ -138,9 +138,18 @@ class RopeSpec:
 
     @classmethod
     def from_pretrained(cls, path_or_id: str, *, from_scratch: bool = False, layer_type: str | None = None) -> RopeSpec:
-        """Geometry from a model directory, a `config.json` path, or a hub id (needs the hub)."""
+        """Geometry from a model directory, a `config.json` path, a `.gguf` file, or a hub id (needs the hub)."""
+        if str(path_or_id).lower().endswith(".gguf"):
+            return cls.from_gguf(path_or_id)
         return spec_from_config_dict(load_config_dict(path_or_id), name=str(path_or_id), from_scratch=from_scratch,
                                      layer_type=layer_type)
+
+    @classmethod
+    def from_gguf(cls, path: str, *, original_length: int | None = None) -> RopeSpec:
+        """Geometry from a GGUF file's metadata (see `ropekit.apply.gguf.read_rope`)."""
+        from ropekit.apply.gguf import spec_from_gguf
+
+        return spec_from_gguf(path, original_length=original_length)
 
 
 # ---- config parsing -----------------------------------------------------------------------------

@@ -295,6 +295,7 @@ def test_outputs_have_normal_permissions(tmp_path):
     assert is_ropekit_output(out)
 
 
+@pytest.mark.slow
 def test_every_command_signs_its_output_so_overwrite_can_replace_it(tiny, tmp_path):
     for command in ("plan", "analyze", "convert", "extend"):
         out = tmp_path / command

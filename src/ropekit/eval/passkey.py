@@ -87,14 +87,27 @@ def teacher_forced_correct(model, p: PasskeyPrompt) -> bool:
 
 
 @torch.no_grad()
-def generate_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    """Greedy continuation with the model's KV cache."""
+def generate_greedy(model, prompt_ids: list[int], max_new_tokens: int, *, stop_ids: list[int] | tuple[int, ...] = (),
+                    no_stop_first: bool = False) -> list[int]:
+    """Greedy continuation with the model's KV cache, as `model.generate(do_sample=False)`.
+
+    Stops after emitting a token in `stop_ids` (that token is returned, as generate returns
+    the EOS). `no_stop_first`: the first token may not be a stop token (its logits are masked,
+    as generate's `min_length = prompt + 1` does).
+    """
     ids = torch.tensor([prompt_ids], device=_device(model))
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    generated = []
+    generated: list[int] = []
+    stops = set(stop_ids)
     for _ in range(max_new_tokens):
-        token = int(out.logits[0, -1].argmax())
+        logits = out.logits[0, -1]
+        if no_stop_first and not generated and stops:
+            logits = logits.clone()
+            logits[list(stops)] = -float("inf")
+        token = int(logits.argmax())
         generated.append(token)
+        if token in stops or len(generated) == max_new_tokens:
+            break
         step = torch.tensor([[token]], device=ids.device)
         out = model(input_ids=step, past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
     return generated

@@ -20,7 +20,7 @@ from ropekit.apply.patch import apply, model_spec
 from ropekit.errors import RopekitError
 from ropekit.eval.data import read_documents, tokenize_documents
 from ropekit.plan.geometry import load_config_dict
-from ropekit.eval.longbench import load_longbench, run_longbench
+from ropekit.eval.longbench import CHAT_MODES as LONGBENCH_CHAT_MODES, load_longbench, load_prompt_config, run_longbench
 from ropekit.eval.longppl import long_ppl
 from ropekit.eval.passkey import passkey_grid
 from ropekit.eval.ruler import TASKS as RULER_TASKS, get_task as get_ruler_task, make_sample as make_ruler_sample, run_ruler
@@ -49,6 +49,9 @@ class EvalConfig:
     ruler_tasks: list[str] = field(default_factory=lambda: list(RULER_TASKS))
     longbench_dir: str | None = None  # folder of LongBench-E JSONL files
     longbench_datasets: list[str] = field(default_factory=list)  # empty: every known file in the folder
+    longbench_config: str | None = None  # folder with LongBench's dataset2prompt.json / dataset2maxlen.json
+    longbench_max_length: int | None = None  # prompt tokens before middle truncation; default: LongBench's rule
+    longbench_chat: str = "auto"  # chat template: auto (when the tokenizer has one), on, off
     seed: int = 0
     progress: bool = True
 
@@ -68,6 +71,8 @@ class EvalConfig:
             get_ruler_task(t)
         if "longbench" in self.tasks and not self.longbench_dir:
             raise RopekitError("the longbench task needs --longbench-dir (a folder of LongBench-E JSONL files)")
+        if self.longbench_chat not in LONGBENCH_CHAT_MODES:
+            raise RopekitError(f"--longbench-chat must be one of {', '.join(LONGBENCH_CHAT_MODES)}")
         if self.max_tokens is not None and self.max_tokens < max(self.lengths):
             raise RopekitError(f"--max-tokens {self.max_tokens} is below the longest length {max(self.lengths)}")
         if self.trials < 1:
@@ -94,6 +99,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     if "ruler" in cfg.tasks:
         check_ruler_fits(cfg, tokenizer)
     longbench = load_longbench(cfg.longbench_dir, cfg.longbench_datasets or None) if "longbench" in cfg.tasks else {}
+    prompt_config = load_prompt_config(cfg.longbench_dir, cfg.longbench_config) if longbench else None
     needs_text = {"ppl", "longppl"} & set(cfg.tasks)
     documents = tokenize_documents(read_documents(cfg.data), tokenizer) if needs_text else []
     documents = [doc[: cfg.max_tokens] for doc in documents] if cfg.max_tokens else documents
@@ -121,7 +127,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             entry["ruler"] = run_ruler(model, tokenizer, tasks=cfg.ruler_tasks, lengths=cfg.lengths, samples=cfg.trials,
                                        seed=cfg.seed, progress=cfg.progress).as_dict()
         if longbench:
-            entry["longbench"] = run_longbench(model, tokenizer, longbench, window=limit, progress=cfg.progress).as_dict()
+            entry["longbench"] = run_longbench(model, tokenizer, longbench, window=limit, max_length=cfg.longbench_max_length,
+                                               config=prompt_config, chat=cfg.longbench_chat, progress=cfg.progress).as_dict()
         results["methods"][method] = entry
     write_report(results, cfg.out)
     return results

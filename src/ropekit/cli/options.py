@@ -35,7 +35,7 @@ AttentionFactor = Annotated[float | None, typer.Option("--attention-factor", hel
 LowFreq = Annotated[float | None, typer.Option("--low-freq-factor", help="llama3: lf (default 1).", rich_help_panel=METHOD)]
 HighFreq = Annotated[float | None, typer.Option("--high-freq-factor", help="llama3: hf (default 4).", rich_help_panel=METHOD)]
 NewBase = Annotated[float | None, typer.Option("--new-base", help="base: the new RoPE base b' (else derived by --base-rule).", rich_help_panel=METHOD)]
-BaseRule = Annotated[str | None, typer.Option("--base-rule", help="base: 'critical' (Liu et al. 2023, default) or 'men2024'.", rich_help_panel=METHOD)]
+BaseRule = Annotated[str | None, typer.Option("--base-rule", help="base: 'critical' (Liu et al. 2023, default), 'men2024' (smallest passing base, Men et al. 2024) or 'men2024-all-above'.", rich_help_panel=METHOD)]
 Inner = Annotated[str | None, typer.Option("--inner", help="resonance: the method it wraps (default yarn).", rich_help_panel=METHOD)]
 AtLength = Annotated[int | None, typer.Option("--at-length", help="dynamic-ntk: sequence length to evaluate at (default L').", rich_help_panel=METHOD)]
 

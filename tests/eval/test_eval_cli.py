@@ -25,7 +25,8 @@ def test_eval_compares_methods_and_writes_report(s260k, tmp_path):
     out = tmp_path / "report"
     result = runner.invoke(app, ["eval", s260k, "--tasks", "ppl,longppl,passkey,ruler", "--ruler-tasks", "niah_single", "--lengths", "256,4096", "--method", "none",
                                  "--method", "dprope", "--data", str(text), "--max-tokens", "4096", "--trials", "1",
-                                 "--depths", "0,1", "--out", str(out)])
+                                 "--depths", "0,1", "--short-length", "256", "--longppl-window", "128",
+                                 "--out", str(out)])
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["convention"] == "strided" and results["config"]["stride"] == 256
@@ -41,6 +42,8 @@ def test_eval_compares_methods_and_writes_report(s260k, tmp_path):
     assert "| none |" in report and "| dprope |" in report
     longppl = results["methods"]["dprope"]["longppl"]
     assert set(longppl) == {"4096"} and longppl["4096"]["short_length"] == 256 and longppl["4096"]["key_tokens"] > 0
+    assert (longppl["4096"]["sliding_window"], longppl["4096"]["beta"]) == (128, -2.0)
+    assert longppl["4096"]["evaluator"].startswith("self") and longppl["4096"]["protocol"] == "longppl/2"
     assert "## LongPPL" in report
     ruler = results["methods"]["none"]["ruler"]["score"]
     assert set(ruler) == {"niah_single@256", "niah_single@4096"}

@@ -240,8 +240,11 @@ def eval_cmd(
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="ppl/longppl: tokens read per document (0 = all).")] = 16384,
     convention: Annotated[str, typer.Option("--convention", help="ppl: strided, disjoint or truncated.")] = "strided",
     stride: Annotated[int, typer.Option("--stride", help="ppl: stride S of the strided convention.")] = 256,
-    short_length: Annotated[int, typer.Option("--short-length", help="longppl: short context in tokens.")] = 256,
-    longppl_threshold: Annotated[float, typer.Option("--longppl-threshold", help="longppl: key-token threshold (nats).")] = 2.0,
+    short_length: Annotated[int, typer.Option("--short-length", help="longppl: short context in tokens (official 4096).")] = 4096,
+    longppl_window: Annotated[int, typer.Option("--longppl-window", help="longppl: tokens sharing one short context (official 1024).")] = 1024,
+    longppl_threshold: Annotated[float, typer.Option("--longppl-threshold", help="longppl: α, long − short log-prob difference (nats).")] = 2.0,
+    longppl_beta: Annotated[float, typer.Option("--longppl-beta", help="longppl: β, floor on the long-context log-prob (nats).")] = -2.0,
+    evaluator: Annotated[str | None, typer.Option("--evaluator", help="longppl: model that finds key tokens (default: the model itself).")] = None,
     depths: Annotated[str, typer.Option("--depths", help="passkey: comma-separated needle depths in [0, 1].")] = "0,0.25,0.5,0.75,1",
     trials: Annotated[int, typer.Option("--trials", help="passkey trials / RULER samples per cell (seeded).")] = 5,
     longbench_dir: Annotated[str | None, typer.Option("--longbench-dir", help="longbench: folder of LongBench-E *_e.jsonl files you downloaded.")] = None,
@@ -259,7 +262,8 @@ def eval_cmd(
     cfg = EvalConfig(model=model, out=out, tasks=_split(tasks, str), lengths=_split(lengths, int),
                      methods=list(method or []), target_length=target_length, data=data,
                      max_tokens=max_tokens or None, convention=convention, stride=stride,
-                     short_length=short_length, longppl_threshold=longppl_threshold,
+                     short_length=short_length, longppl_window=longppl_window, longppl_threshold=longppl_threshold,
+                     longppl_beta=longppl_beta, evaluator=evaluator,
                      depths=_split(depths, float), trials=trials, seed=seed, ruler_tasks=_split(ruler_tasks, str),
                      longbench_dir=longbench_dir, longbench_datasets=_split(longbench_datasets, str))
     results = evaluate(cfg)
@@ -292,6 +296,7 @@ def finetune_cmd(
     train_length: Annotated[int | None, typer.Option("--train-length", help="Training window (default: target; with --pose: required, e.g. the original length).")] = None,
     pose: Annotated[bool, typer.Option("--pose", help="PoSE: train at --train-length with position ids skipped up to the target.")] = False,
     pose_chunks: Annotated[int, typer.Option("--pose-chunks", help="PoSE chunks per window.")] = 2,
+    pose_text_skip: Annotated[int, typer.Option("--pose-text-skip", help="PoSE text skipping: cut each window from a span this many tokens longer (0 = off).")] = 0,
     steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps (default 100).")] = None,
     global_batch: Annotated[int | None, typer.Option("--global-batch", help="Windows per step over all processes (default 8).")] = None,
     micro_batch: Annotated[int, typer.Option("--micro-batch", help="Windows per forward pass per process.")] = 1,
@@ -329,7 +334,7 @@ def finetune_cmd(
     chosen = settings.pop("method", "dprope")
     params = {**o.method_params_from(chosen, locals()), "bins": bins}  # ropekit.plan takes bins for any method
     cfg = TrainConfig(model=model, out=out, data=data, method=chosen, method_params=params, train_length=train_length,
-                      pose=pose, pose_chunks=pose_chunks, micro_batch=micro_batch, seed=seed, save_every=save_every,
+                      pose=pose, pose_chunks=pose_chunks, pose_text_skip=pose_text_skip, micro_batch=micro_batch, seed=seed, save_every=save_every,
                       resume=resume, stop_after=stop_after_steps, mixed_precision=mixed_precision, report_to=report_to,
                       max_tokens=max_tokens, **settings)
     record = finetune(cfg)

@@ -21,7 +21,7 @@ from ropekit.errors import RopekitError
 from ropekit.eval.data import read_documents, tokenize_documents
 from ropekit.plan.geometry import load_config_dict
 from ropekit.eval.longbench import CHAT_MODES as LONGBENCH_CHAT_MODES, load_longbench, load_prompt_config, run_longbench
-from ropekit.eval.longppl import long_ppl
+from ropekit.eval.longppl import Evaluator, long_ppl
 from ropekit.eval.passkey import passkey_grid
 from ropekit.eval.ruler import TASKS as RULER_TASKS, get_task as get_ruler_task, make_sample as make_ruler_sample, run_ruler
 from ropekit.eval.perplexity import CONVENTIONS, perplexity
@@ -42,8 +42,11 @@ class EvalConfig:
     max_tokens: int | None = 16384  # perplexity reads at most this many tokens per document
     convention: str = "strided"
     stride: int = 256
-    short_length: int = 256  # longppl: short context, tokens
-    longppl_threshold: float = 2.0  # longppl: key-token threshold, nats
+    short_length: int = 4096  # longppl: short context, tokens (official default)
+    longppl_window: int = 1024  # longppl: tokens sharing one short context (official sliding window)
+    longppl_threshold: float = 2.0  # longppl: α, long − short log-prob difference, nats
+    longppl_beta: float = -2.0  # longppl: β, floor on the long-context log-prob, nats
+    evaluator: str | None = None  # longppl: key-token evaluator model; None: the model under test
     depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     trials: int = 5  # passkey trials per cell; RULER samples per cell
     ruler_tasks: list[str] = field(default_factory=lambda: list(RULER_TASKS))
@@ -103,6 +106,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     needs_text = {"ppl", "longppl"} & set(cfg.tasks)
     documents = tokenize_documents(read_documents(cfg.data), tokenizer) if needs_text else []
     documents = [doc[: cfg.max_tokens] for doc in documents] if cfg.max_tokens else documents
+    evaluator = load_evaluator(cfg.evaluator) if "longppl" in cfg.tasks and cfg.evaluator else None
     results: dict[str, Any] = {"ropekit_version": ropekit.__version__, "config": _jsonable(asdict(cfg)), "methods": {}}
     for method in cfg.methods or [AS_SAVED]:
         model = load_model(cfg.model, dtype="float32")
@@ -118,7 +122,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                             for n in cfg.lengths}
         if "longppl" in cfg.tasks:
             entry["longppl"] = {str(n): long_ppl(model, documents, length=n, short_length=cfg.short_length,
-                                                 threshold=cfg.longppl_threshold).as_dict()
+                                                 sliding_window=cfg.longppl_window, threshold=cfg.longppl_threshold,
+                                                 beta=cfg.longppl_beta, evaluator=evaluator, tokenizer=tokenizer).as_dict()
                                 for n in cfg.lengths if n > cfg.short_length}
         if "passkey" in cfg.tasks:
             entry["passkey"] = passkey_grid(model, tokenizer, lengths=cfg.lengths, depths=cfg.depths,
@@ -132,6 +137,14 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         results["methods"][method] = entry
     write_report(results, cfg.out)
     return results
+
+
+def load_evaluator(path: str) -> Evaluator:
+    """The LongPPL key-token evaluator: a model (as saved) and its own tokenizer."""
+    tokenizer = load_tokenizer(path)
+    if tokenizer is None:
+        raise RopekitError(f"--evaluator {path}: no tokenizer found beside the model")
+    return Evaluator(load_model(path, dtype="float32"), tokenizer, path)
 
 
 def check_ruler_fits(cfg: EvalConfig, tokenizer) -> None:
@@ -158,7 +171,8 @@ def result_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                          "convention": r["convention"], "stride": r["stride"], "tokens_scored": r["tokens_scored"]})
         for n, r in entry.get("longppl", {}).items():
             rows.append({"method": method, "task": "longppl", "length": int(n), "depth": "", "value": r["long_ppl"],
-                         "convention": f"short {r['short_length']}, threshold {r['threshold']}", "stride": "",
+                         "convention": f"short {r['short_length']}/{r['sliding_window']}, α {r['threshold']}, β {r['beta']}, "
+                                       f"evaluator {r['evaluator']}", "stride": "",
                          "tokens_scored": r["key_tokens"]})
         for cell, value in entry.get("ruler", {}).get("score", {}).items():
             task, n = cell.split("@")

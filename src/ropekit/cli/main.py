@@ -247,6 +247,9 @@ def eval_cmd(
     evaluator: Annotated[str | None, typer.Option("--evaluator", help="longppl: model that finds key tokens (default: the model itself).")] = None,
     depths: Annotated[str, typer.Option("--depths", help="passkey: comma-separated needle depths in [0, 1].")] = "0,0.25,0.5,0.75,1",
     trials: Annotated[int, typer.Option("--trials", help="passkey trials / RULER samples per cell (seeded).")] = 5,
+    passkey_scorer: Annotated[str, typer.Option("--passkey-scorer", help="passkey: generation (default) or teacher-forced.")] = "generation",
+    passkey_style: Annotated[str, typer.Option("--passkey-style", help="passkey: yarn (default: task line, newline joins) or compact.")] = "yarn",
+    passkey_task_file: Annotated[str | None, typer.Option("--passkey-task-file", help="passkey: text file with the task line (default: ropekit's wording).")] = None,
     longbench_dir: Annotated[str | None, typer.Option("--longbench-dir", help="longbench: folder of LongBench-E *_e.jsonl files you downloaded.")] = None,
     longbench_datasets: Annotated[str, typer.Option("--longbench-datasets", help="longbench: comma-separated datasets (default: all files found).")] = "",
     ruler_tasks: Annotated[str, typer.Option("--ruler-tasks", help="ruler: niah_single, niah_multikey, niah_multivalue, vt.")] = "niah_single,niah_multikey,niah_multivalue,vt",
@@ -264,7 +267,8 @@ def eval_cmd(
                      max_tokens=max_tokens or None, convention=convention, stride=stride,
                      short_length=short_length, longppl_window=longppl_window, longppl_threshold=longppl_threshold,
                      longppl_beta=longppl_beta, evaluator=evaluator,
-                     depths=_split(depths, float), trials=trials, seed=seed, ruler_tasks=_split(ruler_tasks, str),
+                     depths=_split(depths, float), trials=trials, seed=seed, passkey_scorer=passkey_scorer,
+                     passkey_style=passkey_style, passkey_task_file=passkey_task_file, ruler_tasks=_split(ruler_tasks, str),
                      longbench_dir=longbench_dir, longbench_datasets=_split(longbench_datasets, str))
     results = evaluate(cfg)
     from ropekit.eval.runner import result_rows

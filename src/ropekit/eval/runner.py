@@ -22,7 +22,7 @@ from ropekit.eval.data import read_documents, tokenize_documents
 from ropekit.plan.geometry import load_config_dict
 from ropekit.eval.longbench import CHAT_MODES as LONGBENCH_CHAT_MODES, load_longbench, load_prompt_config, run_longbench
 from ropekit.eval.longppl import Evaluator, long_ppl
-from ropekit.eval.passkey import passkey_grid
+from ropekit.eval.passkey import SCORERS as PASSKEY_SCORERS, STYLES as PASSKEY_STYLES, passkey_grid
 from ropekit.eval.ruler import TASKS as RULER_TASKS, get_task as get_ruler_task, make_sample as make_ruler_sample, run_ruler
 from ropekit.eval.perplexity import CONVENTIONS, perplexity
 
@@ -49,6 +49,9 @@ class EvalConfig:
     evaluator: str | None = None  # longppl: key-token evaluator model; None: the model under test
     depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     trials: int = 5  # passkey trials per cell; RULER samples per cell
+    passkey_scorer: str = "generation"  # or "teacher-forced"
+    passkey_style: str = "yarn"  # or "compact" (ropekit's earlier prompt)
+    passkey_task_file: str | None = None  # text file holding the task line; default: ropekit's wording
     ruler_tasks: list[str] = field(default_factory=lambda: list(RULER_TASKS))
     longbench_dir: str | None = None  # folder of LongBench-E JSONL files
     longbench_datasets: list[str] = field(default_factory=list)  # empty: every known file in the folder
@@ -78,6 +81,9 @@ class EvalConfig:
             raise RopekitError(f"--longbench-chat must be one of {', '.join(LONGBENCH_CHAT_MODES)}")
         if self.max_tokens is not None and self.max_tokens < max(self.lengths):
             raise RopekitError(f"--max-tokens {self.max_tokens} is below the longest length {max(self.lengths)}")
+        if self.passkey_scorer not in PASSKEY_SCORERS or self.passkey_style not in PASSKEY_STYLES:
+            raise RopekitError(f"--passkey-scorer must be one of {', '.join(PASSKEY_SCORERS)} and --passkey-style one of "
+                               f"{', '.join(PASSKEY_STYLES)}")
         if self.trials < 1:
             raise RopekitError("--trials must be ≥ 1")
 
@@ -126,8 +132,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                                                  beta=cfg.longppl_beta, evaluator=evaluator, tokenizer=tokenizer).as_dict()
                                 for n in cfg.lengths if n > cfg.short_length}
         if "passkey" in cfg.tasks:
-            entry["passkey"] = passkey_grid(model, tokenizer, lengths=cfg.lengths, depths=cfg.depths,
-                                            trials=cfg.trials, seed=cfg.seed, progress=cfg.progress).as_dict()
+            entry["passkey"] = passkey_grid(model, tokenizer, lengths=cfg.lengths, depths=cfg.depths, trials=cfg.trials,
+                                            seed=cfg.seed, scorer=cfg.passkey_scorer, style=cfg.passkey_style,
+                                            task_file=cfg.passkey_task_file, progress=cfg.progress).as_dict()
         if "ruler" in cfg.tasks:
             entry["ruler"] = run_ruler(model, tokenizer, tasks=cfg.ruler_tasks, lengths=cfg.lengths, samples=cfg.trials,
                                        seed=cfg.seed, progress=cfg.progress).as_dict()

@@ -55,6 +55,7 @@ def plan_cmd(
     new_base: o.NewBase = None, base_rule: o.BaseRule = None, inner: o.Inner = None, at_length: o.AtLength = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object (and nothing else) on stdout.")] = False,
     compare: Annotated[bool, typer.Option("--compare", help="With --json: add disturbance_by_method for every method.")] = False,
+    paper_setting: Annotated[bool, typer.Option("--paper-setting", help="dprope: the paper's n for LLaMA-2 (80 dims at 8k, 64 at 16k) instead of the t = 0 argmin.")] = False,
     out: Annotated[Path | None, typer.Option("--out", help="Where to write the export files (default out/plans/NAME-METHOD-TARGET).")] = None,
     no_write: Annotated[bool, typer.Option("--no-write", help="Do not write export files.")] = False,
 ) -> None:
@@ -69,13 +70,17 @@ def plan_cmd(
 
     spec = o.build_spec(preset=preset, model=model, head_dim=head_dim, rope_theta=rope_theta,
                         original_length=original_length, partial_rotary_factor=partial_rotary_factor)
+    if paper_setting:
+        interpolated_dims = o.paper_setting_dims(method, spec, target_length, interpolated_dims)
     params = o.method_params_from(method, locals())
     with err_console.status(f"planning {method} to {target_length} tokens"):
         plan = make_plan(spec, target_length, method, bins=bins, **params)
         scores = None
         if compare or not json_out:
             scores = {n: p.disturbance for n, p in compare_methods(spec, target_length, bins=bins).items()}
-            scores[plan.method] = plan.disturbance  # the user's own parameters win
+            scores.update(o.paper_setting_scores(spec, target_length, bins))
+            if not paper_setting:
+                scores[plan.method] = plan.disturbance  # the user's own parameters win
     summary = plan_summary(plan, disturbance_by_method=scores if compare else None)
     if not no_write:
         out_dir = out or Path("out/plans") / o.safe_name(f"{spec.name}-{plan.method}-{target_length}")
@@ -87,7 +92,7 @@ def plan_cmd(
         return
     geometry_header(out_console, plan)
     out_console.print(pair_table(plan))
-    out_console.print(comparison_table(scores, plan.method))
+    out_console.print(comparison_table(scores, f"dprope (paper, n={interpolated_dims})" if paper_setting else plan.method))
     out_console.print(f"[bold]{plan.method}[/]: disturbance {plan.disturbance:.3f}, attention factor "
                       f"{plan.attention_factor:.4f}, {len(plan.interpolated_pairs)} of {spec.num_pairs} pairs interpolated")
     if not no_write:

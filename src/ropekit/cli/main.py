@@ -257,7 +257,12 @@ def eval_cmd(
     passkey_task_file: Annotated[str | None, typer.Option("--passkey-task-file", help="passkey: text file with the task line (default: ropekit's wording).")] = None,
     longbench_dir: Annotated[str | None, typer.Option("--longbench-dir", help="longbench: folder of LongBench-E *_e.jsonl files you downloaded.")] = None,
     longbench_datasets: Annotated[str, typer.Option("--longbench-datasets", help="longbench: comma-separated datasets (default: all files found).")] = "",
-    ruler_tasks: Annotated[str, typer.Option("--ruler-tasks", help="ruler: niah_single, niah_multikey, niah_multivalue, vt.")] = "niah_single,niah_multikey,niah_multivalue,vt",
+    ruler_tasks: Annotated[str, typer.Option("--ruler-tasks", help="ruler: any of RULER's 13 tasks (niah_single_1 … niah_multiquery, vt, cwe, fwe, qa_1, qa_2).")] = "niah_single_1,niah_single_2,niah_single_3,niah_multikey_1,niah_multikey_2,niah_multikey_3,niah_multivalue,niah_multiquery,vt,cwe,fwe,qa_1,qa_2",
+    ruler_essay: Annotated[str | None, typer.Option("--ruler-essay", help="ruler: essay haystack, a text file or folder (default: --data).")] = None,
+    ruler_qa_dir: Annotated[str | None, typer.Option("--ruler-qa-dir", help="ruler: folder with SQuAD / HotpotQA files for qa_1 / qa_2 (skipped without).")] = None,
+    longbench_config: Annotated[str | None, typer.Option("--longbench-config", help="longbench: folder with LongBench's dataset2prompt.json / dataset2maxlen.json (default: looked for beside --longbench-dir).")] = None,
+    longbench_max_length: Annotated[int | None, typer.Option("--longbench-max-length", help="longbench: prompt tokens before middle truncation (default: LongBench's rule, e.g. 3500 for 4096).")] = None,
+    longbench_chat: Annotated[str, typer.Option("--longbench-chat", help="longbench: chat template auto (when the tokenizer has one), on or off.")] = "auto",
     seed: Annotated[int, typer.Option("--seed", help="passkey and ruler: seed for the generated samples.")] = 0,
 ) -> None:
     """Evaluate long-context ability; several --method values give a side-by-side comparison.
@@ -274,7 +279,9 @@ def eval_cmd(
                      longppl_beta=longppl_beta, evaluator=evaluator,
                      depths=_split(depths, float), trials=trials, seed=seed, passkey_scorer=passkey_scorer,
                      passkey_style=passkey_style, passkey_task_file=passkey_task_file, ruler_tasks=_split(ruler_tasks, str),
-                     longbench_dir=longbench_dir, longbench_datasets=_split(longbench_datasets, str))
+                     longbench_dir=longbench_dir, longbench_datasets=_split(longbench_datasets, str),
+                     ruler_essay=ruler_essay, ruler_qa_dir=ruler_qa_dir, longbench_config=longbench_config,
+                     longbench_max_length=longbench_max_length, longbench_chat=longbench_chat)
     results = evaluate(cfg)
     from ropekit.eval.runner import result_rows
 

@@ -23,7 +23,8 @@ from ropekit.plan.geometry import load_config_dict
 from ropekit.eval.longbench import CHAT_MODES as LONGBENCH_CHAT_MODES, load_longbench, load_prompt_config, run_longbench
 from ropekit.eval.longppl import Evaluator, long_ppl
 from ropekit.eval.passkey import SCORERS as PASSKEY_SCORERS, STYLES as PASSKEY_STYLES, passkey_grid
-from ropekit.eval.ruler import TASKS as RULER_TASKS, get_task as get_ruler_task, make_sample as make_ruler_sample, run_ruler
+from ropekit.eval.ruler import (TASKS as RULER_TASKS, get_task as get_ruler_task, make_sample as make_ruler_sample,
+                               read_essay as read_ruler_essay, run_ruler, runnable_tasks as runnable_ruler_tasks)
 from ropekit.eval.perplexity import CONVENTIONS, perplexity
 
 TASKS = ("ppl", "longppl", "passkey", "ruler", "longbench")
@@ -53,6 +54,8 @@ class EvalConfig:
     passkey_style: str = "yarn"  # or "compact" (ropekit's earlier prompt)
     passkey_task_file: str | None = None  # text file holding the task line; default: ropekit's wording
     ruler_tasks: list[str] = field(default_factory=lambda: list(RULER_TASKS))
+    ruler_essay: str | None = None  # essay haystack (text file or folder); default: --data
+    ruler_qa_dir: str | None = None  # folder with SQuAD / HotpotQA files for qa_1 / qa_2
     longbench_dir: str | None = None  # folder of LongBench-E JSONL files
     longbench_datasets: list[str] = field(default_factory=list)  # empty: every known file in the folder
     longbench_config: str | None = None  # folder with LongBench's dataset2prompt.json / dataset2maxlen.json
@@ -137,7 +140,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                                             task_file=cfg.passkey_task_file, progress=cfg.progress).as_dict()
         if "ruler" in cfg.tasks:
             entry["ruler"] = run_ruler(model, tokenizer, tasks=cfg.ruler_tasks, lengths=cfg.lengths, samples=cfg.trials,
-                                       seed=cfg.seed, progress=cfg.progress).as_dict()
+                                       seed=cfg.seed, essay_path=ruler_essay_path(cfg), qa_dir=cfg.ruler_qa_dir,
+                                       progress=cfg.progress).as_dict()
         if longbench:
             entry["longbench"] = run_longbench(model, tokenizer, longbench, window=limit, max_length=cfg.longbench_max_length,
                                                config=prompt_config, chat=cfg.longbench_chat, progress=cfg.progress).as_dict()
@@ -154,14 +158,21 @@ def load_evaluator(path: str) -> Evaluator:
     return Evaluator(load_model(path, dtype="float32"), tokenizer, path)
 
 
+def ruler_essay_path(cfg: EvalConfig) -> str | None:
+    """RULER's essay haystack: --ruler-essay, else the --data documents."""
+    return cfg.ruler_essay or cfg.data
+
+
 def check_ruler_fits(cfg: EvalConfig, tokenizer) -> None:
-    """Refuse, before any weights load, a RULER task whose prompt cannot fit the shortest length."""
+    """Refuse, before any weights load, a runnable RULER task whose prompt cannot fit the shortest length."""
     shortest = min(cfg.lengths)
-    for name in cfg.ruler_tasks:
+    essay = read_ruler_essay(ruler_essay_path(cfg))
+    tasks, _ = runnable_ruler_tasks(cfg.ruler_tasks, essay=essay, qa_dir=cfg.ruler_qa_dir)
+    for task in tasks:
         try:
-            make_ruler_sample(get_ruler_task(name), tokenizer, shortest, 0)
+            make_ruler_sample(task, tokenizer, shortest, 0, essay=essay)
         except RopekitError:
-            raise RopekitError(f"RULER task {name} does not fit in {shortest} tokens with this tokenizer; "
+            raise RopekitError(f"RULER task {task.name} does not fit in {shortest} tokens with this tokenizer; "
                                "use longer --lengths or drop it from --ruler-tasks") from None
 
 
@@ -184,7 +195,7 @@ def result_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         for cell, value in entry.get("ruler", {}).get("score", {}).items():
             task, n = cell.split("@")
             rows.append({"method": method, "task": f"ruler:{task}", "length": int(n), "depth": "", "value": value,
-                         "convention": "string_match_all", "stride": "", "tokens_scored": ""})
+                         "convention": f"{get_ruler_task(task).metric} ×100", "stride": "", "tokens_scored": ""})
         for dataset, buckets in entry.get("longbench", {}).get("scores", {}).items():
             for bucket, value in buckets.items():
                 rows.append({"method": method, "task": f"longbench:{dataset}", "length": "", "depth": bucket,

@@ -3,7 +3,9 @@ reads the prompt to answer (independent of ropekit's generator)."""
 
 from __future__ import annotations
 
+import json
 import math
+import random
 import re
 from collections import Counter
 from types import SimpleNamespace
@@ -17,6 +19,7 @@ from ropekit.apply.llama2c import read_tokenizer, to_transformers_tokenizer
 from ropekit.eval.ruler import (
     TASKS, get_task, make_sample, postprocess, read_essay, run_ruler, string_match_all, string_match_part,
 )
+from ropekit.eval.ruler_qa import load_qa, qa_documents
 
 SYNTHETIC = [n for n, t in TASKS.items() if t.kind in ("niah", "vt")]
 
@@ -157,3 +160,47 @@ def test_essay_tasks_are_skipped_without_an_essay_and_unknown_names_refused(toke
     assert list(result.score) == ["niah_single_1@600"] and "--ruler-essay" in result.skipped["niah_single_2"]
     with pytest.raises(RopekitError, match="did you mean 'niah_single_1'"):
         get_task("niah_singel_1")
+
+
+def _qa_files(folder):
+    squad = {"data": [{"paragraphs": [
+        {"context": "Mira keeps bees on the hill.", "qas": [
+            {"question": "Who keeps bees?", "answers": [{"text": "Mira"}], "is_impossible": False},
+            {"question": "Who keeps goats?", "answers": [], "is_impossible": True}]},
+        {"context": "The hill has a red barn.", "qas": []}]}] + [
+        {"paragraphs": [{"context": f"Filler article {i} talks about rivers.", "qas": []}]} for i in range(30)]}
+    hotpot = [{"question": "Which town has the older bridge?", "answer": "Oakford",
+               "context": [["Oakford", ["Oakford's bridge dates from 1300."]], ["Elmwick", ["Elmwick's bridge is from 1800."]]]}]
+    hotpot += [{"question": f"q{i}", "answer": "x", "context": [[f"T{i}", [f"Other text {i}."]]]} for i in range(30)]
+    (folder / "squad.json").write_text(json.dumps(squad))
+    (folder / "hotpotqa.json").write_text(json.dumps(hotpot))
+    return folder
+
+
+def test_qa_reads_squad_and_hotpotqa_as_ruler_does(tmp_path):
+    folder = _qa_files(tmp_path)
+    squad = load_qa(folder, "squad")
+    assert [q.query for q in squad.questions] == ["Who keeps bees?"]  # unanswerable questions dropped
+    assert squad.documents == sorted(squad.documents) and len(squad.documents) == 32
+    gold = squad.questions[0]
+    assert squad.documents[gold.gold[0]] == "Mira keeps bees on the hill."
+    assert [squad.documents[i] for i in gold.related] == ["The hill has a red barn."]
+    docs = qa_documents(squad, gold, 5, random.Random(0))
+    assert len(docs) == 5 and "Mira keeps bees on the hill." in docs and "The hill has a red barn." in docs
+    hotpot = load_qa(folder, "hotpotqa")
+    first = hotpot.questions[0]
+    assert [hotpot.documents[i] for i in first.gold] == ["Oakford\nOakford's bridge dates from 1300.",
+                                                         "Elmwick\nElmwick's bridge is from 1800."]
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "squad.json").write_text("[1]")
+    with pytest.raises(RopekitError, match="SQuAD's format"):
+        load_qa(tmp_path / "bad", "squad")
+
+
+def test_qa_prompt_holds_the_gold_document_and_scores_part_match(tokenizer, tmp_path):
+    folder = _qa_files(tmp_path)
+    sample = make_sample(get_task("qa_1"), tokenizer, 700, seed=0, qa=load_qa(folder, "squad"))
+    text = tokenizer.decode(sample.prompt_ids, skip_special_tokens=True)
+    assert "Mira keeps bees on the hill." in text and "Who keeps bees?" in text and sample.answers == ["Mira"]
+    assert len(sample.prompt_ids) + 32 <= 700 and text.count("Document ") >= 5
+    assert get_task("qa_1").metric == "string_match_part"

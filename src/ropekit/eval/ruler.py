@@ -17,8 +17,8 @@ fwe, qa_1, qa_2.
     (6 and 1 below 4096 tokens), with a one-shot example. 120 generated tokens.
   * fwe: coded 6-letter words drawn with Zipf counts num_words·k^−α/ζ(α) (α = 2), the most
     frequent one written as dots; the answer is the next three. 50 generated tokens.
-  * qa_1 / qa_2 need SQuAD / HotpotQA files the user provides; without them they are skipped
-    and the result says so.
+  * qa_1 / qa_2: SQuAD / HotpotQA files the user provides (`ropekit.eval.ruler_qa`); without
+    them they are skipped and the result says so. 32 generated tokens, string_match_part.
 The haystack is sized by binary search to the longest that fits `length` − generation budget.
 Prompt wording is ropekit's own (results.json: "prompts: ropekit wording"). Scoring follows
 RULER's evaluate.py: predictions are stripped, control characters (\\x00-\\x1f) replaced by
@@ -38,6 +38,7 @@ from pathlib import Path
 
 from ropekit.errors import RopekitError, did_you_mean
 from ropekit.eval.passkey import FILLER, generate_greedy, largest_fill
+from ropekit.eval.ruler_qa import QaData, load_qa, qa_documents
 
 PROTOCOL = "ruler/2"
 FOLLOWS = "NVIDIA/RULER scripts/synthetic.yaml, scripts/data/synthetic/*.py, scripts/eval/synthetic/constants.py"
@@ -215,7 +216,8 @@ def fwe_text(num_words: int, rng: random.Random, alpha: float = 2.0) -> tuple[st
     return " ".join(words), vocab[1:4]
 
 
-def _prompt_text(task: RulerTask, size: int, seed_text: str, essay: list[str] | None) -> tuple[str, list[str], list[str]]:
+def _prompt_text(task: RulerTask, size: int, seed_text: str, essay: list[str] | None,
+                 qa: QaData | None = None) -> tuple[str, list[str], list[str]]:
     """(prompt text, answers, hidden statements) for a haystack of `size` units; deterministic in seed_text."""
     rng = random.Random(seed_text)
     if task.kind == "niah":
@@ -239,10 +241,17 @@ def _prompt_text(task: RulerTask, size: int, seed_text: str, essay: list[str] | 
         text, answer = fwe_text(size, rng)
         return (f"Count how often each coded word occurs in the text below. {text}\nQuestion: ignoring the dots "
                 "'....', which three coded words occur most often? Answer: the three most frequent coded words are:"), answer, []
-    raise RopekitError(f"RULER task {task.name} needs question-answer files (--ruler-qa-dir)")
+    if qa is None:
+        raise RopekitError(f"RULER task {task.name} needs question-answer files (--ruler-qa-dir)")
+    question = qa.questions[rng.randrange(len(qa.questions))]
+    docs = qa_documents(qa, question, max(size, len(question.gold)), rng)
+    context = "\n\n".join(f"Document {i + 1}:\n{d}" for i, d in enumerate(docs))
+    ask = "Answer the question from the documents; give only the answer."
+    return f"{ask}\n\n{context}\n\n{ask}\n\nQuestion: {question.query} Answer:", question.answers, []
 
 
-def make_sample(task: RulerTask, tokenizer, length: int, seed: int, *, essay: list[str] | None = None) -> Sample:
+def make_sample(task: RulerTask, tokenizer, length: int, seed: int, *, essay: list[str] | None = None,
+                qa: QaData | None = None) -> Sample:
     """One sample that fits in `length` tokens with room for the task's generation budget."""
     seed_text = f"{task.name}-{length}-{seed}"
     budget = length - task.max_new_tokens
@@ -251,8 +260,8 @@ def make_sample(task: RulerTask, tokenizer, length: int, seed: int, *, essay: li
         text, answers = cwe_text(size, random.Random(seed_text), small=True)
         return Sample(tokenizer(text)["input_ids"], answers, [])
     minimum = 1 if task.kind in ("niah", "vt") else 0
-    size = largest_fill(lambda n: len(tokenizer(_prompt_text(task, n + minimum, seed_text, essay)[0])["input_ids"]), budget)
-    text, answers, statements = _prompt_text(task, size + minimum, seed_text, essay)
+    size = largest_fill(lambda n: len(tokenizer(_prompt_text(task, n + minimum, seed_text, essay, qa)[0])["input_ids"]), budget)
+    text, answers, statements = _prompt_text(task, size + minimum, seed_text, essay, qa)
     if len(tokenizer(text)["input_ids"]) > budget:
         raise RopekitError(f"RULER task {task.name} does not fit in {length} tokens")
     return Sample(tokenizer(text)["input_ids"], answers, statements)
@@ -315,9 +324,8 @@ def runnable_tasks(tasks: list[str], *, essay: list[str] | None, qa_dir: str | N
     specs, skipped = [], {}
     for name in tasks:
         task = get_task(name)
-        if task.kind == "qa":
-            skipped[name] = ("needs SQuAD / HotpotQA files: give --ruler-qa-dir" if qa_dir is None
-                             else "reading SQuAD / HotpotQA files is not implemented yet")
+        if task.kind == "qa" and qa_dir is None:
+            skipped[name] = "needs SQuAD / HotpotQA files: give --ruler-qa-dir"
         elif task.haystack == "essay" and not essay:
             skipped[name] = "needs an essay haystack: give --ruler-essay (a text file or folder)"
         else:
@@ -341,6 +349,7 @@ def run_ruler(model, tokenizer, *, tasks: list[str], lengths: list[int], samples
     """Greedy-decode every sample and score it with the task's metric (0-100)."""
     essay = read_essay(essay_path)
     specs, skipped = runnable_tasks(tasks, essay=essay, qa_dir=qa_dir)
+    qa = {t.dataset: load_qa(qa_dir, t.dataset) for t in specs if t.kind == "qa"}
     result = RulerResult([t.name for t in specs], list(lengths), samples, seed, essay=None if essay_path is None else str(essay_path),
                          skipped=skipped)
     cells = [(t, n, i) for t in specs for n in lengths for i in range(samples)]
@@ -349,7 +358,7 @@ def run_ruler(model, tokenizer, *, tasks: list[str], lengths: list[int], samples
 
         cells = tqdm(cells, desc="ruler", unit="sample", leave=False)
     for task, n, i in cells:
-        sample = make_sample(task, tokenizer, n, seed * 100_003 + i, essay=essay)
+        sample = make_sample(task, tokenizer, n, seed * 100_003 + i, essay=essay, qa=qa.get(task.dataset))
         raw = tokenizer.decode(generate_greedy(model, sample.prompt_ids, task.max_new_tokens), skip_special_tokens=True)
         prediction = postprocess(raw)
         result.rows.append({"task": task.name, "length": n, "sample": i, "answers": sample.answers,

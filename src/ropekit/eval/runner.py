@@ -25,6 +25,7 @@ from ropekit.eval.longppl import Evaluator, long_ppl
 from ropekit.eval.passkey import SCORERS as PASSKEY_SCORERS, STYLES as PASSKEY_STYLES, passkey_grid
 from ropekit.eval.ruler import (TASKS as RULER_TASKS, get_task as get_ruler_task, make_sample as make_ruler_sample,
                                read_essay as read_ruler_essay, run_ruler, runnable_tasks as runnable_ruler_tasks)
+from ropekit.eval.ruler_qa import load_qa
 from ropekit.eval.perplexity import CONVENTIONS, perplexity
 
 TASKS = ("ppl", "longppl", "passkey", "ruler", "longbench")
@@ -169,8 +170,9 @@ def check_ruler_fits(cfg: EvalConfig, tokenizer) -> None:
     essay = read_ruler_essay(ruler_essay_path(cfg))
     tasks, _ = runnable_ruler_tasks(cfg.ruler_tasks, essay=essay, qa_dir=cfg.ruler_qa_dir)
     for task in tasks:
+        qa = load_qa(cfg.ruler_qa_dir, task.dataset) if task.kind == "qa" else None  # a bad file: its own error
         try:
-            make_ruler_sample(task, tokenizer, shortest, 0, essay=essay)
+            make_ruler_sample(task, tokenizer, shortest, 0, essay=essay, qa=qa)
         except RopekitError:
             raise RopekitError(f"RULER task {task.name} does not fit in {shortest} tokens with this tokenizer; "
                                "use longer --lengths or drop it from --ruler-tasks") from None

@@ -155,7 +155,7 @@ def passkey_sequence(tokenizer, rng: random.Random, context: int) -> list[int]:
     from ropekit.eval.passkey import build_prompt
 
     length = rng.randint(64, context - 1)
-    p = build_prompt(tokenizer, length, rng.random(), rng.randint(10000, 99999))
+    p = build_prompt(tokenizer, length, rng.random(), rng.randint(10000, 99999), style="compact")
     return p.prompt_ids + p.answer_ids + [tokenizer.eos_token_id]
 
 
@@ -350,7 +350,7 @@ def retrieval_probe(model, tokenizer, cfg: RefConfig, n: int = 20) -> float:
     rng = random.Random(999)
     model.eval()
     hits = [teacher_forced_correct(model, build_prompt(tokenizer, rng.randint(96, cfg.context), rng.random(),
-                                                      rng.randint(10000, 99999))) for _ in range(n)]
+                                                      rng.randint(10000, 99999), style="compact")) for _ in range(n)]
     model.train()
     return sum(hits) / n
 
@@ -362,7 +362,7 @@ def evaluate(model, tokenizer, held: list[str], cfg: RefConfig) -> dict:
     docs = [np.array(tokenizer(h)["input_ids"][:20000]) for h in held]
     ppl = perplexity(model, docs, length=cfg.context, convention="disjoint").perplexity
     grid = passkey_grid(model, tokenizer, lengths=[128, cfg.context], depths=[0.0, 0.25, 0.5, 0.75, 1.0], trials=5,
-                        seed=123, agreement_every=5)
+                        seed=123, agreement_every=5, scorer="teacher-forced", style="compact")
     accuracy = sum(grid.accuracy.values()) / len(grid.accuracy)
     return {"val_perplexity": ppl, "passkey_in_window": accuracy, "passkey_grid": grid.accuracy,
             "scorer_agreement": grid.agreement}

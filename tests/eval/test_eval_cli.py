@@ -23,9 +23,10 @@ def s260k(tmp_path_factory):
 def test_eval_compares_methods_and_writes_report(s260k, tmp_path):
     text = require_asset("text/tinystories/tinystories_val_head.txt")
     out = tmp_path / "report"
-    result = runner.invoke(app, ["eval", s260k, "--tasks", "ppl,longppl,passkey,ruler", "--ruler-tasks", "niah_single", "--lengths", "256,4096", "--method", "none",
+    result = runner.invoke(app, ["eval", s260k, "--tasks", "ppl,longppl,passkey", "--lengths", "256,4096", "--method", "none",
                                  "--method", "dprope", "--data", str(text), "--max-tokens", "4096", "--trials", "1",
-                                 "--depths", "0,1", "--out", str(out)])
+                                 "--depths", "0,1", "--short-length", "256", "--longppl-window", "128",
+                                 "--out", str(out)])
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["convention"] == "strided" and results["config"]["stride"] == 256
@@ -41,11 +42,25 @@ def test_eval_compares_methods_and_writes_report(s260k, tmp_path):
     assert "| none |" in report and "| dprope |" in report
     longppl = results["methods"]["dprope"]["longppl"]
     assert set(longppl) == {"4096"} and longppl["4096"]["short_length"] == 256 and longppl["4096"]["key_tokens"] > 0
+    assert (longppl["4096"]["sliding_window"], longppl["4096"]["beta"]) == (128, -2.0)
+    assert longppl["4096"]["evaluator"].startswith("self") and longppl["4096"]["protocol"] == "longppl/2"
     assert "## LongPPL" in report
-    ruler = results["methods"]["none"]["ruler"]["score"]
-    assert set(ruler) == {"niah_single@256", "niah_single@4096"}
-    assert all(0.0 <= v <= 1.0 for v in ruler.values()) and "## RULER" in report
-    assert len((out / "results.csv").read_text().splitlines()) == 1 + 2 * (2 + 1 + 4 + 2)
+    assert len((out / "results.csv").read_text().splitlines()) == 1 + 2 * (2 + 1 + 4)
+
+
+def test_eval_ruler_records_protocol_and_skipped_tasks(s260k, tmp_path):
+    text = require_asset("text/tinystories/tinystories_val_head.txt")
+    out = tmp_path / "ruler"
+    result = runner.invoke(app, ["eval", s260k, "--tasks", "ruler", "--ruler-tasks", "niah_single_1,niah_single_2,qa_1",
+                                 "--lengths", "1024", "--method", "none", "--trials", "1", "--ruler-essay", str(text),
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    ruler = json.loads((out / "results.json").read_text())["methods"]["none"]["ruler"]
+    assert set(ruler["score"]) == {"niah_single_1@1024", "niah_single_2@1024"}
+    assert all(0.0 <= v <= 100.0 for v in ruler["score"].values())
+    assert ruler["protocol"] == "ruler/2" and ruler["prompts"] == "ropekit wording" and ruler["essay"] == str(text)
+    report = (out / "report.md").read_text()
+    assert "## RULER" in report and "qa_1 skipped" in report
 
 
 def test_eval_longbench_from_local_files(s260k, tmp_path):

@@ -10,7 +10,8 @@ import torch
 
 from conftest import tiny_llama
 from ropekit import RopekitError
-from ropekit.eval.longppl import long_ppl, short_context_logprobs
+from ropekit.eval.longppl import (Evaluator, decoded_offsets, long_ppl, merge_adjacent, short_context_logprobs,
+                                  tokens_inside)
 
 
 @pytest.fixture(scope="module")
@@ -33,32 +34,87 @@ def naive_logprob(model, ids, t, start):
 
 
 def test_short_context_logprobs_match_naive_windows(model, documents):
+    """Official short contexts: windows [kW, kW + S + W) score tokens kW + S … kW + S + W − 1."""
     ids = torch.as_tensor(documents[0][:200], dtype=torch.long)
-    short = short_context_logprobs(model, ids, 64)
-    for t in (1, 31, 32, 63, 64, 95, 96, 150, 199):
-        window_start = max(0, ((t - 64) // 32 + 1) * 32) if t >= 64 else 0
-        assert short[t - 1] == pytest.approx(naive_logprob(model, ids, t, window_start), abs=1e-4)
+    short = short_context_logprobs(model, ids, 64, 32)
+    assert torch.isnan(short[:63]).all()  # tokens before S have no short score
+    for t in (64, 95, 96, 127, 128, 150, 199):
+        start = (t - 64) // 32 * 32
+        assert short[t - 1] == pytest.approx(naive_logprob(model, ids, t, start), abs=1e-4)
 
 
 def test_threshold_extremes(model, documents):
-    everything = long_ppl(model, documents, length=360, short_length=64, threshold=-math.inf)
+    everything = long_ppl(model, documents, length=360, short_length=64, sliding_window=32,
+                          threshold=-math.inf, beta=-math.inf)
     assert everything.key_tokens == everything.tokens_considered == 360 - 64
-    nothing = long_ppl(model, documents, length=360, short_length=64, threshold=math.inf)
+    nothing = long_ppl(model, documents, length=360, short_length=64, sliding_window=32, threshold=math.inf)
     assert nothing.long_ppl is None and nothing.key_tokens == 0 and nothing.tokens_considered == 296
     with pytest.raises(RopekitError, match="longer than the short context"):
         long_ppl(model, [documents[0][:50]], length=360, short_length=64)
 
 
+def test_official_defaults_are_4096_and_1024():
+    import inspect
+
+    defaults = {k: v.default for k, v in inspect.signature(long_ppl).parameters.items()}
+    assert (defaults["short_length"], defaults["sliding_window"], defaults["threshold"], defaults["beta"]) == (4096, 1024, 2.0, -2.0)
+
+
 def test_every_disjoint_window_counts(model, documents):
-    whole = long_ppl(model, documents, length=120, short_length=64, threshold=-math.inf)
+    whole = long_ppl(model, documents, length=120, short_length=64, threshold=-math.inf, beta=-math.inf)
     assert whole.tokens_considered == 3 * (120 - 64)
 
 
-def test_key_tokens_are_those_the_long_context_helps(model, documents):
-    ids = torch.as_tensor(documents[0][:360], dtype=torch.long)
-    short = short_context_logprobs(model, ids, 64)
-    full = torch.tensor([naive_logprob(model, ids, t, 0) for t in range(1, 360)])
-    expected = [(t, float(full[t - 1])) for t in range(64, 360) if full[t - 1] - short[t - 1] > 0.05]
-    result = long_ppl(model, documents, length=360, short_length=64, threshold=0.05)
-    assert result.key_tokens == len(expected)
-    assert result.long_ppl == pytest.approx(math.exp(-sum(v for _, v in expected) / len(expected)), rel=1e-4)
+@pytest.fixture(scope="module")
+def naive_scores(model, documents):
+    """(long, short) log-probs of tokens 64 … 199 of the first 200-token window, one forward pass each."""
+    ids = torch.as_tensor(documents[0][:200], dtype=torch.long)
+    return {t: (naive_logprob(model, ids, t, 0), naive_logprob(model, ids, t, (t - 64) // 32 * 32)) for t in range(64, 200)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("alpha,beta", [(0.05, -math.inf), (0.05, -3.9), (-math.inf, -3.9)])
+def test_key_tokens_need_both_the_difference_and_the_long_context_floor(model, naive_scores, alpha, beta):
+    doc = [np.asarray(_first_window(model), dtype=np.int32)]
+    expected = [lp for lp, short in naive_scores.values() if lp - short > alpha and lp > beta]
+    result = long_ppl(model, doc, length=200, short_length=64, sliding_window=32, threshold=alpha, beta=beta)
+    assert 0 < result.key_tokens == len(expected) < 136
+    assert result.long_ppl == pytest.approx(math.exp(-sum(expected) / len(expected)), rel=1e-4)
+
+
+def _first_window(model):
+    g = np.random.default_rng(3)
+    base = g.integers(0, 50, size=120)
+    return np.concatenate([base, base, base])[:200]
+
+
+class CharTokenizer:
+    """One character per token id (id i ↔ chr(65 + i)); offsets are character positions."""
+
+    def __call__(self, text, return_offsets_mapping=False):
+        out = {"input_ids": [ord(c) - 65 for c in text]}
+        if return_offsets_mapping:
+            out["offset_mapping"] = [(i, i + 1) for i in range(len(text))]
+        return out
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(65 + int(i)) for i in ids)
+
+
+def test_a_separate_evaluator_maps_key_tokens_by_characters(model, documents):
+    """The model as its own 'separate' evaluator through text and offsets gives the self-evaluator's answer."""
+    tok = CharTokenizer()
+    kwargs = dict(length=200, short_length=64, sliding_window=32, threshold=0.05, beta=-math.inf)
+    direct = long_ppl(model, documents, **kwargs)
+    mapped = long_ppl(model, documents, evaluator=Evaluator(model, tok, "char-model"), tokenizer=tok, **kwargs)
+    assert mapped.key_tokens == direct.key_tokens > 0 and mapped.long_ppl == pytest.approx(direct.long_ppl)
+    assert mapped.evaluator == "char-model" and direct.evaluator.startswith("self")
+
+
+def test_interval_merging_and_containment_by_hand():
+    assert merge_adjacent([(0, 2), (2, 5), (7, 9), (9, 10), (11, 12)]) == [(0, 5), (7, 10), (11, 12)]
+    # model tokens: "ab" "cde" "fg" "h" over key characters [0, 5) and [7, 8)
+    spans = [(0, 2), (2, 5), (5, 7), (7, 8)]
+    assert tokens_inside(spans, [(0, 5), (7, 8)]) == [0, 1, 3]
+    assert tokens_inside(spans, [(1, 5)]) == [1]  # "ab" straddles the interval's start: not key
+    assert decoded_offsets(CharTokenizer(), [0, 1, 2]) == [(0, 1), (1, 2), (2, 3)]

@@ -49,19 +49,36 @@ class InductionOracle(torch.nn.Module):
 
 @pytest.mark.parametrize("length", [256, 700])
 @pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
-def test_prompt_fits_and_places_the_needle(tokenizer, length, depth):
-    p = build_prompt(tokenizer, length, depth, 48213)
+def test_compact_prompt_fits_and_places_the_needle(tokenizer, length, depth):
+    p = build_prompt(tokenizer, length, depth, 48213, style="compact")
     total = len(p.prompt_ids) + len(p.answer_ids)
     filler_tokens = len(tokenizer(FILLER)["input_ids"])
     assert length - filler_tokens - 2 <= total <= length
     assert tokenizer.decode(p.answer_ids).strip() == "48213"
     text = tokenizer.decode(p.prompt_ids, skip_special_tokens=True)
     assert text.endswith(QUESTION) and text.count("48213") == 2
-    # depth = share of the filler sentences placed before the needle
     before, after = text.split("The pass key is 48213")
     n_before, n_after = before.count(FILLER), after.count(FILLER)
     assert abs(n_before / (n_before + n_after) - depth) <= 1 / (n_before + n_after)
     assert tokenizer.decode(p.prompt_ids[p.needle_start :], skip_special_tokens=True).lstrip().startswith("The pass key")
+
+
+@pytest.mark.parametrize("length", [256, 700])
+@pytest.mark.parametrize("depth", [0.0, 0.3, 1.0])
+def test_yarn_prompt_is_the_five_newline_joined_lines(tokenizer, length, depth):
+    """yarn's layout: task line, garbage prefix, needle, garbage suffix, question, joined by '\n';
+    the garbage is a character prefix of the space-joined filler, split by depth."""
+    p = build_prompt(tokenizer, length, depth, 4821, task_line="Find the key.")
+    assert len(p.prompt_ids) + len(p.answer_ids) <= length
+    text = tokenizer.decode(p.prompt_ids, skip_special_tokens=True)
+    lines = text.split("\n")
+    assert len(lines) == 5 and lines[0] == "Find the key." and lines[4] == QUESTION
+    assert lines[2] == "The pass key is 4821. Remember it. 4821 is the pass key."
+    endless = " ".join([FILLER] * 200)
+    assert endless.startswith(lines[1]) and endless.startswith(lines[3])
+    n = len(lines[1]) + len(lines[3])
+    assert len(lines[1]) == round(depth * n)
+    assert len(tokenizer(text + " 4821")["input_ids"]) > length - 8  # the filler fills the window
 
 
 def test_scorers_on_an_oracle_that_retrieves(tokenizer):
@@ -74,13 +91,16 @@ def test_scorers_on_an_oracle_that_retrieves(tokenizer):
 
 def test_grid_records_accuracy_and_agreement(tokenizer):
     result = passkey_grid(InductionOracle(512), tokenizer, lengths=[200, 300], depths=[0.0, 1.0], trials=2,
-                          agreement_every=1)
+                          agreement_every=1, style="compact", scorer="teacher-forced")
     assert result.accuracy == {"200@0": 1.0, "200@1": 1.0, "300@0": 1.0, "300@1": 1.0}
     assert result.agreement == 1.0 and result.agreement_trials == 8
     keys = [r["passkey"] for r in result.rows]
     assert keys == [r["passkey"] for r in passkey_grid(InductionOracle(512), tokenizer, lengths=[200, 300],
-                                                       depths=[0.0, 1.0], trials=2).rows]  # seeded
+                                                       depths=[0.0, 1.0], trials=2, style="compact").rows]  # seeded
     assert all(re.fullmatch(r"\d{5}", str(k)) for k in keys)
+    yarn = passkey_grid(InductionOracle(512), tokenizer, lengths=[200], depths=[0.5], trials=3)
+    assert yarn.scorer == "generation" and yarn.style == "yarn" and yarn.task_line == "ropekit wording"
+    assert yarn.accuracy == {"200@0.5": 1.0} and all(1 <= r["passkey"] <= 50000 for r in yarn.rows)
 
 
 def test_real_model_scorers_agree(tokenizer):

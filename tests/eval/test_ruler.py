@@ -1,8 +1,13 @@
-"""RULER-style tasks: construction, scoring, and an oracle that reads the prompt to answer."""
+"""RULER's 13 tasks: construction against RULER's settings, scoring by hand, and an oracle that
+reads the prompt to answer (independent of ropekit's generator)."""
 
 from __future__ import annotations
 
+import json
+import math
+import random
 import re
+from collections import Counter
 from types import SimpleNamespace
 
 import pytest
@@ -11,8 +16,12 @@ import torch
 from conftest import require_asset
 from ropekit import RopekitError
 from ropekit.apply.llama2c import read_tokenizer, to_transformers_tokenizer
-from ropekit.eval.passkey import FILLER
-from ropekit.eval.ruler import TASKS, get_task, make_sample, run_ruler, string_match_all
+from ropekit.eval.ruler import (
+    TASKS, get_task, make_sample, postprocess, read_essay, run_ruler, string_match_all, string_match_part,
+)
+from ropekit.eval.ruler_qa import load_qa, qa_documents
+
+SYNTHETIC = [n for n, t in TASKS.items() if t.kind in ("niah", "vt")]
 
 
 @pytest.fixture(scope="module")
@@ -20,22 +29,43 @@ def tokenizer():
     return to_transformers_tokenizer(*read_tokenizer(require_asset("stories260K/tok512.bin"), 512))
 
 
+@pytest.fixture(scope="module")
+def essay():
+    return read_essay(require_asset("text/tinystories/tinystories_val_head.txt"))
+
+
+def test_thirteen_tasks_with_rulers_settings():
+    assert list(TASKS) == ["niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2",
+                           "niah_multikey_3", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe", "qa_1", "qa_2"]
+    haystacks = {n: t.haystack for n, t in TASKS.items() if t.kind == "niah"}
+    assert haystacks == {"niah_single_1": "noise", "niah_single_2": "essay", "niah_single_3": "essay",
+                         "niah_multikey_1": "essay", "niah_multikey_2": "needle", "niah_multikey_3": "needle",
+                         "niah_multivalue": "essay", "niah_multiquery": "essay"}
+    assert (TASKS["niah_single_3"].value_type, TASKS["niah_multikey_3"].key_type) == ("uuids", "uuids")
+    assert {n: t.max_new_tokens for n, t in TASKS.items() if t.kind != "niah"} == {
+        "vt": 30, "cwe": 120, "fwe": 50, "qa_1": 32, "qa_2": 32}
+    assert all(TASKS[n].max_new_tokens == 128 for n in haystacks)
+
+
 def solve(prompt: str, *, wrong_key: bool = False) -> str:
-    """Answer a RULER prompt from its text alone (independent of ropekit's generator)."""
-    vt = re.search(r"assigned the value (\d+) in the text above", prompt)
+    """Answer a niah or vt prompt from its text alone."""
+    vt = re.findall(r"holding the value (\d+)\?", prompt)
     if vt:
-        holders, frontier = [], [vt.group(1)]
+        task = prompt.split("holding the value")[-2].rsplit("Keep track", 1)[-1]
+        holders, frontier = [], [vt[-1]]
         while frontier:
             target = frontier.pop()
-            pattern = rf"VAR ([A-Z]+) = {target}\." if target.isdigit() else rf"VAR ([A-Z]+) = VAR {target}\."
-            for name in re.findall(pattern, prompt):
+            pattern = rf"VAR ([A-Z]+) = {target}\b" if target.isdigit() else rf"VAR ([A-Z]+) = VAR {target}\b"
+            for name in re.findall(pattern, task):
                 holders.append(name)
                 frontier.append(name)
         return " " + " ".join(holders)
-    asked = re.findall(r"special magic numbers? for (\w+) mentioned", prompt)[-1]
-    keys = re.findall(r"special magic numbers for (\w+) is:", prompt)
-    key = next((k for k in keys if k != asked), asked) if wrong_key else asked
-    return " " + ", ".join(re.findall(rf"special magic numbers for {key} is: (\d+)\.", prompt))
+    asked = re.search(r"given for (.+?) in the text\?", prompt).group(1)
+    asked_keys = re.split(r", and |, ", asked)
+    pairs = re.findall(r"special magic \w+ for (\S+) is: (\S+)\.", prompt)
+    if wrong_key:
+        asked_keys = [next(k for k, _ in pairs if k not in asked_keys)]
+    return " " + ", ".join(v for k, v in pairs if k in asked_keys)
 
 
 class ReaderOracle(torch.nn.Module):
@@ -50,7 +80,7 @@ class ReaderOracle(torch.nn.Module):
         if past_key_values is None:  # the prompt: work out the answer once
             text = self.tokenizer.decode(input_ids[0], skip_special_tokens=True)
             answer = self.tokenizer(solve(text, wrong_key=self.wrong_key), add_special_tokens=False)["input_ids"]
-            state = {"answer": answer + [2] * 64, "step": 0}
+            state = {"answer": answer + [2] * 200, "step": 0}
         else:
             state = past_key_values
         logits = torch.full((1, 1, len(self.tokenizer)), -1e9)
@@ -59,43 +89,118 @@ class ReaderOracle(torch.nn.Module):
         return SimpleNamespace(logits=logits, past_key_values=state)
 
 
-@pytest.mark.parametrize("name", list(TASKS))
-@pytest.mark.parametrize("length", [300, 900])
-def test_samples_fit_and_hide_the_statements(tokenizer, name, length):
-    task = get_task(name)
-    sample = make_sample(task, tokenizer, length, seed=1)
+@pytest.mark.parametrize("name", SYNTHETIC)
+def test_niah_and_vt_samples_fit_and_hide_the_statements(tokenizer, essay, name):
+    task, length = get_task(name), 1100
+    sample = make_sample(task, tokenizer, length, seed=1, essay=essay)
     assert len(sample.prompt_ids) + task.max_new_tokens <= length
-    filler_tokens = len(tokenizer(FILLER, add_special_tokens=False)["input_ids"])
-    assert len(sample.prompt_ids) + task.max_new_tokens > length - filler_tokens - 2  # filled up to the budget
     text = tokenizer.decode(sample.prompt_ids, skip_special_tokens=True)
-    positions = [text.index(s) for s in sample.statements]
-    assert positions == sorted(positions) or name.startswith("niah")
-    assert all(a in text for a in sample.answers)
-    assert make_sample(task, tokenizer, length, seed=1) == sample
-    assert make_sample(task, tokenizer, length, seed=2).answers != sample.answers
+    assert all(s.strip() in text for s in sample.statements) and all(a in text for a in sample.answers)
+    assert make_sample(task, tokenizer, length, seed=1, essay=essay) == sample
+    if task.kind == "niah":
+        expected_values = task.values * task.queries
+        assert len(sample.answers) == expected_values
+        assert len(sample.statements) == max(task.keys, task.queries) * task.values
+        if task.value_type == "uuids":
+            assert all(re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", a) for a in sample.answers)
+        else:
+            assert all(re.fullmatch(r"\d{7}", a) for a in sample.answers)
+        joiner = "\n" if task.haystack in ("noise", "needle") else " "
+        assert joiner + sample.statements[0] in text or text.count(sample.statements[0]) == 1
+    else:
+        assert len(sample.answers) == task.hops + 1 == 5  # num_hops = 4 counts 5 variables, as RULER
+        positions = [text.rindex(s.strip()) for s in sample.statements]
+        assert positions == sorted(positions)  # the chain keeps its order
+        assert "12345" in text  # the one-shot example precedes the task
 
 
-def test_multikey_has_distractors(tokenizer):
-    sample = make_sample(get_task("niah_multikey"), tokenizer, 600, seed=0)
-    keys = {re.search(r"for (\w+) is", s).group(1) for s in sample.statements}
-    assert len(keys) == 4 and len(sample.answers) == 1
+def test_cwe_counts_follow_rulers_repetitions(tokenizer):
+    sample = make_sample(get_task("cwe"), tokenizer, 2048, seed=0)  # below 4096: 6 and 1 repetitions
+    text = tokenizer.decode(sample.prompt_ids, skip_special_tokens=True)
+    task_list = text.rsplit("remember the most frequent ones.", 1)[1].split("Question")[0]
+    counts = Counter(re.findall(r"\d+\. ([a-z]+)", task_list))
+    assert {counts[a] for a in sample.answers} == {6} and set(counts[w] for w in counts if w not in sample.answers) == {1}
 
 
-def test_string_match_all():
-    assert string_match_all("The numbers are 123 and 456.", ["123", "456"]) == 1.0
-    assert string_match_all("only 123", ["123", "456"]) == 0.5
-    assert string_match_all("VARS: abcde", ["ABCDE"]) == 1.0
-    assert string_match_all("", ["1"]) == 0.0
+def test_fwe_counts_are_zipf_and_the_answer_is_ranks_two_to_four(tokenizer):
+    sample = make_sample(get_task("fwe"), tokenizer, 2048, seed=0)
+    text = tokenizer.decode(sample.prompt_ids, skip_special_tokens=True)
+    coded = text.split("occurs in the text below. ", 1)[1].split("\nQuestion")[0].split(" ")
+    counts = Counter(coded)
+    ranked = [w for w, _ in counts.most_common()]
+    assert ranked[0] == "...." and set(ranked[1:4]) == set(sample.answers)
+    # count of rank k = int(N · k^−2 / ζ(2)), ζ(2) = π²/6: recover N from rank 1 and check rank 2
+    zeta2 = math.pi ** 2 / 6
+    n_low = counts["...."] * zeta2
+    assert int(n_low / 4 / zeta2) - 1 <= counts[sample.answers[0]] <= int((n_low + zeta2) / 4 / zeta2) + 1
 
 
-def test_reader_oracle_scores_perfectly_and_wrong_key_scores_zero(tokenizer):
-    tasks = list(TASKS)
-    right = run_ruler(ReaderOracle(tokenizer), tokenizer, tasks=tasks, lengths=[400, 800], samples=2)
-    assert set(right.score.values()) == {1.0}, right.score
-    wrong = run_ruler(ReaderOracle(tokenizer, wrong_key=True), tokenizer, tasks=["niah_multikey"], lengths=[400], samples=3)
-    assert wrong.score == {"niah_multikey@400": 0.0}
+def test_string_match_scores_by_hand():
+    assert string_match_all("The numbers are 123 and 456.", ["123", "456"]) == 100.0
+    assert string_match_all("only 123", ["123", "456"]) == 50.0
+    assert string_match_all("VARS: abcde", ["ABCDE"]) == 100.0
+    assert string_match_part("only 123", ["123", "456"]) == 100.0 and string_match_part("none", ["1x"]) == 0.0
+    assert postprocess("  a\x07b\tc \n") == "a\nb\nc"
 
 
-def test_unknown_task(tokenizer):
-    with pytest.raises(RopekitError, match="did you mean 'niah_single'"):
-        get_task("niah_singel")
+def test_reader_oracle_scores_100_and_wrong_key_scores_0(tokenizer, essay, tmp_path):
+    essay_file = tmp_path / "essay.txt"
+    essay_file.write_text(" ".join(essay))
+    right = run_ruler(ReaderOracle(tokenizer), tokenizer, tasks=SYNTHETIC + ["qa_1"], lengths=[1100], samples=1,
+                      essay_path=essay_file)
+    assert set(right.score.values()) == {100.0}, right.score
+    assert "qa_1" in right.skipped and "--ruler-qa-dir" in right.skipped["qa_1"]
+    wrong = run_ruler(ReaderOracle(tokenizer, wrong_key=True), tokenizer, tasks=["niah_multikey_2"], lengths=[800],
+                      samples=2)
+    assert wrong.score == {"niah_multikey_2@800": 0.0}
+
+
+def test_essay_tasks_are_skipped_without_an_essay_and_unknown_names_refused(tokenizer):
+    result = run_ruler(ReaderOracle(tokenizer), tokenizer, tasks=["niah_single_1", "niah_single_2"], lengths=[600], samples=1)
+    assert list(result.score) == ["niah_single_1@600"] and "--ruler-essay" in result.skipped["niah_single_2"]
+    with pytest.raises(RopekitError, match="did you mean 'niah_single_1'"):
+        get_task("niah_singel_1")
+
+
+def _qa_files(folder):
+    squad = {"data": [{"paragraphs": [
+        {"context": "Mira keeps bees on the hill.", "qas": [
+            {"question": "Who keeps bees?", "answers": [{"text": "Mira"}], "is_impossible": False},
+            {"question": "Who keeps goats?", "answers": [], "is_impossible": True}]},
+        {"context": "The hill has a red barn.", "qas": []}]}] + [
+        {"paragraphs": [{"context": f"Filler article {i} talks about rivers.", "qas": []}]} for i in range(30)]}
+    hotpot = [{"question": "Which town has the older bridge?", "answer": "Oakford",
+               "context": [["Oakford", ["Oakford's bridge dates from 1300."]], ["Elmwick", ["Elmwick's bridge is from 1800."]]]}]
+    hotpot += [{"question": f"q{i}", "answer": "x", "context": [[f"T{i}", [f"Other text {i}."]]]} for i in range(30)]
+    (folder / "squad.json").write_text(json.dumps(squad))
+    (folder / "hotpotqa.json").write_text(json.dumps(hotpot))
+    return folder
+
+
+def test_qa_reads_squad_and_hotpotqa_as_ruler_does(tmp_path):
+    folder = _qa_files(tmp_path)
+    squad = load_qa(folder, "squad")
+    assert [q.query for q in squad.questions] == ["Who keeps bees?"]  # unanswerable questions dropped
+    assert squad.documents == sorted(squad.documents) and len(squad.documents) == 32
+    gold = squad.questions[0]
+    assert squad.documents[gold.gold[0]] == "Mira keeps bees on the hill."
+    assert [squad.documents[i] for i in gold.related] == ["The hill has a red barn."]
+    docs = qa_documents(squad, gold, 5, random.Random(0))
+    assert len(docs) == 5 and "Mira keeps bees on the hill." in docs and "The hill has a red barn." in docs
+    hotpot = load_qa(folder, "hotpotqa")
+    first = hotpot.questions[0]
+    assert [hotpot.documents[i] for i in first.gold] == ["Oakford\nOakford's bridge dates from 1300.",
+                                                         "Elmwick\nElmwick's bridge is from 1800."]
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "squad.json").write_text("[1]")
+    with pytest.raises(RopekitError, match="SQuAD's format"):
+        load_qa(tmp_path / "bad", "squad")
+
+
+def test_qa_prompt_holds_the_gold_document_and_scores_part_match(tokenizer, tmp_path):
+    folder = _qa_files(tmp_path)
+    sample = make_sample(get_task("qa_1"), tokenizer, 700, seed=0, qa=load_qa(folder, "squad"))
+    text = tokenizer.decode(sample.prompt_ids, skip_special_tokens=True)
+    assert "Mira keeps bees on the hill." in text and "Who keeps bees?" in text and sample.answers == ["Mira"]
+    assert len(sample.prompt_ids) + 32 <= 700 and text.count("Document ") >= 5
+    assert get_task("qa_1").metric == "string_match_part"

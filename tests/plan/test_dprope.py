@@ -107,3 +107,30 @@ def test_bad_dprope_options():
         ropekit.plan(LLAMA2, 8192, "dprope", interpolated_dims=3)
     with pytest.raises(RopekitError, match="finite"):
         ropekit.plan(LLAMA2, 8192, "dprope", threshold=float("nan"))
+
+
+def test_paper_setting_for_llama2_and_both_in_compare():
+    """Wu et al. 2024 interpolate n = 80 dims at 8k and 64 at 16k on LLaMA-2; the t = 0 argmin picks 94 and 84."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from ropekit.cli.main import app
+    from ropekit.plan.methods.dprope import paper_interpolated_dims
+    from ropekit.plan.presets import PRESETS
+
+    spec = PRESETS["llama2-7b"].spec
+    assert paper_interpolated_dims(spec, 8192) == 80 and paper_interpolated_dims(spec, 16384) == 64
+    assert paper_interpolated_dims(spec, 32768) is None and paper_interpolated_dims(PRESETS["llama3-8b"].spec, 16384) is None
+    assert 2 * len(ropekit.plan(spec, 8192, "dprope").interpolated_pairs) == 94
+    assert 2 * len(ropekit.plan(spec, 16384, "dprope").interpolated_pairs) == 84
+    runner = CliRunner()
+    result = runner.invoke(app, ["plan", "--preset", "llama2-7b", "--target-length", "16384", "--paper-setting",
+                                 "--json", "--compare", "--no-write"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    scores = summary["disturbance_by_method"]
+    assert scores["dprope"] < scores["dprope (paper, n=64)"]  # the argmin disturbs less, by construction
+    assert scores["dprope (paper, n=64)"] == pytest.approx(ropekit.plan(spec, 16384, "dprope", interpolated_dims=64).disturbance)
+    bad = runner.invoke(app, ["plan", "--preset", "llama2-7b", "--target-length", "32768", "--paper-setting", "--no-write"])
+    assert bad.exit_code == 2 and "paper's setting exists" in bad.output

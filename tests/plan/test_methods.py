@@ -86,17 +86,39 @@ def naive_min_b(rotary_dim: int, base: float, length: int) -> float:
     return min(sum(math.cos(m * t) for t in thetas) for m in range(length))
 
 
-def test_min_base_for_length_against_naive_loop():
-    spec = RopeSpec(head_dim=16, base=10000.0, original_length=256)
-    base = ropekit.min_base_for_length(spec, 1024, rel_tol=1e-3)
-    assert naive_min_b(16, base, 1024) >= 0
-    assert naive_min_b(16, base / 1.002, 1024) < 0
+def _grid(k: int, resolution: float) -> float:
+    return 2.0 * (1.0 + resolution) ** k
 
 
-def test_min_base_grows_with_length():
-    spec = RopeSpec(head_dim=64, base=10000.0, original_length=256)
-    bases = [ropekit.min_base_for_length(spec, n) for n in (1024, 4096, 16384)]
-    assert bases[0] < bases[1] < bases[2]
+@pytest.mark.slow
+def test_min_base_smallest_and_all_above_match_a_brute_force_scan():
+    """Every grid base 2·1.01^k checked with the naive loop: first pass, and the point after the last failure."""
+    spec = RopeSpec(head_dim=32, base=10000.0, original_length=64)
+    passes = [naive_min_b(32, _grid(k, 1e-2), 256) >= 0 for k in range(1030)]  # up to b ≈ 5.7e4
+    assert all(passes[-150:])  # the scan reaches well into the all-passing region
+    first_pass = passes.index(True)
+    last_fail = max(k for k, ok in enumerate(passes) if not ok)
+    assert last_fail > first_pass  # the passing set is not an interval: bisection is unsafe here
+    assert ropekit.min_base_for_length(spec, 256, resolution=1e-2) == pytest.approx(_grid(first_pass, 1e-2))
+    assert ropekit.min_base_for_length(spec, 256, rule="all-above", resolution=1e-2) == pytest.approx(_grid(last_fail + 1, 1e-2))
+
+
+@pytest.mark.slow
+def test_min_base_llama_head_at_1024_is_the_true_smallest():
+    """d = 128, L' = 1,024: the smallest passing base is ≈ 4,296, well below the ≈ 6,022 a bisection finds."""
+    spec = RopeSpec(head_dim=128, base=10000.0, original_length=4096)
+    smallest = ropekit.min_base_for_length(spec, 1024)
+    assert 4290 < smallest < 4300
+    assert naive_min_b(128, smallest, 1024) >= 0 and naive_min_b(128, smallest / 1.001, 1024) < 0
+    assert naive_min_b(128, 5000.0, 1024) < 0  # a larger base fails: the passing set is no interval
+
+
+def test_min_base_rejects_bad_settings():
+    spec = RopeSpec(head_dim=16, base=10000.0, original_length=64)
+    with pytest.raises(RopekitError, match="rule must be one of"):
+        ropekit.min_base_for_length(spec, 100, rule="bisect")
+    with pytest.raises(RopekitError, match="resolution"):
+        ropekit.min_base_for_length(spec, 100, resolution=0)
 
 
 @pytest.mark.parametrize("bad", [

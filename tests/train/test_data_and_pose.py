@@ -8,7 +8,7 @@ import torch
 
 from ropekit import RopekitError
 from ropekit.train.data import pack_windows, window_indices
-from ropekit.train.pose import pose_position_ids, pose_rng
+from ropekit.train.pose import pose_position_ids, pose_rng, pose_sample
 
 
 def test_packing_marks_document_boundaries_with_eos():
@@ -54,3 +54,48 @@ def test_pose_skips_reach_far_positions_and_are_deterministic():
     assert torch.equal(pose_position_ids(512, 8192, pose_rng(1, 2, 3)), pose_position_ids(512, 8192, pose_rng(1, 2, 3)))
     with pytest.raises(RopekitError, match="exceeds the target"):
         pose_position_ids(600, 512, pose_rng(0, 0, 0))
+
+
+def _histogram(values, support) -> np.ndarray:
+    counts = np.array([sum(1 for v in values if v == k) for k in support], dtype=float)
+    return counts / len(values)
+
+
+def _close(observed: np.ndarray, expected: np.ndarray, draws: int) -> bool:
+    """Every bin within 5 binomial standard deviations of the formula."""
+    sigma = np.sqrt(expected * (1 - expected) / draws)
+    return bool(np.all(np.abs(observed - expected) <= 5 * sigma + 1e-12))
+
+
+def test_pose_first_chunk_and_skip_distributions_follow_the_formulas():
+    """Seeded histograms: l_0 ~ U{1 … ⌊(L_c+1)/2⌋}; u_1 ~ U{0 … L'−L_c}; u_2 | u_1 ~ U{u_1 … L'−L_c}."""
+    train, target, draws = 9, 15, 12000
+    rng = np.random.default_rng(7)
+    samples = [pose_sample(train, target, rng, chunks=3) for _ in range(draws)]
+    room = target - train  # 6
+    first = _histogram([s.chunk_lengths[0] for s in samples], range(1, 6))  # ⌊(9+1)/2⌋ = 5
+    assert _close(first, np.full(5, 1 / 5), draws)
+    u1 = _histogram([s.position_skips[1] for s in samples], range(room + 1))
+    assert _close(u1, np.full(room + 1, 1 / (room + 1)), draws)
+    # P(u_2 = k) = Σ_{j ≤ k} P(u_1 = j) · 1/(room − j + 1)
+    u2_formula = np.array([sum(1 / (room + 1) / (room - j + 1) for j in range(k + 1)) for k in range(room + 1)])
+    u2 = _histogram([s.position_skips[2] for s in samples], range(room + 1))
+    assert _close(u2, u2_formula, draws)
+    assert all(int(s.position_ids[-1]) < target and s.position_skips[2] >= s.position_skips[1] for s in samples)
+
+
+def test_pose_two_chunks_match_the_official_draw_and_text_skips():
+    """Two chunks as train_pose.py: r1 ~ U{1..⌊(L_c+1)/2⌋}, positions of chunk 2 shifted by U{0..L'−L_c},
+    text of chunk 2 read v ~ U{0..L_x−L_c} tokens later."""
+    train, target, text_skip, draws = 8, 20, 4, 10000
+    rng = np.random.default_rng(11)
+    samples = [pose_sample(train, target, rng, chunks=2, text_skip=text_skip) for _ in range(draws)]
+    assert _close(_histogram([s.chunk_lengths[0] for s in samples], range(1, 5)), np.full(4, 1 / 4), draws)
+    assert _close(_histogram([s.position_skips[1] for s in samples], range(13)), np.full(13, 1 / 13), draws)
+    assert _close(_histogram([s.text_skips[1] for s in samples], range(5)), np.full(5, 1 / 5), draws)
+    for s in samples[:200]:
+        r1, u, v = s.chunk_lengths[0], s.position_skips[1], s.text_skips[1]
+        assert s.position_ids.tolist() == list(range(r1)) + list(range(r1 + u, train + u))
+        assert s.token_index.tolist() == list(range(r1)) + list(range(r1 + v, train + v))
+    with pytest.raises(RopekitError, match="chunks must be in"):
+        pose_sample(8, 20, rng, chunks=6)

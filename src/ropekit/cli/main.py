@@ -61,6 +61,7 @@ def plan_cmd(
     from_scratch: o.FromScratch = False, layer_type: o.LayerType = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object (and nothing else) on stdout.")] = False,
     compare: Annotated[bool, typer.Option("--compare", help="With --json: add disturbance_by_method for every method.")] = False,
+    paper_setting: Annotated[bool, typer.Option("--paper-setting", help="dprope: the paper's n for LLaMA-2 (80 dims at 8k, 64 at 16k) instead of the t = 0 argmin.")] = False,
     out: Annotated[Path | None, typer.Option("--out", help="Where to write the export files (default out/plans/NAME-METHOD-TARGET).")] = None,
     no_write: Annotated[bool, typer.Option("--no-write", help="Do not write export files.")] = False,
     overwrite: o.Overwrite = False,
@@ -77,6 +78,8 @@ def plan_cmd(
     spec = o.build_spec(preset=preset, model=model, head_dim=head_dim, rope_theta=rope_theta,
                         original_length=original_length, partial_rotary_factor=partial_rotary_factor,
                         from_scratch=from_scratch, layer_type=layer_type)
+    if paper_setting:
+        interpolated_dims = o.paper_setting_dims(method, spec, target_length, interpolated_dims)
     params = o.method_params_from(method, locals())
     out_dir = out or Path("out/plans") / o.safe_name(f"{spec.name}-{get_method(method).name}-{target_length}")
     target = None if no_write else prepare_output(out_dir, overwrite=overwrite, inputs=(model, factors_file))
@@ -85,7 +88,9 @@ def plan_cmd(
         scores = None
         if compare or not json_out:
             scores = {n: p.disturbance for n, p in compare_methods(spec, target_length, bins=bins).items()}
-            scores[plan.method] = plan.disturbance  # the user's own parameters win
+            scores.update(o.paper_setting_scores(spec, target_length, bins))
+            if not paper_setting:
+                scores[plan.method] = plan.disturbance  # the user's own parameters win
     summary = plan_summary(plan, disturbance_by_method=scores if compare else None)
     if target is not None:
         with atomic_directory(target, marker="plan.json") as tmp:
@@ -97,7 +102,7 @@ def plan_cmd(
         return
     geometry_header(out_console, plan)
     out_console.print(pair_table(plan))
-    out_console.print(comparison_table(scores, plan.method))
+    out_console.print(comparison_table(scores, f"dprope (paper, n={interpolated_dims})" if paper_setting else plan.method))
     out_console.print(f"[bold]{plan.method}[/]: disturbance {plan.disturbance:.3f}, attention factor "
                       f"{plan.attention_factor:.4f}, {len(plan.interpolated_pairs)} of {spec.num_pairs} pairs interpolated")
     if not no_write:
@@ -309,13 +314,24 @@ def eval_cmd(
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="ppl/longppl: tokens read per document (0 = all).")] = 16384,
     convention: Annotated[str, typer.Option("--convention", help="ppl: strided, disjoint or truncated.")] = "strided",
     stride: Annotated[int, typer.Option("--stride", help="ppl: stride S of the strided convention.")] = 256,
-    short_length: Annotated[int, typer.Option("--short-length", help="longppl: short context in tokens.")] = 256,
-    longppl_threshold: Annotated[float, typer.Option("--longppl-threshold", help="longppl: key-token threshold (nats).")] = 2.0,
+    short_length: Annotated[int, typer.Option("--short-length", help="longppl: short context in tokens (official 4096).")] = 4096,
+    longppl_window: Annotated[int, typer.Option("--longppl-window", help="longppl: tokens sharing one short context (official 1024).")] = 1024,
+    longppl_threshold: Annotated[float, typer.Option("--longppl-threshold", help="longppl: α, long − short log-prob difference (nats).")] = 2.0,
+    longppl_beta: Annotated[float, typer.Option("--longppl-beta", help="longppl: β, floor on the long-context log-prob (nats).")] = -2.0,
+    evaluator: Annotated[str | None, typer.Option("--evaluator", help="longppl: model that finds key tokens (default: the model itself).")] = None,
     depths: Annotated[str, typer.Option("--depths", help="passkey: comma-separated needle depths in [0, 1].")] = "0,0.25,0.5,0.75,1",
     trials: Annotated[int, typer.Option("--trials", help="passkey trials / RULER samples per cell (seeded).")] = 5,
+    passkey_scorer: Annotated[str, typer.Option("--passkey-scorer", help="passkey: generation (default) or teacher-forced.")] = "generation",
+    passkey_style: Annotated[str, typer.Option("--passkey-style", help="passkey: yarn (default: task line, newline joins) or compact.")] = "yarn",
+    passkey_task_file: Annotated[str | None, typer.Option("--passkey-task-file", help="passkey: text file with the task line (default: ropekit's wording).")] = None,
     longbench_dir: Annotated[str | None, typer.Option("--longbench-dir", help="longbench: folder of LongBench-E *_e.jsonl files you downloaded.")] = None,
     longbench_datasets: Annotated[str, typer.Option("--longbench-datasets", help="longbench: comma-separated datasets (default: all files found).")] = "",
-    ruler_tasks: Annotated[str, typer.Option("--ruler-tasks", help="ruler: niah_single, niah_multikey, niah_multivalue, vt.")] = "niah_single,niah_multikey,niah_multivalue,vt",
+    ruler_tasks: Annotated[str, typer.Option("--ruler-tasks", help="ruler: any of RULER's 13 tasks (niah_single_1 … niah_multiquery, vt, cwe, fwe, qa_1, qa_2).")] = "niah_single_1,niah_single_2,niah_single_3,niah_multikey_1,niah_multikey_2,niah_multikey_3,niah_multivalue,niah_multiquery,vt,cwe,fwe,qa_1,qa_2",
+    ruler_essay: Annotated[str | None, typer.Option("--ruler-essay", help="ruler: essay haystack, a text file or folder (default: --data).")] = None,
+    ruler_qa_dir: Annotated[str | None, typer.Option("--ruler-qa-dir", help="ruler: folder with SQuAD / HotpotQA files for qa_1 / qa_2 (skipped without).")] = None,
+    longbench_config: Annotated[str | None, typer.Option("--longbench-config", help="longbench: folder with LongBench's dataset2prompt.json / dataset2maxlen.json (default: looked for beside --longbench-dir).")] = None,
+    longbench_max_length: Annotated[int | None, typer.Option("--longbench-max-length", help="longbench: prompt tokens before middle truncation (default: LongBench's rule, e.g. 3500 for 4096).")] = None,
+    longbench_chat: Annotated[str, typer.Option("--longbench-chat", help="longbench: chat template auto (when the tokenizer has one), on or off.")] = "auto",
     seed: Annotated[int, typer.Option("--seed", help="passkey and ruler: seed for the generated samples.")] = 0,
     overwrite: o.Overwrite = False,
     backend: Annotated[str, typer.Option("--backend", help="transformers, or llama.cpp (ppl of a .gguf in llama.cpp itself; needs ropekit[llamacpp]).")] = "transformers",
@@ -330,10 +346,14 @@ def eval_cmd(
     cfg = EvalConfig(model=model, out=out, tasks=_split(tasks, str), lengths=_split(lengths, int),
                      methods=list(method or []), target_length=target_length, data=data,
                      max_tokens=max_tokens or None, convention=convention, stride=stride,
-                     short_length=short_length, longppl_threshold=longppl_threshold,
-                     depths=_split(depths, float), trials=trials, seed=seed, ruler_tasks=_split(ruler_tasks, str),
-                     longbench_dir=longbench_dir, longbench_datasets=_split(longbench_datasets, str), overwrite=overwrite,
-                     backend=backend)
+                     short_length=short_length, longppl_window=longppl_window, longppl_threshold=longppl_threshold,
+                     longppl_beta=longppl_beta, evaluator=evaluator,
+                     depths=_split(depths, float), trials=trials, seed=seed, passkey_scorer=passkey_scorer,
+                     passkey_style=passkey_style, passkey_task_file=passkey_task_file, ruler_tasks=_split(ruler_tasks, str),
+                     longbench_dir=longbench_dir, longbench_datasets=_split(longbench_datasets, str),
+                     ruler_essay=ruler_essay, ruler_qa_dir=ruler_qa_dir, longbench_config=longbench_config,
+                     longbench_max_length=longbench_max_length, longbench_chat=longbench_chat,
+                     overwrite=overwrite, backend=backend)
     results = evaluate(cfg)
     from ropekit.eval.runner import best_by_length, result_rows
 
@@ -368,6 +388,7 @@ def finetune_cmd(
     train_length: Annotated[int | None, typer.Option("--train-length", help="Training window (default: target; with --pose: required, e.g. the original length).")] = None,
     pose: Annotated[bool, typer.Option("--pose", help="PoSE: train at --train-length with position ids skipped up to the target.")] = False,
     pose_chunks: Annotated[int, typer.Option("--pose-chunks", help="PoSE chunks per window.")] = 2,
+    pose_text_skip: Annotated[int, typer.Option("--pose-text-skip", help="PoSE text skipping: cut each window from a span this many tokens longer (0 = off).")] = 0,
     steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps (default 100).")] = None,
     global_batch: Annotated[int | None, typer.Option("--global-batch", help="Windows per step over all processes (default 8).")] = None,
     micro_batch: Annotated[int, typer.Option("--micro-batch", help="Windows per forward pass per process.")] = 1,
@@ -406,7 +427,7 @@ def finetune_cmd(
     chosen = settings.pop("method", "dprope")
     params = {**o.method_params_from(chosen, locals()), "bins": bins}  # ropekit.plan takes bins for any method
     cfg = TrainConfig(model=model, out=out, data=data, method=chosen, method_params=params, train_length=train_length,
-                      pose=pose, pose_chunks=pose_chunks, micro_batch=micro_batch, seed=seed, save_every=save_every,
+                      pose=pose, pose_chunks=pose_chunks, pose_text_skip=pose_text_skip, micro_batch=micro_batch, seed=seed, save_every=save_every,
                       resume=resume, stop_after=stop_after_steps, mixed_precision=mixed_precision, report_to=report_to,
                       max_tokens=max_tokens, overwrite=overwrite, **settings)
     record = finetune(cfg)

@@ -38,7 +38,7 @@ AttentionFactor = Annotated[float | None, typer.Option("--attention-factor", hel
 LowFreq = Annotated[float | None, typer.Option("--low-freq-factor", help="llama3: lf (default 1).", rich_help_panel=METHOD)]
 HighFreq = Annotated[float | None, typer.Option("--high-freq-factor", help="llama3: hf (default 4).", rich_help_panel=METHOD)]
 NewBase = Annotated[float | None, typer.Option("--new-base", help="base: the new RoPE base b' (else derived by --base-rule).", rich_help_panel=METHOD)]
-BaseRule = Annotated[str | None, typer.Option("--base-rule", help="base: 'critical' (Liu et al. 2023, default) or 'men2024'.", rich_help_panel=METHOD)]
+BaseRule = Annotated[str | None, typer.Option("--base-rule", help="base: 'critical' (Liu et al. 2023, default), 'men2024' (smallest passing base, Men et al. 2024) or 'men2024-all-above'.", rich_help_panel=METHOD)]
 Inner = Annotated[str | None, typer.Option("--inner", help="resonance: the method it wraps (default yarn).", rich_help_panel=METHOD)]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace --out if it is an earlier ropekit output (never anything else).")]
 AtLength = Annotated[int | None, typer.Option("--at-length", help="dynamic-ntk: sequence length to evaluate at (default L').", rich_help_panel=METHOD)]
@@ -121,3 +121,29 @@ def check_finite(**values: float | None) -> None:
 
 def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "model"
+
+
+def paper_setting_dims(method: str, spec, target_length: int, interpolated_dims: int | None) -> int:
+    """--paper-setting: the distributional paper's n for this geometry and target, or one clear error."""
+    from ropekit.plan.methods.dprope import PAPER_INTERPOLATED_DIMS, paper_interpolated_dims
+
+    if method not in ("dprope", "distributional"):
+        raise RopekitError("--paper-setting applies to --method dprope")
+    if interpolated_dims is not None:
+        raise RopekitError("give --paper-setting or --interpolated-dims, not both")
+    n = paper_interpolated_dims(spec, target_length)
+    if n is None:
+        targets = ", ".join(str(t) for t in PAPER_INTERPOLATED_DIMS)
+        raise RopekitError(f"the paper's setting exists for LLaMA-2's geometry (head_dim 128, base 10000, 4096) at {targets}")
+    return n
+
+
+def paper_setting_scores(spec, target_length: int, bins: int) -> dict[str, float]:
+    """{'dprope (paper, n=N)': disturbance} when the paper has a setting for this geometry and target."""
+    from ropekit.plan.methods.dprope import paper_interpolated_dims
+    from ropekit.plan.registry import plan as make_plan
+
+    n = paper_interpolated_dims(spec, target_length)
+    if n is None:
+        return {}
+    return {f"dprope (paper, n={n})": make_plan(spec, target_length, "dprope", bins=bins, interpolated_dims=n).disturbance}

@@ -1,23 +1,38 @@
-"""LongBench per-task metrics (Bai et al. 2023), written from their definitions.
+"""LongBench per-task metrics (Bai et al. 2023), following THUDM/LongBench `LongBench/metrics.py`.
 
 Every metric maps (prediction, one reference, all_classes) to [0, 1]; a sample's score is
-the maximum over its references.
+the maximum over its references (LongBench `eval.py`).
   * qa_f1:          token F1 after SQuAD normalisation (lowercase, no punctuation/articles).
-  * rouge_l:        ROUGE-L F1 (LCS) over lowercase word tokens.
-  * classification: 1/|matches| if the reference is among the class names found in the
-                    prediction (names that are strict substrings of the reference dropped).
+  * rouge_l:        the `rouge` package's (1.0.1) summary-level ROUGE-L F, exactly as the
+                    official code calls it: case-sensitive, text split into sentences at "."
+                    and into words at white space; any exception the package raises (an
+                    empty prediction, recursion on very long texts) scores 0.
+  * classification: class names found (as substrings) in the prediction; names that are a
+                    strict substring of the reference are then dropped in one pass over the
+                    list *while it shrinks*, so a name right after a dropped one is not
+                    examined (the official loop's behaviour, kept so scores match); the
+                    score is 1/|list| if the reference is in the list, else 0.
   * count:          share of the integers in the prediction that equal the reference.
   * retrieval:      share of the integers in the prediction that equal the reference's
                     "Paragraph N" number.
-  * edit_sim:       difflib similarity ratio of the first code line of the prediction.
+  * edit_sim:       `fuzzywuzzy` fuzz.ratio / 100 (difflib ratio, rounded to a whole percent
+                    half-to-even) of the first prediction line that *contains* none of
+                    "`", "#", "//" (an empty string when every line does).
 """
 
 from __future__ import annotations
 
-import difflib
 import re
 import string
+import warnings
 from collections import Counter
+
+with warnings.catch_warnings():  # fuzzywuzzy warns when python-Levenshtein is absent; difflib is what LongBench used
+    warnings.simplefilter("ignore")
+    from fuzzywuzzy import fuzz
+from rouge import Rouge
+
+CODE_COMMENT_MARKS = ("`", "#", "//")
 
 
 def normalize_answer(text: str) -> str:
@@ -36,30 +51,26 @@ def qa_f1(prediction: str, reference: str, all_classes=None) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def _lcs(a: list[str], b: list[str]) -> int:
-    previous = [0] * (len(b) + 1)
-    for x in a:
-        current = [0]
-        for j, y in enumerate(b):
-            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
-        previous = current
-    return previous[-1]
-
-
 def rouge_l(prediction: str, reference: str, all_classes=None) -> float:
-    pred, ref = re.findall(r"\w+", prediction.lower()), re.findall(r"\w+", reference.lower())
-    if not pred or not ref:
+    try:
+        return float(Rouge().get_scores([prediction], [reference], avg=True)["rouge-l"]["f"])
+    except Exception:  # noqa: BLE001 — the official metric scores every failure of the package as 0
         return 0.0
-    lcs = _lcs(pred, ref)
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(pred), lcs / len(ref)
-    return 2 * precision * recall / (precision + recall)
+
+
+def _drop_nested_names(matches: list[str], reference: str) -> list[str]:
+    """Remove names that are strict substrings of the reference, skipping the element after each removal."""
+    kept, index = list(matches), 0
+    while index < len(kept):
+        name = kept[index]
+        if name in reference and name != reference:
+            kept.remove(name)  # the list shifts left: the next name now sits at `index` and is passed over
+        index += 1
+    return kept
 
 
 def classification(prediction: str, reference: str, all_classes=None) -> float:
-    matches = [c for c in (all_classes or []) if c in prediction]
-    matches = [m for m in matches if not (m in reference and m != reference)]
+    matches = _drop_nested_names([c for c in (all_classes or []) if c in prediction], reference)
     return 1.0 / len(matches) if reference in matches else 0.0
 
 
@@ -76,10 +87,19 @@ def retrieval(prediction: str, reference: str, all_classes=None) -> float:
     return sum(n == target[0] for n in numbers) / len(numbers)
 
 
+def first_code_line(prediction: str) -> str:
+    """The first line (after leading newlines) containing no backtick, '#' or '//'; '' if none."""
+    lines = prediction.lstrip("\n").split("\n")
+    return next((ln for ln in lines if not any(mark in ln for mark in CODE_COMMENT_MARKS)), "")
+
+
 def edit_sim(prediction: str, reference: str, all_classes=None) -> float:
-    lines = [ln for ln in prediction.lstrip("\n").split("\n") if not ln.strip().startswith(("`", "#", "//"))]
-    first = lines[0] if lines else ""
-    return difflib.SequenceMatcher(None, first, reference).ratio()
+    return fuzz.ratio(first_code_line(prediction), reference) / 100
+
+
+def fuzz_backend() -> str:
+    """Which matcher fuzzywuzzy uses here: difflib (as LongBench's requirements give) or python-Levenshtein."""
+    return "python-Levenshtein" if "StringMatcher" in fuzz.SequenceMatcher.__module__ else "difflib"
 
 
 METRICS = {"qa_f1": qa_f1, "rouge_l": rouge_l, "classification": classification, "count": count,

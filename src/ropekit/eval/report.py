@@ -119,11 +119,15 @@ def markdown_report(results: dict[str, Any], rows: list[dict[str, Any]], figures
     ruler = [r for r in rows if r["task"].startswith("ruler:")]
     if ruler:
         lengths = sorted({r["length"] for r in ruler})
-        lines += [f"## RULER-style tasks (string match, {cfg['trials']} samples per cell, greedy)", "",
+        lines += [f"## RULER (string match ×100, {cfg['trials']} samples per cell, greedy)", "",
                   "| method | task | " + " | ".join(str(n) for n in lengths) + " |", "|---" * (len(lengths) + 2) + "|"]
         for method, task in dict.fromkeys((r["method"], r["task"]) for r in ruler):
             values = {r["length"]: r["value"] for r in ruler if r["method"] == method and r["task"] == task}
-            lines.append(f"| {method} | {task[6:]} | " + " | ".join(f"{values[n]:.0%}" for n in lengths) + " |")
+            lines.append(f"| {method} | {task[6:]} | " + " | ".join(f"{values[n]:.1f}" for n in lengths) + " |")
+        lines.append("")
+        for method, entry in results["methods"].items():
+            for task, why in entry.get("ruler", {}).get("skipped", {}).items():
+                lines.append(f"- {method}: RULER {task} skipped ({why})")
         lines.append("")
     for method, entry in results["methods"].items():
         lb = entry.get("longbench")

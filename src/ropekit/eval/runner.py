@@ -22,10 +22,12 @@ from ropekit.apply.patch import apply, model_spec
 from ropekit.errors import RopekitError
 from ropekit.eval.data import read_documents, tokenize_documents
 from ropekit.plan.geometry import RopeSpec, load_config_dict
-from ropekit.eval.longbench import load_longbench, run_longbench
-from ropekit.eval.longppl import long_ppl
-from ropekit.eval.passkey import build_prompt, passkey_grid
-from ropekit.eval.ruler import TASKS as RULER_TASKS, get_task as get_ruler_task, make_sample as make_ruler_sample, run_ruler
+from ropekit.eval.longbench import CHAT_MODES as LONGBENCH_CHAT_MODES, load_longbench, load_prompt_config, run_longbench
+from ropekit.eval.longppl import Evaluator, long_ppl
+from ropekit.eval.passkey import SCORERS as PASSKEY_SCORERS, STYLES as PASSKEY_STYLES, build_prompt, passkey_grid, read_task_line
+from ropekit.eval.ruler import (TASKS as RULER_TASKS, get_task as get_ruler_task, make_sample as make_ruler_sample,
+                               read_essay as read_ruler_essay, run_ruler, runnable_tasks as runnable_ruler_tasks)
+from ropekit.eval.ruler_qa import load_qa
 from ropekit.eval.perplexity import CONVENTIONS, perplexity
 
 TASKS = ("ppl", "longppl", "passkey", "ruler", "longbench")
@@ -44,13 +46,24 @@ class EvalConfig:
     max_tokens: int | None = 16384  # perplexity reads at most this many tokens per document
     convention: str = "strided"
     stride: int = 256
-    short_length: int = 256  # longppl: short context, tokens
-    longppl_threshold: float = 2.0  # longppl: key-token threshold, nats
+    short_length: int = 4096  # longppl: short context, tokens (official default)
+    longppl_window: int = 1024  # longppl: tokens sharing one short context (official sliding window)
+    longppl_threshold: float = 2.0  # longppl: α, long − short log-prob difference, nats
+    longppl_beta: float = -2.0  # longppl: β, floor on the long-context log-prob, nats
+    evaluator: str | None = None  # longppl: key-token evaluator model; None: the model under test
     depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     trials: int = 5  # passkey trials per cell; RULER samples per cell
+    passkey_scorer: str = "generation"  # or "teacher-forced"
+    passkey_style: str = "yarn"  # or "compact" (ropekit's earlier prompt)
+    passkey_task_file: str | None = None  # text file holding the task line; default: ropekit's wording
     ruler_tasks: list[str] = field(default_factory=lambda: list(RULER_TASKS))
+    ruler_essay: str | None = None  # essay haystack (text file or folder); default: --data
+    ruler_qa_dir: str | None = None  # folder with SQuAD / HotpotQA files for qa_1 / qa_2
     longbench_dir: str | None = None  # folder of LongBench-E JSONL files
     longbench_datasets: list[str] = field(default_factory=list)  # empty: every known file in the folder
+    longbench_config: str | None = None  # folder with LongBench's dataset2prompt.json / dataset2maxlen.json
+    longbench_max_length: int | None = None  # prompt tokens before middle truncation; default: LongBench's rule
+    longbench_chat: str = "auto"  # chat template: auto (when the tokenizer has one), on, off
     seed: int = 0
     progress: bool = True
     overwrite: bool = False  # replace an earlier ropekit report at `out` (never anything else)
@@ -73,8 +86,13 @@ class EvalConfig:
             get_ruler_task(t)
         if "longbench" in self.tasks and not self.longbench_dir:
             raise RopekitError("the longbench task needs --longbench-dir (a folder of LongBench-E JSONL files)")
+        if self.longbench_chat not in LONGBENCH_CHAT_MODES:
+            raise RopekitError(f"--longbench-chat must be one of {', '.join(LONGBENCH_CHAT_MODES)}")
         if self.max_tokens is not None and self.max_tokens < max(self.lengths):
             raise RopekitError(f"--max-tokens {self.max_tokens} is below the longest length {max(self.lengths)}")
+        if self.passkey_scorer not in PASSKEY_SCORERS or self.passkey_style not in PASSKEY_STYLES:
+            raise RopekitError(f"--passkey-scorer must be one of {', '.join(PASSKEY_SCORERS)} and --passkey-style one of "
+                               f"{', '.join(PASSKEY_STYLES)}")
         if self.trials < 1:
             raise RopekitError("--trials must be ≥ 1")
         if "passkey" in self.tasks and not all(0.0 <= d <= 1.0 for d in self.depths):
@@ -121,9 +139,11 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     if "passkey" in cfg.tasks:
         check_passkey_fits(cfg, tokenizer)
     longbench = load_longbench(cfg.longbench_dir, cfg.longbench_datasets or None) if "longbench" in cfg.tasks else {}
+    prompt_config = load_prompt_config(cfg.longbench_dir, cfg.longbench_config) if longbench else None
     needs_text = {"ppl", "longppl"} & set(cfg.tasks)
     documents = tokenize_documents(read_documents(cfg.data), tokenizer) if needs_text else []
     documents = [doc[: cfg.max_tokens] for doc in documents] if cfg.max_tokens else documents
+    evaluator = load_evaluator(cfg.evaluator) if "longppl" in cfg.tasks and cfg.evaluator else None
     results: dict[str, Any] = {"ropekit_version": ropekit.__version__, "config": _jsonable(asdict(cfg)),
                                "trained_length": _trained_length(cfg.model), "methods": {}, "warnings": []}
     if "ppl" in cfg.tasks:
@@ -132,8 +152,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     overall = _progress_bar(cfg, total=len(methods) * len(cfg.tasks))
     try:
         for method in methods:
-            results["methods"][method] = run_method(cfg, method, limit=limit, tokenizer=tokenizer,
-                                                    documents=documents, longbench=longbench, overall=overall)
+            results["methods"][method] = run_method(cfg, method, limit=limit, tokenizer=tokenizer, documents=documents,
+                                                    longbench=longbench, prompt_config=prompt_config,
+                                                    evaluator=evaluator, overall=overall)
     finally:
         if overall is not None:
             overall.close()
@@ -145,7 +166,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
 
 def run_method(cfg: EvalConfig, method: str, *, limit: int, tokenizer, documents: list, longbench: dict,
-               overall=None) -> dict[str, Any]:
+               prompt_config=None, evaluator=None, overall=None) -> dict[str, Any]:
     """Every task of `cfg` for one method (AS_SAVED: the model as loaded); its results entry."""
     model = load_model(cfg.model, dtype="float32")
     entry: dict[str, Any] = {}
@@ -163,16 +184,20 @@ def run_method(cfg: EvalConfig, method: str, *, limit: int, tokenizer, documents
                                                stride=min(cfg.stride, n), **show).as_dict() for n in cfg.lengths}
         elif task == "longppl":
             entry["longppl"] = {str(n): long_ppl(model, documents, length=n, short_length=cfg.short_length,
-                                                 threshold=cfg.longppl_threshold).as_dict()
+                                                 sliding_window=cfg.longppl_window, threshold=cfg.longppl_threshold,
+                                                 beta=cfg.longppl_beta, evaluator=evaluator, tokenizer=tokenizer).as_dict()
                                 for n in cfg.lengths if n > cfg.short_length}
         elif task == "passkey":
-            entry["passkey"] = passkey_grid(model, tokenizer, lengths=cfg.lengths, depths=cfg.depths,
-                                            trials=cfg.trials, seed=cfg.seed, **show).as_dict()
+            entry["passkey"] = passkey_grid(model, tokenizer, lengths=cfg.lengths, depths=cfg.depths, trials=cfg.trials,
+                                            seed=cfg.seed, scorer=cfg.passkey_scorer, style=cfg.passkey_style,
+                                            task_file=cfg.passkey_task_file, **show).as_dict()
         elif task == "ruler":
-            entry["ruler"] = run_ruler(model, tokenizer, tasks=cfg.ruler_tasks, lengths=cfg.lengths,
-                                       samples=cfg.trials, seed=cfg.seed, **show).as_dict()
+            entry["ruler"] = run_ruler(model, tokenizer, tasks=cfg.ruler_tasks, lengths=cfg.lengths, samples=cfg.trials,
+                                       seed=cfg.seed, essay_path=ruler_essay_path(cfg), qa_dir=cfg.ruler_qa_dir,
+                                       **show).as_dict()
         elif task == "longbench" and longbench:
-            entry["longbench"] = run_longbench(model, tokenizer, longbench, window=limit, **show).as_dict()
+            entry["longbench"] = run_longbench(model, tokenizer, longbench, window=limit, max_length=cfg.longbench_max_length,
+                                               config=prompt_config, chat=cfg.longbench_chat, **show).as_dict()
         if overall is not None:
             overall.update(1)
     return entry
@@ -215,19 +240,36 @@ def non_finite_warnings(rows: list[dict[str, Any]]) -> list[str]:
 def check_passkey_fits(cfg: EvalConfig, tokenizer) -> None:
     """Refuse, before any weights load, a passkey prompt that cannot fit the shortest length."""
     try:
-        build_prompt(tokenizer, min(cfg.lengths), 0.0, 12345)
+        task_line = read_task_line(cfg.passkey_task_file)[0] if cfg.passkey_style == "yarn" else ""
+        build_prompt(tokenizer, min(cfg.lengths), 0.0, 12345, style=cfg.passkey_style, task_line=task_line)
     except RopekitError as exc:
         raise RopekitError(f"passkey at {min(cfg.lengths)} tokens: {exc}; use longer --lengths") from None
 
 
+def load_evaluator(path: str) -> Evaluator:
+    """The LongPPL key-token evaluator: a model (as saved) and its own tokenizer."""
+    tokenizer = load_tokenizer(path)
+    if tokenizer is None:
+        raise RopekitError(f"--evaluator {path}: no tokenizer found beside the model")
+    return Evaluator(load_model(path, dtype="float32"), tokenizer, path)
+
+
+def ruler_essay_path(cfg: EvalConfig) -> str | None:
+    """RULER's essay haystack: --ruler-essay, else the --data documents."""
+    return cfg.ruler_essay or cfg.data
+
+
 def check_ruler_fits(cfg: EvalConfig, tokenizer) -> None:
-    """Refuse, before any weights load, a RULER task whose prompt cannot fit the shortest length."""
+    """Refuse, before any weights load, a runnable RULER task whose prompt cannot fit the shortest length."""
     shortest = min(cfg.lengths)
-    for name in cfg.ruler_tasks:
+    essay = read_ruler_essay(ruler_essay_path(cfg))
+    tasks, _ = runnable_ruler_tasks(cfg.ruler_tasks, essay=essay, qa_dir=cfg.ruler_qa_dir)
+    for task in tasks:
+        qa = load_qa(cfg.ruler_qa_dir, task.dataset) if task.kind == "qa" else None  # a bad file: its own error
         try:
-            make_ruler_sample(get_ruler_task(name), tokenizer, shortest, 0)
+            make_ruler_sample(task, tokenizer, shortest, 0, essay=essay, qa=qa)
         except RopekitError:
-            raise RopekitError(f"RULER task {name} does not fit in {shortest} tokens with this tokenizer; "
+            raise RopekitError(f"RULER task {task.name} does not fit in {shortest} tokens with this tokenizer; "
                                "use longer --lengths or drop it from --ruler-tasks") from None
 
 
@@ -273,12 +315,13 @@ def result_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                          "convention": r["convention"], "stride": r["stride"], "tokens_scored": r["tokens_scored"]})
         for n, r in entry.get("longppl", {}).items():
             rows.append({"method": method, "task": "longppl", "length": int(n), "depth": "", "value": r["long_ppl"],
-                         "convention": f"short {r['short_length']}, threshold {r['threshold']}", "stride": "",
+                         "convention": f"short {r['short_length']}/{r['sliding_window']}, α {r['threshold']}, β {r['beta']}, "
+                                       f"evaluator {r['evaluator']}", "stride": "",
                          "tokens_scored": r["key_tokens"]})
         for cell, value in entry.get("ruler", {}).get("score", {}).items():
             task, n = cell.split("@")
             rows.append({"method": method, "task": f"ruler:{task}", "length": int(n), "depth": "", "value": value,
-                         "convention": "string_match_all", "stride": "", "tokens_scored": ""})
+                         "convention": f"{get_ruler_task(task).metric} ×100", "stride": "", "tokens_scored": ""})
         for dataset, buckets in entry.get("longbench", {}).get("scores", {}).items():
             for bucket, value in buckets.items():
                 rows.append({"method": method, "task": f"longbench:{dataset}", "length": "", "depth": bucket,

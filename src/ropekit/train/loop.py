@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 import ropekit
@@ -32,9 +33,9 @@ from ropekit.apply.patch import apply, model_spec
 from ropekit.errors import Interrupted, RopekitError
 from ropekit.eval.data import jsonl_records, read_documents, tokenize_documents
 from ropekit.train.data import pack_windows, window_indices
-from ropekit.train.pose import pose_position_ids, pose_rng
+from ropekit.train.pose import pose_rng, pose_sample
 
-RESUME_KEYS = ("model", "method", "method_params", "target_length", "train_length", "pose", "pose_chunks",
+RESUME_KEYS = ("model", "method", "method_params", "target_length", "train_length", "pose", "pose_chunks", "pose_text_skip",
                "global_batch", "micro_batch", "lr", "weight_decay", "warmup_steps", "seed", "steps", "data")
 
 
@@ -49,6 +50,7 @@ class TrainConfig:
     train_length: int | None = None  # window length; default L' (full-length), < L' with PoSE
     pose: bool = False
     pose_chunks: int = 2
+    pose_text_skip: int = 0  # PoSE text skipping: windows are cut from spans of train_length + this many tokens
     steps: int = 100  # optimizer steps
     global_batch: int = 8  # windows per optimizer step, over all processes
     micro_batch: int = 1  # windows per forward pass per process
@@ -76,6 +78,10 @@ class TrainConfig:
             raise RopekitError(f"target length {self.target_length} must exceed the model's original length {original_length}")
         if self.pose and (self.train_length is None or self.train_length >= self.target_length):
             raise RopekitError("--pose needs --train-length below --target-length (e.g. the original length)")
+        if self.pose_text_skip and not self.pose:
+            raise RopekitError("--pose-text-skip needs --pose")
+        if self.pose_text_skip < 0:
+            raise RopekitError("--pose-text-skip must be ≥ 0 tokens")
         if not self.pose and self.window() != self.target_length and self.window() > self.target_length:
             raise RopekitError(f"training length {self.window()} exceeds the target length {self.target_length}")
         for name in ("steps", "global_batch", "micro_batch", "save_every", "keep_checkpoints"):
@@ -93,6 +99,16 @@ class TrainConfig:
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 REPORT_TO = ("auto", "none", "tensorboard", "wandb")
+
+
+def _batch(cfg: TrainConfig, windows, idx: list[int], step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token ids (micro_batch, window) and, with PoSE, their position ids (and text-skipped token choice)."""
+    if not cfg.pose:
+        return torch.from_numpy(windows[idx]), None
+    samples = [pose_sample(cfg.window(), cfg.target_length, pose_rng(cfg.seed, i, step), chunks=cfg.pose_chunks,
+                           text_skip=cfg.pose_text_skip) for i in idx]
+    ids = np.stack([windows[i][s.token_index] for i, s in zip(idx, samples)])
+    return torch.from_numpy(ids), torch.stack([s.position_ids for s in samples])
 
 
 def _mixed_precision(choice: str) -> str:
@@ -191,7 +207,7 @@ def finetune(cfg: TrainConfig) -> dict[str, Any]:
     with accelerator.main_process_first():  # one process fills the tokenisation cache
         documents = tokenize_documents(read_documents(cfg.data), tokenizer)
     documents = [d[: cfg.max_tokens] for d in documents] if cfg.max_tokens else documents
-    windows = pack_windows(documents, cfg.window(), eos_id=tokenizer.eos_token_id)
+    windows = pack_windows(documents, cfg.window() + cfg.pose_text_skip, eos_id=tokenizer.eos_token_id)
 
     model = load_model(cfg.model, dtype="float32")
     plan = ropekit.plan(model_spec(model), cfg.target_length, cfg.method, **cfg.method_params)
@@ -234,11 +250,9 @@ def finetune(cfg: TrainConfig) -> dict[str, Any]:
                     idx = window_indices(step, micro, rank, num_windows=len(windows), micro_batch=cfg.micro_batch,
                                          world=world, accumulation=accumulation, seed=cfg.seed)
                     seen += idx
-                    ids = torch.from_numpy(windows[idx]).to(accelerator.device)  # (micro_batch, window)
-                    positions = None
-                    if cfg.pose:
-                        positions = torch.stack([pose_position_ids(cfg.window(), cfg.target_length, pose_rng(cfg.seed, i, step),
-                                                                   chunks=cfg.pose_chunks) for i in idx]).to(accelerator.device)
+                    ids, positions = _batch(cfg, windows, idx, step)
+                    ids = ids.to(accelerator.device)  # (micro_batch, window)
+                    positions = None if positions is None else positions.to(accelerator.device)
                     with accelerator.accumulate(model):  # syncs and steps only on the last micro-batch
                         loss = model(input_ids=ids, position_ids=positions, labels=ids).loss
                         accelerator.backward(loss)  # scales by 1/accumulation
@@ -370,7 +384,8 @@ def _resume(accelerator, cfg: TrainConfig) -> int:
     for key in RESUME_KEYS:
         if key == "steps":
             continue
-        if json.dumps(state.get(key), default=str) != json.dumps(getattr(cfg, key), default=str):
+        saved = state.get(key, 0 if key == "pose_text_skip" else None)  # checkpoints from before text skipping
+        if json.dumps(saved, default=str) != json.dumps(getattr(cfg, key), default=str):
             raise RopekitError(f"cannot resume: the checkpoint was made with {key}={state.get(key)!r}, "
                                f"this run has {getattr(cfg, key)!r}")
     accelerator.load_state(str(checkpoint))

@@ -5,7 +5,9 @@ Per pair i, two candidates: extrapolation (f_i = 1) and interpolation (f_i = s).
 the pre-training angle distribution (θ, N = L) and Q_i a candidate's (θ', N = L'), the
 disturbance is D_i = KL(P_i‖Q_i). Interpolate pair i iff D_i(extra) − D_i(interp) > t
 (authors' default t = 0, ties extrapolate), or, with `interpolated_dims=n`, interpolate
-the n/2 pairs with the largest margin. Candidate frequencies use the authors' arithmetic
+the n/2 pairs with the largest margin. The paper's LLaMA-2 experiments interpolate n = 80
+dimensions at 8k and n = 64 at 16k (`PAPER_INTERPOLATED_DIMS`), fewer than the argmin at t = 0
+(94 and 84): `paper_interpolated_dims` gives the paper's n for a geometry and target. Candidate frequencies use the authors' arithmetic
 (θ and θ/s in float32); the runtime inv_freq is 1/(f_i·b^(2i/d)), as transformers'
 `longrope` computes it, so an exported config reloads to exactly this plan.
 """
@@ -22,6 +24,16 @@ from ropekit.plan.analysis.disturbance import kl_per_pair, distribution, pre_tra
 from ropekit.plan.geometry import RopeSpec
 from ropekit.plan.methods.longrope import per_pair_inv_freq
 from ropekit.plan.scaling import Scaling
+
+
+# Wu et al. 2024, experiments on LLaMA-2 (head_dim 128, base 10000, pre-trained at 4096): target → n
+PAPER_INTERPOLATED_DIMS = {8192: 80, 16384: 64}
+
+
+def paper_interpolated_dims(spec: RopeSpec, target_length: int) -> int | None:
+    """The paper's n for LLaMA-2's geometry at 8k or 16k; None for any other geometry or target."""
+    llama2 = (spec.rotary_dim, spec.base, spec.original_length) == (128, 10000.0, 4096)
+    return PAPER_INTERPOLATED_DIMS.get(target_length) if llama2 else None
 
 
 def candidate_disturbances(spec: RopeSpec, target_length: int, *, scale: float, bins: int) -> tuple[torch.Tensor, torch.Tensor]:

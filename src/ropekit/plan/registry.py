@@ -16,6 +16,7 @@ from ropekit.errors import RopekitError, did_you_mean
 from ropekit.plan.geometry import RopeSpec
 from ropekit.plan.methods.base_change import base_change
 from ropekit.plan.methods.dprope import dprope
+from ropekit.plan.methods.dprope_opt import dprope_opt
 from ropekit.plan.methods.dynamic_ntk import dynamic_ntk
 from ropekit.plan.methods.linear import linear
 from ropekit.plan.methods.llama3 import llama3
@@ -66,6 +67,8 @@ for _m in [
     Method("resonance", resonance, "round wavelengths to integers after another method", "Wang et al. 2024"),
     Method("dprope", dprope, "per-pair interpolate/extrapolate by least angle-distribution disturbance",
            "Wu et al. 2024"),
+    Method("dprope-opt", dprope_opt, "per-pair factor in [1, s] of least angle-distribution disturbance (1-D search)",
+           "ropekit; criterion of Wu et al. 2024"),
 ]:
     register_method(_m)
 
@@ -103,7 +106,7 @@ def plan(spec: RopeSpec, target_length: int, method: str = "dprope", *, bins: in
     """
     check_target_length(spec, target_length)
     m = get_method(method)
-    if m.name == "dprope":
+    if "bins" in m.parameters:  # methods that choose by disturbance use the same K
         params = {"bins": bins, **params}
     scaling = compute_scaling(m.name, spec, target_length, **params)
     return Plan(method=m.name, spec=spec, target_length=target_length, params=params, scaling=scaling, bins=bins)

@@ -36,6 +36,7 @@ class Method:
     paper: str
     transformers_type: str | None = None  # rope_type transformers implements natively
     needs_factors: bool = False  # cannot run without user-given factors
+    in_default_comparison: bool = True  # False for searches too slow to run on every `ropekit plan`
 
     @property
     def parameters(self) -> tuple[str, ...]:
@@ -68,7 +69,7 @@ for _m in [
     Method("dprope", dprope, "per-pair interpolate/extrapolate by least angle-distribution disturbance",
            "Wu et al. 2024"),
     Method("dprope-opt", dprope_opt, "per-pair factor in [1, s] of least angle-distribution disturbance (1-D search)",
-           "ropekit; criterion of Wu et al. 2024"),
+           "ropekit; criterion of Wu et al. 2024", in_default_comparison=False),
 ]:
     register_method(_m)
 
@@ -122,8 +123,8 @@ def check_target_length(spec: RopeSpec, target_length: int) -> None:
 
 
 def comparable_methods() -> list[str]:
-    """Methods that run from the geometry alone (longrope needs searched factors)."""
-    return [name for name, m in METHODS.items() if not m.needs_factors]
+    """Methods that run from the geometry alone (longrope needs searched factors), minus slow searches (dprope-opt)."""
+    return [name for name, m in METHODS.items() if not m.needs_factors and m.in_default_comparison]
 
 
 def compare(spec: RopeSpec, target_length: int, methods: list[str] | None = None, *, bins: int = 360) -> dict[str, Plan]:

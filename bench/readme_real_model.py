@@ -209,8 +209,22 @@ def factor_lines(results: dict) -> list[str]:
             "completed a rotation in 8,192 tokens)", ""] + lines + [""]
 
 
+def margin_line(results: dict) -> list[str]:
+    """dprope's per-pair choice at s = 4 for the pairs that completed rotations in pre-training."""
+    row, wavelengths = results["nll_grid"].get("4", {}), results["spec"].get("wavelengths")
+    if "margin" not in row.get("dprope", {}) or not wavelengths:
+        return []
+    L = results["spec"]["original_length"]
+    picked = [i for i, f in enumerate(row["dprope"]["factors"]) if f > 1 and wavelengths[i] <= L]
+    return [f"dprope (t = 0) at s = 4 interpolates {len(picked)} pairs that completed rotations in pre-training "
+            "(pair: wavelength in tokens, margin D(extra) − D(interp) in nats): "
+            + "; ".join(f"{i}: {wavelengths[i]:,.1f}, {row['dprope']['margin'][i]:.2g}" for i in picked) + ".", ""]
+
+
 def nll_sweep_table(results: dict) -> list[str]:
-    pts = results["nll_sweep"]["points"]
+    pts = [p for p in results.get("nll_sweep", {}).get("points", []) if "nll" in p]
+    if not pts:
+        return []
     lines = [f"**dprope, sweep of n at s = {results['nll_sweep']['target'] // 8192}** (n = interpolated dimensions; "
              "the n/2 pairs with the largest margin are interpolated)", "",
              "| n | interpolated pairs | disturbance | NLL | NLL < 8k | NLL ≥ 8k | ppl |", "|---|---|---|---|---|---|---|"]
@@ -232,7 +246,7 @@ def cpu_section(results: dict, setting: str) -> str:
     out = cpu_header(results) + precision_table(results)
     for scale, row in sorted(results["nll_grid"].items()):
         out += nll_table(row, scale)
-    out += position_table(results["nll_grid"].get("4", {}), "4") + factor_lines(results)
+    out += position_table(results["nll_grid"].get("4", {}), "4") + factor_lines(results) + margin_line(results)
     out += nll_sweep_table(results) + nll_correlation_lines(results)
     for name, caption in (("nll_by_position", "NLL by position per plan"), ("disturbance_vs_nll", "disturbance vs NLL")):
         if (RESULTS / f"{name}_{setting}.png").is_file():

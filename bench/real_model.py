@@ -54,7 +54,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from compare_methods import method_color, plain_log_axes, spearman  # noqa: E402
+from compare_methods import accuracy_heatmap, method_color, plain_log_axes, spearman  # noqa: E402
 from reference_model import gutenberg_body  # noqa: E402
 
 import ropekit  # noqa: E402
@@ -510,7 +510,8 @@ def run(args, name: str) -> dict:
 def finish(results: dict, runner: Runner, cells: Cells, spec, args, started: float) -> dict:
     if runner._models:
         check_geometry(runner.model(), spec)
-        results["environment"] = environment(args)
+        cells.data["_environment"] = environment(args)
+    results["environment"] = cells.data.get("_environment") or environment(args)  # replot: this machine
     results["run_seconds"] = time.perf_counter() - started
     results["cells_skipped_at_deadline"] = cells.skipped
     results["cell_seconds"] = sum(v.get("seconds", 0.0) for v in cells.data.values())
@@ -707,13 +708,8 @@ def plot_passkey(plt, results: dict, path: Path) -> None:
             ax.axis("off")
             continue
         lengths = list(row[methods[0]]["passkey"])
-        acc = np.array([[row[m]["passkey"].get(n, {}).get("accuracy", np.nan) for n in lengths] for m in methods])
-        ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-        for i in range(len(methods)):
-            for j in range(len(lengths)):
-                ax.text(j, i, "—" if np.isnan(acc[i, j]) else f"{acc[i, j]:.0%}", ha="center", va="center", fontsize=7)
-        ax.set_xticks(range(len(lengths)), lengths, fontsize=7)
-        ax.set_yticks(range(len(methods)), methods, fontsize=7)
+        accuracy_heatmap(ax, np.array([[row[m]["passkey"].get(n, {}).get("accuracy", np.nan) for n in lengths]
+                                       for m in methods]), methods, lengths)
         trials = row[methods[0]]["passkey"][lengths[0]]["trials"]
         ax.set_title(f"passkey by generation, s = {scale} ({trials} trials per cell)", fontsize=9)
     fig.tight_layout()

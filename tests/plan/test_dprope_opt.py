@@ -95,3 +95,10 @@ def test_bad_parameters_are_refused(params):
     spec, target = GEOMETRIES[1]
     with pytest.raises(RopekitError):
         ropekit.plan(spec, target, "dprope-opt", **params)
+
+
+def test_left_out_of_the_default_comparison_but_comparable_by_name():
+    spec, target = GEOMETRIES[1]
+    assert "dprope-opt" not in ropekit.compare(spec, target)
+    both = ropekit.compare(spec, target, ["dprope", "dprope-opt"])
+    assert both["dprope-opt"].disturbance <= both["dprope"].disturbance

@@ -161,6 +161,11 @@ def cpu_header(results: dict) -> list[str]:
              f"over one window, the first {results['nll_length']:,} tokens of PG19 book "
              f"{', '.join(results.get('books_used', ['?']))} (every position scored; perplexity = exp NLL), split into positions "
              f"inside the trained context (< 8,192) and beyond it. No fine-tuning."]
+    seconds = sorted(r["seconds"] for row in results["nll_grid"].values() for r in row.values() if "seconds" in r)
+    if seconds:
+        median = seconds[len(seconds) // 2]
+        lines.append(f"One {results['nll_length']:,}-token forward pass took a median {median / 60:.1f} min "
+                     f"({results['nll_length'] / median:.0f} tokens/s) on this shared CPU.")
     if results.get("cells_skipped_at_deadline"):
         lines.append(f"{results['cells_skipped_at_deadline']} plans were not measured before the run's deadline (— below).")
     return lines + [""]
@@ -178,10 +183,15 @@ def nll_table(row: dict, scale: str) -> list[str]:
     have = [r["nll"] for r in row.values() if "nll" in r]
     best = min(have) if have else None
     for label, r in row.items():
+        if "nll" not in r:
+            continue
         cells = nll_cells(r)
         if r.get("nll") == best:
             cells[0] = f"**{cells[0]}**"
         lines.append(f"| {label} | {r['disturbance']:.2f} | " + " | ".join(cells) + " |")
+    missing = [f"{label} ({r['disturbance']:.2f})" for label, r in row.items() if "nll" not in r]
+    if missing:
+        lines += ["", "Not measured (deadline), with their disturbance: " + ", ".join(missing) + "."]
     return lines + [""]
 
 

@@ -285,17 +285,21 @@ def plot_passkey(plt, results: dict, path: Path) -> None:
     for ax, (kind, scale, row) in zip(axes.flat, panels):
         methods = list(row)
         lengths = list(next(iter(row.values()))["passkey"])
-        acc = np.array([[row[m]["passkey"][n] for n in lengths] for m in methods])
-        ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-        for i in range(len(methods)):
-            for j in range(len(lengths)):
-                ax.text(j, i, f"{acc[i, j]:.0%}", ha="center", va="center", fontsize=7)
-        ax.set_xticks(range(len(lengths)), lengths, fontsize=7)
-        ax.set_yticks(range(len(methods)), methods, fontsize=7)
+        accuracy_heatmap(ax, np.array([[row[m]["passkey"][n] for n in lengths] for m in methods]), methods, lengths)
         ax.set_title(f"passkey, s = {scale}, {KIND_TITLES[kind]}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def accuracy_heatmap(ax, acc: np.ndarray, rows: list[str], columns: list) -> None:
+    """Accuracy matrix (rows × columns) in red-yellow-green with percentages; NaN cells show '—'."""
+    ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    for i in range(len(rows)):
+        for j in range(len(columns)):
+            ax.text(j, i, "—" if np.isnan(acc[i, j]) else f"{acc[i, j]:.0%}", ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(len(columns)), columns, fontsize=7)
+    ax.set_yticks(range(len(rows)), rows, fontsize=7)
 
 
 def plot_disturbance(plt, results: dict, path: Path) -> None:

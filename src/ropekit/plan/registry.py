@@ -19,6 +19,7 @@ from ropekit.errors import RopekitError, did_you_mean
 from ropekit.plan.geometry import RopeSpec, require_spec
 from ropekit.plan.methods.base_change import base_change
 from ropekit.plan.methods.dprope import dprope
+from ropekit.plan.methods.dprope_opt import dprope_opt
 from ropekit.plan.methods.dynamic_ntk import dynamic_ntk
 from ropekit.plan.methods.linear import linear
 from ropekit.plan.methods.llama3 import llama3
@@ -38,6 +39,7 @@ class Method:
     paper: str
     transformers_type: str | None = None  # rope_type transformers implements natively
     needs_factors: bool = False  # cannot run without user-given factors
+    in_default_comparison: bool = True  # False for searches too slow to run on every `ropekit plan`
 
     @property
     def parameters(self) -> tuple[str, ...]:
@@ -69,6 +71,8 @@ for _m in [
     Method("resonance", resonance, "round wavelengths to integers after another method", "Wang et al. 2024"),
     Method("dprope", dprope, "per-pair interpolate/extrapolate by least angle-distribution disturbance",
            "Wu et al. 2024"),
+    Method("dprope-opt", dprope_opt, "per-pair factor in [1, s] of least angle-distribution disturbance (1-D search)",
+           "ropekit; criterion of Wu et al. 2024", in_default_comparison=False),
 ]:
     register_method(_m)
 
@@ -139,7 +143,7 @@ def plan(spec: RopeSpec, target_length: int, method: str = "dprope", *, bins: in
     require_spec(spec)
     check_target_length(spec, target_length)
     m = get_method(method)
-    if m.name == "dprope":
+    if "bins" in m.parameters:  # methods that choose by disturbance use the same K
         params = {"bins": bins, **params}
     scaling = compute_scaling(m.name, spec, target_length, **params)
     if spec.is_extended:
@@ -188,9 +192,10 @@ def check_target_length(spec: RopeSpec, target_length: int) -> None:
 
 
 def comparable_methods(spec: RopeSpec | None = None) -> list[str]:
-    """Methods that run from the geometry alone (longrope needs searched factors; the base rules need plain RoPE)."""
+    """Methods that run from the geometry alone (longrope needs searched factors; the base rules need plain
+    RoPE), minus slow searches (dprope-opt)."""
     skip = {"base"} if spec is not None and spec.is_extended else set()
-    return [name for name, m in METHODS.items() if not m.needs_factors and name not in skip]
+    return [name for name, m in METHODS.items() if not m.needs_factors and m.in_default_comparison and name not in skip]
 
 
 def compare(spec: RopeSpec, target_length: int, methods: list[str] | None = None, *, bins: int = 360) -> dict[str, Plan]:

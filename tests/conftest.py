@@ -15,6 +15,18 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_ASSETS = Path(os.environ.get("ROPEKIT_SHARED", REPO.parent / "shared")) / "assets"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_user_cache(tmp_path_factory):
+    """Point ropekit's user cache (tokenisation, GGUF conversions) at a folder of this test session."""
+    previous = os.environ.get("ROPEKIT_CACHE")
+    os.environ["ROPEKIT_CACHE"] = str(tmp_path_factory.mktemp("ropekit-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("ROPEKIT_CACHE", None)
+    else:
+        os.environ["ROPEKIT_CACHE"] = previous
+
+
 def require_asset(relative: str) -> Path:
     path = SHARED_ASSETS / relative
     if not path.exists():

@@ -119,3 +119,15 @@ def test_tokenisation_is_cached(tmp_path):
     assert len(list(tmp_path.glob("*.npz"))) == 1
     second = tokenize_documents(documents, tok, cache_dir=tmp_path)
     assert np.array_equal(first[0], second[0]) and first[0][0] == 1
+
+
+def test_default_tokenisation_cache_is_the_user_cache_not_the_working_directory(tmp_path, monkeypatch):
+    from ropekit.apply.llama2c import read_tokenizer, to_transformers_tokenizer
+    from conftest import require_asset
+
+    tok = to_transformers_tokenizer(*read_tokenizer(require_asset("stories260K/tok512.bin"), 512))
+    monkeypatch.setenv("ROPEKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    tokenize_documents([("d", "A dog ran.")], tok)
+    assert len(list((tmp_path / "cache" / "tokens").glob("*.npz"))) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]

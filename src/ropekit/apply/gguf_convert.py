@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ropekit.apply.atomic import atomic_directory, prepare_output
+from ropekit.paths import cache_root
 from ropekit.apply.gguf import GgufRope, first_line, open_gguf, read_rope
 from ropekit.errors import RopekitError
 
@@ -127,11 +128,6 @@ def convert_gguf(path: str | os.PathLike, out_dir: str | os.PathLike, *, overwri
                   "ropekit_method": rope.ropekit_method, "tokenizer": tokenizer is not None}
         (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
     return target.path
-
-
-def cache_root() -> Path:
-    """Where `ropekit eval X.gguf` keeps converted models: $ROPEKIT_CACHE or ~/.cache/ropekit."""
-    return Path(os.environ.get("ROPEKIT_CACHE") or Path.home() / ".cache" / "ropekit")
 
 
 def converted_dir(path: str | os.PathLike, *, progress=None) -> Path:

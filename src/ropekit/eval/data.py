@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from ropekit.errors import RopekitError
+from ropekit.paths import cache_root
 
-CACHE_DIR = Path(".ropekit-cache")
 
 
 def read_documents(path: str | Path) -> list[tuple[str, str]]:
@@ -96,8 +96,13 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def tokenize_documents(docs: list[tuple[str, str]], tokenizer, *, cache_dir: Path | None = CACHE_DIR) -> list[np.ndarray]:
-    """Token ids (int32) per document, with a leading BOS when the tokenizer adds one. Cached."""
+def tokenize_documents(docs: list[tuple[str, str]], tokenizer, *, cache_dir: Path | str | None = "user") -> list[np.ndarray]:
+    """Token ids (int32) per document, with a leading BOS when the tokenizer adds one.
+
+    Cached in `cache_dir`: "user" (default) is `ropekit.paths.cache_root() / "tokens"`, None disables it."""
+    if cache_dir == "user":
+        cache_dir = cache_root() / "tokens"
+    cache_dir = Path(cache_dir) if cache_dir is not None else None
     fingerprint = tokenizer_fingerprint(tokenizer)
     out = []
     for _, text in docs:

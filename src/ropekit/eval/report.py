@@ -6,11 +6,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import matplotlib.ticker
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import matplotlib.ticker  # noqa: E402
+from ropekit.plan.analysis.plots import new_figure
 
 
 def _finite(value: Any) -> bool:
@@ -31,7 +29,7 @@ def text_colour(rgba) -> str:
 def plot_ppl(rows: list[dict[str, Any]], path: Path, *, trained_length: int | None = None) -> Path:
     """Perplexity vs length per method (log-log, plain tick labels); NaN/inf points are skipped and
     a dotted line marks the length the model was trained at."""
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = new_figure(figsize=(7, 4.2))
     ppl = [r for r in rows if r["task"] == "ppl"]
     for method in dict.fromkeys(r["method"] for r in ppl):
         points = sorted((r["length"], r["value"]) for r in ppl if r["method"] == method and _finite(r["value"]))
@@ -53,7 +51,6 @@ def plot_ppl(rows: list[dict[str, Any]], path: Path, *, trained_length: int | No
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
@@ -61,7 +58,7 @@ def plot_passkey_heatmaps(results: dict[str, Any], path: Path) -> Path:
     methods = [m for m, e in results["methods"].items() if "passkey" in e]
     cols = min(len(methods), 3)
     rows = math.ceil(len(methods) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols + 1.2, 3.2 * rows), squeeze=False, constrained_layout=True)
+    fig, axes = new_figure(rows, cols, figsize=(3.6 * cols + 1.2, 3.2 * rows), squeeze=False, constrained_layout=True)
     for index, (ax, method) in enumerate(zip(axes.flat, methods)):
         pk = results["methods"][method]["passkey"]
         grid = [[pk["accuracy"][f"{n}@{d:g}"] for n in pk["lengths"]] for d in pk["depths"]]
@@ -81,7 +78,6 @@ def plot_passkey_heatmaps(results: dict[str, Any], path: Path) -> Path:
         ax.set_visible(False)
     fig.colorbar(image, ax=axes.ravel().tolist(), label="passkey accuracy", shrink=0.8)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 

@@ -6,17 +6,21 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib
+import matplotlib.ticker
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import matplotlib.ticker  # noqa: E402
+from ropekit.plan.analysis.angles import DEFAULT_BINS
+from ropekit.plan.analysis.bounds import critical_dimension
+from ropekit.plan.analysis.disturbance import distribution, kl_per_pair, pre_training_distribution
+from ropekit.plan.geometry import RopeSpec
+from ropekit.plan.scaling import Plan
 
-from ropekit.plan.analysis.angles import DEFAULT_BINS  # noqa: E402
-from ropekit.plan.analysis.bounds import critical_dimension  # noqa: E402
-from ropekit.plan.analysis.disturbance import distribution, kl_per_pair, pre_training_distribution  # noqa: E402
-from ropekit.plan.geometry import RopeSpec  # noqa: E402
-from ropekit.plan.scaling import Plan  # noqa: E402
+
+def new_figure(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], constrained_layout: bool = False,
+               **subplot_kw):
+    """(figure, axes) without pyplot: no global backend choice, no figure registry to close."""
+    fig = Figure(figsize=figsize, layout="constrained" if constrained_layout else None)
+    return fig, fig.subplots(nrows, ncols, **subplot_kw)
 
 
 def plot_angle_histograms(spec: RopeSpec, target_length: int, pair: int, path: str | Path, *, bins: int = DEFAULT_BINS) -> Path:
@@ -30,7 +34,7 @@ def plot_angle_histograms(spec: RopeSpec, target_length: int, pair: int, path: s
         f"extrapolated θ (L'={target_length})": distribution(inv, target_length, bins)[pair],
     }
     degrees = [k * 360 / bins for k in range(bins)]
-    fig, axes = plt.subplots(3, 1, figsize=(8, 6.5), sharex=True, sharey=True)
+    fig, axes = new_figure(3, 1, figsize=(8, 6.5), sharex=True, sharey=True)
     for ax, (label, q) in zip(axes, curves.items()):
         d = float(kl_per_pair(p[None], q[None])[0])
         title = label if q is p else f"{label}   KL(P‖Q) = {d:.3f} nats"
@@ -46,7 +50,7 @@ def plot_angle_histograms(spec: RopeSpec, target_length: int, pair: int, path: s
 def plot_pair_disturbance(plans: dict[str, Plan], path: str | Path) -> Path:
     """D_i per pair for each method, log scale, critical dimension marked."""
     spec = next(iter(plans.values())).spec
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fig, ax = new_figure(figsize=(9, 4.5))
     for name, plan in plans.items():
         ax.plot(range(spec.num_pairs), plan.pair_disturbance.clamp(min=1e-6).numpy(), marker=".", label=f"{name} ({plan.disturbance:.1f})")
     _mark_critical(ax, spec)
@@ -65,7 +69,7 @@ def plot_factors(plans: dict[str, Plan], path: str | Path) -> Path:
     n = len(plans)
     cols = min(n, 4)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), sharex=True, squeeze=False)
+    fig, axes = new_figure(rows, cols, figsize=(3.2 * cols, 2.6 * rows), sharex=True, squeeze=False)
     top = max(max(p.factors) for p in plans.values()) * 1.3
     bottom = min(min(min(p.factors) for p in plans.values()) / 1.3, 0.8)
     for ax, (name, plan) in zip(axes.flat, plans.items()):
@@ -104,5 +108,4 @@ def _save(fig, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path

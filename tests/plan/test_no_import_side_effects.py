@@ -1,0 +1,18 @@
+"""Importing ropekit's plotting modules must not pick a matplotlib backend or load pyplot."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+CHECK = """
+import sys
+import ropekit, ropekit.plan.analysis.plots, ropekit.eval.report
+assert "matplotlib.pyplot" not in sys.modules, "pyplot was imported"
+"""
+
+
+def test_plot_modules_import_without_pyplot():
+    proc = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+

@@ -191,12 +191,12 @@ def _read_json_object(path: Path) -> dict | None:
 
 def _sign(marker: Path) -> None:
     """Write ropekit's signature into the marker file (merged into it if the command wrote one)."""
-    import ropekit
+    from ropekit._version import __version__
 
     record = _read_json_object(marker) if marker.exists() else {}
     if record is None:
         raise RuntimeError(f"{marker.name} must be a JSON object to carry ropekit's signature")
-    signed = {**SIGNATURE, "ropekit_version": ropekit.__version__, **record}
+    signed = {**SIGNATURE, "ropekit_version": __version__, **record}
     if signed != record:
         marker.write_text(json.dumps(signed, indent=2) + "\n")
 

@@ -12,12 +12,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-import ropekit
+from ropekit._version import __version__
 from ropekit.apply.atomic import SIGNATURE, OutputTarget, atomic_directory, prepare_output
 from ropekit.apply.export import llama_cpp_rope_freqs, vllm_hf_overrides
 from ropekit.apply.patch import apply, as_plan_list
 from ropekit.errors import RopekitError
 from ropekit.plan.geometry import RopeSpec, check_local_source, default_layer_type, layer_rope_blocks, load_config_dict, text_config_of
+from ropekit.plan.registry import plan as make_plan
 from ropekit.plan.scaling import Plan
 from ropekit.plan.summary import plan_summary
 
@@ -52,7 +53,7 @@ def plan_for_model(path_or_id: str, target_length: int, method: str, *, from_scr
                    layer_type: str | None = None, **params: Any) -> Plan:
     """Plan against the geometry in the model's own config (its current frequencies unless `from_scratch`)."""
     spec = RopeSpec.from_pretrained(path_or_id, from_scratch=from_scratch, layer_type=layer_type)
-    return ropekit.plan(spec, target_length, method, **params)
+    return make_plan(spec, target_length, method, **params)
 
 
 def plans_for_model(path_or_id: str, target_length: int, method: str, *, from_scratch: bool = False,
@@ -95,7 +96,7 @@ def extended_record(plan: Plan | dict[str, Plan], *, source: str, **extra: Any) 
     """
     plans = as_plan_list(plan)
     first = plans[0]
-    record = {**SIGNATURE, "ropekit_version": ropekit.__version__, "source_model": source,
+    record = {**SIGNATURE, "ropekit_version": __version__, "source_model": source,
               "plan": plan_summary(first), "vllm_hf_overrides": vllm_hf_overrides(first),
               "llama_cpp": llama_cpp_rope_freqs(first)}
     if first.spec.layer_type is not None:

@@ -242,7 +242,7 @@ def extended_metadata(rope: GgufRope, plan: Plan) -> tuple[dict[str, Any], set[s
     """
     from gguf import GGUFValueType as T
 
-    import ropekit
+    from ropekit._version import __version__
 
     arch = rope.architecture
     drop = {f"{arch}.rope.scaling.{k}" for k in (*rope.scaling, "type")} | {f"{arch}.rope.scale_linear"}
@@ -252,7 +252,7 @@ def extended_metadata(rope: GgufRope, plan: Plan) -> tuple[dict[str, Any], set[s
         f"{arch}.rope.scaling.original_context_length": (plan.spec.original_length, T.UINT32),
         f"{arch}.rope.scaling.attn_factor": (float(plan.attention_factor), T.FLOAT32),
         "ropekit.method": (plan.method, T.STRING),
-        "ropekit.version": (ropekit.__version__, T.STRING),
+        "ropekit.version": (__version__, T.STRING),
     }
     return sets, drop - set(sets)
 
@@ -456,11 +456,11 @@ def extend_gguf(source: str | os.PathLike, out: str | os.PathLike, *, target_len
     length before it (`rope.scaling.original_context_length`, or `original_length` when the file
     does not say).
     """
-    import ropekit
+    from ropekit.plan.registry import plan as make_plan
 
     rope = read_rope(source)
     check_rope_freqs_support(rope)  # before planning: one clear line, nothing written
     check_output_file(out, source=source, overwrite=overwrite)
-    plan = ropekit.plan(rope.spec(original_length=original_length), target_length, method, **params)
+    plan = make_plan(rope.spec(original_length=original_length), target_length, method, **params)
     write_extended_gguf(source, plan, out, overwrite=overwrite)
     return plan

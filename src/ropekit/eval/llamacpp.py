@@ -172,15 +172,15 @@ def runtime_parity(original_gguf: str | os.PathLike, extended_gguf: str | os.Pat
     - `noise_floor`: llama.cpp vs transformers on the original model inside the trained window
       (`noise_window` tokens): identical math, so what is left is quantised activations and kernels.
     """
-    import ropekit
     from ropekit.apply.extend import load_model
+    from ropekit.apply.patch import apply
 
     ids = list(ids)
     positions = list(range(len(ids) - compare_last, len(ids)))
     short, short_positions = ids[:noise_window], list(range(noise_window - compare_last, noise_window))
     model = load_model(str(model_dir), dtype="float32")
     floor_reference = transformers_logits(model, short, short_positions)
-    reference = transformers_logits(ropekit.apply(model, plan), ids, positions)
+    reference = transformers_logits(apply(model, plan), ids, positions)
     return {
         "extended_vs_plan": agreement(llama_cpp_logits(extended_gguf, ids, positions, n_threads=n_threads), reference),
         "unextended_vs_plan": agreement(llama_cpp_logits(original_gguf, ids, positions, n_threads=n_threads), reference),
@@ -196,7 +196,7 @@ def evaluate_llama_cpp(cfg, limit: int) -> dict:
     import tempfile
     from dataclasses import asdict
 
-    import ropekit
+    from ropekit._version import __version__
     from ropekit.apply.gguf import extend_gguf
     from ropekit.apply.gguf_convert import load_gguf_tokenizer
     from ropekit.eval.data import read_documents, tokenize_documents
@@ -208,7 +208,7 @@ def evaluate_llama_cpp(cfg, limit: int) -> dict:
         raise RopekitError(f"{cfg.model}: transformers cannot read this GGUF's tokenizer")
     documents = tokenize_documents(read_documents(cfg.data), tokenizer)
     documents = [doc[: cfg.max_tokens] for doc in documents] if cfg.max_tokens else documents
-    results: dict = {"ropekit_version": ropekit.__version__, "config": _jsonable(asdict(cfg)), "methods": {}}
+    results: dict = {"ropekit_version": __version__, "config": _jsonable(asdict(cfg)), "methods": {}}
     with tempfile.TemporaryDirectory(prefix="ropekit-gguf-") as tmp:
         for method in cfg.methods or [AS_SAVED]:
             path, entry = cfg.model, {}

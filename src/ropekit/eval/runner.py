@@ -15,13 +15,14 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import ropekit
+from ropekit._version import __version__
 from ropekit.apply.atomic import OutputTarget, atomic_directory, prepare_output
 from ropekit.apply.extend import load_model, load_tokenizer
 from ropekit.apply.patch import apply, model_spec
 from ropekit.errors import RopekitError
 from ropekit.eval.data import read_documents, tokenize_documents
 from ropekit.plan.geometry import RopeSpec, load_config_dict
+from ropekit.plan.registry import get_method, plan as make_plan
 from ropekit.eval.longbench import CHAT_MODES as LONGBENCH_CHAT_MODES, load_longbench, load_prompt_config, run_longbench
 from ropekit.eval.longppl import Evaluator, long_ppl
 from ropekit.eval.passkey import SCORERS as PASSKEY_SCORERS, STYLES as PASSKEY_STYLES, build_prompt, passkey_grid, read_task_line
@@ -81,7 +82,7 @@ class EvalConfig:
         if not self.lengths or min(self.lengths) < 2:
             raise RopekitError("--lengths must be positive token counts ≥ 2")
         for m in self.methods:
-            ropekit.get_method(m)
+            get_method(m)
         for t in self.ruler_tasks if "ruler" in self.tasks else []:
             get_ruler_task(t)
         if "longbench" in self.tasks and not self.longbench_dir:
@@ -144,7 +145,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     documents = tokenize_documents(read_documents(cfg.data), tokenizer) if needs_text else []
     documents = [doc[: cfg.max_tokens] for doc in documents] if cfg.max_tokens else documents
     evaluator = load_evaluator(cfg.evaluator) if "longppl" in cfg.tasks and cfg.evaluator else None
-    results: dict[str, Any] = {"ropekit_version": ropekit.__version__, "config": _jsonable(asdict(cfg)),
+    results: dict[str, Any] = {"ropekit_version": __version__, "config": _jsonable(asdict(cfg)),
                                "trained_length": _trained_length(cfg.model), "methods": {}, "warnings": []}
     if "ppl" in cfg.tasks:
         results["warnings"] += short_document_warnings(documents, cfg.lengths)
@@ -171,7 +172,7 @@ def run_method(cfg: EvalConfig, method: str, *, limit: int, tokenizer, documents
     model = load_model(cfg.model, dtype="float32")
     entry: dict[str, Any] = {}
     if method != AS_SAVED:
-        plan = ropekit.plan(model_spec(model), limit, method)
+        plan = make_plan(model_spec(model), limit, method)
         apply(model, plan)
         entry["plan"] = {"target_length": plan.target_length, "factors": list(plan.factors),
                          "attention_factor": plan.attention_factor, "disturbance": plan.disturbance}

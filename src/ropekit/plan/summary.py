@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import ropekit
+from ropekit._version import __version__
 from ropekit.plan.analysis.bounds import critical_dimension, extrapolation_bound, full_rotation_seen
 from ropekit.plan.scaling import Plan
 
@@ -15,7 +15,7 @@ def plan_summary(plan: Plan, *, disturbance_by_method: dict[str, float] | None =
     spec = plan.spec
     interpolated = plan.interpolated_pairs
     out: dict[str, Any] = {
-        "ropekit_version": ropekit.__version__,
+        "ropekit_version": __version__,
         "method": plan.method,
         "params": {k: v for k, v in plan.params.items()},
         "source": spec.name,

@@ -26,12 +26,14 @@ from typing import Any
 import numpy as np
 import torch
 
-import ropekit
+from ropekit._version import __version__
 from ropekit.apply.atomic import MARKER, SIGNATURE, default_modes, prepare_output, set_normal_permissions
 from ropekit.apply.extend import RECORD, extended_record, load_model, load_tokenizer
 from ropekit.apply.patch import apply, model_spec
 from ropekit.errors import Interrupted, RopekitError
 from ropekit.eval.data import jsonl_records, read_documents, tokenize_documents
+from ropekit.plan.geometry import RopeSpec
+from ropekit.plan.registry import plan as make_plan
 from ropekit.train.data import pack_windows, window_indices
 from ropekit.train.pose import pose_rng, pose_sample
 
@@ -161,7 +163,7 @@ def _start_run_dir(target) -> None:
     target.path.mkdir(parents=True, exist_ok=True)
     os.chmod(target.path, dir_mode)
     marker = target.path / MARKER
-    marker.write_text(json.dumps({**SIGNATURE, "ropekit_version": ropekit.__version__,
+    marker.write_text(json.dumps({**SIGNATURE, "ropekit_version": __version__,
                                   "status": "fine-tuning; this becomes the model record when the run completes"}) + "\n")
 
 
@@ -181,7 +183,7 @@ def finetune(cfg: TrainConfig) -> dict[str, Any]:
     from accelerate import Accelerator, PartialState
     from accelerate.utils import set_seed
 
-    spec = ropekit.RopeSpec.from_pretrained(cfg.model)
+    spec = RopeSpec.from_pretrained(cfg.model)
     cfg.validate(spec.original_length)
     target = _check_out_dir(cfg)
     # accelerate only builds a gloo process group under torchrun when told cpu=True on a machine without CUDA
@@ -210,7 +212,7 @@ def finetune(cfg: TrainConfig) -> dict[str, Any]:
     windows = pack_windows(documents, cfg.window() + cfg.pose_text_skip, eos_id=tokenizer.eos_token_id)
 
     model = load_model(cfg.model, dtype="float32")
-    plan = ropekit.plan(model_spec(model), cfg.target_length, cfg.method, **cfg.method_params)
+    plan = make_plan(model_spec(model), cfg.target_length, cfg.method, **cfg.method_params)
     apply(model, plan)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()

@@ -428,7 +428,7 @@ def gguf_card(path: str | os.PathLike) -> dict[str, Any]:
     card["llama_cpp_plan"] = ("supported (rope_freqs.weight)" if supported else
                               f"not supported: llama.cpp's {rope.architecture!r} graph ignores rope_freqs")
     target = 4 * (rope.original_length or rope.context_length)
-    card["next"] = (f"ropekit plan --model {path} --target-length {target} --compare; "
+    card["next"] = (f"ropekit plan --model {path} --target-length {target}; "
                     + (f"ropekit extend {path} --method dprope --target-length {target} --out EXTENDED.gguf; "
                        if supported else "")
                     + f"ropekit convert gguf {path} --out DIR")

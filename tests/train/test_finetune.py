@@ -82,7 +82,7 @@ def test_two_processes_match_one_with_the_same_global_batch(s260k, text, tmp_pat
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "ropekit.cli.main", "finetune", s260k, "--out", str(single), *common],
                    check=True, capture_output=True, env=env)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29571"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # --standalone: a free port
     proc = subprocess.run([*torchrun, "-m", "ropekit.cli.main", "finetune", s260k, "--out", str(double), *common],
                           capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

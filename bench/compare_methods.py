@@ -30,7 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import reference_model as ref  # noqa: E402
-
 import ropekit  # noqa: E402
 from ropekit.apply.extend import load_model, load_tokenizer  # noqa: E402
 from ropekit.apply.patch import apply  # noqa: E402
@@ -43,15 +42,38 @@ OUT = ROOT / "bench" / "results" / "compare"
 def method_grid(spec: ropekit.RopeSpec) -> dict[str, tuple[str, dict]]:
     """name → (ropekit method, parameters)."""
     n_paper = spec.rotary_dim - ropekit.critical_dimension(spec)
-    return {"none": ("none", {}), "pi": ("pi", {}), "ntk": ("ntk", {}), "yarn": ("yarn", {}),
-            "dprope": ("dprope", {}), "dprope-n": ("dprope", {"interpolated_dims": n_paper}), "base": ("base", {})}
+    return {
+        "none": ("none", {}),
+        "pi": ("pi", {}),
+        "ntk": ("ntk", {}),
+        "yarn": ("yarn", {}),
+        "dprope": ("dprope", {}),
+        "dprope-n": ("dprope", {"interpolated_dims": n_paper}),
+        "base": ("base", {}),
+    }
 
 
 SETTINGS = {
-    "quick": dict(scales=[2, 4], ft_scales=[4], pose_methods=["pi", "dprope"], steps=20, batch=2, trials=2,
-                  max_tokens=4096, methods=["none", "pi", "yarn", "dprope"]),
-    "full": dict(scales=[2, 4, 8], ft_scales=[2, 4, 8], pose_methods=["pi", "yarn", "dprope"], steps=100, batch=2,
-                 trials=4, max_tokens=16384, methods=None),
+    "quick": dict(
+        scales=[2, 4],
+        ft_scales=[4],
+        pose_methods=["pi", "dprope"],
+        steps=20,
+        batch=2,
+        trials=2,
+        max_tokens=4096,
+        methods=["none", "pi", "yarn", "dprope"],
+    ),
+    "full": dict(
+        scales=[2, 4, 8],
+        ft_scales=[2, 4, 8],
+        pose_methods=["pi", "yarn", "dprope"],
+        steps=100,
+        batch=2,
+        trials=4,
+        max_tokens=16384,
+        methods=None,
+    ),
 }
 DEPTHS = [0.0, 0.5, 1.0]
 
@@ -75,14 +97,24 @@ def evaluate(model, tokenizer, book: list[np.ndarray], scale: int, trials: int) 
     """Held-out book perplexity (windows of n tokens, stride n/2) and passkey accuracy at 256 … 256·scale."""
     lengths = lengths_up_to(scale)
     ppl = {str(n): perplexity(model, book, length=n, stride=n // 2).perplexity for n in lengths}
-    grid = passkey_grid(model, tokenizer, lengths=lengths, depths=DEPTHS, trials=trials, seed=7, agreement_every=6,
-                        scorer="teacher-forced", style="compact")  # the protocol the README tables were made with
+    grid = passkey_grid(
+        model,
+        tokenizer,
+        lengths=lengths,
+        depths=DEPTHS,
+        trials=trials,
+        seed=7,
+        agreement_every=6,
+        scorer="teacher-forced",
+        style="compact",
+    )  # the protocol the README tables were made with
     passkey = {str(n): float(np.mean([grid.cell(n, d) for d in DEPTHS])) for n in lengths}
     return {"ppl": ppl, "passkey": passkey, "scorer_agreement": grid.agreement}
 
 
-def finetuned_dir(ref_dir: Path, data: Path, name: str, method: str, params: dict, scale: int, pose: bool,
-                  setting: dict) -> tuple[Path, float]:
+def finetuned_dir(
+    ref_dir: Path, data: Path, name: str, method: str, params: dict, scale: int, pose: bool, setting: dict
+) -> tuple[Path, float]:
     from ropekit.train.loop import TrainConfig, finetune
 
     tag = f"ft-{ref_dir.name}-{name}-s{scale}{'-pose' if pose else ''}-{setting['steps']}x{setting['batch']}"
@@ -94,10 +126,26 @@ def finetuned_dir(ref_dir: Path, data: Path, name: str, method: str, params: dic
 
         shutil.rmtree(out)
     started = time.perf_counter()
-    finetune(TrainConfig(model=str(ref_dir), out=out, data=str(data), target_length=256 * scale, method=method,
-                         method_params=params, train_length=256 if pose else None, pose=pose, steps=setting["steps"],
-                         global_batch=setting["batch"], lr=5e-4, seed=0, save_every=setting["steps"], progress=False,
-                         report_to="none", max_tokens=200_000))
+    finetune(
+        TrainConfig(
+            model=str(ref_dir),
+            out=out,
+            data=str(data),
+            target_length=256 * scale,
+            method=method,
+            method_params=params,
+            train_length=256 if pose else None,
+            pose=pose,
+            steps=setting["steps"],
+            global_batch=setting["batch"],
+            lr=5e-4,
+            seed=0,
+            save_every=setting["steps"],
+            progress=False,
+            report_to="none",
+            max_tokens=200_000,
+        )
+    )
     seconds = time.perf_counter() - started
     record = json.loads((out / "ropekit.json").read_text())
     record["training"]["seconds"] = seconds
@@ -130,8 +178,11 @@ def load_book(ref_dir: Path, tokenizer, max_tokens: int) -> list[np.ndarray]:
 
 def report(kind: str, scale: int, label: str, r: dict) -> None:
     target = str(256 * scale)
-    print(f"[{kind:11s}] s={scale} {label:9s} D={r['disturbance']:8.2f}  ppl@256={r['ppl']['256']:7.2f}  "
-          f"ppl@{target}={r['ppl'][target]:8.2f}  passkey@{target}={r['passkey'][target]:.0%}", flush=True)
+    print(
+        f"[{kind:11s}] s={scale} {label:9s} D={r['disturbance']:8.2f}  ppl@256={r['ppl']['256']:7.2f}  "
+        f"ppl@{target}={r['ppl'][target]:8.2f}  passkey@{target}={r['passkey'][target]:.0%}",
+        flush=True,
+    )
 
 
 def run_no_finetune(ref_dir, spec, grid, tokenizer, book, setting) -> dict:
@@ -158,8 +209,11 @@ def run_finetune(ref_dir, spec, grid, tokenizer, book, setting, *, pose: bool) -
                 continue
             run_dir, seconds = finetuned_dir(ref_dir, data, label, method, params, scale, pose, setting)
             plan = ropekit.plan(spec, 256 * scale, method, **params)
-            row[label] = {"disturbance": plan.disturbance, "train_seconds": seconds,
-                          **evaluate(load_model(str(run_dir), dtype="float32"), tokenizer, book, scale, setting["trials"])}
+            row[label] = {
+                "disturbance": plan.disturbance,
+                "train_seconds": seconds,
+                **evaluate(load_model(str(run_dir), dtype="float32"), tokenizer, book, scale, setting["trials"]),
+            }
             report("PoSE" if pose else "fine-tuned", scale, label, row[label])
     return out
 
@@ -181,8 +235,12 @@ def main() -> None:
     book = load_book(ref_dir, tokenizer, setting["max_tokens"])
     spec = ropekit.RopeSpec.from_pretrained(str(ref_dir))
     grid = {k: v for k, v in method_grid(spec).items() if setting["methods"] is None or k in setting["methods"]}
-    results: dict = {"setting": name, "settings": setting, "reference_model": json.loads((ref_dir / "metrics.json").read_text()),
-                     "critical_dimension": ropekit.critical_dimension(spec)}
+    results: dict = {
+        "setting": name,
+        "settings": setting,
+        "reference_model": json.loads((ref_dir / "metrics.json").read_text()),
+        "critical_dimension": ropekit.critical_dimension(spec),
+    }
     results["no_finetune"] = run_no_finetune(ref_dir, spec, grid, tokenizer, book, setting)
     results["finetune"] = run_finetune(ref_dir, spec, grid, tokenizer, book, setting, pose=False)
     results["pose"] = run_finetune(ref_dir, spec, grid, tokenizer, book, setting, pose=True)
@@ -258,13 +316,25 @@ def plot_ppl(plt, results: dict, kind: str, path: Path) -> None:
     for ax, (scale, row) in zip(axes[0], rows.items()):
         extra = results["pose"].get(scale, {}) if kind == "finetune" else {}
         for method, r, pose in [(m, r, False) for m, r in row.items()] + [(m, r, True) for m, r in extra.items()]:
-            ax.plot([int(n) for n in r["ppl"]], list(r["ppl"].values()), "--" if pose else "-", marker="o", ms=3,
-                    color=method_color(method), label=f"{method} (PoSE)" if pose else method)
+            ax.plot(
+                [int(n) for n in r["ppl"]],
+                list(r["ppl"].values()),
+                "--" if pose else "-",
+                marker="o",
+                ms=3,
+                color=method_color(method),
+                label=f"{method} (PoSE)" if pose else method,
+            )
         if extra:
             ax.legend(fontsize=6, loc="center right")
         ax.axvline(256, color="grey", lw=0.8, ls=":")
-        ax.set(xscale="log", yscale="log", title=f"s = {scale} ({KIND_TITLES[kind]})", xlabel="context length (tokens)",
-               ylabel="held-out book perplexity")
+        ax.set(
+            xscale="log",
+            yscale="log",
+            title=f"s = {scale} ({KIND_TITLES[kind]})",
+            xlabel="context length (tokens)",
+            ylabel="held-out book perplexity",
+        )
         ax.set_xscale("log", base=2)
         plain_log_axes(ax)
         ax.grid(alpha=0.3, which="both")
@@ -276,11 +346,14 @@ def plot_ppl(plt, results: dict, kind: str, path: Path) -> None:
 
 def plot_passkey(plt, results: dict, path: Path) -> None:
     """Heatmaps of passkey accuracy (method × length), one per (setting, scale)."""
-    panels = [(kind, scale, row) for kind in ("no_finetune", "finetune", "pose") for scale, row in results[kind].items()]
+    panels = [
+        (kind, scale, row) for kind in ("no_finetune", "finetune", "pose") for scale, row in results[kind].items()
+    ]
     cols = 3
-    fig, axes = plt.subplots(-(-len(panels) // cols), cols, figsize=(4.4 * cols, 2.9 * -(-len(panels) // cols)),
-                             squeeze=False)
-    for ax in axes.flat[len(panels):]:
+    fig, axes = plt.subplots(
+        -(-len(panels) // cols), cols, figsize=(4.4 * cols, 2.9 * -(-len(panels) // cols)), squeeze=False
+    )
+    for ax in axes.flat[len(panels) :]:
         ax.axis("off")
     for ax, (kind, scale, row) in zip(axes.flat, panels):
         methods = list(row)
@@ -313,8 +386,13 @@ def plot_disturbance(plt, results: dict, path: Path) -> None:
             ax.scatter(ds, ps, label=f"s = {scale}")
             for m, d, p in zip(names, ds, ps):
                 ax.annotate(m, (d, p), fontsize=7, xytext=(3, 2), textcoords="offset points")
-        ax.set(xscale="log", yscale="log", xlabel="disturbance (1000 × mean KL; lower = closer to pre-training)",
-               ylabel="perplexity at the target length", title=KIND_TITLES[kind])
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="disturbance (1000 × mean KL; lower = closer to pre-training)",
+            ylabel="perplexity at the target length",
+            title=KIND_TITLES[kind],
+        )
         plain_log_axes(ax)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)

@@ -43,22 +43,31 @@ print(json.dumps({"mode": mode, "peak_rss_mib": peak / 1024, "increase_mib": (pe
 
 
 def run(mode: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", WORKER, mode, str(LENGTH), str(VOCAB)], capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", WORKER, mode, str(LENGTH), str(VOCAB)], capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     rows = {mode: min((run(mode) for _ in range(3)), key=lambda r: r["seconds"]) for mode in ("naive", "ropekit")}
     same = abs(rows["naive"]["mean_nll"] - rows["ropekit"]["mean_nll"]) < 1e-4
-    result = {"length": LENGTH, "vocab": VOCAB, "runs_per_mode": 3, "same_loss": same, **rows,
-              "memory_ratio": rows["naive"]["increase_mib"] / max(rows["ropekit"]["increase_mib"], 1e-9),
-              "when": time.strftime("%Y-%m-%d")}
+    result = {
+        "length": LENGTH,
+        "vocab": VOCAB,
+        "runs_per_mode": 3,
+        "same_loss": same,
+        **rows,
+        "memory_ratio": rows["naive"]["increase_mib"] / max(rows["ropekit"]["increase_mib"], 1e-9),
+        "when": time.strftime("%Y-%m-%d"),
+    }
     print(f"perplexity forward at {LENGTH} tokens, vocab {VOCAB} (best of 3 fresh processes each)")
     for mode in ("naive", "ropekit"):
         r = rows[mode]
-        print(f"  {mode:8s} peak RSS {r['peak_rss_mib']:7.0f} MiB (+{r['increase_mib']:6.0f} MiB over the loaded model), "
-              f"{r['tokens_per_second']:8.0f} tokens/s")
+        print(
+            f"  {mode:8s} peak RSS {r['peak_rss_mib']:7.0f} MiB (+{r['increase_mib']:6.0f} MiB over the loaded model), "
+            f"{r['tokens_per_second']:8.0f} tokens/s"
+        )
     print(f"  same loss: {same}; extra memory naive / ropekit: {result['memory_ratio']:.1f}×")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")

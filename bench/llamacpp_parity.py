@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 import ropekit
+from ropekit.apply.extend import load_tokenizer
 from ropekit.apply.gguf import extend_gguf
 from ropekit.apply.gguf_convert import converted_dir
-from ropekit.apply.extend import load_tokenizer
 from ropekit.eval.data import gutenberg_body
 from ropekit.eval.llamacpp import require_llama_cpp, runtime_parity
 
@@ -39,16 +39,24 @@ def smollm2_gguf() -> Path:
 
 def markdown_table(results: dict) -> str:
     """The README table: one row per method and comparison."""
-    rows = ["| method | comparison (last {n} of {t:,} tokens) | top-1 agreement | mean abs Δlogit | max abs Δlogit |".format(
-                n=results["compare_last"], t=results["tokens"]), "|---|---|---|---|---|"]
-    labels = {"extended_vs_plan": "llama.cpp, extended GGUF vs transformers + plan",
-              "unextended_vs_plan": "llama.cpp, original GGUF vs transformers + plan",
-              "noise_floor": "llama.cpp vs transformers, no plan, first 1,024 tokens (noise floor)"}
+    rows = [
+        "| method | comparison (last {n} of {t:,} tokens) | top-1 agreement | mean abs Δlogit | max abs Δlogit |".format(
+            n=results["compare_last"], t=results["tokens"]
+        ),
+        "|---|---|---|---|---|",
+    ]
+    labels = {
+        "extended_vs_plan": "llama.cpp, extended GGUF vs transformers + plan",
+        "unextended_vs_plan": "llama.cpp, original GGUF vs transformers + plan",
+        "noise_floor": "llama.cpp vs transformers, no plan, first 1,024 tokens (noise floor)",
+    }
     for method, entry in results["methods"].items():
         for key, label in labels.items():
             r = entry[key]
-            rows.append(f"| {method} | {label} | {100 * r['top1_agreement']:.1f}% | {r['mean_abs_logit_diff']:.3f} | "
-                        f"{r['max_abs_logit_diff']:.2f} |")
+            rows.append(
+                f"| {method} | {label} | {100 * r['top1_agreement']:.1f}% | {r['mean_abs_logit_diff']:.3f} | "
+                f"{r['max_abs_logit_diff']:.2f} |"
+            )
     return "\n".join(rows)
 
 
@@ -73,9 +81,17 @@ def main() -> None:
     ids = [tokenizer.bos_token_id or 1] + tokenizer(book).input_ids
     ids = ids[: args.tokens]
     assert len(ids) == args.tokens, f"{args.book} has only {len(ids)} tokens"
-    results = {"ropekit_version": ropekit.__version__, "llama_cpp_python": llama_cpp.__version__,
-               "model": source.name, "book": args.book.name, "tokens": len(ids), "compare_last": args.compare_last,
-               "target_length": args.target_length, "machine": platform.processor() or platform.machine(), "methods": {}}
+    results = {
+        "ropekit_version": ropekit.__version__,
+        "llama_cpp_python": llama_cpp.__version__,
+        "model": source.name,
+        "book": args.book.name,
+        "tokens": len(ids),
+        "compare_last": args.compare_last,
+        "target_length": args.target_length,
+        "machine": platform.processor() or platform.machine(),
+        "methods": {},
+    }
     work = REPO / "out" / "bench-llamacpp"
     for method in args.methods.split(","):
         extended = work / f"smollm2-{method}-{args.target_length}.gguf"

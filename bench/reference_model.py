@@ -87,10 +87,15 @@ class RefConfig:
         """The hash of the fields stages 1–2 depend on (their output is cached under it)."""
         return config_hash({k: v for k, v in asdict(self).items() if not k.startswith("retrieval_")})
 
-    def stage3_data(self) -> "RefConfig":
+    def stage3_data(self) -> RefConfig:
         """The configuration `make_batches` reads for stage 3."""
-        return replace(self, steps=self.retrieval_steps, passkey_share=self.retrieval_passkey_share,
-                       repeat_share=self.retrieval_repeat_share, seed=self.seed + 7)
+        return replace(
+            self,
+            steps=self.retrieval_steps,
+            passkey_share=self.retrieval_passkey_share,
+            repeat_share=self.retrieval_repeat_share,
+            seed=self.seed + 7,
+        )
 
 
 def config_hash(fields: dict) -> str:
@@ -115,7 +120,9 @@ def gutenberg_body(text: str) -> str:
             start = i + 1
             break
     for i in range(start, len(lines)):
-        if lines[i].startswith(("***END OF", "*** END OF", "End of The Project Gutenberg", "End of the Project Gutenberg")):
+        if lines[i].startswith(
+            ("***END OF", "*** END OF", "End of The Project Gutenberg", "End of the Project Gutenberg")
+        ):
             end = i
             break
     return "\n".join(lines[start:end]).strip()
@@ -141,11 +148,16 @@ def train_tokenizer(documents: list[str], vocab_size: int):
 
     tok = Tokenizer(models.BPE(unk_token=None))
     # Digits are single tokens (as in LLaMA's tokenizer), so a passkey is copied digit by digit.
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<s>", "</s>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(documents, trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
@@ -166,7 +178,9 @@ def copy_alphabet(tokenizer, size: int = 64) -> list[int]:
     return digits + merges[: size - len(digits)]
 
 
-def repeated_span(rng: random.Random, alphabet: list[int], length: int, shortest: int = 8, longest: int = 64) -> list[int]:
+def repeated_span(
+    rng: random.Random, alphabet: list[int], length: int, shortest: int = 8, longest: int = 64
+) -> list[int]:
     """A span of `shortest`–`longest` tokens (length log-uniform) drawn from `alphabet`, repeated to `length` tokens.
 
     Everything after the first copy is predictable only by looking back (an induction head),
@@ -219,12 +233,21 @@ def build_model(cfg: RefConfig, tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(cfg.seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-                         num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
-                         head_dim=cfg.hidden_size // cfg.heads, max_position_embeddings=cfg.context,
-                         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.heads,
+        head_dim=cfg.hidden_size // cfg.heads,
+        max_position_embeddings=cfg.context,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -253,10 +276,17 @@ def train_stages_1_2(cfg: RefConfig, out: Path) -> dict:
         progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
-    print(f"stage 2: {cfg.steps} steps × {cfg.batch} × {cfg.context} tokens of text, passkey and repeated spans", flush=True)
+    print(
+        f"stage 2: {cfg.steps} steps × {cfg.batch} × {cfg.context} tokens of text, passkey and repeated spans",
+        flush=True,
+    )
     loss = mixed_stage(model, opt, lr_at, cfg, tokenizer, token_stream(tokenizer, docs))
-    metrics = {"train_seconds": time.perf_counter() - started, "final_train_loss": loss, "copy_warmup": copy,
-               "config": asdict(cfg)}
+    metrics = {
+        "train_seconds": time.perf_counter() - started,
+        "final_train_loss": loss,
+        "copy_warmup": copy,
+        "config": asdict(cfg),
+    }
     return save(model, tokenizer, metrics, held, cfg, out)
 
 
@@ -269,15 +299,24 @@ def train_stage_3(cfg: RefConfig, stage2: Path, out: Path) -> dict:
     model = LlamaForCausalLM.from_pretrained(stage2)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.retrieval_lr, betas=(0.9, 0.95), weight_decay=0.1)
     data = cfg.stage3_data()
-    print(f"stage 3: {data.steps} steps × {cfg.batch} × {cfg.context} tokens, {data.passkey_share:.0%} passkey "
-          f"sequences, lr {cfg.retrieval_lr:g}", flush=True)
+    print(
+        f"stage 3: {data.steps} steps × {cfg.batch} × {cfg.context} tokens, {data.passkey_share:.0%} passkey "
+        f"sequences, lr {cfg.retrieval_lr:g}",
+        flush=True,
+    )
     started = time.perf_counter()
     model.train()
-    loss = mixed_stage(model, opt, lambda step: min(1.0, (step + 1) / 20), data, tokenizer, token_stream(tokenizer, docs))
+    loss = mixed_stage(
+        model, opt, lambda step: min(1.0, (step + 1) / 20), data, tokenizer, token_stream(tokenizer, docs)
+    )
     before = json.loads((stage2 / "metrics.json").read_text())
-    metrics = {"train_seconds": before["train_seconds"] + time.perf_counter() - started, "final_train_loss": loss,
-               "copy_warmup": before["copy_warmup"], "stage2": {k: before[k] for k in ("val_perplexity", "passkey_in_window")},
-               "config": asdict(cfg)}
+    metrics = {
+        "train_seconds": before["train_seconds"] + time.perf_counter() - started,
+        "final_train_loss": loss,
+        "copy_warmup": before["copy_warmup"],
+        "stage2": {k: before[k] for k in ("val_perplexity", "passkey_in_window")},
+        "config": asdict(cfg),
+    }
     return save(model, tokenizer, metrics, held, cfg, out)
 
 
@@ -297,7 +336,10 @@ def mixed_stage(model, opt, lr_at, cfg: RefConfig, tokenizer, stream: np.ndarray
         if (step + 1) % 50 == 0 or step in (0, cfg.steps - 1):
             rate = (step + 1) * cfg.batch * cfg.context / (time.perf_counter() - started)
             probe = f"  passkey probe {retrieval_probe(model, tokenizer, cfg):.0%}" if (step + 1) % 100 == 0 else ""
-            print(f"step {step + 1}/{cfg.steps}  loss {np.mean(losses[-50:]):.3f}  {rate:,.0f} tokens/s{probe}", flush=True)
+            print(
+                f"step {step + 1}/{cfg.steps}  loss {np.mean(losses[-50:]):.3f}  {rate:,.0f} tokens/s{probe}",
+                flush=True,
+            )
     return float(np.mean(losses[-50:]))
 
 
@@ -319,8 +361,11 @@ def save(model, tokenizer, metrics: dict, held: list[str], cfg: RefConfig, out: 
 def copy_warmup(model, opt, cfg: RefConfig, tokenizer, window: int = 25) -> dict:
     """Stage 1: train on repeated spans only until the mean loss of the last `window` steps is
     under `copy_target_loss` (or `copy_max_steps` pass). Linear warm-up over 50 steps, then constant lr."""
-    print(f"stage 1 (copy warm-up): repeated spans, {cfg.copy_batch} × {cfg.copy_context} tokens per step, "
-          f"until the copy loss < {cfg.copy_target_loss} (at most {cfg.copy_max_steps} steps)", flush=True)
+    print(
+        f"stage 1 (copy warm-up): repeated spans, {cfg.copy_batch} × {cfg.copy_context} tokens per step, "
+        f"until the copy loss < {cfg.copy_target_loss} (at most {cfg.copy_max_steps} steps)",
+        flush=True,
+    )
     started, losses = time.perf_counter(), []
     for step, ids in zip(range(cfg.copy_max_steps), copy_batches(cfg, tokenizer)):
         for group in opt.param_groups:
@@ -337,8 +382,11 @@ def copy_warmup(model, opt, cfg: RefConfig, tokenizer, window: int = 25) -> dict
         if len(losses) >= window and recent < cfg.copy_target_loss:
             break
     formed = len(losses) >= window and recent < cfg.copy_target_loss
-    print(f"stage 1 {'reached' if formed else 'did NOT reach'} the target after {len(losses)} steps "
-          f"(loss {recent:.3f}, {time.perf_counter() - started:.0f} s)", flush=True)
+    print(
+        f"stage 1 {'reached' if formed else 'did NOT reach'} the target after {len(losses)} steps "
+        f"(loss {recent:.3f}, {time.perf_counter() - started:.0f} s)",
+        flush=True,
+    )
     return {"steps": len(losses), "final_loss": recent, "formed": formed, "seconds": time.perf_counter() - started}
 
 
@@ -349,8 +397,15 @@ def retrieval_probe(model, tokenizer, cfg: RefConfig, n: int = 20) -> float:
 
     rng = random.Random(999)
     model.eval()
-    hits = [teacher_forced_correct(model, build_prompt(tokenizer, rng.randint(96, cfg.context), rng.random(),
-                                                      rng.randint(10000, 99999), style="compact")) for _ in range(n)]
+    hits = [
+        teacher_forced_correct(
+            model,
+            build_prompt(
+                tokenizer, rng.randint(96, cfg.context), rng.random(), rng.randint(10000, 99999), style="compact"
+            ),
+        )
+        for _ in range(n)
+    ]
     model.train()
     return sum(hits) / n
 
@@ -361,11 +416,24 @@ def evaluate(model, tokenizer, held: list[str], cfg: RefConfig) -> dict:
 
     docs = [np.array(tokenizer(h)["input_ids"][:20000]) for h in held]
     ppl = perplexity(model, docs, length=cfg.context, convention="disjoint").perplexity
-    grid = passkey_grid(model, tokenizer, lengths=[128, cfg.context], depths=[0.0, 0.25, 0.5, 0.75, 1.0], trials=5,
-                        seed=123, agreement_every=5, scorer="teacher-forced", style="compact")
+    grid = passkey_grid(
+        model,
+        tokenizer,
+        lengths=[128, cfg.context],
+        depths=[0.0, 0.25, 0.5, 0.75, 1.0],
+        trials=5,
+        seed=123,
+        agreement_every=5,
+        scorer="teacher-forced",
+        style="compact",
+    )
     accuracy = sum(grid.accuracy.values()) / len(grid.accuracy)
-    return {"val_perplexity": ppl, "passkey_in_window": accuracy, "passkey_grid": grid.accuracy,
-            "scorer_agreement": grid.agreement}
+    return {
+        "val_perplexity": ppl,
+        "passkey_in_window": accuracy,
+        "passkey_grid": grid.accuracy,
+        "scorer_agreement": grid.agreement,
+    }
 
 
 def reference_model(cfg: RefConfig = RefConfig()) -> Path:

@@ -20,7 +20,9 @@ MERGES = ["Ġ t", "h e", "Ġt he", "Ġ a"]  # a few BPE merges over GPT-2's byte
 
 def byte_symbols() -> list[str]:
     """GPT-2's printable stand-in for each byte 0…255 (the byte-level BPE alphabet)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     symbols, extra = {}, 0
     for b in range(256):
         if b in keep:
@@ -41,8 +43,15 @@ def to_llama_cpp_rows(weight: np.ndarray, n_head: int) -> np.ndarray:
     return weight.reshape(n_head, 2, rows // n_head // 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
-def write_llama_gguf(path: Path, model=None, *, arch: str = "llama", extra_keys: dict[str, Any] | None = None,
-                     extra_tensors: dict[str, np.ndarray] | None = None, quantize: bool = False) -> Path:
+def write_llama_gguf(
+    path: Path,
+    model=None,
+    *,
+    arch: str = "llama",
+    extra_keys: dict[str, Any] | None = None,
+    extra_tensors: dict[str, np.ndarray] | None = None,
+    quantize: bool = False,
+) -> Path:
     """Write `model` (default: tiny_llama(vocab)) as a GGUF; `quantize` stores the matrices as Q8_0."""
     import gguf
 
@@ -51,8 +60,10 @@ def write_llama_gguf(path: Path, model=None, *, arch: str = "llama", extra_keys:
     cfg = model.config
     w = gguf.GGUFWriter(path, arch)
     keys = {
-        f"{arch}.block_count": cfg.num_hidden_layers, f"{arch}.context_length": cfg.max_position_embeddings,
-        f"{arch}.embedding_length": cfg.hidden_size, f"{arch}.feed_forward_length": cfg.intermediate_size,
+        f"{arch}.block_count": cfg.num_hidden_layers,
+        f"{arch}.context_length": cfg.max_position_embeddings,
+        f"{arch}.embedding_length": cfg.hidden_size,
+        f"{arch}.feed_forward_length": cfg.intermediate_size,
         f"{arch}.attention.head_count": cfg.num_attention_heads,
         f"{arch}.attention.head_count_kv": cfg.num_key_value_heads,
         f"{arch}.rope.dimension_count": cfg.hidden_size // cfg.num_attention_heads,
@@ -77,8 +88,11 @@ def write_llama_gguf(path: Path, model=None, *, arch: str = "llama", extra_keys:
         w.add_tensor(name, array)
     for name, array in gguf_tensors(model).items():
         if quantize and array.ndim == 2:
-            w.add_tensor(name, gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0),
-                         raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            w.add_tensor(
+                name,
+                gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0),
+                raw_dtype=gguf.GGMLQuantizationType.Q8_0,
+            )
         else:
             w.add_tensor(name, array)
     w.write_header_to_file()
@@ -95,9 +109,17 @@ def gguf_tensors(model) -> dict[str, np.ndarray]:
     out = {"token_embd.weight": sd["model.embed_tokens.weight"], "output_norm.weight": sd["model.norm.weight"]}
     if not cfg.tie_word_embeddings:
         out["output.weight"] = sd["lm_head.weight"]
-    names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    names = {
+        "input_layernorm": "attn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "post_attention_layernorm": "ffn_norm",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
     for i in range(cfg.num_hidden_layers):
         for hf, ll in names.items():
             weight = sd[f"model.layers.{i}.{hf}.weight"]

@@ -7,20 +7,20 @@
 4.0
 """
 
-from ropekit.errors import RopekitError
-from ropekit.plan import METHODS, Plan, RopeSpec, Scaling, compare, get_method, plan, register_method
+from ropekit._version import __version__
+
 # The subpackages are imported before their same-named functions are bound, so later imports
 # of e.g. `ropekit.apply.export` leave `ropekit.apply` (the function) in place.
 from ropekit.apply.extend import extend
 from ropekit.apply.patch import apply
+from ropekit.errors import RopekitError
+from ropekit.plan import METHODS, Plan, RopeSpec, Scaling, compare, get_method, plan, register_method
 from ropekit.plan.analysis.bounds import (
     base_for_bound,
     critical_dimension,
     extrapolation_bound,
     min_base_for_length,
 )
-
-from ropekit._version import __version__
 
 __all__ = [
     "METHODS",

@@ -16,12 +16,21 @@ from conftest import require_asset
 from ropekit import RopekitError
 from ropekit.apply.extend import extend, load_model
 from ropekit.apply.patch import apply, model_spec, rotary_modules
-from ropekit.plan.geometry import spec_from_config_dict
 from ropekit.cli.main import app
+from ropekit.plan.geometry import spec_from_config_dict
 
 ORIGINAL, TARGET, INPUT_LENGTH = 64, 256, 200
-COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-              max_position_embeddings=ORIGINAL, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+COMMON = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=ORIGINAL,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 FAMILIES = {
     "llama": (T.LlamaConfig, dict(num_key_value_heads=2)),
     "mistral": (T.MistralConfig, dict(num_key_value_heads=2, sliding_window=None)),
@@ -30,8 +39,10 @@ FAMILIES = {
     "phi3": (T.Phi3Config, dict(num_key_value_heads=2)),
     "gemma": (T.GemmaConfig, dict(num_key_value_heads=2, head_dim=16)),
     "gemma2": (T.Gemma2Config, dict(num_key_value_heads=2, head_dim=16, sliding_window=512)),
-    "gpt_neox": (T.GPTNeoXConfig, dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                                        "partial_rotary_factor": 0.5})),
+    "gpt_neox": (
+        T.GPTNeoXConfig,
+        dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
+    ),
 }
 
 
@@ -89,8 +100,13 @@ def test_refusals():
     shorter = ropekit.plan(ropekit.RopeSpec(head_dim=16, base=10000.0, original_length=32), TARGET, "pi")
     with pytest.raises(RopekitError, match="original length"):
         apply(llama, shorter)
-    vl = {"model_type": "qwen2_vl", "hidden_size": 64, "num_attention_heads": 4, "max_position_embeddings": 64,
-          "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}}
+    vl = {
+        "model_type": "qwen2_vl",
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 64,
+        "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+    }
     with pytest.raises(RopekitError, match="multimodal"):
         spec_from_config_dict(vl, name="vl")
 
@@ -114,14 +130,22 @@ def test_stories260k_convert_extend_and_stock_reload(tmp_path):
     ckpt = require_asset("stories260K/stories260K.bin")
     runner = CliRunner()
     converted, extended = tmp_path / "s260k", tmp_path / "s260k-2k"
-    result = runner.invoke(app, ["convert", "llama2c", str(ckpt), str(ckpt.with_name("tok512.bin")), "--out", str(converted)])
+    result = runner.invoke(
+        app, ["convert", "llama2c", str(ckpt), str(ckpt.with_name("tok512.bin")), "--out", str(converted)]
+    )
     assert result.exit_code == 0, result.output
-    result = runner.invoke(app, ["extend", str(converted), "--method", "dprope", "--target-length", "2048", "--out", str(extended)])
+    result = runner.invoke(
+        app, ["extend", str(converted), "--method", "dprope", "--target-length", "2048", "--out", str(extended)]
+    )
     assert result.exit_code == 0, result.output
     plan = ropekit.plan(ropekit.RopeSpec.from_pretrained(str(converted)), 2048, "dprope")
     ids = torch.randint(3, 512, (1, 1500), generator=torch.Generator().manual_seed(2))
-    proc = subprocess.run([sys.executable, "-c", STOCK_LOADER, str(extended), json.dumps(ids[0].tolist())],
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", STOCK_LOADER, str(extended), json.dumps(ids[0].tolist())],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     stock = json.loads(proc.stdout)
     assert stock["inv_freq"] and all(layer == plan.inv_freq.tolist() for layer in stock["inv_freq"])
     patched = apply(load_model(str(converted)), plan)
@@ -139,10 +163,16 @@ def cli_errors(tmp_path, ckpt):
     return {
         "missing checkpoint": (["convert", "llama2c", str(tmp_path / "none.bin"), str(tok), "--out", out], "not found"),
         "missing tokenizer": (["convert", "llama2c", str(ckpt), str(tmp_path / "none.bin"), "--out", out], "not found"),
-        "wrong checksum": (["convert", "llama2c", str(ckpt), str(tok), "--out", out, "--sha256", "0" * 64], "does not match"),
+        "wrong checksum": (
+            ["convert", "llama2c", str(ckpt), str(tok), "--out", out, "--sha256", "0" * 64],
+            "does not match",
+        ),
         "truncated": (["convert", "llama2c", str(cut), str(tok), "--out", out], "truncated"),
         "non-RoPE model": (["extend", str(gpt2), "--target-length", "2048", "--out", out], "no RoPE"),
-        "missing model": (["extend", str(tmp_path / "nomodel"), "--target-length", "2048", "--out", out], "no such file"),
+        "missing model": (
+            ["extend", str(tmp_path / "nomodel"), "--target-length", "2048", "--out", out],
+            "no such file",
+        ),
         "inspect non-RoPE": (["inspect", str(gpt2)], "no RoPE"),
     }
 

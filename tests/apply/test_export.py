@@ -18,8 +18,15 @@ TARGET = 1024
 
 
 def tiny_llama(config_keys: dict) -> LlamaForCausalLM:
-    base = dict(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
-                num_attention_heads=2, num_key_value_heads=2, head_dim=64)
+    base = dict(
+        vocab_size=64,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=64,
+    )
     config = LlamaConfig.from_dict({**base, **config_keys})
     torch.manual_seed(0)
     return LlamaForCausalLM(config).eval()
@@ -42,8 +49,10 @@ def test_longrope_export_reloads_to_the_plan(method, version, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", **keys}))
     assert AutoConfig.from_pretrained(tmp_path).max_position_embeddings == TARGET
     inv_freq, attention = runtime_rope(tiny_llama(keys), TARGET)
-    assert torch.equal(inv_freq, ropekit.plan(SPEC, TARGET, "longrope", factors=plan.factors,
-                                              attention_factor=plan.attention_factor).inv_freq)
+    assert torch.equal(
+        inv_freq,
+        ropekit.plan(SPEC, TARGET, "longrope", factors=plan.factors, attention_factor=plan.attention_factor).inv_freq,
+    )
     # re-expressed as 1/(f_i·b^(2i/d)): within 2.5 float32 ulps of the method's own arithmetic
     assert torch.allclose(inv_freq, plan.inv_freq, rtol=3e-7, atol=0)
     assert attention == pytest.approx(plan.attention_factor, rel=1e-12)
@@ -84,14 +93,20 @@ def test_partial_rotary_export_keeps_the_fraction():
     plan = ropekit.plan(spec, 1024, "dprope")
     block = transformers_config(plan)["rope_parameters"]
     assert block["partial_rotary_factor"] == 0.5 and len(block["long_factor"]) == 16
-    config = LlamaConfig(hidden_size=128, num_attention_heads=2, head_dim=64, max_position_embeddings=1024,
-                         rope_parameters=block)
+    config = LlamaConfig(
+        hidden_size=128, num_attention_heads=2, head_dim=64, max_position_embeddings=1024, rope_parameters=block
+    )
     inv_freq, _ = ROPE_INIT_FUNCTIONS["longrope"](config, "cpu", seq_len=1024)
     assert torch.equal(inv_freq, plan.inv_freq)
 
 
 def test_write_exports_files(tmp_path):
     written = write_exports(ropekit.plan(SPEC, TARGET, "yarn"), tmp_path)
-    assert set(written) >= {"transformers_v5", "transformers_v4", "vllm_hf_overrides", "llama_cpp_rope_freqs",
-                            "transformers_v5_native"}
+    assert set(written) >= {
+        "transformers_v5",
+        "transformers_v4",
+        "vllm_hf_overrides",
+        "llama_cpp_rope_freqs",
+        "transformers_v5_native",
+    }
     assert json.loads(written["transformers_v5_native"].read_text())["rope_parameters"]["rope_type"] == "yarn"

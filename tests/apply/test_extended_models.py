@@ -29,21 +29,62 @@ EXISTING = {
     "dynamic": ({"rope_type": "dynamic", "factor": 4.0}, 2048, 2048),
     "yarn": ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512}, 2048, 2048),
     "yarn-qwen2.5": ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512}, 512, 2048),
-    "yarn-mscale": ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512, "mscale": 0.707,
-                     "mscale_all_dim": 0.707 * 1.1}, 2048, 2048),
-    "yarn-untruncated": ({"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 256,
-                          "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False}, 2048, 2048),
-    "llama3": ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 256}, 4096, 4096),
-    "longrope": ({"rope_type": "longrope", "short_factor": [1.0 + 0.01 * i for i in range(HEAD // 2)],
-                  "long_factor": [1.0 + 0.5 * i for i in range(HEAD // 2)], "original_max_position_embeddings": 512},
-                 4096, 4096),
+    "yarn-mscale": (
+        {
+            "rope_type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 512,
+            "mscale": 0.707,
+            "mscale_all_dim": 0.707 * 1.1,
+        },
+        2048,
+        2048,
+    ),
+    "yarn-untruncated": (
+        {
+            "rope_type": "yarn",
+            "factor": 8.0,
+            "original_max_position_embeddings": 256,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "truncate": False,
+        },
+        2048,
+        2048,
+    ),
+    "llama3": (
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 256,
+        },
+        4096,
+        4096,
+    ),
+    "longrope": (
+        {
+            "rope_type": "longrope",
+            "short_factor": [1.0 + 0.01 * i for i in range(HEAD // 2)],
+            "long_factor": [1.0 + 0.5 * i for i in range(HEAD // 2)],
+            "original_max_position_embeddings": 512,
+        },
+        4096,
+        4096,
+    ),
 }
 
 
 def config_dict(rope: dict, max_positions: int, base: float = 10000.0) -> dict:
-    return {"model_type": "llama", "hidden_size": 2 * HEAD, "num_attention_heads": 2, "head_dim": HEAD,
-            "max_position_embeddings": max_positions, "rope_parameters": {**rope, "rope_theta": base}}
+    return {
+        "model_type": "llama",
+        "hidden_size": 2 * HEAD,
+        "num_attention_heads": 2,
+        "head_dim": HEAD,
+        "max_position_embeddings": max_positions,
+        "rope_parameters": {**rope, "rope_theta": base},
+    }
 
 
 def hf_current(rope: dict, max_positions: int, seq_len: int):
@@ -70,7 +111,9 @@ def test_current_frequencies_are_transformers_own(kind):
     assert torch.equal(spec.inv_freq(), inv_freq)
     assert spec.prior_attention_factor == pytest.approx(attention, rel=1e-12)
     if kind != "dynamic":  # the closed-form factors describe the same frequencies
-        assert torch.allclose(spec.base_inv_freq().double() / torch.tensor(spec.prior_factors), inv_freq.double(), rtol=3e-7)
+        assert torch.allclose(
+            spec.base_inv_freq().double() / torch.tensor(spec.prior_factors), inv_freq.double(), rtol=3e-7
+        )
 
 
 @pytest.mark.parametrize("kind", list(EXISTING))
@@ -98,8 +141,11 @@ def test_composed_plan_reloads_exactly(kind, method):
 
 def test_phi3_longrope_top_level_original_length_reloads_exactly():
     rope = EXISTING["longrope"][0]
-    cfg = {**config_dict({k: v for k, v in rope.items() if k != "original_max_position_embeddings"}, 4096),
-           "model_type": "phi3", "original_max_position_embeddings": 512}
+    cfg = {
+        **config_dict({k: v for k, v in rope.items() if k != "original_max_position_embeddings"}, 4096),
+        "model_type": "phi3",
+        "original_max_position_embeddings": 512,
+    }
     spec = spec_from_config_dict(cfg, name="phi3.5-like")
     plan = ropekit.plan(spec, 8192, "dprope")
     keys = transformers_config(plan)
@@ -114,10 +160,21 @@ def test_phi3_longrope_top_level_original_length_reloads_exactly():
 
 # ---- Llama 3.1 as shipped: the acceptance case --------------------------------------
 
-LLAMA31 = {"model_type": "llama", "hidden_size": 4096, "num_attention_heads": 32, "head_dim": 128,
-           "max_position_embeddings": 131072, "rope_theta": 500000.0,
-           "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                            "original_max_position_embeddings": 8192, "rope_type": "llama3"}}
+LLAMA31 = {
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "num_attention_heads": 32,
+    "head_dim": 128,
+    "max_position_embeddings": 131072,
+    "rope_theta": 500000.0,
+    "rope_scaling": {
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
+}
 
 
 @pytest.fixture
@@ -161,14 +218,17 @@ def test_target_below_current_context_is_refused_with_one_line(llama31_dir, tmp_
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "--from-scratch" in lines[0]
-    result = CliRunner().invoke(app, ["plan", "--model", str(llama31_dir), "--target-length", "32768", "--from-scratch",
-                                      "--json", "--no-write"])
+    result = CliRunner().invoke(
+        app, ["plan", "--model", str(llama31_dir), "--target-length", "32768", "--from-scratch", "--json", "--no-write"]
+    )
     assert result.exit_code == 0 and json.loads(result.stdout)["original_length"] == 8192
 
 
 def test_cli_plan_and_exports_for_an_extended_model(llama31_dir, tmp_path):
-    result = CliRunner().invoke(app, ["plan", "--model", str(llama31_dir), "--target-length", "262144", "--json",
-                                      "--out", str(tmp_path / "plan")])
+    result = CliRunner().invoke(
+        app,
+        ["plan", "--model", str(llama31_dir), "--target-length", "262144", "--json", "--out", str(tmp_path / "plan")],
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["original_length"] == 131072 and summary["existing_scaling"]["rope_type"] == "llama3"

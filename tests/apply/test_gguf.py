@@ -49,8 +49,9 @@ def fields(path) -> dict:
 
 def test_geometry_from_gguf_matches_the_model(gguf_path, model):
     spec = ropekit.RopeSpec.from_pretrained(str(gguf_path))
-    assert spec == ropekit.RopeSpec(head_dim=16, base=model.config.rope_parameters["rope_theta"], original_length=512,
-                                    name=str(gguf_path))
+    assert spec == ropekit.RopeSpec(
+        head_dim=16, base=model.config.rope_parameters["rope_theta"], original_length=512, name=str(gguf_path)
+    )
     assert spec.current_scaling is None and read_rope(gguf_path).architecture == "llama"
 
 
@@ -68,13 +69,19 @@ def test_extend_copies_tensors_byte_for_byte_and_sets_the_rope_keys(q8_path, tmp
     freqs = after[ROPE_FREQS]
     assert freqs.tensor_type.name == "F32" and np.array_equal(freqs.data, np.asarray(plan.factors, dtype=np.float32))
     old, new = fields(q8_path), fields(out)
-    changed = {"llama.context_length": 2048, "llama.rope.scaling.type": "none",
-               "llama.rope.scaling.original_context_length": 512, "ropekit.method": "yarn"}
+    changed = {
+        "llama.context_length": 2048,
+        "llama.rope.scaling.type": "none",
+        "llama.rope.scaling.original_context_length": 512,
+        "ropekit.method": "yarn",
+    }
     for key, value in changed.items():
         assert new[key] == value
     assert new["llama.rope.scaling.attn_factor"] == pytest.approx(plan.attention_factor, rel=1e-7)
     assert plan.attention_factor == pytest.approx(0.1 * np.log(4) + 1)  # yarn's own a, no llama.cpp mscale on top
-    assert {k: v for k, v in new.items() if k in old and k not in changed} == {k: v for k, v in old.items() if k not in changed}
+    assert {k: v for k, v in new.items() if k in old and k not in changed} == {
+        k: v for k, v in old.items() if k not in changed
+    }
 
 
 def test_converted_extended_gguf_computes_the_plan(gguf_path, model, tmp_path):
@@ -114,9 +121,15 @@ def test_convert_matches_transformers_own_gguf_loader(q8_path, tmp_path):
 
 
 def test_existing_yarn_is_replaced_not_stacked(tmp_path, model):
-    path = write_llama_gguf(tmp_path / "yarn.gguf", model, extra_keys={
-        "llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0,
-        "llama.rope.scaling.original_context_length": 128})
+    path = write_llama_gguf(
+        tmp_path / "yarn.gguf",
+        model,
+        extra_keys={
+            "llama.rope.scaling.type": "yarn",
+            "llama.rope.scaling.factor": 4.0,
+            "llama.rope.scaling.original_context_length": 128,
+        },
+    )
     spec = ropekit.RopeSpec.from_gguf(str(path))
     assert spec.original_length == 128 and spec.current_scaling["rope_type"] == "yarn"
     extend_gguf(path, tmp_path / "ext.gguf", target_length=1024, method="pi")
@@ -138,22 +151,30 @@ def test_existing_rope_freqs_needs_the_trained_length_then_is_replaced(tmp_path,
 
 
 def test_old_linear_key_is_read(tmp_path, model):
-    path = write_llama_gguf(tmp_path / "lin.gguf", model, extra_keys={"llama.rope.scale_linear": 2.0,
-                                                                   "llama.rope.scaling.original_context_length": 256})
+    path = write_llama_gguf(
+        tmp_path / "lin.gguf",
+        model,
+        extra_keys={"llama.rope.scale_linear": 2.0, "llama.rope.scaling.original_context_length": 256},
+    )
     rope = read_rope(path)
     assert rope.scaling_type == "linear" and rope.spec().original_length == 256
 
 
-@pytest.mark.parametrize("case", ["longrope-without-factors", "rope_freqs-and-longrope", "not-gguf", "truncated",
-                                  "unsupported-arch", "same-file"])
+@pytest.mark.parametrize(
+    "case",
+    ["longrope-without-factors", "rope_freqs-and-longrope", "not-gguf", "truncated", "unsupported-arch", "same-file"],
+)
 def test_bad_input_is_one_clear_error_and_writes_nothing(case, tmp_path, model, gguf_path):
     src = tmp_path / "in.gguf"
     if case == "longrope-without-factors":
         write_llama_gguf(src, model, extra_keys={"llama.rope.scaling.type": "longrope"})
     elif case == "rope_freqs-and-longrope":
         ones = np.ones(8, dtype=np.float32)
-        write_llama_gguf(src, model, extra_tensors={ROPE_FREQS: ones, "rope_factors_long.weight": ones,
-                                                    "rope_factors_short.weight": ones})
+        write_llama_gguf(
+            src,
+            model,
+            extra_tensors={ROPE_FREQS: ones, "rope_factors_long.weight": ones, "rope_factors_short.weight": ones},
+        )
     elif case == "not-gguf":
         src.write_text("{}")
     elif case == "truncated":
@@ -163,9 +184,14 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(case, tmp_path, model, 
     else:
         src.write_bytes(gguf_path.read_bytes())
     out = src if case == "same-file" else tmp_path / "out.gguf"
-    expected = {"longrope-without-factors": "conflicting", "rope_freqs-and-longrope": "conflicting",
-                "not-gguf": "not a GGUF", "truncated": "truncated", "unsupported-arch": "ignores rope_freqs",
-                "same-file": "is the input"}[case]
+    expected = {
+        "longrope-without-factors": "conflicting",
+        "rope_freqs-and-longrope": "conflicting",
+        "not-gguf": "not a GGUF",
+        "truncated": "truncated",
+        "unsupported-arch": "ignores rope_freqs",
+        "same-file": "is the input",
+    }[case]
     before = sorted(os.listdir(tmp_path))
     r = runner.invoke(app, ["extend", str(src), "--target-length", "2048", "--out", str(out)])
     assert r.exit_code == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
@@ -176,9 +202,15 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(case, tmp_path, model, 
 @pytest.mark.slow
 def test_bad_gguf_through_the_entry_point(tmp_path):
     (tmp_path / "x.gguf").write_bytes(b"GGUF\x03\x00")
-    r = subprocess.run([sys.executable, "-m", "ropekit.cli.main", "inspect", str(tmp_path / "x.gguf")],
-                       capture_output=True, text=True, cwd=REPO)
-    assert r.returncode == 2 and r.stderr.startswith("error: ") and "truncated" in r.stderr and r.stderr.count("\n") == 1
+    r = subprocess.run(
+        [sys.executable, "-m", "ropekit.cli.main", "inspect", str(tmp_path / "x.gguf")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert (
+        r.returncode == 2 and r.stderr.startswith("error: ") and "truncated" in r.stderr and r.stderr.count("\n") == 1
+    )
 
 
 def test_cli_inspect_plan_and_convert(gguf_path, tmp_path):
@@ -188,10 +220,16 @@ def test_cli_inspect_plan_and_convert(gguf_path, tmp_path):
         return r.stdout
 
     card = json.loads(cli("inspect", str(gguf_path), "--json"))
-    assert (card["format"], card["architecture"], card["head_dim"], card["trained_context"]) == ("gguf", "llama", 16, 512)
+    assert (card["format"], card["architecture"], card["head_dim"], card["trained_context"]) == (
+        "gguf",
+        "llama",
+        16,
+        512,
+    )
     assert card["llama_cpp_plan"].startswith("supported")
-    planned = json.loads(cli("plan", "--model", str(gguf_path), "--target-length", "2048", "--method", "pi", "--json",
-                             "--no-write"))
+    planned = json.loads(
+        cli("plan", "--model", str(gguf_path), "--target-length", "2048", "--method", "pi", "--json", "--no-write")
+    )
     assert planned["original_length"] == 512 and planned["factors"] == [4.0] * 8
     cli("convert", "gguf", str(gguf_path), "--out", str(tmp_path / "hf"))
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["num_hidden_layers"] == 2
@@ -209,8 +247,14 @@ def test_eval_of_a_gguf_is_eval_of_its_model(gguf_path, model, tmp_path, monkeyp
     text.write_text(" the cat sat on the mat and the dog ran after a ball." * 40)
     scores = []
     for source in (gguf_path, tmp_path / "hf"):
-        cfg = EvalConfig(model=str(source), out=tmp_path / f"eval-{len(scores)}", tasks=["ppl"], lengths=[128],
-                         data=str(text), progress=False)
+        cfg = EvalConfig(
+            model=str(source),
+            out=tmp_path / f"eval-{len(scores)}",
+            tasks=["ppl"],
+            lengths=[128],
+            data=str(text),
+            progress=False,
+        )
         scores.append(evaluate(cfg)["methods"]["as-saved"]["ppl"]["128"]["perplexity"])
     assert scores[0] == pytest.approx(scores[1], rel=1e-6)
     assert len(list((tmp_path / "cache" / "gguf").iterdir())) == 1
@@ -248,9 +292,18 @@ def test_llama_cpp_perplexity_backend_matches_transformers(gguf_path, tmp_path, 
     text.write_text(" the cat sat on the mat and the dog ran after a ball." * 60)
     runs = {}
     for backend in ("llama.cpp", "transformers"):
-        cfg = EvalConfig(model=str(gguf_path), out=tmp_path / backend, tasks=["ppl"], lengths=[256, 1024],
-                         methods=["yarn"], data=str(text), convention="strided", stride=200, backend=backend,
-                         progress=False)
+        cfg = EvalConfig(
+            model=str(gguf_path),
+            out=tmp_path / backend,
+            tasks=["ppl"],
+            lengths=[256, 1024],
+            methods=["yarn"],
+            data=str(text),
+            convention="strided",
+            stride=200,
+            backend=backend,
+            progress=False,
+        )
         runs[backend] = evaluate(cfg)["methods"]["yarn"]["ppl"]
     for n in ("256", "1024"):
         cpp, tf = runs["llama.cpp"][n], runs["transformers"][n]
@@ -260,20 +313,34 @@ def test_llama_cpp_perplexity_backend_matches_transformers(gguf_path, tmp_path, 
 
 def test_extend_to_a_directory_says_how_to_get_a_gguf_that_keeps_the_plan(model, tmp_path):
     model.save_pretrained(tmp_path / "hf")
-    r = runner.invoke(app, ["extend", str(tmp_path / "hf"), "--method", "pi", "--target-length", "2048",
-                            "--out", str(tmp_path / "ext")])
+    r = runner.invoke(
+        app,
+        ["extend", str(tmp_path / "hf"), "--method", "pi", "--target-length", "2048", "--out", str(tmp_path / "ext")],
+    )
     assert r.exit_code == 0, r.stderr
     assert "ropekit extend MODEL.gguf --method pi --target-length 2048" in " ".join(r.stdout.split())
     assert "convert_hf_to_gguf.py" in r.stderr and "runs unextended" in " ".join(r.stderr.split())
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("keys", [
-    {"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0},
-    {"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0, "llama.rope.scaling.original_context_length": 128},
-    {"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0, "llama.rope.scaling.original_context_length": 128,
-     "llama.rope.scaling.attn_factor": 0.9},  # llama.cpp: 0.9 × its own 1 + 0.1 ln 4
-], ids=["linear", "yarn", "yarn-attn_factor"])
+@pytest.mark.parametrize(
+    "keys",
+    [
+        {"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0},
+        {
+            "llama.rope.scaling.type": "yarn",
+            "llama.rope.scaling.factor": 4.0,
+            "llama.rope.scaling.original_context_length": 128,
+        },
+        {
+            "llama.rope.scaling.type": "yarn",
+            "llama.rope.scaling.factor": 4.0,
+            "llama.rope.scaling.original_context_length": 128,
+            "llama.rope.scaling.attn_factor": 0.9,
+        },  # llama.cpp: 0.9 × its own 1 + 0.1 ln 4
+    ],
+    ids=["linear", "yarn", "yarn-attn_factor"],
+)
 def test_converted_scaling_computes_what_llama_cpp_computes(keys, model, tmp_path):
     """`convert gguf` maps a GGUF's own scaling keys to transformers; llama.cpp on the same file is the reference."""
     from gguf_fixtures import require_llama_cpp
@@ -288,4 +355,6 @@ def test_converted_scaling_computes_what_llama_cpp_computes(keys, model, tmp_pat
     cpp = llama_cpp_logits(path, ids, positions)
     converted = agreement(cpp, transformers_logits(load_gguf_model(path), ids, positions))
     plain = agreement(cpp, transformers_logits(model, ids, positions))
-    assert converted["max_abs_logit_diff"] < 1e-4 and plain["mean_abs_logit_diff"] > 20 * converted["mean_abs_logit_diff"]
+    assert (
+        converted["max_abs_logit_diff"] < 1e-4 and plain["mean_abs_logit_diff"] > 20 * converted["mean_abs_logit_diff"]
+    )

@@ -40,16 +40,35 @@ def load_reference(path):
     w = np.frombuffer(raw, dtype=np.float32, offset=28).astype(np.float64)
     head = dim // n_heads
     kv_dim = n_kv * head
-    sizes = [("emb", vocab * dim), ("att", n_layers * dim), ("wq", n_layers * dim * dim), ("wk", n_layers * kv_dim * dim),
-             ("wv", n_layers * kv_dim * dim), ("wo", n_layers * dim * dim), ("ffn", n_layers * dim),
-             ("w1", n_layers * hidden * dim), ("w2", n_layers * dim * hidden), ("w3", n_layers * hidden * dim), ("norm", dim)]
+    sizes = [
+        ("emb", vocab * dim),
+        ("att", n_layers * dim),
+        ("wq", n_layers * dim * dim),
+        ("wk", n_layers * kv_dim * dim),
+        ("wv", n_layers * kv_dim * dim),
+        ("wo", n_layers * dim * dim),
+        ("ffn", n_layers * dim),
+        ("w1", n_layers * hidden * dim),
+        ("w2", n_layers * dim * hidden),
+        ("w3", n_layers * hidden * dim),
+        ("norm", dim),
+    ]
     p, off = {}, 0
     for name, size in sizes:
         p[name] = w[off : off + size]
         off += size
     p["emb"] = p["emb"].reshape(vocab, dim)
-    for name, shape in [("att", (dim,)), ("ffn", (dim,)), ("wq", (dim, dim)), ("wk", (kv_dim, dim)), ("wv", (kv_dim, dim)),
-                        ("wo", (dim, dim)), ("w1", (hidden, dim)), ("w2", (dim, hidden)), ("w3", (hidden, dim))]:
+    for name, shape in [
+        ("att", (dim,)),
+        ("ffn", (dim,)),
+        ("wq", (dim, dim)),
+        ("wk", (kv_dim, dim)),
+        ("wv", (kv_dim, dim)),
+        ("wo", (dim, dim)),
+        ("w1", (hidden, dim)),
+        ("w2", (dim, hidden)),
+        ("w3", (hidden, dim)),
+    ]:
         p[name] = p[name].reshape(n_layers, *shape)
     return p, dict(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv=n_kv, head=head, kv_dim=kv_dim)
 
@@ -100,8 +119,9 @@ def test_converted_model_decodes_like_llama2c(assets):
     ckpt, _, _ = assets
     model = to_transformers(*read_checkpoint(ckpt)).double()
     with torch.no_grad():
-        out = model.generate(torch.tensor([PROMPT_IDS]), max_new_tokens=120, do_sample=False, eos_token_id=None,
-                             pad_token_id=0)
+        out = model.generate(
+            torch.tensor([PROMPT_IDS]), max_new_tokens=120, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
     converted = out[0, len(PROMPT_IDS) :].tolist()
     reference = reference_greedy(*load_reference(ckpt), PROMPT_IDS, 120)
     assert converted == reference
@@ -162,7 +182,7 @@ def test_perplexity_on_tinystories_is_sane(assets):
 def test_bad_checkpoints_are_refused(assets, tmp_path):
     ckpt = assets[0]
     truncated = tmp_path / "cut.bin"
-    truncated.write_bytes(ckpt.read_bytes()[: 100_000])
+    truncated.write_bytes(ckpt.read_bytes()[:100_000])
     with pytest.raises(RopekitError, match="truncated"):
         read_checkpoint(truncated)
     garbage = tmp_path / "text.bin"

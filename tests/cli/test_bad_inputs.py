@@ -10,12 +10,12 @@ import os
 import time
 
 import pytest
+from test_output_contract import assert_one_line_error, eval_args, no_work, save_tiny_model, write_llama2c, write_text
 from typer.testing import CliRunner
 
 import ropekit
 from ropekit import RopekitError
 from ropekit.cli.main import app
-from test_output_contract import assert_one_line_error, eval_args, no_work, save_tiny_model, write_llama2c, write_text
 
 runner = CliRunner()
 
@@ -45,8 +45,24 @@ def test_damaged_safetensors_is_one_line_in_extend_eval_finetune(damage, tiny, t
     commands = {
         "extend": ["extend", str(broken), "--target-length", "1024", "--method", "pi", "--out", str(out)],
         "eval": eval_args(broken, text, out),
-        "finetune": ["finetune", str(broken), "--data", str(text), "--target-length", "1024", "--train-length", "64",
-                     "--steps", "1", "--global-batch", "1", "--report-to", "none", "--out", str(out)],
+        "finetune": [
+            "finetune",
+            str(broken),
+            "--data",
+            str(text),
+            "--target-length",
+            "1024",
+            "--train-length",
+            "64",
+            "--steps",
+            "1",
+            "--global-batch",
+            "1",
+            "--report-to",
+            "none",
+            "--out",
+            str(out),
+        ],
     }
     for name, args in commands.items():
         result = runner.invoke(app, args)
@@ -57,6 +73,7 @@ def test_damaged_safetensors_is_one_line_in_extend_eval_finetune(damage, tiny, t
 
 def test_corrupted_cache_entry_is_rebuilt_and_reported(tiny, tmp_path, capsys):
     from test_output_contract import char_tokenizer
+
     from ropekit.eval.data import tokenize_documents
 
     docs = [("a", "the cat sat on the mat"), ("b", "a dog ran")]
@@ -89,7 +106,10 @@ def test_enumerated_options_are_refused_before_any_work(tiny, tmp_path, monkeypa
         "inner method": ([*finetune, "--method", "resonance", "--inner", "yarm"], "did you mean 'yarn'"),
         "convention": ([*eval_args(model, text, out), "--convention", "sliding"], "--convention must be one of"),
         "depths": ([*eval_args(model, text, out), "--tasks", "passkey", "--depths", "0,1.5"], "--depths must lie in"),
-        "format": (["analyze", "--preset", "llama2-7b", "--target-length", "8192", "--format", "jpg", "--out", str(out)], "png or svg"),
+        "format": (
+            ["analyze", "--preset", "llama2-7b", "--target-length", "8192", "--format", "jpg", "--out", str(out)],
+            "png or svg",
+        ),
     }
     for case, (args, expected) in cases.items():
         assert_one_line_error(runner.invoke(app, args), expected)
@@ -106,24 +126,35 @@ def test_nan_model_eval_names_the_cell_and_still_writes_results(tmp_path):
     results = json.loads((out / "results.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     assert results["methods"]["as-saved"]["ppl"]["32"]["perplexity"] is None
     assert any("ppl @ 32: non-finite" in w for w in results["warnings"])
-    assert (out / "ppl_vs_length.png").read_bytes()[:4] == b"\x89PNG" and "## Warnings" in (out / "report.md").read_text()
+    assert (out / "ppl_vs_length.png").read_bytes()[:4] == b"\x89PNG" and "## Warnings" in (
+        out / "report.md"
+    ).read_text()
 
 
 def test_convert_refuses_nan_weights_and_trailing_bytes(tmp_path):
     out = tmp_path / "out"
     ckpt, tok = write_llama2c(tmp_path / "nan", nan=True)
-    assert_one_line_error(runner.invoke(app, ["convert", "llama2c", str(ckpt), str(tok), "--out", str(out)]), "NaN/inf values")
+    assert_one_line_error(
+        runner.invoke(app, ["convert", "llama2c", str(ckpt), str(tok), "--out", str(out)]), "NaN/inf values"
+    )
     assert not out.exists()
     result = runner.invoke(app, ["convert", "llama2c", str(ckpt), str(tok), "--out", str(out), "--allow-non-finite"])
     assert result.exit_code == 0, result.output
     ckpt, tok = write_llama2c(tmp_path / "long", trailing=b"\0" * 12)
-    assert_one_line_error(runner.invoke(app, ["convert", "llama2c", str(ckpt), str(tok), "--out", str(tmp_path / "o2")]),
-                          "12 unexpected bytes after the weights")
+    assert_one_line_error(
+        runner.invoke(app, ["convert", "llama2c", str(ckpt), str(tok), "--out", str(tmp_path / "o2")]),
+        "12 unexpected bytes after the weights",
+    )
     assert not (tmp_path / "o2").exists()
 
 
 def test_python_api_type_errors_name_the_argument():
-    from ropekit.plan.analysis.bounds import base_for_bound, critical_dimension, extrapolation_bound, min_base_for_length
+    from ropekit.plan.analysis.bounds import (
+        base_for_bound,
+        critical_dimension,
+        extrapolation_bound,
+        min_base_for_length,
+    )
 
     spec = ropekit.RopeSpec.from_preset("llama2-7b")
     cases = [
@@ -149,12 +180,28 @@ def test_absurd_target_length_and_base_are_refused_at_once(tmp_path):
 
     for target in (10**12, 2**40, MAX_TARGET_LENGTH + 1):
         started = time.perf_counter()
-        result = runner.invoke(app, ["plan", "--preset", "llama2-7b", "--target-length", str(target), "--out", str(tmp_path / "o")])
+        result = runner.invoke(
+            app, ["plan", "--preset", "llama2-7b", "--target-length", str(target), "--out", str(tmp_path / "o")]
+        )
         assert_one_line_error(result, "beyond ropekit's bound of 4,194,304 tokens")
         assert time.perf_counter() - started < 60  # the bug: minutes at 100% CPU (generous bound, not a timing test)
     for base in ("1", "0.5", "-3"):
-        result = runner.invoke(app, ["plan", "--preset", "llama2-7b", "--target-length", "8192", "--method", "base",
-                                     "--new-base", base, "--out", str(tmp_path / "o")])
+        result = runner.invoke(
+            app,
+            [
+                "plan",
+                "--preset",
+                "llama2-7b",
+                "--target-length",
+                "8192",
+                "--method",
+                "base",
+                "--new-base",
+                base,
+                "--out",
+                str(tmp_path / "o"),
+            ],
+        )
         assert_one_line_error(result, "new_base must be a finite number > 1")
     assert not (tmp_path / "o").exists()
 
@@ -190,15 +237,31 @@ def test_mistyped_local_path_is_not_tried_on_the_hub(tiny, tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     (tmp_path / "out").mkdir()
     model, text = tiny
-    for args in (["inspect", "out/s260kk"], ["plan", "--model", "out/s260kk", "--target-length", "8192"],
-                 eval_args("out/s260kk", text, tmp_path / "r"), ["extend", "out/s260kk", "--target-length", "1024", "--out", "x"]):
+    for args in (
+        ["inspect", "out/s260kk"],
+        ["plan", "--model", "out/s260kk", "--target-length", "8192"],
+        eval_args("out/s260kk", text, tmp_path / "r"),
+        ["extend", "out/s260kk", "--target-length", "1024", "--out", "x"],
+    ):
         assert_one_line_error(runner.invoke(app, args), "out/s260kk: no such file or directory")
 
 
 def test_hints_name_commands_that_exist(tiny, tmp_path):
     model, _ = tiny
-    result = runner.invoke(app, ["analyze", "--preset", "llama2-7b", "--target-length", "8192", "--methods", "pi,longrope",
-                                 "--out", str(tmp_path / "a")])
+    result = runner.invoke(
+        app,
+        [
+            "analyze",
+            "--preset",
+            "llama2-7b",
+            "--target-length",
+            "8192",
+            "--methods",
+            "pi,longrope",
+            "--out",
+            str(tmp_path / "a"),
+        ],
+    )
     assert_one_line_error(result, "ropekit plan --method longrope --factors-file")
     card = json.loads(runner.invoke(app, ["inspect", str(model), "--json"]).stdout)
     assert "--compare" not in card["next"] and "ropekit plan --model" in card["next"]
@@ -210,13 +273,36 @@ def test_interrupted_finetune_exits_130_and_writes_the_loss_curve(tiny, tmp_path
     text = write_text(tmp_path / "long.txt", words=3000)
     monkeypatch.setattr("ropekit.train.loop._any_rank", lambda accelerator, flag: True)  # as if Ctrl-C during step 1
     out = tmp_path / "run"
-    result = runner.invoke(app, ["finetune", str(model), "--data", str(text), "--target-length", "1024", "--train-length", "64",
-                                 "--steps", "3", "--global-batch", "1", "--report-to", "none", "--out", str(out)])
+    result = runner.invoke(
+        app,
+        [
+            "finetune",
+            str(model),
+            "--data",
+            str(text),
+            "--target-length",
+            "1024",
+            "--train-length",
+            "64",
+            "--steps",
+            "3",
+            "--global-batch",
+            "1",
+            "--report-to",
+            "none",
+            "--out",
+            str(out),
+        ],
+    )
     assert_one_line_error(result, "interrupted after step 1", code=130, after_work=True)
     curve = (out / "logs" / "loss_curve.csv").read_text().splitlines()
     assert curve[0].startswith("step,loss") and len(curve) == 2
-    assert json.loads((out / "ropekit.json").read_text())["written_by"] == "ropekit"  # an earlier run --overwrite may replace
-    again = runner.invoke(app, ["finetune", str(model), "--data", str(text), "--target-length", "1024", "--out", str(out)])
+    assert (
+        json.loads((out / "ropekit.json").read_text())["written_by"] == "ropekit"
+    )  # an earlier run --overwrite may replace
+    again = runner.invoke(
+        app, ["finetune", str(model), "--data", str(text), "--target-length", "1024", "--out", str(out)]
+    )
     assert_one_line_error(again, "already holds a run; pass --resume to continue it, --overwrite to start it again")
 
 
@@ -238,12 +324,27 @@ def test_summary_and_plot_helpers():
     from ropekit.eval.runner import best_by_length
     from ropekit.plan.analysis.plots import times_label
 
-    rows = [{"method": m, "task": "ppl", "length": n, "value": v} for m, n, v in
-            [("none", 512, 9.0), ("pi", 512, 8.0), ("none", 1024, float("nan")), ("pi", 1024, 12.0), ("yarn", 1024, 11.0)]]
-    rows += [{"method": m, "task": "passkey", "length": 512, "value": v} for m, v in [("none", 1.0), ("none", 0.0), ("pi", 0.75)]]
+    rows = [
+        {"method": m, "task": "ppl", "length": n, "value": v}
+        for m, n, v in [
+            ("none", 512, 9.0),
+            ("pi", 512, 8.0),
+            ("none", 1024, float("nan")),
+            ("pi", 1024, 12.0),
+            ("yarn", 1024, 11.0),
+        ]
+    ]
+    rows += [
+        {"method": m, "task": "passkey", "length": 512, "value": v}
+        for m, v in [("none", 1.0), ("none", 0.0), ("pi", 0.75)]
+    ]
     rows += [{"method": m, "task": "passkey", "length": 1024, "value": 0.0} for m in ("none", "pi")]
-    assert best_by_length(rows) == ["best perplexity @ 512: pi (8)", "best perplexity @ 1024: yarn (11)",
-                                    "best passkey accuracy @ 512: pi (75%)", "best passkey accuracy @ 1024: all methods tie (0%)"]
+    assert best_by_length(rows) == [
+        "best perplexity @ 512: pi (8)",
+        "best perplexity @ 1024: yarn (11)",
+        "best passkey accuracy @ 512: pi (75%)",
+        "best passkey accuracy @ 1024: all methods tie (0%)",
+    ]
     assert [times_label(v) for v in (1.0, 2.0, 4.0, 0.5)] == ["1×", "2×", "4×", "0.5×"]
     assert [plain_number(v) for v in (4.0, 12.5, 1000.0)] == ["4", "12.5", "1000"]
     import matplotlib
@@ -258,8 +359,15 @@ def test_tied_weights_warning_of_accelerate_is_silenced():
     import ropekit.train.loop  # noqa: F401  (installs the filter)
 
     logger = logging.getLogger("accelerate.utils.other")
-    record = logger.makeRecord(logger.name, logging.WARNING, "other.py", 403,
-                               "[RANK 0] Removed shared tensor {'lm_head.weight'} while saving.", (), None)
+    record = logger.makeRecord(
+        logger.name,
+        logging.WARNING,
+        "other.py",
+        403,
+        "[RANK 0] Removed shared tensor {'lm_head.weight'} while saving.",
+        (),
+        None,
+    )
     assert not logger.filter(record)
     other = logger.makeRecord(logger.name, logging.WARNING, "other.py", 1, "something else", (), None)
     assert logger.filter(other)

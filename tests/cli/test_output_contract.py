@@ -26,7 +26,27 @@ from ropekit.apply.atomic import atomic_directory, is_ropekit_output, prepare_ou
 from ropekit.cli.main import app
 
 runner = CliRunner()
-WORDS = "the cat sat on a mat and then it ran to the big red house where a dog lived".split()
+WORDS = [
+    "the",
+    "cat",
+    "sat",
+    "on",
+    "a",
+    "mat",
+    "and",
+    "then",
+    "it",
+    "ran",
+    "to",
+    "the",
+    "big",
+    "red",
+    "house",
+    "where",
+    "a",
+    "dog",
+    "lived",
+]
 
 
 def char_tokenizer():
@@ -62,7 +82,7 @@ def write_llama2c(path: Path, *, nan: bool = False, trailing: bytes = b"") -> tu
     """A tiny legacy llama2.c checkpoint (dim 8, 1 layer, 2 heads, vocab 32, seq_len 16) and tokenizer."""
     dim, hidden, layers, heads, kv, vocab, seq_len = 8, 16, 1, 2, 2, 32, 16
     head = dim // heads
-    floats = (vocab * dim + layers * (2 * dim + 4 * dim * dim + 3 * hidden * dim) + dim + seq_len * head)
+    floats = vocab * dim + layers * (2 * dim + 4 * dim * dim + 3 * hidden * dim) + dim + seq_len * head
     weights = np.random.default_rng(0).standard_normal(floats).astype("<f4") * 0.1
     if nan:
         weights[5] = np.nan
@@ -83,7 +103,11 @@ def tiny(tmp_path_factory):
 
 def fingerprint(path: Path) -> dict[str, str]:
     """Every file under `path` with its sha256: equal fingerprints mean nothing was touched."""
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
 
 
 def leftovers(parent: Path) -> list[str]:
@@ -126,7 +150,9 @@ def test_eval_refuses_a_folder_of_user_files_even_with_overwrite(tiny, tmp_path)
     notes.mkdir()
     (notes / "todo.txt").write_text("my notes")
     assert_one_line_error(runner.invoke(app, eval_args(model, text, notes)), "not empty")
-    assert_one_line_error(runner.invoke(app, eval_args(model, text, notes, "--overwrite")), "not a directory ropekit wrote")
+    assert_one_line_error(
+        runner.invoke(app, eval_args(model, text, notes, "--overwrite")), "not a directory ropekit wrote"
+    )
     assert fingerprint(notes) == {"todo.txt": hashlib.sha256(b"my notes").hexdigest()}
     assert leftovers(tmp_path) == []
 
@@ -179,12 +205,36 @@ def command_args(name: str, tiny, tmp_path: Path, out: Path) -> list[str]:
     ckpt, tok = write_llama2c(tmp_path / "l2c")
     return {
         "plan": ["plan", "--preset", "llama2-7b", "--target-length", "8192", "--out", str(out)],
-        "analyze": ["analyze", "--preset", "llama2-7b", "--target-length", "8192", "--methods", "pi", "--out", str(out)],
+        "analyze": [
+            "analyze",
+            "--preset",
+            "llama2-7b",
+            "--target-length",
+            "8192",
+            "--methods",
+            "pi",
+            "--out",
+            str(out),
+        ],
         "convert": ["convert", "llama2c", str(ckpt), str(tok), "--out", str(out)],
         "extend": ["extend", str(model), "--target-length", "1024", "--method", "pi", "--out", str(out)],
         "eval": eval_args(model, text, out),
-        "finetune": ["finetune", str(model), "--data", str(text), "--target-length", "1024", "--steps", "1",
-                     "--global-batch", "1", "--report-to", "none", "--out", str(out)],
+        "finetune": [
+            "finetune",
+            str(model),
+            "--data",
+            str(text),
+            "--target-length",
+            "1024",
+            "--steps",
+            "1",
+            "--global-batch",
+            "1",
+            "--report-to",
+            "none",
+            "--out",
+            str(out),
+        ],
     }[name]
 
 
@@ -199,9 +249,13 @@ def no_work(monkeypatch):
 
     import importlib
 
-    for module, name in (("ropekit.apply.extend", "load_model"), ("ropekit.eval.runner", "load_tokenizer"),
-                         ("ropekit.train.loop", "load_tokenizer"), ("ropekit.apply.llama2c", "read_checkpoint"),
-                         ("ropekit.plan.registry", "compute_scaling")):
+    for module, name in (
+        ("ropekit.apply.extend", "load_model"),
+        ("ropekit.eval.runner", "load_tokenizer"),
+        ("ropekit.train.loop", "load_tokenizer"),
+        ("ropekit.apply.llama2c", "read_checkpoint"),
+        ("ropekit.plan.registry", "compute_scaling"),
+    ):
         monkeypatch.setattr(importlib.import_module(module), name, forbidden)
 
 
@@ -256,27 +310,27 @@ def test_a_target_that_appears_meanwhile_is_never_replaced(tmp_path):
     slow = prepare_output(out)  # run A checks first ...
     with atomic_directory(prepare_output(out)) as tmp:  # ... run B finishes first
         (tmp / "who").write_text("B")
-    with pytest.raises(RopekitError, match="changed while this run was writing") as info:
-        with atomic_directory(slow) as tmp:
-            (tmp / "who").write_text("A")
+    with (
+        pytest.raises(RopekitError, match="changed while this run was writing") as info,
+        atomic_directory(slow) as tmp,
+    ):
+        (tmp / "who").write_text("A")
     assert (out / "who").read_text() == "B"
     assert (tmp_path / "out-2" / "who").read_text() == "A" and "out-2" in str(info.value)
     # with --overwrite too: A may replace the output it checked, not the one B wrote since
     checked = prepare_output(out, overwrite=True)
     with atomic_directory(prepare_output(out, overwrite=True)) as tmp:
         (tmp / "who").write_text("C")
-    with pytest.raises(RopekitError, match="changed while"):
-        with atomic_directory(checked) as tmp:
-            (tmp / "who").write_text("D")
+    with pytest.raises(RopekitError, match="changed while"), atomic_directory(checked) as tmp:
+        (tmp / "who").write_text("D")
     assert (out / "who").read_text() == "C" and (tmp_path / "out-3" / "who").read_text() == "D"
     assert leftovers(tmp_path) == []
 
 
 def test_a_failing_body_leaves_nothing_not_even_new_parents(tmp_path):
-    with pytest.raises(ZeroDivisionError):
-        with atomic_directory(prepare_output(tmp_path / "a" / "b" / "out")) as tmp:
-            (tmp / "half.txt").write_text("partial")
-            1 / 0
+    with pytest.raises(ZeroDivisionError), atomic_directory(prepare_output(tmp_path / "a" / "b" / "out")) as tmp:
+        (tmp / "half.txt").write_text("partial")
+        raise ZeroDivisionError("the body fails half-way")
     assert list(tmp_path.iterdir()) == []
 
 

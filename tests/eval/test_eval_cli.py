@@ -23,10 +23,35 @@ def s260k(tmp_path_factory):
 def test_eval_compares_methods_and_writes_report(s260k, tmp_path):
     text = require_asset("text/tinystories/tinystories_val_head.txt")
     out = tmp_path / "report"
-    result = runner.invoke(app, ["eval", s260k, "--tasks", "ppl,longppl,passkey", "--lengths", "256,4096", "--method", "none",
-                                 "--method", "dprope", "--data", str(text), "--max-tokens", "4096", "--trials", "1",
-                                 "--depths", "0,1", "--short-length", "256", "--longppl-window", "128",
-                                 "--out", str(out)])
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            s260k,
+            "--tasks",
+            "ppl,longppl,passkey",
+            "--lengths",
+            "256,4096",
+            "--method",
+            "none",
+            "--method",
+            "dprope",
+            "--data",
+            str(text),
+            "--max-tokens",
+            "4096",
+            "--trials",
+            "1",
+            "--depths",
+            "0,1",
+            "--short-length",
+            "256",
+            "--longppl-window",
+            "128",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["convention"] == "strided" and results["config"]["stride"] == 256
@@ -51,9 +76,27 @@ def test_eval_compares_methods_and_writes_report(s260k, tmp_path):
 def test_eval_ruler_records_protocol_and_skipped_tasks(s260k, tmp_path):
     text = require_asset("text/tinystories/tinystories_val_head.txt")
     out = tmp_path / "ruler"
-    result = runner.invoke(app, ["eval", s260k, "--tasks", "ruler", "--ruler-tasks", "niah_single_1,niah_single_2,qa_1",
-                                 "--lengths", "1024", "--method", "none", "--trials", "1", "--ruler-essay", str(text),
-                                 "--out", str(out)])
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            s260k,
+            "--tasks",
+            "ruler",
+            "--ruler-tasks",
+            "niah_single_1,niah_single_2,qa_1",
+            "--lengths",
+            "1024",
+            "--method",
+            "none",
+            "--trials",
+            "1",
+            "--ruler-essay",
+            str(text),
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     ruler = json.loads((out / "results.json").read_text())["methods"]["none"]["ruler"]
     assert set(ruler["score"]) == {"niah_single_1@1024", "niah_single_2@1024"}
@@ -68,8 +111,23 @@ def test_eval_longbench_from_local_files(s260k, tmp_path):
 
     fixture = Path(__file__).parents[1] / "fixtures" / "longbench_e"
     out = tmp_path / "lb"
-    result = runner.invoke(app, ["eval", s260k, "--tasks", "longbench", "--longbench-dir", str(fixture),
-                                 "--longbench-datasets", "hotpotqa,trec", "--lengths", "512", "--out", str(out)])
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            s260k,
+            "--tasks",
+            "longbench",
+            "--longbench-dir",
+            str(fixture),
+            "--longbench-datasets",
+            "hotpotqa,trec",
+            "--lengths",
+            "512",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     lb = json.loads((out / "results.json").read_text())["methods"]["as-saved"]["longbench"]
     assert lb["window"] == 512 and set(lb["scores"]) == {"hotpotqa", "trec"}
@@ -95,7 +153,10 @@ def test_eval_bad_inputs_exit_2_without_results(s260k, tmp_path):
         "unknown task": (["--tasks", "ppl,bogus", "--data", good], "unknown task"),
         "unknown ruler task": (["--tasks", "ruler", "--ruler-tasks", "niah_singel"], "did you mean"),
         "longbench without dir": (["--tasks", "longbench"], "--longbench-dir"),
-        "longbench bad dataset": (["--tasks", "longbench", "--longbench-dir", str(garbled.parent / "lb"), "--longbench-datasets", "trek"], "did you mean"),
+        "longbench bad dataset": (
+            ["--tasks", "longbench", "--longbench-dir", str(garbled.parent / "lb"), "--longbench-datasets", "trek"],
+            "did you mean",
+        ),
         "ruler task too long": (["--tasks", "ruler", "--ruler-tasks", "vt", "--lengths", "128"], "does not fit"),
     }
     for case, (args, expected) in cases.items():

@@ -13,8 +13,15 @@ import torch
 from conftest import require_asset, tiny_llama
 from ropekit import RopekitError
 from ropekit.apply.llama2c import read_tokenizer, to_transformers_tokenizer
-from ropekit.eval.longbench import (DATASETS, bucket_of, build_prompt_ids, default_max_length, load_longbench,
-                                    load_prompt_config, run_longbench)
+from ropekit.eval.longbench import (
+    DATASETS,
+    bucket_of,
+    build_prompt_ids,
+    default_max_length,
+    load_longbench,
+    load_prompt_config,
+    run_longbench,
+)
 from ropekit.eval.longbench_metrics import classification, count, edit_sim, qa_f1, retrieval, rouge_l
 from ropekit.eval.passkey import generate_greedy
 
@@ -104,12 +111,17 @@ def test_middle_truncation_decodes_both_halves_and_re_encodes(tokenizer):
     full = tokenizer(prompt)["input_ids"]
     ids = build_prompt_ids(tokenizer, long, max_length=301)
     half = 150  # int(301 / 2) tokens from each end, as pred.py
-    text = tokenizer.decode(full[:half], skip_special_tokens=True) + tokenizer.decode(full[-half:], skip_special_tokens=True)
+    text = tokenizer.decode(full[:half], skip_special_tokens=True) + tokenizer.decode(
+        full[-half:], skip_special_tokens=True
+    )
     assert ids == tokenizer(text)["input_ids"]
     assert tokenizer.decode(ids, skip_special_tokens=True).startswith("Answer the question")
     assert tokenizer.decode(ids, skip_special_tokens=True).endswith("Answer:")
     short = build_prompt_ids(tokenizer, example, max_length=10_000)
-    assert short == tokenizer(DATASETS["hotpotqa"].template.format(context=example.context, input=example.input))["input_ids"]
+    assert (
+        short
+        == tokenizer(DATASETS["hotpotqa"].template.format(context=example.context, input=example.input))["input_ids"]
+    )
     assert default_max_length(4096) == 3500 and default_max_length(32768) == 31500  # model2maxlen.json's values
     assert default_max_length(16384) == 15500 and default_max_length(512) == 256
 
@@ -138,13 +150,20 @@ def test_generation_stops_like_hf_generate():
     free = generate_greedy(model, prompt, 12)
     stop = free[3]  # a token the model emits, so stopping matters
     mine = generate_greedy(model, prompt, 12, stop_ids=[stop])
-    ref = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=stop,
-                         pad_token_id=0)[0, len(prompt):].tolist()
+    ref = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=stop, pad_token_id=0)[
+        0, len(prompt) :
+    ].tolist()
     assert mine == ref and mine[-1] == stop and len(mine) <= 4
     first = free[0]  # samsum: the first token may not be a stop token
     mine = generate_greedy(model, prompt, 12, stop_ids=[first], no_stop_first=True)
-    ref = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=[first],
-                         min_length=len(prompt) + 1, pad_token_id=0)[0, len(prompt):].tolist()
+    ref = model.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=12,
+        do_sample=False,
+        eos_token_id=[first],
+        min_length=len(prompt) + 1,
+        pad_token_id=0,
+    )[0, len(prompt) :].tolist()
     trimmed = ref[: ref.index(first, 1) + 1] if first in ref[1:] else ref
     assert mine == trimmed and mine[0] != first
 

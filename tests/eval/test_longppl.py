@@ -10,8 +10,14 @@ import torch
 
 from conftest import tiny_llama
 from ropekit import RopekitError
-from ropekit.eval.longppl import (Evaluator, decoded_offsets, long_ppl, merge_adjacent, short_context_logprobs,
-                                  tokens_inside)
+from ropekit.eval.longppl import (
+    Evaluator,
+    decoded_offsets,
+    long_ppl,
+    merge_adjacent,
+    short_context_logprobs,
+    tokens_inside,
+)
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +50,9 @@ def test_short_context_logprobs_match_naive_windows(model, documents):
 
 
 def test_threshold_extremes(model, documents):
-    everything = long_ppl(model, documents, length=360, short_length=64, sliding_window=32,
-                          threshold=-math.inf, beta=-math.inf)
+    everything = long_ppl(
+        model, documents, length=360, short_length=64, sliding_window=32, threshold=-math.inf, beta=-math.inf
+    )
     assert everything.key_tokens == everything.tokens_considered == 360 - 64
     nothing = long_ppl(model, documents, length=360, short_length=64, sliding_window=32, threshold=math.inf)
     assert nothing.long_ppl is None and nothing.key_tokens == 0 and nothing.tokens_considered == 296
@@ -57,7 +64,12 @@ def test_official_defaults_are_4096_and_1024():
     import inspect
 
     defaults = {k: v.default for k, v in inspect.signature(long_ppl).parameters.items()}
-    assert (defaults["short_length"], defaults["sliding_window"], defaults["threshold"], defaults["beta"]) == (4096, 1024, 2.0, -2.0)
+    assert (defaults["short_length"], defaults["sliding_window"], defaults["threshold"], defaults["beta"]) == (
+        4096,
+        1024,
+        2.0,
+        -2.0,
+    )
 
 
 def test_every_disjoint_window_counts(model, documents):
@@ -69,7 +81,9 @@ def test_every_disjoint_window_counts(model, documents):
 def naive_scores(model, documents):
     """(long, short) log-probs of tokens 64 … 199 of the first 200-token window, one forward pass each."""
     ids = torch.as_tensor(documents[0][:200], dtype=torch.long)
-    return {t: (naive_logprob(model, ids, t, 0), naive_logprob(model, ids, t, (t - 64) // 32 * 32)) for t in range(64, 200)}
+    return {
+        t: (naive_logprob(model, ids, t, 0), naive_logprob(model, ids, t, (t - 64) // 32 * 32)) for t in range(64, 200)
+    }
 
 
 @pytest.mark.slow

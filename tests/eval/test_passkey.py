@@ -11,7 +11,12 @@ import torch
 from conftest import require_asset
 from ropekit.apply.llama2c import read_tokenizer, to_transformers_tokenizer
 from ropekit.eval.passkey import (
-    FILLER, QUESTION, build_prompt, generation_correct, passkey_grid, teacher_forced_correct,
+    FILLER,
+    QUESTION,
+    build_prompt,
+    generation_correct,
+    passkey_grid,
+    teacher_forced_correct,
 )
 
 
@@ -60,7 +65,9 @@ def test_compact_prompt_fits_and_places_the_needle(tokenizer, length, depth):
     before, after = text.split("The pass key is 48213")
     n_before, n_after = before.count(FILLER), after.count(FILLER)
     assert abs(n_before / (n_before + n_after) - depth) <= 1 / (n_before + n_after)
-    assert tokenizer.decode(p.prompt_ids[p.needle_start :], skip_special_tokens=True).lstrip().startswith("The pass key")
+    assert (
+        tokenizer.decode(p.prompt_ids[p.needle_start :], skip_special_tokens=True).lstrip().startswith("The pass key")
+    )
 
 
 @pytest.mark.parametrize("length", [256, 700])
@@ -90,13 +97,25 @@ def test_scorers_on_an_oracle_that_retrieves(tokenizer):
 
 
 def test_grid_records_accuracy_and_agreement(tokenizer):
-    result = passkey_grid(InductionOracle(512), tokenizer, lengths=[200, 300], depths=[0.0, 1.0], trials=2,
-                          agreement_every=1, style="compact", scorer="teacher-forced")
+    result = passkey_grid(
+        InductionOracle(512),
+        tokenizer,
+        lengths=[200, 300],
+        depths=[0.0, 1.0],
+        trials=2,
+        agreement_every=1,
+        style="compact",
+        scorer="teacher-forced",
+    )
     assert result.accuracy == {"200@0": 1.0, "200@1": 1.0, "300@0": 1.0, "300@1": 1.0}
     assert result.agreement == 1.0 and result.agreement_trials == 8
     keys = [r["passkey"] for r in result.rows]
-    assert keys == [r["passkey"] for r in passkey_grid(InductionOracle(512), tokenizer, lengths=[200, 300],
-                                                       depths=[0.0, 1.0], trials=2, style="compact").rows]  # seeded
+    assert keys == [
+        r["passkey"]
+        for r in passkey_grid(
+            InductionOracle(512), tokenizer, lengths=[200, 300], depths=[0.0, 1.0], trials=2, style="compact"
+        ).rows
+    ]  # seeded
     assert all(re.fullmatch(r"\d{5}", str(k)) for k in keys)
     yarn = passkey_grid(InductionOracle(512), tokenizer, lengths=[200], depths=[0.5], trials=3)
     assert yarn.scorer == "generation" and yarn.style == "yarn" and yarn.task_line == "ropekit wording"

@@ -39,7 +39,10 @@ def test_stride_equal_to_length_is_disjoint():
 
 def test_disjoint_and_truncated_windows():
     assert [(w.start, w.end, w.score_from) for w in windows(600, 256, convention="disjoint")] == [
-        (0, 256, 1), (256, 512, 257), (512, 600, 513)]
+        (0, 256, 1),
+        (256, 512, 257),
+        (512, 600, 513),
+    ]
     assert [(w.start, w.end) for w in windows(600, 256, convention="truncated")] == [(0, 256)]
 
 
@@ -103,15 +106,20 @@ def test_document_loader(tmp_path):
     garbled.write_bytes(b"\xff\xfe\x00bad")
     blank = tmp_path / "blank.txt"
     blank.write_text("  \n")
-    for path, message in [(tmp_path / "empty", "no .txt or .jsonl"), (bad, "field 'text'"), (garbled, "not UTF-8"),
-                          (blank, "empty"), (tmp_path / "nope", "no such file")]:
+    for path, message in [
+        (tmp_path / "empty", "no .txt or .jsonl"),
+        (bad, "field 'text'"),
+        (garbled, "not UTF-8"),
+        (blank, "empty"),
+        (tmp_path / "nope", "no such file"),
+    ]:
         with pytest.raises(RopekitError, match=message):
             read_documents(path)
 
 
 def test_tokenisation_is_cached(tmp_path):
-    from ropekit.apply.llama2c import read_tokenizer, to_transformers_tokenizer
     from conftest import require_asset
+    from ropekit.apply.llama2c import read_tokenizer, to_transformers_tokenizer
 
     tok = to_transformers_tokenizer(*read_tokenizer(require_asset("stories260K/tok512.bin"), 512))
     documents = [("d", "Once upon a time there was a cat.")]
@@ -122,8 +130,8 @@ def test_tokenisation_is_cached(tmp_path):
 
 
 def test_default_tokenisation_cache_is_the_user_cache_not_the_working_directory(tmp_path, monkeypatch):
-    from ropekit.apply.llama2c import read_tokenizer, to_transformers_tokenizer
     from conftest import require_asset
+    from ropekit.apply.llama2c import read_tokenizer, to_transformers_tokenizer
 
     tok = to_transformers_tokenizer(*read_tokenizer(require_asset("stories260K/tok512.bin"), 512))
     monkeypatch.setenv("ROPEKIT_CACHE", str(tmp_path / "cache"))

@@ -17,7 +17,14 @@ from conftest import require_asset
 from ropekit import RopekitError
 from ropekit.apply.llama2c import read_tokenizer, to_transformers_tokenizer
 from ropekit.eval.ruler import (
-    TASKS, get_task, make_sample, postprocess, read_essay, run_ruler, string_match_all, string_match_part,
+    TASKS,
+    get_task,
+    make_sample,
+    postprocess,
+    read_essay,
+    run_ruler,
+    string_match_all,
+    string_match_part,
 )
 from ropekit.eval.ruler_qa import load_qa, qa_documents
 
@@ -35,15 +42,40 @@ def essay():
 
 
 def test_thirteen_tasks_with_rulers_settings():
-    assert list(TASKS) == ["niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2",
-                           "niah_multikey_3", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe", "qa_1", "qa_2"]
+    assert list(TASKS) == [
+        "niah_single_1",
+        "niah_single_2",
+        "niah_single_3",
+        "niah_multikey_1",
+        "niah_multikey_2",
+        "niah_multikey_3",
+        "niah_multivalue",
+        "niah_multiquery",
+        "vt",
+        "cwe",
+        "fwe",
+        "qa_1",
+        "qa_2",
+    ]
     haystacks = {n: t.haystack for n, t in TASKS.items() if t.kind == "niah"}
-    assert haystacks == {"niah_single_1": "noise", "niah_single_2": "essay", "niah_single_3": "essay",
-                         "niah_multikey_1": "essay", "niah_multikey_2": "needle", "niah_multikey_3": "needle",
-                         "niah_multivalue": "essay", "niah_multiquery": "essay"}
+    assert haystacks == {
+        "niah_single_1": "noise",
+        "niah_single_2": "essay",
+        "niah_single_3": "essay",
+        "niah_multikey_1": "essay",
+        "niah_multikey_2": "needle",
+        "niah_multikey_3": "needle",
+        "niah_multivalue": "essay",
+        "niah_multiquery": "essay",
+    }
     assert (TASKS["niah_single_3"].value_type, TASKS["niah_multikey_3"].key_type) == ("uuids", "uuids")
     assert {n: t.max_new_tokens for n, t in TASKS.items() if t.kind != "niah"} == {
-        "vt": 30, "cwe": 120, "fwe": 50, "qa_1": 32, "qa_2": 32}
+        "vt": 30,
+        "cwe": 120,
+        "fwe": 50,
+        "qa_1": 32,
+        "qa_2": 32,
+    }
     assert all(TASKS[n].max_new_tokens == 128 for n in haystacks)
 
 
@@ -102,7 +134,10 @@ def test_niah_and_vt_samples_fit_and_hide_the_statements(tokenizer, essay, name)
         assert len(sample.answers) == expected_values
         assert len(sample.statements) == max(task.keys, task.queries) * task.values
         if task.value_type == "uuids":
-            assert all(re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", a) for a in sample.answers)
+            assert all(
+                re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", a)
+                for a in sample.answers
+            )
         else:
             assert all(re.fullmatch(r"\d{7}", a) for a in sample.answers)
         joiner = "\n" if task.haystack in ("noise", "needle") else " "
@@ -119,7 +154,9 @@ def test_cwe_counts_follow_rulers_repetitions(tokenizer):
     text = tokenizer.decode(sample.prompt_ids, skip_special_tokens=True)
     task_list = text.rsplit("remember the most frequent ones.", 1)[1].split("Question")[0]
     counts = Counter(re.findall(r"\d+\. ([a-z]+)", task_list))
-    assert {counts[a] for a in sample.answers} == {6} and set(counts[w] for w in counts if w not in sample.answers) == {1}
+    assert {counts[a] for a in sample.answers} == {6} and set(counts[w] for w in counts if w not in sample.answers) == {
+        1
+    }
 
 
 def test_fwe_counts_are_zipf_and_the_answer_is_ranks_two_to_four(tokenizer):
@@ -130,7 +167,7 @@ def test_fwe_counts_are_zipf_and_the_answer_is_ranks_two_to_four(tokenizer):
     ranked = [w for w, _ in counts.most_common()]
     assert ranked[0] == "...." and set(ranked[1:4]) == set(sample.answers)
     # count of rank k = int(N · k^−2 / ζ(2)), ζ(2) = π²/6: recover N from rank 1 and check rank 2
-    zeta2 = math.pi ** 2 / 6
+    zeta2 = math.pi**2 / 6
     n_low = counts["...."] * zeta2
     assert int(n_low / 4 / zeta2) - 1 <= counts[sample.answers[0]] <= int((n_low + zeta2) / 4 / zeta2) + 1
 
@@ -146,31 +183,54 @@ def test_string_match_scores_by_hand():
 def test_reader_oracle_scores_100_and_wrong_key_scores_0(tokenizer, essay, tmp_path):
     essay_file = tmp_path / "essay.txt"
     essay_file.write_text(" ".join(essay))
-    right = run_ruler(ReaderOracle(tokenizer), tokenizer, tasks=SYNTHETIC + ["qa_1"], lengths=[1100], samples=1,
-                      essay_path=essay_file)
+    right = run_ruler(
+        ReaderOracle(tokenizer), tokenizer, tasks=SYNTHETIC + ["qa_1"], lengths=[1100], samples=1, essay_path=essay_file
+    )
     assert set(right.score.values()) == {100.0}, right.score
     assert "qa_1" in right.skipped and "--ruler-qa-dir" in right.skipped["qa_1"]
-    wrong = run_ruler(ReaderOracle(tokenizer, wrong_key=True), tokenizer, tasks=["niah_multikey_2"], lengths=[800],
-                      samples=2)
+    wrong = run_ruler(
+        ReaderOracle(tokenizer, wrong_key=True), tokenizer, tasks=["niah_multikey_2"], lengths=[800], samples=2
+    )
     assert wrong.score == {"niah_multikey_2@800": 0.0}
 
 
 def test_essay_tasks_are_skipped_without_an_essay_and_unknown_names_refused(tokenizer):
-    result = run_ruler(ReaderOracle(tokenizer), tokenizer, tasks=["niah_single_1", "niah_single_2"], lengths=[600], samples=1)
+    result = run_ruler(
+        ReaderOracle(tokenizer), tokenizer, tasks=["niah_single_1", "niah_single_2"], lengths=[600], samples=1
+    )
     assert list(result.score) == ["niah_single_1@600"] and "--ruler-essay" in result.skipped["niah_single_2"]
     with pytest.raises(RopekitError, match="did you mean 'niah_single_1'"):
         get_task("niah_singel_1")
 
 
 def _qa_files(folder):
-    squad = {"data": [{"paragraphs": [
-        {"context": "Mira keeps bees on the hill.", "qas": [
-            {"question": "Who keeps bees?", "answers": [{"text": "Mira"}], "is_impossible": False},
-            {"question": "Who keeps goats?", "answers": [], "is_impossible": True}]},
-        {"context": "The hill has a red barn.", "qas": []}]}] + [
-        {"paragraphs": [{"context": f"Filler article {i} talks about rivers.", "qas": []}]} for i in range(30)]}
-    hotpot = [{"question": "Which town has the older bridge?", "answer": "Oakford",
-               "context": [["Oakford", ["Oakford's bridge dates from 1300."]], ["Elmwick", ["Elmwick's bridge is from 1800."]]]}]
+    squad = {
+        "data": [
+            {
+                "paragraphs": [
+                    {
+                        "context": "Mira keeps bees on the hill.",
+                        "qas": [
+                            {"question": "Who keeps bees?", "answers": [{"text": "Mira"}], "is_impossible": False},
+                            {"question": "Who keeps goats?", "answers": [], "is_impossible": True},
+                        ],
+                    },
+                    {"context": "The hill has a red barn.", "qas": []},
+                ]
+            }
+        ]
+        + [{"paragraphs": [{"context": f"Filler article {i} talks about rivers.", "qas": []}]} for i in range(30)]
+    }
+    hotpot = [
+        {
+            "question": "Which town has the older bridge?",
+            "answer": "Oakford",
+            "context": [
+                ["Oakford", ["Oakford's bridge dates from 1300."]],
+                ["Elmwick", ["Elmwick's bridge is from 1800."]],
+            ],
+        }
+    ]
     hotpot += [{"question": f"q{i}", "answer": "x", "context": [[f"T{i}", [f"Other text {i}."]]]} for i in range(30)]
     (folder / "squad.json").write_text(json.dumps(squad))
     (folder / "hotpotqa.json").write_text(json.dumps(hotpot))
@@ -189,8 +249,10 @@ def test_qa_reads_squad_and_hotpotqa_as_ruler_does(tmp_path):
     assert len(docs) == 5 and "Mira keeps bees on the hill." in docs and "The hill has a red barn." in docs
     hotpot = load_qa(folder, "hotpotqa")
     first = hotpot.questions[0]
-    assert [hotpot.documents[i] for i in first.gold] == ["Oakford\nOakford's bridge dates from 1300.",
-                                                         "Elmwick\nElmwick's bridge is from 1800."]
+    assert [hotpot.documents[i] for i in first.gold] == [
+        "Oakford\nOakford's bridge dates from 1300.",
+        "Elmwick\nElmwick's bridge is from 1800.",
+    ]
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "squad.json").write_text("[1]")
     with pytest.raises(RopekitError, match="SQuAD's format"):

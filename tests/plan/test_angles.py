@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
@@ -29,4 +28,3 @@ def test_distribution_starts_every_bin_at_epsilon_and_divides_by_n():
     p = angle_distribution(counts, 4)
     expected = [(3 + EPSILON) / 4, EPSILON / 4, (1 + EPSILON) / 4]
     assert p[0].tolist() == pytest.approx(expected, rel=1e-15)
-

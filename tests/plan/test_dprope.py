@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import ropekit
-from ropekit import RopeSpec, RopekitError
+from ropekit import RopekitError, RopeSpec
 from ropekit.plan.analysis.angles import EPSILON, angle_counts, angle_counts_literal
 
 LLAMA2 = RopeSpec.from_preset("llama2-7b")
@@ -40,10 +40,13 @@ def slow_dprope(spec: RopeSpec, target: int, bins: int = 360):
     return factors, 1000 * sum(chosen) / len(chosen)
 
 
-@pytest.mark.parametrize("spec,target", [
-    (RopeSpec(head_dim=16, base=10000.0, original_length=256), 1024),
-    (RopeSpec(head_dim=24, base=500.0, original_length=300), 750),
-])
+@pytest.mark.parametrize(
+    "spec,target",
+    [
+        (RopeSpec(head_dim=16, base=10000.0, original_length=256), 1024),
+        (RopeSpec(head_dim=24, base=500.0, original_length=300), 750),
+    ],
+)
 def test_dprope_equals_slow_reference(spec, target):
     factors, disturbance = slow_dprope(spec, target)
     plan = ropekit.plan(spec, target, "dprope")
@@ -121,16 +124,35 @@ def test_paper_setting_for_llama2_and_both_in_compare():
 
     spec = PRESETS["llama2-7b"].spec
     assert paper_interpolated_dims(spec, 8192) == 80 and paper_interpolated_dims(spec, 16384) == 64
-    assert paper_interpolated_dims(spec, 32768) is None and paper_interpolated_dims(PRESETS["llama3-8b"].spec, 16384) is None
+    assert (
+        paper_interpolated_dims(spec, 32768) is None
+        and paper_interpolated_dims(PRESETS["llama3-8b"].spec, 16384) is None
+    )
     assert 2 * len(ropekit.plan(spec, 8192, "dprope").interpolated_pairs) == 94
     assert 2 * len(ropekit.plan(spec, 16384, "dprope").interpolated_pairs) == 84
     runner = CliRunner()
-    result = runner.invoke(app, ["plan", "--preset", "llama2-7b", "--target-length", "16384", "--paper-setting",
-                                 "--json", "--compare", "--no-write"])
+    result = runner.invoke(
+        app,
+        [
+            "plan",
+            "--preset",
+            "llama2-7b",
+            "--target-length",
+            "16384",
+            "--paper-setting",
+            "--json",
+            "--compare",
+            "--no-write",
+        ],
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     scores = summary["disturbance_by_method"]
     assert scores["dprope"] < scores["dprope (paper, n=64)"]  # the argmin disturbs less, by construction
-    assert scores["dprope (paper, n=64)"] == pytest.approx(ropekit.plan(spec, 16384, "dprope", interpolated_dims=64).disturbance)
-    bad = runner.invoke(app, ["plan", "--preset", "llama2-7b", "--target-length", "32768", "--paper-setting", "--no-write"])
+    assert scores["dprope (paper, n=64)"] == pytest.approx(
+        ropekit.plan(spec, 16384, "dprope", interpolated_dims=64).disturbance
+    )
+    bad = runner.invoke(
+        app, ["plan", "--preset", "llama2-7b", "--target-length", "32768", "--paper-setting", "--no-write"]
+    )
     assert bad.exit_code == 2 and "paper's setting exists" in bad.output

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ropekit
-from ropekit import RopeSpec, RopekitError
+from ropekit import RopekitError, RopeSpec
 from ropekit.plan.analysis.disturbance import pair_disturbance
 from ropekit.plan.methods.longrope import per_pair_inv_freq
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ropekit
-from ropekit import RopeSpec, RopekitError
+from ropekit import RopekitError, RopeSpec
 
 LLAMA2 = RopeSpec(head_dim=128, base=10000.0, original_length=4096, name="llama2")
 
@@ -66,7 +66,10 @@ def test_resonance_wavelengths_are_integers():
     plan = ropekit.plan(LLAMA2, 16384, "resonance", inner="pi")
     wavelengths = 2 * math.pi / plan.inv_freq.double()
     assert torch.allclose(wavelengths, wavelengths.round(), rtol=1e-5)
-    assert ropekit.plan(LLAMA2, 16384, "resonance").attention_factor == ropekit.plan(LLAMA2, 16384, "yarn").attention_factor
+    assert (
+        ropekit.plan(LLAMA2, 16384, "resonance").attention_factor
+        == ropekit.plan(LLAMA2, 16384, "yarn").attention_factor
+    )
 
 
 def test_critical_dimension_llama2_is_92():
@@ -100,7 +103,9 @@ def test_min_base_smallest_and_all_above_match_a_brute_force_scan():
     last_fail = max(k for k, ok in enumerate(passes) if not ok)
     assert last_fail > first_pass  # the passing set is not an interval: bisection is unsafe here
     assert ropekit.min_base_for_length(spec, 256, resolution=1e-2) == pytest.approx(_grid(first_pass, 1e-2))
-    assert ropekit.min_base_for_length(spec, 256, rule="all-above", resolution=1e-2) == pytest.approx(_grid(last_fail + 1, 1e-2))
+    assert ropekit.min_base_for_length(spec, 256, rule="all-above", resolution=1e-2) == pytest.approx(
+        _grid(last_fail + 1, 1e-2)
+    )
 
 
 @pytest.mark.slow
@@ -121,13 +126,16 @@ def test_min_base_rejects_bad_settings():
         ropekit.min_base_for_length(spec, 100, resolution=0)
 
 
-@pytest.mark.parametrize("bad", [
-    dict(head_dim=127, base=10000.0, original_length=4096),
-    dict(head_dim=128, base=float("nan"), original_length=4096),
-    dict(head_dim=128, base=float("inf"), original_length=4096),
-    dict(head_dim=128, base=10000.0, original_length=0),
-    dict(head_dim=128, base=10000.0, original_length=4096, partial_rotary_factor=1.5),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(head_dim=127, base=10000.0, original_length=4096),
+        dict(head_dim=128, base=float("nan"), original_length=4096),
+        dict(head_dim=128, base=float("inf"), original_length=4096),
+        dict(head_dim=128, base=10000.0, original_length=0),
+        dict(head_dim=128, base=10000.0, original_length=4096, partial_rotary_factor=1.5),
+    ],
+)
 def test_bad_geometry_is_refused(bad):
     with pytest.raises(RopekitError):
         RopeSpec(**bad)

@@ -15,4 +15,3 @@ assert "matplotlib.pyplot" not in sys.modules, "pyplot was imported"
 def test_plot_modules_import_without_pyplot():
     proc = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
-

@@ -27,8 +27,13 @@ def hf_config(spec: RopeSpec, rope: dict, max_positions: int) -> LlamaConfig:
     params = {"rope_theta": spec.base, **rope}
     if spec.partial_rotary_factor < 1:
         params["partial_rotary_factor"] = spec.partial_rotary_factor
-    return LlamaConfig(hidden_size=spec.head_dim * 4, num_attention_heads=4, head_dim=spec.head_dim,
-                       max_position_embeddings=max_positions, rope_parameters=params)
+    return LlamaConfig(
+        hidden_size=spec.head_dim * 4,
+        num_attention_heads=4,
+        head_dim=spec.head_dim,
+        max_position_embeddings=max_positions,
+        rope_parameters=params,
+    )
 
 
 def hf_rope(spec: RopeSpec, rope: dict, max_positions: int, seq_len: int | None = None):
@@ -70,8 +75,13 @@ def test_dynamic_ntk_at_target_and_beyond(spec, scale):
 def test_yarn(spec, scale, betas):
     target = int(spec.original_length * scale)
     plan = ropekit.plan(spec, target, "yarn", beta_fast=betas[0], beta_slow=betas[1])
-    rope = {"rope_type": "yarn", "factor": scale, "original_max_position_embeddings": spec.original_length,
-            "beta_fast": betas[0], "beta_slow": betas[1]}
+    rope = {
+        "rope_type": "yarn",
+        "factor": scale,
+        "original_max_position_embeddings": spec.original_length,
+        "beta_fast": betas[0],
+        "beta_slow": betas[1],
+    }
     assert_same(plan, hf_rope(spec, rope, target))
 
 
@@ -80,8 +90,13 @@ def test_yarn(spec, scale, betas):
 def test_llama3(spec, scale, bands):
     target = int(spec.original_length * scale)
     plan = ropekit.plan(spec, target, "llama3", low_freq_factor=bands[0], high_freq_factor=bands[1])
-    rope = {"rope_type": "llama3", "factor": scale, "low_freq_factor": bands[0], "high_freq_factor": bands[1],
-            "original_max_position_embeddings": spec.original_length}
+    rope = {
+        "rope_type": "llama3",
+        "factor": scale,
+        "low_freq_factor": bands[0],
+        "high_freq_factor": bands[1],
+        "original_max_position_embeddings": spec.original_length,
+    }
     assert_same(plan, hf_rope(spec, rope, target))
 
 
@@ -91,8 +106,13 @@ def test_longrope(spec, scale, explicit_attention):
     target = int(spec.original_length * scale)
     factors = (1.0 + torch.rand(spec.num_pairs, generator=torch.Generator().manual_seed(0)) * (scale - 1)).tolist()
     plan = ropekit.plan(spec, target, "longrope", factors=factors, attention_factor=explicit_attention)
-    rope = {"rope_type": "longrope", "short_factor": factors, "long_factor": factors, "factor": scale,
-            "original_max_position_embeddings": spec.original_length}
+    rope = {
+        "rope_type": "longrope",
+        "short_factor": factors,
+        "long_factor": factors,
+        "factor": scale,
+        "original_max_position_embeddings": spec.original_length,
+    }
     if explicit_attention is not None:
         rope["attention_factor"] = explicit_attention
     assert_same(plan, hf_rope(spec, rope, target, seq_len=target))

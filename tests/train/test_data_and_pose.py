@@ -19,8 +19,13 @@ def test_packing_marks_document_boundaries_with_eos():
 
 
 def schedule(step, *, world, accumulation, micro_batch=1, n=50):
-    return [window_indices(step, m, r, num_windows=n, micro_batch=micro_batch, world=world, accumulation=accumulation,
-                           seed=7) for m in range(accumulation) for r in range(world)]
+    return [
+        window_indices(
+            step, m, r, num_windows=n, micro_batch=micro_batch, world=world, accumulation=accumulation, seed=7
+        )
+        for m in range(accumulation)
+        for r in range(world)
+    ]
 
 
 def test_same_global_batch_sees_the_same_windows_whatever_the_process_count():

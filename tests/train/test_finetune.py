@@ -33,8 +33,23 @@ def text():
 
 
 def run(s260k, text, out, *extra):
-    args = ["finetune", s260k, "--data", text, "--out", str(out), "--target-length", "2048", "--lr", "2e-3",
-            "--max-tokens", "40000", "--report-to", "none", *extra]
+    args = [
+        "finetune",
+        s260k,
+        "--data",
+        text,
+        "--out",
+        str(out),
+        "--target-length",
+        "2048",
+        "--lr",
+        "2e-3",
+        "--max-tokens",
+        "40000",
+        "--report-to",
+        "none",
+        *extra,
+    ]
     return runner.invoke(app, args)
 
 
@@ -76,20 +91,55 @@ def test_resume_continues_the_same_run(s260k, text, tmp_path):
 
 
 def test_two_processes_match_one_with_the_same_global_batch(s260k, text, tmp_path):
-    common = ["--data", text, "--target-length", "2048", "--lr", "2e-3", "--max-tokens", "40000", "--report-to", "none",
-              "--steps", "3", "--global-batch", "2", "--save-every", "3", "--warmup-steps", "2"]
+    common = [
+        "--data",
+        text,
+        "--target-length",
+        "2048",
+        "--lr",
+        "2e-3",
+        "--max-tokens",
+        "40000",
+        "--report-to",
+        "none",
+        "--steps",
+        "3",
+        "--global-batch",
+        "2",
+        "--save-every",
+        "3",
+        "--warmup-steps",
+        "2",
+    ]
     single, double = tmp_path / "one", tmp_path / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "ropekit.cli.main", "finetune", s260k, "--out", str(single), *common],
-                   check=True, capture_output=True, env=env)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # --standalone: a free port
-    proc = subprocess.run([*torchrun, "-m", "ropekit.cli.main", "finetune", s260k, "--out", str(double), *common],
-                          capture_output=True, text=True, env=env)
+    subprocess.run(
+        [sys.executable, "-m", "ropekit.cli.main", "finetune", s260k, "--out", str(single), *common],
+        check=True,
+        capture_output=True,
+        env=env,
+    )
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+    ]  # --standalone: a free port
+    proc = subprocess.run(
+        [*torchrun, "-m", "ropekit.cli.main", "finetune", s260k, "--out", str(double), *common],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads((double / "ropekit.json").read_text())["training"]
     assert record["processes"] == 2 and record["gradient_accumulation"] == 1
-    ranks = [[json.loads(ln)["windows"] for ln in (double / "logs" / f"data_rank{r}.jsonl").read_text().splitlines()]
-             for r in (0, 1)]
+    ranks = [
+        [json.loads(ln)["windows"] for ln in (double / "logs" / f"data_rank{r}.jsonl").read_text().splitlines()]
+        for r in (0, 1)
+    ]
     one = [json.loads(ln)["windows"] for ln in (single / "logs" / "data_rank0.jsonl").read_text().splitlines()]
     for step in range(3):
         assert not set(ranks[0][step]) & set(ranks[1][step])  # the two ranks saw different data
@@ -118,8 +168,26 @@ def test_bad_runs_are_refused_cleanly(s260k, text, tmp_path):
     }
     for case, (extra, expected) in cases.items():
         out = tmp_path / f"out-{case.replace(' ', '_')}"
-        result = runner.invoke(app, ["finetune", s260k, "--data", text, "--out", str(out), "--target-length", "2048",
-                                     "--steps", "1", "--global-batch", "1", "--report-to", "none", *extra])
+        result = runner.invoke(
+            app,
+            [
+                "finetune",
+                s260k,
+                "--data",
+                text,
+                "--out",
+                str(out),
+                "--target-length",
+                "2048",
+                "--steps",
+                "1",
+                "--global-batch",
+                "1",
+                "--report-to",
+                "none",
+                *extra,
+            ],
+        )
         assert result.exit_code == 2, (case, result.output)
         assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1, (case, result.stderr)
         assert not (out / "model.safetensors").exists(), case
@@ -133,11 +201,31 @@ def test_ctrl_c_saves_the_last_completed_step_and_resume_finishes_the_same_run(s
     import signal
     import time
 
-    args = ["--data", text, "--target-length", "2048", "--lr", "2e-3", "--max-tokens", "40000", "--report-to", "none",
-            "--steps", "8", "--global-batch", "2", "--save-every", "100"]
+    args = [
+        "--data",
+        text,
+        "--target-length",
+        "2048",
+        "--lr",
+        "2e-3",
+        "--max-tokens",
+        "40000",
+        "--report-to",
+        "none",
+        "--steps",
+        "8",
+        "--global-batch",
+        "2",
+        "--save-every",
+        "100",
+    ]
     interrupted, whole = tmp_path / "interrupted", tmp_path / "whole"
-    proc = subprocess.Popen([sys.executable, "-m", "ropekit.cli.main", "finetune", s260k, "--out", str(interrupted), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ropekit.cli.main", "finetune", s260k, "--out", str(interrupted), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     log = interrupted / "logs" / "train_log.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= 2):

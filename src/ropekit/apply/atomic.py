@@ -54,8 +54,15 @@ class OutputTarget:
     replaces: tuple[int, int] | None  # (device, inode) of the ropekit output it may replace
 
 
-def prepare_output(out: str | Path, *, overwrite: bool = False, inputs: Iterable[str | Path | None] = (),
-                   marker: str = MARKER, in_place: bool = False, existing_ok: bool = False) -> OutputTarget:
+def prepare_output(
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    inputs: Iterable[str | Path | None] = (),
+    marker: str = MARKER,
+    in_place: bool = False,
+    existing_ok: bool = False,
+) -> OutputTarget:
     """Check `out` before any work (see the module docstring); returns the target to write.
 
     `inputs`: paths the command reads (hub ids and None are ignored). `in_place`: the command
@@ -70,12 +77,16 @@ def prepare_output(out: str | Path, *, overwrite: bool = False, inputs: Iterable
     replaces = None
     if path.is_dir() and any(path.iterdir()) and not existing_ok:
         if not overwrite:
-            raise RopekitError(f"{out} already exists and is not empty; choose another output directory "
-                               "(or --overwrite to replace an earlier ropekit output)")
+            raise RopekitError(
+                f"{out} already exists and is not empty; choose another output directory "
+                "(or --overwrite to replace an earlier ropekit output)"
+            )
         if not is_ropekit_output(path):
-            raise RopekitError(f"{out} is not a directory ropekit wrote (no {' / '.join(MARKER_FILES)} with "
-                               "ropekit's signature); --overwrite replaces only ropekit's own outputs, "
-                               "so choose another output directory")
+            raise RopekitError(
+                f"{out} is not a directory ropekit wrote (no {' / '.join(MARKER_FILES)} with "
+                "ropekit's signature); --overwrite replaces only ropekit's own outputs, "
+                "so choose another output directory"
+            )
         replaces = _identity(path)
     _check_writable(path, out, in_place=in_place)
     return OutputTarget(path=path, overwrite=overwrite, marker=marker, replaces=replaces)
@@ -101,8 +112,9 @@ def is_ropekit_output(path: str | Path) -> bool:
 
 
 @contextmanager
-def atomic_directory(target: OutputTarget | str | Path, *, overwrite: bool = False,
-                     marker: str = MARKER) -> Iterator[Path]:
+def atomic_directory(
+    target: OutputTarget | str | Path, *, overwrite: bool = False, marker: str = MARKER
+) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it becomes the target, on error it is removed.
 
     `target` is what `prepare_output` returned (checked before the work), or a path, which
@@ -134,16 +146,20 @@ def _refuse_overlaps(path: Path, shown, inputs: Iterable[str | Path | None]) -> 
     real = Path(os.path.realpath(path))
     cwd = Path.cwd().resolve()
     if real == cwd or real in cwd.parents:
-        raise RopekitError(f"output directory {shown} is the working directory or contains it; "
-                           "give a new directory, e.g. --out out/run1")
+        raise RopekitError(
+            f"output directory {shown} is the working directory or contains it; "
+            "give a new directory, e.g. --out out/run1"
+        )
     for item in inputs:
         if item is None or not os.path.lexists(str(item)):
             continue  # a hub id, or an optional input not given
         source = Path(os.path.realpath(item))
         if real == source or source in real.parents or real in source.parents:
             relation = "is" if real == source else "is inside" if source in real.parents else "contains"
-            raise RopekitError(f"output directory {shown} {relation} the input {item}; "
-                               "ropekit never writes over its inputs, choose another output directory")
+            raise RopekitError(
+                f"output directory {shown} {relation} the input {item}; "
+                "ropekit never writes over its inputs, choose another output directory"
+            )
 
 
 def _refuse_file_in_the_way(path: Path, shown) -> None:
@@ -166,8 +182,10 @@ def _check_writable(path: Path, shown, *, in_place: bool) -> None:
             os.rename(path, probe)
             os.rename(probe, path)
     except OSError as exc:
-        raise RopekitError(f"cannot write the output directory {shown}: {ancestor} is not writable "
-                           f"({exc.strerror or exc}); choose another output directory") from None
+        raise RopekitError(
+            f"cannot write the output directory {shown}: {ancestor} is not writable "
+            f"({exc.strerror or exc}); choose another output directory"
+        ) from None
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
@@ -236,8 +254,10 @@ def _commit(tmp: Path, target: OutputTarget) -> None:
     except OSError:
         kept = _keep_elsewhere(tmp, path)
         previous = f"; the previous output is in {aside}" if aside is not None and aside.exists() else ""
-        raise RopekitError(f"{path} changed while this run was writing it (another run?); nothing was replaced: "
-                           f"this run's output is in {kept}{previous}") from None
+        raise RopekitError(
+            f"{path} changed while this run was writing it (another run?); nothing was replaced: "
+            f"this run's output is in {kept}{previous}"
+        ) from None
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
 

@@ -157,8 +157,10 @@ def llama_cpp_rope_freqs(plan: Plan) -> dict[str, Any]:
         ),
     }
     if plan.spec.layer_type is not None:
-        out["note"] = (f"this plan is for the {plan.spec.layer_type} layers only; llama.cpp's rope_freqs tensor is "
-                       "shared by all layers, so it has no exact llama.cpp form")
+        out["note"] = (
+            f"this plan is for the {plan.spec.layer_type} layers only; llama.cpp's rope_freqs tensor is "
+            "shared by all layers, so it has no exact llama.cpp form"
+        )
     return out
 
 

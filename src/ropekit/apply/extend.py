@@ -17,7 +17,14 @@ from ropekit.apply.atomic import SIGNATURE, OutputTarget, atomic_directory, prep
 from ropekit.apply.export import llama_cpp_rope_freqs, vllm_hf_overrides
 from ropekit.apply.patch import apply, as_plan_list
 from ropekit.errors import RopekitError
-from ropekit.plan.geometry import RopeSpec, check_local_source, default_layer_type, layer_rope_blocks, load_config_dict, text_config_of
+from ropekit.plan.geometry import (
+    RopeSpec,
+    check_local_source,
+    default_layer_type,
+    layer_rope_blocks,
+    load_config_dict,
+    text_config_of,
+)
 from ropekit.plan.registry import plan as make_plan
 from ropekit.plan.scaling import Plan
 from ropekit.plan.summary import plan_summary
@@ -49,15 +56,29 @@ def load_tokenizer(path_or_id: str):
         return None
 
 
-def plan_for_model(path_or_id: str, target_length: int, method: str, *, from_scratch: bool = False,
-                   layer_type: str | None = None, **params: Any) -> Plan:
+def plan_for_model(
+    path_or_id: str,
+    target_length: int,
+    method: str,
+    *,
+    from_scratch: bool = False,
+    layer_type: str | None = None,
+    **params: Any,
+) -> Plan:
     """Plan against the geometry in the model's own config (its current frequencies unless `from_scratch`)."""
     spec = RopeSpec.from_pretrained(path_or_id, from_scratch=from_scratch, layer_type=layer_type)
     return make_plan(spec, target_length, method, **params)
 
 
-def plans_for_model(path_or_id: str, target_length: int, method: str, *, from_scratch: bool = False,
-                    layer_types: list[str] | None = None, **params: Any) -> Plan | dict[str, Plan]:
+def plans_for_model(
+    path_or_id: str,
+    target_length: int,
+    method: str,
+    *,
+    from_scratch: bool = False,
+    layer_types: list[str] | None = None,
+    **params: Any,
+) -> Plan | dict[str, Plan]:
     """One plan, or for a per-layer-type model one per layer type in `layer_types`.
 
     Default for per-layer-type models: only the full-attention layers (sliding-window layers never
@@ -66,24 +87,37 @@ def plans_for_model(path_or_id: str, target_length: int, method: str, *, from_sc
     blocks = layer_rope_blocks(text_config_of(load_config_dict(path_or_id), str(path_or_id)))
     if blocks is None:
         if layer_types:
-            raise RopekitError(f"{path_or_id}: this model has one RoPE block for every layer; --layer-types does not apply")
+            raise RopekitError(
+                f"{path_or_id}: this model has one RoPE block for every layer; --layer-types does not apply"
+            )
         return plan_for_model(path_or_id, target_length, method, from_scratch=from_scratch, **params)
     chosen = layer_types or [default_layer_type(blocks, str(path_or_id))]
-    return {lt: plan_for_model(path_or_id, target_length, method, from_scratch=from_scratch, layer_type=lt, **params)
-            for lt in chosen}
+    return {
+        lt: plan_for_model(path_or_id, target_length, method, from_scratch=from_scratch, layer_type=lt, **params)
+        for lt in chosen
+    }
 
 
-def extend(path_or_id: str, out_dir: str | Path, *, target_length: int, method: str = "dprope",
-           overwrite: bool = False, from_scratch: bool = False, layer_types: list[str] | None = None,
-           **params: Any) -> Plan | dict[str, Plan]:
+def extend(
+    path_or_id: str,
+    out_dir: str | Path,
+    *,
+    target_length: int,
+    method: str = "dprope",
+    overwrite: bool = False,
+    from_scratch: bool = False,
+    layer_types: list[str] | None = None,
+    **params: Any,
+) -> Plan | dict[str, Plan]:
     """Write an extended copy of a model to `out_dir`; returns the plan it applied.
 
     Per-layer-type models (Gemma 3) return {layer_type: plan} for the layer types changed
     (default: only the full-attention layers).
     """
     target = prepare_output(out_dir, overwrite=overwrite, inputs=(path_or_id,))  # before the (slow) model load
-    plan = plans_for_model(path_or_id, target_length, method, from_scratch=from_scratch, layer_types=layer_types,
-                           **params)
+    plan = plans_for_model(
+        path_or_id, target_length, method, from_scratch=from_scratch, layer_types=layer_types, **params
+    )
     model = apply(load_model(path_or_id), plan)
     save_extended(model, plan, target, tokenizer=load_tokenizer(path_or_id), source=str(path_or_id))
     return plan
@@ -96,16 +130,28 @@ def extended_record(plan: Plan | dict[str, Plan], *, source: str, **extra: Any) 
     """
     plans = as_plan_list(plan)
     first = plans[0]
-    record = {**SIGNATURE, "ropekit_version": __version__, "source_model": source,
-              "plan": plan_summary(first), "vllm_hf_overrides": vllm_hf_overrides(first),
-              "llama_cpp": llama_cpp_rope_freqs(first)}
+    record = {
+        **SIGNATURE,
+        "ropekit_version": __version__,
+        "source_model": source,
+        "plan": plan_summary(first),
+        "vllm_hf_overrides": vllm_hf_overrides(first),
+        "llama_cpp": llama_cpp_rope_freqs(first),
+    }
     if first.spec.layer_type is not None:
         record["plans_by_layer_type"] = {p.spec.layer_type: plan_summary(p) for p in plans}
     return {**record, **extra}
 
 
-def save_extended(model, plan: Plan | dict[str, Plan], out_dir: OutputTarget | str | Path, *, tokenizer=None,
-                  source: str, overwrite: bool = False) -> Path:
+def save_extended(
+    model,
+    plan: Plan | dict[str, Plan],
+    out_dir: OutputTarget | str | Path,
+    *,
+    tokenizer=None,
+    source: str,
+    overwrite: bool = False,
+) -> Path:
     """Save an already-patched model, its tokenizer and `ropekit.json` atomically."""
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)

@@ -45,8 +45,7 @@ LONGROPE_TENSORS = ("rope_factors_long.weight", "rope_factors_short.weight")
 # Architectures whose llama.cpp graph loads `rope_freqs.weight` (unless the type is longrope) and passes
 # `model.get_rope_factors(...)` to ggml_rope_ext for Q and K on every layer: src/models/{llama,deci,
 # mistral3,arcee,exaone,exaone4,granite,apertus,nanbeige}.cpp. Tested in llama.cpp itself: llama.
-ROPE_FREQS_ARCHITECTURES = ("llama", "deci", "mistral3", "arcee", "exaone", "exaone4", "granite", "apertus",
-                            "nanbeige")
+ROPE_FREQS_ARCHITECTURES = ("llama", "deci", "mistral3", "arcee", "exaone", "exaone4", "granite", "apertus", "nanbeige")
 
 
 @dataclass(frozen=True)
@@ -72,13 +71,21 @@ class GgufRope:
             raise RopekitError(
                 f"{self.path}: carries {self.scaling_type} RoPE scaling but not the context it was trained at "
                 f"(no {self.architecture}.rope.scaling.original_context_length); pass --original-length L "
-                "(the new plan then replaces the existing scaling)")
-        spec = RopeSpec(head_dim=self.head_dim, base=self.base, original_length=int(length),
-                        partial_rotary_factor=self.rotary_dim / self.head_dim, name=self.path,
-                        current_scaling=self.current_scaling())
+                "(the new plan then replaces the existing scaling)"
+            )
+        spec = RopeSpec(
+            head_dim=self.head_dim,
+            base=self.base,
+            original_length=int(length),
+            partial_rotary_factor=self.rotary_dim / self.head_dim,
+            name=self.path,
+            current_scaling=self.current_scaling(),
+        )
         if spec.rotary_dim != self.rotary_dim:
-            raise RopekitError(f"{self.path}: rope.dimension_count {self.rotary_dim} is not representable "
-                               f"as a fraction of head_dim {self.head_dim}")
+            raise RopekitError(
+                f"{self.path}: rope.dimension_count {self.rotary_dim} is not representable "
+                f"as a fraction of head_dim {self.head_dim}"
+            )
         return spec
 
     def current_scaling(self) -> dict[str, Any] | None:
@@ -118,8 +125,9 @@ def open_gguf(path: str | os.PathLike):
     for tensor in reader.tensors:
         end = int(tensor.data_offset) + int(tensor.n_bytes)
         if end > size:
-            raise RopekitError(f"{path}: truncated GGUF file (tensor {tensor.name} ends at byte {end:,}, "
-                               f"the file has {size:,} bytes)")
+            raise RopekitError(
+                f"{path}: truncated GGUF file (tensor {tensor.name} ends at byte {end:,}, the file has {size:,} bytes)"
+            )
     return reader
 
 
@@ -146,8 +154,10 @@ def read_rope(path: str | os.PathLike, reader=None) -> GgufRope:
     head_dim = field_value(reader, key("attention.key_length")) or (embd // heads if embd and heads else None)
     context = field_value(reader, key("context_length"))
     if not head_dim or not context:
-        raise RopekitError(f"{path}: GGUF architecture {arch!r} has no attention heads or context length; "
-                           "ropekit needs a RoPE transformer")
+        raise RopekitError(
+            f"{path}: GGUF architecture {arch!r} has no attention heads or context length; "
+            "ropekit needs a RoPE transformer"
+        )
     rotary_dim = field_value(reader, key("rope.dimension_count")) or head_dim
     scaling, scaling_type = _existing_scaling(reader, arch, path)
     tensors = {t.name: t for t in reader.tensors}
@@ -158,16 +168,25 @@ def read_rope(path: str | os.PathLike, reader=None) -> GgufRope:
     original = scaling.get("original_context_length")
     if scaling_type == "none":
         original = original or context
-    return GgufRope(path=str(path), architecture=arch, head_dim=int(head_dim), rotary_dim=int(rotary_dim),
-                    base=float(field_value(reader, key("rope.freq_base"), 10000.0)), context_length=int(context),
-                    original_length=int(original) if original else None, scaling_type=scaling_type,
-                    scaling=scaling, rope_freqs=rope_freqs, ropekit_method=field_value(reader, "ropekit.method"))
+    return GgufRope(
+        path=str(path),
+        architecture=arch,
+        head_dim=int(head_dim),
+        rotary_dim=int(rotary_dim),
+        base=float(field_value(reader, key("rope.freq_base"), 10000.0)),
+        context_length=int(context),
+        original_length=int(original) if original else None,
+        scaling_type=scaling_type,
+        scaling=scaling,
+        rope_freqs=rope_freqs,
+        ropekit_method=field_value(reader, "ropekit.method"),
+    )
 
 
 def _existing_scaling(reader, arch: str, path) -> tuple[dict[str, Any], str]:
     """The `<arch>.rope.scaling.*` keys (and the old `rope.scale_linear`) and the effective type."""
     prefix = f"{arch}.rope.scaling."
-    scaling = {name[len(prefix):]: field_value(reader, name) for name in reader.fields if name.startswith(prefix)}
+    scaling = {name[len(prefix) :]: field_value(reader, name) for name in reader.fields if name.startswith(prefix)}
     if f"{arch}.rope.scale_linear" in reader.fields:
         scaling.setdefault("factor", field_value(reader, f"{arch}.rope.scale_linear"))
     kind = scaling.pop("type", None)
@@ -177,8 +196,9 @@ def _existing_scaling(reader, arch: str, path) -> tuple[dict[str, Any], str]:
     if kind == "linear" and factor in (0.0, 1.0):
         kind = "none"
     if kind not in ("none", "linear", "yarn", "longrope"):
-        raise RopekitError(f"{path}: unknown {arch}.rope.scaling.type {kind!r} (llama.cpp knows none, linear, "
-                           "yarn, longrope)")
+        raise RopekitError(
+            f"{path}: unknown {arch}.rope.scaling.type {kind!r} (llama.cpp knows none, linear, yarn, longrope)"
+        )
     return scaling, kind
 
 
@@ -189,20 +209,26 @@ def _rope_freqs(tensor, rotary_dim: int, path) -> tuple[float, ...] | None:
 
     values = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float64).reshape(-1)
     if values.size != rotary_dim // 2:
-        raise RopekitError(f"{path}: {ROPE_FREQS} has {values.size} values, but rope.dimension_count "
-                           f"{rotary_dim} needs {rotary_dim // 2} (one per pair)")
+        raise RopekitError(
+            f"{path}: {ROPE_FREQS} has {values.size} values, but rope.dimension_count "
+            f"{rotary_dim} needs {rotary_dim // 2} (one per pair)"
+        )
     return tuple(float(v) for v in values)
 
 
 def _check_no_conflict(scaling_type: str, rope_freqs, longrope_tensors: list[str], path, arch: str) -> None:
     """Refuse combinations llama.cpp would reject or silently run unextended."""
     if rope_freqs is not None and (scaling_type == "longrope" or longrope_tensors):
-        raise RopekitError(f"{path}: conflicting RoPE scaling: both {ROPE_FREQS} and longrope "
-                           f"({arch}.rope.scaling.type / rope_factors_long/short); llama.cpp cannot load this file")
+        raise RopekitError(
+            f"{path}: conflicting RoPE scaling: both {ROPE_FREQS} and longrope "
+            f"({arch}.rope.scaling.type / rope_factors_long/short); llama.cpp cannot load this file"
+        )
     if scaling_type == "longrope" and len(longrope_tensors) < 2:
-        raise RopekitError(f"{path}: conflicting RoPE scaling: {arch}.rope.scaling.type is longrope but the file "
-                           "lacks rope_factors_long/short.weight, so llama.cpp runs it unextended (llama.cpp's "
-                           "converter drops longrope factors); start from the unextended model's GGUF")
+        raise RopekitError(
+            f"{path}: conflicting RoPE scaling: {arch}.rope.scaling.type is longrope but the file "
+            "lacks rope_factors_long/short.weight, so llama.cpp runs it unextended (llama.cpp's "
+            "converter drops longrope factors); start from the unextended model's GGUF"
+        )
 
 
 def _scalar(value: Any, path, key: str) -> int | None:
@@ -230,8 +256,10 @@ def spec_from_gguf(path: str | os.PathLike, *, original_length: int | None = Non
 def check_rope_freqs_support(rope: GgufRope) -> None:
     """Refuse architectures whose llama.cpp graph ignores `rope_freqs.weight`."""
     if rope.architecture not in ROPE_FREQS_ARCHITECTURES:
-        raise RopekitError(f"{rope.path}: llama.cpp's {rope.architecture!r} graph ignores rope_freqs, so an extended "
-                           f"GGUF would run unextended; supported architectures: {', '.join(ROPE_FREQS_ARCHITECTURES)}")
+        raise RopekitError(
+            f"{rope.path}: llama.cpp's {rope.architecture!r} graph ignores rope_freqs, so an extended "
+            f"GGUF would run unextended; supported architectures: {', '.join(ROPE_FREQS_ARCHITECTURES)}"
+        )
 
 
 def extended_metadata(rope: GgufRope, plan: Plan) -> tuple[dict[str, Any], set[str]]:
@@ -261,12 +289,15 @@ def check_plan_matches(rope: GgufRope, plan: Plan) -> None:
     """The plan must be made for this file's geometry (head_dim, rotary dim, base)."""
     s = plan.spec
     if (s.head_dim, s.rotary_dim) != (rope.head_dim, rope.rotary_dim) or not np.isclose(s.base, rope.base, rtol=1e-6):
-        raise RopekitError(f"plan geometry ({s.describe()}) does not match {rope.path} (head_dim={rope.head_dim}, "
-                           f"rotary_dim={rope.rotary_dim}, rope_theta={rope.base:g})")
+        raise RopekitError(
+            f"plan geometry ({s.describe()}) does not match {rope.path} (head_dim={rope.head_dim}, "
+            f"rotary_dim={rope.rotary_dim}, rope_theta={rope.base:g})"
+        )
 
 
-def write_extended_gguf(source: str | os.PathLike, plan: Plan, out: str | os.PathLike, *,
-                        overwrite: bool = False) -> Path:
+def write_extended_gguf(
+    source: str | os.PathLike, plan: Plan, out: str | os.PathLike, *, overwrite: bool = False
+) -> Path:
     """Copy `source` to `out` with the plan: every tensor byte for byte (no requantisation), every key
     unchanged except the RoPE keys of `extended_metadata`, plus `rope_freqs.weight` (F32, f_i per pair).
 
@@ -281,9 +312,19 @@ def write_extended_gguf(source: str | os.PathLike, plan: Plan, out: str | os.Pat
     sets, drop = extended_metadata(rope, plan)
     factors = np.asarray(plan.runtime_factors, dtype=np.float32)  # relative to the base, as llama.cpp divides θ_i
     skip_tensors = {ROPE_FREQS, *LONGROPE_TENSORS}
-    _atomic_write(out, lambda tmp: _write_gguf(reader, rope.architecture, tmp, sets=sets, drop=drop,
-                                              new_tensors={ROPE_FREQS: factors}, skip_tensors=skip_tensors),
-                  overwrite=overwrite)
+    _atomic_write(
+        out,
+        lambda tmp: _write_gguf(
+            reader,
+            rope.architecture,
+            tmp,
+            sets=sets,
+            drop=drop,
+            new_tensors={ROPE_FREQS: factors},
+            skip_tensors=skip_tensors,
+        ),
+        overwrite=overwrite,
+    )
     return out
 
 
@@ -292,19 +333,24 @@ def check_output_file(out: str | os.PathLike, *, source: str | os.PathLike, over
     `overwrite` and the existing file is a GGUF that ropekit wrote (it carries `ropekit.method`)."""
     out = Path(out)
     if not is_gguf_path(out):
-        raise RopekitError(f"--out {out}: a GGUF input is written to a GGUF file; give a path ending in .gguf "
-                           "(for a transformers directory: ropekit convert gguf MODEL.gguf --out DIR)")
+        raise RopekitError(
+            f"--out {out}: a GGUF input is written to a GGUF file; give a path ending in .gguf "
+            "(for a transformers directory: ropekit convert gguf MODEL.gguf --out DIR)"
+        )
     if out.exists() and out.resolve() == Path(source).resolve():
         raise RopekitError(f"--out {out} is the input file; ropekit never writes over its inputs, choose another path")
     if out.is_dir():
         raise RopekitError(f"--out {out} is a directory; give a new .gguf file path")
     if out.exists():
         if not overwrite:
-            raise RopekitError(f"{out} already exists; choose another path (or --overwrite to replace a GGUF "
-                               "that ropekit wrote)")
+            raise RopekitError(
+                f"{out} already exists; choose another path (or --overwrite to replace a GGUF that ropekit wrote)"
+            )
         if not _written_by_ropekit(out):
-            raise RopekitError(f"{out} is not a GGUF that ropekit wrote (no ropekit.method key); --overwrite "
-                               "replaces only ropekit's own outputs, so choose another path")
+            raise RopekitError(
+                f"{out} is not a GGUF that ropekit wrote (no ropekit.method key); --overwrite "
+                "replaces only ropekit's own outputs, so choose another path"
+            )
     parent = out.parent if str(out.parent) else Path(".")
     if parent.exists() and not os.access(parent, os.W_OK):
         raise RopekitError(f"{parent}: directory is not writable")
@@ -338,14 +384,23 @@ def _atomic_write(target: Path, write: Callable[[Path], None], *, overwrite: boo
             try:
                 os.link(tmp, target)
             except FileExistsError:
-                raise RopekitError(f"{target} appeared while ropekit was writing it (another run?); "
-                                   f"nothing was replaced") from None
+                raise RopekitError(
+                    f"{target} appeared while ropekit was writing it (another run?); nothing was replaced"
+                ) from None
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def _write_gguf(reader, arch: str, path: Path, *, sets: dict[str, Any], drop: set[str],
-                new_tensors: dict[str, np.ndarray], skip_tensors: set[str]) -> None:
+def _write_gguf(
+    reader,
+    arch: str,
+    path: Path,
+    *,
+    sets: dict[str, Any],
+    drop: set[str],
+    new_tensors: dict[str, np.ndarray],
+    skip_tensors: set[str],
+) -> None:
     """1) copy the keys in order (edited, dropped, appended), 2) new tensors, 3) the rest byte for byte."""
     from gguf import GGUFWriter
 
@@ -425,13 +480,17 @@ def gguf_card(path: str | os.PathLike) -> dict[str, Any]:
         card["pairs_without_full_turn"] = f"{spec.num_pairs - crit // 2} of {spec.num_pairs} (pairs ≥ {crit // 2})"
         card["extrapolation_bound"] = round(extrapolation_bound(spec))
     supported = rope.architecture in ROPE_FREQS_ARCHITECTURES
-    card["llama_cpp_plan"] = ("supported (rope_freqs.weight)" if supported else
-                              f"not supported: llama.cpp's {rope.architecture!r} graph ignores rope_freqs")
+    card["llama_cpp_plan"] = (
+        "supported (rope_freqs.weight)"
+        if supported
+        else f"not supported: llama.cpp's {rope.architecture!r} graph ignores rope_freqs"
+    )
     target = 4 * (rope.original_length or rope.context_length)
-    card["next"] = (f"ropekit plan --model {path} --target-length {target}; "
-                    + (f"ropekit extend {path} --method dprope --target-length {target} --out EXTENDED.gguf; "
-                       if supported else "")
-                    + f"ropekit convert gguf {path} --out DIR")
+    card["next"] = (
+        f"ropekit plan --model {path} --target-length {target}; "
+        + (f"ropekit extend {path} --method dprope --target-length {target} --out EXTENDED.gguf; " if supported else "")
+        + f"ropekit convert gguf {path} --out DIR"
+    )
     return card
 
 
@@ -448,8 +507,16 @@ def _scaling_summary(rope: GgufRope) -> str:
 # ---- extend -------------------------------------------------------------------------------------
 
 
-def extend_gguf(source: str | os.PathLike, out: str | os.PathLike, *, target_length: int, method: str = "dprope",
-                overwrite: bool = False, original_length: int | None = None, **params: Any) -> Plan:
+def extend_gguf(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    target_length: int,
+    method: str = "dprope",
+    overwrite: bool = False,
+    original_length: int | None = None,
+    **params: Any,
+) -> Plan:
     """Plan against the GGUF's own geometry and write the extended GGUF (`write_extended_gguf`); returns the plan.
 
     Any scaling the file already carries is replaced, not stacked: the plan starts from the trained

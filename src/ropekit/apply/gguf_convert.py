@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from ropekit.apply.atomic import atomic_directory, prepare_output
-from ropekit.paths import cache_root
 from ropekit.apply.gguf import GgufRope, first_line, open_gguf, read_rope
 from ropekit.errors import RopekitError
+from ropekit.paths import cache_root
 
 RECORD = "ropekit.json"
 
@@ -42,16 +42,25 @@ def rope_scaling_block(rope: GgufRope) -> dict[str, Any] | None:
         return None
     if kind == "rope_freqs":
         original = rope.original_length or rope.context_length
-        return {"rope_type": "longrope", "short_factor": list(rope.rope_freqs), "long_factor": list(rope.rope_freqs),
-                "factor": rope.context_length / original, "original_max_position_embeddings": original,
-                "attention_factor": float(scaling.get("attn_factor", 1.0))}
+        return {
+            "rope_type": "longrope",
+            "short_factor": list(rope.rope_freqs),
+            "long_factor": list(rope.rope_freqs),
+            "factor": rope.context_length / original,
+            "original_max_position_embeddings": original,
+            "attention_factor": float(scaling.get("attn_factor", 1.0)),
+        }
     factor = float(scaling.get("factor") or 1.0)
     if kind == "linear":
         return {"rope_type": "linear", "factor": factor}
     if kind == "yarn":
         original = rope.original_length or round(rope.context_length / factor)
-        block = {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": original,
-                 "attention_factor": float(scaling.get("attn_factor", 1.0)) * (1.0 + 0.1 * math.log(factor))}
+        block = {
+            "rope_type": "yarn",
+            "factor": factor,
+            "original_max_position_embeddings": original,
+            "attention_factor": float(scaling.get("attn_factor", 1.0)) * (1.0 + 0.1 * math.log(factor)),
+        }
         for name in ("beta_fast", "beta_slow"):
             if f"yarn_{name}" in scaling:
                 block[name] = float(scaling[f"yarn_{name}"])
@@ -94,8 +103,10 @@ def load_gguf_model(path: str | os.PathLike, *, dtype=None):
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
-        raise RopekitError(f"{path}: GGUF tensors do not fit the {config.model_type} model "
-                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise RopekitError(
+            f"{path}: GGUF tensors do not fit the {config.model_type} model "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     model.tie_weights()
     if dtype is not None:
         model = model.to(dtype)
@@ -124,8 +135,13 @@ def convert_gguf(path: str | os.PathLike, out_dir: str | os.PathLike, *, overwri
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        record = {"source_gguf": str(path), "architecture": rope.architecture, "rope_scaling": rope.scaling_type,
-                  "ropekit_method": rope.ropekit_method, "tokenizer": tokenizer is not None}
+        record = {
+            "source_gguf": str(path),
+            "architecture": rope.architecture,
+            "rope_scaling": rope.scaling_type,
+            "ropekit_method": rope.ropekit_method,
+            "tokenizer": tokenizer is not None,
+        }
         (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
     return target.path
 
@@ -142,4 +158,3 @@ def converted_dir(path: str | os.PathLike, *, progress=None) -> Path:
             progress(f"converting {path} ({rope.architecture}) into {target}")
         convert_gguf(path, target, overwrite=True)
     return target
-

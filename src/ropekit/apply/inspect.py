@@ -36,14 +36,17 @@ def model_card(path_or_id: str) -> dict[str, Any]:
     blocks = layer_rope_blocks(text_config_of(cfg, str(path_or_id)))
     if blocks is not None:
         card["layer_types"] = {
-            lt: _geometry(spec_from_config_dict(cfg, name=str(path_or_id), layer_type=lt)) | {
-                "extended_by_default": lt == spec.layer_type}
-            for lt, block in blocks.items() if block is not None
+            lt: _geometry(spec_from_config_dict(cfg, name=str(path_or_id), layer_type=lt))
+            | {"extended_by_default": lt == spec.layer_type}
+            for lt, block in blocks.items()
+            if block is not None
         }
     if record is not None and "training" not in record and spec.is_extended:
-        card["note"] = (f"extended by ropekit without fine-tuning: it was never trained at {spec.original_length} "
-                        f"tokens; pass --from-scratch to plan from its RoPE before that extension "
-                        f"({spec.pretrained_length} tokens)")
+        card["note"] = (
+            f"extended by ropekit without fine-tuning: it was never trained at {spec.original_length} "
+            f"tokens; pass --from-scratch to plan from its RoPE before that extension "
+            f"({spec.pretrained_length} tokens)"
+        )
     card["next"] = _next_steps(path_or_id, spec, family)
     return card
 
@@ -66,10 +69,12 @@ def _geometry(spec: RopeSpec) -> dict[str, Any]:
     if spec.layer_type is None:
         del out["layer_type"]
     if spec.is_extended:
-        out["planning_from"] = (f"its current {spec.current_scaling.get('rope_type')} frequencies over "
-                                f"{spec.original_length} tokens (attention factor {spec.prior_attention_factor:.4f}); "
-                                f"--from-scratch plans from plain RoPE at {spec.pretrained_length} instead, "
-                                "replacing the existing scaling")
+        out["planning_from"] = (
+            f"its current {spec.current_scaling.get('rope_type')} frequencies over "
+            f"{spec.original_length} tokens (attention factor {spec.prior_attention_factor:.4f}); "
+            f"--from-scratch plans from plain RoPE at {spec.pretrained_length} instead, "
+            "replacing the existing scaling"
+        )
     return out
 
 
@@ -83,7 +88,11 @@ def _next_steps(path_or_id: str, spec: RopeSpec, family: str) -> str:
     """Commands to try, with a target beyond what the model already handles (2× if extended, else 4×)."""
     target = (2 if spec.is_extended else 4) * spec.original_length
     if family in SUPPORTED_FAMILIES:
-        return (f"ropekit plan --model {path_or_id} --target-length {target}; "
-                f"ropekit extend {path_or_id} --method dprope --target-length {target} --out DIR")
-    return (f"ropekit plan --model {path_or_id} --target-length {target} (planning and export work; "
-            f"applying to a loaded '{family}' model is not tested)")
+        return (
+            f"ropekit plan --model {path_or_id} --target-length {target}; "
+            f"ropekit extend {path_or_id} --method dprope --target-length {target} --out DIR"
+        )
+    return (
+        f"ropekit plan --model {path_or_id} --target-length {target} (planning and export work; "
+        f"applying to a loaded '{family}' model is not tested)"
+    )

@@ -63,8 +63,10 @@ def read_checkpoint(path: str | Path) -> tuple[Llama2cConfig, dict[str, torch.Te
     if len(data) - offset < needed:
         raise RopekitError(f"{path}: truncated checkpoint: {len(data) - offset} bytes of weights, expected {needed}")
     if len(data) - offset > needed:
-        raise RopekitError(f"{path}: {len(data) - offset - needed} unexpected bytes after the weights the header "
-                           f"describes ({needed} bytes); not a llama2.c checkpoint of this shape, or corrupted")
+        raise RopekitError(
+            f"{path}: {len(data) - offset - needed} unexpected bytes after the weights the header "
+            f"describes ({needed} bytes); not a llama2.c checkpoint of this shape, or corrupted"
+        )
     floats = np.frombuffer(data, dtype="<f4", offset=offset)
     weights, cursor = {}, 0
     for name, shape in shapes:
@@ -109,9 +111,15 @@ def _parse_header(data: bytes, path) -> tuple[Llama2cConfig, int]:
 def _weight_shapes(c: Llama2cConfig) -> list[tuple[str, tuple[int, ...]]]:
     kv_dim = c.n_kv_heads * c.head_dim
     per_layer = {
-        "attention_norm": (c.dim,), "ffn_norm": (c.dim,),
-        "wq": (c.dim, c.dim), "wk": (kv_dim, c.dim), "wv": (kv_dim, c.dim), "wo": (c.dim, c.dim),
-        "w1": (c.hidden_dim, c.dim), "w2": (c.dim, c.hidden_dim), "w3": (c.hidden_dim, c.dim),
+        "attention_norm": (c.dim,),
+        "ffn_norm": (c.dim,),
+        "wq": (c.dim, c.dim),
+        "wk": (kv_dim, c.dim),
+        "wv": (kv_dim, c.dim),
+        "wo": (c.dim, c.dim),
+        "w1": (c.hidden_dim, c.dim),
+        "w2": (c.dim, c.hidden_dim),
+        "w3": (c.hidden_dim, c.dim),
     }
 
     def layers(kind):
@@ -145,23 +153,43 @@ def to_transformers(config: Llama2cConfig, weights: dict[str, torch.Tensor], *, 
     from transformers import LlamaConfig, LlamaForCausalLM
 
     hf_config = LlamaConfig(
-        vocab_size=config.vocab_size, hidden_size=config.dim, intermediate_size=config.hidden_dim,
-        num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
-        num_key_value_heads=config.n_kv_heads, head_dim=config.head_dim,
-        max_position_embeddings=config.seq_len, rms_norm_eps=1e-5, hidden_act="silu",
+        vocab_size=config.vocab_size,
+        hidden_size=config.dim,
+        intermediate_size=config.hidden_dim,
+        num_hidden_layers=config.n_layers,
+        num_attention_heads=config.n_heads,
+        num_key_value_heads=config.n_kv_heads,
+        head_dim=config.head_dim,
+        max_position_embeddings=config.seq_len,
+        rms_norm_eps=1e-5,
+        hidden_act="silu",
         rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
-        tie_word_embeddings=config.shared_classifier, bos_token_id=1, eos_token_id=2, pad_token_id=None,
+        tie_word_embeddings=config.shared_classifier,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=None,
         torch_dtype="float32",
     )
     model = LlamaForCausalLM(hf_config)
     state = {"model.embed_tokens.weight": weights["tok_embeddings.weight"], "model.norm.weight": weights["norm.weight"]}
-    names = {"attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "wv": "self_attn.v_proj",
-             "wo": "self_attn.o_proj", "w1": "mlp.gate_proj", "w2": "mlp.down_proj", "w3": "mlp.up_proj"}
+    names = {
+        "attention_norm": "input_layernorm",
+        "ffn_norm": "post_attention_layernorm",
+        "wv": "self_attn.v_proj",
+        "wo": "self_attn.o_proj",
+        "w1": "mlp.gate_proj",
+        "w2": "mlp.down_proj",
+        "w3": "mlp.up_proj",
+    }
     for i in range(config.n_layers):
         for src, dst in names.items():
             state[f"model.layers.{i}.{dst}.weight"] = weights[f"layers.{i}.{src}"]
-        state[f"model.layers.{i}.self_attn.q_proj.weight"] = interleaved_to_half(weights[f"layers.{i}.wq"], config.n_heads)
-        state[f"model.layers.{i}.self_attn.k_proj.weight"] = interleaved_to_half(weights[f"layers.{i}.wk"], config.n_kv_heads)
+        state[f"model.layers.{i}.self_attn.q_proj.weight"] = interleaved_to_half(
+            weights[f"layers.{i}.wq"], config.n_heads
+        )
+        state[f"model.layers.{i}.self_attn.k_proj.weight"] = interleaved_to_half(
+            weights[f"layers.{i}.wk"], config.n_kv_heads
+        )
     state["lm_head.weight"] = weights.get("output.weight", weights["tok_embeddings.weight"])
     expected = model.state_dict()
     for name, tensor in state.items():
@@ -186,7 +214,9 @@ def read_tokenizer(path: str | Path, vocab_size: int) -> tuple[list[bytes], list
             scores.append(score)
             offset += length
     except struct.error:
-        raise RopekitError(f"{path}: truncated or not a llama2.c tokenizer for a {vocab_size}-token vocabulary") from None
+        raise RopekitError(
+            f"{path}: truncated or not a llama2.c tokenizer for a {vocab_size}-token vocabulary"
+        ) from None
     return pieces, scores
 
 
@@ -218,12 +248,15 @@ def to_transformers_tokenizer(pieces: list[bytes], scores: list[float]):
     backend.decoder = decoders.Sequence(
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
     )
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-def convert(checkpoint: str | Path, tokenizer: str | Path, out_dir, *, overwrite: bool = False,
-            allow_non_finite: bool = False) -> Path:
+def convert(
+    checkpoint: str | Path, tokenizer: str | Path, out_dir, *, overwrite: bool = False, allow_non_finite: bool = False
+) -> Path:
     """Convert a llama2.c checkpoint + tokenizer.bin to a transformers model directory.
 
     `out_dir`: a path or a `prepare_output` target. Writes into a temporary sibling directory
@@ -251,5 +284,7 @@ def check_finite_weights(weights: dict[str, torch.Tensor], source) -> None:
     for name, tensor in weights.items():
         bad = int((~torch.isfinite(tensor)).sum())
         if bad:
-            raise RopekitError(f"{source}: {bad} NaN/inf values in {name}; the model would output NaN "
-                               "(pass --allow-non-finite / allow_non_finite=True to convert anyway)")
+            raise RopekitError(
+                f"{source}: {bad} NaN/inf values in {name}; the model would output NaN "
+                "(pass --allow-non-finite / allow_non_finite=True to convert anyway)"
+            )

@@ -26,13 +26,33 @@ from ropekit.plan.scaling import Plan
 ROUTES = ("config", "inv_freq")
 GEOMETRY_KEYS = ("partial_rotary_factor",)  # keys of the model's own rope block that a plan keeps
 # model_type values tested end to end (tests/apply/test_apply.py, tests/apply/test_families.py)
-SUPPORTED_FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text",
-                      "gemma3n_text", "gpt_neox", "olmo2", "olmo3", "gpt_oss", "cohere2", "exaone4", "ministral",
-                      "smollm3", "llama4_text")
+SUPPORTED_FAMILIES = (
+    "llama",
+    "mistral",
+    "mixtral",
+    "qwen2",
+    "qwen3",
+    "phi3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "gemma3n_text",
+    "gpt_neox",
+    "olmo2",
+    "olmo3",
+    "gpt_oss",
+    "cohere2",
+    "exaone4",
+    "ministral",
+    "smollm3",
+    "llama4_text",
+)
 PER_LAYER_TYPE_FAMILIES = ("gemma3_text", "gemma3n_text", "olmo3")  # per-layer-type rotary modules that are tested
 
 
-def rotary_modules(model: torch.nn.Module, layer_type: str | None = None) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
+def rotary_modules(
+    model: torch.nn.Module, layer_type: str | None = None
+) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
     """(parent, attribute name, module) for every rotary-embedding module holding the frequency buffer.
 
     The buffer is `inv_freq`, or `<layer_type>_inv_freq` in per-layer-type modules (Gemma 3, OLMo 3).
@@ -41,7 +61,9 @@ def rotary_modules(model: torch.nn.Module, layer_type: str | None = None) -> lis
     found = []
     for parent in model.modules():
         for name, child in parent.named_children():
-            if type(child).__name__.endswith("RotaryEmbedding") and isinstance(getattr(child, buffer, None), torch.Tensor):
+            if type(child).__name__.endswith("RotaryEmbedding") and isinstance(
+                getattr(child, buffer, None), torch.Tensor
+            ):
                 found.append((parent, name, child))
     return found
 
@@ -54,7 +76,9 @@ def model_spec(model: torch.nn.Module, *, from_scratch: bool = False, layer_type
     """The RoPE geometry a loaded model was built with (refuses models without RoPE)."""
     config = getattr(model, "config", None)
     if config is None:
-        raise RopekitError(f"{type(model).__name__} has no transformers config; ropekit applies plans to transformers models")
+        raise RopekitError(
+            f"{type(model).__name__} has no transformers config; ropekit applies plans to transformers models"
+        )
     name = getattr(config, "_name_or_path", None) or config.model_type
     return RopeSpec.from_config(config, name=name, from_scratch=from_scratch, layer_type=layer_type)
 
@@ -68,7 +92,9 @@ def check_plan_fits(model_geometry: RopeSpec, plan: Plan) -> None:
         ("original length", model_geometry.original_length, planned.original_length),
     ]:
         if got != want:
-            raise RopekitError(f"plan was made for {what} {want}, but the model has {what} {got}; re-plan for this model")
+            raise RopekitError(
+                f"plan was made for {what} {want}, but the model has {what} {got}; re-plan for this model"
+            )
     if not math.isclose(model_geometry.base, planned.base, rel_tol=1e-12):
         raise RopekitError(f"plan was made for rope_theta {planned.base:g}, but the model has {model_geometry.base:g}")
     if not _same_factors(model_geometry.prior_factors, planned.prior_factors):
@@ -81,7 +107,9 @@ def _same_factors(a, b) -> bool:
     return len(a) == len(b) and all(math.isclose(x, y, rel_tol=1e-9) for x, y in zip(a, b))
 
 
-def apply(model: torch.nn.Module, plan: Plan | Mapping[str, Plan] | Iterable[Plan], *, route: str = "config") -> torch.nn.Module:
+def apply(
+    model: torch.nn.Module, plan: Plan | Mapping[str, Plan] | Iterable[Plan], *, route: str = "config"
+) -> torch.nn.Module:
     """Make `model` use `plan` (in place; returns the model). See the module docstring for routes.
 
     Per-layer-type models (Gemma 3) take one plan per layer type to change (a mapping or a list;
@@ -95,7 +123,9 @@ def apply(model: torch.nn.Module, plan: Plan | Mapping[str, Plan] | Iterable[Pla
         layer_type = p.spec.layer_type
         check_plan_fits(model_spec(model, from_scratch=not p.spec.is_extended, layer_type=layer_type), p)
         if not rotary_modules(model, layer_type):
-            raise RopekitError(f"{type(model).__name__} has no rotary-embedding module with a {buffer_name(layer_type)} buffer")
+            raise RopekitError(
+                f"{type(model).__name__} has no rotary-embedding module with a {buffer_name(layer_type)} buffer"
+            )
     if route == "config":
         _apply_config(model, plans)
     else:
@@ -111,12 +141,16 @@ def check_family(model: torch.nn.Module, plans: list[Plan]) -> None:
     """Refuse what ropekit cannot patch exactly: multimodal wrappers, untested per-layer-type modules."""
     config = model.config
     if getattr(config, "text_config", None) is not None and not getattr(config, "rope_parameters", None):
-        raise RopekitError(f"{config.model_type} is a multimodal wrapper; apply the plan to its language model "
-                           "(e.g. model.model.language_model), whose config holds the RoPE block")
+        raise RopekitError(
+            f"{config.model_type} is a multimodal wrapper; apply the plan to its language model "
+            "(e.g. model.model.language_model), whose config holds the RoPE block"
+        )
     per_layer = any(p.spec.layer_type is not None for p in plans)
     if per_layer and config.model_type not in PER_LAYER_TYPE_FAMILIES:
-        raise RopekitError(f"per-layer-type RoPE of {config.model_type!r} models is not tested by ropekit "
-                           f"(tested: {', '.join(PER_LAYER_TYPE_FAMILIES)})")
+        raise RopekitError(
+            f"per-layer-type RoPE of {config.model_type!r} models is not tested by ropekit "
+            f"(tested: {', '.join(PER_LAYER_TYPE_FAMILIES)})"
+        )
 
 
 def as_plan_list(plan: Plan | Mapping[str, Plan] | Iterable[Plan]) -> list[Plan]:
@@ -134,7 +168,9 @@ def as_plan_list(plan: Plan | Mapping[str, Plan] | Iterable[Plan]) -> list[Plan]
 
 def _apply_config(model, plans: list[Plan]) -> None:
     config = model.config
-    old_modules = {id(m): (parent, name, m) for p in plans for parent, name, m in rotary_modules(model, p.spec.layer_type)}
+    old_modules = {
+        id(m): (parent, name, m) for p in plans for parent, name, m in rotary_modules(model, p.spec.layer_type)
+    }
     for p in plans:
         keys = transformers_config(p)
         block = rope_block_of(keys, p)
@@ -147,7 +183,9 @@ def _apply_config(model, plans: list[Plan]) -> None:
             config.rope_parameters = {**config.rope_parameters, layer_type: {**kept, **block}}
         config.max_position_embeddings = keys["max_position_embeddings"]
         if getattr(config, "original_max_position_embeddings", None) is not None:
-            config.original_max_position_embeddings = block["original_max_position_embeddings"]  # Phi-3 reads this first
+            config.original_max_position_embeddings = block[
+                "original_max_position_embeddings"
+            ]  # Phi-3 reads this first
     for parent, name, old in old_modules.values():
         device = next(iter(old.buffers())).device
         setattr(parent, name, type(old)(config=config).to(device))

@@ -15,9 +15,9 @@ from rich.console import Console
 from rich.table import Table
 
 from ropekit.apply.atomic import atomic_directory, prepare_output
-from ropekit.errors import RopekitError
 from ropekit.cli import options as o
 from ropekit.cli.render import comparison_table, geometry_header, pair_table
+from ropekit.errors import RopekitError
 
 app = typer.Typer(
     help="Plan, apply, fine-tune and evaluate RoPE context-window extensions.\n\n"
@@ -51,18 +51,49 @@ def user_errors(fn):
 @user_errors
 def plan_cmd(
     target_length: o.TargetLength,
-    method: Annotated[str, typer.Option("--method", help="none, pi, ntk, dynamic-ntk, yarn, llama3, longrope, base, resonance, dprope.")] = "dprope",
-    preset: o.Preset = None, model: o.Model = None, head_dim: o.HeadDim = None, rope_theta: o.RopeTheta = None,
-    original_length: o.OriginalLength = None, partial_rotary_factor: o.PartialRotary = None,
-    bins: o.Bins = 360, threshold: o.Threshold = None, interpolated_dims: o.InterpDims = None,
-    factors_file: o.FactorsFile = None, alpha: o.Alpha = None, beta_fast: o.BetaFast = None, beta_slow: o.BetaSlow = None,
-    attention_factor: o.AttentionFactor = None, low_freq_factor: o.LowFreq = None, high_freq_factor: o.HighFreq = None,
-    new_base: o.NewBase = None, base_rule: o.BaseRule = None, inner: o.Inner = None, at_length: o.AtLength = None,
-    from_scratch: o.FromScratch = False, layer_type: o.LayerType = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object (and nothing else) on stdout.")] = False,
-    compare: Annotated[bool, typer.Option("--compare", help="With --json: add disturbance_by_method for every method.")] = False,
-    paper_setting: Annotated[bool, typer.Option("--paper-setting", help="dprope: the paper's n for LLaMA-2 (80 dims at 8k, 64 at 16k) instead of the t = 0 argmin.")] = False,
-    out: Annotated[Path | None, typer.Option("--out", help="Where to write the export files (default out/plans/NAME-METHOD-TARGET).")] = None,
+    method: Annotated[
+        str,
+        typer.Option("--method", help="none, pi, ntk, dynamic-ntk, yarn, llama3, longrope, base, resonance, dprope."),
+    ] = "dprope",
+    preset: o.Preset = None,
+    model: o.Model = None,
+    head_dim: o.HeadDim = None,
+    rope_theta: o.RopeTheta = None,
+    original_length: o.OriginalLength = None,
+    partial_rotary_factor: o.PartialRotary = None,
+    bins: o.Bins = 360,
+    threshold: o.Threshold = None,
+    interpolated_dims: o.InterpDims = None,
+    factors_file: o.FactorsFile = None,
+    alpha: o.Alpha = None,
+    beta_fast: o.BetaFast = None,
+    beta_slow: o.BetaSlow = None,
+    attention_factor: o.AttentionFactor = None,
+    low_freq_factor: o.LowFreq = None,
+    high_freq_factor: o.HighFreq = None,
+    new_base: o.NewBase = None,
+    base_rule: o.BaseRule = None,
+    inner: o.Inner = None,
+    at_length: o.AtLength = None,
+    from_scratch: o.FromScratch = False,
+    layer_type: o.LayerType = None,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object (and nothing else) on stdout.")
+    ] = False,
+    compare: Annotated[
+        bool, typer.Option("--compare", help="With --json: add disturbance_by_method for every method.")
+    ] = False,
+    paper_setting: Annotated[
+        bool,
+        typer.Option(
+            "--paper-setting",
+            help="dprope: the paper's n for LLaMA-2 (80 dims at 8k, 64 at 16k) instead of the t = 0 argmin.",
+        ),
+    ] = False,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Where to write the export files (default out/plans/NAME-METHOD-TARGET)."),
+    ] = None,
     no_write: Annotated[bool, typer.Option("--no-write", help="Do not write export files.")] = False,
     overwrite: o.Overwrite = False,
 ) -> None:
@@ -72,12 +103,21 @@ def plan_cmd(
     transformers (v5 and v4), vLLM and llama.cpp.
     """
     from ropekit.apply.export import write_exports
-    from ropekit.plan.registry import compare as compare_methods, get_method, plan as make_plan
+    from ropekit.plan.registry import compare as compare_methods
+    from ropekit.plan.registry import get_method
+    from ropekit.plan.registry import plan as make_plan
     from ropekit.plan.summary import plan_summary
 
-    spec = o.build_spec(preset=preset, model=model, head_dim=head_dim, rope_theta=rope_theta,
-                        original_length=original_length, partial_rotary_factor=partial_rotary_factor,
-                        from_scratch=from_scratch, layer_type=layer_type)
+    spec = o.build_spec(
+        preset=preset,
+        model=model,
+        head_dim=head_dim,
+        rope_theta=rope_theta,
+        original_length=original_length,
+        partial_rotary_factor=partial_rotary_factor,
+        from_scratch=from_scratch,
+        layer_type=layer_type,
+    )
     if paper_setting:
         interpolated_dims = o.paper_setting_dims(method, spec, target_length, interpolated_dims)
     params = o.method_params_from(method, locals())
@@ -102,11 +142,17 @@ def plan_cmd(
         return
     geometry_header(out_console, plan)
     out_console.print(pair_table(plan))
-    out_console.print(comparison_table(scores, f"dprope (paper, n={interpolated_dims})" if paper_setting else plan.method))
-    out_console.print(f"[bold]{plan.method}[/]: disturbance {plan.disturbance:.3f}, attention factor "
-                      f"{plan.attention_factor:.4f}, {len(plan.interpolated_pairs)} of {spec.num_pairs} pairs interpolated")
+    out_console.print(
+        comparison_table(scores, f"dprope (paper, n={interpolated_dims})" if paper_setting else plan.method)
+    )
+    out_console.print(
+        f"[bold]{plan.method}[/]: disturbance {plan.disturbance:.3f}, attention factor "
+        f"{plan.attention_factor:.4f}, {len(plan.interpolated_pairs)} of {spec.num_pairs} pairs interpolated"
+    )
     if not no_write:
-        out_console.print(f"exports written to {out_dir}/: " + ", ".join(p.name for p in written.values()) + ", plan.json")
+        out_console.print(
+            f"exports written to {out_dir}/: " + ", ".join(p.name for p in written.values()) + ", plan.json"
+        )
 
 
 @app.command("analyze")
@@ -114,37 +160,66 @@ def plan_cmd(
 def analyze_cmd(
     target_length: o.TargetLength,
     out: Annotated[Path, typer.Option("--out", help="Directory for plots and per_pair.csv.")] = Path("out/analysis"),
-    methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods to compare (default: all that need no factors).")] = "",
-    pairs: Annotated[str, typer.Option("--pairs", help="Comma-separated pair indices for angle histograms (default: around the critical dimension).")] = "",
+    methods: Annotated[
+        str, typer.Option("--methods", help="Comma-separated methods to compare (default: all that need no factors).")
+    ] = "",
+    pairs: Annotated[
+        str,
+        typer.Option(
+            "--pairs",
+            help="Comma-separated pair indices for angle histograms (default: around the critical dimension).",
+        ),
+    ] = "",
     fmt: Annotated[str, typer.Option("--format", help="png or svg.")] = "png",
-    preset: o.Preset = None, model: o.Model = None, head_dim: o.HeadDim = None, rope_theta: o.RopeTheta = None,
-    original_length: o.OriginalLength = None, partial_rotary_factor: o.PartialRotary = None, bins: o.Bins = 360,
+    preset: o.Preset = None,
+    model: o.Model = None,
+    head_dim: o.HeadDim = None,
+    rope_theta: o.RopeTheta = None,
+    original_length: o.OriginalLength = None,
+    partial_rotary_factor: o.PartialRotary = None,
+    bins: o.Bins = 360,
     overwrite: o.Overwrite = False,
-    from_scratch: o.FromScratch = False, layer_type: o.LayerType = None,
+    from_scratch: o.FromScratch = False,
+    layer_type: o.LayerType = None,
 ) -> None:
     """Angle distributions and disturbance of every method: plots (PNG/SVG) and a per-pair CSV."""
     from ropekit.plan.analysis import plots
     from ropekit.plan.analysis.bounds import critical_dimension
-    from ropekit.plan.registry import compare as compare_methods, get_method
+    from ropekit.plan.registry import compare as compare_methods
+    from ropekit.plan.registry import get_method
     from ropekit.plan.summary import per_pair_rows
 
     if fmt not in ("png", "svg"):
         raise RopekitError(f"--format must be png or svg, got {fmt!r}")
-    spec = o.build_spec(preset=preset, model=model, head_dim=head_dim, rope_theta=rope_theta,
-                        original_length=original_length, partial_rotary_factor=partial_rotary_factor,
-                        from_scratch=from_scratch, layer_type=layer_type)
+    spec = o.build_spec(
+        preset=preset,
+        model=model,
+        head_dim=head_dim,
+        rope_theta=rope_theta,
+        original_length=original_length,
+        partial_rotary_factor=partial_rotary_factor,
+        from_scratch=from_scratch,
+        layer_type=layer_type,
+    )
     names = [m.strip() for m in methods.split(",") if m.strip()] or None
     for name in names or []:
         if get_method(name).needs_factors:
-            raise RopekitError(f"analyze compares methods from the geometry alone; {name} needs searched factors "
-                               f"(see it with: ropekit plan --method {name} --factors-file FILE)")
+            raise RopekitError(
+                f"analyze compares methods from the geometry alone; {name} needs searched factors "
+                f"(see it with: ropekit plan --method {name} --factors-file FILE)"
+            )
     pair_list = _parse_pairs(pairs, spec.num_pairs) or _default_pairs(critical_dimension(spec) // 2, spec.num_pairs)
     target = prepare_output(out, overwrite=overwrite, inputs=(model,))
     with err_console.status("computing angle distributions"), atomic_directory(target) as tmp:
         plans = compare_methods(spec, target_length, names, bins=bins)
-        written = [plots.plot_pair_disturbance(plans, tmp / f"disturbance_per_pair.{fmt}"),
-                   plots.plot_factors(plans, tmp / f"factors_per_pair.{fmt}")]
-        written += [plots.plot_angle_histograms(spec, target_length, i, tmp / f"angles_pair{i:03d}.{fmt}", bins=bins) for i in pair_list]
+        written = [
+            plots.plot_pair_disturbance(plans, tmp / f"disturbance_per_pair.{fmt}"),
+            plots.plot_factors(plans, tmp / f"factors_per_pair.{fmt}"),
+        ]
+        written += [
+            plots.plot_angle_histograms(spec, target_length, i, tmp / f"angles_pair{i:03d}.{fmt}", bins=bins)
+            for i in pair_list
+        ]
         rows = per_pair_rows(plans)
         with (tmp / "per_pair.csv").open("w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
@@ -173,18 +248,50 @@ def _default_pairs(critical_pair: int, num_pairs: int) -> list[int]:
 @app.command("extend")
 @user_errors
 def extend_cmd(
-    model: Annotated[str, typer.Argument(metavar="MODEL", help="Model directory or hub id (transformers format; see `ropekit convert`), or a .gguf file.")],
+    model: Annotated[
+        str,
+        typer.Argument(
+            metavar="MODEL",
+            help="Model directory or hub id (transformers format; see `ropekit convert`), or a .gguf file.",
+        ),
+    ],
     target_length: o.TargetLength,
-    out: Annotated[Path, typer.Option("--out", help="New model directory (must not exist or be empty); for a .gguf MODEL, a new .gguf file.")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", help="New model directory (must not exist or be empty); for a .gguf MODEL, a new .gguf file."
+        ),
+    ],
     method: Annotated[str, typer.Option("--method", help="Scaling method (see `ropekit methods`).")] = "dprope",
     overwrite: o.Overwrite = False,
     from_scratch: o.FromScratch = False,
-    layer_types: Annotated[str, typer.Option("--layer-types", help="Per-layer-type RoPE (Gemma 3): comma-separated layer types to extend (default: full_attention only).")] = "",
-    bins: o.Bins = 360, threshold: o.Threshold = None, interpolated_dims: o.InterpDims = None,
-    factors_file: o.FactorsFile = None, alpha: o.Alpha = None, beta_fast: o.BetaFast = None, beta_slow: o.BetaSlow = None,
-    attention_factor: o.AttentionFactor = None, low_freq_factor: o.LowFreq = None, high_freq_factor: o.HighFreq = None,
-    new_base: o.NewBase = None, base_rule: o.BaseRule = None, inner: o.Inner = None, at_length: o.AtLength = None,
-    original_length: Annotated[int | None, typer.Option("--original-length", help="GGUF only: trained context when the file carries scaling without saying it.")] = None,
+    layer_types: Annotated[
+        str,
+        typer.Option(
+            "--layer-types",
+            help="Per-layer-type RoPE (Gemma 3): comma-separated layer types to extend (default: full_attention only).",
+        ),
+    ] = "",
+    bins: o.Bins = 360,
+    threshold: o.Threshold = None,
+    interpolated_dims: o.InterpDims = None,
+    factors_file: o.FactorsFile = None,
+    alpha: o.Alpha = None,
+    beta_fast: o.BetaFast = None,
+    beta_slow: o.BetaSlow = None,
+    attention_factor: o.AttentionFactor = None,
+    low_freq_factor: o.LowFreq = None,
+    high_freq_factor: o.HighFreq = None,
+    new_base: o.NewBase = None,
+    base_rule: o.BaseRule = None,
+    inner: o.Inner = None,
+    at_length: o.AtLength = None,
+    original_length: Annotated[
+        int | None,
+        typer.Option(
+            "--original-length", help="GGUF only: trained context when the file carries scaling without saying it."
+        ),
+    ] = None,
 ) -> None:
     """Write an extended copy of MODEL that stock transformers loads (no ropekit needed).
 
@@ -202,39 +309,72 @@ def extend_cmd(
     if original_length is not None:
         raise RopekitError("--original-length applies to a .gguf MODEL only (a model directory's config says it)")
     with err_console.status(f"extending {model} to {target_length} tokens with {method}"):
-        plans = as_plan_list(extend(model, out, target_length=target_length, method=method, bins=bins,
-                                    overwrite=overwrite, from_scratch=from_scratch,
-                                    layer_types=_split(layer_types, str) or None, **params))
+        plans = as_plan_list(
+            extend(
+                model,
+                out,
+                target_length=target_length,
+                method=method,
+                bins=bins,
+                overwrite=overwrite,
+                from_scratch=from_scratch,
+                layer_types=_split(layer_types, str) or None,
+                **params,
+            )
+        )
     out_console.print(f"wrote {out}/")
     for plan in plans:
         layers = f"{plan.spec.layer_type} layers, " if plan.spec.layer_type else ""
-        out_console.print(f"  {layers}{plan.method}: {len(plan.interpolated_pairs)} of {plan.spec.num_pairs} pairs "
-                          f"interpolated, attention factor {plan.attention_factor:.4f}, disturbance {plan.disturbance:.3f}")
+        out_console.print(
+            f"  {layers}{plan.method}: {len(plan.interpolated_pairs)} of {plan.spec.num_pairs} pairs "
+            f"interpolated, attention factor {plan.attention_factor:.4f}, disturbance {plan.disturbance:.3f}"
+        )
     out_console.print("load it with: AutoModelForCausalLM.from_pretrained(" + repr(str(out)) + ")")
     plan = plans[0]
-    out_console.print(f"vLLM on the original weights: --hf-overrides '{json.dumps(vllm_hf_overrides(plan))}'", soft_wrap=True)
+    out_console.print(
+        f"vLLM on the original weights: --hf-overrides '{json.dumps(vllm_hf_overrides(plan))}'", soft_wrap=True
+    )
     cpp = llama_cpp_rope_freqs(plan)
     if cpp.get("note"):
         out_console.print(cpp["note"], soft_wrap=True)
     else:
-        out_console.print(f"llama.cpp: for a GGUF that keeps the plan, run `ropekit extend MODEL.gguf --method {plan.method} "
-                          f"--target-length {target_length} --out EXTENDED.gguf` on a GGUF of the original (unextended) "
-                          "model", soft_wrap=True)
-        err_console.print(f"warning: do not convert {out} with llama.cpp's convert_hf_to_gguf.py: it drops the longrope "
-                          "factors of Llama-family models, and the GGUF runs unextended", soft_wrap=True)
+        out_console.print(
+            f"llama.cpp: for a GGUF that keeps the plan, run `ropekit extend MODEL.gguf --method {plan.method} "
+            f"--target-length {target_length} --out EXTENDED.gguf` on a GGUF of the original (unextended) "
+            "model",
+            soft_wrap=True,
+        )
+        err_console.print(
+            f"warning: do not convert {out} with llama.cpp's convert_hf_to_gguf.py: it drops the longrope "
+            "factors of Llama-family models, and the GGUF runs unextended",
+            soft_wrap=True,
+        )
 
 
 def _extend_gguf(model, out, target_length, method, overwrite, original_length, bins, params) -> None:
     from ropekit.apply.gguf import extend_gguf
 
     with err_console.status(f"extending {model} to {target_length} tokens with {method}"):
-        plan = extend_gguf(model, out, target_length=target_length, method=method, overwrite=overwrite,
-                           original_length=original_length, bins=bins, **params)
-    out_console.print(f"wrote {out} ({plan.method}: {len(plan.interpolated_pairs)} of {plan.spec.num_pairs} pairs "
-                      f"interpolated, attention factor {plan.attention_factor:.4f}; tensors copied unchanged, "
-                      f"rope_freqs.weight added, context_length {target_length})")
-    out_console.print(f"run it with llama.cpp: llama-cli -m {out} -c {target_length}  (or llama_cpp.Llama(model_path="
-                      f"{str(out)!r}, n_ctx={target_length}))", soft_wrap=True)
+        plan = extend_gguf(
+            model,
+            out,
+            target_length=target_length,
+            method=method,
+            overwrite=overwrite,
+            original_length=original_length,
+            bins=bins,
+            **params,
+        )
+    out_console.print(
+        f"wrote {out} ({plan.method}: {len(plan.interpolated_pairs)} of {plan.spec.num_pairs} pairs "
+        f"interpolated, attention factor {plan.attention_factor:.4f}; tensors copied unchanged, "
+        f"rope_freqs.weight added, context_length {target_length})"
+    )
+    out_console.print(
+        f"run it with llama.cpp: llama-cli -m {out} -c {target_length}  (or llama_cpp.Llama(model_path="
+        f"{str(out)!r}, n_ctx={target_length}))",
+        soft_wrap=True,
+    )
 
 
 convert_app = typer.Typer(help="Convert checkpoints from other formats to transformers.", no_args_is_help=True)
@@ -244,12 +384,18 @@ app.add_typer(convert_app, name="convert")
 @convert_app.command("llama2c")
 @user_errors
 def convert_llama2c_cmd(
-    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="llama2.c .bin checkpoint (legacy or v1 'ak42').")],
+    checkpoint: Annotated[
+        Path, typer.Argument(metavar="CHECKPOINT", help="llama2.c .bin checkpoint (legacy or v1 'ak42').")
+    ],
     tokenizer: Annotated[Path, typer.Argument(metavar="TOKENIZER", help="llama2.c tokenizer.bin (e.g. tok512.bin).")],
     out: Annotated[Path, typer.Option("--out", help="Output model directory (must not exist or be empty).")],
-    sha256: Annotated[str | None, typer.Option("--sha256", help="Expected sha256 of the checkpoint; refuse on mismatch.")] = None,
+    sha256: Annotated[
+        str | None, typer.Option("--sha256", help="Expected sha256 of the checkpoint; refuse on mismatch.")
+    ] = None,
     overwrite: o.Overwrite = False,
-    allow_non_finite: Annotated[bool, typer.Option("--allow-non-finite", help="Convert even if some weights are NaN or inf.")] = False,
+    allow_non_finite: Annotated[
+        bool, typer.Option("--allow-non-finite", help="Convert even if some weights are NaN or inf.")
+    ] = False,
 ) -> None:
     """Convert a llama2.c checkpoint + tokenizer to a transformers LlamaForCausalLM directory."""
     import hashlib
@@ -270,7 +416,9 @@ def convert_llama2c_cmd(
 @convert_app.command("gguf")
 @user_errors
 def convert_gguf_cmd(
-    gguf_file: Annotated[Path, typer.Argument(metavar="GGUF", help="A .gguf file (any quantisation transformers can dequantise).")],
+    gguf_file: Annotated[
+        Path, typer.Argument(metavar="GGUF", help="A .gguf file (any quantisation transformers can dequantise).")
+    ],
     out: Annotated[Path, typer.Option("--out", help="Output model directory (must not exist or be empty).")],
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out directory.")] = False,
 ) -> None:
@@ -304,37 +452,119 @@ def inspect_cmd(
 @app.command("eval")
 @user_errors
 def eval_cmd(
-    model: Annotated[str, typer.Argument(metavar="MODEL", help="Model directory, hub id, or .gguf file (dequantised once into ~/.cache/ropekit).")],
-    out: Annotated[Path, typer.Option("--out", help="Report directory (results.json/.csv, report.md, plots).")] = Path("out/eval"),
-    tasks: Annotated[str, typer.Option("--tasks", help="Comma-separated: ppl, longppl, passkey, ruler, longbench.")] = "ppl",
+    model: Annotated[
+        str,
+        typer.Argument(
+            metavar="MODEL", help="Model directory, hub id, or .gguf file (dequantised once into ~/.cache/ropekit)."
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Report directory (results.json/.csv, report.md, plots).")] = Path(
+        "out/eval"
+    ),
+    tasks: Annotated[
+        str, typer.Option("--tasks", help="Comma-separated: ppl, longppl, passkey, ruler, longbench.")
+    ] = "ppl",
     lengths: Annotated[str, typer.Option("--lengths", help="Comma-separated context lengths in tokens.")] = "512",
-    method: Annotated[list[str] | None, typer.Option("--method", help="Apply this method on the fly; repeat for a side-by-side comparison. Without --method the model is evaluated as saved.")] = None,
-    target_length: Annotated[int | None, typer.Option("--target-length", help="Plan target (default: the longest length).")] = None,
-    data: Annotated[str | None, typer.Option("--data", help="ppl/longppl: text file, folder, or JSONL with a 'text' field.")] = None,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", help="ppl/longppl: tokens read per document (0 = all).")] = 16384,
+    method: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--method",
+            help="Apply this method on the fly; repeat for a side-by-side comparison. Without --method the model is evaluated as saved.",
+        ),
+    ] = None,
+    target_length: Annotated[
+        int | None, typer.Option("--target-length", help="Plan target (default: the longest length).")
+    ] = None,
+    data: Annotated[
+        str | None, typer.Option("--data", help="ppl/longppl: text file, folder, or JSONL with a 'text' field.")
+    ] = None,
+    max_tokens: Annotated[
+        int, typer.Option("--max-tokens", help="ppl/longppl: tokens read per document (0 = all).")
+    ] = 16384,
     convention: Annotated[str, typer.Option("--convention", help="ppl: strided, disjoint or truncated.")] = "strided",
     stride: Annotated[int, typer.Option("--stride", help="ppl: stride S of the strided convention.")] = 256,
-    short_length: Annotated[int, typer.Option("--short-length", help="longppl: short context in tokens (official 4096).")] = 4096,
-    longppl_window: Annotated[int, typer.Option("--longppl-window", help="longppl: tokens sharing one short context (official 1024).")] = 1024,
-    longppl_threshold: Annotated[float, typer.Option("--longppl-threshold", help="longppl: α, long − short log-prob difference (nats).")] = 2.0,
-    longppl_beta: Annotated[float, typer.Option("--longppl-beta", help="longppl: β, floor on the long-context log-prob (nats).")] = -2.0,
-    evaluator: Annotated[str | None, typer.Option("--evaluator", help="longppl: model that finds key tokens (default: the model itself).")] = None,
-    depths: Annotated[str, typer.Option("--depths", help="passkey: comma-separated needle depths in [0, 1].")] = "0,0.25,0.5,0.75,1",
+    short_length: Annotated[
+        int, typer.Option("--short-length", help="longppl: short context in tokens (official 4096).")
+    ] = 4096,
+    longppl_window: Annotated[
+        int, typer.Option("--longppl-window", help="longppl: tokens sharing one short context (official 1024).")
+    ] = 1024,
+    longppl_threshold: Annotated[
+        float, typer.Option("--longppl-threshold", help="longppl: α, long − short log-prob difference (nats).")
+    ] = 2.0,
+    longppl_beta: Annotated[
+        float, typer.Option("--longppl-beta", help="longppl: β, floor on the long-context log-prob (nats).")
+    ] = -2.0,
+    evaluator: Annotated[
+        str | None,
+        typer.Option("--evaluator", help="longppl: model that finds key tokens (default: the model itself)."),
+    ] = None,
+    depths: Annotated[
+        str, typer.Option("--depths", help="passkey: comma-separated needle depths in [0, 1].")
+    ] = "0,0.25,0.5,0.75,1",
     trials: Annotated[int, typer.Option("--trials", help="passkey trials / RULER samples per cell (seeded).")] = 5,
-    passkey_scorer: Annotated[str, typer.Option("--passkey-scorer", help="passkey: generation (default) or teacher-forced.")] = "generation",
-    passkey_style: Annotated[str, typer.Option("--passkey-style", help="passkey: yarn (default: task line, newline joins) or compact.")] = "yarn",
-    passkey_task_file: Annotated[str | None, typer.Option("--passkey-task-file", help="passkey: text file with the task line (default: ropekit's wording).")] = None,
-    longbench_dir: Annotated[str | None, typer.Option("--longbench-dir", help="longbench: folder of LongBench-E *_e.jsonl files you downloaded.")] = None,
-    longbench_datasets: Annotated[str, typer.Option("--longbench-datasets", help="longbench: comma-separated datasets (default: all files found).")] = "",
-    ruler_tasks: Annotated[str, typer.Option("--ruler-tasks", help="ruler: any of RULER's 13 tasks (niah_single_1 … niah_multiquery, vt, cwe, fwe, qa_1, qa_2).")] = "niah_single_1,niah_single_2,niah_single_3,niah_multikey_1,niah_multikey_2,niah_multikey_3,niah_multivalue,niah_multiquery,vt,cwe,fwe,qa_1,qa_2",
-    ruler_essay: Annotated[str | None, typer.Option("--ruler-essay", help="ruler: essay haystack, a text file or folder (default: --data).")] = None,
-    ruler_qa_dir: Annotated[str | None, typer.Option("--ruler-qa-dir", help="ruler: folder with SQuAD / HotpotQA files for qa_1 / qa_2 (skipped without).")] = None,
-    longbench_config: Annotated[str | None, typer.Option("--longbench-config", help="longbench: folder with LongBench's dataset2prompt.json / dataset2maxlen.json (default: looked for beside --longbench-dir).")] = None,
-    longbench_max_length: Annotated[int | None, typer.Option("--longbench-max-length", help="longbench: prompt tokens before middle truncation (default: LongBench's rule, e.g. 3500 for 4096).")] = None,
-    longbench_chat: Annotated[str, typer.Option("--longbench-chat", help="longbench: chat template auto (when the tokenizer has one), on or off.")] = "auto",
+    passkey_scorer: Annotated[
+        str, typer.Option("--passkey-scorer", help="passkey: generation (default) or teacher-forced.")
+    ] = "generation",
+    passkey_style: Annotated[
+        str, typer.Option("--passkey-style", help="passkey: yarn (default: task line, newline joins) or compact.")
+    ] = "yarn",
+    passkey_task_file: Annotated[
+        str | None,
+        typer.Option("--passkey-task-file", help="passkey: text file with the task line (default: ropekit's wording)."),
+    ] = None,
+    longbench_dir: Annotated[
+        str | None,
+        typer.Option("--longbench-dir", help="longbench: folder of LongBench-E *_e.jsonl files you downloaded."),
+    ] = None,
+    longbench_datasets: Annotated[
+        str,
+        typer.Option("--longbench-datasets", help="longbench: comma-separated datasets (default: all files found)."),
+    ] = "",
+    ruler_tasks: Annotated[
+        str,
+        typer.Option(
+            "--ruler-tasks",
+            help="ruler: any of RULER's 13 tasks (niah_single_1 … niah_multiquery, vt, cwe, fwe, qa_1, qa_2).",
+        ),
+    ] = "niah_single_1,niah_single_2,niah_single_3,niah_multikey_1,niah_multikey_2,niah_multikey_3,niah_multivalue,niah_multiquery,vt,cwe,fwe,qa_1,qa_2",
+    ruler_essay: Annotated[
+        str | None,
+        typer.Option("--ruler-essay", help="ruler: essay haystack, a text file or folder (default: --data)."),
+    ] = None,
+    ruler_qa_dir: Annotated[
+        str | None,
+        typer.Option(
+            "--ruler-qa-dir", help="ruler: folder with SQuAD / HotpotQA files for qa_1 / qa_2 (skipped without)."
+        ),
+    ] = None,
+    longbench_config: Annotated[
+        str | None,
+        typer.Option(
+            "--longbench-config",
+            help="longbench: folder with LongBench's dataset2prompt.json / dataset2maxlen.json (default: looked for beside --longbench-dir).",
+        ),
+    ] = None,
+    longbench_max_length: Annotated[
+        int | None,
+        typer.Option(
+            "--longbench-max-length",
+            help="longbench: prompt tokens before middle truncation (default: LongBench's rule, e.g. 3500 for 4096).",
+        ),
+    ] = None,
+    longbench_chat: Annotated[
+        str,
+        typer.Option("--longbench-chat", help="longbench: chat template auto (when the tokenizer has one), on or off."),
+    ] = "auto",
     seed: Annotated[int, typer.Option("--seed", help="passkey and ruler: seed for the generated samples.")] = 0,
     overwrite: o.Overwrite = False,
-    backend: Annotated[str, typer.Option("--backend", help="transformers, or llama.cpp (ppl of a .gguf in llama.cpp itself; needs ropekit[llamacpp]).")] = "transformers",
+    backend: Annotated[
+        str,
+        typer.Option(
+            "--backend",
+            help="transformers, or llama.cpp (ppl of a .gguf in llama.cpp itself; needs ropekit[llamacpp]).",
+        ),
+    ] = "transformers",
 ) -> None:
     """Evaluate long-context ability; several --method values give a side-by-side comparison.
 
@@ -343,17 +573,39 @@ def eval_cmd(
     """
     from ropekit.eval.runner import EvalConfig, evaluate
 
-    cfg = EvalConfig(model=model, out=out, tasks=_split(tasks, str), lengths=_split(lengths, int),
-                     methods=list(method or []), target_length=target_length, data=data,
-                     max_tokens=max_tokens or None, convention=convention, stride=stride,
-                     short_length=short_length, longppl_window=longppl_window, longppl_threshold=longppl_threshold,
-                     longppl_beta=longppl_beta, evaluator=evaluator,
-                     depths=_split(depths, float), trials=trials, seed=seed, passkey_scorer=passkey_scorer,
-                     passkey_style=passkey_style, passkey_task_file=passkey_task_file, ruler_tasks=_split(ruler_tasks, str),
-                     longbench_dir=longbench_dir, longbench_datasets=_split(longbench_datasets, str),
-                     ruler_essay=ruler_essay, ruler_qa_dir=ruler_qa_dir, longbench_config=longbench_config,
-                     longbench_max_length=longbench_max_length, longbench_chat=longbench_chat,
-                     overwrite=overwrite, backend=backend)
+    cfg = EvalConfig(
+        model=model,
+        out=out,
+        tasks=_split(tasks, str),
+        lengths=_split(lengths, int),
+        methods=list(method or []),
+        target_length=target_length,
+        data=data,
+        max_tokens=max_tokens or None,
+        convention=convention,
+        stride=stride,
+        short_length=short_length,
+        longppl_window=longppl_window,
+        longppl_threshold=longppl_threshold,
+        longppl_beta=longppl_beta,
+        evaluator=evaluator,
+        depths=_split(depths, float),
+        trials=trials,
+        seed=seed,
+        passkey_scorer=passkey_scorer,
+        passkey_style=passkey_style,
+        passkey_task_file=passkey_task_file,
+        ruler_tasks=_split(ruler_tasks, str),
+        longbench_dir=longbench_dir,
+        longbench_datasets=_split(longbench_datasets, str),
+        ruler_essay=ruler_essay,
+        ruler_qa_dir=ruler_qa_dir,
+        longbench_config=longbench_config,
+        longbench_max_length=longbench_max_length,
+        longbench_chat=longbench_chat,
+        overwrite=overwrite,
+        backend=backend,
+    )
     results = evaluate(cfg)
     from ropekit.eval.runner import best_by_length, result_rows
 
@@ -362,8 +614,14 @@ def eval_cmd(
         t.add_column(col)
     rows = result_rows(results)
     for r in rows:
-        t.add_row(r["method"], r["task"], str(r["length"]), str(r["depth"]), "—" if r['value'] is None else f"{r['value']:.4g}",
-                  str(r["tokens_scored"]))
+        t.add_row(
+            r["method"],
+            r["task"],
+            str(r["length"]),
+            str(r["depth"]),
+            "—" if r["value"] is None else f"{r['value']:.4g}",
+            str(r["tokens_scored"]),
+        )
     out_console.print(t)
     for line in best_by_length(rows):
         out_console.print(line)
@@ -380,34 +638,83 @@ def _split(text: str, kind):
 @user_errors
 def finetune_cmd(
     model: Annotated[str, typer.Argument(metavar="MODEL", help="Model directory or hub id to extend and fine-tune.")],
-    data: Annotated[str, typer.Option("--data", help="Long documents: text file, folder, or JSONL with a 'text' field.")],
+    data: Annotated[
+        str, typer.Option("--data", help="Long documents: text file, folder, or JSONL with a 'text' field.")
+    ],
     out: Annotated[Path, typer.Option("--out", help="Run directory; becomes the fine-tuned extended model.")],
-    recipe: Annotated[str | None, typer.Option("--recipe", help="dprope-llama2-8k or dprope-llama2-16k (the paper's recipe); flags override it.")] = None,
+    recipe: Annotated[
+        str | None,
+        typer.Option("--recipe", help="dprope-llama2-8k or dprope-llama2-16k (the paper's recipe); flags override it."),
+    ] = None,
     method: Annotated[str | None, typer.Option("--method", help="Scaling method (default dprope).")] = None,
-    target_length: Annotated[int | None, typer.Option("--target-length", help="Context to extend to, tokens (required unless --recipe gives it).")] = None,
-    train_length: Annotated[int | None, typer.Option("--train-length", help="Training window (default: target; with --pose: required, e.g. the original length).")] = None,
-    pose: Annotated[bool, typer.Option("--pose", help="PoSE: train at --train-length with position ids skipped up to the target.")] = False,
+    target_length: Annotated[
+        int | None,
+        typer.Option("--target-length", help="Context to extend to, tokens (required unless --recipe gives it)."),
+    ] = None,
+    train_length: Annotated[
+        int | None,
+        typer.Option(
+            "--train-length", help="Training window (default: target; with --pose: required, e.g. the original length)."
+        ),
+    ] = None,
+    pose: Annotated[
+        bool, typer.Option("--pose", help="PoSE: train at --train-length with position ids skipped up to the target.")
+    ] = False,
     pose_chunks: Annotated[int, typer.Option("--pose-chunks", help="PoSE chunks per window.")] = 2,
-    pose_text_skip: Annotated[int, typer.Option("--pose-text-skip", help="PoSE text skipping: cut each window from a span this many tokens longer (0 = off).")] = 0,
+    pose_text_skip: Annotated[
+        int,
+        typer.Option(
+            "--pose-text-skip",
+            help="PoSE text skipping: cut each window from a span this many tokens longer (0 = off).",
+        ),
+    ] = 0,
     steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps (default 100).")] = None,
-    global_batch: Annotated[int | None, typer.Option("--global-batch", help="Windows per step over all processes (default 8).")] = None,
+    global_batch: Annotated[
+        int | None, typer.Option("--global-batch", help="Windows per step over all processes (default 8).")
+    ] = None,
     micro_batch: Annotated[int, typer.Option("--micro-batch", help="Windows per forward pass per process.")] = 1,
     lr: Annotated[float | None, typer.Option("--lr", help="AdamW learning rate (default 2e-5).")] = None,
-    weight_decay: Annotated[float | None, typer.Option("--weight-decay", help="AdamW weight decay (default 0).")] = None,
+    weight_decay: Annotated[
+        float | None, typer.Option("--weight-decay", help="AdamW weight decay (default 0).")
+    ] = None,
     warmup_steps: Annotated[int | None, typer.Option("--warmup-steps", help="Linear warmup steps (default 0).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Data order, PoSE skips and init of any new state.")] = 0,
     save_every: Annotated[int, typer.Option("--save-every", help="Checkpoint every N steps.")] = 50,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its latest complete checkpoint.")] = False,
-    stop_after_steps: Annotated[int | None, typer.Option("--stop-after-steps", help="Stop cleanly after N steps (time-limited jobs); continue with --resume.")] = None,
-    gradient_checkpointing: Annotated[bool | None, typer.Option("--gradient-checkpointing/--no-gc", help="Trade compute for memory (default off; on in recipes).")] = None,
-    mixed_precision: Annotated[str, typer.Option("--mixed-precision", help="auto (bf16 on a capable GPU), no, bf16, fp16.")] = "auto",
-    report_to: Annotated[str, typer.Option("--report-to", help="auto (tensorboard if installed), none, tensorboard, wandb.")] = "auto",
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in --out from its latest complete checkpoint.")
+    ] = False,
+    stop_after_steps: Annotated[
+        int | None,
+        typer.Option(
+            "--stop-after-steps", help="Stop cleanly after N steps (time-limited jobs); continue with --resume."
+        ),
+    ] = None,
+    gradient_checkpointing: Annotated[
+        bool | None,
+        typer.Option("--gradient-checkpointing/--no-gc", help="Trade compute for memory (default off; on in recipes)."),
+    ] = None,
+    mixed_precision: Annotated[
+        str, typer.Option("--mixed-precision", help="auto (bf16 on a capable GPU), no, bf16, fp16.")
+    ] = "auto",
+    report_to: Annotated[
+        str, typer.Option("--report-to", help="auto (tensorboard if installed), none, tensorboard, wandb.")
+    ] = "auto",
     max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Tokens read per document.")] = None,
     overwrite: o.Overwrite = False,
-    bins: o.Bins = 360, threshold: o.Threshold = None, interpolated_dims: o.InterpDims = None,
-    factors_file: o.FactorsFile = None, alpha: o.Alpha = None, beta_fast: o.BetaFast = None, beta_slow: o.BetaSlow = None,
-    attention_factor: o.AttentionFactor = None, low_freq_factor: o.LowFreq = None, high_freq_factor: o.HighFreq = None,
-    new_base: o.NewBase = None, base_rule: o.BaseRule = None, inner: o.Inner = None, at_length: o.AtLength = None,
+    bins: o.Bins = 360,
+    threshold: o.Threshold = None,
+    interpolated_dims: o.InterpDims = None,
+    factors_file: o.FactorsFile = None,
+    alpha: o.Alpha = None,
+    beta_fast: o.BetaFast = None,
+    beta_slow: o.BetaSlow = None,
+    attention_factor: o.AttentionFactor = None,
+    low_freq_factor: o.LowFreq = None,
+    high_freq_factor: o.HighFreq = None,
+    new_base: o.NewBase = None,
+    base_rule: o.BaseRule = None,
+    inner: o.Inner = None,
+    at_length: o.AtLength = None,
 ) -> None:
     """Extend MODEL with a method and fine-tune it at long context (full-length or PoSE).
 
@@ -419,22 +726,53 @@ def finetune_cmd(
     from ropekit.train.recipes import get_recipe
 
     settings = get_recipe(recipe) if recipe else {}
-    explicit = dict(method=method, target_length=target_length, steps=steps, global_batch=global_batch, lr=lr,
-                    weight_decay=weight_decay, warmup_steps=warmup_steps, gradient_checkpointing=gradient_checkpointing)
+    explicit = dict(
+        method=method,
+        target_length=target_length,
+        steps=steps,
+        global_batch=global_batch,
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup_steps=warmup_steps,
+        gradient_checkpointing=gradient_checkpointing,
+    )
     settings.update({k: v for k, v in explicit.items() if v is not None})
     if settings.get("target_length") is None:
         raise RopekitError("give --target-length (or a --recipe)")
     chosen = settings.pop("method", "dprope")
     params = {**o.method_params_from(chosen, locals()), "bins": bins}  # ropekit.plan takes bins for any method
-    cfg = TrainConfig(model=model, out=out, data=data, method=chosen, method_params=params, train_length=train_length,
-                      pose=pose, pose_chunks=pose_chunks, pose_text_skip=pose_text_skip, micro_batch=micro_batch, seed=seed, save_every=save_every,
-                      resume=resume, stop_after=stop_after_steps, mixed_precision=mixed_precision, report_to=report_to,
-                      max_tokens=max_tokens, overwrite=overwrite, **settings)
+    cfg = TrainConfig(
+        model=model,
+        out=out,
+        data=data,
+        method=chosen,
+        method_params=params,
+        train_length=train_length,
+        pose=pose,
+        pose_chunks=pose_chunks,
+        pose_text_skip=pose_text_skip,
+        micro_batch=micro_batch,
+        seed=seed,
+        save_every=save_every,
+        resume=resume,
+        stop_after=stop_after_steps,
+        mixed_precision=mixed_precision,
+        report_to=report_to,
+        max_tokens=max_tokens,
+        overwrite=overwrite,
+        **settings,
+    )
     record = finetune(cfg)
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun every process returns here; one reports
-    state = "finished" if record["completed"] else f"stopped after step {record['steps_completed']} (continue with --resume)"
-    err_console.print(f"{state}; {record['tokens_per_second'] or 0:,.0f} tokens/s; loss curve in {out}/logs/loss_curve.csv")
+    state = (
+        "finished"
+        if record["completed"]
+        else f"stopped after step {record['steps_completed']} (continue with --resume)"
+    )
+    err_console.print(
+        f"{state}; {record['tokens_per_second'] or 0:,.0f} tokens/s; loss curve in {out}/logs/loss_curve.csv"
+    )
 
 
 @app.command("methods")

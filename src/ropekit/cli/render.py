@@ -13,11 +13,15 @@ def geometry_header(console: Console, plan: Plan) -> None:
     spec = plan.spec
     console.print(f"[bold]{spec.name or 'model'}[/]: {spec.describe()}")
     if spec.is_extended:
-        console.print(f"planning from its current frequencies over {spec.original_length} tokens "
-                      f"({spec.length_source}); --from-scratch plans from plain RoPE at {spec.pretrained_length}")
+        console.print(
+            f"planning from its current frequencies over {spec.original_length} tokens "
+            f"({spec.length_source}); --from-scratch plans from plain RoPE at {spec.pretrained_length}"
+        )
     if spec.layer_type:
-        console.print(f"this plan changes the {spec.layer_type} layers only; other layer types keep their RoPE "
-                      "(plan them with --layer-type)")
+        console.print(
+            f"this plan changes the {spec.layer_type} layers only; other layer types keep their RoPE "
+            "(plan them with --layer-type)"
+        )
     console.print(
         f"target {plan.target_length} tokens (scale s = {plan.scale:g}); critical dimension "
         f"{critical_dimension(spec)} of {spec.rotary_dim} (pairs ≥ {critical_dimension(spec) // 2} never completed a "

@@ -19,7 +19,6 @@ from ropekit.errors import RopekitError
 from ropekit.paths import cache_root
 
 
-
 def read_documents(path: str | Path) -> list[tuple[str, str]]:
     """(name, text) per document. A folder contributes its *.txt and *.jsonl files, sorted."""
     p = Path(path)
@@ -59,7 +58,9 @@ def _json_documents(path: Path, raw: str) -> list[tuple[str, str]]:
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise RopekitError(f"{path}: not valid JSON (line {exc.lineno}); for one document per line use .jsonl") from None
+        raise RopekitError(
+            f"{path}: not valid JSON (line {exc.lineno}); for one document per line use .jsonl"
+        ) from None
     items = data if isinstance(data, list) else [data]
     docs = []
     for number, item in enumerate(items):
@@ -96,7 +97,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def tokenize_documents(docs: list[tuple[str, str]], tokenizer, *, cache_dir: Path | str | None = "user") -> list[np.ndarray]:
+def tokenize_documents(
+    docs: list[tuple[str, str]], tokenizer, *, cache_dir: Path | str | None = "user"
+) -> list[np.ndarray]:
     """Token ids (int32) per document, with a leading BOS when the tokenizer adds one.
 
     Cached in `cache_dir`: "user" (default) is `ropekit.paths.cache_root() / "tokens"`, None disables it."""
@@ -143,4 +146,4 @@ def gutenberg_body(text: str) -> str:
     text = text.replace("\r\n", "\n")
     start = re.search(r"\*\*\*\s*START OF.*\n", text)
     end = re.search(r"\*\*\*\s*END OF", text)
-    return text[start.end() if start else 0: end.start() if end else len(text)]
+    return text[start.end() if start else 0 : end.start() if end else len(text)]

@@ -54,8 +54,14 @@ def llama_context(gguf_path: str | os.PathLike, *, n_ctx: int, n_batch: int = 51
         lib.llama_model_free(model)
 
 
-def llama_cpp_logits(gguf_path: str | os.PathLike, ids: Sequence[int], positions: Sequence[int], *,
-                     n_batch: int = 512, n_threads: int | None = None) -> np.ndarray:
+def llama_cpp_logits(
+    gguf_path: str | os.PathLike,
+    ids: Sequence[int],
+    positions: Sequence[int],
+    *,
+    n_batch: int = 512,
+    n_threads: int | None = None,
+) -> np.ndarray:
     """llama.cpp's logits for `ids` at `positions` (0-based), float32 of shape (len(positions), vocab)."""
     wanted = sorted(set(int(p) for p in positions))
     if not ids or wanted[0] < 0 or wanted[-1] >= len(ids):
@@ -64,7 +70,7 @@ def llama_cpp_logits(gguf_path: str | os.PathLike, ids: Sequence[int], positions
     with llama_context(gguf_path, n_ctx=len(ids), n_batch=n_batch, n_threads=n_threads) as (lib, model, ctx):
         vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(model))
         for start in range(0, len(ids), n_batch):
-            chunk = list(ids[start:start + n_batch])
+            chunk = list(ids[start : start + n_batch])
             keep = [p for p in wanted if start <= p < start + len(chunk)]
             _decode(lib, ctx, chunk, start, keep)
             for p in keep:
@@ -73,15 +79,25 @@ def llama_cpp_logits(gguf_path: str | os.PathLike, ids: Sequence[int], positions
     return np.stack([rows[int(p)] for p in positions])
 
 
-def llama_cpp_perplexity(gguf_path: str | os.PathLike, documents: Sequence[Sequence[int]], *, length: int,
-                         convention: str = "strided", stride: int = 256, n_batch: int = 512,
-                         n_threads: int | None = None):
+def llama_cpp_perplexity(
+    gguf_path: str | os.PathLike,
+    documents: Sequence[Sequence[int]],
+    *,
+    length: int,
+    convention: str = "strided",
+    stride: int = 256,
+    n_batch: int = 512,
+    n_threads: int | None = None,
+):
     """Token-weighted perplexity in llama.cpp with the windows of `ropekit.eval.perplexity.windows`
     (same conventions, same scored tokens as the transformers backend); a `PerplexityResult`."""
     from ropekit.eval.perplexity import PerplexityResult, windows
 
-    plan = [(d, w) for d, doc in enumerate(documents) for w in windows(len(doc), length, convention=convention,
-                                                                          stride=stride)]
+    plan = [
+        (d, w)
+        for d, doc in enumerate(documents)
+        for w in windows(len(doc), length, convention=convention, stride=stride)
+    ]
     if not plan:
         raise RopekitError("no document has at least 2 tokens to score")
     nll, count = 0.0, 0
@@ -89,20 +105,27 @@ def llama_cpp_perplexity(gguf_path: str | os.PathLike, documents: Sequence[Seque
         vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(model))
         memory = lib.llama_get_memory(ctx)
         for d, w in plan:
-            window = [int(t) for t in documents[d][w.start:w.end]]
+            window = [int(t) for t in documents[d][w.start : w.end]]
             first = w.score_from - w.start - 1  # window index of the first logit that is scored
             lib.llama_memory_clear(memory, True)
             for start in range(0, len(window), n_batch):
-                chunk = window[start:start + n_batch]
+                chunk = window[start : start + n_batch]
                 outputs = [i for i in range(start, start + len(chunk)) if first <= i < len(window) - 1]
                 _decode(lib, ctx, chunk, start, outputs)
                 for i in outputs:
                     logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx, i - start), shape=(vocab,))
                     nll -= float(_log_softmax(logits.astype(np.float64))[window[i + 1]])
                 count += len(outputs)
-    return PerplexityResult(perplexity=math.exp(nll / count), nll_sum=nll, tokens_scored=count, windows=len(plan),
-                            documents=len(documents), length=length,
-                            stride=stride if convention == "strided" else None, convention=convention)
+    return PerplexityResult(
+        perplexity=math.exp(nll / count),
+        nll_sum=nll,
+        tokens_scored=count,
+        windows=len(plan),
+        documents=len(documents),
+        length=length,
+        stride=stride if convention == "strided" else None,
+        convention=convention,
+    )
 
 
 def _decode(lib, ctx, tokens: list[int], start: int, outputs) -> None:
@@ -140,7 +163,6 @@ def _silence(lib) -> None:
         lib.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
 
 
-
 def transformers_logits(model, ids: Sequence[int], positions: Sequence[int]) -> np.ndarray:
     """A transformers causal LM's logits for `ids` at `positions`, float32 (len(positions), vocab).
 
@@ -155,14 +177,25 @@ def transformers_logits(model, ids: Sequence[int], positions: Sequence[int]) -> 
 def agreement(logits: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     """Top-1 agreement (fraction of positions with the same argmax) and |Δlogit| mean and max."""
     diff = np.abs(logits.astype(np.float64) - reference.astype(np.float64))
-    return {"top1_agreement": float((logits.argmax(-1) == reference.argmax(-1)).mean()),
-            "mean_abs_logit_diff": float(diff.mean()), "max_abs_logit_diff": float(diff.max()),
-            "positions": int(logits.shape[0])}
+    return {
+        "top1_agreement": float((logits.argmax(-1) == reference.argmax(-1)).mean()),
+        "mean_abs_logit_diff": float(diff.mean()),
+        "max_abs_logit_diff": float(diff.max()),
+        "positions": int(logits.shape[0]),
+    }
 
 
-def runtime_parity(original_gguf: str | os.PathLike, extended_gguf: str | os.PathLike, plan, model_dir: str | os.PathLike,
-                   ids: Sequence[int], *, compare_last: int = 256, noise_window: int = 1024,
-                   n_threads: int | None = None) -> dict[str, dict[str, float]]:
+def runtime_parity(
+    original_gguf: str | os.PathLike,
+    extended_gguf: str | os.PathLike,
+    plan,
+    model_dir: str | os.PathLike,
+    ids: Sequence[int],
+    *,
+    compare_last: int = 256,
+    noise_window: int = 1024,
+    n_threads: int | None = None,
+) -> dict[str, dict[str, float]]:
     """Does llama.cpp run the plan? Logits at the last `compare_last` positions of `ids`:
 
     - `extended_vs_plan`: llama.cpp on the extended GGUF vs transformers + `plan` on the same
@@ -183,9 +216,12 @@ def runtime_parity(original_gguf: str | os.PathLike, extended_gguf: str | os.Pat
     reference = transformers_logits(apply(model, plan), ids, positions)
     return {
         "extended_vs_plan": agreement(llama_cpp_logits(extended_gguf, ids, positions, n_threads=n_threads), reference),
-        "unextended_vs_plan": agreement(llama_cpp_logits(original_gguf, ids, positions, n_threads=n_threads), reference),
-        "noise_floor": agreement(llama_cpp_logits(original_gguf, short, short_positions, n_threads=n_threads),
-                                 floor_reference),
+        "unextended_vs_plan": agreement(
+            llama_cpp_logits(original_gguf, ids, positions, n_threads=n_threads), reference
+        ),
+        "noise_floor": agreement(
+            llama_cpp_logits(original_gguf, short, short_positions, n_threads=n_threads), floor_reference
+        ),
     }
 
 
@@ -215,10 +251,18 @@ def evaluate_llama_cpp(cfg, limit: int) -> dict:
             if method != AS_SAVED:
                 path = f"{tmp}/{method}.gguf"
                 plan = extend_gguf(cfg.model, path, target_length=limit, method=method)
-                entry["plan"] = {"target_length": plan.target_length, "factors": list(plan.factors),
-                                 "attention_factor": plan.attention_factor, "disturbance": plan.disturbance}
-            entry["ppl"] = {str(n): llama_cpp_perplexity(path, documents, length=n, convention=cfg.convention,
-                                                         stride=min(cfg.stride, n)).as_dict() for n in cfg.lengths}
+                entry["plan"] = {
+                    "target_length": plan.target_length,
+                    "factors": list(plan.factors),
+                    "attention_factor": plan.attention_factor,
+                    "disturbance": plan.disturbance,
+                }
+            entry["ppl"] = {
+                str(n): llama_cpp_perplexity(
+                    path, documents, length=n, convention=cfg.convention, stride=min(cfg.stride, n)
+                ).as_dict()
+                for n in cfg.lengths
+            }
             results["methods"][method] = entry
     write_report(results, cfg.out)
     return results

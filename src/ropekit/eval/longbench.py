@@ -65,27 +65,39 @@ class Dataset:
 
 
 def _qa(kind: str) -> str:
-    return (f"Answer the question based on the {kind} below. Be concise.\n\n{{context}}\n\n"
-            "Question: {input}\nAnswer:")
+    return f"Answer the question based on the {kind} below. Be concise.\n\n{{context}}\n\nQuestion: {{input}}\nAnswer:"
 
 
-DATASETS: dict[str, Dataset] = {d.name: d for d in [
-    Dataset("qasper", _qa("article"), "qa_f1", 128),
-    Dataset("multifieldqa_en", _qa("text"), "qa_f1", 64),
-    Dataset("hotpotqa", _qa("passages"), "qa_f1", 32),
-    Dataset("2wikimqa", _qa("passages"), "qa_f1", 32),
-    Dataset("triviaqa", "Answer the question like the examples.\n\n{context}\n\n{input}", "qa_f1", 32),
-    Dataset("gov_report", "Summarise the report below.\n\n{context}\n\nSummary:", "rouge_l", 512),
-    Dataset("multi_news", "Summarise the news articles below.\n\n{context}\n\nSummary:", "rouge_l", 512),
-    Dataset("samsum", "Summarise the dialogue like the examples.\n\n{context}\n\n{input}", "rouge_l", 128),
-    Dataset("trec", "Classify the question like the examples.\n\n{context}\n{input}", "classification", 64),
-    Dataset("passage_count", "How many different paragraphs are there among the paragraphs below (some may "
-            "repeat)?\n\n{context}\n\nAnswer with a single number.\nThe final answer is: ", "count", 32),
-    Dataset("passage_retrieval_en", "Which paragraph does the abstract come from?\n\n{context}\n\nAbstract: "
-            "{input}\n\nAnswer in the form \"Paragraph N\".\nThe answer is: ", "retrieval", 32),
-    Dataset("lcc", "Complete the code.\n{context}Next line of code:\n", "edit_sim", 64),
-    Dataset("repobench-p", "Complete the code.\n{context}{input}Next line of code:\n", "edit_sim", 64),
-]}
+DATASETS: dict[str, Dataset] = {
+    d.name: d
+    for d in [
+        Dataset("qasper", _qa("article"), "qa_f1", 128),
+        Dataset("multifieldqa_en", _qa("text"), "qa_f1", 64),
+        Dataset("hotpotqa", _qa("passages"), "qa_f1", 32),
+        Dataset("2wikimqa", _qa("passages"), "qa_f1", 32),
+        Dataset("triviaqa", "Answer the question like the examples.\n\n{context}\n\n{input}", "qa_f1", 32),
+        Dataset("gov_report", "Summarise the report below.\n\n{context}\n\nSummary:", "rouge_l", 512),
+        Dataset("multi_news", "Summarise the news articles below.\n\n{context}\n\nSummary:", "rouge_l", 512),
+        Dataset("samsum", "Summarise the dialogue like the examples.\n\n{context}\n\n{input}", "rouge_l", 128),
+        Dataset("trec", "Classify the question like the examples.\n\n{context}\n{input}", "classification", 64),
+        Dataset(
+            "passage_count",
+            "How many different paragraphs are there among the paragraphs below (some may "
+            "repeat)?\n\n{context}\n\nAnswer with a single number.\nThe final answer is: ",
+            "count",
+            32,
+        ),
+        Dataset(
+            "passage_retrieval_en",
+            "Which paragraph does the abstract come from?\n\n{context}\n\nAbstract: "
+            '{input}\n\nAnswer in the form "Paragraph N".\nThe answer is: ',
+            "retrieval",
+            32,
+        ),
+        Dataset("lcc", "Complete the code.\n{context}Next line of code:\n", "edit_sim", 64),
+        Dataset("repobench-p", "Complete the code.\n{context}{input}Next line of code:\n", "edit_sim", 64),
+    ]
+}
 
 
 @dataclass(frozen=True)
@@ -109,9 +121,13 @@ class PromptConfig:
     budget_source: str
 
     @classmethod
-    def fallback(cls) -> "PromptConfig":
-        return cls({n: d.template for n, d in DATASETS.items()}, {n: d.max_new_tokens for n, d in DATASETS.items()},
-                   "ropekit wording", "ropekit table (LongBench's published values)")
+    def fallback(cls) -> PromptConfig:
+        return cls(
+            {n: d.template for n, d in DATASETS.items()},
+            {n: d.max_new_tokens for n, d in DATASETS.items()},
+            "ropekit wording",
+            "ropekit table (LongBench's published values)",
+        )
 
 
 def dataset_name(path: Path) -> str:
@@ -178,10 +194,21 @@ def _read_examples(path: Path, name: str) -> list[Example]:
     for number, record in jsonl_records(path):
         missing = [f for f in REQUIRED_FIELDS if f not in record]
         if missing or not isinstance(record.get("answers"), list):
-            raise RopekitError(f"{path}:{number}: a LongBench record needs {', '.join(REQUIRED_FIELDS)} "
-                               f"(answers a list); missing {', '.join(missing) or 'a list of answers'}")
-        examples.append(Example(name, str(record.get("_id", number)), record["input"], record["context"],
-                                [str(a) for a in record["answers"]], int(record["length"]), record.get("all_classes")))
+            raise RopekitError(
+                f"{path}:{number}: a LongBench record needs {', '.join(REQUIRED_FIELDS)} "
+                f"(answers a list); missing {', '.join(missing) or 'a list of answers'}"
+            )
+        examples.append(
+            Example(
+                name,
+                str(record.get("_id", number)),
+                record["input"],
+                record["context"],
+                [str(a) for a in record["answers"]],
+                int(record["length"]),
+                record.get("all_classes"),
+            )
+        )
     if not examples:
         raise RopekitError(f"{path}: no records")
     return examples
@@ -203,23 +230,28 @@ def truncate_middle(tokenizer, prompt: str, max_length: int) -> str:
     if len(ids) <= max_length:
         return prompt
     half = max_length // 2
-    return (tokenizer.decode(ids[:half], skip_special_tokens=True)
-            + tokenizer.decode(ids[len(ids) - half:], skip_special_tokens=True))
+    return tokenizer.decode(ids[:half], skip_special_tokens=True) + tokenizer.decode(
+        ids[len(ids) - half :], skip_special_tokens=True
+    )
 
 
-def build_prompt_ids(tokenizer, example: Example, *, max_length: int, config: PromptConfig | None = None,
-                     chat: bool = False) -> list[int]:
+def build_prompt_ids(
+    tokenizer, example: Example, *, max_length: int, config: PromptConfig | None = None, chat: bool = False
+) -> list[int]:
     """Token ids of the prompt the model sees (steps 1-3 of the module docstring)."""
     config = config or PromptConfig.fallback()
     template = config.templates[example.dataset]
     try:
         prompt = template.format(context=example.context, input=example.input)
     except (KeyError, IndexError, ValueError):
-        raise RopekitError(f"{example.dataset}: prompt template needs fields other than {{context}} and {{input}}") from None
+        raise RopekitError(
+            f"{example.dataset}: prompt template needs fields other than {{context}} and {{input}}"
+        ) from None
     prompt = truncate_middle(tokenizer, prompt, max_length)
     if chat and DATASETS[example.dataset].uses_chat:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     return tokenizer(prompt)["input_ids"]
 
@@ -271,15 +303,29 @@ def predict(model, tokenizer, example: Example, *, max_length: int, config: Prom
     """Steps 1-5 up to the post-processed prediction text."""
     spec = DATASETS[example.dataset]
     ids = build_prompt_ids(tokenizer, example, max_length=max_length, config=config, chat=chat)
-    tokens = generate_greedy(model, ids, config.max_new_tokens[example.dataset], stop_ids=stop_tokens(model, tokenizer, spec),
-                             no_stop_first=spec.stops_at_newline)
+    tokens = generate_greedy(
+        model,
+        ids,
+        config.max_new_tokens[example.dataset],
+        stop_ids=stop_tokens(model, tokenizer, spec),
+        no_stop_first=spec.stops_at_newline,
+    )
     prediction = tokenizer.decode(tokens, skip_special_tokens=True)
     return prediction.lstrip("\n").split("\n")[0] if spec.first_line_only else prediction
 
 
-def run_longbench(model, tokenizer, examples: dict[str, list[Example]], *, window: int, max_length: int | None = None,
-                  config: PromptConfig | None = None, chat: str = "auto", progress: bool = False,
-                  label: str = "") -> LongBenchResult:
+def run_longbench(
+    model,
+    tokenizer,
+    examples: dict[str, list[Example]],
+    *,
+    window: int,
+    max_length: int | None = None,
+    config: PromptConfig | None = None,
+    chat: str = "auto",
+    progress: bool = False,
+    label: str = "",
+) -> LongBenchResult:
     """Generate and score every example; scores are ×100 and bucket means rounded to 2 places, as eval.py."""
     config = config or PromptConfig.fallback()
     max_length = max_length or default_max_length(window)
@@ -296,8 +342,16 @@ def run_longbench(model, tokenizer, examples: dict[str, list[Example]], *, windo
         spec = DATASETS[ex.dataset]
         prediction = predict(model, tokenizer, ex, max_length=max_length, config=config, chat=use_chat)
         score = 100 * score_sample(spec.metric, prediction, ex.answers, ex.all_classes)
-        result.rows.append({"dataset": ex.dataset, "id": ex.id, "bucket": bucket_of(ex.length), "metric": spec.metric,
-                            "prediction": prediction, "score": score})
+        result.rows.append(
+            {
+                "dataset": ex.dataset,
+                "id": ex.id,
+                "bucket": bucket_of(ex.length),
+                "metric": spec.metric,
+                "prediction": prediction,
+                "score": score,
+            }
+        )
     for name in examples:
         per_bucket = {}
         for bucket, _, _ in BUCKETS:

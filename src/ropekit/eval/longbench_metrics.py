@@ -102,8 +102,14 @@ def fuzz_backend() -> str:
     return "python-Levenshtein" if "StringMatcher" in fuzz.SequenceMatcher.__module__ else "difflib"
 
 
-METRICS = {"qa_f1": qa_f1, "rouge_l": rouge_l, "classification": classification, "count": count,
-           "retrieval": retrieval, "edit_sim": edit_sim}
+METRICS = {
+    "qa_f1": qa_f1,
+    "rouge_l": rouge_l,
+    "classification": classification,
+    "count": count,
+    "retrieval": retrieval,
+    "edit_sim": edit_sim,
+}
 
 
 def score_sample(metric: str, prediction: str, references: list[str], all_classes=None) -> float:

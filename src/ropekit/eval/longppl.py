@@ -81,8 +81,9 @@ def decoded_offsets(tokenizer, ids: list[int]) -> list[tuple[int, int]]:
         if i == 0:
             width = len(tokenizer.decode(ids[:1], skip_special_tokens=True))
         else:
-            width = (len(tokenizer.decode(ids[i - 1 : i + 1], skip_special_tokens=True))
-                     - len(tokenizer.decode(ids[i - 1 : i], skip_special_tokens=True)))
+            width = len(tokenizer.decode(ids[i - 1 : i + 1], skip_special_tokens=True)) - len(
+                tokenizer.decode(ids[i - 1 : i], skip_special_tokens=True)
+            )
         spans.append((pointer, pointer + width))
         pointer += width
     return spans
@@ -113,8 +114,16 @@ def tokens_inside(spans: list[tuple[int, int]], intervals: list[tuple[int, int]]
     return [i for i, (a, b) in enumerate(spans) if any(lo <= a and b <= hi for lo, hi in intervals) and b > a]
 
 
-def evaluator_key_positions(evaluator: Evaluator, tokenizer, ids: torch.Tensor, *, short_length: int,
-                            sliding_window: int, threshold: float, beta: float) -> torch.Tensor:
+def evaluator_key_positions(
+    evaluator: Evaluator,
+    tokenizer,
+    ids: torch.Tensor,
+    *,
+    short_length: int,
+    sliding_window: int,
+    threshold: float,
+    beta: float,
+) -> torch.Tensor:
     """Key mask over the window's scored positions (index t − 1), found by a separate evaluator."""
     text_ids = ids.tolist()
     text = tokenizer.decode(text_ids, skip_special_tokens=True)
@@ -133,9 +142,18 @@ def evaluator_key_positions(evaluator: Evaluator, tokenizer, ids: torch.Tensor, 
     return mask
 
 
-def long_ppl(model, documents: list[np.ndarray], *, length: int, short_length: int = 4096, sliding_window: int = 1024,
-             threshold: float = 2.0, beta: float = -2.0, evaluator: Evaluator | None = None,
-             tokenizer=None) -> LongPPLResult:
+def long_ppl(
+    model,
+    documents: list[np.ndarray],
+    *,
+    length: int,
+    short_length: int = 4096,
+    sliding_window: int = 1024,
+    threshold: float = 2.0,
+    beta: float = -2.0,
+    evaluator: Evaluator | None = None,
+    tokenizer=None,
+) -> LongPPLResult:
     """LongPPL of `model` over disjoint windows of `length` tokens covering each document.
 
     With an `evaluator`, `tokenizer` (the model's) is needed to turn windows into text.
@@ -154,16 +172,36 @@ def long_ppl(model, documents: list[np.ndarray], *, length: int, short_length: i
             continue
         long_lp = token_logprobs(model, ids)
         if evaluator is None:
-            mask = key_mask(long_lp, short_context_logprobs(model, ids, short_length, sliding_window),
-                            threshold=threshold, beta=beta)
+            mask = key_mask(
+                long_lp,
+                short_context_logprobs(model, ids, short_length, sliding_window),
+                threshold=threshold,
+                beta=beta,
+            )
         else:
-            mask = evaluator_key_positions(evaluator, tokenizer, ids, short_length=short_length,
-                                           sliding_window=sliding_window, threshold=threshold, beta=beta)
+            mask = evaluator_key_positions(
+                evaluator,
+                tokenizer,
+                ids,
+                short_length=short_length,
+                sliding_window=sliding_window,
+                threshold=threshold,
+                beta=beta,
+            )
         nll += float(-long_lp[mask].double().sum())
         keys += int(mask.sum())
         considered += len(ids) - short_length
     if considered == 0:
         raise RopekitError(f"no document is longer than the short context ({short_length} tokens)")
     value = math.exp(nll / keys) if keys else None  # no key token: the long context never helped enough
-    return LongPPLResult(value, keys, considered, threshold, beta, short_length, sliding_window, length,
-                         "self (the model under test)" if evaluator is None else evaluator.name)
+    return LongPPLResult(
+        value,
+        keys,
+        considered,
+        threshold,
+        beta,
+        short_length,
+        sliding_window,
+        length,
+        "self (the model under test)" if evaluator is None else evaluator.name,
+    )

@@ -34,8 +34,10 @@ from ropekit.errors import RopekitError
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
-TASK_LINE = ("Somewhere in the long text below one line carries a pass key. Read everything, keep that key in mind, "
-             "and give it when asked at the end.")  # ropekit's wording, used without --passkey-task-file
+TASK_LINE = (
+    "Somewhere in the long text below one line carries a pass key. Read everything, keep that key in mind, "
+    "and give it when asked at the end."
+)  # ropekit's wording, used without --passkey-task-file
 SCORERS = ("generation", "teacher-forced")
 STYLES = ("yarn", "compact")
 PROTOCOL = "passkey/2"
@@ -87,7 +89,9 @@ def _compact_text(depth: float, passkey: int, n_fill: int) -> tuple[str, str]:
     """(text before the needle, whole prompt) with n_fill whole filler sentences joined by spaces."""
     before = round(depth * n_fill)
     head = " ".join([FILLER] * before)
-    body = " ".join(x for x in [head, NEEDLE.format(key=passkey), " ".join([FILLER] * (n_fill - before)), QUESTION] if x)
+    body = " ".join(
+        x for x in [head, NEEDLE.format(key=passkey), " ".join([FILLER] * (n_fill - before)), QUESTION] if x
+    )
     return head, body
 
 
@@ -99,8 +103,9 @@ def _yarn_text(depth: float, passkey: int, n_chars: int, task_line: str) -> tupl
     return head, head + "\n".join([NEEDLE.format(key=passkey), garbage[: n_chars - before], QUESTION])
 
 
-def build_prompt(tokenizer, length: int, depth: float, passkey: int, *, style: str = "yarn",
-                 task_line: str = TASK_LINE) -> PasskeyPrompt:
+def build_prompt(
+    tokenizer, length: int, depth: float, passkey: int, *, style: str = "yarn", task_line: str = TASK_LINE
+) -> PasskeyPrompt:
     """The longest prompt of the style that fits in `length` tokens (answer included)."""
     if not 0.0 <= depth <= 1.0:
         raise RopekitError(f"needle depth must be in [0, 1], got {depth}")
@@ -134,8 +139,14 @@ def teacher_forced_correct(model, p: PasskeyPrompt) -> bool:
 
 
 @torch.no_grad()
-def generate_greedy(model, prompt_ids: list[int], max_new_tokens: int, *, stop_ids: list[int] | tuple[int, ...] = (),
-                    no_stop_first: bool = False) -> list[int]:
+def generate_greedy(
+    model,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    *,
+    stop_ids: list[int] | tuple[int, ...] = (),
+    no_stop_first: bool = False,
+) -> list[int]:
     """Greedy continuation with the model's KV cache, as `model.generate(do_sample=False)`.
 
     Stops after emitting a token in `stop_ids` (that token is returned, as generate returns
@@ -190,9 +201,21 @@ class PasskeyResult:
         return self.accuracy[f"{length}@{depth:g}"]
 
 
-def passkey_grid(model, tokenizer, *, lengths: list[int], depths: list[float], trials: int = 5, seed: int = 0,
-                 scorer: str = "generation", style: str = "yarn", task_file: str | Path | None = None,
-                 agreement_every: int = 4, progress: bool = False, label: str = "") -> PasskeyResult:
+def passkey_grid(
+    model,
+    tokenizer,
+    *,
+    lengths: list[int],
+    depths: list[float],
+    trials: int = 5,
+    seed: int = 0,
+    scorer: str = "generation",
+    style: str = "yarn",
+    task_file: str | Path | None = None,
+    agreement_every: int = 4,
+    progress: bool = False,
+    label: str = "",
+) -> PasskeyResult:
     """Accuracy per (length, depth) cell over `trials` seeded passkeys.
 
     Every `agreement_every`-th trial is also scored by the other scorer, and the share of those
@@ -208,8 +231,10 @@ def passkey_grid(model, tokenizer, *, lengths: list[int], depths: list[float], t
         from tqdm.auto import tqdm
 
         iterator = tqdm(cells, desc=f"{label + ' · ' if label else ''}passkey", unit="trial", leave=False)
-    scorers = {"generation": lambda p: generation_correct(model, tokenizer, p),
-               "teacher-forced": lambda p: teacher_forced_correct(model, p)}
+    scorers = {
+        "generation": lambda p: generation_correct(model, tokenizer, p),
+        "teacher-forced": lambda p: teacher_forced_correct(model, p),
+    }
     other = next(name for name in SCORERS if name != scorer)
     agree = checked = 0
     for index, (n, d, t) in enumerate(iterator):
@@ -219,8 +244,16 @@ def passkey_grid(model, tokenizer, *, lengths: list[int], depths: list[float], t
         if agreement_every and index % agreement_every == 0:
             checked += 1
             agree += ok == scorers[other](p)
-        result.rows.append({"length": n, "depth": d, "trial": t, "passkey": key, "prompt_tokens": len(p.prompt_ids),
-                            "correct": bool(ok)})
+        result.rows.append(
+            {
+                "length": n,
+                "depth": d,
+                "trial": t,
+                "passkey": key,
+                "prompt_tokens": len(p.prompt_ids),
+                "correct": bool(ok),
+            }
+        )
     for n in lengths:
         for d in depths:
             hits = [r["correct"] for r in result.rows if r["length"] == n and r["depth"] == float(d)]

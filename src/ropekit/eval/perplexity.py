@@ -106,29 +106,52 @@ def window_nll(model, ids: torch.Tensor, *, score_from: int, loss_chunk: int = 5
     return float(-logprobs.double().sum()), logprobs.numel()
 
 
-def perplexity(model, documents: list[np.ndarray], *, length: int, convention: str = "strided", stride: int = 256,
-               loss_chunk: int = 512, progress: bool = False, label: str = "") -> PerplexityResult:
+def perplexity(
+    model,
+    documents: list[np.ndarray],
+    *,
+    length: int,
+    convention: str = "strided",
+    stride: int = 256,
+    loss_chunk: int = 512,
+    progress: bool = False,
+    label: str = "",
+) -> PerplexityResult:
     """Token-weighted perplexity of `model` over tokenised documents at window length `length`.
 
     `label` (e.g. the method) prefixes the progress bar: "dprope · perplexity @ 512".
     """
     if length < 2:
         raise RopekitError(f"window length must be ≥ 2, got {length}")
-    plan = [(d, w) for d, doc in enumerate(documents) for w in windows(len(doc), length, convention=convention, stride=stride)]
+    plan = [
+        (d, w)
+        for d, doc in enumerate(documents)
+        for w in windows(len(doc), length, convention=convention, stride=stride)
+    ]
     if not plan:
         raise RopekitError("no document has at least 2 tokens to score")
     iterator = plan
     if progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(plan, desc=f"{label + ' · ' if label else ''}perplexity @ {length} ({convention})", unit="window", leave=False)
+        iterator = tqdm(
+            plan,
+            desc=f"{label + ' · ' if label else ''}perplexity @ {length} ({convention})",
+            unit="window",
+            leave=False,
+        )
     nll, count = 0.0, 0
     for d, w in iterator:
         ids = torch.as_tensor(documents[d][w.start : w.end], dtype=torch.long)
         part, n = window_nll(model, ids, score_from=w.score_from - w.start, loss_chunk=loss_chunk)
         nll, count = nll + part, count + n
     return PerplexityResult(
-        perplexity=math.exp(nll / count), nll_sum=nll, tokens_scored=count, windows=len(plan),
-        documents=len(documents), length=length, stride=stride if convention == "strided" else None,
+        perplexity=math.exp(nll / count),
+        nll_sum=nll,
+        tokens_scored=count,
+        windows=len(plan),
+        documents=len(documents),
+        length=length,
+        stride=stride if convention == "strided" else None,
         convention=convention,
     )

@@ -72,9 +72,16 @@ def plot_passkey_heatmaps(results: dict[str, Any], path: Path) -> Path:
         ax.set_title(method)
         for i, row in enumerate(grid):
             for j, value in enumerate(row):
-                ax.text(j, i, f"{value:.0%}", ha="center", va="center", fontsize=8,
-                        color=text_colour(image.cmap(image.norm(value))))
-    for ax in list(axes.flat)[len(methods):]:
+                ax.text(
+                    j,
+                    i,
+                    f"{value:.0%}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color=text_colour(image.cmap(image.norm(value))),
+                )
+    for ax in list(axes.flat)[len(methods) :]:
         ax.set_visible(False)
     fig.colorbar(image, ax=axes.ravel().tolist(), label="passkey accuracy", shrink=0.8)
     fig.savefig(path, dpi=120)
@@ -89,34 +96,52 @@ def _longppl_cell(row: dict | None) -> str:
 
 def markdown_report(results: dict[str, Any], rows: list[dict[str, Any]], figures: list[str]) -> str:
     cfg = results["config"]
-    lines = [f"# ropekit eval: {cfg['model']}", "",
-             f"ropekit {results['ropekit_version']}; tasks {', '.join(cfg['tasks'])}; seed {cfg['seed']}.", ""]
+    lines = [
+        f"# ropekit eval: {cfg['model']}",
+        "",
+        f"ropekit {results['ropekit_version']}; tasks {', '.join(cfg['tasks'])}; seed {cfg['seed']}.",
+        "",
+    ]
     ppl = [r for r in rows if r["task"] == "ppl"]
     if ppl:
         lengths = sorted({r["length"] for r in ppl})
-        lines += [f"## Perplexity ({cfg['convention']}, stride {cfg['stride']}, token-weighted; data {cfg['data']})", "",
-                  "| method | " + " | ".join(str(n) for n in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
+        lines += [
+            f"## Perplexity ({cfg['convention']}, stride {cfg['stride']}, token-weighted; data {cfg['data']})",
+            "",
+            "| method | " + " | ".join(str(n) for n in lengths) + " |",
+            "|---" * (len(lengths) + 1) + "|",
+        ]
         for method in dict.fromkeys(r["method"] for r in ppl):
             values = {r["length"]: r for r in ppl if r["method"] == method}
-            lines.append(f"| {method} | " + " | ".join(
-                f"{values[n]['value']:.3f} ({values[n]['tokens_scored']} tokens)" for n in lengths) + " |")
+            lines.append(
+                f"| {method} | "
+                + " | ".join(f"{values[n]['value']:.3f} ({values[n]['tokens_scored']} tokens)" for n in lengths)
+                + " |"
+            )
         lines.append("")
     lp = [r for r in rows if r["task"] == "longppl"]
     if lp:
         lengths = sorted({r["length"] for r in lp})
-        lines += [f"## LongPPL (key tokens: long − short log-prob > {cfg['longppl_threshold']} nats, "
-                  f"short context {cfg['short_length']}; the model is its own evaluator)", "",
-                  "| method | " + " | ".join(str(n) for n in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
+        lines += [
+            f"## LongPPL (key tokens: long − short log-prob > {cfg['longppl_threshold']} nats, "
+            f"short context {cfg['short_length']}; the model is its own evaluator)",
+            "",
+            "| method | " + " | ".join(str(n) for n in lengths) + " |",
+            "|---" * (len(lengths) + 1) + "|",
+        ]
         for method in dict.fromkeys(r["method"] for r in lp):
             values = {r["length"]: r for r in lp if r["method"] == method}
-            lines.append(f"| {method} | " + " | ".join(
-                _longppl_cell(values.get(n)) for n in lengths) + " |")
+            lines.append(f"| {method} | " + " | ".join(_longppl_cell(values.get(n)) for n in lengths) + " |")
         lines.append("")
     ruler = [r for r in rows if r["task"].startswith("ruler:")]
     if ruler:
         lengths = sorted({r["length"] for r in ruler})
-        lines += [f"## RULER (string match ×100, {cfg['trials']} samples per cell, greedy)", "",
-                  "| method | task | " + " | ".join(str(n) for n in lengths) + " |", "|---" * (len(lengths) + 2) + "|"]
+        lines += [
+            f"## RULER (string match ×100, {cfg['trials']} samples per cell, greedy)",
+            "",
+            "| method | task | " + " | ".join(str(n) for n in lengths) + " |",
+            "|---" * (len(lengths) + 2) + "|",
+        ]
         for method, task in dict.fromkeys((r["method"], r["task"]) for r in ruler):
             values = {r["length"]: r["value"] for r in ruler if r["method"] == method and r["task"] == task}
             lines.append(f"| {method} | {task[6:]} | " + " | ".join(f"{values[n]:.1f}" for n in lengths) + " |")
@@ -129,18 +154,29 @@ def markdown_report(results: dict[str, Any], rows: list[dict[str, Any]], figures
         lb = entry.get("longbench")
         if lb:
             buckets = ["0-4k", "4-8k", "8k+"]
-            lines += [f"## LongBench-E, {method} (window {lb['window']} tokens, middle truncation, scores ×100)", "",
-                      "| dataset | " + " | ".join(buckets) + " |", "|---" * 4 + "|"]
+            lines += [
+                f"## LongBench-E, {method} (window {lb['window']} tokens, middle truncation, scores ×100)",
+                "",
+                "| dataset | " + " | ".join(buckets) + " |",
+                "|---" * 4 + "|",
+            ]
             for dataset, scores in {**lb["scores"], "average": lb["average"]}.items():
-                lines.append(f"| {dataset} | " + " | ".join(f"{scores[b]:.1f}" if b in scores else "—" for b in buckets) + " |")
+                lines.append(
+                    f"| {dataset} | " + " | ".join(f"{scores[b]:.1f}" if b in scores else "—" for b in buckets) + " |"
+                )
             lines.append("")
     for method, entry in results["methods"].items():
         pk = entry.get("passkey")
         if pk:
             mean = sum(pk["accuracy"].values()) / len(pk["accuracy"])
-            agree = f"; scorer agreement with generation {pk['agreement']:.0%} on {pk['agreement_trials']} trials" \
-                if pk.get("agreement") is not None else ""
-            lines.append(f"- passkey, {method}: mean accuracy {mean:.0%} ({pk['scorer']}, {pk['trials']} trials per cell{agree})")
+            agree = (
+                f"; scorer agreement with generation {pk['agreement']:.0%} on {pk['agreement_trials']} trials"
+                if pk.get("agreement") is not None
+                else ""
+            )
+            lines.append(
+                f"- passkey, {method}: mean accuracy {mean:.0%} ({pk['scorer']}, {pk['trials']} trials per cell{agree})"
+            )
     if results.get("warnings"):
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in results["warnings"]]
     lines += [""] + [f"![{f}]({f})" for f in figures] + [""]

@@ -28,7 +28,6 @@ newlines; string_match_all = mean over samples of the share of answers found (ca
 
 from __future__ import annotations
 
-import math
 import random
 import re
 import string
@@ -43,11 +42,66 @@ from ropekit.eval.ruler_qa import QaData, load_qa, qa_documents
 PROTOCOL = "ruler/2"
 FOLLOWS = "NVIDIA/RULER scripts/synthetic.yaml, scripts/data/synthetic/*.py, scripts/eval/synthetic/constants.py"
 DEPTHS = [round(100 * i / 39) for i in range(40)]  # RULER: 40 evenly spaced depth percentages
-ADJECTIVES = ("amber", "brisk", "calm", "dusky", "eager", "faint", "gentle", "hollow", "icy", "jolly", "keen", "lush",
-              "mellow", "narrow", "olive", "proud", "quiet", "rusty", "silent", "tidy", "urban", "vivid", "woolly", "young")
-NOUNS = ("apple", "river", "candle", "garden", "silver", "thunder", "meadow", "lantern", "harbor", "pepper", "violet",
-         "marble", "falcon", "copper", "willow", "ember", "glacier", "orchid", "saddle", "quartz", "badger", "cellar",
-         "dune", "fiddle", "goblet", "hammock", "island", "jigsaw", "kettle", "ladder", "mitten", "nectar")
+ADJECTIVES = (
+    "amber",
+    "brisk",
+    "calm",
+    "dusky",
+    "eager",
+    "faint",
+    "gentle",
+    "hollow",
+    "icy",
+    "jolly",
+    "keen",
+    "lush",
+    "mellow",
+    "narrow",
+    "olive",
+    "proud",
+    "quiet",
+    "rusty",
+    "silent",
+    "tidy",
+    "urban",
+    "vivid",
+    "woolly",
+    "young",
+)
+NOUNS = (
+    "apple",
+    "river",
+    "candle",
+    "garden",
+    "silver",
+    "thunder",
+    "meadow",
+    "lantern",
+    "harbor",
+    "pepper",
+    "violet",
+    "marble",
+    "falcon",
+    "copper",
+    "willow",
+    "ember",
+    "glacier",
+    "orchid",
+    "saddle",
+    "quartz",
+    "badger",
+    "cellar",
+    "dune",
+    "fiddle",
+    "goblet",
+    "hammock",
+    "island",
+    "jigsaw",
+    "kettle",
+    "ladder",
+    "mitten",
+    "nectar",
+)
 
 
 @dataclass(frozen=True)
@@ -73,21 +127,24 @@ def _niah(name, haystack, key_type="words", value_type="numbers", keys=1, values
     return RulerTask(name, "niah", 128, haystack, key_type, value_type, keys, values, queries)
 
 
-TASKS: dict[str, RulerTask] = {t.name: t for t in [
-    _niah("niah_single_1", "noise"),
-    _niah("niah_single_2", "essay"),
-    _niah("niah_single_3", "essay", value_type="uuids"),
-    _niah("niah_multikey_1", "essay", keys=4),
-    _niah("niah_multikey_2", "needle"),
-    _niah("niah_multikey_3", "needle", key_type="uuids", value_type="uuids"),
-    _niah("niah_multivalue", "essay", values=4),
-    _niah("niah_multiquery", "essay", queries=4),
-    RulerTask("vt", "vt", 30, "noise", hops=4),
-    RulerTask("cwe", "cwe", 120),
-    RulerTask("fwe", "fwe", 50),
-    RulerTask("qa_1", "qa", 32, dataset="squad"),
-    RulerTask("qa_2", "qa", 32, dataset="hotpotqa"),
-]}
+TASKS: dict[str, RulerTask] = {
+    t.name: t
+    for t in [
+        _niah("niah_single_1", "noise"),
+        _niah("niah_single_2", "essay"),
+        _niah("niah_single_3", "essay", value_type="uuids"),
+        _niah("niah_multikey_1", "essay", keys=4),
+        _niah("niah_multikey_2", "needle"),
+        _niah("niah_multikey_3", "needle", key_type="uuids", value_type="uuids"),
+        _niah("niah_multivalue", "essay", values=4),
+        _niah("niah_multiquery", "essay", queries=4),
+        RulerTask("vt", "vt", 30, "noise", hops=4),
+        RulerTask("cwe", "cwe", 120),
+        RulerTask("fwe", "fwe", 50),
+        RulerTask("qa_1", "qa", 32, dataset="squad"),
+        RulerTask("qa_2", "qa", 32, dataset="hotpotqa"),
+    ]
+}
 ESSAY_TASKS = tuple(t.name for t in TASKS.values() if t.haystack == "essay")
 QA_TASKS = ("qa_1", "qa_2")
 
@@ -121,8 +178,9 @@ def _sentences(text: str) -> list[str]:
     return [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s]
 
 
-def insert_into_haystack(task: RulerTask, statements: list[str], size: int, rng: random.Random, essay: list[str] | None,
-                         make_distractor) -> str:
+def insert_into_haystack(
+    task: RulerTask, statements: list[str], size: int, rng: random.Random, essay: list[str] | None, make_distractor
+) -> str:
     """The haystack of `size` units (sentences or essay words) with the statements inserted."""
     if task.haystack == "essay":
         if not essay:
@@ -138,8 +196,9 @@ def insert_into_haystack(task: RulerTask, statements: list[str], size: int, rng:
         return " ".join(p for p in parts if p)
     sentences = [make_distractor() for _ in range(size)] if task.haystack == "needle" else [FILLER] * size
     slots = range(size + 1)
-    positions = sorted(rng.sample(slots, len(statements)) if len(slots) >= len(statements)
-                       else rng.choices(slots, k=len(statements)))
+    positions = sorted(
+        rng.sample(slots, len(statements)) if len(slots) >= len(statements) else rng.choices(slots, k=len(statements))
+    )
     for j, (index, statement) in enumerate(zip(positions, statements)):  # in order: a vt chain stays in order
         sentences.insert(index + j, statement)
     return "\n".join(sentences)
@@ -161,8 +220,10 @@ def niah_parts(task: RulerTask, rng: random.Random) -> tuple[list[str], list[str
     names = [keys[i] for i in asked]
     query = names[0] if len(names) == 1 else ", ".join(names[:-1]) + ", and " + names[-1]
     noun = task.value_type if len(answers) > 1 else task.value_type[:-1]
-    question = (f"Which special magic {noun} {'are' if len(answers) > 1 else 'is'} given for {query} in the text? "
-                f"The special magic {noun} for {query} {'are' if len(answers) > 1 else 'is'}")
+    question = (
+        f"Which special magic {noun} {'are' if len(answers) > 1 else 'is'} given for {query} in the text? "
+        f"The special magic {noun} for {query} {'are' if len(answers) > 1 else 'is'}"
+    )
     return needles, answers, f"\n{question}"
 
 
@@ -180,8 +241,10 @@ def vt_chain(hops: int, rng: random.Random, *, example: bool = False) -> tuple[l
 
 
 def vt_question(value: str, count: int) -> str:
-    return (f"\nQuestion: which variables end up holding the value {value}? Answer: following the assignments, "
-            f"{count} variables hold {value}; they are:")
+    return (
+        f"\nQuestion: which variables end up holding the value {value}? Answer: following the assignments, "
+        f"{count} variables hold {value}; they are:"
+    )
 
 
 def coded_words(count: int, width: int, rng: random.Random) -> list[str]:
@@ -203,26 +266,29 @@ def cwe_list(num_words: int, common: int, uncommon: int, rng: random.Random) -> 
 
 def zeta(alpha: float, terms: int = 100_000) -> float:
     """Riemann ζ(α) for α > 1: partial sum plus the integral tail."""
-    return sum(k ** -alpha for k in range(1, terms)) + terms ** (1 - alpha) / (alpha - 1)
+    return sum(k**-alpha for k in range(1, terms)) + terms ** (1 - alpha) / (alpha - 1)
 
 
 def fwe_text(num_words: int, rng: random.Random, alpha: float = 2.0) -> tuple[str, list[str]]:
     """Zipf-distributed coded words; the most frequent is written '....'; answers: ranks 2-4."""
     vocab = coded_words(2000, 6, rng)
     z = zeta(alpha)
-    counts = [int(num_words * (k ** -alpha) / z) for k in range(1, len(vocab) + 1)]
+    counts = [int(num_words * (k**-alpha) / z) for k in range(1, len(vocab) + 1)]
     words = [("...." if i == 0 else w) for i, (w, c) in enumerate(zip(vocab, counts)) for _ in range(c)]
     rng.shuffle(words)
     return " ".join(words), vocab[1:4]
 
 
-def _prompt_text(task: RulerTask, size: int, seed_text: str, essay: list[str] | None,
-                 qa: QaData | None = None) -> tuple[str, list[str], list[str]]:
+def _prompt_text(
+    task: RulerTask, size: int, seed_text: str, essay: list[str] | None, qa: QaData | None = None
+) -> tuple[str, list[str], list[str]]:
     """(prompt text, answers, hidden statements) for a haystack of `size` units; deterministic in seed_text."""
     rng = random.Random(seed_text)
     if task.kind == "niah":
         needles, answers, question = niah_parts(task, rng)
-        distractor = lambda: _needle(task.value_type, random_item(task.key_type, rng), random_item(task.value_type, rng))
+        distractor = lambda: _needle(
+            task.value_type, random_item(task.key_type, rng), random_item(task.value_type, rng)
+        )
         context = insert_into_haystack(task, needles, size, rng, essay, distractor)
         head = f"Special magic {task.value_type} are hidden in the text below; remember them, you will be asked about them."
         return f"{head}\n{context}{question}", answers, needles
@@ -239,8 +305,14 @@ def _prompt_text(task: RulerTask, size: int, seed_text: str, essay: list[str] | 
         return text, answer, []
     if task.kind == "fwe":
         text, answer = fwe_text(size, rng)
-        return (f"Count how often each coded word occurs in the text below. {text}\nQuestion: ignoring the dots "
-                "'....', which three coded words occur most often? Answer: the three most frequent coded words are:"), answer, []
+        return (
+            (
+                f"Count how often each coded word occurs in the text below. {text}\nQuestion: ignoring the dots "
+                "'....', which three coded words occur most often? Answer: the three most frequent coded words are:"
+            ),
+            answer,
+            [],
+        )
     if qa is None:
         raise RopekitError(f"RULER task {task.name} needs question-answer files (--ruler-qa-dir)")
     question = qa.questions[rng.randrange(len(qa.questions))]
@@ -250,17 +322,22 @@ def _prompt_text(task: RulerTask, size: int, seed_text: str, essay: list[str] | 
     return f"{ask}\n\n{context}\n\n{ask}\n\nQuestion: {question.query} Answer:", question.answers, []
 
 
-def make_sample(task: RulerTask, tokenizer, length: int, seed: int, *, essay: list[str] | None = None,
-                qa: QaData | None = None) -> Sample:
+def make_sample(
+    task: RulerTask, tokenizer, length: int, seed: int, *, essay: list[str] | None = None, qa: QaData | None = None
+) -> Sample:
     """One sample that fits in `length` tokens with room for the task's generation budget."""
     seed_text = f"{task.name}-{length}-{seed}"
     budget = length - task.max_new_tokens
     if task.kind == "cwe" and length < 4096:  # RULER: lower repetition counts below 4096 tokens
-        size = largest_fill(lambda n: len(tokenizer(cwe_text(n, random.Random(seed_text), small=True)[0])["input_ids"]), budget)
+        size = largest_fill(
+            lambda n: len(tokenizer(cwe_text(n, random.Random(seed_text), small=True)[0])["input_ids"]), budget
+        )
         text, answers = cwe_text(size, random.Random(seed_text), small=True)
         return Sample(tokenizer(text)["input_ids"], answers, [])
     minimum = 1 if task.kind in ("niah", "vt") else 0
-    size = largest_fill(lambda n: len(tokenizer(_prompt_text(task, n + minimum, seed_text, essay, qa)[0])["input_ids"]), budget)
+    size = largest_fill(
+        lambda n: len(tokenizer(_prompt_text(task, n + minimum, seed_text, essay, qa)[0])["input_ids"]), budget
+    )
     text, answers, statements = _prompt_text(task, size + minimum, seed_text, essay, qa)
     if len(tokenizer(text)["input_ids"]) > budget:
         raise RopekitError(f"RULER task {task.name} does not fit in {length} tokens")
@@ -319,7 +396,9 @@ class RulerResult:
         return asdict(self)
 
 
-def runnable_tasks(tasks: list[str], *, essay: list[str] | None, qa_dir: str | None) -> tuple[list[RulerTask], dict[str, str]]:
+def runnable_tasks(
+    tasks: list[str], *, essay: list[str] | None, qa_dir: str | None
+) -> tuple[list[RulerTask], dict[str, str]]:
     """The tasks that can run, and why each other one is skipped."""
     specs, skipped = [], {}
     for name in tasks:
@@ -344,15 +423,31 @@ def read_essay(path: str | Path | None) -> list[str] | None:
     return words
 
 
-def run_ruler(model, tokenizer, *, tasks: list[str], lengths: list[int], samples: int = 5, seed: int = 0,
-              essay_path: str | Path | None = None, qa_dir: str | None = None, progress: bool = False,
-              label: str = "") -> RulerResult:
+def run_ruler(
+    model,
+    tokenizer,
+    *,
+    tasks: list[str],
+    lengths: list[int],
+    samples: int = 5,
+    seed: int = 0,
+    essay_path: str | Path | None = None,
+    qa_dir: str | None = None,
+    progress: bool = False,
+    label: str = "",
+) -> RulerResult:
     """Greedy-decode every sample and score it with the task's metric (0-100)."""
     essay = read_essay(essay_path)
     specs, skipped = runnable_tasks(tasks, essay=essay, qa_dir=qa_dir)
     qa = {t.dataset: load_qa(qa_dir, t.dataset) for t in specs if t.kind == "qa"}
-    result = RulerResult([t.name for t in specs], list(lengths), samples, seed, essay=None if essay_path is None else str(essay_path),
-                         skipped=skipped)
+    result = RulerResult(
+        [t.name for t in specs],
+        list(lengths),
+        samples,
+        seed,
+        essay=None if essay_path is None else str(essay_path),
+        skipped=skipped,
+    )
     cells = [(t, n, i) for t in specs for n in lengths for i in range(samples)]
     if progress:
         from tqdm.auto import tqdm
@@ -362,8 +457,16 @@ def run_ruler(model, tokenizer, *, tasks: list[str], lengths: list[int], samples
         sample = make_sample(task, tokenizer, n, seed * 100_003 + i, essay=essay, qa=qa.get(task.dataset))
         raw = tokenizer.decode(generate_greedy(model, sample.prompt_ids, task.max_new_tokens), skip_special_tokens=True)
         prediction = postprocess(raw)
-        result.rows.append({"task": task.name, "length": n, "sample": i, "answers": sample.answers,
-                            "prediction": prediction, "score": METRICS[task.metric](prediction, sample.answers)})
+        result.rows.append(
+            {
+                "task": task.name,
+                "length": n,
+                "sample": i,
+                "answers": sample.answers,
+                "prediction": prediction,
+                "score": METRICS[task.metric](prediction, sample.answers),
+            }
+        )
     for task in specs:
         for n in lengths:
             scores = [r["score"] for r in result.rows if r["task"] == task.name and r["length"] == n]

@@ -56,8 +56,14 @@ def read_squad(path: Path) -> QaData:
                 for qa in p["qas"]:
                     if not qa.get("is_impossible", False):
                         here = index[p["context"]]
-                        questions.append(Question(qa["question"], [a["text"] for a in qa["answers"]], [here],
-                                                  [i for i in siblings if i != here]))
+                        questions.append(
+                            Question(
+                                qa["question"],
+                                [a["text"] for a in qa["answers"]],
+                                [here],
+                                [i for i in siblings if i != here],
+                            )
+                        )
     except (KeyError, TypeError):
         raise RopekitError(f"{path}: not in SQuAD's format (data → paragraphs → context, qas)") from None
     return QaData(questions, docs, str(path))
@@ -66,15 +72,20 @@ def read_squad(path: Path) -> QaData:
 def read_hotpotqa(path: Path) -> QaData:
     data = _load(path)
     try:
+
         def text(title, sentences):
             return f"{title}\n{''.join(sentences)}"
 
         docs = sorted({text(t, s) for item in data for t, s in item["context"]})
         index = {d: i for i, d in enumerate(docs)}
-        questions = [Question(item["question"], [item["answer"]], [index[text(t, s)] for t, s in item["context"]], [])
-                     for item in data]
+        questions = [
+            Question(item["question"], [item["answer"]], [index[text(t, s)] for t, s in item["context"]], [])
+            for item in data
+        ]
     except (KeyError, TypeError, ValueError):
-        raise RopekitError(f"{path}: not in HotpotQA's format (question, answer, context: [[title, sentences]])") from None
+        raise RopekitError(
+            f"{path}: not in HotpotQA's format (question, answer, context: [[title, sentences]])"
+        ) from None
     return QaData(questions, docs, str(path))
 
 
@@ -93,7 +104,11 @@ def qa_documents(data: QaData, question: Question, count: int, rng: random.Rando
     if count < len(data.documents):
         if count - len(question.gold) > len(question.related):
             others = [i for i in range(len(data.documents)) if i not in question.gold + question.related]
-            chosen = question.gold + question.related + rng.sample(others, max(0, count - len(question.gold) - len(question.related)))
+            chosen = (
+                question.gold
+                + question.related
+                + rng.sample(others, max(0, count - len(question.gold) - len(question.related)))
+            )
         else:
             chosen = question.gold + rng.sample(question.related, max(0, count - len(question.gold)))
         docs = [data.documents[i] for i in chosen]

@@ -21,15 +21,23 @@ from ropekit.apply.extend import load_model, load_tokenizer
 from ropekit.apply.patch import apply, model_spec
 from ropekit.errors import RopekitError
 from ropekit.eval.data import read_documents, tokenize_documents
-from ropekit.plan.geometry import RopeSpec, load_config_dict
-from ropekit.plan.registry import get_method, plan as make_plan
-from ropekit.eval.longbench import CHAT_MODES as LONGBENCH_CHAT_MODES, load_longbench, load_prompt_config, run_longbench
+from ropekit.eval.longbench import CHAT_MODES as LONGBENCH_CHAT_MODES
+from ropekit.eval.longbench import load_longbench, load_prompt_config, run_longbench
 from ropekit.eval.longppl import Evaluator, long_ppl
-from ropekit.eval.passkey import SCORERS as PASSKEY_SCORERS, STYLES as PASSKEY_STYLES, build_prompt, passkey_grid, read_task_line
-from ropekit.eval.ruler import (TASKS as RULER_TASKS, get_task as get_ruler_task, make_sample as make_ruler_sample,
-                               read_essay as read_ruler_essay, run_ruler, runnable_tasks as runnable_ruler_tasks)
-from ropekit.eval.ruler_qa import load_qa
+from ropekit.eval.passkey import SCORERS as PASSKEY_SCORERS
+from ropekit.eval.passkey import STYLES as PASSKEY_STYLES
+from ropekit.eval.passkey import build_prompt, passkey_grid, read_task_line
 from ropekit.eval.perplexity import CONVENTIONS, perplexity
+from ropekit.eval.ruler import TASKS as RULER_TASKS
+from ropekit.eval.ruler import get_task as get_ruler_task
+from ropekit.eval.ruler import make_sample as make_ruler_sample
+from ropekit.eval.ruler import read_essay as read_ruler_essay
+from ropekit.eval.ruler import run_ruler
+from ropekit.eval.ruler import runnable_tasks as runnable_ruler_tasks
+from ropekit.eval.ruler_qa import load_qa
+from ropekit.plan.geometry import RopeSpec, load_config_dict
+from ropekit.plan.registry import get_method
+from ropekit.plan.registry import plan as make_plan
 
 TASKS = ("ppl", "longppl", "passkey", "ruler", "longbench")
 AS_SAVED = "as-saved"  # the model exactly as loaded, no plan applied
@@ -76,7 +84,9 @@ class EvalConfig:
         if unknown or not self.tasks:
             raise RopekitError(f"unknown task {unknown[0] if unknown else '(none)'!r}; choose from {', '.join(TASKS)}")
         if {"ppl", "longppl"} & set(self.tasks) and not self.data:
-            raise RopekitError("the ppl and longppl tasks need --data (a text file, a folder, or JSONL with a 'text' field)")
+            raise RopekitError(
+                "the ppl and longppl tasks need --data (a text file, a folder, or JSONL with a 'text' field)"
+            )
         if self.convention not in CONVENTIONS:
             raise RopekitError(f"--convention must be one of {', '.join(CONVENTIONS)}")
         if not self.lengths or min(self.lengths) < 2:
@@ -92,15 +102,19 @@ class EvalConfig:
         if self.max_tokens is not None and self.max_tokens < max(self.lengths):
             raise RopekitError(f"--max-tokens {self.max_tokens} is below the longest length {max(self.lengths)}")
         if self.passkey_scorer not in PASSKEY_SCORERS or self.passkey_style not in PASSKEY_STYLES:
-            raise RopekitError(f"--passkey-scorer must be one of {', '.join(PASSKEY_SCORERS)} and --passkey-style one of "
-                               f"{', '.join(PASSKEY_STYLES)}")
+            raise RopekitError(
+                f"--passkey-scorer must be one of {', '.join(PASSKEY_SCORERS)} and --passkey-style one of "
+                f"{', '.join(PASSKEY_STYLES)}"
+            )
         if self.trials < 1:
             raise RopekitError("--trials must be ≥ 1")
         if "passkey" in self.tasks and not all(0.0 <= d <= 1.0 for d in self.depths):
             raise RopekitError(f"--depths must lie in [0, 1], got {self.depths}")
         if self.backend not in ("transformers", "llama.cpp"):
             raise RopekitError(f"--backend must be transformers or llama.cpp, got {self.backend!r}")
-        if self.backend == "llama.cpp" and (set(self.tasks) != {"ppl"} or not str(self.model).lower().endswith(".gguf")):
+        if self.backend == "llama.cpp" and (
+            set(self.tasks) != {"ppl"} or not str(self.model).lower().endswith(".gguf")
+        ):
             raise RopekitError("--backend llama.cpp scores perplexity (--tasks ppl) of a .gguf MODEL")
 
 
@@ -118,12 +132,15 @@ def context_limit(cfg: EvalConfig) -> int:
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Run every task for every method and write results.json, results.csv, report.md and plots."""
     cfg.validate()
-    target = prepare_output(cfg.out, overwrite=cfg.overwrite, marker="results.json",
-                            inputs=(cfg.model, cfg.data, cfg.longbench_dir))  # before any work
+    target = prepare_output(
+        cfg.out, overwrite=cfg.overwrite, marker="results.json", inputs=(cfg.model, cfg.data, cfg.longbench_dir)
+    )  # before any work
     limit = context_limit(cfg)  # from the config alone: refuse before loading any weights
     if max(cfg.lengths) > limit:
-        raise RopekitError(f"length {max(cfg.lengths)} is beyond this run's limit of {limit} tokens "
-                           "(raise --target-length, or evaluate a model extended that far)")
+        raise RopekitError(
+            f"length {max(cfg.lengths)} is beyond this run's limit of {limit} tokens "
+            "(raise --target-length, or evaluate a model extended that far)"
+        )
     if cfg.backend == "llama.cpp":
         from ropekit.eval.llamacpp import evaluate_llama_cpp
 
@@ -145,17 +162,30 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     documents = tokenize_documents(read_documents(cfg.data), tokenizer) if needs_text else []
     documents = [doc[: cfg.max_tokens] for doc in documents] if cfg.max_tokens else documents
     evaluator = load_evaluator(cfg.evaluator) if "longppl" in cfg.tasks and cfg.evaluator else None
-    results: dict[str, Any] = {"ropekit_version": __version__, "config": _jsonable(asdict(cfg)),
-                               "trained_length": _trained_length(cfg.model), "methods": {}, "warnings": []}
+    results: dict[str, Any] = {
+        "ropekit_version": __version__,
+        "config": _jsonable(asdict(cfg)),
+        "trained_length": _trained_length(cfg.model),
+        "methods": {},
+        "warnings": [],
+    }
     if "ppl" in cfg.tasks:
         results["warnings"] += short_document_warnings(documents, cfg.lengths)
     methods = cfg.methods or [AS_SAVED]
     overall = _progress_bar(cfg, total=len(methods) * len(cfg.tasks))
     try:
         for method in methods:
-            results["methods"][method] = run_method(cfg, method, limit=limit, tokenizer=tokenizer, documents=documents,
-                                                    longbench=longbench, prompt_config=prompt_config,
-                                                    evaluator=evaluator, overall=overall)
+            results["methods"][method] = run_method(
+                cfg,
+                method,
+                limit=limit,
+                tokenizer=tokenizer,
+                documents=documents,
+                longbench=longbench,
+                prompt_config=prompt_config,
+                evaluator=evaluator,
+                overall=overall,
+            )
     finally:
         if overall is not None:
             overall.close()
@@ -166,39 +196,93 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     return results
 
 
-def run_method(cfg: EvalConfig, method: str, *, limit: int, tokenizer, documents: list, longbench: dict,
-               prompt_config=None, evaluator=None, overall=None) -> dict[str, Any]:
+def run_method(
+    cfg: EvalConfig,
+    method: str,
+    *,
+    limit: int,
+    tokenizer,
+    documents: list,
+    longbench: dict,
+    prompt_config=None,
+    evaluator=None,
+    overall=None,
+) -> dict[str, Any]:
     """Every task of `cfg` for one method (AS_SAVED: the model as loaded); its results entry."""
     model = load_model(cfg.model, dtype="float32")
     entry: dict[str, Any] = {}
     if method != AS_SAVED:
         plan = make_plan(model_spec(model), limit, method)
         apply(model, plan)
-        entry["plan"] = {"target_length": plan.target_length, "factors": list(plan.factors),
-                         "attention_factor": plan.attention_factor, "disturbance": plan.disturbance}
+        entry["plan"] = {
+            "target_length": plan.target_length,
+            "factors": list(plan.factors),
+            "attention_factor": plan.attention_factor,
+            "disturbance": plan.disturbance,
+        }
     show = dict(progress=cfg.progress, label=method)
     for task in cfg.tasks:
         if overall is not None:
             overall.set_description(f"eval: {method} · {task}")
         if task == "ppl":
-            entry["ppl"] = {str(n): perplexity(model, documents, length=n, convention=cfg.convention,
-                                               stride=min(cfg.stride, n), **show).as_dict() for n in cfg.lengths}
+            entry["ppl"] = {
+                str(n): perplexity(
+                    model, documents, length=n, convention=cfg.convention, stride=min(cfg.stride, n), **show
+                ).as_dict()
+                for n in cfg.lengths
+            }
         elif task == "longppl":
-            entry["longppl"] = {str(n): long_ppl(model, documents, length=n, short_length=cfg.short_length,
-                                                 sliding_window=cfg.longppl_window, threshold=cfg.longppl_threshold,
-                                                 beta=cfg.longppl_beta, evaluator=evaluator, tokenizer=tokenizer).as_dict()
-                                for n in cfg.lengths if n > cfg.short_length}
+            entry["longppl"] = {
+                str(n): long_ppl(
+                    model,
+                    documents,
+                    length=n,
+                    short_length=cfg.short_length,
+                    sliding_window=cfg.longppl_window,
+                    threshold=cfg.longppl_threshold,
+                    beta=cfg.longppl_beta,
+                    evaluator=evaluator,
+                    tokenizer=tokenizer,
+                ).as_dict()
+                for n in cfg.lengths
+                if n > cfg.short_length
+            }
         elif task == "passkey":
-            entry["passkey"] = passkey_grid(model, tokenizer, lengths=cfg.lengths, depths=cfg.depths, trials=cfg.trials,
-                                            seed=cfg.seed, scorer=cfg.passkey_scorer, style=cfg.passkey_style,
-                                            task_file=cfg.passkey_task_file, **show).as_dict()
+            entry["passkey"] = passkey_grid(
+                model,
+                tokenizer,
+                lengths=cfg.lengths,
+                depths=cfg.depths,
+                trials=cfg.trials,
+                seed=cfg.seed,
+                scorer=cfg.passkey_scorer,
+                style=cfg.passkey_style,
+                task_file=cfg.passkey_task_file,
+                **show,
+            ).as_dict()
         elif task == "ruler":
-            entry["ruler"] = run_ruler(model, tokenizer, tasks=cfg.ruler_tasks, lengths=cfg.lengths, samples=cfg.trials,
-                                       seed=cfg.seed, essay_path=ruler_essay_path(cfg), qa_dir=cfg.ruler_qa_dir,
-                                       **show).as_dict()
+            entry["ruler"] = run_ruler(
+                model,
+                tokenizer,
+                tasks=cfg.ruler_tasks,
+                lengths=cfg.lengths,
+                samples=cfg.trials,
+                seed=cfg.seed,
+                essay_path=ruler_essay_path(cfg),
+                qa_dir=cfg.ruler_qa_dir,
+                **show,
+            ).as_dict()
         elif task == "longbench" and longbench:
-            entry["longbench"] = run_longbench(model, tokenizer, longbench, window=limit, max_length=cfg.longbench_max_length,
-                                               config=prompt_config, chat=cfg.longbench_chat, **show).as_dict()
+            entry["longbench"] = run_longbench(
+                model,
+                tokenizer,
+                longbench,
+                window=limit,
+                max_length=cfg.longbench_max_length,
+                config=prompt_config,
+                chat=cfg.longbench_chat,
+                **show,
+            ).as_dict()
         if overall is not None:
             overall.update(1)
     return entry
@@ -227,15 +311,21 @@ def short_document_warnings(documents: list, lengths: list[int]) -> list[str]:
     for n in lengths:
         short = [len(d) for d in documents if len(d) < n]
         if short:
-            out.append(f"{len(short)} of {len(documents)} documents are shorter than the {n}-token window "
-                       f"(shortest {min(short)} tokens); perplexity @ {n} scores them with less context")
+            out.append(
+                f"{len(short)} of {len(documents)} documents are shorter than the {n}-token window "
+                f"(shortest {min(short)} tokens); perplexity @ {n} scores them with less context"
+            )
     return out
 
 
 def non_finite_warnings(rows: list[dict[str, Any]]) -> list[str]:
     """One line per result that is NaN or inf (e.g. a model with NaN weights)."""
-    return [f"{r['method']} · {r['task']} @ {r['length'] or r['depth']}: non-finite result ({r['value']}); "
-            "check the model's weights" for r in rows if isinstance(r["value"], float) and not math.isfinite(r["value"])]
+    return [
+        f"{r['method']} · {r['task']} @ {r['length'] or r['depth']}: non-finite result ({r['value']}); "
+        "check the model's weights"
+        for r in rows
+        if isinstance(r["value"], float) and not math.isfinite(r["value"])
+    ]
 
 
 def check_passkey_fits(cfg: EvalConfig, tokenizer) -> None:
@@ -270,8 +360,10 @@ def check_ruler_fits(cfg: EvalConfig, tokenizer) -> None:
         try:
             make_ruler_sample(task, tokenizer, shortest, 0, essay=essay, qa=qa)
         except RopekitError:
-            raise RopekitError(f"RULER task {task.name} does not fit in {shortest} tokens with this tokenizer; "
-                               "use longer --lengths or drop it from --ruler-tasks") from None
+            raise RopekitError(
+                f"RULER task {task.name} does not fit in {shortest} tokens with this tokenizer; "
+                "use longer --lengths or drop it from --ruler-tasks"
+            ) from None
 
 
 def _finite_or_null(value: Any) -> Any:
@@ -312,27 +404,76 @@ def result_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for method, entry in results["methods"].items():
         for n, r in entry.get("ppl", {}).items():
-            rows.append({"method": method, "task": "ppl", "length": int(n), "depth": "", "value": r["perplexity"],
-                         "convention": r["convention"], "stride": r["stride"], "tokens_scored": r["tokens_scored"]})
+            rows.append(
+                {
+                    "method": method,
+                    "task": "ppl",
+                    "length": int(n),
+                    "depth": "",
+                    "value": r["perplexity"],
+                    "convention": r["convention"],
+                    "stride": r["stride"],
+                    "tokens_scored": r["tokens_scored"],
+                }
+            )
         for n, r in entry.get("longppl", {}).items():
-            rows.append({"method": method, "task": "longppl", "length": int(n), "depth": "", "value": r["long_ppl"],
-                         "convention": f"short {r['short_length']}/{r['sliding_window']}, α {r['threshold']}, β {r['beta']}, "
-                                       f"evaluator {r['evaluator']}", "stride": "",
-                         "tokens_scored": r["key_tokens"]})
+            rows.append(
+                {
+                    "method": method,
+                    "task": "longppl",
+                    "length": int(n),
+                    "depth": "",
+                    "value": r["long_ppl"],
+                    "convention": f"short {r['short_length']}/{r['sliding_window']}, α {r['threshold']}, β {r['beta']}, "
+                    f"evaluator {r['evaluator']}",
+                    "stride": "",
+                    "tokens_scored": r["key_tokens"],
+                }
+            )
         for cell, value in entry.get("ruler", {}).get("score", {}).items():
             task, n = cell.split("@")
-            rows.append({"method": method, "task": f"ruler:{task}", "length": int(n), "depth": "", "value": value,
-                         "convention": f"{get_ruler_task(task).metric} ×100", "stride": "", "tokens_scored": ""})
+            rows.append(
+                {
+                    "method": method,
+                    "task": f"ruler:{task}",
+                    "length": int(n),
+                    "depth": "",
+                    "value": value,
+                    "convention": f"{get_ruler_task(task).metric} ×100",
+                    "stride": "",
+                    "tokens_scored": "",
+                }
+            )
         for dataset, buckets in entry.get("longbench", {}).get("scores", {}).items():
             for bucket, value in buckets.items():
-                rows.append({"method": method, "task": f"longbench:{dataset}", "length": "", "depth": bucket,
-                             "value": value, "convention": "LongBench-E metric ×100", "stride": "", "tokens_scored": ""})
+                rows.append(
+                    {
+                        "method": method,
+                        "task": f"longbench:{dataset}",
+                        "length": "",
+                        "depth": bucket,
+                        "value": value,
+                        "convention": "LongBench-E metric ×100",
+                        "stride": "",
+                        "tokens_scored": "",
+                    }
+                )
         pk = entry.get("passkey")
         if pk:
             for cell, acc in pk["accuracy"].items():
                 n, d = cell.split("@")
-                rows.append({"method": method, "task": "passkey", "length": int(n), "depth": float(d), "value": acc,
-                             "convention": pk["scorer"], "stride": "", "tokens_scored": ""})
+                rows.append(
+                    {
+                        "method": method,
+                        "task": "passkey",
+                        "length": int(n),
+                        "depth": float(d),
+                        "value": acc,
+                        "convention": pk["scorer"],
+                        "stride": "",
+                        "tokens_scored": "",
+                    }
+                )
     return rows
 
 

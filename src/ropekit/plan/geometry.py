@@ -128,8 +128,9 @@ class RopeSpec:
         return PRESETS[key].spec
 
     @classmethod
-    def from_config(cls, config: Any, *, name: str | None = None, from_scratch: bool = False,
-                    layer_type: str | None = None) -> RopeSpec:
+    def from_config(
+        cls, config: Any, *, name: str | None = None, from_scratch: bool = False, layer_type: str | None = None
+    ) -> RopeSpec:
         """Geometry from a transformers `PretrainedConfig` (v5 `rope_parameters` or v4 `rope_scaling`).
 
         See `spec_from_config_dict` for what an existing scaling block means.
@@ -141,8 +142,9 @@ class RopeSpec:
         """Geometry from a model directory, a `config.json` path, a `.gguf` file, or a hub id (needs the hub)."""
         if str(path_or_id).lower().endswith(".gguf"):
             return cls.from_gguf(path_or_id)
-        return spec_from_config_dict(load_config_dict(path_or_id), name=str(path_or_id), from_scratch=from_scratch,
-                                     layer_type=layer_type)
+        return spec_from_config_dict(
+            load_config_dict(path_or_id), name=str(path_or_id), from_scratch=from_scratch, layer_type=layer_type
+        )
 
     @classmethod
     def from_gguf(cls, path: str, *, original_length: int | None = None) -> RopeSpec:
@@ -186,8 +188,12 @@ def check_local_source(path_or_id: str | Path) -> None:
     if Path(text).exists():
         return
     first = text.replace("\\", "/").split("/")[0]
-    looks_local = (text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text
-                   or ("/" in text and Path(first).exists()))
+    looks_local = (
+        text.startswith((".", "/", "~"))
+        or text.count("/") > 1
+        or "\\" in text
+        or ("/" in text and Path(first).exists())
+    )
     if looks_local:
         raise RopekitError(f"{text}: no such file or directory")
 
@@ -202,8 +208,9 @@ def _config_dict_from_hub(model_id: str) -> dict[str, Any]:
         raise RopekitError(f"{model_id}: could not load a config from a path or the hub ({first_line})") from None
 
 
-def spec_from_config_dict(cfg: dict[str, Any], *, name: str | None = None, from_scratch: bool = False,
-                          layer_type: str | None = None) -> RopeSpec:
+def spec_from_config_dict(
+    cfg: dict[str, Any], *, name: str | None = None, from_scratch: bool = False, layer_type: str | None = None
+) -> RopeSpec:
     """Build a `RopeSpec` from a config dict (transformers v4 or v5 layout; GPT-NeoX `rotary_pct` too).
 
     A config that already carries a scaling block (linear, yarn, llama3, longrope, dynamic) is
@@ -227,8 +234,9 @@ def spec_from_config_dict(cfg: dict[str, Any], *, name: str | None = None, from_
     if mrope:
         raise RopekitError(f"{name}: multimodal RoPE variant {rope.get('rope_type')!r} is not supported")
     if rope.get("rope_type") == "proportional":
-        raise RopekitError(f"{name}: 'proportional' RoPE (Gemma 4: exponents over head_dim, unrotated pairs kept) "
-                           "is not supported")
+        raise RopekitError(
+            f"{name}: 'proportional' RoPE (Gemma 4: exponents over head_dim, unrotated pairs kept) is not supported"
+        )
     base = rope.get("rope_theta", cfg.get("rope_theta", cfg.get("rotary_emb_base", 10000.0)))
     prf = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", cfg.get("rotary_pct", 1.0)))
     head_dim = cfg.get("head_dim") or _derive_head_dim(cfg, name)
@@ -268,7 +276,9 @@ def text_config_of(cfg: dict[str, Any], name: str | None) -> dict[str, Any]:
         cfg = {**text_cfg, "model_type": text_cfg.get("model_type", cfg.get("model_type"))}
     if not _has_rope(cfg):
         kind = cfg.get("model_type", "this model")
-        raise RopekitError(f"{name or kind}: config has no RoPE (no rope_theta / rope_parameters); ropekit needs a RoPE model")
+        raise RopekitError(
+            f"{name or kind}: config has no RoPE (no rope_theta / rope_parameters); ropekit needs a RoPE model"
+        )
     return cfg
 
 
@@ -283,9 +293,15 @@ def layer_rope_blocks(cfg: dict[str, Any]) -> dict[str, dict[str, Any] | None] |
     if isinstance(rope, dict) and rope and all(v is None or isinstance(v, dict) for v in rope.values()):
         return {k: (dict(v) if v is not None else None) for k, v in rope.items()}
     if cfg.get("rope_local_base_freq") is not None:
-        full = {"rope_type": "default", "rope_theta": cfg.get("rope_theta", 1_000_000.0), **(cfg.get("rope_scaling") or {})}
-        return {"sliding_attention": {"rope_type": "default", "rope_theta": cfg["rope_local_base_freq"]},
-                "full_attention": full}
+        full = {
+            "rope_type": "default",
+            "rope_theta": cfg.get("rope_theta", 1_000_000.0),
+            **(cfg.get("rope_scaling") or {}),
+        }
+        return {
+            "sliding_attention": {"rope_type": "default", "rope_theta": cfg["rope_local_base_freq"]},
+            "full_attention": full,
+        }
     return None
 
 
@@ -293,8 +309,9 @@ def default_layer_type(blocks: dict[str, Any], name: str | None) -> str:
     """The layer type planned by default: the one that attends over the whole context."""
     if "full_attention" in blocks:
         return "full_attention"
-    raise RopekitError(f"{name}: per-layer-type RoPE without a 'full_attention' block ({', '.join(blocks)}); "
-                       "pass --layer-type")
+    raise RopekitError(
+        f"{name}: per-layer-type RoPE without a 'full_attention' block ({', '.join(blocks)}); pass --layer-type"
+    )
 
 
 def _has_rope(cfg: dict[str, Any]) -> bool:
@@ -305,8 +322,23 @@ def _has_rope(cfg: dict[str, Any]) -> bool:
     return cfg.get("model_type") in _ROPE_MODEL_TYPES
 
 
-_ROPE_MODEL_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text", "gpt_neox",
-                     "phi", "olmo", "olmo2", "olmo3", "gpt_oss"}
+_ROPE_MODEL_TYPES = {
+    "llama",
+    "mistral",
+    "mixtral",
+    "qwen2",
+    "qwen3",
+    "phi3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "gpt_neox",
+    "phi",
+    "olmo",
+    "olmo2",
+    "olmo3",
+    "gpt_oss",
+}
 
 
 def _derive_head_dim(cfg: dict[str, Any], name: str | None) -> int:

@@ -61,18 +61,33 @@ for _m in [
     Method("pi", linear, "linear position interpolation: every θ_i / s", "Chen et al. 2023", "linear"),
     Method("ntk", ntk, "NTK-aware base change b·α^(d/(d−2))", "bloc97 2023"),
     Method("dynamic-ntk", dynamic_ntk, "NTK base recomputed for the current length", "emozilla 2023", "dynamic"),
-    Method("yarn", yarn,
-           "ramp between interpolation and extrapolation + attention factor", "Peng et al. 2023", "yarn"),
+    Method("yarn", yarn, "ramp between interpolation and extrapolation + attention factor", "Peng et al. 2023", "yarn"),
     Method("llama3", llama3, "Llama 3.1 wavelength-banded interpolation", "Meta 2024", "llama3"),
-    Method("longrope", longrope, "user-given per-pair factors (searched by LongRoPE)", "Ding et al. 2024",
-           "longrope", needs_factors=True),
-    Method("base", base_change, "RoPE base change (ABF); base from the critical dimension or Men et al.",
-           "Liu et al. 2023; Men et al. 2024"),
+    Method(
+        "longrope",
+        longrope,
+        "user-given per-pair factors (searched by LongRoPE)",
+        "Ding et al. 2024",
+        "longrope",
+        needs_factors=True,
+    ),
+    Method(
+        "base",
+        base_change,
+        "RoPE base change (ABF); base from the critical dimension or Men et al.",
+        "Liu et al. 2023; Men et al. 2024",
+    ),
     Method("resonance", resonance, "round wavelengths to integers after another method", "Wang et al. 2024"),
-    Method("dprope", dprope, "per-pair interpolate/extrapolate by least angle-distribution disturbance",
-           "Wu et al. 2024"),
-    Method("dprope-opt", dprope_opt, "per-pair factor in [1, s] of least angle-distribution disturbance (1-D search)",
-           "ropekit; criterion of Wu et al. 2024", in_default_comparison=False),
+    Method(
+        "dprope", dprope, "per-pair interpolate/extrapolate by least angle-distribution disturbance", "Wu et al. 2024"
+    ),
+    Method(
+        "dprope-opt",
+        dprope_opt,
+        "per-pair factor in [1, s] of least angle-distribution disturbance (1-D search)",
+        "ropekit; criterion of Wu et al. 2024",
+        in_default_comparison=False,
+    ),
 ]:
     register_method(_m)
 
@@ -109,8 +124,9 @@ def check_parameter_types(m: Method, params: dict[str, Any]) -> None:
         union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
         options = [t for t in (typing.get_args(hint) if union else (hint,)) if t is not type(None)]
         if not any(_fits(value, t) for t in options):
-            raise RopekitError(f"method {m.name!r}: {name} must be {' or '.join(_describe(t) for t in options)}, "
-                               f"got {value!r}")
+            raise RopekitError(
+                f"method {m.name!r}: {name} must be {' or '.join(_describe(t) for t in options)}, got {value!r}"
+            )
 
 
 def _fits(value: Any, kind: Any) -> bool:
@@ -122,7 +138,8 @@ def _fits(value: Any, kind: Any) -> bool:
         return isinstance(value, str)
     if typing.get_origin(kind) in (Sequence, list, tuple):
         return (isinstance(value, (list, tuple)) or hasattr(value, "tolist")) and all(
-            _fits(v, float) for v in (value.tolist() if hasattr(value, "tolist") else value))
+            _fits(v, float) for v in (value.tolist() if hasattr(value, "tolist") else value)
+        )
     return True
 
 
@@ -151,7 +168,9 @@ def plan(spec: RopeSpec, target_length: int, method: str = "dprope", *, bins: in
     return Plan(method=m.name, spec=spec, target_length=target_length, params=params, scaling=scaling, bins=bins)
 
 
-MAX_TARGET_LENGTH = 1 << 22  # 4,194,304 tokens (LongRoPE's 2048k fits): disturbance costs O(L' · d/2), ~1 min per method there
+MAX_TARGET_LENGTH = (
+    1 << 22
+)  # 4,194,304 tokens (LongRoPE's 2048k fits): disturbance costs O(L' · d/2), ~1 min per method there
 
 
 def compose_with_current(spec: RopeSpec, scaling: Scaling) -> Scaling:
@@ -183,12 +202,12 @@ def check_target_length(spec: RopeSpec, target_length: int) -> None:
             f"{spec.pretrained_length}-token RoPE, replacing that scaling"
         )
     if target_length > MAX_TARGET_LENGTH:
-        raise RopekitError(f"target length {target_length:,} is beyond ropekit's bound of {MAX_TARGET_LENGTH:,} tokens "
-                           "(2^22; planning cost grows with the length)")
-    if target_length <= spec.original_length:
         raise RopekitError(
-            f"target length {target_length} must exceed the original length {spec.original_length}"
+            f"target length {target_length:,} is beyond ropekit's bound of {MAX_TARGET_LENGTH:,} tokens "
+            "(2^22; planning cost grows with the length)"
         )
+    if target_length <= spec.original_length:
+        raise RopekitError(f"target length {target_length} must exceed the original length {spec.original_length}")
 
 
 def comparable_methods(spec: RopeSpec | None = None) -> list[str]:
@@ -198,7 +217,9 @@ def comparable_methods(spec: RopeSpec | None = None) -> list[str]:
     return [name for name, m in METHODS.items() if not m.needs_factors and m.in_default_comparison and name not in skip]
 
 
-def compare(spec: RopeSpec, target_length: int, methods: list[str] | None = None, *, bins: int = 360) -> dict[str, Plan]:
+def compare(
+    spec: RopeSpec, target_length: int, methods: list[str] | None = None, *, bins: int = 360
+) -> dict[str, Plan]:
     """Plan every method (default: all that need no extra input) with default parameters."""
     require_spec(spec)
     names = methods or comparable_methods(spec)

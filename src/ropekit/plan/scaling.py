@@ -33,9 +33,12 @@ class Scaling:
         """Equal when the frequencies are equal bit for bit and every other field is equal."""
         if not isinstance(other, Scaling):
             return NotImplemented
-        return (torch.equal(self.inv_freq, other.inv_freq) and self.factors == other.factors
-                and self.attention_factor == other.attention_factor
-                and _same_details(self.details, other.details))
+        return (
+            torch.equal(self.inv_freq, other.inv_freq)
+            and self.factors == other.factors
+            and self.attention_factor == other.attention_factor
+            and _same_details(self.details, other.details)
+        )
 
     __hash__ = None  # type: ignore[assignment]  # mutable details: not hashable
 

@@ -34,13 +34,19 @@ def extended_spec(plain: RopeSpec, block: dict[str, Any], *, max_positions: int 
     """The spec to plan from for a model whose config carries `block` (plain: its RoPE at L_0)."""
     rope_type = block.get("rope_type", block.get("type"))
     if rope_type not in SUPPORTED_TYPES:
-        raise RopekitError(f"{plain.name}: existing rope_type {rope_type!r} is not supported "
-                           f"(supported: {', '.join(SUPPORTED_TYPES)}); plan with --from-scratch to replace it")
+        raise RopekitError(
+            f"{plain.name}: existing rope_type {rope_type!r} is not supported "
+            f"(supported: {', '.join(SUPPORTED_TYPES)}); plan with --from-scratch to replace it"
+        )
     max_positions = max_positions or plain.original_length
     if rope_type == "dynamic":
-        return replace(plain, original_length=max_positions, pretrained_length=max_positions,
-                       length_source="max_position_embeddings (dynamic NTK keeps plain frequencies up to it; "
-                                     "a plan replaces the dynamic update)")
+        return replace(
+            plain,
+            original_length=max_positions,
+            pretrained_length=max_positions,
+            length_source="max_position_embeddings (dynamic NTK keeps plain frequencies up to it; "
+            "a plan replaces the dynamic update)",
+        )
     scaling, length, reason = _current_scaling(plain, block, rope_type, max_positions)
     return replace(
         plain,
@@ -63,19 +69,32 @@ def _current_scaling(plain: RopeSpec, block: dict[str, Any], rope_type: str, max
     L0 = plain.original_length
     factor = block.get("factor")
     if rope_type == "linear":
-        return (linear(plain, max_positions, factor=float(_required(block, "factor", plain))), max_positions,
-                f"max_position_embeddings {max_positions} (a linear block records no original length)")
+        return (
+            linear(plain, max_positions, factor=float(_required(block, "factor", plain))),
+            max_positions,
+            f"max_position_embeddings {max_positions} (a linear block records no original length)",
+        )
     if factor is None:
         factor = max_positions / L0  # transformers' fallback for yarn and longrope
     length, reason = trained_length(L0, float(factor), max_positions, rope_type)
     if rope_type == "llama3":
-        scaling = llama3(plain, length, factor=float(factor),
-                         low_freq_factor=float(_required(block, "low_freq_factor", plain)),
-                         high_freq_factor=float(_required(block, "high_freq_factor", plain)))
+        scaling = llama3(
+            plain,
+            length,
+            factor=float(factor),
+            low_freq_factor=float(_required(block, "low_freq_factor", plain)),
+            high_freq_factor=float(_required(block, "high_freq_factor", plain)),
+        )
     elif rope_type == "yarn":
-        scaling = yarn(plain, length, factor=float(factor), beta_fast=float(block.get("beta_fast") or 32),
-                       beta_slow=float(block.get("beta_slow") or 1), truncate=bool(block.get("truncate", True)),
-                       attention_factor=yarn_block_attention(block, float(factor)))
+        scaling = yarn(
+            plain,
+            length,
+            factor=float(factor),
+            beta_fast=float(block.get("beta_fast") or 32),
+            beta_slow=float(block.get("beta_slow") or 1),
+            truncate=bool(block.get("truncate", True)),
+            attention_factor=yarn_block_attention(block, float(factor)),
+        )
     else:  # longrope: over the trained context transformers uses the long factors
         attention = block.get("attention_factor")
         if attention is None:
@@ -87,11 +106,15 @@ def _current_scaling(plain: RopeSpec, block: dict[str, Any], rope_type: str, max
 def trained_length(original: int, factor: float, max_positions: int, rope_type: str) -> tuple[int, str]:
     """L_t for a llama3 / yarn / longrope block and the reason, as one sentence."""
     if max_positions > original:
-        return max_positions, (f"max_position_embeddings {max_positions}: the config runs its {rope_type} "
-                               f"scaling (from original {original}) there")
+        return max_positions, (
+            f"max_position_embeddings {max_positions}: the config runs its {rope_type} "
+            f"scaling (from original {original}) there"
+        )
     length = round(original * factor)
-    return length, (f"original {original} × factor {factor:g} = {length}: max_position_embeddings "
-                    f"{max_positions} does not exceed the original, so the block's own design length is used")
+    return length, (
+        f"original {original} × factor {factor:g} = {length}: max_position_embeddings "
+        f"{max_positions} does not exceed the original, so the block's own design length is used"
+    )
 
 
 def yarn_block_attention(block: dict[str, Any], factor: float) -> float:

@@ -25,8 +25,10 @@ def pack_windows(documents: list[np.ndarray], window: int, *, eos_id: int | None
     stream = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
     count = len(stream) // window
     if count == 0:
-        raise RopekitError(f"the training text has {len(stream)} tokens, fewer than one window of {window}; "
-                           "add text or lower the training length")
+        raise RopekitError(
+            f"the training text has {len(stream)} tokens, fewer than one window of {window}; "
+            "add text or lower the training length"
+        )
     return stream[: count * window].reshape(count, window)
 
 
@@ -35,8 +37,9 @@ def window_order(num_windows: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_windows)
 
 
-def window_indices(step: int, micro: int, rank: int, *, num_windows: int, micro_batch: int, world: int,
-                   accumulation: int, seed: int) -> list[int]:
+def window_indices(
+    step: int, micro: int, rank: int, *, num_windows: int, micro_batch: int, world: int, accumulation: int, seed: int
+) -> list[int]:
     """Windows that `rank` trains on at optimizer step `step`, micro-batch `micro` (all 0-based).
 
     Global position of a sample: step·B + (micro·world + rank)·micro_batch + j, with

@@ -37,8 +37,24 @@ from ropekit.plan.registry import plan as make_plan
 from ropekit.train.data import pack_windows, window_indices
 from ropekit.train.pose import pose_rng, pose_sample
 
-RESUME_KEYS = ("model", "method", "method_params", "target_length", "train_length", "pose", "pose_chunks", "pose_text_skip",
-               "global_batch", "micro_batch", "lr", "weight_decay", "warmup_steps", "seed", "steps", "data")
+RESUME_KEYS = (
+    "model",
+    "method",
+    "method_params",
+    "target_length",
+    "train_length",
+    "pose",
+    "pose_chunks",
+    "pose_text_skip",
+    "global_batch",
+    "micro_batch",
+    "lr",
+    "weight_decay",
+    "warmup_steps",
+    "seed",
+    "steps",
+    "data",
+)
 
 
 @dataclass
@@ -77,7 +93,9 @@ class TrainConfig:
 
     def validate(self, original_length: int) -> None:
         if self.target_length <= original_length:
-            raise RopekitError(f"target length {self.target_length} must exceed the model's original length {original_length}")
+            raise RopekitError(
+                f"target length {self.target_length} must exceed the model's original length {original_length}"
+            )
         if self.pose and (self.train_length is None or self.train_length >= self.target_length):
             raise RopekitError("--pose needs --train-length below --target-length (e.g. the original length)")
         if self.pose_text_skip and not self.pose:
@@ -92,11 +110,20 @@ class TrainConfig:
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise RopekitError(f"--lr must be a finite positive number, got {self.lr}")
         if self.mixed_precision not in MIXED_PRECISION:
-            raise RopekitError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
+            raise RopekitError(
+                f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}"
+            )
         trackers = [t for t in self.report_to.split(",") if t]
-        if not trackers or any(t not in REPORT_TO for t in trackers) or len(trackers) > 1 and {"auto", "none"} & set(trackers):
-            raise RopekitError(f"--report-to must be auto, none, or a comma-separated list of "
-                               f"tensorboard, wandb; got {self.report_to!r}")
+        if (
+            not trackers
+            or any(t not in REPORT_TO for t in trackers)
+            or len(trackers) > 1
+            and {"auto", "none"} & set(trackers)
+        ):
+            raise RopekitError(
+                f"--report-to must be auto, none, or a comma-separated list of "
+                f"tensorboard, wandb; got {self.report_to!r}"
+            )
 
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
@@ -107,8 +134,16 @@ def _batch(cfg: TrainConfig, windows, idx: list[int], step: int) -> tuple[torch.
     """Token ids (micro_batch, window) and, with PoSE, their position ids (and text-skipped token choice)."""
     if not cfg.pose:
         return torch.from_numpy(windows[idx]), None
-    samples = [pose_sample(cfg.window(), cfg.target_length, pose_rng(cfg.seed, i, step), chunks=cfg.pose_chunks,
-                           text_skip=cfg.pose_text_skip) for i in idx]
+    samples = [
+        pose_sample(
+            cfg.window(),
+            cfg.target_length,
+            pose_rng(cfg.seed, i, step),
+            chunks=cfg.pose_chunks,
+            text_skip=cfg.pose_text_skip,
+        )
+        for i in idx
+    ]
     ids = np.stack([windows[i][s.token_index] for i, s in zip(idx, samples)])
     return torch.from_numpy(ids), torch.stack([s.position_ids for s in samples])
 
@@ -146,10 +181,13 @@ def _check_out_dir(cfg: TrainConfig):
     """The output contract (ropekit.apply.atomic) for a run directory written in place."""
     out = Path(cfg.out)
     if not cfg.resume and not cfg.overwrite and latest_checkpoint(out) is not None:
-        raise RopekitError(f"{out} already holds a run; pass --resume to continue it, --overwrite to start "
-                           "it again, or choose another --out")
-    target = prepare_output(out, overwrite=cfg.overwrite, inputs=(cfg.model, cfg.data), in_place=True,
-                            existing_ok=cfg.resume)
+        raise RopekitError(
+            f"{out} already holds a run; pass --resume to continue it, --overwrite to start "
+            "it again, or choose another --out"
+        )
+    target = prepare_output(
+        out, overwrite=cfg.overwrite, inputs=(cfg.model, cfg.data), in_place=True, existing_ok=cfg.resume
+    )
     if cfg.resume and latest_checkpoint(out) is None:
         raise RopekitError(f"{out}: no complete checkpoint to resume from")
     return target
@@ -163,8 +201,16 @@ def _start_run_dir(target) -> None:
     target.path.mkdir(parents=True, exist_ok=True)
     os.chmod(target.path, dir_mode)
     marker = target.path / MARKER
-    marker.write_text(json.dumps({**SIGNATURE, "ropekit_version": __version__,
-                                  "status": "fine-tuning; this becomes the model record when the run completes"}) + "\n")
+    marker.write_text(
+        json.dumps(
+            {
+                **SIGNATURE,
+                "ropekit_version": __version__,
+                "status": "fine-tuning; this becomes the model record when the run completes",
+            }
+        )
+        + "\n"
+    )
 
 
 class _TiedWeightsNote(logging.Filter):
@@ -194,13 +240,19 @@ def finetune(cfg: TrainConfig) -> dict[str, Any]:
             _start_run_dir(target)
         PartialState(cpu=cpu).wait_for_everyone()
     if cfg.global_batch % (cfg.micro_batch * world):
-        raise RopekitError(f"global batch {cfg.global_batch} is not a multiple of micro batch × processes "
-                           f"({cfg.micro_batch} × {world})")
+        raise RopekitError(
+            f"global batch {cfg.global_batch} is not a multiple of micro batch × processes "
+            f"({cfg.micro_batch} × {world})"
+        )
     accumulation = cfg.global_batch // (cfg.micro_batch * world)
     # accumulation through accelerate, so DeepSpeed's engine and FSDP step only at the sync points
-    accelerator = Accelerator(cpu=cpu, gradient_accumulation_steps=accumulation,
-                              mixed_precision=_mixed_precision(cfg.mixed_precision),
-                              log_with=_trackers(cfg.report_to) or None, project_dir=str(cfg.out / "logs"))
+    accelerator = Accelerator(
+        cpu=cpu,
+        gradient_accumulation_steps=accumulation,
+        mixed_precision=_mixed_precision(cfg.mixed_precision),
+        log_with=_trackers(cfg.report_to) or None,
+        project_dir=str(cfg.out / "logs"),
+    )
     set_seed(cfg.seed)
 
     tokenizer = load_tokenizer(cfg.model)
@@ -240,7 +292,9 @@ def finetune(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.progress and accelerator.is_local_main_process:
         from tqdm.auto import tqdm
 
-        progress = tqdm(total=cfg.steps, initial=start_step, desc=f"fine-tune {plan.method} @ {cfg.window()}", unit="step")
+        progress = tqdm(
+            total=cfg.steps, initial=start_step, desc=f"fine-tune {plan.method} @ {cfg.window()}", unit="step"
+        )
     started = time.perf_counter()
     completed = start_step
     try:
@@ -249,8 +303,16 @@ def finetune(cfg: TrainConfig) -> dict[str, Any]:
                 loss_sum = torch.zeros((), device=accelerator.device)
                 seen = []
                 for micro in range(accumulation):
-                    idx = window_indices(step, micro, rank, num_windows=len(windows), micro_batch=cfg.micro_batch,
-                                         world=world, accumulation=accumulation, seed=cfg.seed)
+                    idx = window_indices(
+                        step,
+                        micro,
+                        rank,
+                        num_windows=len(windows),
+                        micro_batch=cfg.micro_batch,
+                        world=world,
+                        accumulation=accumulation,
+                        seed=cfg.seed,
+                    )
                     seen += idx
                     ids, positions = _batch(cfg, windows, idx, step)
                     ids = ids.to(accelerator.device)  # (micro_batch, window)
@@ -266,8 +328,13 @@ def finetune(cfg: TrainConfig) -> dict[str, Any]:
                         optimizer.zero_grad()
                     loss_sum += loss.detach() / accumulation
                 mean_loss = float(accelerator.reduce(loss_sum, "mean"))
-                record = {"step": step + 1, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
-                          "tokens": (step + 1) * tokens_per_step, "seconds": time.perf_counter() - started}
+                record = {
+                    "step": step + 1,
+                    "loss": mean_loss,
+                    "lr": scheduler.get_last_lr()[0],
+                    "tokens": (step + 1) * tokens_per_step,
+                    "seconds": time.perf_counter() - started,
+                }
                 _append(logs / f"data_rank{rank}.jsonl", {"step": step + 1, "windows": seen})
                 if accelerator.is_main_process:
                     _append(logs / "train_log.jsonl", record)
@@ -282,8 +349,10 @@ def finetune(cfg: TrainConfig) -> dict[str, Any]:
                     if completed % cfg.save_every:
                         _save_checkpoint(accelerator, cfg, completed)
                     _write_loss_csv_on_main(accelerator, logs)
-                    raise Interrupted(f"interrupted after step {completed}; its checkpoint is complete and the loss "
-                                      f"curve so far is in {logs / 'loss_curve.csv'}; continue with --resume")
+                    raise Interrupted(
+                        f"interrupted after step {completed}; its checkpoint is complete and the loss "
+                        f"curve so far is in {logs / 'loss_curve.csv'}; continue with --resume"
+                    )
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once, keep the last complete checkpoint
         latest = latest_checkpoint(cfg.out)
         where = f"the latest complete checkpoint is {latest.name}" if latest else "no checkpoint was completed"
@@ -338,11 +407,17 @@ def _any_rank(accelerator, flag: bool) -> bool:
 
 def _training_record(cfg, start, end, elapsed, tokens_per_step, world, accumulation, done) -> dict[str, Any]:
     steps_run = end - start
-    return {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
-            "processes": world, "gradient_accumulation": accumulation, "steps_completed": end,
-            "steps_this_run": steps_run, "completed": done,
-            "tokens_per_second": steps_run * tokens_per_step / elapsed if elapsed > 0 and steps_run else None,
-            "loss_curve": "logs/loss_curve.csv", "document_boundaries": "EOS token between documents"}
+    return {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        "processes": world,
+        "gradient_accumulation": accumulation,
+        "steps_completed": end,
+        "steps_this_run": steps_run,
+        "completed": done,
+        "tokens_per_second": steps_run * tokens_per_step / elapsed if elapsed > 0 and steps_run else None,
+        "loss_curve": "logs/loss_curve.csv",
+        "document_boundaries": "EOS token between documents",
+    }
 
 
 def _append(path: Path, record: dict) -> None:
@@ -388,8 +463,10 @@ def _resume(accelerator, cfg: TrainConfig) -> int:
             continue
         saved = state.get(key, 0 if key == "pose_text_skip" else None)  # checkpoints from before text skipping
         if json.dumps(saved, default=str) != json.dumps(getattr(cfg, key), default=str):
-            raise RopekitError(f"cannot resume: the checkpoint was made with {key}={state.get(key)!r}, "
-                               f"this run has {getattr(cfg, key)!r}")
+            raise RopekitError(
+                f"cannot resume: the checkpoint was made with {key}={state.get(key)!r}, "
+                f"this run has {getattr(cfg, key)!r}"
+            )
     accelerator.load_state(str(checkpoint))
     return int(state["step"])
 

@@ -57,13 +57,16 @@ def sequential_skips(count: int, high: int, rng: np.random.Generator) -> list[in
     return skips
 
 
-def pose_sample(train_length: int, target_length: int, rng: np.random.Generator, *, chunks: int = 2,
-                text_skip: int = 0) -> PoseSample:
+def pose_sample(
+    train_length: int, target_length: int, rng: np.random.Generator, *, chunks: int = 2, text_skip: int = 0
+) -> PoseSample:
     """One PoSE window: which source tokens to read and their position ids."""
     if train_length > target_length:
         raise RopekitError(f"PoSE training length {train_length} exceeds the target length {target_length}")
     if not 1 <= chunks <= max_chunks(train_length):
-        raise RopekitError(f"PoSE chunks must be in [1, {max_chunks(train_length)}] for windows of {train_length}, got {chunks}")
+        raise RopekitError(
+            f"PoSE chunks must be in [1, {max_chunks(train_length)}] for windows of {train_length}, got {chunks}"
+        )
     if text_skip < 0:
         raise RopekitError(f"PoSE text skip must be ≥ 0 tokens, got {text_skip}")
     lengths = chunk_lengths(train_length, chunks, rng)
@@ -75,7 +78,9 @@ def pose_sample(train_length: int, target_length: int, rng: np.random.Generator,
     return PoseSample(window + text_offsets, torch.from_numpy(window + offsets), tuple(lengths), tuple(u), tuple(v))
 
 
-def pose_position_ids(train_length: int, target_length: int, rng: np.random.Generator, *, chunks: int = 2) -> torch.Tensor:
+def pose_position_ids(
+    train_length: int, target_length: int, rng: np.random.Generator, *, chunks: int = 2
+) -> torch.Tensor:
     """Position ids, shape (train_length,), int64, strictly increasing, max < target_length."""
     return pose_sample(train_length, target_length, rng, chunks=chunks).position_ids
 

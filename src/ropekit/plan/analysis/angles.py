@@ -18,7 +18,9 @@ EPSILON = 6.103515625e-05  # smallest normal float16: every bin starts here
 DEFAULT_BINS = 360
 
 
-def angle_counts(inv_freq: torch.Tensor, length: int, bins: int = DEFAULT_BINS, *, chunk: int = 1 << 17) -> torch.Tensor:
+def angle_counts(
+    inv_freq: torch.Tensor, length: int, bins: int = DEFAULT_BINS, *, chunk: int = 1 << 17
+) -> torch.Tensor:
     """Integer angle counts, shape (d/2, K), int64; each row sums to `length`.
 
     >>> counts = angle_counts(torch.tensor([1.0, 0.001]), 1000)

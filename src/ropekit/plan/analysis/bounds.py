@@ -54,7 +54,12 @@ def base_for_bound(spec: RopeSpec, bound: float) -> float:
 
     `bound` must exceed 2π tokens (a shorter bound would need a base ≤ 1).
     """
-    if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not math.isfinite(bound) or bound <= 2 * math.pi:
+    if (
+        isinstance(bound, bool)
+        or not isinstance(bound, (int, float))
+        or not math.isfinite(bound)
+        or bound <= 2 * math.pi
+    ):
         raise RopekitError(f"bound must be a number of tokens above 2π ≈ 6.28, got {bound!r}")
     d_extra = critical_dimension(spec)
     if d_extra == 0:
@@ -73,7 +78,9 @@ def long_term_decay_min(rotary_dim: int, base: float, length: int) -> float:
     return float(decay_passes(rotary_dim, torch.tensor([float(base)], dtype=torch.float64), length)[1][0])
 
 
-def decay_passes(rotary_dim: int, bases: torch.Tensor, length: int, *, inner: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+def decay_passes(
+    rotary_dim: int, bases: torch.Tensor, length: int, *, inner: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
     """For each base: (B(m) ≥ 0 for every 0 ≤ m < length, the smallest B(m) seen), float64.
 
     m is written m₀ + j with j < `inner`, so B(m₀ + j) = Σ_i cos(jθ_i)cos(m₀θ_i) − sin(jθ_i)sin(m₀θ_i),
@@ -140,8 +147,9 @@ def _passing(rotary_dim: int, length: int, resolution: float, ks: range) -> torc
     return decay_passes(rotary_dim, bases, length)[0]
 
 
-def min_base_for_length(spec: RopeSpec, length: int, *, rule: str = "smallest", resolution: float = 1e-3,
-                        batch: int = 256) -> float:
+def min_base_for_length(
+    spec: RopeSpec, length: int, *, rule: str = "smallest", resolution: float = 1e-3, batch: int = 256
+) -> float:
     """Men et al. (2024)'s lower bound on the base for a context of `length` tokens, on a grid.
 
     The grid is b_k = 2·(1 + resolution)^k (relative spacing `resolution`, default 0.1%).

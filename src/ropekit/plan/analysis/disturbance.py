@@ -51,7 +51,9 @@ def pre_training_distribution(spec: RopeSpec, bins: int = DEFAULT_BINS) -> torch
     return distribution(spec.inv_freq(), spec.original_length, bins)
 
 
-def pair_disturbance(spec: RopeSpec, inv_freq: torch.Tensor, target_length: int, *, bins: int = DEFAULT_BINS) -> torch.Tensor:
+def pair_disturbance(
+    spec: RopeSpec, inv_freq: torch.Tensor, target_length: int, *, bins: int = DEFAULT_BINS
+) -> torch.Tensor:
     """D_i for frequencies `inv_freq` used over 0 … L'−1, shape (d/2,), float64 nats."""
     q = distribution(inv_freq, target_length, bins)
     return kl_per_pair(pre_training_distribution(spec, bins), q)

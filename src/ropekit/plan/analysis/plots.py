@@ -16,14 +16,17 @@ from ropekit.plan.geometry import RopeSpec
 from ropekit.plan.scaling import Plan
 
 
-def new_figure(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], constrained_layout: bool = False,
-               **subplot_kw):
+def new_figure(
+    nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], constrained_layout: bool = False, **subplot_kw
+):
     """(figure, axes) without pyplot: no global backend choice, no figure registry to close."""
     fig = Figure(figsize=figsize, layout="constrained" if constrained_layout else None)
     return fig, fig.subplots(nrows, ncols, **subplot_kw)
 
 
-def plot_angle_histograms(spec: RopeSpec, target_length: int, pair: int, path: str | Path, *, bins: int = DEFAULT_BINS) -> Path:
+def plot_angle_histograms(
+    spec: RopeSpec, target_length: int, pair: int, path: str | Path, *, bins: int = DEFAULT_BINS
+) -> Path:
     """Pair `pair`'s angle distribution: pre-training (θ, L), interpolated (θ/s, L'), extrapolated (θ, L')."""
     s = target_length / spec.original_length
     inv = spec.inv_freq()
@@ -52,7 +55,12 @@ def plot_pair_disturbance(plans: dict[str, Plan], path: str | Path) -> Path:
     spec = next(iter(plans.values())).spec
     fig, ax = new_figure(figsize=(9, 4.5))
     for name, plan in plans.items():
-        ax.plot(range(spec.num_pairs), plan.pair_disturbance.clamp(min=1e-6).numpy(), marker=".", label=f"{name} ({plan.disturbance:.1f})")
+        ax.plot(
+            range(spec.num_pairs),
+            plan.pair_disturbance.clamp(min=1e-6).numpy(),
+            marker=".",
+            label=f"{name} ({plan.disturbance:.1f})",
+        )
     _mark_critical(ax, spec)
     ax.set_yscale("log")
     ax.set_xlabel("rotary pair i (high → low frequency)")

@@ -24,22 +24,35 @@ BASE_RULES = ("critical", "men2024", "men2024-all-above")
 MEN_RULE_OF = {"men2024": "smallest", "men2024-all-above": "all-above"}
 
 
-def base_change(spec: RopeSpec, target_length: int, *, new_base: float | None = None, rule: str = "critical") -> Scaling:
+def base_change(
+    spec: RopeSpec, target_length: int, *, new_base: float | None = None, rule: str = "critical"
+) -> Scaling:
     """Change the RoPE base to `new_base`, or to the base `rule` gives for L'."""
     if new_base is None:
         if spec.is_extended:
-            raise RopekitError("the base rules assume plain RoPE frequencies; for an already-extended model give "
-                               "new_base (--new-base), or plan from scratch (--from-scratch)")
+            raise RopekitError(
+                "the base rules assume plain RoPE frequencies; for an already-extended model give "
+                "new_base (--new-base), or plan from scratch (--from-scratch)"
+            )
         if rule not in BASE_RULES:
             raise did_you_mean("base rule", rule, BASE_RULES)
-        derived = (base_for_bound(spec, target_length) if rule == "critical"
-                   else min_base_for_length(spec, target_length, rule=MEN_RULE_OF[rule]))
+        derived = (
+            base_for_bound(spec, target_length)
+            if rule == "critical"
+            else min_base_for_length(spec, target_length, rule=MEN_RULE_OF[rule])
+        )
         new_base = max(derived, spec.base) if rule == "critical" else derived
         details = {"rule": rule, "derived_base": derived}
     else:
         details = {"rule": "given"}
-    if isinstance(new_base, bool) or not isinstance(new_base, (int, float)) or not math.isfinite(new_base) or new_base <= 1:
-        raise RopekitError(f"new_base must be a finite number > 1 (a RoPE base ≤ 1 has no rotation "
-                           f"geometry), got {new_base!r}")
+    if (
+        isinstance(new_base, bool)
+        or not isinstance(new_base, (int, float))
+        or not math.isfinite(new_base)
+        or new_base <= 1
+    ):
+        raise RopekitError(
+            f"new_base must be a finite number > 1 (a RoPE base ≤ 1 has no rotation geometry), got {new_base!r}"
+        )
     details["new_base"] = float(new_base)
     return Scaling(inv_freq=spec.inv_freq(new_base), factors=base_change_factors(spec, new_base), details=details)

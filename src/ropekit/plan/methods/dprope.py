@@ -20,11 +20,10 @@ import torch
 
 from ropekit.errors import RopekitError
 from ropekit.plan.analysis.angles import DEFAULT_BINS
-from ropekit.plan.analysis.disturbance import kl_per_pair, distribution, pre_training_distribution
+from ropekit.plan.analysis.disturbance import distribution, kl_per_pair, pre_training_distribution
 from ropekit.plan.geometry import RopeSpec
 from ropekit.plan.methods.longrope import per_pair_inv_freq
 from ropekit.plan.scaling import Scaling
-
 
 # Wu et al. 2024, experiments on LLaMA-2 (head_dim 128, base 10000, pre-trained at 4096): target → n
 PAPER_INTERPOLATED_DIMS = {8192: 80, 16384: 64}
@@ -36,7 +35,9 @@ def paper_interpolated_dims(spec: RopeSpec, target_length: int) -> int | None:
     return PAPER_INTERPOLATED_DIMS.get(target_length) if llama2 else None
 
 
-def candidate_disturbances(spec: RopeSpec, target_length: int, *, scale: float, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
+def candidate_disturbances(
+    spec: RopeSpec, target_length: int, *, scale: float, bins: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(D_extra, D_interp) per pair, float64, shape (d/2,) each."""
     base_inv_freq = spec.inv_freq()
     p = pre_training_distribution(spec, bins)
@@ -45,7 +46,9 @@ def candidate_disturbances(spec: RopeSpec, target_length: int, *, scale: float, 
     return d_extra, d_interp
 
 
-def choose_interpolated(margin: torch.Tensor, *, threshold: float | None, interpolated_dims: int | None) -> torch.Tensor:
+def choose_interpolated(
+    margin: torch.Tensor, *, threshold: float | None, interpolated_dims: int | None
+) -> torch.Tensor:
     """Boolean per pair: interpolate? By threshold (margin > t) or by count (top n/2 margins)."""
     if interpolated_dims is None:
         return margin > (0.0 if threshold is None else threshold)

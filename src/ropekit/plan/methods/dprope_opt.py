@@ -36,8 +36,9 @@ from ropekit.plan.scaling import Scaling
 _ELEMENTS_PER_CHUNK = 1 << 24  # angle values held at once while counting (64 MiB of float32)
 
 
-def candidate_grid_disturbance(p: torch.Tensor, base_inv_freq: torch.Tensor, factors: torch.Tensor, target_length: int,
-                               bins: int) -> torch.Tensor:
+def candidate_grid_disturbance(
+    p: torch.Tensor, base_inv_freq: torch.Tensor, factors: torch.Tensor, target_length: int, bins: int
+) -> torch.Tensor:
     """D_ij = KL(P_i ‖ Q(θ_i / f_ij, L')) for a (pairs, G) float32 factor matrix; float64, shape (pairs, G)."""
     pairs, g = factors.shape
     inv_freq = (base_inv_freq[:, None] / factors).reshape(-1)  # float32, (pairs·G,)

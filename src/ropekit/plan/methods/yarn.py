@@ -25,7 +25,9 @@ def yarn_attention_factor(scale: float) -> float:
     return 1.0 if scale <= 1 else 0.1 * math.log(scale) + 1.0
 
 
-def yarn_ramp_bounds(spec: RopeSpec, beta_fast: float, beta_slow: float, *, truncate: bool = True) -> tuple[float, float]:
+def yarn_ramp_bounds(
+    spec: RopeSpec, beta_fast: float, beta_slow: float, *, truncate: bool = True
+) -> tuple[float, float]:
     """(low, high) pair indices of the ramp, truncated to integers as the authors do.
 
     `truncate=False` keeps the fractional bounds (transformers' `truncate: false`, used by GPT-OSS).

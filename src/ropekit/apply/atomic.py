@@ -105,7 +105,8 @@ def is_ropekit_output(path: str | Path) -> bool:
         record = _read_json_object(Path(path) / name)
         if record is None:
             continue
-        plan = record.get("plan") if isinstance(record.get("plan"), dict) else {}
+        nested = record.get("plan")
+        plan = nested if isinstance(nested, dict) else {}
         if record.get("written_by") == "ropekit" or "ropekit_version" in record or "ropekit_version" in plan:
             return True
     return False

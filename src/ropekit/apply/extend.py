@@ -139,7 +139,7 @@ def extended_record(plan: Plan | dict[str, Plan], *, source: str, **extra: Any) 
         "llama_cpp": llama_cpp_rope_freqs(first),
     }
     if first.spec.layer_type is not None:
-        record["plans_by_layer_type"] = {p.spec.layer_type: plan_summary(p) for p in plans}
+        record["plans_by_layer_type"] = {str(p.spec.layer_type): plan_summary(p) for p in plans}
     return {**record, **extra}
 
 

@@ -44,8 +44,8 @@ def rope_scaling_block(rope: GgufRope) -> dict[str, Any] | None:
         original = rope.original_length or rope.context_length
         return {
             "rope_type": "longrope",
-            "short_factor": list(rope.rope_freqs),
-            "long_factor": list(rope.rope_freqs),
+            "short_factor": list(rope.rope_freqs or ()),
+            "long_factor": list(rope.rope_freqs or ()),
             "factor": rope.context_length / original,
             "original_max_position_embeddings": original,
             "attention_factor": float(scaling.get("attn_factor", 1.0)),
@@ -127,7 +127,7 @@ def load_gguf_tokenizer(path: str | os.PathLike):
 def convert_gguf(path: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write a transformers model directory from a GGUF: `AutoModelForCausalLM.from_pretrained(out_dir)`
     loads it with stock transformers. Weights are dequantised to float32; `ropekit.json` records the source."""
-    target = prepare_output(out_dir, overwrite=overwrite, inputs=(path,))  # before the slow dequantisation
+    target = prepare_output(Path(out_dir), overwrite=overwrite, inputs=(Path(path),))  # before the slow dequantisation
     rope = read_rope(path)
     model = load_gguf_model(path)
     tokenizer = load_gguf_tokenizer(path)

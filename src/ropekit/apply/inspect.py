@@ -70,7 +70,7 @@ def _geometry(spec: RopeSpec) -> dict[str, Any]:
         del out["layer_type"]
     if spec.is_extended:
         out["planning_from"] = (
-            f"its current {spec.current_scaling.get('rope_type')} frequencies over "
+            f"its current {(spec.current_scaling or {}).get('rope_type')} frequencies over "
             f"{spec.original_length} tokens (attention factor {spec.prior_attention_factor:.4f}); "
             f"--from-scratch plans from plain RoPE at {spec.pretrained_length} instead, "
             "replacing the existing scaling"

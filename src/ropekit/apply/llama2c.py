@@ -168,7 +168,7 @@ def to_transformers(config: Llama2cConfig, weights: dict[str, torch.Tensor], *, 
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=None,
-        torch_dtype="float32",
+        dtype="float32",
     )
     model = LlamaForCausalLM(hf_config)
     state = {"model.embed_tokens.weight": weights["tok_embeddings.weight"], "model.norm.weight": weights["norm.weight"]}

@@ -14,6 +14,7 @@ import math
 import os
 from collections.abc import Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 
@@ -81,7 +82,7 @@ def llama_cpp_logits(
 
 def llama_cpp_perplexity(
     gguf_path: str | os.PathLike,
-    documents: Sequence[Sequence[int]],
+    documents: Sequence[Any],  # token-id sequences: lists of ints or 1-D integer arrays
     *,
     length: int,
     convention: str = "strided",

@@ -315,11 +315,11 @@ def _prompt_text(
         )
     if qa is None:
         raise RopekitError(f"RULER task {task.name} needs question-answer files (--ruler-qa-dir)")
-    question = qa.questions[rng.randrange(len(qa.questions))]
-    docs = qa_documents(qa, question, max(size, len(question.gold)), rng)
+    picked = qa.questions[rng.randrange(len(qa.questions))]
+    docs = qa_documents(qa, picked, max(size, len(picked.gold)), rng)
     context = "\n\n".join(f"Document {i + 1}:\n{d}" for i, d in enumerate(docs))
     ask = "Answer the question from the documents; give only the answer."
-    return f"{ask}\n\n{context}\n\n{ask}\n\nQuestion: {question.query} Answer:", question.answers, []
+    return f"{ask}\n\n{context}\n\n{ask}\n\nQuestion: {picked.query} Answer:", picked.answers, []
 
 
 def make_sample(

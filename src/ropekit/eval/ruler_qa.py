@@ -89,7 +89,9 @@ def read_hotpotqa(path: Path) -> QaData:
     return QaData(questions, docs, str(path))
 
 
-def load_qa(qa_dir: str | Path, dataset: str) -> QaData:
+def load_qa(qa_dir: str | Path | None, dataset: str) -> QaData:
+    if qa_dir is None:
+        raise RopekitError(f"RULER's {dataset} task needs question-answer files: give --ruler-qa-dir")
     path = Path(qa_dir) / QA_FILES[dataset]
     if not path.is_file():
         raise RopekitError(f"{qa_dir}: no {QA_FILES[dataset]} for RULER's {dataset} task")

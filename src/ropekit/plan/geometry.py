@@ -223,9 +223,10 @@ def spec_from_config_dict(
     blocks = layer_rope_blocks(cfg)
     if blocks is not None:
         layer_type = layer_type or default_layer_type(blocks, name)
-        if layer_type not in blocks or blocks[layer_type] is None:
+        block = blocks.get(layer_type)
+        if block is None:
             raise RopekitError(f"{name}: no RoPE block for layer type {layer_type!r}; it has: {', '.join(blocks)}")
-        rope = dict(blocks[layer_type])
+        rope = dict(block)
     elif layer_type is not None:
         raise RopekitError(f"{name}: this model has one RoPE block for every layer; --layer-type does not apply")
     else:

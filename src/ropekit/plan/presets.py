@@ -27,7 +27,7 @@ def _preset(
 
 
 PRESETS: dict[str, Preset] = {
-    p.spec.name: p
+    str(p.spec.name): p
     for p in [
         _preset("llama2-7b", "meta-llama/Llama-2-7b-hf", head_dim=128, base=10000.0, length=4096),
         _preset("llama2-13b", "meta-llama/Llama-2-13b-hf", head_dim=128, base=10000.0, length=4096),

@@ -45,7 +45,7 @@ def plan_summary(plan: Plan, *, disturbance_by_method: dict[str, float] | None =
         out["existing_scaling"] = {
             "rope_type": (spec.current_scaling or {}).get("rope_type"),
             "pretrained_length": spec.pretrained_length,
-            "factors": list(spec.prior_factors),
+            "factors": list(spec.prior_factors or ()),
             "attention_factor": spec.prior_attention_factor,
         }
         out["runtime_factors"] = list(plan.runtime_factors)

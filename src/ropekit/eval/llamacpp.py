@@ -10,7 +10,6 @@ with the same windows and conventions as `ropekit.eval.perplexity`.
 from __future__ import annotations
 
 import ctypes
-import math
 import os
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -117,15 +116,8 @@ def llama_cpp_perplexity(
                     logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx, i - start), shape=(vocab,))
                     nll -= float(_log_softmax(logits.astype(np.float64))[window[i + 1]])
                 count += len(outputs)
-    return PerplexityResult(
-        perplexity=math.exp(nll / count),
-        nll_sum=nll,
-        tokens_scored=count,
-        windows=len(plan),
-        documents=len(documents),
-        length=length,
-        stride=stride if convention == "strided" else None,
-        convention=convention,
+    return PerplexityResult.from_sums(
+        nll, count, windows=len(plan), documents=len(documents), length=length, stride=stride, convention=convention
     )
 
 

@@ -48,6 +48,22 @@ class PerplexityResult:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_sums(
+        cls, nll: float, count: int, *, windows: int, documents: int, length: int, stride: int, convention: str
+    ) -> PerplexityResult:
+        """exp(mean NLL) from a summed NLL (nats) over `count` scored tokens; `stride` is kept for "strided" only."""
+        return cls(
+            perplexity=math.exp(nll / count),
+            nll_sum=nll,
+            tokens_scored=count,
+            windows=windows,
+            documents=documents,
+            length=length,
+            stride=stride if convention == "strided" else None,
+            convention=convention,
+        )
+
 
 def windows(num_tokens: int, length: int, *, convention: str = "strided", stride: int = 256) -> Iterator[Window]:
     """The windows and scored spans of one document under a convention."""
@@ -145,13 +161,6 @@ def perplexity(
         ids = torch.as_tensor(documents[d][w.start : w.end], dtype=torch.long)
         part, n = window_nll(model, ids, score_from=w.score_from - w.start, loss_chunk=loss_chunk)
         nll, count = nll + part, count + n
-    return PerplexityResult(
-        perplexity=math.exp(nll / count),
-        nll_sum=nll,
-        tokens_scored=count,
-        windows=len(plan),
-        documents=len(documents),
-        length=length,
-        stride=stride if convention == "strided" else None,
-        convention=convention,
+    return PerplexityResult.from_sums(
+        nll, count, windows=len(plan), documents=len(documents), length=length, stride=stride, convention=convention
     )

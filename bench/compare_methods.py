@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/compare_methods.py --quick   # < 10 min: s = 2, 4; short fine-tunes
     .venv/bin/python bench/compare_methods.py           # full grid (reference model cached)
+    .venv/bin/python bench/compare_methods.py --only-pose   # only the PoSE rows, into the saved results
 
 For scale s ∈ {2, 4, 8} (target 256·s) and methods none, pi, ntk, yarn, dprope (t = 0),
 dprope-n (the paper's "n" setting: interpolate exactly the dims past the critical dimension)
@@ -222,11 +223,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller grid and fine-tunes (< 10 minutes)")
     parser.add_argument("--replot", action="store_true", help="redraw the plots from the saved results only")
+    parser.add_argument(
+        "--only-pose",
+        action="store_true",
+        help="re-run only the PoSE rows into the saved results (the reference model must be the one they record)",
+    )
     args = parser.parse_args()
     name = "quick" if args.quick else "full"
     if args.replot:  # recompute the derived statistics and plots from the saved measurements
         results = json.loads((OUT / f"results_{name}.json").read_text())
         save(results, name)
+        return
+    if args.only_pose:
+        rerun_pose_rows(name)
         return
     setting = SETTINGS[name]
     started = time.perf_counter()
@@ -247,6 +256,29 @@ def main() -> None:
     results["wall_seconds"] = time.perf_counter() - started
     save(results, name)
     print(f"wrote {OUT}/results_{name}.json and plots in {results['wall_seconds'] / 60:.1f} min")
+
+
+def rerun_pose_rows(name: str) -> None:
+    """Replace the PoSE rows of results_<name>.json, keeping every other row; refuses when the reference
+    model (re)built here is not the one those rows were measured on."""
+    results = json.loads((OUT / f"results_{name}.json").read_text())
+    setting = results["settings"]
+    started = time.perf_counter()
+    ref_dir = ref.reference_model(ref.RefConfig())
+    metrics = json.loads((ref_dir / "metrics.json").read_text())
+    if metrics["val_perplexity"] != results["reference_model"]["val_perplexity"]:
+        sys.exit(
+            f"the reference model here (held-out perplexity {metrics['val_perplexity']!r}) is not the one the saved "
+            f"rows used ({results['reference_model']['val_perplexity']!r}): re-run the whole grid instead"
+        )
+    tokenizer = load_tokenizer(str(ref_dir))
+    book = load_book(ref_dir, tokenizer, setting["max_tokens"])
+    spec = ropekit.RopeSpec.from_pretrained(str(ref_dir))
+    grid = {k: v for k, v in method_grid(spec).items() if setting["methods"] is None or k in setting["methods"]}
+    results["pose"] = run_finetune(ref_dir, spec, grid, tokenizer, book, setting, pose=True)
+    results["pose_rerun_seconds"] = time.perf_counter() - started
+    save(results, name)
+    print(f"rewrote the PoSE rows of {OUT}/results_{name}.json in {results['pose_rerun_seconds'] / 60:.1f} min")
 
 
 def save(results: dict, name: str) -> None:

@@ -251,11 +251,11 @@ def _read(given: dict[str, Any]) -> dict[str, Any]:
 
 
 def _accepted(m: Method, params: dict[str, Any]) -> set[str]:
-    """Parameters `m` takes, with those of the method it wraps (`Method.wraps`, e.g. resonance's inner)."""
-    accepted = set(m.parameters)
+    """Parameters `m` has CLI options for, with those of the method it wraps (`Method.wraps`, e.g. resonance)."""
+    accepted = {p.name for p in m.params if p.option is not None}
     if m.wraps is not None:
         inner = get_method(params.get(m.wraps) or m.default_of(m.wraps))
-        accepted |= set(params) if inner.wraps is not None else set(inner.parameters)
+        accepted |= set(params) if inner.wraps is not None else _accepted(inner, params)
     return accepted
 
 

@@ -32,7 +32,17 @@ from ropekit.plan.methods import (
 from ropekit.plan.methods.record import Method, NativeForm, Param
 from ropekit.plan.scaling import Plan, Scaling, combined_factors
 
-__all__ = ["METHODS", "Method", "NativeForm", "Param", "compare", "get_method", "plan", "register_method"]
+__all__ = [
+    "METHODS",
+    "Method",
+    "NativeForm",
+    "Param",
+    "compare",
+    "get_method",
+    "plan",
+    "register_method",
+    "unregister_method",
+]
 
 METHODS: dict[str, Method] = {}
 ALIASES: dict[str, str] = {}  # other name → method name, from the records' `aliases`

@@ -100,3 +100,14 @@ def test_unregistering_removes_the_method_and_its_option():
         ropekit.plan(SPEC, 1024, "uniform")
     result = runner.invoke(app, ["plan", *GEOMETRY, "--method", "pi", "--uniform-factor", "5", "--no-write"])
     assert result.exit_code == 2 and "No such option" in result.output
+
+
+def test_the_readme_shows_this_example():
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    block = readme.split("### Adding a method", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    here = Path(__file__).read_text().split("# --- README", 1)[1].split("# --- end", 1)[0]
+    example = [line.removeprefix("# ") for line in here.splitlines()[1:]]
+    shown = [line for line in block.splitlines() if not line.startswith(("import ", "from "))]
+    assert [line for line in example if line.strip()] == [line for line in shown if line.strip()]

@@ -14,7 +14,17 @@ from ropekit._version import __version__
 from ropekit.apply.extend import extend
 from ropekit.apply.patch import apply
 from ropekit.errors import RopekitError
-from ropekit.plan import METHODS, Plan, RopeSpec, Scaling, compare, get_method, plan, register_method
+from ropekit.plan import (
+    METHODS,
+    Plan,
+    RopeSpec,
+    Scaling,
+    compare,
+    get_method,
+    plan,
+    register_method,
+    unregister_method,
+)
 from ropekit.plan.analysis.bounds import (
     base_for_bound,
     critical_dimension,
@@ -39,4 +49,5 @@ __all__ = [
     "min_base_for_length",
     "plan",
     "register_method",
+    "unregister_method",
 ]

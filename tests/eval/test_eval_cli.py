@@ -158,6 +158,8 @@ def test_eval_bad_inputs_exit_2_without_results(s260k, tmp_path):
             "did you mean",
         ),
         "ruler task too long": (["--tasks", "ruler", "--ruler-tasks", "vt", "--lengths", "128"], "does not fit"),
+        "method option, no method": (["--data", good, "--beta-fast", "8"], "needs --method"),
+        "option of no method given": (["--data", good, "--method", "pi", "--beta-fast", "8"], "does not apply to any"),
     }
     for case, (args, expected) in cases.items():
         out = tmp_path / f"out-{case.replace(' ', '_')}"
@@ -165,3 +167,18 @@ def test_eval_bad_inputs_exit_2_without_results(s260k, tmp_path):
         assert result.exit_code == 2, (case, result.output)
         assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1, (case, result.stderr)
         assert not (out / "results.json").exists(), case
+
+
+def test_eval_applies_method_options_to_the_methods_that_take_them(s260k, tmp_path):
+    import ropekit
+
+    text = str(require_asset("text/tinystories/tinystories_val_head.txt"))
+    out = tmp_path / "report"
+    args = ["eval", s260k, "--lengths", "256", "--target-length", "1024", "--data", text, "--max-tokens", "256"]
+    result = runner.invoke(app, [*args, "--method", "yarn", "--method", "pi", "--beta-fast", "8", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    methods = json.loads((out / "results.json").read_text())["methods"]
+    spec = ropekit.RopeSpec.from_pretrained(s260k)
+    assert methods["yarn"]["plan"]["factors"] == list(ropekit.plan(spec, 1024, "yarn", beta_fast=8.0).factors)
+    assert methods["yarn"]["plan"]["factors"] != list(ropekit.plan(spec, 1024, "yarn").factors)
+    assert methods["pi"]["plan"]["factors"] == [2.0] * spec.num_pairs

@@ -2,7 +2,7 @@
 
 Every plan exports as transformers' `longrope` (per-pair factors f, explicit attention
 factor a, short = long so generation that crosses L has no cache switch). Methods that a
-runtime implements natively also export in that native form.
+runtime implements natively also export in that native form (`Method.native` of their record).
 
     transformers v5: config["rope_parameters"] (rope_theta inside)
     transformers v4: config["rope_scaling"] + top-level rope_theta
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ropekit.errors import RopekitError
+from ropekit.plan.registry import METHODS
 from ropekit.plan.scaling import Plan
 
 
@@ -42,38 +43,12 @@ def longrope_block(plan: Plan) -> dict[str, Any]:
 
 
 def native_block(plan: Plan) -> dict[str, Any] | None:
-    """The runtime-native form of the plan's method, or None if there is none (or the model is already extended)."""
-    if plan.spec.is_extended:
+    """The runtime-native form of the plan's method (its record's `native`), or None if there is none
+    (or the model is already extended)."""
+    method = METHODS.get(plan.method)
+    if plan.spec.is_extended or method is None or method.native is None:
         return None
-    p, L = plan.params, plan.spec.original_length
-    match plan.method:
-        case "none":
-            return {"rope_type": "default"}
-        case "pi":
-            return {"rope_type": "linear", "factor": p.get("factor") or plan.scale}
-        case "dynamic-ntk":
-            return {"rope_type": "dynamic", "factor": p.get("factor") or plan.scale}
-        case "yarn":
-            return {
-                "rope_type": "yarn",
-                "factor": p.get("factor") or plan.scale,
-                "original_max_position_embeddings": L,
-                "beta_fast": float(p.get("beta_fast", 32.0)),
-                "beta_slow": float(p.get("beta_slow", 1.0)),
-                "attention_factor": plan.attention_factor,
-                **({} if p.get("truncate", True) else {"truncate": False}),
-            }
-        case "llama3":
-            return {
-                "rope_type": "llama3",
-                "factor": p.get("factor") or plan.scale,
-                "low_freq_factor": float(p.get("low_freq_factor", 1.0)),
-                "high_freq_factor": float(p.get("high_freq_factor", 4.0)),
-                "original_max_position_embeddings": L,
-            }
-        case "ntk" | "base":
-            return {"rope_type": "default", "rope_theta": plan.scaling.details["new_base"]}
-    return None
+    return method.native.block(plan)
 
 
 def _with_geometry(plan: Plan, block: dict[str, Any]) -> dict[str, Any]:

@@ -21,6 +21,7 @@ import torch
 from ropekit.apply.export import rope_block_of, transformers_config
 from ropekit.errors import RopekitError
 from ropekit.plan.geometry import RopeSpec
+from ropekit.plan.registry import METHODS
 from ropekit.plan.scaling import Plan
 
 ROUTES = ("config", "inv_freq")
@@ -132,7 +133,8 @@ def apply(
         for p in plans:
             _apply_inv_freq(p, rotary_modules(model, p.spec.layer_type))
     for p in plans:
-        exact = route == "inv_freq" or "d_extrapolation" in p.scaling.details or p.spec.is_extended
+        method = METHODS.get(p.method)
+        exact = route == "inv_freq" or (method is not None and method.exact_inv_freq) or p.spec.is_extended
         _verify(p, rotary_modules(model, p.spec.layer_type), exact=exact)
     return model
 

@@ -8,7 +8,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -49,6 +49,7 @@ def user_errors(fn):
 
 @app.command("plan")
 @user_errors
+@o.with_method_options
 def plan_cmd(
     target_length: o.TargetLength,
     method: Annotated[
@@ -62,19 +63,6 @@ def plan_cmd(
     original_length: o.OriginalLength = None,
     partial_rotary_factor: o.PartialRotary = None,
     bins: o.Bins = 360,
-    threshold: o.Threshold = None,
-    interpolated_dims: o.InterpDims = None,
-    factors_file: o.FactorsFile = None,
-    alpha: o.Alpha = None,
-    beta_fast: o.BetaFast = None,
-    beta_slow: o.BetaSlow = None,
-    attention_factor: o.AttentionFactor = None,
-    low_freq_factor: o.LowFreq = None,
-    high_freq_factor: o.HighFreq = None,
-    new_base: o.NewBase = None,
-    base_rule: o.BaseRule = None,
-    inner: o.Inner = None,
-    at_length: o.AtLength = None,
     from_scratch: o.FromScratch = False,
     layer_type: o.LayerType = None,
     json_out: Annotated[
@@ -96,6 +84,8 @@ def plan_cmd(
     ] = None,
     no_write: Annotated[bool, typer.Option("--no-write", help="Do not write export files.")] = False,
     overwrite: o.Overwrite = False,
+    *,
+    method_options: dict[str, Any],
 ) -> None:
     """Plan an extension: per-pair factors, attention factor, disturbance, and config exports.
 
@@ -118,11 +108,13 @@ def plan_cmd(
         from_scratch=from_scratch,
         layer_type=layer_type,
     )
+    params = o.method_params(method, method_options)
     if paper_setting:
-        interpolated_dims = o.paper_setting_dims(method, spec, target_length, interpolated_dims)
-    params = o.method_params_from(method, locals())
+        paper_label, setting = o.paper_setting(method, spec, target_length, params)
+        params.update(setting)
     out_dir = out or Path("out/plans") / o.safe_name(f"{spec.name}-{get_method(method).name}-{target_length}")
-    target = None if no_write else prepare_output(out_dir, overwrite=overwrite, inputs=(model, factors_file))
+    inputs = (model, *(v for v in method_options.values() if isinstance(v, Path)))  # e.g. a factors file
+    target = None if no_write else prepare_output(out_dir, overwrite=overwrite, inputs=inputs)
     with err_console.status(f"planning {method} to {target_length} tokens"):
         plan = make_plan(spec, target_length, method, bins=bins, **params)
         scores = None
@@ -142,9 +134,7 @@ def plan_cmd(
         return
     geometry_header(out_console, plan)
     out_console.print(pair_table(plan))
-    out_console.print(
-        comparison_table(scores, f"dprope (paper, n={interpolated_dims})" if paper_setting else plan.method)
-    )
+    out_console.print(comparison_table(scores, paper_label if paper_setting else plan.method))
     out_console.print(
         f"[bold]{plan.method}[/]: disturbance {plan.disturbance:.3f}, attention factor "
         f"{plan.attention_factor:.4f}, {len(plan.interpolated_pairs)} of {spec.num_pairs} pairs interpolated"
@@ -247,6 +237,7 @@ def _default_pairs(critical_pair: int, num_pairs: int) -> list[int]:
 
 @app.command("extend")
 @user_errors
+@o.with_method_options
 def extend_cmd(
     model: Annotated[
         str,
@@ -273,25 +264,14 @@ def extend_cmd(
         ),
     ] = "",
     bins: o.Bins = 360,
-    threshold: o.Threshold = None,
-    interpolated_dims: o.InterpDims = None,
-    factors_file: o.FactorsFile = None,
-    alpha: o.Alpha = None,
-    beta_fast: o.BetaFast = None,
-    beta_slow: o.BetaSlow = None,
-    attention_factor: o.AttentionFactor = None,
-    low_freq_factor: o.LowFreq = None,
-    high_freq_factor: o.HighFreq = None,
-    new_base: o.NewBase = None,
-    base_rule: o.BaseRule = None,
-    inner: o.Inner = None,
-    at_length: o.AtLength = None,
     original_length: Annotated[
         int | None,
         typer.Option(
             "--original-length", help="GGUF only: trained context when the file carries scaling without saying it."
         ),
     ] = None,
+    *,
+    method_options: dict[str, Any],
 ) -> None:
     """Write an extended copy of MODEL that stock transformers loads (no ropekit needed).
 
@@ -303,7 +283,7 @@ def extend_cmd(
     from ropekit.apply.extend import extend
     from ropekit.apply.patch import as_plan_list
 
-    params = o.method_params_from(method, locals())
+    params = o.method_params(method, method_options)
     if model.lower().endswith(".gguf"):
         return _extend_gguf(model, out, target_length, method, overwrite, original_length, bins, params)
     if original_length is not None:
@@ -451,6 +431,7 @@ def inspect_cmd(
 
 @app.command("eval")
 @user_errors
+@o.with_method_options
 def eval_cmd(
     model: Annotated[
         str,
@@ -565,6 +546,8 @@ def eval_cmd(
             help="transformers, or llama.cpp (ppl of a .gguf in llama.cpp itself; needs ropekit[llamacpp]).",
         ),
     ] = "transformers",
+    *,
+    method_options: dict[str, Any],
 ) -> None:
     """Evaluate long-context ability; several --method values give a side-by-side comparison.
 
@@ -579,6 +562,7 @@ def eval_cmd(
         tasks=_split(tasks, str),
         lengths=_split(lengths, int),
         methods=list(method or []),
+        method_params=o.method_params_by_method(list(method or []), method_options),
         target_length=target_length,
         data=data,
         max_tokens=max_tokens or None,
@@ -636,6 +620,7 @@ def _split(text: str, kind):
 
 @app.command("finetune")
 @user_errors
+@o.with_method_options
 def finetune_cmd(
     model: Annotated[str, typer.Argument(metavar="MODEL", help="Model directory or hub id to extend and fine-tune.")],
     data: Annotated[
@@ -702,19 +687,8 @@ def finetune_cmd(
     max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Tokens read per document.")] = None,
     overwrite: o.Overwrite = False,
     bins: o.Bins = 360,
-    threshold: o.Threshold = None,
-    interpolated_dims: o.InterpDims = None,
-    factors_file: o.FactorsFile = None,
-    alpha: o.Alpha = None,
-    beta_fast: o.BetaFast = None,
-    beta_slow: o.BetaSlow = None,
-    attention_factor: o.AttentionFactor = None,
-    low_freq_factor: o.LowFreq = None,
-    high_freq_factor: o.HighFreq = None,
-    new_base: o.NewBase = None,
-    base_rule: o.BaseRule = None,
-    inner: o.Inner = None,
-    at_length: o.AtLength = None,
+    *,
+    method_options: dict[str, Any],
 ) -> None:
     """Extend MODEL with a method and fine-tune it at long context (full-length or PoSE).
 
@@ -740,7 +714,7 @@ def finetune_cmd(
     if settings.get("target_length") is None:
         raise RopekitError("give --target-length (or a --recipe)")
     chosen = settings.pop("method", "dprope")
-    params = {**o.method_params_from(chosen, locals()), "bins": bins}  # ropekit.plan takes bins for any method
+    params = {**o.method_params(chosen, method_options), "bins": bins}  # ropekit.plan takes bins for any method
     cfg = TrainConfig(
         model=model,
         out=out,
@@ -782,7 +756,7 @@ def methods_cmd() -> None:
 
     t = Table(title="methods")
     t.add_column("name", no_wrap=True)
-    for col in ("what it does", "parameters", "paper", "transformers rope_type"):
+    for col in ("what it does", "parameters", "paper", "native rope_type"):
         t.add_column(col, overflow="fold")
     for m in METHODS.values():
         t.add_row(m.name, m.summary, ", ".join(m.parameters), m.paper, m.transformers_type or "—")

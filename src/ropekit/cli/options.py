@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import re
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import typer
 
-from ropekit.errors import RopekitError, did_you_mean
+from ropekit.errors import RopekitError
 from ropekit.plan.geometry import RopeSpec
-from ropekit.plan.methods.base_change import BASE_RULES
-from ropekit.plan.methods.longrope import read_factors_file
-from ropekit.plan.registry import get_method
+from ropekit.plan.registry import METHODS, Method, Param, get_method
 
 GEOMETRY = "Model geometry (pick one source)"
 METHOD = "Method options"
@@ -71,70 +72,8 @@ Bins = Annotated[
         "--bins", help="Histogram bins K over [0, 2π) for disturbance (and dprope's choice).", rich_help_panel=METHOD
     ),
 ]
-Threshold = Annotated[
-    float | None,
-    typer.Option(
-        "--threshold",
-        help="dprope: interpolate a pair iff D(extra) − D(interp) > t (default 0).",
-        rich_help_panel=METHOD,
-    ),
-]
-InterpDims = Annotated[
-    int | None,
-    typer.Option(
-        "--interpolated-dims",
-        help="dprope: interpolate exactly n dims (n/2 pairs with largest margin).",
-        rich_help_panel=METHOD,
-    ),
-]
-FactorsFile = Annotated[
-    Path | None,
-    typer.Option(
-        "--factors-file", help="longrope: JSON list / Phi-3 config / text of per-pair factors.", rich_help_panel=METHOD
-    ),
-]
-Alpha = Annotated[float | None, typer.Option("--alpha", help="ntk: α (default s).", rich_help_panel=METHOD)]
-BetaFast = Annotated[
-    float | None, typer.Option("--beta-fast", help="yarn: β_fast (default 32).", rich_help_panel=METHOD)
-]
-BetaSlow = Annotated[
-    float | None, typer.Option("--beta-slow", help="yarn: β_slow (default 1).", rich_help_panel=METHOD)
-]
-AttentionFactor = Annotated[
-    float | None,
-    typer.Option("--attention-factor", help="yarn/longrope: override the attention factor a.", rich_help_panel=METHOD),
-]
-LowFreq = Annotated[
-    float | None, typer.Option("--low-freq-factor", help="llama3: lf (default 1).", rich_help_panel=METHOD)
-]
-HighFreq = Annotated[
-    float | None, typer.Option("--high-freq-factor", help="llama3: hf (default 4).", rich_help_panel=METHOD)
-]
-NewBase = Annotated[
-    float | None,
-    typer.Option(
-        "--new-base", help="base: the new RoPE base b' (else derived by --base-rule).", rich_help_panel=METHOD
-    ),
-]
-BaseRule = Annotated[
-    str | None,
-    typer.Option(
-        "--base-rule",
-        help="base: 'critical' (Liu et al. 2023, default), 'men2024' (smallest passing base, Men et al. 2024) or 'men2024-all-above'.",
-        rich_help_panel=METHOD,
-    ),
-]
-Inner = Annotated[
-    str | None, typer.Option("--inner", help="resonance: the method it wraps (default yarn).", rich_help_panel=METHOD)
-]
 Overwrite = Annotated[
     bool, typer.Option("--overwrite", help="Replace --out if it is an earlier ropekit output (never anything else).")
-]
-AtLength = Annotated[
-    int | None,
-    typer.Option(
-        "--at-length", help="dynamic-ntk: sequence length to evaluate at (default L').", rich_help_panel=METHOD
-    ),
 ]
 
 
@@ -192,47 +131,137 @@ def build_spec(
     return RopeSpec(**{**spec.__dict__, **overrides}) if overrides else spec
 
 
-def method_params(method: str, **given: Any) -> dict[str, Any]:
-    """Keep the method options the user set; refuse ones that do not apply to `method`."""
-    check_finite(**{k: v for k, v in given.items() if isinstance(v, float)})
+class with_method_options:  # noqa: N801 (used as a decorator)
+    """Give a CLI command one option per method parameter of every registered method.
+
+    The options come from the records (`Method.params`); one shared by several methods (e.g.
+    --attention-factor) is one option whose help names them all. typer reads the signature
+    each time it builds the CLI, so a method registered later has its options too. The command
+    body takes `method_options`: {parameter name: value} of the options the user set.
+    """
+
+    def __init__(self, command: Callable[..., Any]) -> None:
+        functools.update_wrapper(self, command)
+        self.command = command
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        own = inspect.signature(self.command, eval_str=True)
+        kept = [p for p in own.parameters.values() if p.name != "method_options"]
+        taken = {p.name for p in kept} | {flag for p in kept for flag in _flags_of(p)}
+        extra = []
+        for name, option in method_options().items():
+            clash = {PREFIX + name, option.flag} & taken
+            if clash:
+                raise RopekitError(f"method option {option.flag} clashes with the command's own option")
+            extra.append(
+                inspect.Parameter(
+                    PREFIX + name,
+                    inspect.Parameter.KEYWORD_ONLY,
+                    default=None,
+                    annotation=Annotated[
+                        option.type | None, typer.Option(option.flag, help=option.help, rich_help_panel=METHOD)
+                    ],
+                )
+            )
+        return own.replace(parameters=kept + extra)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        given = {k[len(PREFIX) :]: kwargs.pop(k) for k in [k for k in kwargs if k.startswith(PREFIX)]}
+        return self.command(*args, method_options={k: v for k, v in given.items() if v is not None}, **kwargs)
+
+
+PREFIX = "method_option_"  # of the generated parameters' names, apart from the commands' own
+
+
+@dataclass(frozen=True)
+class MethodOption:
+    """The CLI option for one parameter name, shared by every method that has it."""
+
+    flag: str  # e.g. --base-rule
+    type: type
+    help: str  # "yarn/longrope: …", or one clause per method where their texts differ
+    records: dict[str, Param]  # method name → its record of the parameter
+
+
+def method_options() -> dict[str, MethodOption]:
+    """Parameter name → its CLI option, over every registered method's records that have a flag."""
+    by_name: dict[str, dict[str, Param]] = {}
+    for m in METHODS.values():
+        for p in m.params:
+            if p.option is not None:
+                by_name.setdefault(p.name, {})[m.name] = p
+    options = {}
+    for name, records in by_name.items():
+        first = next(iter(records.values()))
+        if any((p.option, p.type) != (first.option, first.type) for p in records.values()):
+            raise RopekitError(f"methods {', '.join(records)} give parameter {name!r} different flags or types")
+        texts = {p.describe() for p in records.values()}
+        if len(texts) == 1:
+            text = "/".join(records) + ": " + texts.pop()
+        else:
+            text = "; ".join(f"{m}: {p.describe()}" for m, p in records.items())
+        options[name] = MethodOption(first.option, first.type, text + ".", records)
+    return options
+
+
+def _flags_of(p: inspect.Parameter) -> list[str]:
+    infos = [a for a in getattr(p.annotation, "__metadata__", ()) if isinstance(a, typer.models.OptionInfo)]
+    return [d for info in infos for d in (info.default, *(info.param_decls or ())) if isinstance(d, str)]
+
+
+def method_params(method: str, given: dict[str, Any]) -> dict[str, Any]:
+    """The method options the user set, as the method takes them; refuse ones that do not apply to `method`."""
+    params = _read(given)
     m = get_method(method)
-    params = {k: v for k, v in given.items() if v is not None}
-    if "factors_file" in params:
-        params["factors"] = read_factors_file(params.pop("factors_file"))
-    accepted = set(m.parameters) | ({"bins"} if m.name == "dprope" else set())
-    if m.name == "resonance":
-        accepted |= set(params)  # resonance passes the rest to the method it wraps
     for key in params:
-        if key not in accepted:
-            flag = "--" + ("factors-file" if key == "factors" else key.replace("_", "-"))
-            raise RopekitError(f"option {flag} does not apply to method {m.name!r}")
-    if "rule" in params and params["rule"] not in BASE_RULES:  # enumerated options: refused before any work
-        raise did_you_mean("--base-rule", params["rule"], BASE_RULES)
-    if "inner" in params:
-        get_method(params["inner"])
+        if key not in _accepted(m, params):
+            wrapped = f" (nor to {params.get(m.wraps) or m.default_of(m.wraps)!r}, which it wraps)" if m.wraps else ""
+            raise RopekitError(f"option {_flag(key)} does not apply to method {m.name!r}{wrapped}")
     return params
 
 
-METHOD_OPTIONS = {  # CLI parameter name → method keyword
-    "threshold": "threshold",
-    "interpolated_dims": "interpolated_dims",
-    "factors_file": "factors_file",
-    "alpha": "alpha",
-    "beta_fast": "beta_fast",
-    "beta_slow": "beta_slow",
-    "attention_factor": "attention_factor",
-    "low_freq_factor": "low_freq_factor",
-    "high_freq_factor": "high_freq_factor",
-    "new_base": "new_base",
-    "base_rule": "rule",
-    "inner": "inner",
-    "at_length": "at_length",
-}
+def method_params_by_method(methods: list[str], given: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Several methods side by side (`ropekit eval`): each takes the options that apply to it."""
+    params = _read(given)
+    if params and not methods:
+        raise RopekitError(f"option {_flag(next(iter(params)))} needs --method (the model as saved takes none)")
+    by_method = {}
+    for name in methods:
+        accepted = _accepted(get_method(name), params)
+        by_method[name] = {k: v for k, v in params.items() if k in accepted}
+    for key in params:
+        if not any(key in p for p in by_method.values()):
+            raise RopekitError(f"option {_flag(key)} does not apply to any --method given ({', '.join(methods)})")
+    return by_method
 
 
-def method_params_from(method: str, cli_values: dict[str, Any]) -> dict[str, Any]:
-    """`method_params` from a command's parsed options (its locals)."""
-    return method_params(method, **{kw: cli_values[name] for name, kw in METHOD_OPTIONS.items()})
+def _read(given: dict[str, Any]) -> dict[str, Any]:
+    """Check finiteness and read each set option into its API value (e.g. a factors file into factors)."""
+    options = method_options()
+    params = {}
+    for key, value in given.items():
+        if value is None:
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise RopekitError(f"{_flag(key)} must be a finite number, got {value}")
+        record = next(iter(options[key].records.values())) if key in options else None
+        params[key] = record.read(value) if record is not None and record.read is not None else value
+    return params
+
+
+def _accepted(m: Method, params: dict[str, Any]) -> set[str]:
+    """Parameters `m` has CLI options for, with those of the method it wraps (`Method.wraps`, e.g. resonance)."""
+    accepted = {p.name for p in m.params if p.option is not None}
+    if m.wraps is not None:
+        inner = get_method(params.get(m.wraps) or m.default_of(m.wraps))
+        accepted |= set(params) if inner.wraps is not None else _accepted(inner, params)
+    return accepted
+
+
+def _flag(name: str) -> str:
+    option = method_options().get(name)
+    return option.flag if option else "--" + name.replace("_", "-")
 
 
 def check_finite(**values: float | None) -> None:
@@ -245,31 +274,31 @@ def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "model"
 
 
-def paper_setting_dims(method: str, spec, target_length: int, interpolated_dims: int | None) -> int:
-    """--paper-setting: the distributional paper's n for this geometry and target, or one clear error."""
-    from ropekit.plan.methods.dprope import PAPER_INTERPOLATED_DIMS, paper_interpolated_dims
-
-    if method not in ("dprope", "distributional"):
-        raise RopekitError("--paper-setting applies to --method dprope")
-    if interpolated_dims is not None:
-        raise RopekitError("give --paper-setting or --interpolated-dims, not both")
-    n = paper_interpolated_dims(spec, target_length)
-    if n is None:
-        targets = ", ".join(str(t) for t in PAPER_INTERPOLATED_DIMS)
-        raise RopekitError(
-            f"the paper's setting exists for LLaMA-2's geometry (head_dim 128, base 10000, 4096) at {targets}"
-        )
-    return n
+def paper_setting(method: str, spec, target_length: int, params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """--paper-setting: (label, parameters) of the method's published setting for this geometry and target,
+    or one clear error."""
+    m = get_method(method)
+    if m.paper_setting is None:
+        having = [n for n, r in METHODS.items() if r.paper_setting is not None]
+        raise RopekitError(f"--paper-setting applies to --method {' or '.join(having)}")
+    label, setting = m.paper_setting(spec, target_length)
+    both = [k for k in setting if k in params]
+    if both:
+        raise RopekitError(f"give --paper-setting or {_flag(both[0])}, not both")
+    return f"{m.name} (paper, {label})", setting
 
 
 def paper_setting_scores(spec, target_length: int, bins: int) -> dict[str, float]:
-    """{'dprope (paper, n=N)': disturbance} when the paper has a setting for this geometry and target."""
-    from ropekit.plan.methods.dprope import paper_interpolated_dims
+    """{'dprope (paper, n=N)': disturbance} for each method with a published setting for this geometry and target."""
     from ropekit.plan.registry import plan as make_plan
 
-    n = paper_interpolated_dims(spec, target_length)
-    if n is None:
-        return {}
-    return {
-        f"dprope (paper, n={n})": make_plan(spec, target_length, "dprope", bins=bins, interpolated_dims=n).disturbance
-    }
+    scores = {}
+    for name, m in METHODS.items():
+        if m.paper_setting is None or not m.in_default_comparison:
+            continue
+        try:
+            label, setting = m.paper_setting(spec, target_length)
+        except RopekitError:  # no setting for this geometry or target
+            continue
+        scores[f"{name} (paper, {label})"] = make_plan(spec, target_length, name, bins=bins, **setting).disturbance
+    return scores

@@ -50,6 +50,7 @@ class EvalConfig:
     tasks: list[str] = field(default_factory=lambda: ["ppl"])
     lengths: list[int] = field(default_factory=lambda: [512])
     methods: list[str] = field(default_factory=list)  # empty: evaluate the model as saved
+    method_params: dict[str, dict[str, Any]] = field(default_factory=dict)  # method → its parameters
     target_length: int | None = None  # plan target; default: the largest length
     data: str | None = None  # documents for perplexity
     max_tokens: int | None = 16384  # perplexity reads at most this many tokens per document
@@ -212,7 +213,7 @@ def run_method(
     model = load_model(cfg.model, dtype="float32")
     entry: dict[str, Any] = {}
     if method != AS_SAVED:
-        plan = make_plan(model_spec(model), limit, method)
+        plan = make_plan(model_spec(model), limit, method, **cfg.method_params.get(method, {}))
         apply(model, plan)
         entry["plan"] = {
             "target_length": plan.target_length,

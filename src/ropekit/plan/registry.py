@@ -1,8 +1,8 @@
 """Name → method registry, and the `plan` / `compare` entry points.
 
-Each record names the function, the parameters it accepts, its paper and the
-transformers `rope_type` that implements it natively (if any). Users can add methods with
-`register_method`.
+Each method module declares its record (`Method`: function, parameters, paper, native export
+form, …) next to its function; this module registers them. Users add methods with
+`register_method` (and take them out again with `unregister_method`).
 """
 
 from __future__ import annotations
@@ -11,87 +11,63 @@ import inspect
 import numbers
 import types
 import typing
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 from ropekit.errors import RopekitError, did_you_mean
 from ropekit.plan.geometry import RopeSpec, require_spec
-from ropekit.plan.methods.base_change import base_change
-from ropekit.plan.methods.dprope import dprope
-from ropekit.plan.methods.dprope_opt import dprope_opt
-from ropekit.plan.methods.dynamic_ntk import dynamic_ntk
-from ropekit.plan.methods.linear import linear
-from ropekit.plan.methods.llama3 import llama3
-from ropekit.plan.methods.longrope import longrope
-from ropekit.plan.methods.none import none
-from ropekit.plan.methods.ntk import ntk
-from ropekit.plan.methods.resonance import resonance
-from ropekit.plan.methods.yarn import yarn
+from ropekit.plan.methods import (
+    base_change,
+    dprope,
+    dprope_opt,
+    dynamic_ntk,
+    linear,
+    llama3,
+    longrope,
+    none,
+    ntk,
+    resonance,
+    yarn,
+)
+from ropekit.plan.methods.record import Method, NativeForm, Param
 from ropekit.plan.scaling import Plan, Scaling, combined_factors
 
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    function: Callable[..., Scaling]
-    summary: str
-    paper: str
-    transformers_type: str | None = None  # rope_type transformers implements natively
-    needs_factors: bool = False  # cannot run without user-given factors
-    in_default_comparison: bool = True  # False for searches too slow to run on every `ropekit plan`
-
-    @property
-    def parameters(self) -> tuple[str, ...]:
-        """Keyword parameters the method accepts (beyond spec and target_length)."""
-        sig = inspect.signature(self.function)
-        return tuple(p.name for p in sig.parameters.values() if p.kind is p.KEYWORD_ONLY)
-
+__all__ = [
+    "METHODS",
+    "Method",
+    "NativeForm",
+    "Param",
+    "compare",
+    "get_method",
+    "plan",
+    "register_method",
+    "unregister_method",
+]
 
 METHODS: dict[str, Method] = {}
+ALIASES: dict[str, str] = {}  # other name → method name, from the records' `aliases`
 
 
 def register_method(method: Method) -> None:
-    """Add (or replace) a method under `method.name`."""
+    """Add (or replace) a method under `method.name` (and its aliases)."""
+    unregister_method(method.name, missing_ok=True)
     METHODS[method.name] = method
+    ALIASES.update({alias.lower(): method.name for alias in method.aliases})
 
 
-for _m in [
-    Method("none", none, "no scaling: positions past L extrapolate", "—"),
-    Method("pi", linear, "linear position interpolation: every θ_i / s", "Chen et al. 2023", "linear"),
-    Method("ntk", ntk, "NTK-aware base change b·α^(d/(d−2))", "bloc97 2023"),
-    Method("dynamic-ntk", dynamic_ntk, "NTK base recomputed for the current length", "emozilla 2023", "dynamic"),
-    Method("yarn", yarn, "ramp between interpolation and extrapolation + attention factor", "Peng et al. 2023", "yarn"),
-    Method("llama3", llama3, "Llama 3.1 wavelength-banded interpolation", "Meta 2024", "llama3"),
-    Method(
-        "longrope",
-        longrope,
-        "user-given per-pair factors (searched by LongRoPE)",
-        "Ding et al. 2024",
-        "longrope",
-        needs_factors=True,
-    ),
-    Method(
-        "base",
-        base_change,
-        "RoPE base change (ABF); base from the critical dimension or Men et al.",
-        "Liu et al. 2023; Men et al. 2024",
-    ),
-    Method("resonance", resonance, "round wavelengths to integers after another method", "Wang et al. 2024"),
-    Method(
-        "dprope", dprope, "per-pair interpolate/extrapolate by least angle-distribution disturbance", "Wu et al. 2024"
-    ),
-    Method(
-        "dprope-opt",
-        dprope_opt,
-        "per-pair factor in [1, s] of least angle-distribution disturbance (1-D search)",
-        "ropekit; criterion of Wu et al. 2024",
-        in_default_comparison=False,
-    ),
-]:
-    register_method(_m)
+def unregister_method(name: str, *, missing_ok: bool = False) -> None:
+    """Remove the method registered as `name`, with its aliases."""
+    if name not in METHODS:
+        if missing_ok:
+            return
+        raise did_you_mean("method", name, METHODS)
+    del METHODS[name]
+    for alias in [a for a, target in ALIASES.items() if target == name]:
+        del ALIASES[alias]
 
-ALIASES = {"linear": "pi", "dynamic": "dynamic-ntk", "ntk-aware": "ntk", "abf": "base", "distributional": "dprope"}
+
+for _module in (none, linear, ntk, dynamic_ntk, yarn, llama3, longrope, base_change, resonance, dprope, dprope_opt):
+    register_method(_module.METHOD)
 
 
 def get_method(name: str) -> Method:
@@ -160,7 +136,7 @@ def plan(spec: RopeSpec, target_length: int, method: str = "dprope", *, bins: in
     require_spec(spec)
     check_target_length(spec, target_length)
     m = get_method(method)
-    if "bins" in m.parameters:  # methods that choose by disturbance use the same K
+    if m.uses_bins:  # methods that choose by disturbance use the same K
         params = {"bins": bins, **params}
     scaling = compute_scaling(m.name, spec, target_length, **params)
     if spec.is_extended:

@@ -33,3 +33,8 @@ def require_scale(scale: float, *, at_least: float = 1.0, what: str = "scale (ta
 def require_finite_positive(name: str, value: float) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
         raise RopekitError(f"{name} must be a finite positive number, got {value!r}")
+
+
+def new_base_block(plan) -> dict:
+    """A base change's native form: transformers' `default` block with the new rope_theta."""
+    return {"rope_type": "default", "rope_theta": plan.scaling.details["new_base"]}

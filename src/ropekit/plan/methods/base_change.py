@@ -17,7 +17,8 @@ import math
 from ropekit.errors import RopekitError, did_you_mean
 from ropekit.plan.analysis.bounds import base_for_bound, min_base_for_length
 from ropekit.plan.geometry import RopeSpec
-from ropekit.plan.methods._common import base_change_factors
+from ropekit.plan.methods._common import base_change_factors, new_base_block
+from ropekit.plan.methods.record import Method, NativeForm, Param
 from ropekit.plan.scaling import Scaling
 
 BASE_RULES = ("critical", "men2024", "men2024-all-above")
@@ -56,3 +57,31 @@ def base_change(
         )
     details["new_base"] = float(new_base)
     return Scaling(inv_freq=spec.inv_freq(new_base), factors=base_change_factors(spec, new_base), details=details)
+
+
+def known_rule(rule: str) -> str:
+    """`rule` if it is one of BASE_RULES; refused before any work otherwise."""
+    if rule not in BASE_RULES:
+        raise did_you_mean("--base-rule", rule, BASE_RULES)
+    return rule
+
+
+METHOD = Method(
+    "base",
+    base_change,
+    "RoPE base change (ABF); base from the critical dimension or Men et al.",
+    "Liu et al. 2023; Men et al. 2024",
+    params=(
+        Param("new_base", float, "the new RoPE base b' (else derived by --base-rule)"),
+        Param(
+            "rule",
+            str,
+            "'critical' (Liu et al. 2023, default), 'men2024' (smallest passing base, Men et al. 2024) or "
+            "'men2024-all-above'",
+            flag="--base-rule",
+            read=known_rule,
+        ),
+    ),
+    aliases=("abf",),
+    native=NativeForm("default", new_base_block),
+)

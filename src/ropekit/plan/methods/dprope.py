@@ -23,6 +23,7 @@ from ropekit.plan.analysis.angles import DEFAULT_BINS
 from ropekit.plan.analysis.disturbance import distribution, kl_per_pair, pre_training_distribution
 from ropekit.plan.geometry import RopeSpec
 from ropekit.plan.methods.longrope import per_pair_inv_freq
+from ropekit.plan.methods.record import Method, Param
 from ropekit.plan.scaling import Scaling
 
 # Wu et al. 2024, experiments on LLaMA-2 (head_dim 128, base 10000, pre-trained at 4096): target → n
@@ -96,3 +97,30 @@ def dprope(
             "pair_disturbance": chosen.tolist(),
         },
     )
+
+
+def paper_setting(spec: RopeSpec, target_length: int) -> tuple[str, dict]:
+    """The paper's n for this geometry and target as (label, parameters), or one clear error."""
+    n = paper_interpolated_dims(spec, target_length)
+    if n is None:
+        targets = ", ".join(str(t) for t in PAPER_INTERPOLATED_DIMS)
+        raise RopekitError(
+            f"the paper's setting exists for LLaMA-2's geometry (head_dim 128, base 10000, 4096) at {targets}"
+        )
+    return f"n={n}", {"interpolated_dims": n}
+
+
+METHOD = Method(
+    "dprope",
+    dprope,
+    "per-pair interpolate/extrapolate by least angle-distribution disturbance",
+    "Wu et al. 2024",
+    params=(
+        Param("bins", int, "histogram bins K over [0, 2π)", default=DEFAULT_BINS, flag=None),  # plan's own --bins
+        Param("threshold", float, "interpolate a pair iff D(extra) − D(interp) > t", default=0),
+        Param("interpolated_dims", int, "interpolate exactly n dims (n/2 pairs with largest margin)"),
+    ),
+    aliases=("distributional",),
+    exact_inv_freq=True,
+    paper_setting=paper_setting,
+)

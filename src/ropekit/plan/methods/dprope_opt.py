@@ -31,6 +31,7 @@ from ropekit.plan.geometry import RopeSpec
 from ropekit.plan.methods._common import require_scale
 from ropekit.plan.methods.dprope import candidate_disturbances
 from ropekit.plan.methods.longrope import per_pair_inv_freq
+from ropekit.plan.methods.record import Method, Param
 from ropekit.plan.scaling import Scaling
 
 _ELEMENTS_PER_CHUNK = 1 << 24  # angle values held at once while counting (64 MiB of float32)
@@ -116,3 +117,17 @@ def dprope_opt(
             "search": {"steps": steps, "refine_rounds": refine_rounds, "spacing": "log f"},
         },
     )
+
+
+METHOD = Method(
+    "dprope-opt",
+    dprope_opt,
+    "per-pair factor in [1, s] of least angle-distribution disturbance (1-D search)",
+    "ropekit; criterion of Wu et al. 2024",
+    params=(
+        Param("bins", int, "histogram bins K over [0, 2π)", default=DEFAULT_BINS, flag=None),
+        Param("steps", int, "grid factors per pair", default=33, flag=None),
+        Param("refine_rounds", int, "zoom rounds around the best grid factor", default=2, flag=None),
+    ),
+    in_default_comparison=False,
+)

@@ -11,7 +11,8 @@ from __future__ import annotations
 from ropekit.errors import RopekitError
 from ropekit.plan.geometry import RopeSpec
 from ropekit.plan.methods._common import base_change_factors, require_finite_positive
-from ropekit.plan.scaling import Scaling
+from ropekit.plan.methods.record import Method, NativeForm, Param
+from ropekit.plan.scaling import Plan, Scaling
 
 
 def dynamic_ntk_base(spec: RopeSpec, factor: float, length: int) -> float:
@@ -40,3 +41,22 @@ def dynamic_ntk(
         factors=base_change_factors(spec, new_base),
         details={"new_base": new_base, "at_length": length, "factor": s},
     )
+
+
+def native_block(plan: Plan) -> dict:
+    """transformers' `dynamic` block (it reads L from max_position_embeddings, see the export)."""
+    return {"rope_type": "dynamic", "factor": plan.params.get("factor") or plan.scale}
+
+
+METHOD = Method(
+    "dynamic-ntk",
+    dynamic_ntk,
+    "NTK base recomputed for the current length",
+    "emozilla 2023",
+    params=(
+        Param("factor", float, "s of the base formula", default="s", flag=None),
+        Param("at_length", int, "sequence length to evaluate at", default="L'"),
+    ),
+    aliases=("dynamic",),
+    native=NativeForm("dynamic", native_block),
+)

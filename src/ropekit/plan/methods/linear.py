@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from ropekit.plan.geometry import RopeSpec
 from ropekit.plan.methods._common import require_finite_positive
-from ropekit.plan.scaling import Scaling
+from ropekit.plan.methods.record import Method, NativeForm, Param
+from ropekit.plan.scaling import Plan, Scaling
 
 
 def linear(spec: RopeSpec, target_length: int, *, factor: float | None = None) -> Scaling:
@@ -22,3 +23,19 @@ def linear(spec: RopeSpec, target_length: int, *, factor: float | None = None) -
     inv_freq = spec.inv_freq()
     inv_freq /= s
     return Scaling(inv_freq=inv_freq, factors=(float(s),) * spec.num_pairs)
+
+
+def native_block(plan: Plan) -> dict:
+    """transformers' `linear` block."""
+    return {"rope_type": "linear", "factor": plan.params.get("factor") or plan.scale}
+
+
+METHOD = Method(
+    "pi",
+    linear,
+    "linear position interpolation: every θ_i / s",
+    "Chen et al. 2023",
+    params=(Param("factor", float, "divisor of every frequency", default="s", flag=None),),
+    aliases=("linear",),
+    native=NativeForm("linear", native_block),
+)

@@ -14,7 +14,8 @@ import torch
 from ropekit.errors import RopekitError
 from ropekit.plan.geometry import RopeSpec
 from ropekit.plan.methods._common import require_finite_positive
-from ropekit.plan.scaling import Scaling
+from ropekit.plan.methods.record import Method, NativeForm, Param
+from ropekit.plan.scaling import Plan, Scaling
 
 
 def llama3(
@@ -44,3 +45,29 @@ def llama3(
     g = ((L / lam - low_freq_factor) / (high_freq_factor - low_freq_factor)).clamp(0, 1)
     factors = 1.0 / ((1 - g) / s + g)
     return Scaling(inv_freq=inv_freq, factors=tuple(factors.tolist()))
+
+
+def native_block(plan: Plan) -> dict:
+    """transformers' `llama3` block."""
+    p = plan.params
+    return {
+        "rope_type": "llama3",
+        "factor": p.get("factor") or plan.scale,
+        "low_freq_factor": float(p.get("low_freq_factor", 1.0)),
+        "high_freq_factor": float(p.get("high_freq_factor", 4.0)),
+        "original_max_position_embeddings": plan.spec.original_length,
+    }
+
+
+METHOD = Method(
+    "llama3",
+    llama3,
+    "Llama 3.1 wavelength-banded interpolation",
+    "Meta 2024",
+    params=(
+        Param("factor", float, "interpolation divisor", default="s", flag=None),
+        Param("low_freq_factor", float, "lf", default=1),
+        Param("high_freq_factor", float, "hf", default=4),
+    ),
+    native=NativeForm("llama3", native_block),
+)

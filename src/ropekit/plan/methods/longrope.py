@@ -16,6 +16,7 @@ import torch
 
 from ropekit.errors import RopekitError
 from ropekit.plan.geometry import RopeSpec
+from ropekit.plan.methods.record import Method, Param
 from ropekit.plan.scaling import Scaling
 
 
@@ -77,3 +78,22 @@ def read_factors_file(path: str | Path) -> list[float]:
         return [float(x) for x in data]
     except (TypeError, ValueError):
         raise RopekitError(f"{path}: every factor must be a number") from None
+
+
+METHOD = Method(
+    "longrope",
+    longrope,
+    "user-given per-pair factors (searched by LongRoPE)",
+    "Ding et al. 2024",
+    params=(
+        Param(
+            "factors",
+            Path,
+            "JSON list / Phi-3 config / text of per-pair factors",
+            flag="--factors-file",
+            read=read_factors_file,
+        ),
+        Param("attention_factor", float, "override the attention factor a"),
+    ),
+    needs_factors=True,
+)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from ropekit.plan.geometry import RopeSpec
-from ropekit.plan.scaling import Scaling
+from ropekit.plan.methods.record import Method, NativeForm
+from ropekit.plan.scaling import Plan, Scaling
 
 
 def none(spec: RopeSpec, target_length: int) -> Scaling:
@@ -13,3 +14,12 @@ def none(spec: RopeSpec, target_length: int) -> Scaling:
     (1.0, 1.0, 1.0, 1.0)
     """
     return Scaling(inv_freq=spec.inv_freq(), factors=(1.0,) * spec.num_pairs)
+
+
+def native_block(plan: Plan) -> dict:
+    return {"rope_type": "default"}
+
+
+METHOD = Method(
+    "none", none, "no scaling: positions past L extrapolate", "—", native=NativeForm("default", native_block)
+)

@@ -7,7 +7,8 @@ is divided by exactly α.
 from __future__ import annotations
 
 from ropekit.plan.geometry import RopeSpec
-from ropekit.plan.methods._common import base_change_factors, require_scale
+from ropekit.plan.methods._common import base_change_factors, new_base_block, require_scale
+from ropekit.plan.methods.record import Method, NativeForm, Param
 from ropekit.plan.scaling import Scaling
 
 
@@ -35,3 +36,14 @@ def ntk(spec: RopeSpec, target_length: int, *, alpha: float | None = None) -> Sc
         factors=base_change_factors(spec, new_base),
         details={"new_base": new_base, "alpha": a},
     )
+
+
+METHOD = Method(
+    "ntk",
+    ntk,
+    "NTK-aware base change b·α^(d/(d−2))",
+    "bloc97 2023",
+    params=(Param("alpha", float, "α", default="s"),),
+    aliases=("ntk-aware",),
+    native=NativeForm("default", new_base_block),
+)

@@ -13,6 +13,7 @@ import torch
 
 from ropekit.plan.geometry import RopeSpec
 from ropekit.plan.methods._common import factors_from_inv_freq
+from ropekit.plan.methods.record import Method, Param
 from ropekit.plan.scaling import Scaling
 
 
@@ -34,3 +35,21 @@ def resonance(spec: RopeSpec, target_length: int, *, inner: str = "yarn", **inne
         attention_factor=wrapped.attention_factor,
         details={"inner": inner, **{f"inner_{k}": v for k, v in inner_params.items()}},
     )
+
+
+def known_method(name: str) -> str:
+    """`name` if a method of that name is registered; refused before any work otherwise."""
+    from ropekit.plan.registry import get_method
+
+    get_method(name)
+    return name
+
+
+METHOD = Method(
+    "resonance",
+    resonance,
+    "round wavelengths to integers after another method",
+    "Wang et al. 2024",
+    params=(Param("inner", str, "the method it wraps", default="yarn", read=known_method),),
+    wraps="inner",
+)

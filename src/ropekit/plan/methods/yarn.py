@@ -17,7 +17,8 @@ import torch
 from ropekit.errors import RopekitError
 from ropekit.plan.geometry import RopeSpec
 from ropekit.plan.methods._common import require_finite_positive
-from ropekit.plan.scaling import Scaling
+from ropekit.plan.methods.record import Method, NativeForm, Param
+from ropekit.plan.scaling import Plan, Scaling
 
 
 def yarn_attention_factor(scale: float) -> float:
@@ -78,3 +79,33 @@ def yarn(
         attention_factor=float(a),
         details={"ramp_low": low, "ramp_high": high, "truncate": truncate},
     )
+
+
+def native_block(plan: Plan) -> dict:
+    """transformers' `yarn` block with the plan's explicit attention factor."""
+    p = plan.params
+    return {
+        "rope_type": "yarn",
+        "factor": p.get("factor") or plan.scale,
+        "original_max_position_embeddings": plan.spec.original_length,
+        "beta_fast": float(p.get("beta_fast", 32.0)),
+        "beta_slow": float(p.get("beta_slow", 1.0)),
+        "attention_factor": plan.attention_factor,
+        **({} if p.get("truncate", True) else {"truncate": False}),
+    }
+
+
+METHOD = Method(
+    "yarn",
+    yarn,
+    "ramp between interpolation and extrapolation + attention factor",
+    "Peng et al. 2023",
+    params=(
+        Param("factor", float, "interpolation divisor", default="s", flag=None),
+        Param("beta_fast", float, "β_fast", default=32),
+        Param("beta_slow", float, "β_slow", default=1),
+        Param("attention_factor", float, "override the attention factor a"),
+        Param("truncate", bool, "round the ramp bounds to whole pairs", default=True, flag=None),
+    ),
+    native=NativeForm("yarn", native_block),
+)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 
@@ -141,7 +142,7 @@ def apply(
 
 def check_family(model: torch.nn.Module, plans: list[Plan]) -> None:
     """Refuse what ropekit cannot patch exactly: multimodal wrappers, untested per-layer-type modules."""
-    config = model.config
+    config: Any = model.config  # a transformers PretrainedConfig
     if getattr(config, "text_config", None) is not None and not getattr(config, "rope_parameters", None):
         raise RopekitError(
             f"{config.model_type} is a multimodal wrapper; apply the plan to its language model "

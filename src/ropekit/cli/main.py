@@ -117,7 +117,7 @@ def plan_cmd(
     target = None if no_write else prepare_output(out_dir, overwrite=overwrite, inputs=inputs)
     with err_console.status(f"planning {method} to {target_length} tokens"):
         plan = make_plan(spec, target_length, method, bins=bins, **params)
-        scores = None
+        scores: dict[str, float] = {}
         if compare or not json_out:
             scores = {n: p.disturbance for n, p in compare_methods(spec, target_length, bins=bins).items()}
             scores.update(o.paper_setting_scores(spec, target_length, bins))

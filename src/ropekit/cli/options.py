@@ -201,7 +201,7 @@ def method_options() -> dict[str, MethodOption]:
             text = "/".join(records) + ": " + texts.pop()
         else:
             text = "; ".join(f"{m}: {p.describe()}" for m, p in records.items())
-        options[name] = MethodOption(first.option, first.type, text + ".", records)
+        options[name] = MethodOption(str(first.option), first.type, text + ".", records)  # flags: filtered above
     return options
 
 

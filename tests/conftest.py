@@ -7,6 +7,7 @@ missing asset fails the run (CI always has them, so a skip would hide a broken p
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path
 
 import pytest
@@ -101,20 +102,20 @@ def generated_stories(paragraphs: int = 60, seed: int = 0) -> str:
 
 
 def trained_tokenizer(text: str, vocab_size: int = 512):
-    """A real llama-style BPE tokenizer trained on `text`: <unk>, <s>, </s> are ids 0-2, a
-    leading <s> is added, digits are single tokens, and decode inverts encode."""
+    """A real byte-level BPE tokenizer trained on `text`: <unk>, <s>, </s> are ids 0-2, a leading
+    <s> is added, digits are single tokens, any text encodes, and decode inverts encode."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.BPE(unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Metaspace(prepend_scheme="first"), pre_tokenizers.Digits(individual_digits=True)]
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
     )
-    backend.decoder = decoders.Metaspace(prepend_scheme="first")
+    backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=[chr(c) for c in range(32, 127)] + ["\n"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     backend.train_from_iterator(text.split("\n\n"), trainer)
@@ -174,3 +175,22 @@ def llama_model_dir(tmp_path_factory, llama_tokenizer) -> Path:
     transformers.LlamaForCausalLM(config).save_pretrained(out)
     llama_tokenizer.save_pretrained(out)
     return out
+
+
+def write_llama2c(path: Path, *, nan: bool = False, trailing: bytes = b"") -> tuple[Path, Path]:
+    import numpy as np
+
+    """A tiny legacy llama2.c checkpoint (dim 8, 1 layer, 2 heads, vocab 32, seq_len 16) and tokenizer."""
+    dim, hidden, layers, heads, kv, vocab, seq_len = 8, 16, 1, 2, 2, 32, 16
+    head = dim // heads
+    floats = vocab * dim + layers * (2 * dim + 4 * dim * dim + 3 * hidden * dim) + dim + seq_len * head
+    weights = np.random.default_rng(0).standard_normal(floats).astype("<f4") * 0.1
+    if nan:
+        weights[5] = np.nan
+    path.mkdir(parents=True, exist_ok=True)
+    ckpt = path / "model.bin"
+    ckpt.write_bytes(struct.pack("<7i", dim, hidden, layers, heads, kv, vocab, seq_len) + weights.tobytes() + trailing)
+    pieces = [b"<unk>", b"\n<s>\n", b"\n</s>\n"] + [bytes([c]) for c in range(97, 97 + vocab - 3)]
+    tok = path / "tok.bin"
+    tok.write_bytes(struct.pack("<i", 8) + b"".join(struct.pack("<fi", -i, len(p)) + p for i, p in enumerate(pieces)))
+    return ckpt, tok

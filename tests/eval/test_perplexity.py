@@ -117,11 +117,8 @@ def test_document_loader(tmp_path):
             read_documents(path)
 
 
-def test_tokenisation_is_cached(tmp_path):
-    from conftest import require_asset
-    from ropekit.apply.llama2c import read_tokenizer, to_transformers_tokenizer
-
-    tok = to_transformers_tokenizer(*read_tokenizer(require_asset("stories260K/tok512.bin"), 512))
+def test_tokenisation_is_cached(tmp_path, llama_tokenizer):
+    tok = llama_tokenizer
     documents = [("d", "Once upon a time there was a cat.")]
     first = tokenize_documents(documents, tok, cache_dir=tmp_path)
     assert len(list(tmp_path.glob("*.npz"))) == 1
@@ -129,11 +126,8 @@ def test_tokenisation_is_cached(tmp_path):
     assert np.array_equal(first[0], second[0]) and first[0][0] == 1
 
 
-def test_default_tokenisation_cache_is_the_user_cache_not_the_working_directory(tmp_path, monkeypatch):
-    from conftest import require_asset
-    from ropekit.apply.llama2c import read_tokenizer, to_transformers_tokenizer
-
-    tok = to_transformers_tokenizer(*read_tokenizer(require_asset("stories260K/tok512.bin"), 512))
+def test_default_tokenisation_cache_is_the_user_cache_not_the_working_directory(tmp_path, monkeypatch, llama_tokenizer):
+    tok = llama_tokenizer
     monkeypatch.setenv("ROPEKIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
     tokenize_documents([("d", "A dog ran.")], tok)

@@ -194,3 +194,19 @@ def write_llama2c(path: Path, *, nan: bool = False, trailing: bytes = b"") -> tu
     tok = path / "tok.bin"
     tok.write_bytes(struct.pack("<i", 8) + b"".join(struct.pack("<fi", -i, len(p)) + p for i, p in enumerate(pieces)))
     return ckpt, tok
+
+
+def plot_pixels(path: Path, *, min_size: tuple[int, int] = (200, 300)):
+    """Decode a PNG written by ropekit and check that it is a real plot: at least `min_size`
+    (height, width) pixels, not blank (some ink, and more than two colours). Returns the RGB array."""
+    import matplotlib.image
+    import numpy as np
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+    rgb = matplotlib.image.imread(path)[..., :3]
+    height, width = rgb.shape[:2]
+    assert height >= min_size[0] and width >= min_size[1], (path, rgb.shape)
+    ink = (rgb < 0.9).any(axis=-1).mean()  # share of pixels that are not (near) white
+    assert 0.01 < ink < 0.9, (path, ink)
+    assert rgb.std() > 0.05 and len(np.unique(rgb.reshape(-1, 3), axis=0)) > 16, path
+    return rgb

@@ -126,6 +126,7 @@ print(json.dumps({"inv_freq": [m.inv_freq.tolist() for m in model.modules() if t
 """
 
 
+@pytest.mark.slow
 def test_stories260k_convert_extend_and_stock_reload(tmp_path):
     ckpt = require_asset("stories260K/stories260K.bin")
     runner = CliRunner()

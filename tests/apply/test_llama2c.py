@@ -115,6 +115,7 @@ def reference_greedy(p, c, prompt, steps):
     return tokens[len(prompt) :]
 
 
+@pytest.mark.slow
 def test_converted_model_decodes_like_llama2c(assets):
     ckpt, _, _ = assets
     model = to_transformers(*read_checkpoint(ckpt)).double()

@@ -37,6 +37,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", [8192, 16384])
 def test_plan_json_matches_api(target, tmp_path):
     proc = run_cli(
@@ -224,6 +225,7 @@ def analyze(out, methods: str, target: str = "16384"):
     return out
 
 
+@pytest.mark.slow
 def test_analyze_writes_plots_and_csv(tmp_path):
     out = analyze(tmp_path / "a", "none,pi,yarn,dprope")
     other = analyze(tmp_path / "b", "none,ntk", target="65536")
@@ -240,6 +242,7 @@ def test_real_entry_point_error_exit_code():
     assert proc.returncode == 2 and proc.stderr.startswith("error:") and proc.stdout == ""
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args,expected",
     [

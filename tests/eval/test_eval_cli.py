@@ -19,6 +19,7 @@ def s260k(llama_model_dir):
     return str(llama_model_dir)
 
 
+@pytest.mark.slow
 def test_eval_compares_methods_and_writes_report(s260k, tmp_path):
     require_asset("stories260K/stories260K.bin")  # the perplexity claims below need the trained model
     text = require_asset("text/tinystories/tinystories_val_head.txt")
@@ -73,6 +74,7 @@ def test_eval_compares_methods_and_writes_report(s260k, tmp_path):
     assert len((out / "results.csv").read_text().splitlines()) == 1 + 2 * (2 + 1 + 4)
 
 
+@pytest.mark.slow
 def test_eval_ruler_records_protocol_and_skipped_tasks(s260k, story_text, tmp_path):
     text = story_text
     out = tmp_path / "ruler"
@@ -106,6 +108,7 @@ def test_eval_ruler_records_protocol_and_skipped_tasks(s260k, story_text, tmp_pa
     assert "## RULER" in report and "qa_1 skipped" in report
 
 
+@pytest.mark.slow
 def test_eval_longbench_from_local_files(s260k, tmp_path):
     from pathlib import Path
 

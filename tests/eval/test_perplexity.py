@@ -65,7 +65,10 @@ def naive_strided_nll(model, doc, length, stride):
     return nll, count
 
 
-@pytest.mark.parametrize("length,stride", [(256, 100), (128, 128), (200, 37)])
+@pytest.mark.parametrize(
+    "length,stride",
+    [(256, 100), pytest.param(128, 128, marks=pytest.mark.slow), pytest.param(200, 37, marks=pytest.mark.slow)],
+)
 def test_strided_equals_naive_full_recompute(model, length, stride):
     documents = docs(700, 333)
     result = perplexity(model, documents, length=length, stride=stride, loss_chunk=50)

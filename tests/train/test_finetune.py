@@ -17,6 +17,7 @@ from ropekit.cli.main import app
 from ropekit.train.loop import latest_checkpoint, loss_curve
 
 runner = CliRunner()
+pytestmark = pytest.mark.slow  # real fine-tuning runs (subprocesses, torchrun)
 
 
 @pytest.fixture(scope="module")

@@ -237,6 +237,7 @@ def test_analyze_writes_plots_and_csv(tmp_path):
     assert len(rows) == 65 and "disturbance_dprope" in rows[0]
 
 
+@pytest.mark.slow
 def test_real_entry_point_error_exit_code():
     proc = run_cli("plan", "--preset", "llama2-7b", "--target-length", "100")
     assert proc.returncode == 2 and proc.stderr.startswith("error:") and proc.stdout == ""

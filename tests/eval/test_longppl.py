@@ -117,6 +117,7 @@ class CharTokenizer:
         return "".join(chr(65 + int(i)) for i in ids)
 
 
+@pytest.mark.slow
 def test_a_separate_evaluator_maps_key_tokens_by_characters(model, documents):
     """The model as its own 'separate' evaluator through text and offsets gives the self-evaluator's answer."""
     tok = CharTokenizer()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -78,14 +79,109 @@ def test_native_exports_reproduce_the_plan(method):
     assert attention == pytest.approx(plan.attention_factor, rel=1e-12)
 
 
-def test_vllm_and_llama_cpp_forms():
-    plan = ropekit.plan(SPEC, TARGET, "yarn")
-    for version, key in ((5, "rope_parameters"), (4, "rope_scaling")):
-        block = vllm_hf_overrides(plan, version=version)[key]
-        assert block["short_mscale"] == block["long_mscale"] == plan.attention_factor
-        assert block["short_factor"] == block["long_factor"] == list(plan.factors)
-    cpp = llama_cpp_rope_freqs(plan)
-    assert cpp["tensor"] == "rope_freqs.weight" and cpp["shape"] == [32] and cpp["values"] == list(plan.factors)
+# vLLM's rope-scaling semantics (vllm/model_executor/layers/rotary_embedding: get_rope and the
+# Phi3LongRoPEScaled / YaRNScaling / Llama3 / LinearScaling embeddings), re-implemented here from
+# their documented formulas: vLLM is not a dependency. Each returns the per-pair inverse frequency a
+# position is multiplied by and the magnitude (mscale) cos/sin are multiplied by.
+
+
+def vllm_pair_exponents(rotary_dim: int) -> torch.Tensor:
+    return torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim
+
+
+def vllm_rope(config: dict, head_dim: int, max_model_len: int) -> tuple[torch.Tensor, float]:
+    """What vLLM computes from a config (v5 `rope_parameters` or v4 `rope_scaling` + `rope_theta`)."""
+    if "rope_parameters" in config:
+        params = dict(config["rope_parameters"])
+    else:
+        params = {"rope_theta": config.get("rope_theta", 10000.0), **(config.get("rope_scaling") or {})}
+        params.setdefault("rope_type", params.get("type", "default"))
+        if "partial_rotary_factor" in config:
+            params["partial_rotary_factor"] = config["partial_rotary_factor"]
+    base = params.get("rope_theta", 10000.0)
+    rotary_dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
+    max_position = config["max_position_embeddings"]
+    default = 1.0 / (base ** vllm_pair_exponents(rotary_dim))
+    kind = params["rope_type"]
+    if kind == "default":
+        return default, 1.0
+    if kind == "linear":  # positions are divided by the factor
+        return default / params["factor"], 1.0
+    if kind == "llama3":
+        factor, low, high = params["factor"], params["low_freq_factor"], params["high_freq_factor"]
+        original = params["original_max_position_embeddings"]
+        wavelength = 2 * math.pi / default
+        smooth = (original / wavelength - low) / (high - low)
+        scaled = torch.where(
+            wavelength > original / low, default / factor, (1 - smooth) * default / factor + smooth * default
+        )
+        return torch.where(wavelength < original / high, default, scaled), 1.0
+    if kind == "yarn":
+        factor, original = params["factor"], params["original_max_position_embeddings"]
+        beta_fast, beta_slow = params.get("beta_fast", 32), params.get("beta_slow", 1)
+
+        def correction_dim(rotations):
+            return rotary_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low = max(math.floor(correction_dim(beta_fast)), 0)
+        high = min(math.ceil(correction_dim(beta_slow)), rotary_dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = ((torch.arange(rotary_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        keep = 1 - ramp  # 1: extrapolate (keep the original frequency), 0: interpolate
+        inv_freq = default / factor * (1 - keep) + default * keep
+        return inv_freq, (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
+    if kind == "longrope":
+        original = params["original_max_position_embeddings"]
+        # long factors whenever the served length exceeds the original one (vLLM never switches mid-sequence)
+        factors = params["long_factor"] if max_model_len > original else params["short_factor"]
+        mscale = params.get("long_mscale") if max_model_len > original else params.get("short_mscale")
+        if mscale is None:  # Phi-3's default magnitude
+            scale = max_position / original
+            mscale = 1.0 if scale <= 1 else math.sqrt(1 + math.log(scale) / math.log(original))
+        return 1.0 / (torch.tensor(factors, dtype=torch.float32) * base ** vllm_pair_exponents(rotary_dim)), mscale
+    raise AssertionError(f"no vLLM reference for {kind}")
+
+
+@pytest.mark.parametrize("method", ["dprope", "pi", "yarn", "llama3", "ntk", "base", "resonance", "none"])
+@pytest.mark.parametrize("version", [5, 4])
+def test_vllm_overrides_give_vllm_the_plans_frequencies_and_magnitude(method, version):
+    plan = ropekit.plan(SPEC, TARGET, method)
+    overrides = vllm_hf_overrides(plan, version=version)
+    for served in (TARGET, SPEC.original_length):  # long and short branch: short = long, so no switch
+        inv_freq, mscale = vllm_rope({"max_position_embeddings": TARGET, **overrides}, SPEC.head_dim, served)
+        assert torch.allclose(inv_freq, plan.inv_freq, rtol=3e-7, atol=0)
+        assert mscale == pytest.approx(plan.attention_factor, rel=1e-12)
+
+
+def test_without_the_overrides_vllm_would_use_phi3s_magnitude():
+    """Why the vLLM form carries short/long_mscale: vLLM ignores `attention_factor` in a longrope block."""
+    for method in ("dprope", "yarn"):
+        plan = ropekit.plan(SPEC, TARGET, method)
+        _, mscale = vllm_rope(transformers_config(plan), SPEC.head_dim, TARGET)
+        assert mscale == pytest.approx(math.sqrt(1 + math.log(TARGET / 256) / math.log(256)))
+        assert mscale != pytest.approx(plan.attention_factor)
+
+
+@pytest.mark.parametrize("method", ["pi", "yarn", "llama3", "ntk", "base", "none"])
+def test_native_exports_mean_the_plan_in_vllm(method):
+    plan = ropekit.plan(SPEC, TARGET, method)
+    inv_freq, mscale = vllm_rope(transformers_config(plan, native=True), SPEC.head_dim, TARGET)
+    assert torch.allclose(inv_freq, plan.inv_freq, rtol=1e-6, atol=0)
+    assert mscale == pytest.approx(plan.attention_factor, rel=1e-12)
+
+
+def test_llama_cpp_rope_freqs_mean_the_plan():
+    """llama.cpp divides each pair's θ_i = base^(-2i/d) by rope_freqs[i] and scales cos/sin by attn_factor."""
+    for method in ("yarn", "dprope", "llama3"):
+        plan = ropekit.plan(SPEC, TARGET, method)
+        cpp = llama_cpp_rope_freqs(plan)
+        assert cpp["tensor"] == "rope_freqs.weight" and cpp["shape"] == [SPEC.head_dim // 2]
+        i = torch.arange(SPEC.head_dim // 2, dtype=torch.float64)
+        theta = cpp["rope_freq_base"] ** (-2 * i / SPEC.head_dim) / torch.tensor(cpp["values"], dtype=torch.float64)
+        assert torch.allclose(theta.float(), plan.inv_freq, rtol=3e-7, atol=0)
+        assert cpp["attention_factor"] == pytest.approx(plan.attention_factor, rel=1e-12)
+        assert cpp["context_length"] == TARGET
 
 
 def test_partial_rotary_export_keeps_the_fraction():
@@ -98,6 +194,8 @@ def test_partial_rotary_export_keeps_the_fraction():
     )
     inv_freq, _ = ROPE_INIT_FUNCTIONS["longrope"](config, "cpu", seq_len=1024)
     assert torch.equal(inv_freq, plan.inv_freq)
+    inv_freq, mscale = vllm_rope(vllm_hf_overrides(plan), spec.head_dim, 1024)  # vLLM: rotary_dim = 64 · 0.5
+    assert torch.allclose(inv_freq, plan.inv_freq, rtol=3e-7, atol=0) and mscale == plan.attention_factor
 
 
 def test_write_exports_files(tmp_path):

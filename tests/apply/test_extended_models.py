@@ -184,6 +184,7 @@ def llama31_dir(tmp_path):
     return tmp_path / "llama31"
 
 
+@pytest.mark.slow
 def test_llama31_inspect_and_plan_from_its_trained_context(llama31_dir):
     card = model_card(str(llama31_dir))
     assert card["trained_context"] == 131072 and "max_position_embeddings 131072" in card["trained_context_source"]

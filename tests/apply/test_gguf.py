@@ -235,6 +235,7 @@ def test_cli_inspect_plan_and_convert(gguf_path, tmp_path):
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["num_hidden_layers"] == 2
 
 
+@pytest.mark.slow
 def test_eval_of_a_gguf_is_eval_of_its_model(gguf_path, model, tmp_path, monkeypatch):
     """`ropekit eval X.gguf` converts once into the cache; an F32 GGUF scores exactly like its source model."""
     from ropekit.apply.gguf_convert import load_gguf_tokenizer

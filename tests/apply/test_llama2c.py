@@ -115,6 +115,7 @@ def reference_greedy(p, c, prompt, steps):
     return tokens[len(prompt) :]
 
 
+@pytest.mark.slow
 def test_converted_model_decodes_like_llama2c(assets):
     ckpt, _, _ = assets
     model = to_transformers(*read_checkpoint(ckpt)).double()
@@ -167,6 +168,7 @@ def test_tokenizer_encodes_like_llama2c(assets):
         assert tokenizer.decode(ids, skip_special_tokens=True) == paragraph
 
 
+@pytest.mark.slow
 def test_perplexity_on_tinystories_is_sane(assets):
     ckpt, _, tok = assets
     model = to_transformers(*read_checkpoint(ckpt))

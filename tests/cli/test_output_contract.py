@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import stat
-import struct
 import subprocess
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import tiny_llama
+from conftest import tiny_llama, write_llama2c  # noqa: F401  (write_llama2c: imported from here by other tests)
 from ropekit import RopekitError
 from ropekit.apply.atomic import atomic_directory, is_ropekit_output, prepare_output
 from ropekit.cli.main import app
@@ -76,23 +75,6 @@ def write_text(path: Path, words: int = 200, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     path.write_text(" ".join(rng.choice(WORDS, size=words)))
     return path
-
-
-def write_llama2c(path: Path, *, nan: bool = False, trailing: bytes = b"") -> tuple[Path, Path]:
-    """A tiny legacy llama2.c checkpoint (dim 8, 1 layer, 2 heads, vocab 32, seq_len 16) and tokenizer."""
-    dim, hidden, layers, heads, kv, vocab, seq_len = 8, 16, 1, 2, 2, 32, 16
-    head = dim // heads
-    floats = vocab * dim + layers * (2 * dim + 4 * dim * dim + 3 * hidden * dim) + dim + seq_len * head
-    weights = np.random.default_rng(0).standard_normal(floats).astype("<f4") * 0.1
-    if nan:
-        weights[5] = np.nan
-    path.mkdir(parents=True, exist_ok=True)
-    ckpt = path / "model.bin"
-    ckpt.write_bytes(struct.pack("<7i", dim, hidden, layers, heads, kv, vocab, seq_len) + weights.tobytes() + trailing)
-    pieces = [b"<unk>", b"\n<s>\n", b"\n</s>\n"] + [bytes([c]) for c in range(97, 97 + vocab - 3)]
-    tok = path / "tok.bin"
-    tok.write_bytes(struct.pack("<i", 8) + b"".join(struct.pack("<fi", -i, len(p)) + p for i, p in enumerate(pieces)))
-    return ckpt, tok
 
 
 @pytest.fixture(scope="module")

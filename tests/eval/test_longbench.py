@@ -10,9 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import require_asset, tiny_llama
+from conftest import tiny_llama
 from ropekit import RopekitError
-from ropekit.apply.llama2c import read_tokenizer, to_transformers_tokenizer
 from ropekit.eval.longbench import (
     DATASETS,
     bucket_of,
@@ -29,8 +28,8 @@ FIXTURE = Path(__file__).parents[1] / "fixtures" / "longbench_e"
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return to_transformers_tokenizer(*read_tokenizer(require_asset("stories260K/tok512.bin"), 512))
+def tokenizer(llama_tokenizer):
+    return llama_tokenizer
 
 
 def test_metrics_by_hand():

@@ -39,6 +39,7 @@ def naive_logprob(model, ids, t, start):
     return float(torch.log_softmax(logits.double(), -1)[ids[t]])
 
 
+@pytest.mark.slow
 def test_short_context_logprobs_match_naive_windows(model, documents):
     """Official short contexts: windows [kW, kW + S + W) score tokens kW + S … kW + S + W − 1."""
     ids = torch.as_tensor(documents[0][:200], dtype=torch.long)
@@ -49,6 +50,7 @@ def test_short_context_logprobs_match_naive_windows(model, documents):
         assert short[t - 1] == pytest.approx(naive_logprob(model, ids, t, start), abs=1e-4)
 
 
+@pytest.mark.slow
 def test_threshold_extremes(model, documents):
     everything = long_ppl(
         model, documents, length=360, short_length=64, sliding_window=32, threshold=-math.inf, beta=-math.inf
@@ -115,6 +117,7 @@ class CharTokenizer:
         return "".join(chr(65 + int(i)) for i in ids)
 
 
+@pytest.mark.slow
 def test_a_separate_evaluator_maps_key_tokens_by_characters(model, documents):
     """The model as its own 'separate' evaluator through text and offsets gives the self-evaluator's answer."""
     tok = CharTokenizer()

@@ -8,8 +8,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import require_asset
-from ropekit.apply.llama2c import read_tokenizer, to_transformers_tokenizer
 from ropekit.eval.passkey import (
     FILLER,
     QUESTION,
@@ -21,23 +19,24 @@ from ropekit.eval.passkey import (
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return to_transformers_tokenizer(*read_tokenizer(require_asset("stories260K/tok512.bin"), 512))
+def tokenizer(llama_tokenizer):
+    return llama_tokenizer
 
 
 class InductionOracle(torch.nn.Module):
     """Predicts, at each position, the token that followed the longest earlier match of the
     current suffix: it copies the passkey after 'The pass key is' by construction."""
 
-    def __init__(self, vocab: int, *, broken: bool = False):
+    def __init__(self, vocab: int, *, broken: bool = False, reach: int = 0):
         super().__init__()
-        self.vocab, self.broken = vocab, broken
+        self.vocab, self.broken, self.reach = vocab, broken, reach  # reach: only look this far back (0: all)
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the module a device
 
     def next_token(self, seq: list[int]) -> int:
+        earliest = max(0, len(seq) - self.reach) if self.reach else 0
         for k in range(min(12, len(seq) - 1), 0, -1):
             suffix = seq[-k:]
-            for start in range(len(seq) - k - 1, -1, -1):
+            for start in range(len(seq) - k - 1, earliest - 1, -1):
                 if seq[start : start + k] == suffix:
                     token = seq[start + k]
                     return (token + 1) % self.vocab if self.broken else token
@@ -50,6 +49,23 @@ class InductionOracle(torch.nn.Module):
         for row, pos in enumerate(positions):
             logits[0, row, self.next_token(seq[: pos + 1])] = 0.0
         return SimpleNamespace(logits=logits, past_key_values=seq)
+
+
+class RunOnDigitsOracle(InductionOracle):
+    """Retrieves, but never ends a number: after a digit it says another digit. Every answer token is
+    the argmax (teacher-forced: right) yet the generated integer is longer than the key (wrong)."""
+
+    def __init__(self, vocab: int, digit_ids: set[int]):
+        super().__init__(vocab)
+        self.digit_ids, self.more = digit_ids, min(digit_ids)
+
+    def next_token(self, seq: list[int]) -> int:
+        token = super().next_token(seq)
+        return self.more if seq[-1] in self.digit_ids and token not in self.digit_ids else token
+
+
+def digit_ids(tokenizer) -> set[int]:
+    return {i for i in range(len(tokenizer)) if tokenizer.decode([i]).strip().isdigit()}
 
 
 @pytest.mark.parametrize("length", [256, 700])
@@ -89,16 +105,16 @@ def test_yarn_prompt_is_the_five_newline_joined_lines(tokenizer, length, depth):
 
 
 def test_scorers_on_an_oracle_that_retrieves(tokenizer):
-    oracle = InductionOracle(512)
+    oracle = InductionOracle(len(tokenizer))
     p = build_prompt(tokenizer, 400, 0.3, 71829)
     assert teacher_forced_correct(oracle, p) and generation_correct(oracle, tokenizer, p)
-    broken = InductionOracle(512, broken=True)
+    broken = InductionOracle(len(tokenizer), broken=True)
     assert not teacher_forced_correct(broken, p) and not generation_correct(broken, tokenizer, p)
 
 
 def test_grid_records_accuracy_and_agreement(tokenizer):
     result = passkey_grid(
-        InductionOracle(512),
+        InductionOracle(len(tokenizer)),
         tokenizer,
         lengths=[200, 300],
         depths=[0.0, 1.0],
@@ -113,19 +129,39 @@ def test_grid_records_accuracy_and_agreement(tokenizer):
     assert keys == [
         r["passkey"]
         for r in passkey_grid(
-            InductionOracle(512), tokenizer, lengths=[200, 300], depths=[0.0, 1.0], trials=2, style="compact"
+            InductionOracle(len(tokenizer)), tokenizer, lengths=[200, 300], depths=[0.0, 1.0], trials=2, style="compact"
         ).rows
     ]  # seeded
     assert all(re.fullmatch(r"\d{5}", str(k)) for k in keys)
-    yarn = passkey_grid(InductionOracle(512), tokenizer, lengths=[200], depths=[0.5], trials=3)
+    yarn = passkey_grid(InductionOracle(len(tokenizer)), tokenizer, lengths=[200], depths=[0.5], trials=3)
     assert yarn.scorer == "generation" and yarn.style == "yarn" and yarn.task_line == "ropekit wording"
     assert yarn.accuracy == {"200@0.5": 1.0} and all(1 <= r["passkey"] <= 50000 for r in yarn.rows)
 
 
-def test_real_model_scorers_agree(tokenizer):
-    """On the real stories260K (which cannot retrieve), both scorers run and mostly agree."""
-    from ropekit.apply.llama2c import read_checkpoint, to_transformers
+def test_agreement_is_one_when_retrieval_depends_on_the_needle_position(tokenizer):
+    """A model that sees only its last 120 tokens retrieves a needle near the end and misses one at
+    the start: both outcomes occur, and the two scorers agree on every trial."""
+    result = passkey_grid(
+        InductionOracle(len(tokenizer), reach=120),
+        tokenizer,
+        lengths=[400],
+        depths=[0.0, 1.0],
+        trials=3,
+        agreement_every=1,
+        scorer="teacher-forced",
+    )
+    assert result.accuracy == {"400@0": 0.0, "400@1": 1.0}
+    assert result.agreement == 1.0 and result.agreement_trials == 6
 
-    model = to_transformers(*read_checkpoint(require_asset("stories260K/stories260K.bin")))
-    result = passkey_grid(model, tokenizer, lengths=[256], depths=[0.0, 0.5, 1.0], trials=2, agreement_every=1)
-    assert result.agreement is not None and result.agreement >= 0.8
+
+def test_agreement_is_zero_when_the_scorers_must_disagree(tokenizer):
+    """Right answer tokens, wrong generated integer: teacher-forced says right, generation says wrong."""
+    oracle = RunOnDigitsOracle(len(tokenizer), digit_ids(tokenizer))
+    p = build_prompt(tokenizer, 300, 0.5, 52913)
+    assert teacher_forced_correct(oracle, p) and not generation_correct(oracle, tokenizer, p)
+    for scorer, accuracy in (("teacher-forced", 1.0), ("generation", 0.0)):
+        result = passkey_grid(
+            oracle, tokenizer, lengths=[300], depths=[0.5], trials=3, agreement_every=1, scorer=scorer
+        )
+        assert result.accuracy == {"300@0.5": accuracy}
+        assert result.agreement == 0.0 and result.agreement_trials == 3

@@ -65,7 +65,10 @@ def naive_strided_nll(model, doc, length, stride):
     return nll, count
 
 
-@pytest.mark.parametrize("length,stride", [(256, 100), (128, 128), (200, 37)])
+@pytest.mark.parametrize(
+    "length,stride",
+    [(256, 100), pytest.param(128, 128, marks=pytest.mark.slow), pytest.param(200, 37, marks=pytest.mark.slow)],
+)
 def test_strided_equals_naive_full_recompute(model, length, stride):
     documents = docs(700, 333)
     result = perplexity(model, documents, length=length, stride=stride, loss_chunk=50)
@@ -117,11 +120,8 @@ def test_document_loader(tmp_path):
             read_documents(path)
 
 
-def test_tokenisation_is_cached(tmp_path):
-    from conftest import require_asset
-    from ropekit.apply.llama2c import read_tokenizer, to_transformers_tokenizer
-
-    tok = to_transformers_tokenizer(*read_tokenizer(require_asset("stories260K/tok512.bin"), 512))
+def test_tokenisation_is_cached(tmp_path, llama_tokenizer):
+    tok = llama_tokenizer
     documents = [("d", "Once upon a time there was a cat.")]
     first = tokenize_documents(documents, tok, cache_dir=tmp_path)
     assert len(list(tmp_path.glob("*.npz"))) == 1
@@ -129,11 +129,8 @@ def test_tokenisation_is_cached(tmp_path):
     assert np.array_equal(first[0], second[0]) and first[0][0] == 1
 
 
-def test_default_tokenisation_cache_is_the_user_cache_not_the_working_directory(tmp_path, monkeypatch):
-    from conftest import require_asset
-    from ropekit.apply.llama2c import read_tokenizer, to_transformers_tokenizer
-
-    tok = to_transformers_tokenizer(*read_tokenizer(require_asset("stories260K/tok512.bin"), 512))
+def test_default_tokenisation_cache_is_the_user_cache_not_the_working_directory(tmp_path, monkeypatch, llama_tokenizer):
+    tok = llama_tokenizer
     monkeypatch.setenv("ROPEKIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
     tokenize_documents([("d", "A dog ran.")], tok)

@@ -13,9 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import require_asset
 from ropekit import RopekitError
-from ropekit.apply.llama2c import read_tokenizer, to_transformers_tokenizer
 from ropekit.eval.ruler import (
     TASKS,
     get_task,
@@ -32,13 +30,13 @@ SYNTHETIC = [n for n, t in TASKS.items() if t.kind in ("niah", "vt")]
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return to_transformers_tokenizer(*read_tokenizer(require_asset("stories260K/tok512.bin"), 512))
+def tokenizer(llama_tokenizer):
+    return llama_tokenizer
 
 
 @pytest.fixture(scope="module")
-def essay():
-    return read_essay(require_asset("text/tinystories/tinystories_val_head.txt"))
+def essay(story_text):
+    return read_essay(story_text)
 
 
 def test_thirteen_tasks_with_rulers_settings():

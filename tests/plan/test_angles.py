@@ -11,7 +11,11 @@ from ropekit.plan.analysis.angles import EPSILON, angle_counts, angle_counts_lit
 
 @pytest.mark.parametrize(
     "head_dim,base,length,scale,bins",
-    [(16, 10000.0, 512, 4, 360), (8, 10000.0, 700, 3, 360), (12, 500.0, 333, 2.5, 97)],
+    [
+        pytest.param(16, 10000.0, 512, 4, 360, marks=pytest.mark.slow),
+        pytest.param(8, 10000.0, 700, 3, 360, marks=pytest.mark.slow),
+        (12, 500.0, 333, 2.5, 97),
+    ],
 )
 def test_vectorised_counts_equal_literal_double_loop(head_dim, base, length, scale, bins):
     spec = RopeSpec(head_dim=head_dim, base=base, original_length=length)

@@ -40,6 +40,7 @@ def slow_dprope(spec: RopeSpec, target: int, bins: int = 360):
     return factors, 1000 * sum(chosen) / len(chosen)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "spec,target",
     [

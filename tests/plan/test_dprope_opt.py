@@ -26,6 +26,7 @@ def disturbance_at(spec: RopeSpec, target: int, factor: float, bins: int = 360) 
     return pair_disturbance(spec, inv_freq, target, bins=bins)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec,target", GEOMETRIES)
 def test_never_more_disturbed_than_dprope(spec, target):
     opt = ropekit.plan(spec, target, "dprope-opt")
@@ -37,6 +38,7 @@ def test_never_more_disturbed_than_dprope(spec, target):
         assert bool((opt.pair_disturbance <= dp.pair_disturbance).all())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec,target", GEOMETRIES[1:])
 def test_reported_disturbance_is_the_chosen_factors(spec, target):
     """Each pair's reported D equals D recomputed independently at its chosen factor."""
@@ -46,6 +48,7 @@ def test_reported_disturbance_is_the_chosen_factors(spec, target):
     assert torch.equal(opt.inv_freq, per_pair_inv_freq(spec, opt.factors))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec,target", GEOMETRIES[1:])
 def test_grid_stage_equals_brute_force_over_the_same_grid(spec, target):
     """With no refinement the method is exactly the argmin over its log-spaced grid, pair by pair."""
@@ -74,6 +77,7 @@ def test_default_search_beats_a_dense_brute_force_on_the_whole_method(spec, targ
     assert ropekit.plan(spec, target, "dprope-opt").disturbance <= 1000 * float(brute.mean())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec,target", GEOMETRIES[1:])
 def test_refinement_never_raises_a_pair(spec, target):
     coarse = ropekit.plan(spec, target, "dprope-opt", refine_rounds=0)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 CHECK = """
 import sys
 import ropekit, ropekit.plan.analysis.plots, ropekit.eval.report
@@ -12,6 +14,7 @@ assert "matplotlib.pyplot" not in sys.modules, "pyplot was imported"
 """
 
 
+@pytest.mark.slow
 def test_plot_modules_import_without_pyplot():
     proc = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr

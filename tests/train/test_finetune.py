@@ -13,23 +13,22 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import ropekit
-from conftest import require_asset
-from ropekit.apply.llama2c import convert
 from ropekit.cli.main import app
 from ropekit.train.loop import latest_checkpoint, loss_curve
 
 runner = CliRunner()
+pytestmark = pytest.mark.slow  # real fine-tuning runs (subprocesses, torchrun)
 
 
 @pytest.fixture(scope="module")
-def s260k(tmp_path_factory):
-    ckpt = require_asset("stories260K/stories260K.bin")
-    return str(convert(ckpt, ckpt.with_name("tok512.bin"), tmp_path_factory.mktemp("m") / "s260k"))
+def s260k(llama_model_dir):
+    """stories260K converted, or a random-weight model of its shape without ../shared."""
+    return str(llama_model_dir)
 
 
 @pytest.fixture(scope="module")
-def text():
-    return str(require_asset("text/tinystories/tinystories_val_head.txt"))
+def text(story_text):
+    return str(story_text)
 
 
 def run(s260k, text, out, *extra):

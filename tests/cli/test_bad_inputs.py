@@ -74,7 +74,7 @@ def test_damaged_safetensors_is_one_line_in_extend_eval_finetune(damage, tiny, t
 def test_corrupted_cache_entry_is_rebuilt_and_reported(tiny, tmp_path, capsys):
     from test_output_contract import char_tokenizer
 
-    from ropekit.eval.data import tokenize_documents
+    from ropekit.data.documents import tokenize_documents
 
     docs = [("a", "the cat sat on the mat"), ("b", "a dog ran")]
     tok = char_tokenizer()
@@ -207,7 +207,7 @@ def test_absurd_target_length_and_base_are_refused_at_once(tmp_path):
 
 
 def test_json_data_is_parsed_not_read_as_text(tmp_path):
-    from ropekit.eval.data import read_documents
+    from ropekit.data.documents import read_documents
 
     texts = ["the cat sat", "a dog ran home"]
     (tmp_path / "docs.json").write_text(json.dumps([{"text": t} for t in texts]))

@@ -19,8 +19,8 @@ from ropekit._version import __version__
 from ropekit.apply.atomic import OutputTarget, atomic_directory, prepare_output
 from ropekit.apply.extend import load_model, load_tokenizer
 from ropekit.apply.patch import apply, model_spec
+from ropekit.data.documents import read_documents, tokenize_documents
 from ropekit.errors import RopekitError
-from ropekit.eval.data import read_documents, tokenize_documents
 from ropekit.eval.longbench import CHAT_MODES as LONGBENCH_CHAT_MODES
 from ropekit.eval.longbench import load_longbench, load_prompt_config, run_longbench
 from ropekit.eval.longppl import Evaluator, long_ppl

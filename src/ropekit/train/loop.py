@@ -30,8 +30,8 @@ from ropekit._version import __version__
 from ropekit.apply.atomic import MARKER, SIGNATURE, default_modes, prepare_output, set_normal_permissions
 from ropekit.apply.extend import RECORD, extended_record, load_model, load_tokenizer
 from ropekit.apply.patch import apply, model_spec
+from ropekit.data.documents import jsonl_records, read_documents, tokenize_documents
 from ropekit.errors import Interrupted, RopekitError
-from ropekit.eval.data import jsonl_records, read_documents, tokenize_documents
 from ropekit.plan.geometry import RopeSpec
 from ropekit.plan.registry import plan as make_plan
 from ropekit.train.data import pack_windows, window_indices

@@ -92,9 +92,9 @@ def plan_cmd(
     ] = False,
     out: Annotated[
         Path | None,
-        typer.Option("--out", help="Where to write the export files (default out/plans/NAME-METHOD-TARGET)."),
+        typer.Option("--out", help="Directory for the export files and plan.json (without it nothing is written)."),
     ] = None,
-    no_write: Annotated[bool, typer.Option("--no-write", help="Do not write export files.")] = False,
+    no_write: Annotated[bool, typer.Option("--no-write", help="Do not write export files, even with --out.")] = False,
     overwrite: o.Overwrite = False,
 ) -> None:
     """Plan an extension: per-pair factors, attention factor, disturbance, and config exports.
@@ -104,7 +104,6 @@ def plan_cmd(
     """
     from ropekit.apply.export import write_exports
     from ropekit.plan.registry import compare as compare_methods
-    from ropekit.plan.registry import get_method
     from ropekit.plan.registry import plan as make_plan
     from ropekit.plan.summary import plan_summary
 
@@ -121,8 +120,8 @@ def plan_cmd(
     if paper_setting:
         interpolated_dims = o.paper_setting_dims(method, spec, target_length, interpolated_dims)
     params = o.method_params_from(method, locals())
-    out_dir = out or Path("out/plans") / o.safe_name(f"{spec.name}-{get_method(method).name}-{target_length}")
-    target = None if no_write else prepare_output(out_dir, overwrite=overwrite, inputs=(model, factors_file))
+    out_dir = None if no_write else out  # files only where the user asked for them
+    target = None if out_dir is None else prepare_output(out_dir, overwrite=overwrite, inputs=(model, factors_file))
     with err_console.status(f"planning {method} to {target_length} tokens"):
         plan = make_plan(spec, target_length, method, bins=bins, **params)
         scores = None
@@ -149,17 +148,19 @@ def plan_cmd(
         f"[bold]{plan.method}[/]: disturbance {plan.disturbance:.3f}, attention factor "
         f"{plan.attention_factor:.4f}, {len(plan.interpolated_pairs)} of {spec.num_pairs} pairs interpolated"
     )
-    if not no_write:
+    if target is not None:
         out_console.print(
             f"exports written to {out_dir}/: " + ", ".join(p.name for p in written.values()) + ", plan.json"
         )
+    elif not no_write:
+        out_console.print("add --out DIR to write the transformers, vLLM and llama.cpp exports and plan.json")
 
 
 @app.command("analyze")
 @user_errors
 def analyze_cmd(
     target_length: o.TargetLength,
-    out: Annotated[Path, typer.Option("--out", help="Directory for plots and per_pair.csv.")] = Path("out/analysis"),
+    out: Annotated[Path, typer.Option("--out", help="Directory for plots and per_pair.csv (required).")],
     methods: Annotated[
         str, typer.Option("--methods", help="Comma-separated methods to compare (default: all that need no factors).")
     ] = "",
@@ -458,9 +459,12 @@ def eval_cmd(
             metavar="MODEL", help="Model directory, hub id, or .gguf file (dequantised once into ~/.cache/ropekit)."
         ),
     ],
-    out: Annotated[Path, typer.Option("--out", help="Report directory (results.json/.csv, report.md, plots).")] = Path(
-        "out/eval"
-    ),
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", help="Report directory (results.json/.csv, report.md, plots); without it, the table only."
+        ),
+    ] = None,
     tasks: Annotated[
         str, typer.Option("--tasks", help="Comma-separated: ppl, longppl, passkey, ruler, longbench.")
     ] = "ppl",
@@ -609,7 +613,7 @@ def eval_cmd(
     results = evaluate(cfg)
     from ropekit.eval.runner import best_by_length, result_rows
 
-    t = Table(title=f"{model}: results (written to {out}/)")
+    t = Table(title=f"{model}: results" + (f" (written to {out}/)" if out is not None else ""))
     for col in ("method", "task", "length", "depth", "value", "tokens scored"):
         t.add_column(col)
     rows = result_rows(results)

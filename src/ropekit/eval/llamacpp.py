@@ -264,5 +264,6 @@ def evaluate_llama_cpp(cfg, limit: int) -> dict:
                 for n in cfg.lengths
             }
             results["methods"][method] = entry
-    write_report(results, cfg.out)
+    if cfg.out is not None:
+        write_report(results, cfg.out)
     return results

@@ -350,7 +350,11 @@ def _setup_logs(run: _Run) -> None:
         _truncate_log(run.logs / "train_log.jsonl", run.start_step)
     accelerator.wait_for_everyone()
     _truncate_log(run.logs / f"data_rank{run.rank}.jsonl", run.start_step)
-    accelerator.init_trackers("ropekit-finetune", config={k: str(v) for k, v in asdict(run.cfg).items()})
+    accelerator.init_trackers(
+        "ropekit-finetune",
+        config={k: str(v) for k, v in asdict(run.cfg).items()},
+        init_kwargs={"wandb": {"dir": str(run.logs)}},  # wandb's default is ./wandb in the working directory
+    )
 
 
 def _truncate_log(path: Path, keep_until_step: int) -> None:

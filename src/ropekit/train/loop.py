@@ -585,7 +585,14 @@ def _resume(accelerator, cfg: TrainConfig) -> int:
     """Load the latest complete checkpoint; returns the steps it holds. Refuses a run whose RESUME_KEYS
     differ from the checkpoint's (except `steps`, which may grow)."""
     checkpoint = latest_checkpoint(cfg.out)
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        int(state["step"])
+    except (OSError, ValueError, TypeError, KeyError):
+        raise RopekitError(
+            f"{checkpoint / 'trainer_state.json'}: not a ropekit trainer state (damaged?); "
+            "remove this checkpoint to resume from an earlier one, or start again with --overwrite"
+        ) from None
     for key in RESUME_KEYS:
         if key == "steps":
             continue

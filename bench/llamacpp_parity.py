@@ -22,7 +22,7 @@ import ropekit
 from ropekit.apply.extend import load_tokenizer
 from ropekit.apply.gguf import extend_gguf
 from ropekit.apply.gguf_convert import converted_dir
-from ropekit.eval.data import gutenberg_body
+from ropekit.data.documents import gutenberg_body
 from ropekit.eval.llamacpp import require_llama_cpp, runtime_parity
 
 REPO = Path(__file__).resolve().parents[1]

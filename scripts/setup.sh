@@ -23,5 +23,6 @@ if [ "${ROPEKIT_LLAMACPP:-0}" = "1" ]; then  # optional: llama.cpp itself (compi
 fi
 echo "ropekit installed in .venv ($(.venv/bin/python -c 'import ropekit; print(ropekit.__version__)'))"
 if [ "${1:-}" != "--no-main-job" ]; then
-  .venv/bin/ropekit plan --preset llama2-7b --target-length 16384 --method dprope --overwrite  # rerunnable: replaces only its own earlier output
+  .venv/bin/ropekit plan --preset llama2-7b --target-length 16384 --method dprope \
+    --out out/plans/llama2-7b-dprope-16384 --overwrite  # rerunnable: replaces only its own earlier output
 fi

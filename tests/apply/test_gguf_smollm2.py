@@ -72,7 +72,7 @@ def test_llama_cpp_runs_the_plan_past_the_trained_context(smollm2, converted, tm
     """One pass of 8,448 tokens of a PG19 book; the last 256 positions (8,192 … 8,447) are compared."""
     require_llama_cpp()
     from ropekit.apply.extend import load_tokenizer
-    from ropekit.eval.data import gutenberg_body
+    from ropekit.data.documents import gutenberg_body
     from ropekit.eval.llamacpp import runtime_parity
 
     book = gutenberg_body(require_asset("text/pg19_test/10146.txt").read_text(encoding="utf-8", errors="replace"))

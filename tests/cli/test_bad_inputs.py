@@ -75,7 +75,7 @@ def test_damaged_safetensors_is_one_line_in_extend_eval_finetune(damage, tiny, t
 def test_corrupted_cache_entry_is_rebuilt_and_reported(tiny, tmp_path, capsys):
     from test_output_contract import char_tokenizer
 
-    from ropekit.eval.data import tokenize_documents
+    from ropekit.data.documents import tokenize_documents
 
     docs = [("a", "the cat sat on the mat"), ("b", "a dog ran")]
     tok = char_tokenizer()
@@ -207,7 +207,7 @@ def test_absurd_target_length_and_base_are_refused_at_once(tmp_path):
 
 
 def test_json_data_is_parsed_not_read_as_text(tmp_path):
-    from ropekit.eval.data import read_documents
+    from ropekit.data.documents import read_documents
 
     texts = ["the cat sat", "a dog ran home"]
     (tmp_path / "docs.json").write_text(json.dumps([{"text": t} for t in texts]))
@@ -371,3 +371,28 @@ def test_tied_weights_warning_of_accelerate_is_silenced():
     assert not logger.filter(record)
     other = logger.makeRecord(logger.name, logging.WARNING, "other.py", 1, "something else", (), None)
     assert logger.filter(other)
+
+
+def test_damaged_files_beside_the_inputs_are_one_line(tiny, tmp_path):
+    import shutil
+    import struct
+
+    model, text = tiny
+    copy = tmp_path / "model"
+    shutil.copytree(model, copy)
+    (copy / "ropekit.json").write_text("{not json")
+    assert_one_line_error(runner.invoke(app, ["inspect", str(copy)]), "ropekit.json: not a readable JSON file")
+    factors = tmp_path / "factors.json"
+    factors.write_text(json.dumps({"rope_scaling": [1.0, 2.0]}))
+    result = runner.invoke(
+        app,
+        ["plan", "--preset", "llama2-7b", "--target-length", "8192", "--method", "longrope"]
+        + ["--factors-file", str(factors)],
+    )
+    assert_one_line_error(result, "expected a list of numbers")
+    ckpt, tok = write_llama2c(tmp_path / "odd")
+    data = bytearray(ckpt.read_bytes())
+    data[0:4], data[12:16], data[16:20] = struct.pack("<i", 6), struct.pack("<i", 2), struct.pack("<i", 2)
+    ckpt.write_bytes(bytes(data))  # dim 6 over 2 heads: head dimension 3
+    result = runner.invoke(app, ["convert", "llama2c", str(ckpt), str(tok), "--out", str(tmp_path / "o")])
+    assert_one_line_error(result, "odd head dimension 3")

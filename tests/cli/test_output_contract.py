@@ -179,6 +179,28 @@ def test_a_fault_during_the_work_keeps_the_earlier_report(tiny, tmp_path, monkey
     assert fingerprint(out) == before and leftovers(tmp_path) == []
 
 
+# ---- nothing in the working directory unless asked: files only where --out says ------------------------
+
+
+def test_without_out_plan_and_eval_write_nothing_and_the_others_ask_for_it(tiny, tmp_path, monkeypatch):
+    model, text = tiny
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("ROPEKIT_CACHE", str(tmp_path / "cache"))
+    plan = runner.invoke(app, ["plan", "--preset", "llama2-7b", "--target-length", "8192", "--method", "pi"])
+    assert plan.exit_code == 0 and "add --out DIR" in plan.stdout, plan.output
+    evaluated = runner.invoke(app, [a for a in eval_args(model, text, "-") if a not in ("--out", "-")])
+    assert evaluated.exit_code == 0 and "written to" not in evaluated.stdout, evaluated.output
+    assert list(cwd.iterdir()) == []
+    for command in ("analyze", "convert", "extend", "finetune"):
+        args = command_args(command, tiny, tmp_path, Path("unused"))
+        at = args.index("--out")
+        result = runner.invoke(app, args[:at] + args[at + 2 :])  # main() makes this one `error:` line
+        assert result.exit_code == 2 and "Missing option '--out'" in result.output, (command, result.output)
+    assert list(cwd.iterdir()) == []
+
+
 # ---- output paths that cannot work: one line, before any work, for every command ---------------------
 
 

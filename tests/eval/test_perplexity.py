@@ -11,7 +11,7 @@ import torch
 
 from conftest import tiny_llama
 from ropekit import RopekitError
-from ropekit.eval.data import read_documents, tokenize_documents
+from ropekit.data.documents import read_documents, tokenize_documents
 from ropekit.eval.perplexity import perplexity, windows
 
 

@@ -196,10 +196,27 @@ def test_bad_runs_are_refused_cleanly(s260k, text, tmp_path):
     assert different.exit_code == 2 and "cannot resume" in different.stderr
 
 
-def test_ctrl_c_saves_the_last_completed_step_and_resume_finishes_the_same_run(s260k, text, tmp_path):
-    import signal
-    import time
+# `ropekit finetune` exactly as `python -m ropekit.cli.main` runs it, with a real SIGINT sent to the process
+# as a chosen step ends: the first Ctrl-C lands at a known step, never in a race with the end of training.
+CTRL_C_AT_STEP = """
+import signal, sys
+import ropekit.train.loop as loop
+from ropekit.cli.main import main
 
+at_step = int(sys.argv.pop(1))  # the command line after it is ropekit's
+log_step = loop._log_step
+
+def log_step_then_ctrl_c(run, step, *args):
+    log_step(run, step, *args)
+    if step == at_step:
+        signal.raise_signal(signal.SIGINT)  # handled here, before the step's checkpoint and stop checks
+
+loop._log_step = log_step_then_ctrl_c
+main()
+"""
+
+
+def test_ctrl_c_saves_the_last_completed_step_and_resume_finishes_the_same_run(s260k, text, tmp_path):
     args = [
         "--data",
         text,
@@ -219,20 +236,17 @@ def test_ctrl_c_saves_the_last_completed_step_and_resume_finishes_the_same_run(s
         "100",
     ]
     interrupted, whole = tmp_path / "interrupted", tmp_path / "whole"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ropekit.cli.main", "finetune", s260k, "--out", str(interrupted), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+    proc = subprocess.run(
+        [sys.executable, "-c", CTRL_C_AT_STEP, "2", "finetune", s260k, "--out", str(interrupted), *args],
+        capture_output=True,
         text=True,
+        timeout=600,
     )
-    log = interrupted / "logs" / "train_log.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= 2):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "interrupted after step" in stderr, stderr[-2000:]  # 130: an interrupt
-    assert int(latest_checkpoint(interrupted).name.split("-")[1]) >= 2
+    assert proc.returncode == 130, proc.stderr[-2000:]  # 130: an interrupt
+    assert "stopping after this step" in proc.stderr and "error: interrupted after step 2;" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert latest_checkpoint(interrupted).name == "step-000002"
+    assert len((interrupted / "logs" / "loss_curve.csv").read_text().splitlines()) == 1 + 2
     assert not (interrupted / "model.safetensors").exists()
     assert runner.invoke(app, ["finetune", s260k, "--out", str(interrupted), *args, "--resume"]).exit_code == 0
     assert runner.invoke(app, ["finetune", s260k, "--out", str(whole), *args]).exit_code == 0

@@ -164,4 +164,12 @@ def save_extended(
 def read_record(model_dir: str | Path) -> dict[str, Any] | None:
     """The `ropekit.json` of an extended model directory, if any."""
     path = Path(model_dir) / RECORD
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise RopekitError(f"{path}: not a readable JSON file (ropekit writes it; restore it or remove it)") from None
+    if not isinstance(record, dict):
+        raise RopekitError(f"{path}: must be a JSON object (ropekit writes it; restore it or remove it)")
+    return record

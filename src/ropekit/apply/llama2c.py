@@ -104,6 +104,8 @@ def _parse_header(data: bytes, path) -> tuple[Llama2cConfig, int]:
     dim, hidden, layers, heads, kv_heads, _, seq_len = fields
     if min(dim, hidden, layers, heads, kv_heads, vocab, seq_len) <= 0 or dim % heads or heads % kv_heads or dim > 65536:
         raise RopekitError(f"{path}: not a llama2.c checkpoint (implausible header {fields})")
+    if (dim // heads) % 2:  # RoPE rotates pairs of dimensions
+        raise RopekitError(f"{path}: not a llama2.c checkpoint (odd head dimension {dim // heads})")
     config = Llama2cConfig(dim, hidden, layers, heads, kv_heads, vocab, seq_len, shared, version)
     return config, offset
 

@@ -54,7 +54,7 @@ def plan_cmd(
     target_length: o.TargetLength,
     method: Annotated[
         str,
-        typer.Option("--method", help="none, pi, ntk, dynamic-ntk, yarn, llama3, longrope, base, resonance, dprope."),
+        typer.Option("--method", help="Scaling method (`ropekit methods` lists them with their options)."),
     ] = "dprope",
     preset: o.Preset = None,
     model: o.Model = None,
@@ -80,9 +80,9 @@ def plan_cmd(
     ] = False,
     out: Annotated[
         Path | None,
-        typer.Option("--out", help="Where to write the export files (default out/plans/NAME-METHOD-TARGET)."),
+        typer.Option("--out", help="Directory for the export files and plan.json (without it nothing is written)."),
     ] = None,
-    no_write: Annotated[bool, typer.Option("--no-write", help="Do not write export files.")] = False,
+    no_write: Annotated[bool, typer.Option("--no-write", help="Do not write export files, even with --out.")] = False,
     overwrite: o.Overwrite = False,
     *,
     method_options: dict[str, Any],
@@ -94,7 +94,6 @@ def plan_cmd(
     """
     from ropekit.apply.export import write_exports
     from ropekit.plan.registry import compare as compare_methods
-    from ropekit.plan.registry import get_method
     from ropekit.plan.registry import plan as make_plan
     from ropekit.plan.summary import plan_summary
 
@@ -112,9 +111,9 @@ def plan_cmd(
     if paper_setting:
         paper_label, setting = o.paper_setting(method, spec, target_length, params)
         params.update(setting)
-    out_dir = out or Path("out/plans") / o.safe_name(f"{spec.name}-{get_method(method).name}-{target_length}")
+    out_dir = None if no_write else out  # files only where the user asked for them
     inputs = (model, *(v for v in method_options.values() if isinstance(v, Path)))  # e.g. a factors file
-    target = None if no_write else prepare_output(out_dir, overwrite=overwrite, inputs=inputs)
+    target = None if out_dir is None else prepare_output(out_dir, overwrite=overwrite, inputs=inputs)
     with err_console.status(f"planning {method} to {target_length} tokens"):
         plan = make_plan(spec, target_length, method, bins=bins, **params)
         scores: dict[str, float] = {}
@@ -139,17 +138,19 @@ def plan_cmd(
         f"[bold]{plan.method}[/]: disturbance {plan.disturbance:.3f}, attention factor "
         f"{plan.attention_factor:.4f}, {len(plan.interpolated_pairs)} of {spec.num_pairs} pairs interpolated"
     )
-    if not no_write:
+    if target is not None:
         out_console.print(
             f"exports written to {out_dir}/: " + ", ".join(p.name for p in written.values()) + ", plan.json"
         )
+    elif not no_write:
+        out_console.print("add --out DIR to write the transformers, vLLM and llama.cpp exports and plan.json")
 
 
 @app.command("analyze")
 @user_errors
 def analyze_cmd(
     target_length: o.TargetLength,
-    out: Annotated[Path, typer.Option("--out", help="Directory for plots and per_pair.csv.")] = Path("out/analysis"),
+    out: Annotated[Path, typer.Option("--out", help="Directory for plots and per_pair.csv (required).")],
     methods: Annotated[
         str, typer.Option("--methods", help="Comma-separated methods to compare (default: all that need no factors).")
     ] = "",
@@ -439,9 +440,12 @@ def eval_cmd(
             metavar="MODEL", help="Model directory, hub id, or .gguf file (dequantised once into ~/.cache/ropekit)."
         ),
     ],
-    out: Annotated[Path, typer.Option("--out", help="Report directory (results.json/.csv, report.md, plots).")] = Path(
-        "out/eval"
-    ),
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", help="Report directory (results.json/.csv, report.md, plots); without it, the table only."
+        ),
+    ] = None,
     tasks: Annotated[
         str, typer.Option("--tasks", help="Comma-separated: ppl, longppl, passkey, ruler, longbench.")
     ] = "ppl",
@@ -593,7 +597,7 @@ def eval_cmd(
     results = evaluate(cfg)
     from ropekit.eval.runner import best_by_length, result_rows
 
-    t = Table(title=f"{model}: results (written to {out}/)")
+    t = Table(title=f"{model}: results" + (f" (written to {out}/)" if out is not None else ""))
     for col in ("method", "task", "length", "depth", "value", "tokens scored"):
         t.add_column(col)
     rows = result_rows(results)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -268,10 +267,6 @@ def check_finite(**values: float | None) -> None:
     for name, value in values.items():
         if value is not None and not math.isfinite(value):
             raise RopekitError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
-
-
-def safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "model"
 
 
 def paper_setting(method: str, spec, target_length: int, params: dict[str, Any]) -> tuple[str, dict[str, Any]]:

@@ -228,7 +228,7 @@ def evaluate_llama_cpp(cfg, limit: int) -> dict:
     from ropekit._version import __version__
     from ropekit.apply.gguf import extend_gguf
     from ropekit.apply.gguf_convert import load_gguf_tokenizer
-    from ropekit.eval.data import read_documents, tokenize_documents
+    from ropekit.data.documents import read_documents, tokenize_documents
     from ropekit.eval.runner import AS_SAVED, _jsonable, write_report
 
     require_llama_cpp()
@@ -257,5 +257,6 @@ def evaluate_llama_cpp(cfg, limit: int) -> dict:
                 for n in cfg.lengths
             }
             results["methods"][method] = entry
-    write_report(results, cfg.out)
+    if cfg.out is not None:
+        write_report(results, cfg.out)
     return results

@@ -29,8 +29,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ropekit.data.documents import jsonl_records
 from ropekit.errors import RopekitError, did_you_mean
-from ropekit.eval.data import jsonl_records
 from ropekit.eval.longbench_metrics import fuzz_backend, score_sample
 from ropekit.eval.passkey import generate_greedy
 

@@ -415,7 +415,7 @@ def runnable_tasks(
 def read_essay(path: str | Path | None) -> list[str] | None:
     if path is None:
         return None
-    from ropekit.eval.data import read_documents
+    from ropekit.data.documents import read_documents
 
     words = essay_words(" ".join(text for _, text in read_documents(path)))
     if len(words) < 100:

@@ -19,8 +19,8 @@ from ropekit._version import __version__
 from ropekit.apply.atomic import OutputTarget, atomic_directory, prepare_output
 from ropekit.apply.extend import load_model, load_tokenizer
 from ropekit.apply.patch import apply, model_spec
+from ropekit.data.documents import read_documents, tokenize_documents
 from ropekit.errors import RopekitError
-from ropekit.eval.data import read_documents, tokenize_documents
 from ropekit.eval.longbench import CHAT_MODES as LONGBENCH_CHAT_MODES
 from ropekit.eval.longbench import load_longbench, load_prompt_config, run_longbench
 from ropekit.eval.longppl import Evaluator, long_ppl
@@ -46,7 +46,7 @@ AS_SAVED = "as-saved"  # the model exactly as loaded, no plan applied
 @dataclass
 class EvalConfig:
     model: str  # model directory or hub id
-    out: Path  # report directory
+    out: Path | None  # report directory; None: return the results and write nothing
     tasks: list[str] = field(default_factory=lambda: ["ppl"])
     lengths: list[int] = field(default_factory=lambda: [512])
     methods: list[str] = field(default_factory=list)  # empty: evaluate the model as saved
@@ -131,11 +131,13 @@ def context_limit(cfg: EvalConfig) -> int:
 
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
-    """Run every task for every method and write results.json, results.csv, report.md and plots."""
+    """Run every task for every method; with `cfg.out`, write results.json, results.csv, report.md and plots."""
     cfg.validate()
-    target = prepare_output(
-        cfg.out, overwrite=cfg.overwrite, marker="results.json", inputs=(cfg.model, cfg.data, cfg.longbench_dir)
-    )  # before any work
+    target = None
+    if cfg.out is not None:  # before any work
+        target = prepare_output(
+            cfg.out, overwrite=cfg.overwrite, marker="results.json", inputs=(cfg.model, cfg.data, cfg.longbench_dir)
+        )
     limit = context_limit(cfg)  # from the config alone: refuse before loading any weights
     if max(cfg.lengths) > limit:
         raise RopekitError(
@@ -193,7 +195,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     results["warnings"] += non_finite_warnings(result_rows(results))
     for line in results["warnings"]:
         print(f"warning: {line}", file=sys.stderr)
-    write_report(results, target)
+    if target is not None:
+        write_report(results, target)
     return results
 
 

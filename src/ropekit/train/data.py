@@ -1,6 +1,6 @@
 """Training windows from long documents.
 
-Documents are tokenised once (cached, see `ropekit.eval.data`) and packed into one stream,
+Documents are tokenised once (cached, see `ropekit.data.documents`) and packed into one stream,
 **with an EOS token marking each document boundary**, then cut into consecutive windows of
 the training length (the tail shorter than a window is dropped). Windows are visited in a
 seeded permutation; the window for (step, micro-batch, rank) is a pure function of those

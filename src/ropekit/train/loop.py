@@ -5,6 +5,10 @@ Layout of `out/` (a normal extended model once the run completes):
     checkpoints/step-000050/ …   accelerate state + trainer_state.json
     checkpoints/latest           name of the newest complete checkpoint (atomically replaced)
     logs/train_log.jsonl, logs/loss_curve.csv, logs/data_rank{r}.jsonl
+
+Read top-down, as a torchtune recipe: `finetune` = `_setup` (config, run directory, accelerator,
+data, model, resume), `_train` (`_train_step` + `_log_step` per optimizer step, checkpoints, Ctrl-C),
+`_finish` (the final model, or a checkpoint to resume from).
 """
 
 from __future__ import annotations
@@ -30,8 +34,8 @@ from ropekit._version import __version__
 from ropekit.apply.atomic import MARKER, SIGNATURE, default_modes, prepare_output, set_normal_permissions
 from ropekit.apply.extend import RECORD, extended_record, load_model, load_tokenizer
 from ropekit.apply.patch import apply, model_spec
+from ropekit.data.documents import jsonl_records, read_documents, tokenize_documents
 from ropekit.errors import Interrupted, RopekitError
-from ropekit.eval.data import jsonl_records, read_documents, tokenize_documents
 from ropekit.plan.geometry import RopeSpec
 from ropekit.plan.registry import plan as make_plan
 from ropekit.train.data import pack_windows, window_indices
@@ -130,51 +134,103 @@ MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 REPORT_TO = ("auto", "none", "tensorboard", "wandb")
 
 
-def _batch(cfg: TrainConfig, windows, idx: list[int], step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Token ids (micro_batch, window) and, with PoSE, their position ids (and text-skipped token choice)."""
-    if not cfg.pose:
-        return torch.from_numpy(windows[idx]), None
-    samples = [
-        pose_sample(
-            cfg.window(),
-            cfg.target_length,
-            pose_rng(cfg.seed, i, step),
-            chunks=cfg.pose_chunks,
-            text_skip=cfg.pose_text_skip,
-        )
-        for i in idx
-    ]
-    ids = np.stack([windows[i][s.token_index] for i, s in zip(idx, samples)])
-    return torch.from_numpy(ids), torch.stack([s.position_ids for s in samples])
+class _TiedWeightsNote(logging.Filter):
+    """accelerate's save_state warns "Removed shared tensor" for tied input/output embeddings: they
+    are one tensor, saved once and tied again on load (the resume tests check the weights)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()  # accelerate prefixes "[RANK r] "
 
 
-def _mixed_precision(choice: str) -> str:
-    if choice != "auto":
-        return choice
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+logging.getLogger("accelerate.utils.other").addFilter(_TiedWeightsNote())
 
 
-def _trackers(choice: str) -> list[str]:
-    import importlib.util
+@dataclass
+class _Run:
+    """Everything `_setup` builds for one fine-tuning run; the step, checkpoint and finish functions read it.
 
-    if choice == "none":
-        return []
-    if choice == "auto":
-        return ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
-    return [t for t in choice.split(",") if t]
+    Conventions: steps are counted from 1 in logs, checkpoints and the record (`start_step` is the
+    number of steps already done, 0 for a fresh run); `end_step` is where this invocation stops
+    (`cfg.steps`, or earlier with `stop_after`); one optimizer step sees `cfg.global_batch`
+    windows over all `world` processes, as `accumulation` micro-batches of `cfg.micro_batch` each."""
+
+    cfg: TrainConfig
+    accelerator: Any
+    model: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    tokenizer: Any
+    plan: Any
+    windows: np.ndarray  # (num_windows, window + pose_text_skip) token ids
+    world: int
+    rank: int
+    accumulation: int
+    start_step: int
+    end_step: int
+
+    @property
+    def logs(self) -> Path:
+        return self.cfg.out / "logs"
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.global_batch * self.cfg.window()
 
 
-def _checkpoint_root(out: Path) -> Path:
-    return out / "checkpoints"
+def finetune(cfg: TrainConfig) -> dict[str, Any]:
+    """Fine-tune `cfg.model` extended by `cfg.method` to `cfg.target_length`; returns the training record.
+
+    The record is also `ropekit.json`'s "training" entry once the run completes (see `_training_record`).
+    Ctrl-C once: finish the step, checkpoint, raise `Interrupted`; twice: raise `Interrupted` at once."""
+    run = _setup(cfg)
+    elapsed = _train(run)
+    return _finish(run, elapsed)
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    """The newest complete checkpoint (the `latest` pointer), or None."""
-    pointer = _checkpoint_root(out) / "latest"
-    if not pointer.is_file():
-        return None
-    path = _checkpoint_root(out) / pointer.read_text().strip()
-    return path if (path / "trainer_state.json").is_file() else None
+# ---- setup ------------------------------------------------------------------------------------------
+
+
+def _setup(cfg: TrainConfig) -> _Run:
+    """Validate, claim the run directory, then build the accelerator, data, model and optimizer (in this
+    order: the seed is set after the accelerator and before anything draws random numbers)."""
+    from accelerate import PartialState
+    from accelerate.utils import set_seed
+
+    spec = RopeSpec.from_pretrained(cfg.model)
+    cfg.validate(spec.original_length)
+    target = _check_out_dir(cfg)
+    # accelerate only builds a gloo process group under torchrun when told cpu=True on a machine without CUDA
+    cpu = not torch.cuda.is_available()
+    state = PartialState(cpu=cpu)
+    world, rank = state.num_processes, state.process_index
+    if not cfg.resume:
+        if state.is_main_process:
+            _start_run_dir(target)
+        state.wait_for_everyone()
+    accumulation = _accumulation(cfg, world)
+    accelerator = _setup_accelerator(cfg, cpu=cpu, accumulation=accumulation)
+    set_seed(cfg.seed)
+    tokenizer, windows = _setup_data(cfg, accelerator)
+    model, optimizer, scheduler, plan = _setup_model(cfg, accelerator)
+    start_step = _resume(accelerator, cfg) if cfg.resume else 0
+    end_step = cfg.steps if cfg.stop_after is None else min(cfg.steps, start_step + cfg.stop_after)
+    run = _Run(
+        cfg=cfg,
+        accelerator=accelerator,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        tokenizer=tokenizer,
+        plan=plan,
+        windows=windows,
+        world=world,
+        rank=rank,
+        accumulation=accumulation,
+        start_step=start_step,
+        end_step=end_step,
+    )
+    _setup_logs(run)
+    return run
 
 
 def _check_out_dir(cfg: TrainConfig):
@@ -213,48 +269,49 @@ def _start_run_dir(target) -> None:
     )
 
 
-class _TiedWeightsNote(logging.Filter):
-    """accelerate's save_state warns "Removed shared tensor" for tied input/output embeddings: they
-    are one tensor, saved once and tied again on load (the resume tests check the weights)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Removed shared tensor" not in record.getMessage()  # accelerate prefixes "[RANK r] "
-
-
-logging.getLogger("accelerate.utils.other").addFilter(_TiedWeightsNote())
-
-
-def finetune(cfg: TrainConfig) -> dict[str, Any]:
-    """Fine-tune `cfg.model` extended by `cfg.method` to `cfg.target_length`; returns the training record."""
-    from accelerate import Accelerator, PartialState
-    from accelerate.utils import set_seed
-
-    spec = RopeSpec.from_pretrained(cfg.model)
-    cfg.validate(spec.original_length)
-    target = _check_out_dir(cfg)
-    # accelerate only builds a gloo process group under torchrun when told cpu=True on a machine without CUDA
-    cpu = not torch.cuda.is_available()
-    world, rank = PartialState(cpu=cpu).num_processes, PartialState(cpu=cpu).process_index
-    if not cfg.resume:
-        if PartialState(cpu=cpu).is_main_process:
-            _start_run_dir(target)
-        PartialState(cpu=cpu).wait_for_everyone()
+def _accumulation(cfg: TrainConfig, world: int) -> int:
+    """Micro-batches per optimizer step on each process: global batch = micro batch × processes × this."""
     if cfg.global_batch % (cfg.micro_batch * world):
         raise RopekitError(
             f"global batch {cfg.global_batch} is not a multiple of micro batch × processes "
             f"({cfg.micro_batch} × {world})"
         )
-    accumulation = cfg.global_batch // (cfg.micro_batch * world)
-    # accumulation through accelerate, so DeepSpeed's engine and FSDP step only at the sync points
-    accelerator = Accelerator(
+    return cfg.global_batch // (cfg.micro_batch * world)
+
+
+def _setup_accelerator(cfg: TrainConfig, *, cpu: bool, accumulation: int):
+    """The Accelerator; it owns gradient accumulation, so DeepSpeed's engine and FSDP step only at sync points."""
+    from accelerate import Accelerator
+
+    return Accelerator(
         cpu=cpu,
         gradient_accumulation_steps=accumulation,
         mixed_precision=_mixed_precision(cfg.mixed_precision),
         log_with=_trackers(cfg.report_to) or None,
         project_dir=str(cfg.out / "logs"),
     )
-    set_seed(cfg.seed)
 
+
+def _mixed_precision(choice: str) -> str:
+    """accelerate's mixed_precision for --mixed-precision: auto is bf16 on a GPU that supports it, else no."""
+    if choice != "auto":
+        return choice
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def _trackers(choice: str) -> list[str]:
+    """accelerate trackers for --report-to: auto is tensorboard when installed, else none."""
+    import importlib.util
+
+    if choice == "none":
+        return []
+    if choice == "auto":
+        return ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
+    return [t for t in choice.split(",") if t]
+
+
+def _setup_data(cfg: TrainConfig, accelerator) -> tuple[Any, np.ndarray]:
+    """The tokenizer and the packed training windows (documents joined by EOS, see `ropekit.train.data`)."""
     tokenizer = load_tokenizer(cfg.model)
     if tokenizer is None:
         raise RopekitError(f"{cfg.model}: no tokenizer beside the model")
@@ -262,7 +319,14 @@ def finetune(cfg: TrainConfig) -> dict[str, Any]:
         documents = tokenize_documents(read_documents(cfg.data), tokenizer)
     documents = [d[: cfg.max_tokens] for d in documents] if cfg.max_tokens else documents
     windows = pack_windows(documents, cfg.window() + cfg.pose_text_skip, eos_id=tokenizer.eos_token_id)
+    return tokenizer, windows
 
+
+def _setup_model(cfg: TrainConfig, accelerator) -> tuple[Any, torch.optim.Optimizer, Any, Any]:
+    """The model (float32 master weights) with the plan applied, AdamW and a linear-warmup schedule, prepared.
+
+    The scheduler is not prepared (a prepared one advances once per process; ours advances once per
+    optimizer step) but is registered, so checkpoints carry it."""
     model = load_model(cfg.model, dtype="float32")
     plan = make_plan(model_spec(model), cfg.target_length, cfg.method, **cfg.method_params)
     apply(model, plan)
@@ -274,104 +338,157 @@ def finetune(cfg: TrainConfig) -> dict[str, Any]:
     warmup = cfg.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     model, optimizer = accelerator.prepare(model, optimizer)
-    # not prepared: a prepared scheduler advances once per process; ours advances once per optimizer step
     accelerator.register_for_checkpointing(scheduler)
+    return model, optimizer, scheduler, plan
 
-    start_step = _resume(accelerator, cfg) if cfg.resume else 0
-    logs = cfg.out / "logs"
+
+def _setup_logs(run: _Run) -> None:
+    """Cut the logs back to the resumed step (so they read as one uninterrupted run) and start the trackers."""
+    accelerator = run.accelerator
     if accelerator.is_main_process:
-        logs.mkdir(parents=True, exist_ok=True)
-        _truncate_log(logs / "train_log.jsonl", start_step)
+        run.logs.mkdir(parents=True, exist_ok=True)
+        _truncate_log(run.logs / "train_log.jsonl", run.start_step)
     accelerator.wait_for_everyone()
-    _truncate_log(logs / f"data_rank{rank}.jsonl", start_step)
-    accelerator.init_trackers("ropekit-finetune", config={k: str(v) for k, v in asdict(cfg).items()})
+    _truncate_log(run.logs / f"data_rank{run.rank}.jsonl", run.start_step)
+    accelerator.init_trackers(
+        "ropekit-finetune",
+        config={k: str(v) for k, v in asdict(run.cfg).items()},
+        init_kwargs={"wandb": {"dir": str(run.logs)}},  # wandb's default is ./wandb in the working directory
+    )
 
-    tokens_per_step = cfg.global_batch * cfg.window()
-    end_step = cfg.steps if cfg.stop_after is None else min(cfg.steps, start_step + cfg.stop_after)
-    progress = None
-    if cfg.progress and accelerator.is_local_main_process:
-        from tqdm.auto import tqdm
 
-        progress = tqdm(
-            total=cfg.steps, initial=start_step, desc=f"fine-tune {plan.method} @ {cfg.window()}", unit="step"
-        )
+def _truncate_log(path: Path, keep_until_step: int) -> None:
+    """Drop log lines past the resumed step, so the curve is what one uninterrupted run writes."""
+    if not path.is_file():
+        return
+    kept = [r for _, r in jsonl_records(path) if r["step"] <= keep_until_step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+# ---- training ---------------------------------------------------------------------------------------
+
+
+def _train(run: _Run) -> float:
+    """Steps `start_step` … `end_step - 1` (0-based), checkpointing every `save_every` steps and at the
+    last step; returns the seconds spent.
+
+    Raises `Interrupted` on Ctrl-C: the first finishes the step and checkpoints it (every rank stops
+    at the same step), a second stops at once and keeps the latest complete checkpoint."""
+    cfg = run.cfg
+    progress = _progress_bar(run)
     started = time.perf_counter()
-    completed = start_step
+    completed = run.start_step  # steps whose checkpoint, if due, is written
     try:
         with GracefulStop() as stop:
-            for step in range(start_step, end_step):
-                loss_sum = torch.zeros((), device=accelerator.device)
-                seen = []
-                for micro in range(accumulation):
-                    idx = window_indices(
-                        step,
-                        micro,
-                        rank,
-                        num_windows=len(windows),
-                        micro_batch=cfg.micro_batch,
-                        world=world,
-                        accumulation=accumulation,
-                        seed=cfg.seed,
-                    )
-                    seen += idx
-                    ids, positions = _batch(cfg, windows, idx, step)
-                    ids = ids.to(accelerator.device)  # (micro_batch, window)
-                    positions = None if positions is None else positions.to(accelerator.device)
-                    with accelerator.accumulate(model):  # syncs and steps only on the last micro-batch
-                        loss = model(input_ids=ids, position_ids=positions, labels=ids).loss
-                        accelerator.backward(loss)  # scales by 1/accumulation
-                        if cfg.max_grad_norm and accelerator.sync_gradients:
-                            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                        optimizer.step()
-                        if accelerator.sync_gradients:
-                            scheduler.step()
-                        optimizer.zero_grad()
-                    loss_sum += loss.detach() / accumulation
-                mean_loss = float(accelerator.reduce(loss_sum, "mean"))
-                record = {
-                    "step": step + 1,
-                    "loss": mean_loss,
-                    "lr": scheduler.get_last_lr()[0],
-                    "tokens": (step + 1) * tokens_per_step,
-                    "seconds": time.perf_counter() - started,
-                }
-                _append(logs / f"data_rank{rank}.jsonl", {"step": step + 1, "windows": seen})
-                if accelerator.is_main_process:
-                    _append(logs / "train_log.jsonl", record)
-                accelerator.log({"loss": mean_loss, "lr": record["lr"]}, step=step + 1)
+            for step in range(run.start_step, run.end_step):
+                loss, seen = _train_step(run, step)
+                _log_step(run, step + 1, loss, seen, started)
                 if progress is not None:
                     progress.update(1)
-                    progress.set_postfix(loss=f"{mean_loss:.4f}")
+                    progress.set_postfix(loss=f"{loss:.4f}")
                 if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-                    _save_checkpoint(accelerator, cfg, step + 1)
+                    _save_checkpoint(run.accelerator, cfg, step + 1)
                 completed = step + 1
-                if _any_rank(accelerator, stop.requested) and completed < cfg.steps:  # all ranks stop at one step
-                    if completed % cfg.save_every:
-                        _save_checkpoint(accelerator, cfg, completed)
-                    _write_loss_csv_on_main(accelerator, logs)
-                    raise Interrupted(
-                        f"interrupted after step {completed}; its checkpoint is complete and the loss "
-                        f"curve so far is in {logs / 'loss_curve.csv'}; continue with --resume"
-                    )
-    except KeyboardInterrupt:  # a second Ctrl-C: stop at once, keep the last complete checkpoint
-        latest = latest_checkpoint(cfg.out)
-        where = f"the latest complete checkpoint is {latest.name}" if latest else "no checkpoint was completed"
-        _write_loss_csv_on_main(accelerator, logs)
-        raise Interrupted(f"aborted during step {completed + 1}; {where}") from None
+                if _any_rank(run.accelerator, stop.requested) and completed < cfg.steps:
+                    _stop_requested(run, completed)
+    except KeyboardInterrupt:  # a second Ctrl-C
+        _abort(run, completed)
     finally:
         if progress is not None:
             progress.close()
-    done = end_step >= cfg.steps
-    elapsed = time.perf_counter() - started
-    record = _training_record(cfg, start_step, end_step, elapsed, tokens_per_step, world, accumulation, done)
-    if done:
-        _save_final(accelerator, model, tokenizer, plan, cfg, record)
-    else:
-        if end_step % cfg.save_every:
-            _save_checkpoint(accelerator, cfg, end_step)  # stopping early: keep the work
-        _write_loss_csv_on_main(accelerator, logs)
-    accelerator.end_training()
-    return record
+    return time.perf_counter() - started
+
+
+def _progress_bar(run: _Run):
+    """A tqdm bar over all `cfg.steps` (starting at `start_step`) on each node's main process, or None."""
+    if not (run.cfg.progress and run.accelerator.is_local_main_process):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=run.cfg.steps,
+        initial=run.start_step,
+        desc=f"fine-tune {run.plan.method} @ {run.cfg.window()}",
+        unit="step",
+    )
+
+
+def _train_step(run: _Run, step: int) -> tuple[float, list[int]]:
+    """One optimizer step (0-based `step`): `accumulation` forward/backward passes, then clip, step, zero.
+
+    Returns the loss averaged over the step's micro-batches and all ranks, and the window indices this
+    rank trained on (see `ropekit.train.data.window_indices`)."""
+    cfg, accelerator, model = run.cfg, run.accelerator, run.model
+    loss_sum = torch.zeros((), device=accelerator.device)
+    seen = []
+    for micro in range(run.accumulation):
+        idx = window_indices(
+            step,
+            micro,
+            run.rank,
+            num_windows=len(run.windows),
+            micro_batch=cfg.micro_batch,
+            world=run.world,
+            accumulation=run.accumulation,
+            seed=cfg.seed,
+        )
+        seen += idx
+        ids, positions = _batch(cfg, run.windows, idx, step)
+        ids = ids.to(accelerator.device)  # (micro_batch, window)
+        positions = None if positions is None else positions.to(accelerator.device)
+        with accelerator.accumulate(model):  # syncs and steps only on the last micro-batch
+            loss = model(input_ids=ids, position_ids=positions, labels=ids).loss
+            accelerator.backward(loss)  # scales by 1/accumulation
+            if cfg.max_grad_norm and accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            run.optimizer.step()
+            if accelerator.sync_gradients:
+                run.scheduler.step()
+            run.optimizer.zero_grad()
+        loss_sum += loss.detach() / run.accumulation
+    return float(accelerator.reduce(loss_sum, "mean")), seen
+
+
+def _batch(cfg: TrainConfig, windows, idx: list[int], step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token ids (micro_batch, window) and, with PoSE, their position ids (and text-skipped token choice)."""
+    if not cfg.pose:
+        return torch.from_numpy(windows[idx]), None
+    samples = [
+        pose_sample(
+            cfg.window(),
+            cfg.target_length,
+            pose_rng(cfg.seed, i, step),
+            chunks=cfg.pose_chunks,
+            text_skip=cfg.pose_text_skip,
+        )
+        for i in idx
+    ]
+    ids = np.stack([windows[i][s.token_index] for i, s in zip(idx, samples)])
+    return torch.from_numpy(ids), torch.stack([s.position_ids for s in samples])
+
+
+def _log_step(run: _Run, step: int, loss: float, seen: list[int], started: float) -> None:
+    """After step `step` (1-based): this rank's windows to data_rank{r}.jsonl, the loss, learning rate,
+    tokens so far and seconds since this invocation started to train_log.jsonl (main process), trackers."""
+    lr = run.scheduler.get_last_lr()[0]
+    record = {
+        "step": step,
+        "loss": loss,
+        "lr": lr,
+        "tokens": step * run.tokens_per_step,
+        "seconds": time.perf_counter() - started,
+    }
+    _append(run.logs / f"data_rank{run.rank}.jsonl", {"step": step, "windows": seen})
+    if run.accelerator.is_main_process:
+        _append(run.logs / "train_log.jsonl", record)
+    run.accelerator.log({"loss": loss, "lr": lr}, step=step)
+
+
+def _append(path: Path, record: dict) -> None:
+    """One JSON line appended to `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        fh.write(json.dumps(record) + "\n")
 
 
 class GracefulStop:
@@ -405,36 +522,45 @@ def _any_rank(accelerator, flag: bool) -> bool:
     return float(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "sum")) > 0
 
 
-def _training_record(cfg, start, end, elapsed, tokens_per_step, world, accumulation, done) -> dict[str, Any]:
-    steps_run = end - start
-    return {
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
-        "processes": world,
-        "gradient_accumulation": accumulation,
-        "steps_completed": end,
-        "steps_this_run": steps_run,
-        "completed": done,
-        "tokens_per_second": steps_run * tokens_per_step / elapsed if elapsed > 0 and steps_run else None,
-        "loss_curve": "logs/loss_curve.csv",
-        "document_boundaries": "EOS token between documents",
-    }
+def _stop_requested(run: _Run, completed: int) -> None:
+    """First Ctrl-C, seen after step `completed`: checkpoint it (unless just done), write the loss curve, raise."""
+    if completed % run.cfg.save_every:
+        _save_checkpoint(run.accelerator, run.cfg, completed)
+    _write_loss_csv_on_main(run.accelerator, run.logs)
+    raise Interrupted(
+        f"interrupted after step {completed}; its checkpoint is complete and the loss "
+        f"curve so far is in {run.logs / 'loss_curve.csv'}; continue with --resume"
+    )
 
 
-def _append(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as fh:
-        fh.write(json.dumps(record) + "\n")
+def _abort(run: _Run, completed: int) -> None:
+    """Second Ctrl-C, during step `completed + 1`: keep the latest complete checkpoint and the loss curve, raise."""
+    latest = latest_checkpoint(run.cfg.out)
+    where = f"the latest complete checkpoint is {latest.name}" if latest else "no checkpoint was completed"
+    _write_loss_csv_on_main(run.accelerator, run.logs)
+    raise Interrupted(f"aborted during step {completed + 1}; {where}") from None
 
 
-def _truncate_log(path: Path, keep_until_step: int) -> None:
-    """Drop log lines past the resumed step, so the curve is what one uninterrupted run writes."""
-    if not path.is_file():
-        return
-    kept = [r for _, r in jsonl_records(path) if r["step"] <= keep_until_step]
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+# ---- checkpoints ------------------------------------------------------------------------------------
+
+
+def _checkpoint_root(out: Path) -> Path:
+    """Where a run in `out` keeps its checkpoints."""
+    return out / "checkpoints"
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint (the `latest` pointer), or None."""
+    pointer = _checkpoint_root(out) / "latest"
+    if not pointer.is_file():
+        return None
+    path = _checkpoint_root(out) / pointer.read_text().strip()
+    return path if (path / "trainer_state.json").is_file() else None
 
 
 def _save_checkpoint(accelerator, cfg: TrainConfig, step: int) -> None:
+    """Checkpoint after step `step` (1-based) as checkpoints/step-NNNNNN: written under a .partial name,
+    renamed, and only then does `latest` point at it; the newest `keep_checkpoints` are kept."""
     root = _checkpoint_root(cfg.out)
     partial, final = root / f".step-{step:06d}.partial", root / f"step-{step:06d}"
     if accelerator.is_main_process and partial.exists():
@@ -456,8 +582,17 @@ def _save_checkpoint(accelerator, cfg: TrainConfig, step: int) -> None:
 
 
 def _resume(accelerator, cfg: TrainConfig) -> int:
+    """Load the latest complete checkpoint; returns the steps it holds. Refuses a run whose RESUME_KEYS
+    differ from the checkpoint's (except `steps`, which may grow)."""
     checkpoint = latest_checkpoint(cfg.out)
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        int(state["step"])
+    except (OSError, ValueError, TypeError, KeyError):
+        raise RopekitError(
+            f"{checkpoint / 'trainer_state.json'}: not a ropekit trainer state (damaged?); "
+            "remove this checkpoint to resume from an earlier one, or start again with --overwrite"
+        ) from None
     for key in RESUME_KEYS:
         if key == "steps":
             continue
@@ -469,6 +604,44 @@ def _resume(accelerator, cfg: TrainConfig) -> int:
             )
     accelerator.load_state(str(checkpoint))
     return int(state["step"])
+
+
+# ---- finish -----------------------------------------------------------------------------------------
+
+
+def _finish(run: _Run, elapsed: float) -> dict[str, Any]:
+    """After the last step of this invocation: the final model when the run is complete, else a
+    checkpoint of the last step (`stop_after`: keep the work) and the loss curve; returns the record."""
+    cfg = run.cfg
+    done = run.end_step >= cfg.steps
+    record = _training_record(
+        cfg, run.start_step, run.end_step, elapsed, run.tokens_per_step, run.world, run.accumulation, done
+    )
+    if done:
+        _save_final(run.accelerator, run.model, run.tokenizer, run.plan, cfg, record)
+    else:
+        if run.end_step % cfg.save_every:
+            _save_checkpoint(run.accelerator, cfg, run.end_step)
+        _write_loss_csv_on_main(run.accelerator, run.logs)
+    run.accelerator.end_training()
+    return record
+
+
+def _training_record(cfg, start, end, elapsed, tokens_per_step, world, accumulation, done) -> dict[str, Any]:
+    """`finetune`'s return value and ropekit.json's "training": the config, steps done in all (`end`) and in
+    this invocation (`end - start`), and this invocation's throughput (None when it ran no step)."""
+    steps_run = end - start
+    return {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        "processes": world,
+        "gradient_accumulation": accumulation,
+        "steps_completed": end,
+        "steps_this_run": steps_run,
+        "completed": done,
+        "tokens_per_second": steps_run * tokens_per_step / elapsed if elapsed > 0 and steps_run else None,
+        "loss_curve": "logs/loss_curve.csv",
+        "document_boundaries": "EOS token between documents",
+    }
 
 
 def _save_final(accelerator, model, tokenizer, plan, cfg: TrainConfig, record: dict[str, Any]) -> None:
@@ -494,11 +667,13 @@ def _save_final(accelerator, model, tokenizer, plan, cfg: TrainConfig, record: d
 
 
 def _write_loss_csv_on_main(accelerator, logs: Path) -> None:
+    """logs/loss_curve.csv from train_log.jsonl, on the main process, once a step has been logged."""
     if accelerator.is_main_process and (logs / "train_log.jsonl").is_file():
         _write_loss_csv(logs)
 
 
 def _write_loss_csv(logs: Path) -> None:
+    """logs/loss_curve.csv: step, loss, lr, tokens, seconds, one row per step in train_log.jsonl."""
     rows = [r for _, r in jsonl_records(logs / "train_log.jsonl")]
     with (logs / "loss_curve.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["step", "loss", "lr", "tokens", "seconds"])

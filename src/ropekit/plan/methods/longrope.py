@@ -64,14 +64,17 @@ def read_factors_file(path: str | Path) -> list[float]:
     p = Path(path)
     if not p.is_file():
         raise RopekitError(f"{path}: factors file not found")
-    text = p.read_text().strip()
+    try:
+        text = p.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        raise RopekitError(f"{path}: not a readable text file") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
         data = [tok for tok in re.split(r"[\s,;]+", text) if tok]
     if isinstance(data, dict):
         rope = data.get("rope_parameters") or data.get("rope_scaling") or data
-        data = rope.get("long_factor", rope.get("factors"))
+        data = rope.get("long_factor", rope.get("factors")) if isinstance(rope, dict) else None
     if not isinstance(data, list) or not data:
         raise RopekitError(f"{path}: expected a list of numbers (or a JSON object with 'long_factor')")
     try:

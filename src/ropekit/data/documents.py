@@ -38,6 +38,8 @@ def _read_file(path: Path) -> list[tuple[str, str]]:
         raw = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise RopekitError(f"{path}: not UTF-8 text") from None
+    except OSError as exc:
+        raise RopekitError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     if path.suffix == ".json":
         return _json_documents(path, raw)
     if path.suffix != ".jsonl":
@@ -78,6 +80,8 @@ def jsonl_records(path: Path, text: str | None = None) -> Iterator[tuple[int, di
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             raise RopekitError(f"{path}: not UTF-8 text") from None
+        except OSError as exc:
+            raise RopekitError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue

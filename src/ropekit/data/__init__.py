@@ -1,0 +1,1 @@
+"""Inputs shared by evaluation and training: long documents, read and tokenised (cached)."""

@@ -123,7 +123,7 @@ def plan_cmd(
             if not paper_setting:
                 scores[plan.method] = plan.disturbance  # the user's own parameters win
     summary = plan_summary(plan, disturbance_by_method=scores if compare else None)
-    if target is not None:
+    if target is not None and out_dir is not None:
         with atomic_directory(target, marker="plan.json") as tmp:
             written = {k: out_dir / p.name for k, p in write_exports(plan, tmp).items()}
             summary["exports"] = {k: str(v) for k, v in written.items()}

@@ -159,10 +159,16 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         check_ruler_fits(cfg, tokenizer)
     if "passkey" in cfg.tasks:
         check_passkey_fits(cfg, tokenizer)
-    longbench = load_longbench(cfg.longbench_dir, cfg.longbench_datasets or None) if "longbench" in cfg.tasks else {}
-    prompt_config = load_prompt_config(cfg.longbench_dir, cfg.longbench_config) if longbench else None
+    if "longbench" in cfg.tasks:
+        longbench_dir = required(cfg.longbench_dir, "--longbench-dir", "longbench")
+        longbench = load_longbench(longbench_dir, cfg.longbench_datasets or None)
+        prompt_config = load_prompt_config(longbench_dir, cfg.longbench_config) if longbench else None
+    else:
+        longbench, prompt_config = {}, None
     needs_text = {"ppl", "longppl"} & set(cfg.tasks)
-    documents = tokenize_documents(read_documents(cfg.data), tokenizer) if needs_text else []
+    documents = (
+        tokenize_documents(read_documents(required(cfg.data, "--data", "ppl/longppl")), tokenizer) if needs_text else []
+    )
     documents = [doc[: cfg.max_tokens] for doc in documents] if cfg.max_tokens else documents
     evaluator = load_evaluator(cfg.evaluator) if "longppl" in cfg.tasks and cfg.evaluator else None
     results: dict[str, Any] = {
@@ -200,6 +206,13 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     return results
 
 
+def required(value: str | None, flag: str, task: str) -> str:
+    """`value`, or one clear error naming the option the task needs."""
+    if value is None:
+        raise RopekitError(f"--tasks {task} needs {flag}")
+    return value
+
+
 def run_method(
     cfg: EvalConfig,
     method: str,
@@ -224,7 +237,7 @@ def run_method(
             "attention_factor": plan.attention_factor,
             "disturbance": plan.disturbance,
         }
-    show = dict(progress=cfg.progress, label=method)
+    show: dict[str, Any] = dict(progress=cfg.progress, label=method)
     for task in cfg.tasks:
         if overall is not None:
             overall.set_description(f"eval: {method} · {task}")
@@ -396,7 +409,7 @@ def best_by_length(rows: list[dict[str, Any]]) -> list[str]:
         for n, by_method in sorted(cells.items()):
             if len(by_method) > 1:
                 means = {m: sum(v) / len(v) for m, v in by_method.items()}
-                best = better(means, key=means.get)
+                best = better(means, key=lambda m: means[m])
                 shown = f"{means[best]:.0%}" if task == "passkey" else f"{means[best]:.4g}"
                 tie = len(set(means.values())) == 1
                 lines.append(f"best {unit} @ {n}: " + (f"all methods tie ({shown})" if tie else f"{best} ({shown})"))

@@ -585,6 +585,8 @@ def _resume(accelerator, cfg: TrainConfig) -> int:
     """Load the latest complete checkpoint; returns the steps it holds. Refuses a run whose RESUME_KEYS
     differ from the checkpoint's (except `steps`, which may grow)."""
     checkpoint = latest_checkpoint(cfg.out)
+    if checkpoint is None:  # _claim_run_directory refuses --resume without one; a race could remove it
+        raise RopekitError(f"{cfg.out}: no complete checkpoint to resume from")
     try:
         state = json.loads((checkpoint / "trainer_state.json").read_text())
         int(state["step"])

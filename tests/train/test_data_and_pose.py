@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ropekit import RopekitError
-from ropekit.train.data import pack_windows, window_indices
+from ropekit.train.data import mix_passkey, pack_windows, passkey_windows, window_indices
 from ropekit.train.pose import pose_position_ids, pose_rng, pose_sample
 
 
@@ -104,3 +104,51 @@ def test_pose_two_chunks_match_the_official_draw_and_text_skips():
         assert s.token_index.tolist() == list(range(r1)) + list(range(r1 + v, train + v))
     with pytest.raises(RopekitError, match="chunks must be in"):
         pose_sample(8, 20, rng, chunks=6)
+
+
+# ---- the passkey mix -----------------------------------------------------------------------------
+
+
+def test_passkey_windows_hold_a_needle_and_end_with_its_answer(llama_tokenizer):
+    import re
+
+    eos = llama_tokenizer.eos_token_id
+    windows = passkey_windows(llama_tokenizer, 6, 256, seed=3, eos_id=eos)
+    assert windows.shape == (6, 256) and windows.dtype == np.int64
+    depths = []
+    for row in windows.tolist():
+        end = len(row) - next(i for i, t in enumerate(reversed(row)) if t != eos)  # EOS padding at the end
+        assert 0 < 256 - end <= 32  # the longest prompt that fits, then at least one EOS
+        text = llama_tokenizer.decode(row[:end], skip_special_tokens=True)
+        needles = re.findall(r"The pass key is (\d+)\. Remember it\. (\d+) is the pass key\.", text)
+        assert len(needles) == 1 and needles[0][0] == needles[0][1]
+        key = needles[0][0]
+        assert 1 <= int(key) <= 50000
+        assert re.search(r"What is the pass key\? The pass key is (\d+)$", text).group(1) == key  # the answer
+        depths.append(text.index("The pass key is") / len(text))
+    assert len({round(d, 2) for d in depths}) > 3  # needles at different depths
+    again = passkey_windows(llama_tokenizer, 6, 256, seed=3, eos_id=eos)
+    other = passkey_windows(llama_tokenizer, 6, 256, seed=4, eos_id=eos)
+    assert np.array_equal(windows, again) and not np.array_equal(windows, other)  # seeded
+
+
+@pytest.mark.parametrize("share", [0.2, 0.5])
+def test_passkey_mix_makes_its_share_of_the_windows_training_sees(llama_tokenizer, share):
+    text = np.arange(3 * 90, dtype=np.int64).reshape(90, 3) + 1000  # stand-in text windows
+    text = np.concatenate([text, np.zeros((90, 253), dtype=np.int64)], axis=1)  # width 256
+    mixed = mix_passkey(text, share, llama_tokenizer, seed=0, eos_id=llama_tokenizer.eos_token_id)
+    assert np.array_equal(mixed[:90], text)
+    passkeys = len(mixed) - 90
+    assert passkeys / len(mixed) == pytest.approx(share, abs=0.01)
+    seen = [i for step in range(len(mixed)) for i in schedule_of(step, len(mixed))]
+    assert sum(i >= 90 for i in seen[: len(mixed)]) == passkeys  # one epoch visits each window once
+    assert mix_passkey(text, 0.0, llama_tokenizer, seed=0, eos_id=2) is text
+    for bad in (1.0, -0.1):
+        with pytest.raises(RopekitError, match="passkey-mix"):
+            mix_passkey(text, bad, llama_tokenizer, seed=0, eos_id=2)
+    with pytest.raises(RopekitError, match="does not fit in a training window of 32 tokens"):
+        mix_passkey(text[:, :32], share, llama_tokenizer, seed=0, eos_id=2)
+
+
+def schedule_of(step, n):
+    return window_indices(step, 0, 0, num_windows=n, micro_batch=1, world=1, accumulation=1, seed=5)

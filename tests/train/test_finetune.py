@@ -251,3 +251,19 @@ def test_ctrl_c_saves_the_last_completed_step_and_resume_finishes_the_same_run(s
     assert runner.invoke(app, ["finetune", s260k, "--out", str(interrupted), *args, "--resume"]).exit_code == 0
     assert runner.invoke(app, ["finetune", s260k, "--out", str(whole), *args]).exit_code == 0
     assert loss_curve(interrupted) == pytest.approx(loss_curve(whole), abs=1e-6)
+
+
+def test_passkey_mix_trains_on_passkey_windows_and_is_recorded(s260k, text, tmp_path):
+    out = tmp_path / "run"
+    result = run(s260k, text, out, "--steps", "4", "--global-batch", "2", "--save-every", "4", "--passkey-mix", "0.5")
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "ropekit.json").read_text())
+    assert record["training"]["config"]["passkey_mix"] == 0.5
+    seen = [
+        w for line in (out / "logs" / "data_rank0.jsonl").read_text().splitlines() for w in json.loads(line)["windows"]
+    ]
+    windows = record["training"]["windows"]
+    assert windows["passkey"] == round(0.5 / (1 - 0.5) * windows["text"])
+    assert any(w >= windows["text"] for w in seen)  # passkey windows come after the text windows
+    refused = run(s260k, text, tmp_path / "bad", "--passkey-mix", "1")
+    assert refused.exit_code == 2 and "--passkey-mix" in refused.output and "Traceback" not in refused.output

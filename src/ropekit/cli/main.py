@@ -657,6 +657,14 @@ def finetune_cmd(
             help="PoSE text skipping: cut each window from a span this many tokens longer (0 = off).",
         ),
     ] = 0,
+    passkey_mix: Annotated[
+        float,
+        typer.Option(
+            "--passkey-mix",
+            help="Share of training windows that are passkey examples (yarn-style prompt + answer, one window "
+            "each), so retrieval is trained rather than forgotten; 0 = text only.",
+        ),
+    ] = 0.0,
     steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps (default 100).")] = None,
     global_batch: Annotated[
         int | None, typer.Option("--global-batch", help="Windows per step over all processes (default 8).")
@@ -729,6 +737,7 @@ def finetune_cmd(
         pose=pose,
         pose_chunks=pose_chunks,
         pose_text_skip=pose_text_skip,
+        passkey_mix=passkey_mix,
         micro_batch=micro_batch,
         seed=seed,
         save_every=save_every,

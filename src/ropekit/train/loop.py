@@ -38,7 +38,7 @@ from ropekit.data.documents import jsonl_records, read_documents, tokenize_docum
 from ropekit.errors import Interrupted, RopekitError
 from ropekit.plan.geometry import RopeSpec
 from ropekit.plan.registry import plan as make_plan
-from ropekit.train.data import pack_windows, window_indices
+from ropekit.train.data import mix_passkey, pack_windows, window_indices
 from ropekit.train.pose import pose_rng, pose_sample
 
 RESUME_KEYS = (
@@ -50,6 +50,7 @@ RESUME_KEYS = (
     "pose",
     "pose_chunks",
     "pose_text_skip",
+    "passkey_mix",
     "global_batch",
     "micro_batch",
     "lr",
@@ -73,6 +74,7 @@ class TrainConfig:
     pose: bool = False
     pose_chunks: int = 2
     pose_text_skip: int = 0  # PoSE text skipping: windows are cut from spans of train_length + this many tokens
+    passkey_mix: float = 0.0  # share of training windows that are passkey examples (see ropekit.train.data)
     steps: int = 100  # optimizer steps
     global_batch: int = 8  # windows per optimizer step, over all processes
     micro_batch: int = 1  # windows per forward pass per process
@@ -106,6 +108,12 @@ class TrainConfig:
             raise RopekitError("--pose-text-skip needs --pose")
         if self.pose_text_skip < 0:
             raise RopekitError("--pose-text-skip must be ≥ 0 tokens")
+        if not (math.isfinite(self.passkey_mix) and 0.0 <= self.passkey_mix < 1.0):
+            raise RopekitError(f"--passkey-mix must be a share in [0, 1), got {self.passkey_mix}")
+        if self.passkey_mix and self.pose_text_skip:
+            raise RopekitError(
+                "--passkey-mix and --pose-text-skip do not combine (a text skip could cut the needle out)"
+            )
         if not self.pose and self.window() != self.target_length and self.window() > self.target_length:
             raise RopekitError(f"training length {self.window()} exceeds the target length {self.target_length}")
         for name in ("steps", "global_batch", "micro_batch", "save_every", "keep_checkpoints"):
@@ -130,6 +138,7 @@ class TrainConfig:
             )
 
 
+LATER_RESUME_KEYS = {"pose_text_skip": 0, "passkey_mix": 0.0}  # options added after 0.1: their value when absent
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 REPORT_TO = ("auto", "none", "tensorboard", "wandb")
 
@@ -161,7 +170,8 @@ class _Run:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     tokenizer: Any
     plan: Any
-    windows: np.ndarray  # (num_windows, window + pose_text_skip) token ids
+    windows: np.ndarray  # (num_windows, window + pose_text_skip) token ids: text windows, then passkey windows
+    passkey_windows: int  # how many of `windows` (the last ones) are passkey examples
     world: int
     rank: int
     accumulation: int
@@ -210,7 +220,7 @@ def _setup(cfg: TrainConfig) -> _Run:
     accumulation = _accumulation(cfg, world)
     accelerator = _setup_accelerator(cfg, cpu=cpu, accumulation=accumulation)
     set_seed(cfg.seed)
-    tokenizer, windows = _setup_data(cfg, accelerator)
+    tokenizer, windows, passkey_windows = _setup_data(cfg, accelerator)
     model, optimizer, scheduler, plan = _setup_model(cfg, accelerator)
     start_step = _resume(accelerator, cfg) if cfg.resume else 0
     end_step = cfg.steps if cfg.stop_after is None else min(cfg.steps, start_step + cfg.stop_after)
@@ -223,6 +233,7 @@ def _setup(cfg: TrainConfig) -> _Run:
         tokenizer=tokenizer,
         plan=plan,
         windows=windows,
+        passkey_windows=passkey_windows,
         world=world,
         rank=rank,
         accumulation=accumulation,
@@ -310,8 +321,9 @@ def _trackers(choice: str) -> list[str]:
     return [t for t in choice.split(",") if t]
 
 
-def _setup_data(cfg: TrainConfig, accelerator) -> tuple[Any, np.ndarray]:
-    """The tokenizer and the packed training windows (documents joined by EOS, see `ropekit.train.data`)."""
+def _setup_data(cfg: TrainConfig, accelerator) -> tuple[Any, np.ndarray, int]:
+    """The tokenizer, the packed training windows (documents joined by EOS, then the passkey mix, see
+    `ropekit.train.data`) and how many of them are passkey examples."""
     tokenizer = load_tokenizer(cfg.model)
     if tokenizer is None:
         raise RopekitError(f"{cfg.model}: no tokenizer beside the model")
@@ -319,7 +331,8 @@ def _setup_data(cfg: TrainConfig, accelerator) -> tuple[Any, np.ndarray]:
         documents = tokenize_documents(read_documents(cfg.data), tokenizer)
     documents = [d[: cfg.max_tokens] for d in documents] if cfg.max_tokens else documents
     windows = pack_windows(documents, cfg.window() + cfg.pose_text_skip, eos_id=tokenizer.eos_token_id)
-    return tokenizer, windows
+    mixed = mix_passkey(windows, cfg.passkey_mix, tokenizer, seed=cfg.seed, eos_id=tokenizer.eos_token_id)
+    return tokenizer, mixed, len(mixed) - len(windows)
 
 
 def _setup_model(cfg: TrainConfig, accelerator) -> tuple[Any, torch.optim.Optimizer, Any, Any]:
@@ -598,7 +611,7 @@ def _resume(accelerator, cfg: TrainConfig) -> int:
     for key in RESUME_KEYS:
         if key == "steps":
             continue
-        saved = state.get(key, 0 if key == "pose_text_skip" else None)  # checkpoints from before text skipping
+        saved = state.get(key, LATER_RESUME_KEYS.get(key))  # checkpoints from before these options
         if json.dumps(saved, default=str) != json.dumps(getattr(cfg, key), default=str):
             raise RopekitError(
                 f"cannot resume: the checkpoint was made with {key}={state.get(key)!r}, "
@@ -619,6 +632,7 @@ def _finish(run: _Run, elapsed: float) -> dict[str, Any]:
     record = _training_record(
         cfg, run.start_step, run.end_step, elapsed, run.tokens_per_step, run.world, run.accumulation, done
     )
+    record["windows"] = {"text": len(run.windows) - run.passkey_windows, "passkey": run.passkey_windows}
     if done:
         _save_final(run.accelerator, run.model, run.tokenizer, run.plan, cfg, record)
     else:

@@ -72,7 +72,7 @@ def transformers_config(plan: Plan, *, native: bool = False, version: int = 5) -
     """
     block = native_block(plan) if native else longrope_block(plan)
     if block is None:
-        raise ValueError(f"method {plan.method!r} has no native transformers form; use the longrope export")
+        raise RopekitError(f"method {plan.method!r} has no native transformers form; use the longrope export")
     block = _with_geometry(plan, block)
     out: dict[str, Any] = {"max_position_embeddings": max_positions_for(plan, block)}
     layer_type = plan.spec.layer_type

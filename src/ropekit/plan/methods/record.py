@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ropekit.errors import RopekitError
+
 if TYPE_CHECKING:
     from ropekit.plan.geometry import RopeSpec
     from ropekit.plan.scaling import Plan, Scaling
@@ -74,7 +76,7 @@ class Method:
         takes_any = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
         unknown = [p.name for p in self.params if p.name not in self.parameters and not takes_any]
         if unknown:
-            raise ValueError(f"method {self.name!r}: {self.function.__name__} takes no parameter {unknown[0]!r}")
+            raise RopekitError(f"method {self.name!r}: {self.function.__name__} takes no parameter {unknown[0]!r}")
 
     @property
     def parameters(self) -> tuple[str, ...]:

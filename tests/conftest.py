@@ -28,6 +28,12 @@ def _private_user_cache(tmp_path_factory):
         os.environ["ROPEKIT_CACHE"] = previous
 
 
+def fast_subset(values, fast) -> list:
+    """Parametrize over `values`, marking every value not in `fast` slow: the fast loop
+    (`-m "not slow"`) keeps a representative case, the full suite runs them all."""
+    return [v if v in fast else pytest.param(v, marks=pytest.mark.slow) for v in values]
+
+
 def require_asset(relative: str) -> Path:
     path = SHARED_ASSETS / relative
     if not path.exists():

@@ -225,6 +225,7 @@ def test_target_below_current_context_is_refused_with_one_line(llama31_dir, tmp_
     assert result.exit_code == 0 and json.loads(result.stdout)["original_length"] == 8192
 
 
+@pytest.mark.slow
 def test_cli_plan_and_exports_for_an_extended_model(llama31_dir, tmp_path):
     result = CliRunner().invoke(
         app,

@@ -84,6 +84,7 @@ def test_extend_copies_tensors_byte_for_byte_and_sets_the_rope_keys(q8_path, tmp
     }
 
 
+@pytest.mark.slow
 def test_converted_extended_gguf_computes_the_plan(gguf_path, model, tmp_path):
     """GGUF → extend → convert: stock transformers on the directory = ropekit.apply(model, plan), 3× past L."""
     from transformers import AutoModelForCausalLM

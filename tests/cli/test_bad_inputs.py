@@ -117,6 +117,7 @@ def test_enumerated_options_are_refused_before_any_work(tiny, tmp_path, monkeypa
         assert not out.exists(), case
 
 
+@pytest.mark.slow
 def test_nan_model_eval_names_the_cell_and_still_writes_results(tmp_path):
     model = save_tiny_model(tmp_path / "nan-model", nan=True)
     text = write_text(tmp_path / "text.txt")
@@ -306,6 +307,7 @@ def test_interrupted_finetune_exits_130_and_writes_the_loss_curve(tiny, tmp_path
     assert_one_line_error(again, "already holds a run; pass --resume to continue it, --overwrite to start it again")
 
 
+@pytest.mark.slow
 def test_eval_shows_tokens_scored_warns_on_short_documents_and_names_progress(tiny, tmp_path):
     model, _ = tiny
     text = write_text(tmp_path / "short.txt", words=3)  # ~15 characters: shorter than a 32-token window

@@ -182,6 +182,7 @@ def test_a_fault_during_the_work_keeps_the_earlier_report(tiny, tmp_path, monkey
 # ---- nothing in the working directory unless asked: files only where --out says ------------------------
 
 
+@pytest.mark.slow
 def test_without_out_plan_and_eval_write_nothing_and_the_others_ask_for_it(tiny, tmp_path, monkeypatch):
     model, text = tiny
     cwd = tmp_path / "cwd"

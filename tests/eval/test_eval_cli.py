@@ -172,6 +172,7 @@ def test_eval_bad_inputs_exit_2_without_results(s260k, story_text, tmp_path):
         assert not (out / "results.json").exists(), case
 
 
+@pytest.mark.slow
 def test_eval_applies_method_options_to_the_methods_that_take_them(s260k, tmp_path):
     import ropekit
 

@@ -142,6 +142,7 @@ def test_official_prompt_files_are_read_and_recorded(tmp_path):
         load_prompt_config(data)
 
 
+@pytest.mark.slow
 def test_generation_stops_like_hf_generate():
     """generate_greedy with stop ids = transformers' generate(eos_token_id=…, min_length=prompt+1), greedy."""
     model = tiny_llama(40, seed=3)

@@ -74,6 +74,7 @@ def test_official_defaults_are_4096_and_1024():
     )
 
 
+@pytest.mark.slow
 def test_every_disjoint_window_counts(model, documents):
     whole = long_ppl(model, documents, length=120, short_length=64, threshold=-math.inf, beta=-math.inf)
     assert whole.tokens_considered == 3 * (120 - 64)

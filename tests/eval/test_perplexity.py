@@ -77,6 +77,7 @@ def test_strided_equals_naive_full_recompute(model, length, stride):
     assert result.perplexity == pytest.approx(math.exp(nll / count), rel=1e-4)
 
 
+@pytest.mark.slow
 def test_chunk_size_does_not_change_the_value(model):
     documents = docs(400)
     a = perplexity(model, documents, length=400, loss_chunk=7).perplexity

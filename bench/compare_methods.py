@@ -191,7 +191,7 @@ def run_no_finetune(ref_dir, spec, grid, tokenizer, book, setting) -> dict:
     for scale in setting["scales"]:
         row = out[str(scale)] = {}
         for label, (method, params) in grid.items():
-            plan = ropekit.plan(spec, 256 * scale, method, **params)
+            plan = ropekit.make_plan(spec, 256 * scale, method, **params)
             model = apply(load_model(str(ref_dir), dtype="float32"), plan)
             row[label] = {"disturbance": plan.disturbance, **evaluate(model, tokenizer, book, scale, setting["trials"])}
             report("no FT", scale, label, row[label])
@@ -209,7 +209,7 @@ def run_finetune(ref_dir, spec, grid, tokenizer, book, setting, *, pose: bool) -
             if label == "none" and not pose:  # fine-tuning with no scaling is "train longer", outside the grid
                 continue
             run_dir, seconds = finetuned_dir(ref_dir, data, label, method, params, scale, pose, setting)
-            plan = ropekit.plan(spec, 256 * scale, method, **params)
+            plan = ropekit.make_plan(spec, 256 * scale, method, **params)
             row[label] = {
                 "disturbance": plan.disturbance,
                 "train_seconds": seconds,

@@ -31,7 +31,7 @@ def time_vectorised(spec: ropekit.RopeSpec, target: int, repeats: int) -> float:
     for _ in range(repeats):
         clear_cache()
         start = time.perf_counter()
-        ropekit.plan(spec, target, "dprope")
+        ropekit.make_plan(spec, target, "dprope")
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
 

@@ -249,7 +249,7 @@ def plan_key(plan: ropekit.Plan) -> str:
 
 def factor_plan(spec: ropekit.RopeSpec, target: int, factors: list[float]) -> ropekit.Plan:
     """A plan from explicit per-pair factors, a = 1 (for ablations)."""
-    return ropekit.plan(spec, target, "longrope", factors=factors, attention_factor=1.0)
+    return ropekit.make_plan(spec, target, "longrope", factors=factors, attention_factor=1.0)
 
 
 def plan_record(plan: ropekit.Plan) -> dict:
@@ -419,7 +419,7 @@ def run_precision(runner: Runner, spec, setting) -> dict:
     for label, (method, params) in list({"none": ("none", {}), "yarn": ("yarn", {})}.items())[
         : setting.get("precision_plans", 2)
     ]:
-        plan = ropekit.plan(spec, spec.original_length * 2, method, **params)
+        plan = ropekit.make_plan(spec, spec.original_length * 2, method, **params)
         row = {dt: runner.ppl(plan, length, getattr(torch, dt), one_window=True) for dt in ("float32", "bfloat16")}
         if all(row.values()):
             out[label] = {
@@ -441,7 +441,7 @@ def run_main(runner: Runner, spec, setting, *, include_ruler: bool) -> dict:
         row = out.setdefault(str(scale), {})
         for label in setting["methods"]:
             method, params = grid[label]
-            plan = ropekit.plan(spec, target, method, **params)
+            plan = ropekit.make_plan(spec, target, method, **params)
             r = row.setdefault(label, {**plan_record(plan), "ppl": {}, "passkey": {}, "ruler": {}})
             for n in [n for n in setting["ppl_lengths"] if n <= target]:
                 _store(r["ppl"], str(n), runner.ppl(plan, n), "perplexity")
@@ -471,7 +471,7 @@ def run_investigation(runner: Runner, spec, setting) -> dict:
         return {}
     target = spec.original_length * 4
     plans = {
-        label: ropekit.plan(spec, target, m, **p)
+        label: ropekit.make_plan(spec, target, m, **p)
         for label, (m, p) in method_grid(spec).items()
         if label in ("none", "pi", "yarn", "dprope", "dprope-n", "dprope-opt")
     }
@@ -512,7 +512,7 @@ def run_nll_grid(runner: Runner, spec, setting) -> dict:
         row = out["nll_grid"].setdefault(str(scale), {})
         for label in setting["methods"]:
             method, params = grid[label]
-            plan = ropekit.plan(spec, target, method, **params)
+            plan = ropekit.make_plan(spec, target, method, **params)
             r = runner.position_nll(plan, length)
             row[label] = {**plan_record(plan), **(r or {})}
             if scale == 4 and label == "dprope":
@@ -524,7 +524,7 @@ def nll_sweep(runner: Runner, spec, setting, out: dict) -> None:
     """dprope with n interpolated dims at the largest scale: NLL over the window for each n."""
     target, points = spec.original_length * max(setting["scales"]), []
     for n in setting["sweep_n"]:
-        plan = ropekit.plan(spec, target, "dprope", interpolated_dims=n)
+        plan = ropekit.make_plan(spec, target, "dprope", interpolated_dims=n)
         r = runner.position_nll(plan, setting["nll_length"])
         points.append(
             {
@@ -560,8 +560,10 @@ def run_sweeps(runner: Runner, spec, setting, scale: int) -> dict:
     out: dict = {"length": length, "target": target, "points": []}
     for knob, value, params in variants:
         bins = params.pop("bins", 360)
-        plan = ropekit.plan(spec, target, "dprope", bins=bins, **params)
-        yardstick = ropekit.plan(spec, target, "longrope", factors=list(plan.factors), attention_factor=1.0)  # K = 360
+        plan = ropekit.make_plan(spec, target, "dprope", bins=bins, **params)
+        yardstick = ropekit.make_plan(
+            spec, target, "longrope", factors=list(plan.factors), attention_factor=1.0
+        )  # K = 360
         point = {
             "knob": knob,
             "value": value,

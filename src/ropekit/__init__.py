@@ -2,17 +2,17 @@
 
 >>> import ropekit
 >>> spec = ropekit.RopeSpec.from_preset("llama2-7b")
->>> p = ropekit.plan(spec, 16384, "pi")
+>>> p = ropekit.make_plan(spec, 16384, "pi")
 >>> p.scale
 4.0
 """
 
 from ropekit._version import __version__
 
-# The subpackages are imported before their same-named functions are bound, so later imports
-# of e.g. `ropekit.apply.export` leave `ropekit.apply` (the function) in place.
+# `ropekit.plan`, `ropekit.apply`, `ropekit.train`, `ropekit.eval` are the subpackages; the entry
+# points have names of their own (`make_plan`, `apply_plan`), so no name is both.
 from ropekit.apply.extend import extend
-from ropekit.apply.patch import apply
+from ropekit.apply.patch import apply as apply_plan
 from ropekit.errors import RopekitError
 from ropekit.plan import (
     METHODS,
@@ -21,10 +21,10 @@ from ropekit.plan import (
     Scaling,
     compare,
     get_method,
-    plan,
     register_method,
     unregister_method,
 )
+from ropekit.plan import plan as make_plan
 from ropekit.plan.analysis.bounds import (
     base_for_bound,
     critical_dimension,
@@ -39,7 +39,7 @@ __all__ = [
     "RopekitError",
     "Scaling",
     "__version__",
-    "apply",
+    "apply_plan",
     "base_for_bound",
     "compare",
     "critical_dimension",
@@ -47,7 +47,7 @@ __all__ = [
     "extrapolation_bound",
     "get_method",
     "min_base_for_length",
-    "plan",
+    "make_plan",
     "register_method",
     "unregister_method",
 ]

@@ -81,7 +81,7 @@ def test_extend_round_trip_logits(family, method, input_ids, tmp_path):
 @pytest.mark.parametrize("family", fast_subset(FAMILIES, {"llama", "gpt_neox"}))
 def test_inv_freq_route_equals_config_route(family, input_ids):
     by_config, by_buffer = make_model(family), make_model(family)
-    plan = ropekit.plan(model_spec(by_config), TARGET, "dprope")
+    plan = ropekit.make_plan(model_spec(by_config), TARGET, "dprope")
     apply(by_config, plan)
     apply(by_buffer, plan, route="inv_freq")
     assert (logits(by_config, input_ids) - logits(by_buffer, input_ids)).abs().max() <= 1e-5
@@ -94,10 +94,10 @@ def test_refusals():
     llama = make_model("llama")
     with pytest.raises(RopekitError, match="no RoPE"):
         model_spec(gpt2)
-    other = ropekit.plan(ropekit.RopeSpec(head_dim=16, base=500000.0, original_length=ORIGINAL), TARGET, "pi")
+    other = ropekit.make_plan(ropekit.RopeSpec(head_dim=16, base=500000.0, original_length=ORIGINAL), TARGET, "pi")
     with pytest.raises(RopekitError, match="rope_theta"):
         apply(llama, other)
-    shorter = ropekit.plan(ropekit.RopeSpec(head_dim=16, base=10000.0, original_length=32), TARGET, "pi")
+    shorter = ropekit.make_plan(ropekit.RopeSpec(head_dim=16, base=10000.0, original_length=32), TARGET, "pi")
     with pytest.raises(RopekitError, match="original length"):
         apply(llama, shorter)
     vl = {
@@ -139,7 +139,7 @@ def test_stories260k_convert_extend_and_stock_reload(tmp_path):
         app, ["extend", str(converted), "--method", "dprope", "--target-length", "2048", "--out", str(extended)]
     )
     assert result.exit_code == 0, result.output
-    plan = ropekit.plan(ropekit.RopeSpec.from_pretrained(str(converted)), 2048, "dprope")
+    plan = ropekit.make_plan(ropekit.RopeSpec.from_pretrained(str(converted)), 2048, "dprope")
     ids = torch.randint(3, 512, (1, 1500), generator=torch.Generator().manual_seed(2))
     proc = subprocess.run(
         [sys.executable, "-c", STOCK_LOADER, str(extended), json.dumps(ids[0].tolist())],
@@ -192,11 +192,17 @@ def test_cli_bad_inputs_exit_2_and_write_nothing(tmp_path):
         assert not list(tmp_path.glob(".out.partial-*")), case
 
 
-def test_public_api_names_stay_functions():
-    import ropekit.apply.export  # noqa: F401 - a later submodule import must not rebind the names
+def test_no_public_name_is_both_a_subpackage_and_a_function():
+    import types
+
+    import ropekit.apply.export  # noqa: F401 - a later submodule import must not rebind any name
     import ropekit.plan.analysis.plots  # noqa: F401
 
-    assert callable(ropekit.apply) and callable(ropekit.plan) and callable(ropekit.extend)
+    for name in ("plan", "apply", "train", "eval", "data", "cli"):
+        __import__(f"ropekit.{name}")
+        assert isinstance(getattr(ropekit, name), types.ModuleType), name
+    assert callable(ropekit.apply_plan) and callable(ropekit.make_plan) and callable(ropekit.extend)
+    assert not set(ropekit.__all__) & {"plan", "apply"}
     model = make_model("llama")
-    ropekit.apply(model, ropekit.plan(model_spec(model), TARGET, "pi"))
+    ropekit.apply_plan(model, ropekit.make_plan(model_spec(model), TARGET, "pi"))
     assert model.config.rope_parameters["rope_type"] == "longrope"

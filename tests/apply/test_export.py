@@ -45,14 +45,16 @@ def runtime_rope(model: LlamaForCausalLM, length: int):
 @pytest.mark.parametrize("method", ["dprope", "pi", "yarn", "llama3", "ntk", "base", "resonance", "none"])
 @pytest.mark.parametrize("version", [5, 4])
 def test_longrope_export_reloads_to_the_plan(method, version, tmp_path):
-    plan = ropekit.plan(SPEC, TARGET, method)
+    plan = ropekit.make_plan(SPEC, TARGET, method)
     keys = transformers_config(plan, version=version)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", **keys}))
     assert AutoConfig.from_pretrained(tmp_path).max_position_embeddings == TARGET
     inv_freq, attention = runtime_rope(tiny_llama(keys), TARGET)
     assert torch.equal(
         inv_freq,
-        ropekit.plan(SPEC, TARGET, "longrope", factors=plan.factors, attention_factor=plan.attention_factor).inv_freq,
+        ropekit.make_plan(
+            SPEC, TARGET, "longrope", factors=plan.factors, attention_factor=plan.attention_factor
+        ).inv_freq,
     )
     # re-expressed as 1/(f_i·b^(2i/d)): within 2.5 float32 ulps of the method's own arithmetic
     assert torch.allclose(inv_freq, plan.inv_freq, rtol=3e-7, atol=0)
@@ -60,14 +62,14 @@ def test_longrope_export_reloads_to_the_plan(method, version, tmp_path):
 
 
 def test_per_pair_methods_reload_bit_exact():
-    plan = ropekit.plan(SPEC, TARGET, "dprope")
+    plan = ropekit.make_plan(SPEC, TARGET, "dprope")
     inv_freq, attention = runtime_rope(tiny_llama(transformers_config(plan)), TARGET)
     assert torch.equal(inv_freq, plan.inv_freq) and attention == 1.0
 
 
 @pytest.mark.parametrize("method", ["pi", "yarn", "llama3", "dynamic-ntk", "ntk", "base", "none"])
 def test_native_exports_reproduce_the_plan(method):
-    plan = ropekit.plan(SPEC, TARGET, method)
+    plan = ropekit.make_plan(SPEC, TARGET, method)
     keys = transformers_config(plan, native=True)
     inv_freq, attention = runtime_rope(tiny_llama(keys), TARGET)
     if method == "dynamic-ntk":
@@ -146,7 +148,7 @@ def vllm_rope(config: dict, head_dim: int, max_model_len: int) -> tuple[torch.Te
 @pytest.mark.parametrize("method", ["dprope", "pi", "yarn", "llama3", "ntk", "base", "resonance", "none"])
 @pytest.mark.parametrize("version", [5, 4])
 def test_vllm_overrides_give_vllm_the_plans_frequencies_and_magnitude(method, version):
-    plan = ropekit.plan(SPEC, TARGET, method)
+    plan = ropekit.make_plan(SPEC, TARGET, method)
     overrides = vllm_hf_overrides(plan, version=version)
     for served in (TARGET, SPEC.original_length):  # long and short branch: short = long, so no switch
         inv_freq, mscale = vllm_rope({"max_position_embeddings": TARGET, **overrides}, SPEC.head_dim, served)
@@ -157,7 +159,7 @@ def test_vllm_overrides_give_vllm_the_plans_frequencies_and_magnitude(method, ve
 def test_without_the_overrides_vllm_would_use_phi3s_magnitude():
     """Why the vLLM form carries short/long_mscale: vLLM ignores `attention_factor` in a longrope block."""
     for method in ("dprope", "yarn"):
-        plan = ropekit.plan(SPEC, TARGET, method)
+        plan = ropekit.make_plan(SPEC, TARGET, method)
         _, mscale = vllm_rope(transformers_config(plan), SPEC.head_dim, TARGET)
         assert mscale == pytest.approx(math.sqrt(1 + math.log(TARGET / 256) / math.log(256)))
         assert mscale != pytest.approx(plan.attention_factor)
@@ -165,7 +167,7 @@ def test_without_the_overrides_vllm_would_use_phi3s_magnitude():
 
 @pytest.mark.parametrize("method", ["pi", "yarn", "llama3", "ntk", "base", "none"])
 def test_native_exports_mean_the_plan_in_vllm(method):
-    plan = ropekit.plan(SPEC, TARGET, method)
+    plan = ropekit.make_plan(SPEC, TARGET, method)
     inv_freq, mscale = vllm_rope(transformers_config(plan, native=True), SPEC.head_dim, TARGET)
     assert torch.allclose(inv_freq, plan.inv_freq, rtol=1e-6, atol=0)
     assert mscale == pytest.approx(plan.attention_factor, rel=1e-12)
@@ -174,7 +176,7 @@ def test_native_exports_mean_the_plan_in_vllm(method):
 def test_llama_cpp_rope_freqs_mean_the_plan():
     """llama.cpp divides each pair's θ_i = base^(-2i/d) by rope_freqs[i] and scales cos/sin by attn_factor."""
     for method in ("yarn", "dprope", "llama3"):
-        plan = ropekit.plan(SPEC, TARGET, method)
+        plan = ropekit.make_plan(SPEC, TARGET, method)
         cpp = llama_cpp_rope_freqs(plan)
         assert cpp["tensor"] == "rope_freqs.weight" and cpp["shape"] == [SPEC.head_dim // 2]
         i = torch.arange(SPEC.head_dim // 2, dtype=torch.float64)
@@ -186,7 +188,7 @@ def test_llama_cpp_rope_freqs_mean_the_plan():
 
 def test_partial_rotary_export_keeps_the_fraction():
     spec = RopeSpec(head_dim=64, base=10000.0, original_length=256, partial_rotary_factor=0.5)
-    plan = ropekit.plan(spec, 1024, "dprope")
+    plan = ropekit.make_plan(spec, 1024, "dprope")
     block = transformers_config(plan)["rope_parameters"]
     assert block["partial_rotary_factor"] == 0.5 and len(block["long_factor"]) == 16
     config = LlamaConfig(
@@ -199,7 +201,7 @@ def test_partial_rotary_export_keeps_the_fraction():
 
 
 def test_write_exports_files(tmp_path):
-    written = write_exports(ropekit.plan(SPEC, TARGET, "yarn"), tmp_path)
+    written = write_exports(ropekit.make_plan(SPEC, TARGET, "yarn"), tmp_path)
     assert set(written) >= {
         "transformers_v5",
         "transformers_v4",

@@ -122,14 +122,16 @@ def test_composed_plan_reloads_exactly(kind, method):
     rope, max_positions, trained = EXISTING[kind]
     spec = spec_from_config_dict(config_dict(rope, max_positions), name=kind)
     target = 2 * trained
-    plan = ropekit.plan(spec, target, method)
+    plan = ropekit.make_plan(spec, target, method)
     inv_freq, attention = reloaded_rope(transformers_config(plan), target)
     if spec.is_extended:
         assert torch.equal(inv_freq, plan.inv_freq)
     else:  # dynamic: plain frequencies up to L_t, so the plan is an ordinary one (longrope within 2.5 ulps)
         assert torch.allclose(inv_freq, plan.inv_freq, rtol=3e-7, atol=0)
     current, current_attention = hf_current(rope, max_positions, seq_len=trained)
-    method_only = ropekit.plan(spec.__class__(head_dim=HEAD, base=10000.0, original_length=trained), target, method)
+    method_only = ropekit.make_plan(
+        spec.__class__(head_dim=HEAD, base=10000.0, original_length=trained), target, method
+    )
     # runtime = current / new factors (within float32 rounding), attention factors multiply
     assert torch.allclose(plan.inv_freq.double(), current.double() / torch.tensor(plan.factors), rtol=4e-7, atol=0)
     method_attention = plan.scaling.details.get("method_attention_factor", plan.attention_factor)  # dynamic: plain
@@ -147,7 +149,7 @@ def test_phi3_longrope_top_level_original_length_reloads_exactly():
         "original_max_position_embeddings": 512,
     }
     spec = spec_from_config_dict(cfg, name="phi3.5-like")
-    plan = ropekit.plan(spec, 8192, "dprope")
+    plan = ropekit.make_plan(spec, 8192, "dprope")
     keys = transformers_config(plan)
     config = Phi3Config(hidden_size=2 * HEAD, num_attention_heads=2, original_max_position_embeddings=512, **keys)
     rotary = Phi3RotaryEmbedding(config)
@@ -193,7 +195,7 @@ def test_llama31_inspect_and_plan_from_its_trained_context(llama31_dir):
     config = LlamaConfig(**{k: v for k, v in LLAMA31.items() if k != "model_type"})
     llama3_inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
     assert torch.equal(spec.inv_freq(), llama3_inv_freq)
-    plan = ropekit.plan(spec, 262144, "dprope")
+    plan = ropekit.make_plan(spec, 262144, "dprope")
     assert set(plan.factors) == {1.0, 2.0}
     keys = transformers_config(plan)
     assert keys["rope_parameters"]["original_max_position_embeddings"] == 8192
@@ -207,14 +209,14 @@ def test_from_scratch_keeps_the_previous_behaviour(llama31_dir):
     spec = ropekit.RopeSpec.from_pretrained(str(llama31_dir), from_scratch=True)
     assert (spec.original_length, spec.prior_factors, spec.base) == (8192, None, 500000.0)
     assert torch.equal(spec.inv_freq(), spec.base_inv_freq())
-    plan = ropekit.plan(spec, 32768, "dprope")
+    plan = ropekit.make_plan(spec, 32768, "dprope")
     assert plan.runtime_factors == plan.factors
     assert transformers_config(plan)["rope_parameters"]["original_max_position_embeddings"] == 8192
 
 
 def test_target_below_current_context_is_refused_with_one_line(llama31_dir, tmp_path):
     with pytest.raises(RopekitError, match="already handles"):
-        ropekit.plan(ropekit.RopeSpec.from_pretrained(str(llama31_dir)), 32768, "dprope")
+        ropekit.make_plan(ropekit.RopeSpec.from_pretrained(str(llama31_dir)), 32768, "dprope")
     result = CliRunner().invoke(app, ["plan", "--model", str(llama31_dir), "--target-length", "32768", "--no-write"])
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
@@ -235,7 +237,7 @@ def test_cli_plan_and_exports_for_an_extended_model(llama31_dir, tmp_path):
     summary = json.loads(result.stdout)
     assert summary["original_length"] == 131072 and summary["existing_scaling"]["rope_type"] == "llama3"
     spec = ropekit.RopeSpec.from_pretrained(str(llama31_dir))
-    plan = ropekit.plan(spec, 262144, "dprope")
+    plan = ropekit.make_plan(spec, 262144, "dprope")
     assert summary["runtime_factors"] == list(plan.runtime_factors)
     written = write_exports(plan, tmp_path / "exports")
     assert "transformers_v5_native" not in written  # no native form composes with an existing scaling
@@ -246,7 +248,7 @@ def test_cli_plan_and_exports_for_an_extended_model(llama31_dir, tmp_path):
 def test_base_rules_refuse_an_extended_model_but_an_explicit_base_composes(llama31_dir):
     spec = ropekit.RopeSpec.from_pretrained(str(llama31_dir))
     with pytest.raises(RopekitError, match="plain RoPE"):
-        ropekit.plan(spec, 262144, "base")
-    plan = ropekit.plan(spec, 262144, "base", new_base=1e6)
+        ropekit.make_plan(spec, 262144, "base")
+    plan = ropekit.make_plan(spec, 262144, "base", new_base=1e6)
     assert plan.factors[0] == 1.0 and plan.factors[-1] == pytest.approx(2 ** (126 / 128))
     assert "base" not in ropekit.compare(spec, 262144)

@@ -2,7 +2,7 @@
 
 References: the gguf package's own reader (keys and raw tensor bytes), transformers' own GGUF
 loader (`from_pretrained(dir, gguf_file=...)`), and ropekit's tested transformers route
-(`ropekit.apply` on the original model) for what an extended GGUF must compute.
+(`ropekit.apply_plan` on the original model) for what an extended GGUF must compute.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def test_geometry_from_gguf_matches_the_model(gguf_path, model):
 
 
 def test_extend_copies_tensors_byte_for_byte_and_sets_the_rope_keys(q8_path, tmp_path):
-    plan = ropekit.plan(ropekit.RopeSpec.from_gguf(str(q8_path)), 2048, "yarn")
+    plan = ropekit.make_plan(ropekit.RopeSpec.from_gguf(str(q8_path)), 2048, "yarn")
     out = write_extended_gguf(q8_path, plan, tmp_path / "ext.gguf")
     src, dst = open_gguf(q8_path), open_gguf(out)
     before = {t.name: t for t in src.tensors}
@@ -86,7 +86,7 @@ def test_extend_copies_tensors_byte_for_byte_and_sets_the_rope_keys(q8_path, tmp
 
 @pytest.mark.slow
 def test_converted_extended_gguf_computes_the_plan(gguf_path, model, tmp_path):
-    """GGUF → extend → convert: stock transformers on the directory = ropekit.apply(model, plan), 3× past L."""
+    """GGUF → extend → convert: stock transformers on the directory = ropekit.apply_plan(model, plan), 3× past L."""
     from transformers import AutoModelForCausalLM
 
     from ropekit.apply.gguf_convert import convert_gguf
@@ -95,7 +95,7 @@ def test_converted_extended_gguf_computes_the_plan(gguf_path, model, tmp_path):
     convert_gguf(tmp_path / "ext.gguf", tmp_path / "hf")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     assert loaded.config.max_position_embeddings == 2048
-    reference = ropekit.apply(tiny_llama(len(vocabulary()), seed=3), plan)
+    reference = ropekit.apply_plan(tiny_llama(len(vocabulary()), seed=3), plan)
     ids = torch.randint(0, len(vocabulary()), (1, 1536), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         diff = (loaded(ids).logits - reference(ids).logits).abs().max().item()
@@ -274,7 +274,7 @@ def test_llama_cpp_runs_the_extended_tiny_gguf_like_transformers_with_the_plan(g
     plan = extend_gguf(gguf_path, tmp_path / "yarn.gguf", target_length=2048, method="yarn")
     ids = torch.randint(0, len(vocabulary()), (1536,), generator=torch.Generator().manual_seed(0)).tolist()
     positions = list(range(1280, 1536))
-    reference = transformers_logits(ropekit.apply(tiny_llama(len(vocabulary()), seed=3), plan), ids, positions)
+    reference = transformers_logits(ropekit.apply_plan(tiny_llama(len(vocabulary()), seed=3), plan), ids, positions)
     extended = agreement(llama_cpp_logits(tmp_path / "yarn.gguf", ids, positions), reference)
     unextended = agreement(llama_cpp_logits(gguf_path, ids, positions), reference)
     assert extended["top1_agreement"] == 1.0 and extended["max_abs_logit_diff"] < 1e-4

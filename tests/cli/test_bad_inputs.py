@@ -159,16 +159,19 @@ def test_python_api_type_errors_name_the_argument():
 
     spec = ropekit.RopeSpec.from_preset("llama2-7b")
     cases = [
-        (lambda: ropekit.plan(spec, 8192, "dprope", threshold="x"), "threshold must be a number"),
-        (lambda: ropekit.plan(spec, 8192, "longrope", factors="abc"), "factors must be a list of numbers"),
-        (lambda: ropekit.plan(spec, 8192, "yarn", beta_fast="32"), "beta_fast must be a number"),
-        (lambda: ropekit.plan(spec, 8192, "dprope", interpolated_dims=True), "interpolated_dims must be an integer"),
-        (lambda: ropekit.plan("llama2-7b", 8192, "pi"), "spec must be a RopeSpec"),
+        (lambda: ropekit.make_plan(spec, 8192, "dprope", threshold="x"), "threshold must be a number"),
+        (lambda: ropekit.make_plan(spec, 8192, "longrope", factors="abc"), "factors must be a list of numbers"),
+        (lambda: ropekit.make_plan(spec, 8192, "yarn", beta_fast="32"), "beta_fast must be a number"),
+        (
+            lambda: ropekit.make_plan(spec, 8192, "dprope", interpolated_dims=True),
+            "interpolated_dims must be an integer",
+        ),
+        (lambda: ropekit.make_plan("llama2-7b", 8192, "pi"), "spec must be a RopeSpec"),
         (lambda: critical_dimension("x"), "spec must be a RopeSpec"),
         (lambda: extrapolation_bound(spec, base=0.5), "base must be a finite number > 1"),
         (lambda: base_for_bound(spec, -1), "bound must be a number of tokens above 2π"),
         (lambda: min_base_for_length(spec, 0), "length must be an integer number of tokens ≥ 2"),
-        (lambda: ropekit.plan(spec, 8192, "base", new_base=1.0), "new_base must be a finite number > 1"),
+        (lambda: ropekit.make_plan(spec, 8192, "base", new_base=1.0), "new_base must be a finite number > 1"),
     ]
     for call, expected in cases:
         with pytest.raises(RopekitError, match=expected):

@@ -55,7 +55,7 @@ def test_plan_json_matches_api(target, tmp_path):
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert set(data) >= REQUIRED_KEYS
-    plan = ropekit.plan(ropekit.RopeSpec.from_preset("llama2-7b"), target, "dprope")
+    plan = ropekit.make_plan(ropekit.RopeSpec.from_preset("llama2-7b"), target, "dprope")
     assert data["factors"] == list(plan.factors)
     assert data["interpolated_pairs"] == plan.interpolated_pairs
     assert data["disturbance"] == plan.disturbance
@@ -86,7 +86,7 @@ def test_plan_compare_lists_every_method(tmp_path):
     assert {"pi", "yarn", "dprope", "ntk", "none", "llama3", "base", "resonance", "dynamic-ntk"} <= set(scores)
     assert scores["dprope"] < scores["pi"] < scores["none"]
     spec = ropekit.RopeSpec.from_preset("llama2-7b")
-    assert scores["yarn"] == ropekit.plan(spec, 16384, "yarn").disturbance
+    assert scores["yarn"] == ropekit.make_plan(spec, 16384, "yarn").disturbance
 
 
 def test_plan_table_and_exports(tmp_path):

@@ -183,6 +183,6 @@ def test_eval_applies_method_options_to_the_methods_that_take_them(s260k, tmp_pa
     assert result.exit_code == 0, result.output
     methods = json.loads((out / "results.json").read_text())["methods"]
     spec = ropekit.RopeSpec.from_pretrained(s260k)
-    assert methods["yarn"]["plan"]["factors"] == list(ropekit.plan(spec, 1024, "yarn", beta_fast=8.0).factors)
-    assert methods["yarn"]["plan"]["factors"] != list(ropekit.plan(spec, 1024, "yarn").factors)
+    assert methods["yarn"]["plan"]["factors"] == list(ropekit.make_plan(spec, 1024, "yarn", beta_fast=8.0).factors)
+    assert methods["yarn"]["plan"]["factors"] != list(ropekit.make_plan(spec, 1024, "yarn").factors)
     assert methods["pi"]["plan"]["factors"] == [2.0] * spec.num_pairs

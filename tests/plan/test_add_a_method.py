@@ -40,7 +40,7 @@ UNIFORM = Method(
     native=NativeForm("linear", uniform_block),
 )
 # ropekit.register_method(UNIFORM)
-# plan = ropekit.plan(ropekit.RopeSpec(head_dim=64, base=10000.0, original_length=256), 1024, "uniform", factor=5.0)
+# plan = ropekit.make_plan(ropekit.RopeSpec(head_dim=64, base=10000.0, original_length=256), 1024, "uniform", factor=5.0)
 # --- end of the README example ---
 
 SPEC = ropekit.RopeSpec(head_dim=64, base=10000.0, original_length=256)
@@ -65,12 +65,12 @@ def reloaded_inv_freq(block: dict) -> torch.Tensor:
 
 
 def test_a_registered_method_plans_through_the_api(registered):
-    plan = ropekit.plan(SPEC, 1024, "uniform", factor=5.0)
+    plan = ropekit.make_plan(SPEC, 1024, "uniform", factor=5.0)
     assert plan.method == "uniform" and plan.factors == (5.0,) * 32 and plan.params == {"factor": 5.0}
     assert torch.equal(plan.inv_freq, SPEC.inv_freq() / 5.0)
     assert ropekit.get_method("uniform").parameters == ("factor",)
     with pytest.raises(ropekit.RopekitError, match="does not take 'alpha'"):
-        ropekit.plan(SPEC, 1024, "uniform", alpha=2.0)
+        ropekit.make_plan(SPEC, 1024, "uniform", alpha=2.0)
 
 
 def test_its_option_reaches_the_cli_and_its_exports_reload_in_transformers(registered, tmp_path):
@@ -82,7 +82,7 @@ def test_its_option_reaches_the_cli_and_its_exports_reload_in_transformers(regis
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["method"] == "uniform" and summary["params"] == {"factor": 5.0}
-    plan = ropekit.plan(SPEC, 1024, "uniform", factor=5.0)
+    plan = ropekit.make_plan(SPEC, 1024, "uniform", factor=5.0)
     native = json.loads((out / "transformers_v5_native.json").read_text())["rope_parameters"]
     assert native == {"rope_type": "linear", "factor": 5.0, "rope_theta": 10000.0}
     assert torch.equal(reloaded_inv_freq(native), plan.inv_freq)
@@ -97,7 +97,7 @@ def test_unregistering_removes_the_method_and_its_option():
     ropekit.unregister_method("uniform")
     assert "uniform" not in ropekit.METHODS
     with pytest.raises(ropekit.RopekitError, match="unknown method"):
-        ropekit.plan(SPEC, 1024, "uniform")
+        ropekit.make_plan(SPEC, 1024, "uniform")
     result = runner.invoke(app, ["plan", *GEOMETRY, "--method", "pi", "--uniform-factor", "5", "--no-write"])
     assert result.exit_code == 2 and "No such option" in result.output
 

@@ -50,7 +50,7 @@ def slow_dprope(spec: RopeSpec, target: int, bins: int = 360):
 )
 def test_dprope_equals_slow_reference(spec, target):
     factors, disturbance = slow_dprope(spec, target)
-    plan = ropekit.plan(spec, target, "dprope")
+    plan = ropekit.make_plan(spec, target, "dprope")
     assert list(plan.factors) == factors
     assert plan.disturbance == pytest.approx(disturbance, rel=1e-12)
 
@@ -74,24 +74,24 @@ def test_llama2_counts_equal_numpy_reference(scale):
 @pytest.mark.parametrize("target,reduction", [(8192, 72), (16384, 32)])
 def test_paper_reduction_versus_pi(target, reduction):
     """Wu et al. 2024 abstract: disturbance reduced 'by up to 72%' (LLaMA2 → 8k) and '32%' (→ 16k)."""
-    dp = ropekit.plan(LLAMA2, target, "dprope").disturbance
-    pi = ropekit.plan(LLAMA2, target, "pi").disturbance
+    dp = ropekit.make_plan(LLAMA2, target, "dprope").disturbance
+    pi = ropekit.make_plan(LLAMA2, target, "pi").disturbance
     assert round(100 * (1 - dp / pi)) == reduction
 
 
 def test_dprope_is_per_pair_minimum_of_pi_and_none():
-    plan = ropekit.plan(LLAMA2, 16384, "dprope")
-    pi = ropekit.plan(LLAMA2, 16384, "pi").pair_disturbance
-    none = ropekit.plan(LLAMA2, 16384, "none").pair_disturbance
+    plan = ropekit.make_plan(LLAMA2, 16384, "dprope")
+    pi = ropekit.make_plan(LLAMA2, 16384, "pi").pair_disturbance
+    none = ropekit.make_plan(LLAMA2, 16384, "none").pair_disturbance
     assert torch.allclose(plan.pair_disturbance, torch.minimum(pi, none), rtol=0, atol=0)
     assert set(plan.factors) <= {1.0, 4.0}
 
 
 def test_interpolated_dims_picks_largest_margins():
-    full = ropekit.plan(LLAMA2, 16384, "dprope")
+    full = ropekit.make_plan(LLAMA2, 16384, "dprope")
     margin = torch.tensor(full.scaling.details["margin"])
     for n in (0, 20, 64, 128):
-        plan = ropekit.plan(LLAMA2, 16384, "dprope", interpolated_dims=n)
+        plan = ropekit.make_plan(LLAMA2, 16384, "dprope", interpolated_dims=n)
         chosen = plan.interpolated_pairs
         assert len(chosen) == n // 2
         if 0 < n < 128:
@@ -100,17 +100,17 @@ def test_interpolated_dims_picks_largest_margins():
 
 
 def test_threshold_extremes():
-    assert ropekit.plan(LLAMA2, 16384, "dprope", threshold=1e9).interpolated_pairs == []
-    assert len(ropekit.plan(LLAMA2, 16384, "dprope", threshold=-1e9).interpolated_pairs) == 64
+    assert ropekit.make_plan(LLAMA2, 16384, "dprope", threshold=1e9).interpolated_pairs == []
+    assert len(ropekit.make_plan(LLAMA2, 16384, "dprope", threshold=-1e9).interpolated_pairs) == 64
 
 
 def test_bad_dprope_options():
     with pytest.raises(RopekitError, match="not both"):
-        ropekit.plan(LLAMA2, 8192, "dprope", threshold=0.0, interpolated_dims=4)
+        ropekit.make_plan(LLAMA2, 8192, "dprope", threshold=0.0, interpolated_dims=4)
     with pytest.raises(RopekitError, match="even"):
-        ropekit.plan(LLAMA2, 8192, "dprope", interpolated_dims=3)
+        ropekit.make_plan(LLAMA2, 8192, "dprope", interpolated_dims=3)
     with pytest.raises(RopekitError, match="finite"):
-        ropekit.plan(LLAMA2, 8192, "dprope", threshold=float("nan"))
+        ropekit.make_plan(LLAMA2, 8192, "dprope", threshold=float("nan"))
 
 
 def test_paper_setting_for_llama2_and_both_in_compare():
@@ -129,8 +129,8 @@ def test_paper_setting_for_llama2_and_both_in_compare():
         paper_interpolated_dims(spec, 32768) is None
         and paper_interpolated_dims(PRESETS["llama3-8b"].spec, 16384) is None
     )
-    assert 2 * len(ropekit.plan(spec, 8192, "dprope").interpolated_pairs) == 94
-    assert 2 * len(ropekit.plan(spec, 16384, "dprope").interpolated_pairs) == 84
+    assert 2 * len(ropekit.make_plan(spec, 8192, "dprope").interpolated_pairs) == 94
+    assert 2 * len(ropekit.make_plan(spec, 16384, "dprope").interpolated_pairs) == 84
     runner = CliRunner()
     result = runner.invoke(
         app,
@@ -151,7 +151,7 @@ def test_paper_setting_for_llama2_and_both_in_compare():
     scores = summary["disturbance_by_method"]
     assert scores["dprope"] < scores["dprope (paper, n=64)"]  # the argmin disturbs less, by construction
     assert scores["dprope (paper, n=64)"] == pytest.approx(
-        ropekit.plan(spec, 16384, "dprope", interpolated_dims=64).disturbance
+        ropekit.make_plan(spec, 16384, "dprope", interpolated_dims=64).disturbance
     )
     bad = runner.invoke(
         app, ["plan", "--preset", "llama2-7b", "--target-length", "32768", "--paper-setting", "--no-write"]

@@ -29,11 +29,11 @@ def disturbance_at(spec: RopeSpec, target: int, factor: float, bins: int = 360) 
 @pytest.mark.slow
 @pytest.mark.parametrize("spec,target", GEOMETRIES)
 def test_never_more_disturbed_than_dprope(spec, target):
-    opt = ropekit.plan(spec, target, "dprope-opt")
+    opt = ropekit.make_plan(spec, target, "dprope-opt")
     s = target / spec.original_length
     assert all(1.0 <= f <= s * (1 + 1e-6) for f in opt.factors)
     for params in [{}, {"threshold": 0.01}, {"interpolated_dims": spec.rotary_dim // 2}]:
-        dp = ropekit.plan(spec, target, "dprope", **params)
+        dp = ropekit.make_plan(spec, target, "dprope", **params)
         assert opt.disturbance <= dp.disturbance
         assert bool((opt.pair_disturbance <= dp.pair_disturbance).all())
 
@@ -42,7 +42,7 @@ def test_never_more_disturbed_than_dprope(spec, target):
 @pytest.mark.parametrize("spec,target", GEOMETRIES[1:])
 def test_reported_disturbance_is_the_chosen_factors(spec, target):
     """Each pair's reported D equals D recomputed independently at its chosen factor."""
-    opt = ropekit.plan(spec, target, "dprope-opt")
+    opt = ropekit.make_plan(spec, target, "dprope-opt")
     for i, f in enumerate(opt.factors):
         assert opt.pair_disturbance[i].item() == pytest.approx(disturbance_at(spec, target, f)[i].item(), abs=1e-12)
     assert torch.equal(opt.inv_freq, per_pair_inv_freq(spec, opt.factors))
@@ -56,7 +56,7 @@ def test_grid_stage_equals_brute_force_over_the_same_grid(spec, target):
     s = target / spec.original_length
     grid = [1.0] + [math.exp(math.log(s) * k / (steps - 1)) for k in range(1, steps - 1)] + [s]
     table = torch.stack([disturbance_at(spec, target, f) for f in grid], dim=1)  # (pairs, steps)
-    opt = ropekit.plan(spec, target, "dprope-opt", steps=steps, refine_rounds=0)
+    opt = ropekit.make_plan(spec, target, "dprope-opt", steps=steps, refine_rounds=0)
     best = table.min(dim=1)
     assert opt.pair_disturbance.tolist() == pytest.approx(best.values.tolist(), abs=1e-12)
     for i, f in enumerate(opt.factors):
@@ -74,21 +74,21 @@ def test_default_search_beats_a_dense_brute_force_on_the_whole_method(spec, targ
     s = target / spec.original_length
     grid = [math.exp(math.log(s) * k / 256) for k in range(257)]
     brute = torch.stack([disturbance_at(spec, target, f) for f in grid], dim=1).min(dim=1).values
-    assert ropekit.plan(spec, target, "dprope-opt").disturbance <= 1000 * float(brute.mean())
+    assert ropekit.make_plan(spec, target, "dprope-opt").disturbance <= 1000 * float(brute.mean())
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("spec,target", GEOMETRIES[1:])
 def test_refinement_never_raises_a_pair(spec, target):
-    coarse = ropekit.plan(spec, target, "dprope-opt", refine_rounds=0)
-    refined = ropekit.plan(spec, target, "dprope-opt", refine_rounds=2)
+    coarse = ropekit.make_plan(spec, target, "dprope-opt", refine_rounds=0)
+    refined = ropekit.make_plan(spec, target, "dprope-opt", refine_rounds=2)
     assert bool((refined.pair_disturbance <= coarse.pair_disturbance).all())
 
 
 def test_pairs_that_never_rotated_in_pretraining_interpolate_fully():
     """A pair whose wavelength exceeds L' sees one arc; only f = s reproduces the pre-training arc."""
     spec, target = GEOMETRIES[1]
-    opt = ropekit.plan(spec, target, "dprope-opt")
+    opt = ropekit.make_plan(spec, target, "dprope-opt")
     longest = int(torch.argmax(spec.wavelengths()))
     assert float(spec.wavelengths()[longest]) > target
     assert opt.factors[longest] == pytest.approx(target / spec.original_length, rel=1e-2)  # bin edges: not exact
@@ -98,7 +98,7 @@ def test_pairs_that_never_rotated_in_pretraining_interpolate_fully():
 def test_bad_parameters_are_refused(params):
     spec, target = GEOMETRIES[1]
     with pytest.raises(RopekitError):
-        ropekit.plan(spec, target, "dprope-opt", **params)
+        ropekit.make_plan(spec, target, "dprope-opt", **params)
 
 
 def test_left_out_of_the_default_comparison_but_comparable_by_name():

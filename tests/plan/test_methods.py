@@ -15,18 +15,18 @@ LLAMA2 = RopeSpec(head_dim=128, base=10000.0, original_length=4096, name="llama2
 
 def test_scale_one_longrope_is_identity():
     spec = RopeSpec(head_dim=64, base=10000.0, original_length=1024)
-    plan = ropekit.plan(spec, 2048, "longrope", factors=[1.0] * 32, attention_factor=1.0)
+    plan = ropekit.make_plan(spec, 2048, "longrope", factors=[1.0] * 32, attention_factor=1.0)
     assert torch.equal(plan.inv_freq, spec.inv_freq())
 
 
 def test_pi_divides_every_pair_by_scale():
-    plan = ropekit.plan(LLAMA2, 16384, "pi")
+    plan = ropekit.make_plan(LLAMA2, 16384, "pi")
     assert plan.factors == (4.0,) * 64 and plan.attention_factor == 1.0
     assert torch.equal(plan.inv_freq, LLAMA2.inv_freq() / 4)
 
 
 def test_ntk_closed_form():
-    plan = ropekit.plan(LLAMA2, 16384, "ntk")
+    plan = ropekit.make_plan(LLAMA2, 16384, "ntk")
     new_base = 10000.0 * 4 ** (128 / 126)
     assert plan.scaling.details["new_base"] == pytest.approx(new_base, rel=1e-15)
     i = torch.arange(64, dtype=torch.float64)
@@ -38,19 +38,19 @@ def test_ntk_closed_form():
 
 def test_yarn_and_llama3_keep_high_frequencies_and_interpolate_low_ones():
     for method in ("yarn", "llama3"):
-        plan = ropekit.plan(LLAMA2, 32768, method)
+        plan = ropekit.make_plan(LLAMA2, 32768, method)
         assert plan.factors[0] == pytest.approx(1.0) and plan.factors[-1] == pytest.approx(8.0)
         assert all(a <= b + 1e-9 for a, b in zip(plan.factors, plan.factors[1:]))  # monotone
-    assert ropekit.plan(LLAMA2, 32768, "yarn").attention_factor == pytest.approx(0.1 * math.log(8) + 1)
+    assert ropekit.make_plan(LLAMA2, 32768, "yarn").attention_factor == pytest.approx(0.1 * math.log(8) + 1)
 
 
 def test_longrope_default_attention_factor():
-    plan = ropekit.plan(LLAMA2, 16384, "longrope", factors=[2.0] * 64)
+    plan = ropekit.make_plan(LLAMA2, 16384, "longrope", factors=[2.0] * 64)
     assert plan.attention_factor == pytest.approx(math.sqrt(1 + math.log(4) / math.log(4096)))
 
 
 def test_base_change_critical_rule_gives_target_bound():
-    plan = ropekit.plan(LLAMA2, 16384, "base")
+    plan = ropekit.make_plan(LLAMA2, 16384, "base")
     new_base = plan.scaling.details["new_base"]
     assert new_base == pytest.approx((16384 / (2 * math.pi)) ** (128 / 92), rel=1e-12)
     assert ropekit.extrapolation_bound(LLAMA2, new_base) == pytest.approx(16384, rel=1e-12)
@@ -58,17 +58,17 @@ def test_base_change_critical_rule_gives_target_bound():
 
 
 def test_base_change_explicit_base():
-    plan = ropekit.plan(LLAMA2, 16384, "base", new_base=500000.0)
+    plan = ropekit.make_plan(LLAMA2, 16384, "base", new_base=500000.0)
     assert plan.factors[-1] == pytest.approx(50 ** (126 / 128), rel=1e-12)
 
 
 def test_resonance_wavelengths_are_integers():
-    plan = ropekit.plan(LLAMA2, 16384, "resonance", inner="pi")
+    plan = ropekit.make_plan(LLAMA2, 16384, "resonance", inner="pi")
     wavelengths = 2 * math.pi / plan.inv_freq.double()
     assert torch.allclose(wavelengths, wavelengths.round(), rtol=1e-5)
     assert (
-        ropekit.plan(LLAMA2, 16384, "resonance").attention_factor
-        == ropekit.plan(LLAMA2, 16384, "yarn").attention_factor
+        ropekit.make_plan(LLAMA2, 16384, "resonance").attention_factor
+        == ropekit.make_plan(LLAMA2, 16384, "yarn").attention_factor
     )
 
 
@@ -145,12 +145,12 @@ def test_bad_geometry_is_refused(bad):
 
 def test_bad_plans_are_refused():
     with pytest.raises(RopekitError, match="must exceed"):
-        ropekit.plan(LLAMA2, 4096, "pi")
+        ropekit.make_plan(LLAMA2, 4096, "pi")
     with pytest.raises(RopekitError, match="did you mean 'yarn'"):
-        ropekit.plan(LLAMA2, 8192, "yarm")
+        ropekit.make_plan(LLAMA2, 8192, "yarm")
     with pytest.raises(RopekitError, match="64 rotary pairs"):
-        ropekit.plan(LLAMA2, 8192, "longrope", factors=[1.0] * 63)
+        ropekit.make_plan(LLAMA2, 8192, "longrope", factors=[1.0] * 63)
     with pytest.raises(RopekitError, match="does not take 'alpha'"):
-        ropekit.plan(LLAMA2, 8192, "pi", alpha=2.0)  # an option of another method
+        ropekit.make_plan(LLAMA2, 8192, "pi", alpha=2.0)  # an option of another method
     with pytest.raises(RopekitError, match="NTK alpha"):
-        ropekit.plan(LLAMA2, 8192, "ntk", alpha=0.5)
+        ropekit.make_plan(LLAMA2, 8192, "ntk", alpha=0.5)

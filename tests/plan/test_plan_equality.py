@@ -10,10 +10,10 @@ from ropekit.plan.scaling import Scaling
 
 def test_equal_plans_compare_equal_and_different_plans_do_not():
     spec = ropekit.RopeSpec.from_preset("llama2-7b")
-    first, again = ropekit.plan(spec, 16384, "dprope"), ropekit.plan(spec, 16384, "dprope")
+    first, again = ropekit.make_plan(spec, 16384, "dprope"), ropekit.make_plan(spec, 16384, "dprope")
     assert first == again
-    assert first != ropekit.plan(spec, 16384, "yarn")
-    assert first != ropekit.plan(spec, 32768, "dprope")
+    assert first != ropekit.make_plan(spec, 16384, "yarn")
+    assert first != ropekit.make_plan(spec, 32768, "dprope")
 
 
 def test_scaling_equality_compares_tensors_bit_for_bit():

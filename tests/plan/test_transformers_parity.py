@@ -57,7 +57,7 @@ def spec(request):
 @pytest.mark.parametrize("scale", SCALES)
 def test_linear(spec, scale):
     target = int(spec.original_length * scale)
-    plan = ropekit.plan(spec, target, "pi")
+    plan = ropekit.make_plan(spec, target, "pi")
     assert_same(plan, hf_rope(spec, {"rope_type": "linear", "factor": scale}, target))
 
 
@@ -65,7 +65,7 @@ def test_linear(spec, scale):
 def test_dynamic_ntk_at_target_and_beyond(spec, scale):
     target = int(spec.original_length * scale)
     for at_length in (target, target * 2, spec.original_length // 2):
-        plan = ropekit.plan(spec, target, "dynamic-ntk", at_length=at_length)
+        plan = ropekit.make_plan(spec, target, "dynamic-ntk", at_length=at_length)
         expected = hf_rope(spec, {"rope_type": "dynamic", "factor": scale}, spec.original_length, seq_len=at_length)
         assert_same(plan, expected)
 
@@ -74,7 +74,7 @@ def test_dynamic_ntk_at_target_and_beyond(spec, scale):
 @pytest.mark.parametrize("betas", [(32.0, 1.0), (16.0, 2.0)])
 def test_yarn(spec, scale, betas):
     target = int(spec.original_length * scale)
-    plan = ropekit.plan(spec, target, "yarn", beta_fast=betas[0], beta_slow=betas[1])
+    plan = ropekit.make_plan(spec, target, "yarn", beta_fast=betas[0], beta_slow=betas[1])
     rope = {
         "rope_type": "yarn",
         "factor": scale,
@@ -89,7 +89,7 @@ def test_yarn(spec, scale, betas):
 @pytest.mark.parametrize("bands", [(1.0, 4.0), (2.0, 8.0)])
 def test_llama3(spec, scale, bands):
     target = int(spec.original_length * scale)
-    plan = ropekit.plan(spec, target, "llama3", low_freq_factor=bands[0], high_freq_factor=bands[1])
+    plan = ropekit.make_plan(spec, target, "llama3", low_freq_factor=bands[0], high_freq_factor=bands[1])
     rope = {
         "rope_type": "llama3",
         "factor": scale,
@@ -105,7 +105,7 @@ def test_llama3(spec, scale, bands):
 def test_longrope(spec, scale, explicit_attention):
     target = int(spec.original_length * scale)
     factors = (1.0 + torch.rand(spec.num_pairs, generator=torch.Generator().manual_seed(0)) * (scale - 1)).tolist()
-    plan = ropekit.plan(spec, target, "longrope", factors=factors, attention_factor=explicit_attention)
+    plan = ropekit.make_plan(spec, target, "longrope", factors=factors, attention_factor=explicit_attention)
     rope = {
         "rope_type": "longrope",
         "short_factor": factors,
@@ -119,6 +119,6 @@ def test_longrope(spec, scale, explicit_attention):
 
 
 def test_default_geometry_matches_unscaled_transformers(spec):
-    plan = ropekit.plan(spec, spec.original_length * 2, "none")
+    plan = ropekit.make_plan(spec, spec.original_length * 2, "none")
     config = hf_config(spec, {"rope_type": "linear", "factor": 1.0}, spec.original_length)
     assert_same(plan, ROPE_INIT_FUNCTIONS["linear"](config, "cpu"))

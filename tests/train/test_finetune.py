@@ -66,7 +66,7 @@ def test_loss_goes_down_and_stock_transformers_loads_the_result(s260k, text, tmp
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(out)
-    plan = ropekit.plan(ropekit.RopeSpec.from_pretrained(s260k), 2048, "dprope")
+    plan = ropekit.make_plan(ropekit.RopeSpec.from_pretrained(s260k), 2048, "dprope")
     assert model.config.max_position_embeddings == 2048
     assert torch.equal(model.model.rotary_emb.inv_freq, plan.inv_freq)
     record = json.loads((out / "ropekit.json").read_text())

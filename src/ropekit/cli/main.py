@@ -726,7 +726,7 @@ def finetune_cmd(
     if settings.get("target_length") is None:
         raise RopekitError("give --target-length (or a --recipe)")
     chosen = settings.pop("method", "dprope")
-    params = {**o.method_params(chosen, method_options), "bins": bins}  # ropekit.plan takes bins for any method
+    params = {**o.method_params(chosen, method_options), "bins": bins}  # make_plan takes bins for any method
     cfg = TrainConfig(
         model=model,
         out=out,

@@ -66,7 +66,7 @@ def combined_factors(spec: RopeSpec, factors: tuple[float, ...]) -> tuple[float,
 
 @dataclass(frozen=True)
 class Plan:
-    """A method applied to a geometry for one target length. Build it with `ropekit.plan(...)`."""
+    """A method applied to a geometry for one target length. Build it with `ropekit.make_plan(...)`."""
 
     method: str
     spec: RopeSpec

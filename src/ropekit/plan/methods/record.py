@@ -3,7 +3,7 @@
 A method module defines its function `(spec, target_length, *, ...) -> Scaling` and a
 `METHOD = Method(...)` record next to it; `ropekit.plan.registry` registers the records.
 The CLI builds its method options from `Method.params`, the exports take the native form
-from `Method.native`, and `ropekit.apply` reads `Method.exact_inv_freq`; nothing outside the
+from `Method.native`, and `ropekit.apply_plan` reads `Method.exact_inv_freq`; nothing outside the
 module tests a method's name.
 """
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ropekit._version import __version__
 from ropekit.apply.atomic import SIGNATURE, OutputTarget, atomic_directory, prepare_output
@@ -29,10 +29,14 @@ from ropekit.plan.registry import plan as make_plan
 from ropekit.plan.scaling import Plan
 from ropekit.plan.summary import plan_summary
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
 RECORD = "ropekit.json"
 
 
-def load_model(path_or_id: str, *, dtype: str = "auto"):
+def load_model(path_or_id: str, *, dtype: str = "auto") -> PreTrainedModel:
     """AutoModelForCausalLM.from_pretrained with a one-line error for a missing or broken model."""
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
@@ -144,11 +148,11 @@ def extended_record(plan: Plan | dict[str, Plan], *, source: str, **extra: Any) 
 
 
 def save_extended(
-    model,
+    model: PreTrainedModel,
     plan: Plan | dict[str, Plan],
     out_dir: OutputTarget | str | Path,
     *,
-    tokenizer=None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
     source: str,
     overwrite: bool = False,
 ) -> Path:

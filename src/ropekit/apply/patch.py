@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -24,6 +24,10 @@ from ropekit.errors import RopekitError
 from ropekit.plan.geometry import RopeSpec
 from ropekit.plan.registry import METHODS
 from ropekit.plan.scaling import Plan
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 
 ROUTES = ("config", "inv_freq")
 GEOMETRY_KEYS = ("partial_rotary_factor",)  # keys of the model's own rope block that a plan keeps
@@ -110,8 +114,8 @@ def _same_factors(a, b) -> bool:
 
 
 def apply(
-    model: torch.nn.Module, plan: Plan | Mapping[str, Plan] | Iterable[Plan], *, route: str = "config"
-) -> torch.nn.Module:
+    model: PreTrainedModel, plan: Plan | Mapping[str, Plan] | Iterable[Plan], *, route: str = "config"
+) -> PreTrainedModel:
     """Make `model` use `plan` (in place; returns the model). See the module docstring for routes.
 
     Per-layer-type models (Gemma 3) take one plan per layer type to change (a mapping or a list;
@@ -169,7 +173,7 @@ def as_plan_list(plan: Plan | Mapping[str, Plan] | Iterable[Plan]) -> list[Plan]
     return plans
 
 
-def _apply_config(model, plans: list[Plan]) -> None:
+def _apply_config(model: PreTrainedModel, plans: list[Plan]) -> None:
     config = model.config
     old_modules = {
         id(m): (parent, name, m) for p in plans for parent, name, m in rotary_modules(model, p.spec.layer_type)

@@ -8,7 +8,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -18,6 +18,10 @@ from ropekit.apply.atomic import atomic_directory, prepare_output
 from ropekit.cli import options as o
 from ropekit.cli.render import comparison_table, geometry_header, pair_table
 from ropekit.errors import RopekitError
+
+if TYPE_CHECKING:
+    pass
+
 
 app = typer.Typer(
     help="Plan, apply, fine-tune and evaluate RoPE context-window extensions.\n\n"
@@ -332,7 +336,7 @@ def extend_cmd(
         )
 
 
-def _extend_gguf(model, out, target_length, method, overwrite, original_length, bins, params) -> None:
+def _extend_gguf(model: str, out, target_length, method, overwrite, original_length, bins, params) -> None:
     from ropekit.apply.gguf import extend_gguf
 
     with err_console.status(f"extending {model} to {target_length} tokens with {method}"):

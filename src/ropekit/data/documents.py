@@ -12,11 +12,15 @@ import sys
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ropekit.errors import RopekitError
 from ropekit.paths import cache_root
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 def read_documents(path: str | Path) -> list[tuple[str, str]]:
@@ -94,7 +98,7 @@ def jsonl_records(path: Path, text: str | None = None) -> Iterator[tuple[int, di
         yield number, record
 
 
-def tokenizer_fingerprint(tokenizer) -> str:
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """A stable id for a tokenizer's behaviour (its serialised backend when it has one)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     blob = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
@@ -102,7 +106,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def tokenize_documents(
-    docs: list[tuple[str, str]], tokenizer, *, cache_dir: Path | str | None = "user"
+    docs: list[tuple[str, str]], tokenizer: PreTrainedTokenizerBase, *, cache_dir: Path | str | None = "user"
 ) -> list[np.ndarray]:
     """Token ids (int32) per document, with a leading BOS when the tokenizer adds one.
 
@@ -151,3 +155,9 @@ def gutenberg_body(text: str) -> str:
     start = re.search(r"\*\*\*\s*START OF.*\n", text)
     end = re.search(r"\*\*\*\s*END OF", text)
     return text[start.end() if start else 0 : end.start() if end else len(text)]
+
+
+def decode_text(tokenizer: PreTrainedTokenizerBase, ids, *, skip_special_tokens: bool = False) -> str:
+    """`tokenizer.decode` of one sequence of token ids, as the one string it returns for one sequence."""
+    text = tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+    return text if isinstance(text, str) else "".join(text)

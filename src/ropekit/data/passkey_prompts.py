@@ -18,8 +18,13 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ropekit.errors import RopekitError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
@@ -90,7 +95,13 @@ def _yarn_text(depth: float, passkey: int, n_chars: int, task_line: str) -> tupl
 
 
 def build_prompt(
-    tokenizer, length: int, depth: float, passkey: int, *, style: str = "yarn", task_line: str = TASK_LINE
+    tokenizer: PreTrainedTokenizerBase,
+    length: int,
+    depth: float,
+    passkey: int,
+    *,
+    style: str = "yarn",
+    task_line: str = TASK_LINE,
 ) -> PasskeyPrompt:
     """The longest prompt of the style that fits in `length` tokens (answer included)."""
     if not 0.0 <= depth <= 1.0:

@@ -13,11 +13,15 @@ import ctypes
 import os
 from collections.abc import Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ropekit.errors import RopekitError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 
 INSTALL_HINT = "pip install 'ropekit[llamacpp]' (compiles llama.cpp from source; see the README)"
 
@@ -156,7 +160,7 @@ def _silence(lib) -> None:
         lib.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
 
 
-def transformers_logits(model, ids: Sequence[int], positions: Sequence[int]) -> np.ndarray:
+def transformers_logits(model: PreTrainedModel, ids: Sequence[int], positions: Sequence[int]) -> np.ndarray:
     """A transformers causal LM's logits for `ids` at `positions`, float32 (len(positions), vocab).
 
     Runs the decoder once over all ids and applies the output head only at `positions`."""

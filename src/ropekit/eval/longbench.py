@@ -28,11 +28,16 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ropekit.data.documents import jsonl_records
+from ropekit.data.documents import decode_text, jsonl_records
 from ropekit.errors import RopekitError, did_you_mean
 from ropekit.eval.longbench_metrics import fuzz_backend, score_sample
 from ropekit.eval.passkey import generate_greedy
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 
 PROTOCOL = "longbench-e/2"  # bump when anything below changes scores
 FOLLOWS = "THUDM/LongBench LongBench/pred.py, eval.py, metrics.py"
@@ -220,23 +225,28 @@ def default_max_length(window: int) -> int:
     return max(1000 * (window // 1000) - RESERVED_FOR_ANSWER, window // 2)
 
 
-def has_chat_template(tokenizer) -> bool:
+def has_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def truncate_middle(tokenizer, prompt: str, max_length: int) -> str:
+def truncate_middle(tokenizer: PreTrainedTokenizerBase, prompt: str, max_length: int) -> str:
     """pred.py's truncation: over `max_length` tokens → decoded first half + decoded last half (text)."""
     ids = tokenizer(prompt)["input_ids"]
     if len(ids) <= max_length:
         return prompt
     half = max_length // 2
-    return tokenizer.decode(ids[:half], skip_special_tokens=True) + tokenizer.decode(
-        ids[len(ids) - half :], skip_special_tokens=True
+    return decode_text(tokenizer, ids[:half], skip_special_tokens=True) + decode_text(
+        tokenizer, ids[len(ids) - half :], skip_special_tokens=True
     )
 
 
 def build_prompt_ids(
-    tokenizer, example: Example, *, max_length: int, config: PromptConfig | None = None, chat: bool = False
+    tokenizer: PreTrainedTokenizerBase,
+    example: Example,
+    *,
+    max_length: int,
+    config: PromptConfig | None = None,
+    chat: bool = False,
 ) -> list[int]:
     """Token ids of the prompt the model sees (steps 1-3 of the module docstring)."""
     config = config or PromptConfig.fallback()
@@ -256,7 +266,7 @@ def build_prompt_ids(
     return tokenizer(prompt)["input_ids"]
 
 
-def stop_tokens(model, tokenizer, dataset: Dataset) -> list[int]:
+def stop_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dataset: Dataset) -> list[int]:
     """EOS ids generation stops at: the model's generation config (as model.generate uses), else the
     tokenizer's; samsum: the tokenizer's EOS and the newline token (pred.py)."""
     if dataset.stops_at_newline:
@@ -291,7 +301,7 @@ class LongBenchResult:
         return asdict(self)
 
 
-def resolve_chat(tokenizer, chat: str) -> bool:
+def resolve_chat(tokenizer: PreTrainedTokenizerBase, chat: str) -> bool:
     if chat not in CHAT_MODES:
         raise RopekitError(f"chat template mode must be one of {', '.join(CHAT_MODES)}, got {chat!r}")
     if chat == "on" and not has_chat_template(tokenizer):
@@ -299,7 +309,15 @@ def resolve_chat(tokenizer, chat: str) -> bool:
     return chat == "on" or (chat == "auto" and has_chat_template(tokenizer))
 
 
-def predict(model, tokenizer, example: Example, *, max_length: int, config: PromptConfig, chat: bool) -> str:
+def predict(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    example: Example,
+    *,
+    max_length: int,
+    config: PromptConfig,
+    chat: bool,
+) -> str:
     """Steps 1-5 up to the post-processed prediction text."""
     spec = DATASETS[example.dataset]
     ids = build_prompt_ids(tokenizer, example, max_length=max_length, config=config, chat=chat)
@@ -310,13 +328,13 @@ def predict(model, tokenizer, example: Example, *, max_length: int, config: Prom
         stop_ids=stop_tokens(model, tokenizer, spec),
         no_stop_first=spec.stops_at_newline,
     )
-    prediction = tokenizer.decode(tokens, skip_special_tokens=True)
+    prediction = decode_text(tokenizer, tokens, skip_special_tokens=True)
     return prediction.lstrip("\n").split("\n")[0] if spec.first_line_only else prediction
 
 
 def run_longbench(
-    model,
-    tokenizer,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     examples: dict[str, list[Example]],
     *,
     window: int,

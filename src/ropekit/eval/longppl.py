@@ -22,12 +22,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from ropekit.data.documents import decode_text
 from ropekit.errors import RopekitError
 from ropekit.eval.perplexity import token_logprobs
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 
 PROTOCOL = "longppl/2"
 FOLLOWS = "PKU-ML/LongPPL longppl/longppl.py (Fang et al. 2024)"
@@ -37,8 +43,8 @@ FOLLOWS = "PKU-ML/LongPPL longppl/longppl.py (Fang et al. 2024)"
 class Evaluator:
     """A separate key-token evaluator: a model and its tokenizer, and a name to record."""
 
-    model: object
-    tokenizer: object
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
     name: str
 
 
@@ -60,7 +66,9 @@ class LongPPLResult:
         return asdict(self)
 
 
-def short_context_logprobs(model, ids: torch.Tensor, short_length: int, sliding_window: int) -> torch.Tensor:
+def short_context_logprobs(
+    model: PreTrainedModel, ids: torch.Tensor, short_length: int, sliding_window: int
+) -> torch.Tensor:
     """log p(ids[t] | short context) at index t − 1 for t ≥ short_length; NaN before (no short score)."""
     out = torch.full((len(ids) - 1,), math.nan)
     for start in range(0, len(ids) - short_length, sliding_window):
@@ -74,7 +82,7 @@ def key_mask(long_lp: torch.Tensor, short_lp: torch.Tensor, *, threshold: float,
     return ((long_lp - short_lp) > threshold) & (long_lp > beta)
 
 
-def decoded_offsets(tokenizer, ids: list[int]) -> list[tuple[int, int]]:
+def decoded_offsets(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> list[tuple[int, int]]:
     """Character span of each token in the decoded text, from the length each token adds after its predecessor."""
     spans, pointer = [], 0
     for i in range(len(ids)):
@@ -89,7 +97,7 @@ def decoded_offsets(tokenizer, ids: list[int]) -> list[tuple[int, int]]:
     return spans
 
 
-def encode_with_offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+def encode_with_offsets(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[list[int], list[tuple[int, int]]]:
     try:
         encoded = tokenizer(text, return_offsets_mapping=True)
         return list(encoded["input_ids"]), [tuple(span) for span in encoded["offset_mapping"]]
@@ -116,7 +124,7 @@ def tokens_inside(spans: list[tuple[int, int]], intervals: list[tuple[int, int]]
 
 def evaluator_key_positions(
     evaluator: Evaluator,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     ids: torch.Tensor,
     *,
     short_length: int,
@@ -126,7 +134,7 @@ def evaluator_key_positions(
 ) -> torch.Tensor:
     """Key mask over the window's scored positions (index t − 1), found by a separate evaluator."""
     text_ids = ids.tolist()
-    text = tokenizer.decode(text_ids, skip_special_tokens=True)
+    text = decode_text(tokenizer, text_ids, skip_special_tokens=True)
     judge_ids, judge_spans = encode_with_offsets(evaluator.tokenizer, text)
     judge_ids_t = torch.as_tensor(judge_ids, dtype=torch.long)
     judged = torch.zeros(len(judge_ids) - 1, dtype=torch.bool)
@@ -143,7 +151,7 @@ def evaluator_key_positions(
 
 
 def long_ppl(
-    model,
+    model: PreTrainedModel,
     documents: list[np.ndarray],
     *,
     length: int,
@@ -152,7 +160,7 @@ def long_ppl(
     threshold: float = 2.0,
     beta: float = -2.0,
     evaluator: Evaluator | None = None,
-    tokenizer=None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> LongPPLResult:
     """LongPPL of `model` over disjoint windows of `length` tokens covering each document.
 
@@ -171,7 +179,7 @@ def long_ppl(
         if len(ids) <= short_length:
             continue
         long_lp = token_logprobs(model, ids)
-        if evaluator is None:
+        if evaluator is None or tokenizer is None:  # (a tokenizer comes with every evaluator: checked above)
             mask = key_mask(
                 long_lp,
                 short_context_logprobs(model, ids, short_length, sliding_window),

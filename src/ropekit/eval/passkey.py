@@ -17,9 +17,11 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+from ropekit.data.documents import decode_text
 from ropekit.data.passkey_prompts import (
     FILLER,
     NEEDLE,
@@ -33,6 +35,10 @@ from ropekit.data.passkey_prompts import (
     read_task_line,
 )
 from ropekit.errors import RopekitError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 
 __all__ = [  # the prompt names are re-exported: eval code and users import them from here
     "FILLER",
@@ -57,12 +63,12 @@ FOLLOWS = "jquesnelle/yarn eval/passkey.py (Mohtashami & Jaggi 2023)"
 GENERATED_TOKENS = 10  # yarn: max_new_tokens
 
 
-def _device(model) -> torch.device:
+def _device(model: PreTrainedModel) -> torch.device:
     return next(model.parameters()).device
 
 
 @torch.no_grad()
-def teacher_forced_correct(model, p: PasskeyPrompt) -> bool:
+def teacher_forced_correct(model: PreTrainedModel, p: PasskeyPrompt) -> bool:
     """Every answer token is the argmax after prompt + preceding answer tokens (one forward pass)."""
     ids = torch.tensor([p.prompt_ids + p.answer_ids], device=_device(model))
     k = len(p.answer_ids)
@@ -72,7 +78,7 @@ def teacher_forced_correct(model, p: PasskeyPrompt) -> bool:
 
 @torch.no_grad()
 def generate_greedy(
-    model,
+    model: PreTrainedModel,
     prompt_ids: list[int],
     max_new_tokens: int,
     *,
@@ -103,9 +109,11 @@ def generate_greedy(
     return generated
 
 
-def generation_correct(model, tokenizer, p: PasskeyPrompt) -> bool:
+def generation_correct(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, p: PasskeyPrompt) -> bool:
     """The first integer in the greedy continuation equals the passkey."""
-    continuation = tokenizer.decode(generate_greedy(model, p.prompt_ids, max(GENERATED_TOKENS, len(p.answer_ids))))
+    continuation = decode_text(
+        tokenizer, generate_greedy(model, p.prompt_ids, max(GENERATED_TOKENS, len(p.answer_ids)))
+    )
     match = re.search(r"\d+", continuation)
     return match is not None and int(match.group()) == p.passkey
 
@@ -134,8 +142,8 @@ class PasskeyResult:
 
 
 def passkey_grid(
-    model,
-    tokenizer,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     *,
     lengths: list[int],
     depths: list[float],

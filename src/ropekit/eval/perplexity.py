@@ -17,12 +17,17 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ropekit.errors import RopekitError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 
 CONVENTIONS = ("strided", "disjoint", "truncated")
 
@@ -91,7 +96,7 @@ def windows(num_tokens: int, length: int, *, convention: str = "strided", stride
                 break
 
 
-def final_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+def final_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
     """LM head on hidden states, float32, with the model's logit soft-capping if it has one."""
     logits = model.get_output_embeddings()(hidden).float()
     cap = getattr(model.config, "final_logit_softcapping", None)
@@ -99,7 +104,9 @@ def final_logits(model, hidden: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def token_logprobs(model, ids: torch.Tensor, *, score_from: int = 1, loss_chunk: int = 512) -> torch.Tensor:
+def token_logprobs(
+    model: PreTrainedModel, ids: torch.Tensor, *, score_from: int = 1, loss_chunk: int = 512
+) -> torch.Tensor:
     """log p(ids[t] | ids[:t]) for t = score_from … T−1 (window-relative), float32, shape (T − score_from,).
 
     ids: (T,) token ids of one window. The LM head runs on `loss_chunk` positions at a time.
@@ -116,14 +123,16 @@ def token_logprobs(model, ids: torch.Tensor, *, score_from: int = 1, loss_chunk:
     return torch.cat(parts).cpu() if parts else torch.zeros(0)
 
 
-def window_nll(model, ids: torch.Tensor, *, score_from: int, loss_chunk: int = 512) -> tuple[float, int]:
+def window_nll(
+    model: PreTrainedModel, ids: torch.Tensor, *, score_from: int, loss_chunk: int = 512
+) -> tuple[float, int]:
     """Σ NLL (nats) of predicting ids[t] for t ≥ score_from (window-relative), and the count."""
     logprobs = token_logprobs(model, ids, score_from=score_from, loss_chunk=loss_chunk)
     return float(-logprobs.double().sum()), logprobs.numel()
 
 
 def perplexity(
-    model,
+    model: PreTrainedModel,
     documents: list[np.ndarray],
     *,
     length: int,

@@ -34,10 +34,16 @@ import string
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from ropekit.data.documents import decode_text
 from ropekit.errors import RopekitError, did_you_mean
 from ropekit.eval.passkey import FILLER, generate_greedy, largest_fill
 from ropekit.eval.ruler_qa import QaData, load_qa, qa_documents
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 
 PROTOCOL = "ruler/2"
 FOLLOWS = "NVIDIA/RULER scripts/synthetic.yaml, scripts/data/synthetic/*.py, scripts/eval/synthetic/constants.py"
@@ -323,7 +329,13 @@ def _prompt_text(
 
 
 def make_sample(
-    task: RulerTask, tokenizer, length: int, seed: int, *, essay: list[str] | None = None, qa: QaData | None = None
+    task: RulerTask,
+    tokenizer: PreTrainedTokenizerBase,
+    length: int,
+    seed: int,
+    *,
+    essay: list[str] | None = None,
+    qa: QaData | None = None,
 ) -> Sample:
     """One sample that fits in `length` tokens with room for the task's generation budget."""
     seed_text = f"{task.name}-{length}-{seed}"
@@ -424,8 +436,8 @@ def read_essay(path: str | Path | None) -> list[str] | None:
 
 
 def run_ruler(
-    model,
-    tokenizer,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     *,
     tasks: list[str],
     lengths: list[int],
@@ -455,7 +467,9 @@ def run_ruler(
         cells = tqdm(cells, desc=f"{label + ' · ' if label else ''}ruler", unit="sample", leave=False)
     for task, n, i in cells:
         sample = make_sample(task, tokenizer, n, seed * 100_003 + i, essay=essay, qa=qa.get(task.dataset))
-        raw = tokenizer.decode(generate_greedy(model, sample.prompt_ids, task.max_new_tokens), skip_special_tokens=True)
+        raw = decode_text(
+            tokenizer, generate_greedy(model, sample.prompt_ids, task.max_new_tokens), skip_special_tokens=True
+        )
         prediction = postprocess(raw)
         result.rows.append(
             {

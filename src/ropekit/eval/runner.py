@@ -13,7 +13,7 @@ import math
 import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ropekit._version import __version__
 from ropekit.apply.atomic import OutputTarget, atomic_directory, prepare_output
@@ -38,6 +38,10 @@ from ropekit.eval.ruler_qa import load_qa
 from ropekit.plan.geometry import RopeSpec, load_config_dict
 from ropekit.plan.registry import get_method
 from ropekit.plan.registry import plan as make_plan
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 
 TASKS = ("ppl", "longppl", "passkey", "ruler", "longbench")
 AS_SAVED = "as-saved"  # the model exactly as loaded, no plan applied
@@ -218,7 +222,7 @@ def run_method(
     method: str,
     *,
     limit: int,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     documents: list,
     longbench: dict,
     prompt_config=None,
@@ -345,7 +349,7 @@ def non_finite_warnings(rows: list[dict[str, Any]]) -> list[str]:
     ]
 
 
-def check_passkey_fits(cfg: EvalConfig, tokenizer) -> None:
+def check_passkey_fits(cfg: EvalConfig, tokenizer: PreTrainedTokenizerBase) -> None:
     """Refuse, before any weights load, a passkey prompt that cannot fit the shortest length."""
     try:
         task_line = read_task_line(cfg.passkey_task_file)[0] if cfg.passkey_style == "yarn" else ""
@@ -367,7 +371,7 @@ def ruler_essay_path(cfg: EvalConfig) -> str | None:
     return cfg.ruler_essay or cfg.data
 
 
-def check_ruler_fits(cfg: EvalConfig, tokenizer) -> None:
+def check_ruler_fits(cfg: EvalConfig, tokenizer: PreTrainedTokenizerBase) -> None:
     """Refuse, before any weights load, a runnable RULER task whose prompt cannot fit the shortest length."""
     shortest = min(cfg.lengths)
     essay = read_ruler_essay(ruler_essay_path(cfg))

@@ -15,11 +15,15 @@ windows; the seeded permutation then spreads them over training.
 from __future__ import annotations
 
 import random
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ropekit.data.passkey_prompts import build_prompt
 from ropekit.errors import RopekitError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 def pack_windows(documents: list[np.ndarray], window: int, *, eos_id: int | None) -> np.ndarray:
@@ -61,7 +65,9 @@ def window_indices(
     return out
 
 
-def passkey_windows(tokenizer, count: int, width: int, *, seed: int, eos_id: int | None) -> np.ndarray:
+def passkey_windows(
+    tokenizer: PreTrainedTokenizerBase, count: int, width: int, *, seed: int, eos_id: int | None
+) -> np.ndarray:
     """(count, width) int64 token ids: passkey examples, each the longest yarn-style prompt whose
     prompt + answer (" N") + EOS fit in `width` tokens, then EOS up to `width`. Example k draws its
     needle depth ~ U[0, 1] and key N ~ U{1 … 50000} from (seed, k)."""
@@ -87,7 +93,9 @@ def passkey_count(num_text_windows: int, share: float) -> int:
     return max(1, round(share / (1.0 - share) * num_text_windows))
 
 
-def mix_passkey(windows: np.ndarray, share: float, tokenizer, *, seed: int, eos_id: int | None) -> np.ndarray:
+def mix_passkey(
+    windows: np.ndarray, share: float, tokenizer: PreTrainedTokenizerBase, *, seed: int, eos_id: int | None
+) -> np.ndarray:
     """The text windows followed by passkey windows making `share` (0 ≤ share < 1) of the total."""
     if not 0.0 <= share < 1.0:
         raise RopekitError(f"--passkey-mix must be a share in [0, 1), got {share}")

@@ -25,7 +25,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -40,6 +40,10 @@ from ropekit.plan.geometry import RopeSpec
 from ropekit.plan.registry import plan as make_plan
 from ropekit.train.data import mix_passkey, pack_windows, window_indices
 from ropekit.train.pose import pose_rng, pose_sample
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 
 RESUME_KEYS = (
     "model",
@@ -660,7 +664,14 @@ def _training_record(cfg, start, end, elapsed, tokens_per_step, world, accumulat
     }
 
 
-def _save_final(accelerator, model, tokenizer, plan, cfg: TrainConfig, record: dict[str, Any]) -> None:
+def _save_final(
+    accelerator,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    plan,
+    cfg: TrainConfig,
+    record: dict[str, Any],
+) -> None:
     """Write the extended, fine-tuned model into `out/` (files staged, then moved in)."""
     state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 / FSDP shards
     unwrapped = accelerator.unwrap_model(model)

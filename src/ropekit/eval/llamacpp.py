@@ -95,15 +95,9 @@ def llama_cpp_perplexity(
 ):
     """Token-weighted perplexity in llama.cpp with the windows of `ropekit.eval.perplexity.windows`
     (same conventions, same scored tokens as the transformers backend); a `PerplexityResult`."""
-    from ropekit.eval.perplexity import PerplexityResult, windows
+    from ropekit.eval.perplexity import PerplexityResult, scored_windows
 
-    plan = [
-        (d, w)
-        for d, doc in enumerate(documents)
-        for w in windows(len(doc), length, convention=convention, stride=stride)
-    ]
-    if not plan:
-        raise RopekitError("no document has at least 2 tokens to score")
+    plan = scored_windows(documents, length, convention=convention, stride=stride)
     nll, count = 0.0, 0
     with llama_context(gguf_path, n_ctx=length, n_batch=n_batch, n_threads=n_threads) as (lib, model, ctx):
         vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(model))

@@ -70,6 +70,18 @@ class PerplexityResult:
         )
 
 
+def scored_windows(documents, length: int, *, convention: str, stride: int) -> list[tuple[int, Window]]:
+    """(document index, window) for every window of every document; refuses documents with nothing to score."""
+    plan = [
+        (d, w)
+        for d, doc in enumerate(documents)
+        for w in windows(len(doc), length, convention=convention, stride=stride)
+    ]
+    if not plan:
+        raise RopekitError("no document has at least 2 tokens to score")
+    return plan
+
+
 def windows(num_tokens: int, length: int, *, convention: str = "strided", stride: int = 256) -> Iterator[Window]:
     """The windows and scored spans of one document under a convention."""
     if convention not in CONVENTIONS:
@@ -148,13 +160,7 @@ def perplexity(
     """
     if length < 2:
         raise RopekitError(f"window length must be ≥ 2, got {length}")
-    plan = [
-        (d, w)
-        for d, doc in enumerate(documents)
-        for w in windows(len(doc), length, convention=convention, stride=stride)
-    ]
-    if not plan:
-        raise RopekitError("no document has at least 2 tokens to score")
+    plan = scored_windows(documents, length, convention=convention, stride=stride)
     iterator = plan
     if progress:
         from tqdm.auto import tqdm

@@ -351,8 +351,29 @@ def nll_correlation_lines(results: dict) -> list[str]:
     return lines + [""]
 
 
+def quick_lines() -> list[str]:
+    """The `--quick` run (results_quick.json), when committed: its time and its perplexities."""
+    path = RESULTS / "results_quick.json"
+    if not path.is_file():
+        return []
+    quick = json.loads(path.read_text())
+    env, settings = quick["environment"], quick["settings"]
+    (length,) = settings["ppl_lengths"]
+    cells = [f"{m} {r['ppl'][str(length)]:.2f}" for _, row in sorted(quick["main"].items()) for m, r in row.items()]
+    (fp32,) = [r["float32"]["tokens_per_second"] for r in quick["precision"].values()][:1]
+    return [
+        f"**`bench/real_model.py --quick`** ran in {quick['run_seconds'] / 60:.1f} min from a fresh clone after "
+        f"the set-up ({env['cpu_threads']} CPU threads, {env['dtype']}, {env['attention']}; the budget is 15 min): "
+        f"perplexity on one {length:,}-token window of PG19 book {', '.join(quick['books_used'])} at s = "
+        f"{', '.join(quick['main'])}: {', '.join(cells)} (disturbance "
+        + ", ".join(f"{m} {r['disturbance']:.2f}" for row in quick["main"].values() for m, r in row.items())
+        + f"); fp32 ran at {fp32:,.0f} tokens/s.",
+        "",
+    ]
+
+
 def cpu_section(results: dict, setting: str) -> str:
-    out = cpu_header(results) + precision_table(results)
+    out = cpu_header(results) + precision_table(results) + quick_lines()
     for scale, row in sorted(results["nll_grid"].items()):
         out += nll_table(row, scale)
     out += position_table(results["nll_grid"].get("4", {}), "4") + factor_lines(results) + margin_line(results)

@@ -880,7 +880,8 @@ def plots(results: dict, name: str, out: Path) -> None:
 
     if results["main"]:
         plot_ppl(plt, results, out / f"ppl_vs_length_{name}.png")
-        plot_passkey(plt, results, out / f"passkey_{name}.png")
+        if any(r.get("passkey") for row in results["main"].values() for r in row.values()):
+            plot_passkey(plt, results, out / f"passkey_{name}.png")  # --quick measures no passkey
     if results["sweeps"]:
         plot_sweeps(plt, results, out / f"sweeps_{name}.png")
     if results["investigation"].get("plans"):

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from conftest import tiny_llama, write_llama2c  # noqa: F401  (write_llama2c: imported from here by other tests)
 from ropekit import RopekitError
-from ropekit.apply.atomic import atomic_directory, is_ropekit_output, prepare_output
+from ropekit.apply.atomic import atomic_directory, is_ropekit_output, prepare_output, remove_replaced
 from ropekit.cli.main import app
 
 runner = CliRunner()
@@ -363,3 +363,24 @@ def test_every_command_signs_its_output_so_overwrite_can_replace_it(tiny, tmp_pa
         assert_one_line_error(runner.invoke(app, command_args(command, tiny, tmp_path, out)), "not empty")
         result = runner.invoke(app, command_args(command, tiny, tmp_path, out) + ["--overwrite"])
         assert result.exit_code == 0, (command, result.output)
+
+
+def signed_run(path: Path, who: str) -> Path:
+    path.mkdir()
+    (path / "ropekit.json").write_text(json.dumps({"written_by": "ropekit", "who": who}))
+    return path
+
+
+def test_in_place_overwrite_removes_only_the_run_it_checked(tmp_path):
+    out = signed_run(tmp_path / "run", "old")
+    remove_replaced(prepare_output(out, overwrite=True, in_place=True))
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    # the checked run is swapped for another (another run?) before the removal: that one stays
+    signed_run(out, "checked")
+    target = prepare_output(out, overwrite=True, in_place=True)
+    out.rename(tmp_path / "elsewhere")
+    signed_run(out, "newer")
+    with pytest.raises(RopekitError, match="changed since it was checked"):
+        remove_replaced(target)
+    assert json.loads((out / "ropekit.json").read_text())["who"] == "newer"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "run"]  # nothing left aside

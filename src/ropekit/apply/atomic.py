@@ -247,8 +247,7 @@ def _commit(tmp: Path, target: OutputTarget) -> None:
         if current is not None and current != target.replaces and not _is_empty_dir(path):
             raise FileExistsError(path)
         if current is not None and current == target.replaces:
-            aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.replaced-", dir=path.parent))
-            os.rename(path, aside)  # onto the empty directory mkdtemp made
+            aside = _move_aside(path)
         elif path.exists():
             os.rmdir(path)  # empty: fails if something arrived meanwhile
         os.rename(tmp, path)  # a directory that appeared meanwhile makes this fail (not empty)
@@ -261,6 +260,32 @@ def _commit(tmp: Path, target: OutputTarget) -> None:
         ) from None
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename `path` onto an empty directory made beside it (same filesystem); returns where it is now."""
+    aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.replaced-", dir=path.parent))
+    os.rename(path, aside)
+    return aside
+
+
+def remove_replaced(target: OutputTarget) -> None:
+    """For commands that write in place (finetune): delete the earlier ropekit output `--overwrite` lets
+    `target` replace, only if it is still the directory `prepare_output` checked (same device and inode);
+    anything else found there is put back and refused."""
+    if target.replaces is None or _identity(target.path) is None:
+        return
+    aside = _move_aside(target.path)
+    if _identity(aside) != target.replaces:  # replaced since the check: not ours to delete
+        try:
+            os.rename(aside, target.path)
+            where = str(target.path)
+        except OSError:
+            where = str(aside)
+        raise RopekitError(
+            f"{target.path} changed since it was checked (another run?); nothing was removed (it is in {where})"
+        )
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _is_empty_dir(path: Path) -> bool:

@@ -31,7 +31,14 @@ import numpy as np
 import torch
 
 from ropekit._version import __version__
-from ropekit.apply.atomic import MARKER, SIGNATURE, default_modes, prepare_output, set_normal_permissions
+from ropekit.apply.atomic import (
+    MARKER,
+    SIGNATURE,
+    default_modes,
+    prepare_output,
+    remove_replaced,
+    set_normal_permissions,
+)
 from ropekit.apply.extend import RECORD, extended_record, load_model, load_tokenizer
 from ropekit.apply.patch import apply, model_spec
 from ropekit.data.documents import jsonl_records, read_documents, tokenize_documents
@@ -265,9 +272,8 @@ def _check_out_dir(cfg: TrainConfig):
 
 
 def _start_run_dir(target) -> None:
-    """Main process: remove the earlier ropekit run `--overwrite` replaces, then sign the new one."""
-    if target.replaces is not None:
-        shutil.rmtree(target.path)
+    """Main process: remove the earlier ropekit run `--overwrite` replaces (only that one), then sign the new one."""
+    remove_replaced(target)
     dir_mode, _ = default_modes()
     target.path.mkdir(parents=True, exist_ok=True)
     os.chmod(target.path, dir_mode)

@@ -37,13 +37,18 @@ def read_documents(path: str | Path) -> list[tuple[str, str]]:
     return [(name, text) for name, text in docs if text.strip()]
 
 
-def _read_file(path: Path) -> list[tuple[str, str]]:
+def read_utf8(path: Path) -> str:
+    """The file's text, or one clear error for a file that is not UTF-8 or cannot be read."""
     try:
-        raw = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise RopekitError(f"{path}: not UTF-8 text") from None
     except OSError as exc:
         raise RopekitError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+
+
+def _read_file(path: Path) -> list[tuple[str, str]]:
+    raw = read_utf8(path)
     if path.suffix == ".json":
         return _json_documents(path, raw)
     if path.suffix != ".jsonl":
@@ -80,12 +85,7 @@ def _json_documents(path: Path, raw: str) -> list[tuple[str, str]]:
 def jsonl_records(path: Path, text: str | None = None) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line; one clear error for invalid JSON or a non-object."""
     if text is None:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise RopekitError(f"{path}: not UTF-8 text") from None
-        except OSError as exc:
-            raise RopekitError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+        text = read_utf8(path)
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue

@@ -45,7 +45,11 @@ def user_errors(fn):
             print(f"error: {exc}", file=sys.stderr)
             raise typer.Exit(getattr(exc, "exit_code", 2)) from None
         except KeyboardInterrupt:
-            print("error: interrupted; nothing was written to the output directory", file=sys.stderr)
+            print(
+                "error: interrupted before any result was complete (a fine-tune interrupted before its first step "
+                "leaves only its settings in the run directory: rerun with --overwrite)",
+                file=sys.stderr,
+            )
             raise typer.Exit(130) from None
 
     return wrapper

@@ -42,6 +42,7 @@ import copy
 import hashlib
 import importlib.util
 import json
+import math
 import platform
 import sys
 import time
@@ -113,19 +114,24 @@ SETTINGS = {
     "smoke-cpu": dict(
         scales=[2, 4],
         methods=METHOD_ORDER,
-        book_tokens=300,
+        book_tokens=400,
         books=1,
-        nll_length=300,
+        nll_lengths={"4": 300, "2": 400},
         sweep_n=[0, 8],
+        sweep_bins=[36],
         precision_length=128,
     ),
+    # No GPU: per plan, one forward pass over the first tokens of one book, every position scored: 10,000
+    # tokens for s = 4 (the issue's data point), the whole 16,384-token target for s = 2. Causal attention
+    # makes the first P positions of that pass a P-token window, so it also gives perplexity at 2k, 4k, 8k.
     "cpu": dict(
         scales=[2, 4],
         methods=["none", "yarn", "dprope", "dprope-opt", "dprope-n", "pi", "llama3", "ntk", "base"],
-        book_tokens=10000,
+        book_tokens=16384,
         books=1,
-        nll_length=10000,
-        sweep_n=[8, 16, 32, 40, 48],
+        nll_lengths={"4": 10000, "2": 16384},
+        sweep_n=[8, 16, 24, 32, 40, 48, 56],
+        sweep_bins=[36, 90, 720, 2880],
         precision_length=1024,
         precision_plans=1,
     ),
@@ -247,9 +253,11 @@ def plan_key(plan: ropekit.Plan) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def factor_plan(spec: ropekit.RopeSpec, target: int, factors: list[float]) -> ropekit.Plan:
-    """A plan from explicit per-pair factors, a = 1 (for ablations)."""
-    return ropekit.make_plan(spec, target, "longrope", factors=factors, attention_factor=1.0)
+def factor_plan(
+    spec: ropekit.RopeSpec, target: int, factors: list[float], attention_factor: float = 1.0
+) -> ropekit.Plan:
+    """A plan from explicit per-pair factors (for ablations); its disturbance uses the default K = 360."""
+    return ropekit.make_plan(spec, target, "longrope", factors=factors, attention_factor=attention_factor)
 
 
 def plan_record(plan: ropekit.Plan) -> dict:
@@ -502,54 +510,86 @@ def run_investigation(runner: Runner, spec, setting) -> dict:
 
 
 def run_nll_grid(runner: Runner, spec, setting) -> dict:
-    """CPU setting: next-token NLL over one window for every plan (s = 2, 4), dprope ablation, sweep of n at s = 4."""
-    length, grid = setting["nll_length"], method_grid(spec)
-    out: dict = {"nll_grid": {}, "nll_sweep": {}, "nll_length": length}
-    for scale in sorted(setting["scales"], reverse=True):  # s = 4 first: the issue's data point
-        if scale != max(setting["scales"]):
-            nll_sweep(runner, spec, setting, out)  # priority: the within-family test before the second scale
-        target = spec.original_length * scale
+    """CPU setting, per scale (s = 4 first: the issue's data point): next-token NLL over one window for every
+    plan, at s = 4 the ablations of dprope and YaRN, then the dprope family (sweeps of n and K)."""
+    grid = method_grid(spec)
+    out: dict = {"nll_grid": {}, "nll_sweep": {}, "nll_lengths": {}}
+    for scale in sorted(setting["scales"], reverse=True):
+        target, length = spec.original_length * scale, setting["nll_lengths"][str(scale)]
+        out["nll_lengths"][str(scale)] = length
         row = out["nll_grid"].setdefault(str(scale), {})
+        plans = {}
         for label in setting["methods"]:
             method, params = grid[label]
-            plan = ropekit.make_plan(spec, target, method, **params)
-            r = runner.position_nll(plan, length)
-            row[label] = {**plan_record(plan), **(r or {})}
-            if scale == 4 and label == "dprope":
-                row["dprope-rotated-reset"] = ablate_rotated_pairs(runner, spec, plan, target, length)
+            plans[label] = ropekit.make_plan(spec, target, method, **params)
+            row[label] = nll_record(runner, plans[label], length)
+        if scale == 4:
+            row.update(ablations(runner, spec, plans, target, length))
+        out["nll_sweep"][str(scale)] = nll_sweep(runner, spec, setting, scale)
     return out
 
 
-def nll_sweep(runner: Runner, spec, setting, out: dict) -> None:
-    """dprope with n interpolated dims at the largest scale: NLL over the window for each n."""
-    target, points = spec.original_length * max(setting["scales"]), []
-    for n in setting["sweep_n"]:
-        plan = ropekit.make_plan(spec, target, "dprope", interpolated_dims=n)
-        r = runner.position_nll(plan, setting["nll_length"])
+def nll_record(runner: Runner, plan: ropekit.Plan, length: int, **extra) -> dict:
+    """The plan's record plus its measured NLL (overall, by position, and the first-window perplexities)."""
+    r = runner.position_nll(plan, length)
+    measured = {**r, "window_ppl": prefix_perplexities(r["by_position"], length)} if r else {}
+    return {**plan_record(plan), **extra, **measured}
+
+
+def prefix_perplexities(by_position: dict, length: int, bucket: int = 1000) -> dict:
+    """Perplexity of the first P tokens as one window, for P = 2,048 … the full length, from 1,000-token buckets.
+
+    With causal attention, positions < P of a longer pass see exactly what a P-token window shows them, so
+    the mean NLL over positions 1 … P − 1 is that window's (bucket 0 holds positions 1 … 999, 999 tokens).
+    P is a multiple of the bucket: 2,000, 4,000, 8,000, and the whole pass."""
+    out = {}
+    for prefix in [p for p in (2000, 4000, 8000) if p < length] + [length]:
+        weights = {a: min(a + bucket, prefix) - max(a, 1) for a in range(0, prefix, bucket)}
+        total = sum(by_position[str(a)] * w for a, w in weights.items())
+        out[str(prefix)] = math.exp(total / sum(weights.values()))
+    return out
+
+
+def ablations(runner: Runner, spec, plans: dict, target: int, length: int) -> dict:
+    """Why dprope loses to YaRN at s = 4 (what the issue asks): dprope with the pairs that completed rotations
+    in pre-training put back to f = 1, that plan with YaRN's attention factor, and YaRN without it."""
+    dprope, yarn = plans["dprope"], plans["yarn"]
+    wavelengths = spec.wavelengths().tolist()
+    reset = [i for i in dprope.interpolated_pairs if wavelengths[i] <= spec.original_length]
+    reset_factors = [1.0 if i in reset else f for i, f in enumerate(dprope.factors)]
+    note = {"pairs_reset": reset, "wavelengths_reset": [wavelengths[i] for i in reset]}
+    variants = {
+        "dprope-rotated-reset": (factor_plan(spec, target, reset_factors), note),
+        "dprope-rotated-reset-yarn-a": (factor_plan(spec, target, reset_factors, yarn.attention_factor), note),
+        "yarn-a1": (factor_plan(spec, target, list(yarn.factors)), {}),
+    }
+    return {label: nll_record(runner, plan, length, **extra) for label, (plan, extra) in variants.items()}
+
+
+def nll_sweep(runner: Runner, spec, setting, scale: int) -> dict:
+    """dprope with n interpolated dims (the n/2 pairs of largest margin) and with K bins (t = 0) at `scale`:
+    NLL over the scale's window; disturbance measured at K = 360 for every plan (a common yardstick)."""
+    target, length = spec.original_length * scale, setting["nll_lengths"][str(scale)]
+    variants = [("n", n, {"interpolated_dims": n}) for n in setting["sweep_n"]]
+    variants += [("K", k, {"bins": k}) for k in setting.get("sweep_bins", [])]
+    points = []
+    for knob, value, params in variants:
+        plan = ropekit.make_plan(spec, target, "dprope", **params)
+        yardstick = factor_plan(spec, target, list(plan.factors))  # K = 360
+        r = runner.position_nll(plan, length)
         points.append(
             {
-                "knob": "n",
-                "value": n,
+                "knob": knob,
+                "value": value,
                 "plan": plan_key(plan),
-                "disturbance": plan.disturbance,
+                "factors": list(plan.factors),
+                "attention_factor": plan.attention_factor,
+                "disturbance": yardstick.disturbance,
                 "interpolated_pairs": len(plan.interpolated_pairs),
-                **(r or {}),
+                **({**r, "window_ppl": prefix_perplexities(r["by_position"], length)} if r else {}),
             }
         )
-    out["nll_sweep"] = {"target": target, "points": points}
-
-
-def ablate_rotated_pairs(runner: Runner, spec, dprope_plan: ropekit.Plan, target: int, length: int) -> dict:
-    """dprope with its interpolated pairs of wavelength ≤ L (pairs that completed rotations in pre-training) set back to 1."""
-    wavelengths = spec.wavelengths().tolist()
-    reset = [i for i in dprope_plan.interpolated_pairs if wavelengths[i] <= spec.original_length]
-    plan = factor_plan(spec, target, [1.0 if i in reset else f for i, f in enumerate(dprope_plan.factors)])
-    return {
-        **plan_record(plan),
-        "pairs_reset": reset,
-        "wavelengths_reset": [wavelengths[i] for i in reset],
-        **(runner.position_nll(plan, length) or {}),
-    }
+    return {"target": target, "length": length, "points": points}
 
 
 def run_sweeps(runner: Runner, spec, setting, scale: int) -> dict:
@@ -664,7 +704,7 @@ def run(args, name: str) -> dict:
     }
     results["books_used"] = [p.stem for p in sorted(Path(args.books).glob("*.txt"))[: setting["books"]]]
     results["precision"] = run_precision(runner, spec, setting)
-    if "nll_length" in setting:
+    if "nll_lengths" in setting:
         results.update(run_nll_grid(runner, spec, setting))
         return finish(results, runner, cells, spec, args, started)
     results["main"] = run_main(runner, spec, setting, include_ruler=False)
@@ -720,17 +760,17 @@ def save(results: dict, name: str, out: Path) -> None:
     (plot_nll if "nll_grid" in results else plots)(results, name, out)
 
 
-def dprope_family(results: dict) -> list[dict]:
-    """Distinct plans of the dprope family at the sweep's target: the n sweep plus none (n = 0), dprope (t = 0),
-    dprope-n and pi (n = d: every pair by s), each once (keyed by its factors)."""
-    row = results["nll_grid"].get(str(results["nll_sweep"]["target"] // 8192), {})
-    members = {}
+def dprope_family(results: dict, scale: str) -> list[dict]:
+    """Distinct measured plans of the dprope family at `scale`: none (n = 0), dprope (t = 0), dprope-n, pi
+    (n = d: every pair by s) and the n and K sweeps, each once (keyed by its factors and attention factor)."""
+    row = results["nll_grid"].get(scale, {})
+    members: dict = {}
     for label in ("none", "dprope", "dprope-n", "pi"):
         if "nll" in row.get(label, {}):
             members.setdefault(plan_key_of(row[label]), {"label": label, **row[label]})
-    for p in results["nll_sweep"]["points"]:
+    for p in results["nll_sweep"].get(scale, {}).get("points", []):
         if "nll" in p:
-            members.setdefault(p["plan"], {"label": f"n={p['value']}", **p})
+            members.setdefault(p["plan"], {"label": f"{p['knob']}={p['value']}", **p})
     return list(members.values())
 
 
@@ -740,91 +780,95 @@ def plan_key_of(record: dict) -> str:
 
 
 def nll_correlations(results: dict) -> dict:
-    """Spearman ρ(disturbance, NLL) across methods ('none' excluded) per scale, and within the dprope family."""
+    """Spearman ρ(disturbance, NLL) per scale: across methods ('none' excluded) and within the dprope family."""
     out = {}
-    for scale, row in results["nll_grid"].items():
+    for scale, row in sorted(results["nll_grid"].items(), reverse=True):
         names = [m for m in METHOD_ORDER if m != "none" and "nll" in row.get(m, {})]
-        d = [row[m]["disturbance"] for m in names]
-        out[f"across methods, s={scale}"] = {
-            "plans": len(names),
-            "rho_disturbance_nll": spearman(d, [row[m]["nll"] for m in names]),
-            "rho_disturbance_nll_beyond": spearman(d, [row[m]["nll_beyond_trained"] for m in names]),
-        }
-    family = dprope_family(results)
-    d = [p["disturbance"] for p in family]
-    out[f"dprope family (n sweep), s={results['nll_sweep']['target'] // 8192}"] = {
-        "plans": len(family),
-        "rho_disturbance_nll": spearman(d, [p["nll"] for p in family]),
-        "rho_disturbance_nll_beyond": spearman(d, [p["nll_beyond_trained"] for p in family]),
-    }
+        family = dprope_family(results, scale)
+        for what, plans in (
+            (f"across methods, s = {scale}", [row[m] for m in names]),
+            (f"dprope family, s = {scale}", family),
+        ):
+            d = [p["disturbance"] for p in plans]
+            out[what] = {
+                "plans": len(plans),
+                "rho_disturbance_nll": spearman(d, [p["nll"] for p in plans]),
+                "rho_disturbance_nll_beyond": spearman(d, [p["nll_beyond_trained"] for p in plans]),
+            }
     return out
 
 
 def plot_nll(results: dict, name: str, out: Path) -> None:
-    """CPU setting: NLL by position per method (one panel per scale), and disturbance vs NLL."""
+    """CPU setting: NLL by position and perplexity vs window per plan (per scale), and disturbance vs NLL."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    grid = results["nll_grid"]
-    fig, axes = plt.subplots(1, len(grid), figsize=(5.6 * len(grid), 4), squeeze=False)
-    for ax, (scale, row) in zip(axes[0], sorted(grid.items())):
-        for label, r in row.items():
-            if "by_position" in r:
-                ax.plot(
-                    [int(k) for k in r["by_position"]],
-                    list(r["by_position"].values()),
-                    marker="o",
-                    ms=2.5,
-                    lw=1,
-                    color=method_color_real(label),
-                    ls="--" if label.startswith("dprope-") else "-",
-                    label=f"{label} ({r['nll']:.3f})",
-                )
-        ax.axvline(8192, color="grey", lw=0.8, ls=":")
-        ax.set(
-            xlabel="position (1,000-token bucket start)",
-            ylabel="mean next-token NLL (nats)",
-            title=f"SmolLM2-135M, plans for s = {scale} ({8192 * int(scale):,})",
+    grid = sorted(results["nll_grid"].items())
+    fig, axes = plt.subplots(2, len(grid), figsize=(5.6 * len(grid), 7.6), squeeze=False)
+    for col, (scale, row) in enumerate(grid):
+        measured = {label: r for label, r in row.items() if "by_position" in r}
+        for label, r in measured.items():
+            style = dict(color=method_color_real(label), ls="--" if label.startswith(("dprope-", "yarn-")) else "-")
+            axes[0][col].plot(
+                [int(k) for k in r["by_position"]],
+                list(r["by_position"].values()),
+                marker="o",
+                ms=2.5,
+                lw=1,
+                label=f"{label} ({r['nll']:.3f})",
+                **style,
+            )
+            axes[1][col].plot(
+                [int(k) for k in r["window_ppl"]],
+                list(r["window_ppl"].values()),
+                marker="o",
+                ms=3,
+                lw=1,
+                label=label,
+                **style,
+            )
+        title = f"SmolLM2-135M, plans for s = {scale} ({8192 * int(scale):,})"
+        axes[0][col].set(xlabel="position (1,000-token bucket start)", ylabel="mean next-token NLL (nats)", title=title)
+        axes[1][col].set(
+            xscale="log", yscale="log", xlabel="window (first P tokens of the book)", ylabel="perplexity", title=title
         )
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6.5)
+        axes[1][col].set_xscale("log", base=2)
+        plain_log_axes(axes[1][col])
+        for ax in axes[:, col]:
+            ax.axvline(8192, color="grey", lw=0.8, ls=":")
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(out / f"nll_by_position_{name}.png", dpi=110)
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for scale, row in sorted(grid.items()):
-        names = [m for m in row if "nll" in row[m] and m != "none"]
-        axes[0].scatter(
-            [row[m]["disturbance"] for m in names], [row[m]["nll"] for m in names], s=18, label=f"s = {scale}"
-        )
-        for m in names:
-            axes[0].annotate(
-                m, (row[m]["disturbance"], row[m]["nll"]), fontsize=6, xytext=(3, 2), textcoords="offset points"
+    for scale, row in grid:
+        names = [m for m in METHOD_ORDER if m != "none" and "nll" in row.get(m, {})]
+        family = dprope_family(results, scale)
+        for ax, points in ((axes[0], [{"label": m, **row[m]} for m in names]), (axes[1], family)):
+            ax.scatter(
+                [p["disturbance"] for p in points],
+                [p["nll"] for p in points],
+                s=18,
+                label=f"s = {scale} ({results['nll_lengths'][scale]:,}-token window)",
             )
-    family = dprope_family(results)
-    axes[1].scatter([p["disturbance"] for p in family], [p["nll"] for p in family], s=18, color="C5")
-    for p in family:
-        axes[1].annotate(
-            p["label"], (p["disturbance"], p["nll"]), fontsize=6, xytext=(3, 2), textcoords="offset points"
-        )
-    axes[0].set(
-        xscale="log",
-        title="across methods",
-        xlabel="disturbance (1000 × mean KL, K = 360)",
-        ylabel=f"NLL over {results['nll_length']:,} tokens",
-    )
+            for p in points:
+                ax.annotate(
+                    p["label"], (p["disturbance"], p["nll"]), fontsize=6, xytext=(3, 2), textcoords="offset points"
+                )
+    axes[0].set(title="across methods", xlabel="disturbance (1000 × mean KL, K = 360)", ylabel="NLL over the window")
     axes[1].set(
-        xscale="log",
-        title=f"dprope family at s = {results['nll_sweep']['target'] // 8192} (only n changes)",
+        title="dprope family (only n or K changes)",
         xlabel="disturbance (1000 × mean KL, K = 360)",
-        ylabel=f"NLL over {results['nll_length']:,} tokens",
+        ylabel="NLL over the window",
     )
-    axes[0].legend(fontsize=7)
     for ax in axes:
+        ax.set_xscale("log")
         ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / f"disturbance_vs_nll_{name}.png", dpi=110)
     plt.close(fig)
@@ -922,7 +966,13 @@ def plot_ppl(plt, results: dict, path: Path) -> None:
 
 def method_color_real(label: str) -> str:
     """compare_methods' colours, plus dprope-opt (cyan) and the dprope ablation (black)."""
-    extra = {"dprope-opt": "C9", "dprope-rotated-reset": "k", "llama3": "C8"}
+    extra = {
+        "dprope-opt": "C9",
+        "dprope-rotated-reset": "k",
+        "dprope-rotated-reset-yarn-a": "0.45",
+        "yarn-a1": "C3",
+        "llama3": "C8",
+    }
     return extra.get(label) or method_color(label)
 
 

@@ -283,7 +283,8 @@ def test_llama_cpp_runs_the_extended_tiny_gguf_like_transformers_with_the_plan(g
 
 @pytest.mark.slow
 def test_llama_cpp_perplexity_backend_matches_transformers(gguf_path, tmp_path, monkeypatch):
-    """`ropekit eval X.gguf --backend llama.cpp --method yarn`: same windows, same perplexity as transformers."""
+    """`ropekit eval X.gguf --backend llama.cpp --method yarn --beta-fast 8`: the same plan (method options
+    reach both backends), same windows, same perplexity as transformers."""
     from gguf_fixtures import require_llama_cpp
 
     require_llama_cpp()
@@ -300,15 +301,19 @@ def test_llama_cpp_perplexity_backend_matches_transformers(gguf_path, tmp_path, 
             tasks=["ppl"],
             lengths=[256, 1024],
             methods=["yarn"],
+            method_params={"yarn": {"beta_fast": 8.0}},
             data=str(text),
             convention="strided",
             stride=200,
             backend=backend,
             progress=False,
         )
-        runs[backend] = evaluate(cfg)["methods"]["yarn"]["ppl"]
+        runs[backend] = evaluate(cfg)["methods"]["yarn"]
+    default_yarn = extend_gguf(gguf_path, tmp_path / "default.gguf", target_length=1024, method="yarn")
+    assert runs["llama.cpp"]["plan"] == runs["transformers"]["plan"]
+    assert runs["llama.cpp"]["plan"]["factors"] != list(default_yarn.factors)
     for n in ("256", "1024"):
-        cpp, tf = runs["llama.cpp"][n], runs["transformers"][n]
+        cpp, tf = runs["llama.cpp"]["ppl"][n], runs["transformers"]["ppl"][n]
         assert cpp["tokens_scored"] == tf["tokens_scored"] and cpp["windows"] == tf["windows"]
         assert cpp["perplexity"] == pytest.approx(tf["perplexity"], rel=1e-5)
 

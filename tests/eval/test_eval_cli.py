@@ -186,3 +186,21 @@ def test_eval_applies_method_options_to_the_methods_that_take_them(s260k, tmp_pa
     assert methods["yarn"]["plan"]["factors"] == list(ropekit.make_plan(spec, 1024, "yarn", beta_fast=8.0).factors)
     assert methods["yarn"]["plan"]["factors"] != list(ropekit.make_plan(spec, 1024, "yarn").factors)
     assert methods["pi"]["plan"]["factors"] == [2.0] * spec.num_pairs
+
+
+@pytest.mark.slow
+def test_eval_bins_reaches_the_plan_and_is_recorded(s260k, tmp_path):
+    """--bins K changes dprope's per-pair choice as in `make_plan(..., bins=K)`; results.json records K."""
+    import ropekit
+
+    text = str(require_asset("text/tinystories/tinystories_val_head.txt"))
+    out = tmp_path / "report"
+    args = ["eval", s260k, "--lengths", "256", "--target-length", "1024", "--data", text, "--max-tokens", "256"]
+    result = runner.invoke(app, [*args, "--method", "dprope", "--bins", "36", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    plan = json.loads((out / "results.json").read_text())["methods"]["dprope"]["plan"]
+    spec = ropekit.RopeSpec.from_pretrained(s260k)
+    expected = ropekit.make_plan(spec, 1024, "dprope", bins=36)
+    assert plan["factors"] == list(expected.factors) and plan["bins"] == 36
+    assert plan["disturbance"] == pytest.approx(expected.disturbance)
+    assert plan["factors"] != list(ropekit.make_plan(spec, 1024, "dprope").factors)  # K = 360 chooses otherwise

@@ -468,6 +468,7 @@ def eval_cmd(
     target_length: Annotated[
         int | None, typer.Option("--target-length", help="Plan target (default: the longest length).")
     ] = None,
+    bins: o.Bins = 360,
     data: Annotated[
         str | None, typer.Option("--data", help="ppl/longppl: text file, folder, or JSONL with a 'text' field.")
     ] = None,
@@ -576,6 +577,7 @@ def eval_cmd(
         methods=list(method or []),
         method_params=o.method_params_by_method(list(method or []), method_options),
         target_length=target_length,
+        bins=bins,
         data=data,
         max_tokens=max_tokens or None,
         convention=convention,

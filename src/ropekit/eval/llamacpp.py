@@ -227,7 +227,7 @@ def evaluate_llama_cpp(cfg, limit: int) -> dict:
     from ropekit.apply.gguf import extend_gguf
     from ropekit.apply.gguf_convert import load_gguf_tokenizer
     from ropekit.data.documents import read_documents, tokenize_documents
-    from ropekit.eval.runner import AS_SAVED, _jsonable, write_report
+    from ropekit.eval.runner import AS_SAVED, _jsonable, plan_entry, write_report
 
     require_llama_cpp()
     tokenizer = load_gguf_tokenizer(cfg.model)
@@ -241,13 +241,9 @@ def evaluate_llama_cpp(cfg, limit: int) -> dict:
             path, entry = cfg.model, {}
             if method != AS_SAVED:
                 path = f"{tmp}/{method}.gguf"
-                plan = extend_gguf(cfg.model, path, target_length=limit, method=method)
-                entry["plan"] = {
-                    "target_length": plan.target_length,
-                    "factors": list(plan.factors),
-                    "attention_factor": plan.attention_factor,
-                    "disturbance": plan.disturbance,
-                }
+                params = cfg.method_params.get(method, {})
+                plan = extend_gguf(cfg.model, path, target_length=limit, method=method, bins=cfg.bins, **params)
+                entry["plan"] = plan_entry(plan, cfg.bins)
             entry["ppl"] = {
                 str(n): llama_cpp_perplexity(
                     path, documents, length=n, convention=cfg.convention, stride=min(cfg.stride, n)

@@ -56,6 +56,7 @@ class EvalConfig:
     methods: list[str] = field(default_factory=list)  # empty: evaluate the model as saved
     method_params: dict[str, dict[str, Any]] = field(default_factory=dict)  # method → its parameters
     target_length: int | None = None  # plan target; default: the largest length
+    bins: int = 360  # histogram bins K for the plans' disturbance (and dprope's per-pair choice)
     data: str | None = None  # documents for perplexity
     max_tokens: int | None = 16384  # perplexity reads at most this many tokens per document
     convention: str = "strided"
@@ -132,6 +133,17 @@ def context_limit(cfg: EvalConfig) -> int:
 
         return read_rope(cfg.model).context_length
     return int(load_config_dict(cfg.model).get("max_position_embeddings") or 0)
+
+
+def plan_entry(plan, bins: int) -> dict[str, Any]:
+    """What results.json records of a method's plan: target, per-pair factors, attention factor, disturbance (at K bins)."""
+    return {
+        "target_length": plan.target_length,
+        "factors": list(plan.factors),
+        "attention_factor": plan.attention_factor,
+        "disturbance": plan.disturbance,
+        "bins": bins,
+    }
 
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
@@ -233,14 +245,9 @@ def run_method(
     model = load_model(cfg.model, dtype="float32")
     entry: dict[str, Any] = {}
     if method != AS_SAVED:
-        plan = make_plan(model_spec(model), limit, method, **cfg.method_params.get(method, {}))
+        plan = make_plan(model_spec(model), limit, method, bins=cfg.bins, **cfg.method_params.get(method, {}))
         apply(model, plan)
-        entry["plan"] = {
-            "target_length": plan.target_length,
-            "factors": list(plan.factors),
-            "attention_factor": plan.attention_factor,
-            "disturbance": plan.disturbance,
-        }
+        entry["plan"] = plan_entry(plan, cfg.bins)
     show: dict[str, Any] = dict(progress=cfg.progress, label=method)
     for task in cfg.tasks:
         if overall is not None:

@@ -511,7 +511,7 @@ def run_investigation(runner: Runner, spec, setting) -> dict:
 
 def run_nll_grid(runner: Runner, spec, setting) -> dict:
     """CPU setting, per scale (s = 4 first: the issue's data point): next-token NLL over one window for every
-    plan, at s = 4 the ablations of dprope and YaRN, then the dprope family (sweeps of n and K)."""
+    plan, at s = 4 the ablations of dprope and YaRN; then, per scale, the dprope family (sweeps of n and K)."""
     grid = method_grid(spec)
     out: dict = {"nll_grid": {}, "nll_sweep": {}, "nll_lengths": {}}
     for scale in sorted(setting["scales"], reverse=True):
@@ -525,6 +525,7 @@ def run_nll_grid(runner: Runner, spec, setting) -> dict:
             row[label] = nll_record(runner, plans[label], length)
         if scale == 4:
             row.update(ablations(runner, spec, plans, target, length))
+    for scale in sorted(setting["scales"], reverse=True):  # the sweeps after every method at every scale
         out["nll_sweep"][str(scale)] = nll_sweep(runner, spec, setting, scale)
     return out
 

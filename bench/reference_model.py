@@ -343,10 +343,29 @@ def mixed_stage(model, opt, lr_at, cfg: RefConfig, tokenizer, stream: np.ndarray
     return float(np.mean(losses[-50:]))
 
 
+def environment(tokenizer) -> dict:
+    """What decides the tokenizer's merges and the trained weights besides the seed: library versions, threads,
+    and a fingerprint of the trained tokenizer (so a rebuild that differs can be traced)."""
+    import platform
+
+    import tokenizers
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__,
+        "numpy": np.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "tokenizer_sha256": hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest(),
+    }
+
+
 def save(model, tokenizer, metrics: dict, held: list[str], cfg: RefConfig, out: Path) -> dict:
     """Evaluate, then write model, tokenizer, metrics.json and the held-out texts to `out` (atomically)."""
     model.eval()
-    metrics = {**evaluate(model, tokenizer, held, cfg), **metrics}
+    metrics = {**evaluate(model, tokenizer, held, cfg), **metrics, "environment": environment(tokenizer)}
     with atomic_directory(out, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

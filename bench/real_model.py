@@ -541,10 +541,14 @@ def run_nll_grid(runner: Runner, spec, setting) -> dict:
 
 
 def nll_record(runner: Runner, plan: ropekit.Plan, length: int, **extra) -> dict:
-    """The plan's record plus its measured NLL (overall, by position, and the first-window perplexities)."""
+    """The plan's record plus its measured NLL (`measured_nll`)."""
+    return {**plan_record(plan), **extra, **measured_nll(runner, plan, length)}
+
+
+def measured_nll(runner: Runner, plan: ropekit.Plan, length: int) -> dict:
+    """NLL over the window (overall, by position) and the first-window perplexities; {} if past the deadline."""
     r = runner.position_nll(plan, length)
-    measured = {**r, "window_ppl": prefix_perplexities(r["by_position"], length)} if r else {}
-    return {**plan_record(plan), **extra, **measured}
+    return {**r, "window_ppl": prefix_perplexities(r["by_position"], length)} if r else {}
 
 
 def prefix_perplexities(by_position: dict, length: int, bucket: int = 1000) -> dict:
@@ -587,7 +591,6 @@ def nll_sweep(runner: Runner, spec, setting, scale: int) -> dict:
     for knob, value, params in variants:
         plan = ropekit.make_plan(spec, target, "dprope", **params)
         yardstick = factor_plan(spec, target, list(plan.factors))  # K = 360
-        r = runner.position_nll(plan, length)
         points.append(
             {
                 "knob": knob,
@@ -597,7 +600,7 @@ def nll_sweep(runner: Runner, spec, setting, scale: int) -> dict:
                 "attention_factor": plan.attention_factor,
                 "disturbance": yardstick.disturbance,
                 "interpolated_pairs": len(plan.interpolated_pairs),
-                **({**r, "window_ppl": prefix_perplexities(r["by_position"], length)} if r else {}),
+                **measured_nll(runner, plan, length),
             }
         )
     return {"target": target, "length": length, "points": points}

@@ -169,8 +169,9 @@ def markdown_report(results: dict[str, Any], rows: list[dict[str, Any]], figures
         pk = entry.get("passkey")
         if pk:
             mean = sum(pk["accuracy"].values()) / len(pk["accuracy"])
+            other = "teacher-forced" if pk["scorer"] == "generation" else "generation"
             agree = (
-                f"; scorer agreement with generation {pk['agreement']:.0%} on {pk['agreement_trials']} trials"
+                f"; agreement with the {other} scorer {pk['agreement']:.0%} on {pk['agreement_trials']} trials"
                 if pk.get("agreement") is not None
                 else ""
             )

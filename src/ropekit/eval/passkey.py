@@ -53,6 +53,7 @@ __all__ = [  # the prompt names are re-exported: eval code and users import them
     "read_task_line",
     "generate_greedy",
     "generation_correct",
+    "other_scorer",
     "passkey_grid",
     "teacher_forced_correct",
 ]
@@ -61,6 +62,11 @@ SCORERS = ("generation", "teacher-forced")
 PROTOCOL = "passkey/2"
 FOLLOWS = "jquesnelle/yarn eval/passkey.py (Mohtashami & Jaggi 2023)"
 GENERATED_TOKENS = 10  # yarn: max_new_tokens
+
+
+def other_scorer(scorer: str) -> str:
+    """The scorer that checks `scorer` (agreement is measured between the two)."""
+    return next(name for name in SCORERS if name != scorer)
 
 
 def _device(model: PreTrainedModel) -> torch.device:
@@ -175,7 +181,7 @@ def passkey_grid(
         "generation": lambda p: generation_correct(model, tokenizer, p),
         "teacher-forced": lambda p: teacher_forced_correct(model, p),
     }
-    other = next(name for name in SCORERS if name != scorer)
+    other = other_scorer(scorer)
     agree = checked = 0
     for index, (n, d, t) in enumerate(iterator):
         key = draw_passkey(seed, n, d, t, style)

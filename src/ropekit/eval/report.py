@@ -8,6 +8,7 @@ from typing import Any
 
 import matplotlib.ticker
 
+from ropekit.eval.passkey import other_scorer
 from ropekit.plan.analysis.plots import new_figure
 
 
@@ -169,9 +170,9 @@ def markdown_report(results: dict[str, Any], rows: list[dict[str, Any]], figures
         pk = entry.get("passkey")
         if pk:
             mean = sum(pk["accuracy"].values()) / len(pk["accuracy"])
-            other = "teacher-forced" if pk["scorer"] == "generation" else "generation"
             agree = (
-                f"; agreement with the {other} scorer {pk['agreement']:.0%} on {pk['agreement_trials']} trials"
+                f"; agreement with the {other_scorer(pk['scorer'])} scorer {pk['agreement']:.0%} "
+                f"on {pk['agreement_trials']} trials"
                 if pk.get("agreement") is not None
                 else ""
             )

@@ -19,8 +19,8 @@ import ropekit
 from ropekit import RopekitError
 from ropekit.apply.export import transformers_config, write_exports
 from ropekit.apply.inspect import model_card
+from ropekit.apply.readers import spec_from_config_dict
 from ropekit.cli.main import app
-from ropekit.plan.geometry import spec_from_config_dict
 
 HEAD = 64
 # one config per existing scaling type: rope block, max_position_embeddings, expected trained context

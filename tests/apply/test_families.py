@@ -12,7 +12,7 @@ from conftest import fast_subset
 from ropekit import RopekitError
 from ropekit.apply.extend import extend, load_model, read_record
 from ropekit.apply.patch import apply, as_plan_list, buffer_name, model_spec
-from ropekit.plan.geometry import spec_from_config_dict
+from ropekit.apply.readers import spec_from_config_dict
 from ropekit.plan.registry import plan as make_plan
 
 INPUT_LENGTH = 300

@@ -231,7 +231,7 @@ def test_json_data_is_parsed_not_read_as_text(tmp_path):
 def test_mistyped_local_path_is_not_tried_on_the_hub(tiny, tmp_path, monkeypatch):
     import importlib
 
-    geometry = importlib.import_module("ropekit.plan.geometry")
+    geometry = importlib.import_module("ropekit.apply.readers")
 
     def no_hub(*args, **kwargs):
         raise AssertionError("a local-looking path was sent to the hub")
@@ -327,7 +327,7 @@ def test_eval_shows_tokens_scored_warns_on_short_documents_and_names_progress(ti
 def test_summary_and_plot_helpers():
     from ropekit.eval.report import plain_number, text_colour
     from ropekit.eval.runner import best_by_length
-    from ropekit.plan.analysis.plots import times_label
+    from ropekit.plan.plots import times_label
 
     rows = [
         {"method": m, "task": "ppl", "length": n, "value": v}

@@ -121,13 +121,12 @@ def test_paper_setting_for_llama2_and_both_in_compare():
 
     from ropekit.cli.main import app
     from ropekit.plan.methods.dprope import paper_interpolated_dims
-    from ropekit.plan.presets import PRESETS
 
-    spec = PRESETS["llama2-7b"].spec
+    spec = ropekit.RopeSpec.from_preset("llama2-7b")
     assert paper_interpolated_dims(spec, 8192) == 80 and paper_interpolated_dims(spec, 16384) == 64
     assert (
         paper_interpolated_dims(spec, 32768) is None
-        and paper_interpolated_dims(PRESETS["llama3-8b"].spec, 16384) is None
+        and paper_interpolated_dims(ropekit.RopeSpec.from_preset("llama3-8b"), 16384) is None
     )
     assert 2 * len(ropekit.make_plan(spec, 8192, "dprope").interpolated_pairs) == 94
     assert 2 * len(ropekit.make_plan(spec, 16384, "dprope").interpolated_pairs) == 84

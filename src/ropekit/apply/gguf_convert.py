@@ -19,9 +19,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ropekit.apply.atomic import atomic_directory, prepare_output
 from ropekit.apply.gguf import GgufRope, first_line, open_gguf, read_rope
 from ropekit.errors import RopekitError
+from ropekit.output import atomic_directory, prepare_output
 from ropekit.paths import cache_root
 
 RECORD = "ropekit.json"

@@ -6,9 +6,15 @@ import math
 from typing import Any
 
 from ropekit.apply.extend import read_record
-from ropekit.apply.patch import SUPPORTED_FAMILIES
+from ropekit.apply.readers import (
+    SUPPORTED_MODEL_TYPES,
+    layer_rope_blocks,
+    load_config_dict,
+    spec_from_config_dict,
+    text_config_of,
+)
 from ropekit.plan.analysis.bounds import critical_dimension, extrapolation_bound
-from ropekit.plan.geometry import RopeSpec, layer_rope_blocks, load_config_dict, spec_from_config_dict, text_config_of
+from ropekit.plan.geometry import RopeSpec
 
 
 def model_card(path_or_id: str) -> dict[str, Any]:
@@ -87,7 +93,7 @@ def _length_reason(spec: RopeSpec) -> str:
 def _next_steps(path_or_id: str, spec: RopeSpec, family: str) -> str:
     """Commands to try, with a target beyond what the model already handles (2× if extended, else 4×)."""
     target = (2 if spec.is_extended else 4) * spec.original_length
-    if family in SUPPORTED_FAMILIES:
+    if family in SUPPORTED_MODEL_TYPES:
         return (
             f"ropekit plan --model {path_or_id} --target-length {target}; "
             f"ropekit extend {path_or_id} --method dprope --target-length {target} --out DIR"

@@ -265,7 +265,7 @@ def convert(
     and renames it into place, so a failure leaves nothing partial at `out_dir`. Refuses
     checkpoints with NaN or inf weights unless `allow_non_finite`.
     """
-    from ropekit.apply.atomic import OutputTarget, atomic_directory, prepare_output
+    from ropekit.output import OutputTarget, atomic_directory, prepare_output
 
     if not isinstance(out_dir, OutputTarget):
         out_dir = prepare_output(out_dir, overwrite=overwrite, inputs=(checkpoint, tokenizer))

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ropekit.apply.export import rope_block_of, transformers_config
+from ropekit.apply.readers import PER_LAYER_TYPE_MODEL_TYPES, spec_from_config
 from ropekit.errors import RopekitError
 from ropekit.plan.geometry import RopeSpec
 from ropekit.plan.registry import METHODS
@@ -31,29 +32,6 @@ if TYPE_CHECKING:
 
 ROUTES = ("config", "inv_freq")
 GEOMETRY_KEYS = ("partial_rotary_factor",)  # keys of the model's own rope block that a plan keeps
-# model_type values tested end to end (tests/apply/test_apply.py, tests/apply/test_families.py)
-SUPPORTED_FAMILIES = (
-    "llama",
-    "mistral",
-    "mixtral",
-    "qwen2",
-    "qwen3",
-    "phi3",
-    "gemma",
-    "gemma2",
-    "gemma3_text",
-    "gemma3n_text",
-    "gpt_neox",
-    "olmo2",
-    "olmo3",
-    "gpt_oss",
-    "cohere2",
-    "exaone4",
-    "ministral",
-    "smollm3",
-    "llama4_text",
-)
-PER_LAYER_TYPE_FAMILIES = ("gemma3_text", "gemma3n_text", "olmo3")  # per-layer-type rotary modules that are tested
 
 
 def rotary_modules(
@@ -86,7 +64,7 @@ def model_spec(model: torch.nn.Module, *, from_scratch: bool = False, layer_type
             f"{type(model).__name__} has no transformers config; ropekit applies plans to transformers models"
         )
     name = getattr(config, "_name_or_path", None) or config.model_type
-    return RopeSpec.from_config(config, name=name, from_scratch=from_scratch, layer_type=layer_type)
+    return spec_from_config(config, name=name, from_scratch=from_scratch, layer_type=layer_type)
 
 
 def check_plan_fits(model_geometry: RopeSpec, plan: Plan) -> None:
@@ -153,10 +131,10 @@ def check_family(model: torch.nn.Module, plans: list[Plan]) -> None:
             "(e.g. model.model.language_model), whose config holds the RoPE block"
         )
     per_layer = any(p.spec.layer_type is not None for p in plans)
-    if per_layer and config.model_type not in PER_LAYER_TYPE_FAMILIES:
+    if per_layer and config.model_type not in PER_LAYER_TYPE_MODEL_TYPES:
         raise RopekitError(
             f"per-layer-type RoPE of {config.model_type!r} models is not tested by ropekit "
-            f"(tested: {', '.join(PER_LAYER_TYPE_FAMILIES)})"
+            f"(tested: {', '.join(PER_LAYER_TYPE_MODEL_TYPES)})"
         )
 
 

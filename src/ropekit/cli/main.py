@@ -14,10 +14,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ropekit.apply.atomic import atomic_directory, prepare_output
 from ropekit.cli import options as o
 from ropekit.cli.render import comparison_table, geometry_header, pair_table
 from ropekit.errors import RopekitError
+from ropekit.output import atomic_directory, prepare_output
 
 if TYPE_CHECKING:
     pass
@@ -182,7 +182,7 @@ def analyze_cmd(
     layer_type: o.LayerType = None,
 ) -> None:
     """Angle distributions and disturbance of every method: plots (PNG/SVG) and a per-pair CSV."""
-    from ropekit.plan.analysis import plots
+    from ropekit.plan import plots
     from ropekit.plan.analysis.bounds import critical_dimension
     from ropekit.plan.registry import compare as compare_methods
     from ropekit.plan.registry import get_method
@@ -789,6 +789,7 @@ def methods_cmd() -> None:
 @app.command("presets")
 def presets_cmd() -> None:
     """List the model presets and where their numbers come from."""
+    from ropekit.plan.geometry import RopeSpec
     from ropekit.plan.presets import PRESETS
 
     t = Table(title="presets (figures from public config.json files)")
@@ -797,7 +798,7 @@ def presets_cmd() -> None:
         t.add_column(col, justify="right", no_wrap=True)
     t.add_column("source", overflow="fold")
     for name, p in PRESETS.items():
-        s = p.spec
+        s = RopeSpec.from_preset(name)
         t.add_row(name, str(s.head_dim), str(s.rotary_dim), f"{s.base:g}", str(s.original_length), p.source)
     out_console.print(t)
     for name, p in PRESETS.items():

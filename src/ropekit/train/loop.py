@@ -31,7 +31,11 @@ import numpy as np
 import torch
 
 from ropekit._version import __version__
-from ropekit.apply.atomic import (
+from ropekit.apply.extend import RECORD, extended_record, load_model, load_tokenizer
+from ropekit.apply.patch import apply, model_spec
+from ropekit.data.documents import jsonl_records, read_documents, tokenize_documents
+from ropekit.errors import Interrupted, RopekitError
+from ropekit.output import (
     MARKER,
     SIGNATURE,
     default_modes,
@@ -39,10 +43,6 @@ from ropekit.apply.atomic import (
     remove_replaced,
     set_normal_permissions,
 )
-from ropekit.apply.extend import RECORD, extended_record, load_model, load_tokenizer
-from ropekit.apply.patch import apply, model_spec
-from ropekit.data.documents import jsonl_records, read_documents, tokenize_documents
-from ropekit.errors import Interrupted, RopekitError
 from ropekit.plan.geometry import RopeSpec
 from ropekit.plan.registry import plan as make_plan
 from ropekit.train.data import mix_passkey, pack_windows, window_indices
@@ -256,7 +256,7 @@ def _setup(cfg: TrainConfig) -> _Run:
 
 
 def _check_out_dir(cfg: TrainConfig):
-    """The output contract (ropekit.apply.atomic) for a run directory written in place."""
+    """The output contract (ropekit.output) for a run directory written in place."""
     out = Path(cfg.out)
     if not cfg.resume and not cfg.overwrite and latest_checkpoint(out) is not None:
         raise RopekitError(

@@ -94,10 +94,10 @@ def test_refusals():
     llama = make_model("llama")
     with pytest.raises(RopekitError, match="no RoPE"):
         model_spec(gpt2)
-    other = ropekit.make_plan(ropekit.RopeSpec(head_dim=16, base=500000.0, original_length=ORIGINAL), TARGET, "pi")
+    other = ropekit.make_plan(ropekit.RopeSpec(head_dim=16, base=500000.0, context_length=ORIGINAL), TARGET, "pi")
     with pytest.raises(RopekitError, match="rope_theta"):
         apply(llama, other)
-    shorter = ropekit.make_plan(ropekit.RopeSpec(head_dim=16, base=10000.0, original_length=32), TARGET, "pi")
+    shorter = ropekit.make_plan(ropekit.RopeSpec(head_dim=16, base=10000.0, context_length=32), TARGET, "pi")
     with pytest.raises(RopekitError, match="original length"):
         apply(llama, shorter)
     vl = {

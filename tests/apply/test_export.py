@@ -14,7 +14,7 @@ import ropekit
 from ropekit import RopeSpec
 from ropekit.apply.export import llama_cpp_rope_freqs, transformers_config, vllm_hf_overrides, write_exports
 
-SPEC = RopeSpec(head_dim=64, base=10000.0, original_length=256, name="tiny")
+SPEC = RopeSpec(head_dim=64, base=10000.0, context_length=256, name="tiny")
 TARGET = 1024
 
 
@@ -150,7 +150,7 @@ def vllm_rope(config: dict, head_dim: int, max_model_len: int) -> tuple[torch.Te
 def test_vllm_overrides_give_vllm_the_plans_frequencies_and_magnitude(method, version):
     plan = ropekit.make_plan(SPEC, TARGET, method)
     overrides = vllm_hf_overrides(plan, version=version)
-    for served in (TARGET, SPEC.original_length):  # long and short branch: short = long, so no switch
+    for served in (TARGET, SPEC.context_length):  # long and short branch: short = long, so no switch
         inv_freq, mscale = vllm_rope({"max_position_embeddings": TARGET, **overrides}, SPEC.head_dim, served)
         assert torch.allclose(inv_freq, plan.inv_freq, rtol=3e-7, atol=0)
         assert mscale == pytest.approx(plan.attention_factor, rel=1e-12)
@@ -187,7 +187,7 @@ def test_llama_cpp_rope_freqs_mean_the_plan():
 
 
 def test_partial_rotary_export_keeps_the_fraction():
-    spec = RopeSpec(head_dim=64, base=10000.0, original_length=256, partial_rotary_factor=0.5)
+    spec = RopeSpec(head_dim=64, base=10000.0, context_length=256, partial_rotary_factor=0.5)
     plan = ropekit.make_plan(spec, 1024, "dprope")
     block = transformers_config(plan)["rope_parameters"]
     assert block["partial_rotary_factor"] == 0.5 and len(block["long_factor"]) == 16

@@ -50,7 +50,7 @@ def fields(path) -> dict:
 def test_geometry_from_gguf_matches_the_model(gguf_path, model):
     spec = ropekit.RopeSpec.from_pretrained(str(gguf_path))
     assert spec == ropekit.RopeSpec(
-        head_dim=16, base=model.config.rope_parameters["rope_theta"], original_length=512, name=str(gguf_path)
+        head_dim=16, base=model.config.rope_parameters["rope_theta"], context_length=512, name=str(gguf_path)
     )
     assert spec.current_scaling is None and read_rope(gguf_path).architecture == "llama"
 
@@ -132,7 +132,7 @@ def test_existing_yarn_is_replaced_not_stacked(tmp_path, model):
         },
     )
     spec = ropekit.RopeSpec.from_gguf(str(path))
-    assert spec.original_length == 128 and spec.current_scaling["rope_type"] == "yarn"
+    assert spec.context_length == 128 and spec.current_scaling["rope_type"] == "yarn"
     extend_gguf(path, tmp_path / "ext.gguf", target_length=1024, method="pi")
     new = fields(tmp_path / "ext.gguf")
     assert "llama.rope.scaling.factor" not in new and new["llama.rope.scaling.type"] == "none"
@@ -158,7 +158,7 @@ def test_old_linear_key_is_read(tmp_path, model):
         extra_keys={"llama.rope.scale_linear": 2.0, "llama.rope.scaling.original_context_length": 256},
     )
     rope = read_rope(path)
-    assert rope.scaling_type == "linear" and rope.spec().original_length == 256
+    assert rope.scaling_type == "linear" and rope.spec().context_length == 256
 
 
 @pytest.mark.parametrize(

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from ropekit.apply.export import require_rotation
 from ropekit.errors import RopekitError
 from ropekit.plan.geometry import RopeSpec
 from ropekit.plan.scaling import Plan
@@ -76,7 +77,7 @@ class GgufRope:
         spec = RopeSpec(
             head_dim=self.head_dim,
             base=self.base,
-            original_length=int(length),
+            context_length=int(length),
             partial_rotary_factor=self.rotary_dim / self.head_dim,
             name=self.path,
             current_scaling=self.current_scaling(),
@@ -277,7 +278,7 @@ def extended_metadata(rope: GgufRope, plan: Plan) -> tuple[dict[str, Any], set[s
     sets = {
         f"{arch}.context_length": (plan.target_length, T.UINT32),
         f"{arch}.rope.scaling.type": ("none", T.STRING),
-        f"{arch}.rope.scaling.original_context_length": (plan.spec.original_length, T.UINT32),
+        f"{arch}.rope.scaling.original_context_length": (plan.spec.pretrained_length, T.UINT32),
         f"{arch}.rope.scaling.attn_factor": (float(plan.attention_factor), T.FLOAT32),
         "ropekit.method": (plan.method, T.STRING),
         "ropekit.version": (__version__, T.STRING),
@@ -304,6 +305,7 @@ def write_extended_gguf(
     Existing `rope_freqs.weight` and `rope_factors_long/short.weight` are replaced. The file is written
     beside `out` and renamed into place, so a failure leaves nothing at `out`.
     """
+    require_rotation(plan, "llama.cpp's rope_freqs tensor")
     reader = open_gguf(source)
     rope = read_rope(source, reader)
     check_rope_freqs_support(rope)

@@ -73,7 +73,7 @@ def check_plan_fits(model_geometry: RopeSpec, plan: Plan) -> None:
     for what, got, want in [
         ("head_dim", model_geometry.head_dim, planned.head_dim),
         ("rotary_dim", model_geometry.rotary_dim, planned.rotary_dim),
-        ("original length", model_geometry.original_length, planned.original_length),
+        ("original length", model_geometry.context_length, planned.context_length),
     ]:
         if got != want:
             raise RopekitError(

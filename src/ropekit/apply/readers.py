@@ -168,7 +168,7 @@ def spec_from_config_dict(
     plain = RopeSpec(
         head_dim=int(head_dim),
         base=float(base),
-        original_length=int(original),
+        context_length=int(original),
         partial_rotary_factor=float(prf if prf is not None else 1.0),
         name=name,
         current_scaling=current,

@@ -799,7 +799,7 @@ def presets_cmd() -> None:
     t.add_column("source", overflow="fold")
     for name, p in PRESETS.items():
         s = RopeSpec.from_preset(name)
-        t.add_row(name, str(s.head_dim), str(s.rotary_dim), f"{s.base:g}", str(s.original_length), p.source)
+        t.add_row(name, str(s.head_dim), str(s.rotary_dim), f"{s.base:g}", str(s.context_length), p.source)
     out_console.print(t)
     for name, p in PRESETS.items():
         if p.note:

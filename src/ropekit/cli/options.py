@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import math
@@ -118,16 +119,15 @@ def build_spec(
         return RopeSpec(
             head_dim=head_dim,
             base=rope_theta,
-            original_length=original_length,
+            context_length=original_length,
             partial_rotary_factor=partial_rotary_factor or 1.0,
             name=name,
         )
-    overrides: dict[str, Any] = {}
     if original_length is not None:
-        overrides["original_length"] = original_length
+        spec = spec.with_context_length(original_length)
     if partial_rotary_factor is not None:
-        overrides["partial_rotary_factor"] = partial_rotary_factor
-    return RopeSpec(**{**spec.__dict__, **overrides}) if overrides else spec
+        spec = dataclasses.replace(spec, partial_rotary_factor=partial_rotary_factor)
+    return spec
 
 
 class with_method_options:  # noqa: N801 (used as a decorator)

@@ -14,7 +14,7 @@ def geometry_header(console: Console, plan: Plan) -> None:
     console.print(f"[bold]{spec.name or 'model'}[/]: {spec.describe()}")
     if spec.is_extended:
         console.print(
-            f"planning from its current frequencies over {spec.original_length} tokens "
+            f"planning from its current frequencies over {spec.context_length} tokens "
             f"({spec.length_source}); --from-scratch plans from plain RoPE at {spec.pretrained_length}"
         )
     if spec.layer_type:
@@ -47,8 +47,9 @@ def pair_table(plan: Plan) -> Table:
         row = [str(i), f"{wavelengths[i]:,.1f}", "yes" if seen[i] else "no"]
         if has_candidates:
             row += [f"{details['d_extrapolation'][i]:.4f}", f"{details['d_interpolation'][i]:.4f}"]
-        style = "bold" if f > 1 + 1e-12 else None
-        row += [f"{f:.4g}", f"{float(plan.pair_disturbance[i]):.4f}"]
+        removed = i in plan.removed_pairs
+        style = "bold" if i in plan.interpolated_pairs else None
+        row += ["removed" if removed else f"{f:.4g}", f"{float(plan.pair_disturbance[i]):.4f}"]
         t.add_row(*row, style=style)
     return t
 

@@ -329,7 +329,7 @@ def _progress_bar(cfg: EvalConfig, *, total: int):
 def _trained_length(model: str) -> int | None:
     """The context the model was trained at (its spec's original length), for plots and reports."""
     try:
-        return RopeSpec.from_pretrained(model).original_length
+        return RopeSpec.from_pretrained(model).context_length
     except RopekitError:
         return None
 

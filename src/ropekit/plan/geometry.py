@@ -22,34 +22,89 @@ from ropekit.errors import RopekitError, did_you_mean
 from ropekit.plan.presets import PRESETS
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class RopeSpec:
-    """The RoPE geometry of one attention head.
+    """The RoPE geometry of one attention head, and the two lengths that matter for extending it.
 
-    >>> spec = RopeSpec(head_dim=128, base=10000.0, original_length=4096)
-    >>> spec.rotary_dim, spec.num_pairs
-    (128, 64)
+    `context_length` L is the context the spec's frequencies run at: every method scales from it
+    (s = L'/L) and the disturbance compares against angles over 0 … L−1. `pretrained_length` L_0 is
+    the context of pre-training, before any scaling block; exports write it as
+    `original_max_position_embeddings`. For plain RoPE they are one length; for an already-extended
+    model (Llama 3.1: L_0 = 8192, L = 131072, see `ropekit.plan.trained`) they differ.
+
+    >>> spec = RopeSpec(head_dim=128, base=10000.0, context_length=4096)
+    >>> spec.rotary_dim, spec.num_pairs, spec.pretrained_length
+    (128, 64, 4096)
     """
 
     head_dim: int  # channels per attention head
     base: float  # RoPE base (rope_theta), e.g. 10000.0
-    original_length: int  # pre-training context length L, in tokens
-    partial_rotary_factor: float = 1.0  # fraction of head_dim that is rotated (GPT-NeoX, Phi)
-    name: str | None = None  # where it came from: preset name, model path or id
-    current_scaling: dict[str, Any] | None = field(default=None, compare=False)  # existing rope block, if any
+    context_length: int  # L: the context the current frequencies run at, in tokens (what methods scale from)
+    partial_rotary_factor: float  # fraction of head_dim that is rotated (GPT-NeoX, Phi)
+    name: str | None  # where it came from: preset name, model path or id
+    current_scaling: dict[str, Any] | None = field(compare=False)  # existing rope block, if any
     # An already-extended model (see `ropekit.plan.trained`): its current frequencies are θ_i / g_i with
-    # g = prior_factors, attention factor prior_attention_factor, and `original_length` is the context it
-    # runs at with them; `pretrained_length` is the length before that scaling. None: plain RoPE.
-    prior_factors: tuple[float, ...] | None = None
-    current_inv_freq: tuple[float, ...] | None = None  # float32 values of the current θ_i / g_i, runtime arithmetic
-    prior_attention_factor: float = 1.0
-    pretrained_length: int | None = None
-    layer_type: str | None = None  # per-layer-type RoPE (Gemma 3): which layers' block this is
-    length_source: str | None = field(default=None, compare=False)  # why original_length is what it is
+    # g = prior_factors and attention factor prior_attention_factor. None: plain RoPE.
+    prior_factors: tuple[float, ...] | None
+    current_inv_freq: tuple[float, ...] | None  # float32 values of the current θ_i / g_i, runtime arithmetic
+    prior_attention_factor: float
+    pretrained_length: int  # L_0: the pre-training context before any scaling block (= L for plain RoPE)
+    layer_type: str | None  # per-layer-type RoPE (Gemma 3): which layers' block this is
+    length_source: str | None = field(compare=False)  # why context_length is what it is
 
-    def __post_init__(self) -> None:
+    def __init__(
+        self,
+        head_dim: int,
+        base: float,
+        context_length: int | None = None,
+        partial_rotary_factor: float = 1.0,
+        name: str | None = None,
+        current_scaling: dict[str, Any] | None = None,
+        prior_factors: tuple[float, ...] | None = None,
+        current_inv_freq: tuple[float, ...] | None = None,
+        prior_attention_factor: float = 1.0,
+        pretrained_length: int | None = None,
+        layer_type: str | None = None,
+        length_source: str | None = None,
+        *,
+        original_length: int | None = None,
+    ) -> None:
+        """`pretrained_length` defaults to `context_length`; `original_length` is the deprecated name of
+        `context_length`."""
+        if original_length is not None:
+            warnings.warn(
+                "RopeSpec(original_length=...) is deprecated: it is context_length (the context the frequencies "
+                "run at); pretrained_length is the length before any scaling block",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            if context_length is not None and context_length != original_length:
+                raise RopekitError("give context_length or its old name original_length, not both")
+            context_length = original_length
+        if context_length is None:
+            raise RopekitError("RopeSpec needs context_length: the context its RoPE frequencies were trained at")
+        values = dict(
+            head_dim=head_dim,
+            base=base,
+            context_length=context_length,
+            partial_rotary_factor=partial_rotary_factor,
+            name=name,
+            current_scaling=current_scaling,
+            prior_factors=prior_factors,
+            current_inv_freq=current_inv_freq,
+            prior_attention_factor=prior_attention_factor,
+            pretrained_length=context_length if pretrained_length is None else pretrained_length,
+            layer_type=layer_type,
+            length_source=length_source,
+        )
+        for key, value in values.items():
+            object.__setattr__(self, key, value)
+        self._validate()
+
+    def _validate(self) -> None:
         _check_positive_int("head_dim", self.head_dim)
-        _check_positive_int("original_length", self.original_length)
+        _check_positive_int("context_length", self.context_length)
+        _check_positive_int("pretrained_length", self.pretrained_length)
         if not _finite(self.base) or self.base <= 1.0:
             raise RopekitError(f"rope base (rope_theta) must be a finite number > 1, got {self.base}")
         prf = self.partial_rotary_factor
@@ -65,6 +120,23 @@ class RopeSpec:
             values = getattr(self, what)
             if values is not None and len(values) != self.num_pairs:
                 raise RopekitError(f"{what} has {len(values)} entries; this geometry has {self.num_pairs} pairs")
+
+    @property
+    def original_length(self) -> int:
+        """Deprecated name of `context_length`."""
+        warnings.warn(
+            "RopeSpec.original_length is deprecated: use context_length (the context the frequencies run at) "
+            "or pretrained_length (the length before any scaling block)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.context_length
+
+    def with_context_length(self, length: int) -> RopeSpec:
+        """The same geometry trained at `length` tokens (`--original-length`); for plain RoPE both lengths move."""
+        return replace(
+            self, context_length=length, pretrained_length=self.pretrained_length if self.is_extended else length
+        )
 
     @property
     def is_extended(self) -> bool:
@@ -109,7 +181,7 @@ class RopeSpec:
         layers = f"{self.layer_type} layers: " if self.layer_type else ""
         text = (
             f"{layers}head_dim={self.head_dim}{prf} (rotary_dim={self.rotary_dim}, {self.num_pairs} pairs), "
-            f"rope_theta={self.base:g}, original_length={self.original_length}"
+            f"rope_theta={self.base:g}, context_length={self.context_length}"
         )
         if self.is_extended:
             kind = (self.current_scaling or {}).get("rope_type", "existing")
@@ -128,7 +200,7 @@ class RopeSpec:
         return cls(
             head_dim=p.head_dim,
             base=p.base,
-            original_length=p.length,
+            context_length=p.length,
             partial_rotary_factor=p.partial_rotary_factor,
             name=p.name,
         )

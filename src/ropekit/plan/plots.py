@@ -28,11 +28,11 @@ def plot_angle_histograms(
     spec: RopeSpec, target_length: int, pair: int, path: str | Path, *, bins: int = DEFAULT_BINS
 ) -> Path:
     """Pair `pair`'s angle distribution: pre-training (θ, L), interpolated (θ/s, L'), extrapolated (θ, L')."""
-    s = target_length / spec.original_length
+    s = target_length / spec.context_length
     inv = spec.inv_freq()
     p = pre_training_distribution(spec, bins)[pair]
     curves = {
-        f"original (L={spec.original_length})": p,
+        f"original (L={spec.context_length})": p,
         f"interpolated θ/s (L'={target_length})": distribution(inv / s, target_length, bins)[pair],
         f"extrapolated θ (L'={target_length})": distribution(inv, target_length, bins)[pair],
     }

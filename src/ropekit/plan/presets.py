@@ -1,6 +1,6 @@
 """RoPE geometry of well-known models, copied from their public `config.json` files.
 
-Each entry records where its numbers come from. `original_length` is the context the
+Each entry records where its numbers come from. `length` is the context the
 model was pre-trained at (for Llama 3.1 that is the `original_max_position_embeddings`
 of its shipped llama3 block, not the already-extended 131072).
 """

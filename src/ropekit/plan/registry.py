@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from ropekit.errors import RopekitError
+from ropekit.plan.analysis.angles import DEFAULT_BINS
 from ropekit.plan.geometry import RopeSpec, require_spec
 from ropekit.plan.methods import (
     base_change,
@@ -38,6 +39,7 @@ from ropekit.plan.scaling import Plan, Scaling, combined_factors
 
 __all__ = [  # the method table lives in ropekit.plan.methods.catalog; these names stay importable from here
     "ALIASES",
+    "DEFAULT_METHOD",
     "METHODS",
     "Method",
     "NativeForm",
@@ -55,22 +57,32 @@ for _module in (none, linear, ntk, dynamic_ntk, yarn, llama3, longrope, base_cha
     register_method(_module.METHOD)
 
 
-def plan(spec: RopeSpec, target_length: int, method: str = "dprope", *, bins: int = 360, **params: Any) -> Plan:
+DEFAULT_METHOD = "dprope"  # the method `make_plan`, `extend`, `ropekit plan/extend/finetune` use unless told
+
+
+def plan(
+    spec: RopeSpec, target_length: int, method: str = DEFAULT_METHOD, *, bins: int = DEFAULT_BINS, **params: Any
+) -> Plan:
     """Plan a context extension of `spec` to `target_length` tokens with `method`.
 
     Method parameters go as keywords (e.g. `threshold=0.0`, `beta_fast=32`); `bins` is the
     histogram resolution K used for disturbance scores (and by dprope itself).
 
-    >>> p = plan(RopeSpec(head_dim=8, base=10000.0, original_length=512), 2048, "pi")
+    >>> p = plan(RopeSpec(head_dim=8, base=10000.0, context_length=512), 2048, "pi")
     >>> p.factors, p.scale
     ((4.0, 4.0, 4.0, 4.0), 4.0)
     """
     require_spec(spec)
     check_target_length(spec, target_length)
     m = get_method(method)
+    params = m.current_keywords(params)
     if m.uses_bins:  # methods that choose by disturbance use the same K
         params = {"bins": bins, **params}
     scaling = compute_scaling(m.name, spec, target_length, **params)
+    if scaling.num_pairs != spec.num_pairs:
+        raise RopekitError(
+            f"method {m.name!r} returned {scaling.num_pairs} per-pair factors; this geometry has {spec.num_pairs} pairs"
+        )
     if spec.is_extended:
         scaling = compose_with_current(spec, scaling)
     return Plan(method=m.name, spec=spec, target_length=target_length, params=params, scaling=scaling, bins=bins)
@@ -102,10 +114,10 @@ def compose_with_current(spec: RopeSpec, scaling: Scaling) -> Scaling:
 def check_target_length(spec: RopeSpec, target_length: int) -> None:
     if isinstance(target_length, bool) or not isinstance(target_length, int):
         raise RopekitError(f"target length must be an integer number of tokens, got {target_length!r}")
-    if target_length <= spec.original_length and spec.is_extended:
+    if target_length <= spec.context_length and spec.is_extended:
         kind = (spec.current_scaling or {}).get("rope_type", "existing")
         raise RopekitError(
-            f"target length {target_length} does not exceed the {spec.original_length} tokens this model already "
+            f"target length {target_length} does not exceed the {spec.context_length} tokens this model already "
             f"handles with its {kind} scaling; pass --from-scratch (from_scratch=True) to re-plan from its original "
             f"{spec.pretrained_length}-token RoPE, replacing that scaling"
         )
@@ -114,8 +126,8 @@ def check_target_length(spec: RopeSpec, target_length: int) -> None:
             f"target length {target_length:,} is beyond ropekit's bound of {MAX_TARGET_LENGTH:,} tokens "
             "(2^22; planning cost grows with the length)"
         )
-    if target_length <= spec.original_length:
-        raise RopekitError(f"target length {target_length} must exceed the original length {spec.original_length}")
+    if target_length <= spec.context_length:
+        raise RopekitError(f"target length {target_length} must exceed the original length {spec.context_length}")
 
 
 def comparable_methods(spec: RopeSpec | None = None) -> list[str]:
@@ -126,7 +138,7 @@ def comparable_methods(spec: RopeSpec | None = None) -> list[str]:
 
 
 def compare(
-    spec: RopeSpec, target_length: int, methods: list[str] | None = None, *, bins: int = 360
+    spec: RopeSpec, target_length: int, methods: list[str] | None = None, *, bins: int = DEFAULT_BINS
 ) -> dict[str, Plan]:
     """Plan every method (default: all that need no extra input) with default parameters."""
     require_spec(spec)

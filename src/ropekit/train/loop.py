@@ -108,10 +108,11 @@ class TrainConfig:
     def window(self) -> int:
         return self.train_length or self.target_length
 
-    def validate(self, original_length: int) -> None:
-        if self.target_length <= original_length:
+    def validate(self, context_length: int) -> None:
+        """Refuse settings that cannot run, before any work; `context_length` is the model's (`RopeSpec`)."""
+        if self.target_length <= context_length:
             raise RopekitError(
-                f"target length {self.target_length} must exceed the model's original length {original_length}"
+                f"target length {self.target_length} must exceed the model's context length {context_length}"
             )
         if self.pose and (self.train_length is None or self.train_length >= self.target_length):
             raise RopekitError("--pose needs --train-length below --target-length (e.g. the original length)")
@@ -218,7 +219,7 @@ def _setup(cfg: TrainConfig) -> _Run:
     from accelerate.utils import set_seed
 
     spec = RopeSpec.from_pretrained(cfg.model)
-    cfg.validate(spec.original_length)
+    cfg.validate(spec.context_length)
     target = _check_out_dir(cfg)
     # accelerate only builds a gloo process group under torchrun when told cpu=True on a machine without CUDA
     cpu = not torch.cuda.is_available()

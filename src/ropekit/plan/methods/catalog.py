@@ -50,6 +50,7 @@ def get_method(name: str) -> Method:
 def compute_scaling(method: str, spec: RopeSpec, target_length: int, **params: Any) -> Scaling:
     """Run one method function after checking its parameter names."""
     m = get_method(method)
+    params = m.current_keywords(params)
     accepted = m.parameters
     takes_any = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(m.function).parameters.values())
     unknown = [k for k in params if k not in accepted]

@@ -143,7 +143,7 @@ def atomic_directory(
 # ---- checks ------------------------------------------------------------------------------------
 
 
-def _refuse_overlaps(path: Path, shown, inputs: Iterable[str | Path | None]) -> None:
+def _refuse_overlaps(path: Path, shown: str | Path, inputs: Iterable[str | Path | None]) -> None:
     real = Path(os.path.realpath(path))
     cwd = Path.cwd().resolve()
     if real == cwd or real in cwd.parents:
@@ -163,7 +163,7 @@ def _refuse_overlaps(path: Path, shown, inputs: Iterable[str | Path | None]) -> 
             )
 
 
-def _refuse_file_in_the_way(path: Path, shown) -> None:
+def _refuse_file_in_the_way(path: Path, shown: str | Path) -> None:
     if path.exists() and not path.is_dir():
         raise RopekitError(f"{shown} is an existing file, not a directory; choose another output directory")
     for parent in path.parents:
@@ -173,7 +173,7 @@ def _refuse_file_in_the_way(path: Path, shown) -> None:
             return
 
 
-def _check_writable(path: Path, shown, *, in_place: bool) -> None:
+def _check_writable(path: Path, shown: str | Path, *, in_place: bool) -> None:
     """Create and remove a probe where the output will go; an existing target is renamed and back."""
     ancestor = path if in_place and path.is_dir() else next(p for p in path.parents if p.exists())
     try:

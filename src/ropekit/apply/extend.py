@@ -49,7 +49,7 @@ def load_model(path_or_id: str, *, dtype: str = "auto") -> PreTrainedModel:
         raise RopekitError(f"{path_or_id}: could not load the model ({first})") from None
 
 
-def load_tokenizer(path_or_id: str):
+def load_tokenizer(path_or_id: str) -> PreTrainedTokenizerBase | None:
     """The model's tokenizer, or None when it has none."""
     from transformers import AutoTokenizer
 

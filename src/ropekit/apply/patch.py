@@ -85,7 +85,7 @@ def check_plan_fits(model_geometry: RopeSpec, plan: Plan) -> None:
         raise RopekitError("plan was made for other existing scaling factors than the model's; re-plan for this model")
 
 
-def _same_factors(a, b) -> bool:
+def _same_factors(a: tuple[float, ...] | None, b: tuple[float, ...] | None) -> bool:
     if a is None or b is None:
         return a is b
     return len(a) == len(b) and all(math.isclose(x, y, rel_tol=1e-9) for x, y in zip(a, b))
@@ -176,9 +176,10 @@ def _apply_config(model: PreTrainedModel, plans: list[Plan]) -> None:
         setattr(parent, name, type(old)(config=config).to(device))
 
 
-def _apply_inv_freq(plan: Plan, modules) -> None:
+def _apply_inv_freq(plan: Plan, modules: list[tuple[torch.nn.Module, str, torch.nn.Module]]) -> None:
     layer_type = plan.spec.layer_type
-    for _, _, module in modules:
+    for _, _, rotary in modules:
+        module: Any = rotary  # a transformers rotary-embedding module (rope_type, buffers per layer type)
         target = getattr(module, buffer_name(layer_type))
         inv_freq = plan.inv_freq.to(device=target.device, dtype=target.dtype)
         target.copy_(inv_freq)
@@ -192,7 +193,7 @@ def _apply_inv_freq(plan: Plan, modules) -> None:
             module.rope_type[layer_type] = "default"
 
 
-def _verify(plan: Plan, modules, *, exact: bool) -> None:
+def _verify(plan: Plan, modules: list[tuple[torch.nn.Module, str, torch.nn.Module]], *, exact: bool) -> None:
     layer_type = plan.spec.layer_type
     for _, _, module in modules:
         got = getattr(module, buffer_name(layer_type)).detach().float().cpu()

@@ -6,6 +6,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ropekit.plan.analysis.bounds import critical_dimension, extrapolation_bound, full_rotation_seen
+from ropekit.plan.report import PlanReport
 from ropekit.plan.scaling import Plan
 
 
@@ -64,3 +65,18 @@ def comparison_table(scores: dict[str, float], chosen: str) -> Table:
         rel = f"{100 * (value / pi - 1):+.0f}%" if pi else ""
         t.add_row(f"[bold]{name}[/] ←" if name == chosen else name, f"{value:.3f}", rel)
     return t
+
+
+def print_plan(console: Console, report: PlanReport) -> None:
+    """`ropekit plan`'s tables: the geometry, the per-pair plan, the comparison, and a one-line verdict."""
+    plan = report.plan
+    geometry_header(console, plan)
+    console.print(pair_table(plan))
+    if report.disturbance_by_method is not None:
+        console.print(comparison_table(report.disturbance_by_method, report.label))
+    removed = f", {len(plan.removed_pairs)} no longer rotate" if plan.removed_pairs else ""
+    console.print(
+        f"[bold]{plan.method}[/]: disturbance {plan.disturbance:.3f}, attention factor "
+        f"{plan.attention_factor:.4f}, {len(plan.interpolated_pairs)} of {plan.spec.num_pairs} pairs interpolated"
+        + removed
+    )

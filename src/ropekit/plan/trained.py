@@ -26,6 +26,7 @@ from typing import Any
 
 from ropekit.errors import RopekitError
 from ropekit.plan.geometry import RopeSpec
+from ropekit.plan.scaling import Scaling
 
 SUPPORTED_TYPES = ("linear", "dynamic", "yarn", "llama3", "longrope")
 
@@ -59,7 +60,9 @@ def extended_spec(plain: RopeSpec, block: dict[str, Any], *, max_positions: int 
     )
 
 
-def _current_scaling(plain: RopeSpec, block: dict[str, Any], rope_type: str, max_positions: int):
+def _current_scaling(
+    plain: RopeSpec, block: dict[str, Any], rope_type: str, max_positions: int
+) -> tuple[Scaling, int, str]:
     """(Scaling the block gives at the trained context, trained context, reason)."""
     from ropekit.plan.methods.linear import linear
     from ropekit.plan.methods.llama3 import llama3

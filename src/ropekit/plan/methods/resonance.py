@@ -8,6 +8,7 @@ exactly, so positions beyond L reuse angles seen in training (for pairs with λ 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -24,7 +25,7 @@ def round_wavelengths(inv_freq: torch.Tensor) -> torch.Tensor:
     return (2 * math.pi / wavelength).to(torch.float32)
 
 
-def resonance(spec: RopeSpec, target_length: int, *, inner: str = "yarn", **inner_params) -> Scaling:
+def resonance(spec: RopeSpec, target_length: int, *, inner: str = "yarn", **inner_params: Any) -> Scaling:
     """Resonance applied on top of the method named `inner` (default YaRN, as in the paper)."""
     wrapped = compute_scaling(inner, spec, target_length, **inner_params)
     inv_freq = round_wavelengths(wrapped.inv_freq)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,7 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 import ropekit
-from conftest import REPO, tiny_llama
+from conftest import tiny_llama
 from gguf_fixtures import vocabulary, write_llama_gguf
 from ropekit.apply.gguf import ROPE_FREQS, extend_gguf, open_gguf, read_rope, write_extended_gguf
 from ropekit.cli.main import app
@@ -201,17 +199,10 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(case, tmp_path, model, 
 
 
 @pytest.mark.slow
-def test_bad_gguf_through_the_entry_point(tmp_path):
+def test_bad_gguf_through_the_entry_point(tmp_path, run_main):
     (tmp_path / "x.gguf").write_bytes(b"GGUF\x03\x00")
-    r = subprocess.run(
-        [sys.executable, "-m", "ropekit.cli.main", "inspect", str(tmp_path / "x.gguf")],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )
-    assert (
-        r.returncode == 2 and r.stderr.startswith("error: ") and "truncated" in r.stderr and r.stderr.count("\n") == 1
-    )
+    code, _, stderr = run_main("inspect", str(tmp_path / "x.gguf"))
+    assert code == 2 and stderr.startswith("error: ") and "truncated" in stderr and stderr.count("\n") == 1
 
 
 def test_cli_inspect_plan_and_convert(gguf_path, tmp_path):

@@ -8,7 +8,9 @@ from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 import ropekit
+from registered_methods import REGISTERED, make_plan
 from ropekit import RopeSpec
+from ropekit.apply.export import rope_block_of, transformers_config
 
 # (head_dim, partial_rotary_factor, base, context_length): Llama-2, Phi-3 (96), Gemma (256),
 # a 64-dim head, GPT-NeoX/Pythia (¼ of 128) and Phi-2 (0.4 of 80).
@@ -122,3 +124,40 @@ def test_default_geometry_matches_unscaled_transformers(spec):
     plan = ropekit.make_plan(spec, spec.context_length * 2, "none")
     config = hf_config(spec, {"rope_type": "linear", "factor": 1.0}, spec.context_length)
     assert_same(plan, ROPE_INIT_FUNCTIONS["linear"](config, "cpu"))
+
+
+# Every registered method, through the blocks ropekit exports: transformers' own init function for the
+# block's rope_type gives the plan's frequencies (its native form bit for bit; the longrope form within
+# 2.5 float32 ulps, bit for bit for methods that compute 1/(f_i·b^(2i/d)) themselves).
+METHOD_GEOMETRIES = [(64, 1.0, 10000.0, 256), (80, 0.4, 10000.0, 512)]
+
+
+@pytest.mark.parametrize("method", REGISTERED)
+@pytest.mark.parametrize("geometry", METHOD_GEOMETRIES, ids=lambda g: f"d{g[0]}x{g[1]}-L{g[3]}")
+@pytest.mark.parametrize("scale", [2, 3.5])
+def test_every_registered_method_reloads_in_transformers(method, geometry, scale):
+    head_dim, prf, base, length = geometry
+    spec = RopeSpec(head_dim=head_dim, base=base, context_length=length, partial_rotary_factor=prf)
+    target = int(length * scale)
+    plan = make_plan(spec, target, method)
+    forms = [("longrope", False)] + ([("native", True)] if ropekit.METHODS[method].native is not None else [])
+    for _, native in forms:
+        keys = transformers_config(plan, native=native)
+        block = rope_block_of(keys, plan)
+        config = LlamaConfig(
+            hidden_size=head_dim * 4,
+            num_attention_heads=4,
+            head_dim=head_dim,
+            max_position_embeddings=keys["max_position_embeddings"],
+            rope_parameters=block,
+        )
+        kind = block["rope_type"]
+        if kind == "default":  # a base change: plain RoPE at the new rope_theta, as `linear` ×1 computes it
+            config.rope_parameters = {**block, "rope_type": "linear", "factor": 1.0}
+            kind = "linear"
+        inv_freq, attention = ROPE_INIT_FUNCTIONS[kind](config, "cpu", seq_len=target)
+        if native or ropekit.METHODS[method].exact_inv_freq:
+            assert torch.equal(inv_freq, plan.inv_freq), (method, block["rope_type"])
+        else:
+            assert torch.allclose(inv_freq, plan.inv_freq, rtol=3e-7, atol=0), (method, block["rope_type"])
+        assert attention == pytest.approx(plan.attention_factor, rel=1e-12)

@@ -6,12 +6,21 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
+import pytest
 import torch
 
 import ropekit
 
-REGISTERED = sorted(ropekit.METHODS)  # the built-in methods, as registered when the tests are collected
-NATIVE = [name for name in REGISTERED if ropekit.METHODS[name].native is not None]
+
+def _params(names: list[str]) -> list[Any]:
+    """Method names for parametrize; a slow search (not in the default comparison, e.g. dprope-opt) runs in
+    the full suite only, so the fast loop stays fast."""
+    return [n if ropekit.METHODS[n].in_default_comparison else pytest.param(n, marks=pytest.mark.slow) for n in names]
+
+
+# the built-in methods, as registered when the tests are collected
+REGISTERED = _params(sorted(ropekit.METHODS))
+NATIVE = _params(sorted(name for name, m in ropekit.METHODS.items() if m.native is not None))
 
 
 def method_params(name: str, spec: ropekit.RopeSpec, target_length: int) -> dict[str, Any]:

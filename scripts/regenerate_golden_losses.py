@@ -24,9 +24,9 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="write the new numbers into the test file")
     args = parser.parse_args()
     sys.path[:0] = [str(REPO / "tests"), str(TEST.parent)]
-    import conftest
     import test_golden_losses as golden
 
+    import conftest
     from ropekit.apply.llama2c import convert
 
     assets = conftest.SHARED_ASSETS

@@ -275,7 +275,7 @@ def test_hints_name_commands_that_exist(tiny, tmp_path):
 def test_interrupted_finetune_exits_130_and_writes_the_loss_curve(tiny, tmp_path, monkeypatch):
     model, _ = tiny
     text = write_text(tmp_path / "long.txt", words=3000)
-    monkeypatch.setattr("ropekit.train.loop._any_rank", lambda accelerator, flag: True)  # as if Ctrl-C during step 1
+    monkeypatch.setattr("ropekit.train.loop.any_rank", lambda accelerator, flag: True)  # as if Ctrl-C during step 1
     out = tmp_path / "run"
     result = runner.invoke(
         app,

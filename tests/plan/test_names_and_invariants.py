@@ -101,6 +101,9 @@ def test_moved_modules_and_functions_still_import_with_a_warning():
     with pytest.warns(DeprecationWarning, match="ropekit.apply.readers"):
         from ropekit.plan.geometry import load_config_dict
     assert load_config_dict is readers.load_config_dict
+    with pytest.warns(DeprecationWarning, match="SUPPORTED_MODEL_TYPES"):
+        from ropekit.apply.patch import SUPPORTED_FAMILIES
+    assert SUPPORTED_FAMILIES == readers.SUPPORTED_MODEL_TYPES and "gemma3_text" in SUPPORTED_FAMILIES
 
 
 # ---- Scaling's invariants ------------------------------------------------------------------------

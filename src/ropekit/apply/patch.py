@@ -14,11 +14,13 @@ to the plan's:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ropekit.apply import readers
 from ropekit.apply.export import rope_block_of, transformers_config
 from ropekit.apply.readers import PER_LAYER_TYPE_MODEL_TYPES, spec_from_config
 from ropekit.errors import RopekitError
@@ -31,6 +33,24 @@ if TYPE_CHECKING:
 
 
 ROUTES = ("config", "inv_freq")
+_MOVED = {  # old name here → the one list of model types in ropekit.apply.readers
+    "SUPPORTED_FAMILIES": "SUPPORTED_MODEL_TYPES",
+    "PER_LAYER_TYPE_FAMILIES": "PER_LAYER_TYPE_MODEL_TYPES",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """`SUPPORTED_FAMILIES` and `PER_LAYER_TYPE_FAMILIES` still import from here, with a DeprecationWarning."""
+    if name in _MOVED:
+        warnings.warn(
+            f"ropekit.apply.patch.{name} is deprecated: use ropekit.apply.readers.{_MOVED[name]}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(readers, _MOVED[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 GEOMETRY_KEYS = ("partial_rotary_factor",)  # keys of the model's own rope block that a plan keeps
 
 

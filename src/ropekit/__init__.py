@@ -11,6 +11,7 @@ from ropekit._version import __version__
 
 # `ropekit.plan`, `ropekit.apply`, `ropekit.train`, `ropekit.eval` are the subpackages; the entry
 # points have names of their own (`make_plan`, `apply_plan`), so no name is both.
+from ropekit.apply import readers as _readers  # noqa: F401  (registers RopeSpec's file readers)
 from ropekit.apply.extend import extend
 from ropekit.apply.patch import apply as apply_plan
 from ropekit.errors import RopekitError

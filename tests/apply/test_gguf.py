@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,7 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 import ropekit
-from conftest import REPO, tiny_llama
+from conftest import tiny_llama
 from gguf_fixtures import vocabulary, write_llama_gguf
 from ropekit.apply.gguf import ROPE_FREQS, extend_gguf, open_gguf, read_rope, write_extended_gguf
 from ropekit.cli.main import app
@@ -50,7 +48,7 @@ def fields(path) -> dict:
 def test_geometry_from_gguf_matches_the_model(gguf_path, model):
     spec = ropekit.RopeSpec.from_pretrained(str(gguf_path))
     assert spec == ropekit.RopeSpec(
-        head_dim=16, base=model.config.rope_parameters["rope_theta"], original_length=512, name=str(gguf_path)
+        head_dim=16, base=model.config.rope_parameters["rope_theta"], context_length=512, name=str(gguf_path)
     )
     assert spec.current_scaling is None and read_rope(gguf_path).architecture == "llama"
 
@@ -132,7 +130,7 @@ def test_existing_yarn_is_replaced_not_stacked(tmp_path, model):
         },
     )
     spec = ropekit.RopeSpec.from_gguf(str(path))
-    assert spec.original_length == 128 and spec.current_scaling["rope_type"] == "yarn"
+    assert spec.context_length == 128 and spec.current_scaling["rope_type"] == "yarn"
     extend_gguf(path, tmp_path / "ext.gguf", target_length=1024, method="pi")
     new = fields(tmp_path / "ext.gguf")
     assert "llama.rope.scaling.factor" not in new and new["llama.rope.scaling.type"] == "none"
@@ -158,7 +156,7 @@ def test_old_linear_key_is_read(tmp_path, model):
         extra_keys={"llama.rope.scale_linear": 2.0, "llama.rope.scaling.original_context_length": 256},
     )
     rope = read_rope(path)
-    assert rope.scaling_type == "linear" and rope.spec().original_length == 256
+    assert rope.scaling_type == "linear" and rope.spec().context_length == 256
 
 
 @pytest.mark.parametrize(
@@ -201,17 +199,10 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(case, tmp_path, model, 
 
 
 @pytest.mark.slow
-def test_bad_gguf_through_the_entry_point(tmp_path):
+def test_bad_gguf_through_the_entry_point(tmp_path, run_main):
     (tmp_path / "x.gguf").write_bytes(b"GGUF\x03\x00")
-    r = subprocess.run(
-        [sys.executable, "-m", "ropekit.cli.main", "inspect", str(tmp_path / "x.gguf")],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )
-    assert (
-        r.returncode == 2 and r.stderr.startswith("error: ") and "truncated" in r.stderr and r.stderr.count("\n") == 1
-    )
+    code, _, stderr = run_main("inspect", str(tmp_path / "x.gguf"))
+    assert code == 2 and stderr.startswith("error: ") and "truncated" in stderr and stderr.count("\n") == 1
 
 
 def test_cli_inspect_plan_and_convert(gguf_path, tmp_path):

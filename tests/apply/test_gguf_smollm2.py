@@ -38,7 +38,7 @@ def converted(smollm2, tmp_path_factory):
 
 def test_smollm2_geometry(smollm2):
     spec = ropekit.RopeSpec.from_gguf(str(smollm2))
-    assert (spec.head_dim, spec.rotary_dim, spec.base, spec.original_length) == (64, 64, 1e5, 8192)
+    assert (spec.head_dim, spec.rotary_dim, spec.base, spec.context_length) == (64, 64, 1e5, 8192)
 
 
 def test_convert_matches_transformers_gguf_loader(smollm2, converted):

@@ -231,7 +231,7 @@ def test_json_data_is_parsed_not_read_as_text(tmp_path):
 def test_mistyped_local_path_is_not_tried_on_the_hub(tiny, tmp_path, monkeypatch):
     import importlib
 
-    geometry = importlib.import_module("ropekit.plan.geometry")
+    geometry = importlib.import_module("ropekit.apply.readers")
 
     def no_hub(*args, **kwargs):
         raise AssertionError("a local-looking path was sent to the hub")
@@ -275,7 +275,7 @@ def test_hints_name_commands_that_exist(tiny, tmp_path):
 def test_interrupted_finetune_exits_130_and_writes_the_loss_curve(tiny, tmp_path, monkeypatch):
     model, _ = tiny
     text = write_text(tmp_path / "long.txt", words=3000)
-    monkeypatch.setattr("ropekit.train.loop._any_rank", lambda accelerator, flag: True)  # as if Ctrl-C during step 1
+    monkeypatch.setattr("ropekit.train.loop.any_rank", lambda accelerator, flag: True)  # as if Ctrl-C during step 1
     out = tmp_path / "run"
     result = runner.invoke(
         app,
@@ -327,7 +327,7 @@ def test_eval_shows_tokens_scored_warns_on_short_documents_and_names_progress(ti
 def test_summary_and_plot_helpers():
     from ropekit.eval.report import plain_number, text_colour
     from ropekit.eval.runner import best_by_length
-    from ropekit.plan.analysis.plots import times_label
+    from ropekit.plan.plots import times_label
 
     rows = [
         {"method": m, "task": "ppl", "length": n, "value": v}

@@ -1,4 +1,4 @@
-"""The output contract (ropekit.apply.atomic): no command removes or replaces a path it did not
+"""The output contract (ropekit.output): no command removes or replaces a path it did not
 create in that run. Bad output paths give one `error:` line, exit 2, and write nothing; faults
 (an exception, Ctrl-C, a concurrent run) lose nothing.
 
@@ -21,8 +21,8 @@ from typer.testing import CliRunner
 
 from conftest import tiny_llama, write_llama2c  # noqa: F401  (write_llama2c: imported from here by other tests)
 from ropekit import RopekitError
-from ropekit.apply.atomic import atomic_directory, is_ropekit_output, prepare_output, remove_replaced
 from ropekit.cli.main import app
+from ropekit.output import atomic_directory, is_ropekit_output, prepare_output, remove_replaced
 
 runner = CliRunner()
 WORDS = [

@@ -22,6 +22,22 @@ from ropekit.plan.registry import METHODS
 from ropekit.plan.scaling import Plan
 
 
+def require_rotation(plan: Plan, form: str) -> None:
+    """Refuse, in one line, to write `form` for a plan that removes some pairs' rotation (θ'_i = 0).
+
+    Per-pair divisors (longrope factors, llama.cpp's rope_freqs) would need f_i = ∞, which JSON cannot
+    hold and no runtime reads; `ropekit.apply_plan(model, plan, route="inv_freq")` applies such a plan.
+    """
+    removed = plan.removed_pairs
+    if removed:
+        shown = ", ".join(str(i) for i in removed[:8]) + (", …" if len(removed) > 8 else "")
+        raise RopekitError(
+            f"the {plan.method} plan removes the rotation of {len(removed)} pairs ({shown}: θ' = 0); {form} "
+            "cannot express that (its per-pair factor would be infinite); ropekit.apply_plan(model, plan, "
+            "route='inv_freq') applies it in memory"
+        )
+
+
 def longrope_block(plan: Plan) -> dict[str, Any]:
     """The `longrope` parameters that reproduce `plan` exactly (without rope_theta).
 
@@ -30,7 +46,8 @@ def longrope_block(plan: Plan) -> dict[str, Any]:
     Phi-3 top-level value priority, so it must stay that); short = long, so transformers'
     length switch at that length changes nothing, and the explicit attention factor is used as is.
     """
-    original = plan.export_original_length
+    require_rotation(plan, "a longrope block")
+    original = plan.spec.pretrained_length
     block: dict[str, Any] = {
         "rope_type": "longrope",
         "short_factor": list(plan.runtime_factors),
@@ -48,6 +65,7 @@ def native_block(plan: Plan) -> dict[str, Any] | None:
     method = METHODS.get(plan.method)
     if plan.spec.is_extended or method is None or method.native is None:
         return None
+    require_rotation(plan, f"transformers' {method.native.rope_type} block")
     return method.native.block(plan)
 
 
@@ -61,7 +79,7 @@ def _with_geometry(plan: Plan, block: dict[str, Any]) -> dict[str, Any]:
 
 def max_positions_for(plan: Plan, block: dict[str, Any]) -> int:
     """`max_position_embeddings` to write. transformers' `dynamic` reads L from it, so it stays L there."""
-    return plan.spec.original_length if block.get("rope_type") == "dynamic" else plan.target_length
+    return plan.spec.context_length if block.get("rope_type") == "dynamic" else plan.target_length
 
 
 def transformers_config(plan: Plan, *, native: bool = False, version: int = 5) -> dict[str, Any]:
@@ -114,6 +132,7 @@ def llama_cpp_rope_freqs(plan: Plan) -> dict[str, Any]:
 
     `ropekit extend MODEL.gguf ... --out OUT.gguf` writes exactly this (see `ropekit.apply.gguf`).
     """
+    require_rotation(plan, "llama.cpp's rope_freqs tensor")
     out = {
         "tensor": "rope_freqs.weight",
         "ggml_type": "F32",

@@ -13,18 +13,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ropekit._version import __version__
-from ropekit.apply.atomic import SIGNATURE, OutputTarget, atomic_directory, prepare_output
 from ropekit.apply.export import llama_cpp_rope_freqs, vllm_hf_overrides
 from ropekit.apply.patch import apply, as_plan_list
-from ropekit.errors import RopekitError
-from ropekit.plan.geometry import (
-    RopeSpec,
+from ropekit.apply.readers import (
     check_local_source,
     default_layer_type,
     layer_rope_blocks,
     load_config_dict,
+    spec_from_pretrained,
     text_config_of,
 )
+from ropekit.errors import RopekitError
+from ropekit.output import SIGNATURE, OutputTarget, atomic_directory, prepare_output
 from ropekit.plan.registry import plan as make_plan
 from ropekit.plan.scaling import Plan
 from ropekit.plan.summary import plan_summary
@@ -49,7 +49,7 @@ def load_model(path_or_id: str, *, dtype: str = "auto") -> PreTrainedModel:
         raise RopekitError(f"{path_or_id}: could not load the model ({first})") from None
 
 
-def load_tokenizer(path_or_id: str):
+def load_tokenizer(path_or_id: str) -> PreTrainedTokenizerBase | None:
     """The model's tokenizer, or None when it has none."""
     from transformers import AutoTokenizer
 
@@ -70,7 +70,7 @@ def plan_for_model(
     **params: Any,
 ) -> Plan:
     """Plan against the geometry in the model's own config (its current frequencies unless `from_scratch`)."""
-    spec = RopeSpec.from_pretrained(path_or_id, from_scratch=from_scratch, layer_type=layer_type)
+    spec = spec_from_pretrained(path_or_id, from_scratch=from_scratch, layer_type=layer_type)
     return make_plan(spec, target_length, method, **params)
 
 

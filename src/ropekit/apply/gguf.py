@@ -30,13 +30,17 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ropekit.apply.export import require_rotation
 from ropekit.errors import RopekitError
 from ropekit.plan.geometry import RopeSpec
 from ropekit.plan.scaling import Plan
+
+if TYPE_CHECKING:
+    from gguf import GGUFReader, ReaderField, ReaderTensor
 
 GGUF_MAGIC = b"GGUF"
 ROPE_FREQS = "rope_freqs.weight"
@@ -76,7 +80,7 @@ class GgufRope:
         spec = RopeSpec(
             head_dim=self.head_dim,
             base=self.base,
-            original_length=int(length),
+            context_length=int(length),
             partial_rotary_factor=self.rotary_dim / self.head_dim,
             name=self.path,
             current_scaling=self.current_scaling(),
@@ -106,7 +110,7 @@ def is_gguf_path(path_or_id: str | os.PathLike) -> bool:
     return str(path_or_id).lower().endswith(".gguf")
 
 
-def open_gguf(path: str | os.PathLike):
+def open_gguf(path: str | os.PathLike) -> GGUFReader:
     """A `gguf.GGUFReader`, or one clear error for a missing, foreign, truncated or corrupt file."""
     from gguf import GGUFReader
 
@@ -131,7 +135,7 @@ def open_gguf(path: str | os.PathLike):
     return reader
 
 
-def field_value(reader, key: str, default: Any = None) -> Any:
+def field_value(reader: GGUFReader, key: str, default: Any = None) -> Any:
     """A metadata value as Python data (str, int, float, bool or list), or `default` when absent."""
     f = reader.fields.get(key)
     if f is None:
@@ -142,7 +146,7 @@ def field_value(reader, key: str, default: Any = None) -> Any:
         raise RopekitError(f"{reader.data.filename}: metadata key {key} is unreadable ({first_line(exc)})") from None
 
 
-def read_rope(path: str | os.PathLike, reader=None) -> GgufRope:
+def read_rope(path: str | os.PathLike, reader: GGUFReader | None = None) -> GgufRope:
     """The RoPE geometry and existing scaling of a GGUF (see the module docstring for the keys)."""
     reader = reader or open_gguf(path)
     arch = field_value(reader, "general.architecture")
@@ -183,7 +187,7 @@ def read_rope(path: str | os.PathLike, reader=None) -> GgufRope:
     )
 
 
-def _existing_scaling(reader, arch: str, path) -> tuple[dict[str, Any], str]:
+def _existing_scaling(reader: GGUFReader, arch: str, path: str | os.PathLike) -> tuple[dict[str, Any], str]:
     """The `<arch>.rope.scaling.*` keys (and the old `rope.scale_linear`) and the effective type."""
     prefix = f"{arch}.rope.scaling."
     scaling = {name[len(prefix) :]: field_value(reader, name) for name in reader.fields if name.startswith(prefix)}
@@ -202,7 +206,7 @@ def _existing_scaling(reader, arch: str, path) -> tuple[dict[str, Any], str]:
     return scaling, kind
 
 
-def _rope_freqs(tensor, rotary_dim: int, path) -> tuple[float, ...] | None:
+def _rope_freqs(tensor: ReaderTensor | None, rotary_dim: int, path: str | os.PathLike) -> tuple[float, ...] | None:
     if tensor is None:
         return None
     from gguf import dequantize
@@ -216,7 +220,13 @@ def _rope_freqs(tensor, rotary_dim: int, path) -> tuple[float, ...] | None:
     return tuple(float(v) for v in values)
 
 
-def _check_no_conflict(scaling_type: str, rope_freqs, longrope_tensors: list[str], path, arch: str) -> None:
+def _check_no_conflict(
+    scaling_type: str,
+    rope_freqs: tuple[float, ...] | None,
+    longrope_tensors: list[str],
+    path: str | os.PathLike,
+    arch: str,
+) -> None:
     """Refuse combinations llama.cpp would reject or silently run unextended."""
     if rope_freqs is not None and (scaling_type == "longrope" or longrope_tensors):
         raise RopekitError(
@@ -231,7 +241,7 @@ def _check_no_conflict(scaling_type: str, rope_freqs, longrope_tensors: list[str
         )
 
 
-def _scalar(value: Any, path, key: str) -> int | None:
+def _scalar(value: Any, path: str | os.PathLike, key: str) -> int | None:
     """A per-model count that some GGUFs store per layer: refuse if the layers differ."""
     if isinstance(value, list):
         if len(set(value)) != 1:
@@ -277,7 +287,7 @@ def extended_metadata(rope: GgufRope, plan: Plan) -> tuple[dict[str, Any], set[s
     sets = {
         f"{arch}.context_length": (plan.target_length, T.UINT32),
         f"{arch}.rope.scaling.type": ("none", T.STRING),
-        f"{arch}.rope.scaling.original_context_length": (plan.spec.original_length, T.UINT32),
+        f"{arch}.rope.scaling.original_context_length": (plan.spec.pretrained_length, T.UINT32),
         f"{arch}.rope.scaling.attn_factor": (float(plan.attention_factor), T.FLOAT32),
         "ropekit.method": (plan.method, T.STRING),
         "ropekit.version": (__version__, T.STRING),
@@ -304,6 +314,7 @@ def write_extended_gguf(
     Existing `rope_freqs.weight` and `rope_factors_long/short.weight` are replaced. The file is written
     beside `out` and renamed into place, so a failure leaves nothing at `out`.
     """
+    require_rotation(plan, "llama.cpp's rope_freqs tensor")
     reader = open_gguf(source)
     rope = read_rope(source, reader)
     check_rope_freqs_support(rope)
@@ -392,7 +403,7 @@ def _atomic_write(target: Path, write: Callable[[Path], None], *, overwrite: boo
 
 
 def _write_gguf(
-    reader,
+    reader: GGUFReader,
     arch: str,
     path: Path,
     *,
@@ -415,7 +426,7 @@ def _write_gguf(
             value, vtype = sets[name]
             writer.add_key_value(name, value, vtype)
         else:
-            writer.add_key_value(name, *_raw_value(f, path=reader.data.filename))
+            writer.add_key_value(name, *_raw_value(f, path=reader.data.filename or "GGUF"))
     for name, (value, vtype) in sets.items():
         if name not in reader.fields:
             writer.add_key_value(name, value, vtype)
@@ -430,7 +441,7 @@ def _write_gguf(
     writer.close()
 
 
-def _raw_value(f, *, path) -> tuple[Any, Any, Any]:
+def _raw_value(f: ReaderField, *, path: str | os.PathLike) -> tuple[Any, Any, Any]:
     """(value, type, sub_type) of a reader field, strings kept as raw bytes so they copy exactly."""
     from gguf import GGUFValueType as T
 

@@ -16,13 +16,18 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ropekit.apply.atomic import atomic_directory, prepare_output
 from ropekit.apply.gguf import GgufRope, first_line, open_gguf, read_rope
 from ropekit.errors import RopekitError
+from ropekit.output import atomic_directory, prepare_output
 from ropekit.paths import cache_root
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 RECORD = "ropekit.json"
 
@@ -68,7 +73,7 @@ def rope_scaling_block(rope: GgufRope) -> dict[str, Any] | None:
     raise RopekitError(f"{rope.path}: {kind} RoPE scaling in a GGUF cannot be converted to transformers yet")
 
 
-def gguf_config(path: str | os.PathLike, rope: GgufRope):
+def gguf_config(path: str | os.PathLike, rope: GgufRope) -> PretrainedConfig:
     """A transformers config from the GGUF metadata (transformers' own mapping) plus its RoPE scaling."""
     from transformers import AutoConfig
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
@@ -86,7 +91,7 @@ def gguf_config(path: str | os.PathLike, rope: GgufRope):
     return config
 
 
-def load_gguf_model(path: str | os.PathLike, *, dtype=None):
+def load_gguf_model(path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> PreTrainedModel:
     """A plain (not quantised) transformers model with the GGUF's dequantised weights, in float32."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -113,7 +118,7 @@ def load_gguf_model(path: str | os.PathLike, *, dtype=None):
     return model.eval()
 
 
-def load_gguf_tokenizer(path: str | os.PathLike):
+def load_gguf_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase | None:
     """The GGUF's tokenizer (with its chat template) through transformers, or None when it has none."""
     from transformers import AutoTokenizer
 
@@ -146,7 +151,7 @@ def convert_gguf(path: str | os.PathLike, out_dir: str | os.PathLike, *, overwri
     return target.path
 
 
-def converted_dir(path: str | os.PathLike, *, progress=None) -> Path:
+def converted_dir(path: str | os.PathLike, *, progress: Callable[[str], Any] | None = None) -> Path:
     """The transformers directory for a GGUF, converted once into the cache (keyed by path, size and mtime)."""
     path = Path(path)
     rope = read_rope(path)  # one clear line for a bad file before anything is written

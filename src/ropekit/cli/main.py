@@ -7,21 +7,24 @@ import functools
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from ropekit.apply.atomic import atomic_directory, prepare_output
 from ropekit.cli import options as o
-from ropekit.cli.render import comparison_table, geometry_header, pair_table
+from ropekit.cli.render import comparison_table, print_plan
 from ropekit.errors import RopekitError
+from ropekit.output import atomic_directory, prepare_output
+from ropekit.plan.analysis.angles import DEFAULT_BINS
+from ropekit.plan.registry import DEFAULT_METHOD
+from ropekit.train.config import TrainConfig
 
-if TYPE_CHECKING:
-    pass
-
+T = TypeVar("T")
+TRAIN = TrainConfig(model="", out=Path(), data="", target_length=1)  # its defaults, shown by `finetune --help`
 
 app = typer.Typer(
     help="Plan, apply, fine-tune and evaluate RoPE context-window extensions.\n\n"
@@ -34,11 +37,11 @@ out_console = Console()
 err_console = Console(stderr=True)
 
 
-def user_errors(fn):
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn a RopekitError into one line on stderr and exit code 2 (130 for an interrupt)."""
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except RopekitError as exc:
@@ -63,14 +66,14 @@ def plan_cmd(
     method: Annotated[
         str,
         typer.Option("--method", help="Scaling method (`ropekit methods` lists them with their options)."),
-    ] = "dprope",
+    ] = DEFAULT_METHOD,
     preset: o.Preset = None,
     model: o.Model = None,
     head_dim: o.HeadDim = None,
     rope_theta: o.RopeTheta = None,
     original_length: o.OriginalLength = None,
     partial_rotary_factor: o.PartialRotary = None,
-    bins: o.Bins = 360,
+    bins: o.Bins = DEFAULT_BINS,
     from_scratch: o.FromScratch = False,
     layer_type: o.LayerType = None,
     json_out: Annotated[
@@ -100,10 +103,8 @@ def plan_cmd(
     Prints the per-pair plan and every method's disturbance, and writes configs for
     transformers (v5 and v4), vLLM and llama.cpp.
     """
-    from ropekit.apply.export import write_exports
-    from ropekit.plan.registry import compare as compare_methods
-    from ropekit.plan.registry import plan as make_plan
-    from ropekit.plan.summary import plan_summary
+    from ropekit.apply.plan_dir import write_plan_directory
+    from ropekit.plan.report import plan_report
 
     spec = o.build_spec(
         preset=preset,
@@ -116,40 +117,25 @@ def plan_cmd(
         layer_type=layer_type,
     )
     params = o.method_params(method, method_options)
-    if paper_setting:
-        paper_label, setting = o.paper_setting(method, spec, target_length, params)
-        params.update(setting)
-    out_dir = None if no_write else out  # files only where the user asked for them
-    inputs = (model, *(v for v in method_options.values() if isinstance(v, Path)))  # e.g. a factors file
-    target = None if out_dir is None else prepare_output(out_dir, overwrite=overwrite, inputs=inputs)
-    with err_console.status(f"planning {method} to {target_length} tokens"):
-        plan = make_plan(spec, target_length, method, bins=bins, **params)
-        scores: dict[str, float] = {}
-        if compare or not json_out:
-            scores = {n: p.disturbance for n, p in compare_methods(spec, target_length, bins=bins).items()}
-            scores.update(o.paper_setting_scores(spec, target_length, bins))
-            if not paper_setting:
-                scores[plan.method] = plan.disturbance  # the user's own parameters win
-    summary = plan_summary(plan, disturbance_by_method=scores if compare else None)
-    if target is not None and out_dir is not None:
-        with atomic_directory(target, marker="plan.json") as tmp:
-            written = {k: out_dir / p.name for k, p in write_exports(plan, tmp).items()}
-            summary["exports"] = {k: str(v) for k, v in written.items()}
-            (tmp / "plan.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if json_out:
-        print(json.dumps(summary))
-        return
-    geometry_header(out_console, plan)
-    out_console.print(pair_table(plan))
-    out_console.print(comparison_table(scores, paper_label if paper_setting else plan.method))
-    out_console.print(
-        f"[bold]{plan.method}[/]: disturbance {plan.disturbance:.3f}, attention factor "
-        f"{plan.attention_factor:.4f}, {len(plan.interpolated_pairs)} of {spec.num_pairs} pairs interpolated"
+    settings: dict[str, Any] = dict(
+        bins=bins, compare_methods=compare or not json_out, paper_setting=paper_setting, **params
     )
-    if target is not None:
-        out_console.print(
-            f"exports written to {out_dir}/: " + ", ".join(p.name for p in written.values()) + ", plan.json"
-        )
+    out_dir = None if no_write else out  # files only where the user asked for them
+    with err_console.status(f"planning {method} to {target_length} tokens"):
+        if out_dir is None:
+            report = plan_report(spec, target_length, method, **settings)
+        else:
+            inputs = (model, *(v for v in method_options.values() if isinstance(v, Path)))  # e.g. a factors file
+            report = write_plan_directory(
+                spec, target_length, out_dir, method, overwrite=overwrite, inputs=inputs, **settings
+            )
+    if json_out:
+        print(json.dumps(report.summary()))
+        return
+    print_plan(out_console, report)
+    if out_dir is not None:
+        names = ", ".join(p.name for p in report.exports.values())
+        out_console.print(f"exports written to {out_dir}/: {names}, plan.json")
     elif not no_write:
         out_console.print("add --out DIR to write the transformers, vLLM and llama.cpp exports and plan.json")
 
@@ -176,13 +162,13 @@ def analyze_cmd(
     rope_theta: o.RopeTheta = None,
     original_length: o.OriginalLength = None,
     partial_rotary_factor: o.PartialRotary = None,
-    bins: o.Bins = 360,
+    bins: o.Bins = DEFAULT_BINS,
     overwrite: o.Overwrite = False,
     from_scratch: o.FromScratch = False,
     layer_type: o.LayerType = None,
 ) -> None:
     """Angle distributions and disturbance of every method: plots (PNG/SVG) and a per-pair CSV."""
-    from ropekit.plan.analysis import plots
+    from ropekit.plan import plots
     from ropekit.plan.analysis.bounds import critical_dimension
     from ropekit.plan.registry import compare as compare_methods
     from ropekit.plan.registry import get_method
@@ -224,7 +210,7 @@ def analyze_cmd(
             writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-    out_console.print(comparison_table({n: p.disturbance for n, p in plans.items()}, chosen="dprope"))
+    out_console.print(comparison_table({n: p.disturbance for n, p in plans.items()}, chosen=DEFAULT_METHOD))
     out_console.print(f"wrote {out / 'per_pair.csv'} and " + ", ".join(str(out / p.name) for p in written))
 
 
@@ -262,7 +248,7 @@ def extend_cmd(
             "--out", help="New model directory (must not exist or be empty); for a .gguf MODEL, a new .gguf file."
         ),
     ],
-    method: Annotated[str, typer.Option("--method", help="Scaling method (see `ropekit methods`).")] = "dprope",
+    method: Annotated[str, typer.Option("--method", help="Scaling method (see `ropekit methods`).")] = DEFAULT_METHOD,
     overwrite: o.Overwrite = False,
     from_scratch: o.FromScratch = False,
     layer_types: Annotated[
@@ -272,7 +258,7 @@ def extend_cmd(
             help="Per-layer-type RoPE (Gemma 3): comma-separated layer types to extend (default: full_attention only).",
         ),
     ] = "",
-    bins: o.Bins = 360,
+    bins: o.Bins = DEFAULT_BINS,
     original_length: Annotated[
         int | None,
         typer.Option(
@@ -340,7 +326,16 @@ def extend_cmd(
         )
 
 
-def _extend_gguf(model: str, out, target_length, method, overwrite, original_length, bins, params) -> None:
+def _extend_gguf(
+    model: str,
+    out: Path,
+    target_length: int,
+    method: str,
+    overwrite: bool,
+    original_length: int | None,
+    bins: int,
+    params: dict[str, Any],
+) -> None:
     from ropekit.apply.gguf import extend_gguf
 
     with err_console.status(f"extending {model} to {target_length} tokens with {method}"):
@@ -625,7 +620,7 @@ def eval_cmd(
         out_console.print(line)
 
 
-def _split(text: str, kind):
+def _split(text: str, kind: Callable[[str], T]) -> list[T]:
     try:
         return [kind(x.strip()) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -645,7 +640,7 @@ def finetune_cmd(
         str | None,
         typer.Option("--recipe", help="dprope-llama2-8k or dprope-llama2-16k (the paper's recipe); flags override it."),
     ] = None,
-    method: Annotated[str | None, typer.Option("--method", help="Scaling method (default dprope).")] = None,
+    method: Annotated[str | None, typer.Option("--method", help=f"Scaling method (default {TRAIN.method}).")] = None,
     target_length: Annotated[
         int | None,
         typer.Option("--target-length", help="Context to extend to, tokens (required unless --recipe gives it)."),
@@ -659,14 +654,14 @@ def finetune_cmd(
     pose: Annotated[
         bool, typer.Option("--pose", help="PoSE: train at --train-length with position ids skipped up to the target.")
     ] = False,
-    pose_chunks: Annotated[int, typer.Option("--pose-chunks", help="PoSE chunks per window.")] = 2,
+    pose_chunks: Annotated[int, typer.Option("--pose-chunks", help="PoSE chunks per window.")] = TRAIN.pose_chunks,
     pose_text_skip: Annotated[
         int,
         typer.Option(
             "--pose-text-skip",
             help="PoSE text skipping: cut each window from a span this many tokens longer (0 = off).",
         ),
-    ] = 0,
+    ] = TRAIN.pose_text_skip,
     passkey_mix: Annotated[
         float,
         typer.Option(
@@ -674,19 +669,24 @@ def finetune_cmd(
             help="Share of training windows that are passkey examples (yarn-style prompt + answer, one window "
             "each), so retrieval is trained rather than forgotten; 0 = text only.",
         ),
-    ] = 0.0,
-    steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps (default 100).")] = None,
+    ] = TRAIN.passkey_mix,
+    steps: Annotated[int | None, typer.Option("--steps", help=f"Optimizer steps (default {TRAIN.steps}).")] = None,
     global_batch: Annotated[
-        int | None, typer.Option("--global-batch", help="Windows per step over all processes (default 8).")
+        int | None,
+        typer.Option("--global-batch", help=f"Windows per step over all processes (default {TRAIN.global_batch})."),
     ] = None,
-    micro_batch: Annotated[int, typer.Option("--micro-batch", help="Windows per forward pass per process.")] = 1,
-    lr: Annotated[float | None, typer.Option("--lr", help="AdamW learning rate (default 2e-5).")] = None,
+    micro_batch: Annotated[
+        int, typer.Option("--micro-batch", help="Windows per forward pass per process.")
+    ] = TRAIN.micro_batch,
+    lr: Annotated[float | None, typer.Option("--lr", help=f"AdamW learning rate (default {TRAIN.lr:g}).")] = None,
     weight_decay: Annotated[
-        float | None, typer.Option("--weight-decay", help="AdamW weight decay (default 0).")
+        float | None, typer.Option("--weight-decay", help=f"AdamW weight decay (default {TRAIN.weight_decay:g}).")
     ] = None,
-    warmup_steps: Annotated[int | None, typer.Option("--warmup-steps", help="Linear warmup steps (default 0).")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Data order, PoSE skips and init of any new state.")] = 0,
-    save_every: Annotated[int, typer.Option("--save-every", help="Checkpoint every N steps.")] = 50,
+    warmup_steps: Annotated[
+        int | None, typer.Option("--warmup-steps", help=f"Linear warmup steps (default {TRAIN.warmup_steps}).")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Data order, PoSE skips and init of any new state.")] = TRAIN.seed,
+    save_every: Annotated[int, typer.Option("--save-every", help="Checkpoint every N steps.")] = TRAIN.save_every,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the run in --out from its latest complete checkpoint.")
     ] = False,
@@ -698,17 +698,20 @@ def finetune_cmd(
     ] = None,
     gradient_checkpointing: Annotated[
         bool | None,
-        typer.Option("--gradient-checkpointing/--no-gc", help="Trade compute for memory (default off; on in recipes)."),
+        typer.Option(
+            "--gradient-checkpointing/--no-gc",
+            help=f"Trade compute for memory (default {'on' if TRAIN.gradient_checkpointing else 'off'}; on in recipes).",
+        ),
     ] = None,
     mixed_precision: Annotated[
         str, typer.Option("--mixed-precision", help="auto (bf16 on a capable GPU), no, bf16, fp16.")
-    ] = "auto",
+    ] = TRAIN.mixed_precision,
     report_to: Annotated[
         str, typer.Option("--report-to", help="auto (tensorboard if installed), none, tensorboard, wandb.")
-    ] = "auto",
+    ] = TRAIN.report_to,
     max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Tokens read per document.")] = None,
     overwrite: o.Overwrite = False,
-    bins: o.Bins = 360,
+    bins: o.Bins = DEFAULT_BINS,
     *,
     method_options: dict[str, Any],
 ) -> None:
@@ -718,7 +721,7 @@ def finetune_cmd(
     `torchrun --nproc_per_node N -m ropekit.cli.main finetune ...` (CPU/GPU) or
     `accelerate launch --config_file configs/accelerate/deepspeed_zero3.yaml -m ropekit.cli.main finetune ...`.
     """
-    from ropekit.train.loop import TrainConfig, finetune
+    from ropekit.train.loop import finetune
     from ropekit.train.recipes import get_recipe
 
     settings = get_recipe(recipe) if recipe else {}
@@ -735,7 +738,7 @@ def finetune_cmd(
     settings.update({k: v for k, v in explicit.items() if v is not None})
     if settings.get("target_length") is None:
         raise RopekitError("give --target-length (or a --recipe)")
-    chosen = settings.pop("method", "dprope")
+    chosen = settings.pop("method", TRAIN.method)
     params = {**o.method_params(chosen, method_options), "bins": bins}  # make_plan takes bins for any method
     cfg = TrainConfig(
         model=model,
@@ -789,6 +792,7 @@ def methods_cmd() -> None:
 @app.command("presets")
 def presets_cmd() -> None:
     """List the model presets and where their numbers come from."""
+    from ropekit.plan.geometry import RopeSpec
     from ropekit.plan.presets import PRESETS
 
     t = Table(title="presets (figures from public config.json files)")
@@ -797,8 +801,8 @@ def presets_cmd() -> None:
         t.add_column(col, justify="right", no_wrap=True)
     t.add_column("source", overflow="fold")
     for name, p in PRESETS.items():
-        s = p.spec
-        t.add_row(name, str(s.head_dim), str(s.rotary_dim), f"{s.base:g}", str(s.original_length), p.source)
+        s = RopeSpec.from_preset(name)
+        t.add_row(name, str(s.head_dim), str(s.rotary_dim), f"{s.base:g}", str(s.context_length), p.source)
     out_console.print(t)
     for name, p in PRESETS.items():
         if p.note:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import math
@@ -118,16 +119,15 @@ def build_spec(
         return RopeSpec(
             head_dim=head_dim,
             base=rope_theta,
-            original_length=original_length,
+            context_length=original_length,
             partial_rotary_factor=partial_rotary_factor or 1.0,
             name=name,
         )
-    overrides: dict[str, Any] = {}
     if original_length is not None:
-        overrides["original_length"] = original_length
+        spec = spec.with_context_length(original_length)
     if partial_rotary_factor is not None:
-        overrides["partial_rotary_factor"] = partial_rotary_factor
-    return RopeSpec(**{**spec.__dict__, **overrides}) if overrides else spec
+        spec = dataclasses.replace(spec, partial_rotary_factor=partial_rotary_factor)
+    return spec
 
 
 class with_method_options:  # noqa: N801 (used as a decorator)
@@ -267,33 +267,3 @@ def check_finite(**values: float | None) -> None:
     for name, value in values.items():
         if value is not None and not math.isfinite(value):
             raise RopekitError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
-
-
-def paper_setting(method: str, spec, target_length: int, params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """--paper-setting: (label, parameters) of the method's published setting for this geometry and target,
-    or one clear error."""
-    m = get_method(method)
-    if m.paper_setting is None:
-        having = [n for n, r in METHODS.items() if r.paper_setting is not None]
-        raise RopekitError(f"--paper-setting applies to --method {' or '.join(having)}")
-    label, setting = m.paper_setting(spec, target_length)
-    both = [k for k in setting if k in params]
-    if both:
-        raise RopekitError(f"give --paper-setting or {_flag(both[0])}, not both")
-    return f"{m.name} (paper, {label})", setting
-
-
-def paper_setting_scores(spec, target_length: int, bins: int) -> dict[str, float]:
-    """{'dprope (paper, n=N)': disturbance} for each method with a published setting for this geometry and target."""
-    from ropekit.plan.registry import plan as make_plan
-
-    scores = {}
-    for name, m in METHODS.items():
-        if m.paper_setting is None or not m.in_default_comparison:
-            continue
-        try:
-            label, setting = m.paper_setting(spec, target_length)
-        except RopekitError:  # no setting for this geometry or target
-            continue
-        scores[f"{name} (paper, {label})"] = make_plan(spec, target_length, name, bins=bins, **setting).disturbance
-    return scores

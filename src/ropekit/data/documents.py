@@ -20,6 +20,7 @@ from ropekit.errors import RopekitError
 from ropekit.paths import cache_root
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PreTrainedTokenizerBase
 
 
@@ -157,7 +158,12 @@ def gutenberg_body(text: str) -> str:
     return text[start.end() if start else 0 : end.start() if end else len(text)]
 
 
-def decode_text(tokenizer: PreTrainedTokenizerBase, ids, *, skip_special_tokens: bool = False) -> str:
+def decode_text(
+    tokenizer: PreTrainedTokenizerBase,
+    ids: list[int] | torch.Tensor | np.ndarray,
+    *,
+    skip_special_tokens: bool = False,
+) -> str:
     """`tokenizer.decode` of one sequence of token ids, as the one string it returns for one sequence."""
     text = tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
     return text if isinstance(text, str) else "".join(text)

@@ -9,7 +9,7 @@ from typing import Any
 import matplotlib.ticker
 
 from ropekit.eval.passkey import other_scorer
-from ropekit.plan.analysis.plots import new_figure
+from ropekit.plan.plots import new_figure
 
 
 def _finite(value: Any) -> bool:

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ropekit._version import __version__
-from ropekit.apply.atomic import OutputTarget, atomic_directory, prepare_output
 from ropekit.apply.extend import load_model, load_tokenizer
 from ropekit.apply.patch import apply, model_spec
+from ropekit.apply.readers import load_config_dict
 from ropekit.data.documents import read_documents, tokenize_documents
 from ropekit.errors import RopekitError
 from ropekit.eval.longbench import CHAT_MODES as LONGBENCH_CHAT_MODES
@@ -35,7 +35,8 @@ from ropekit.eval.ruler import read_essay as read_ruler_essay
 from ropekit.eval.ruler import run_ruler
 from ropekit.eval.ruler import runnable_tasks as runnable_ruler_tasks
 from ropekit.eval.ruler_qa import load_qa
-from ropekit.plan.geometry import RopeSpec, load_config_dict
+from ropekit.output import OutputTarget, atomic_directory, prepare_output
+from ropekit.plan.geometry import RopeSpec
 from ropekit.plan.registry import get_method
 from ropekit.plan.registry import plan as make_plan
 
@@ -328,7 +329,7 @@ def _progress_bar(cfg: EvalConfig, *, total: int):
 def _trained_length(model: str) -> int | None:
     """The context the model was trained at (its spec's original length), for plots and reports."""
     try:
-        return RopeSpec.from_pretrained(model).original_length
+        return RopeSpec.from_pretrained(model).context_length
     except RopekitError:
         return None
 

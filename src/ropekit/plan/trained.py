@@ -26,6 +26,7 @@ from typing import Any
 
 from ropekit.errors import RopekitError
 from ropekit.plan.geometry import RopeSpec
+from ropekit.plan.scaling import Scaling
 
 SUPPORTED_TYPES = ("linear", "dynamic", "yarn", "llama3", "longrope")
 
@@ -38,11 +39,11 @@ def extended_spec(plain: RopeSpec, block: dict[str, Any], *, max_positions: int 
             f"{plain.name}: existing rope_type {rope_type!r} is not supported "
             f"(supported: {', '.join(SUPPORTED_TYPES)}); plan with --from-scratch to replace it"
         )
-    max_positions = max_positions or plain.original_length
+    max_positions = max_positions or plain.context_length
     if rope_type == "dynamic":
         return replace(
             plain,
-            original_length=max_positions,
+            context_length=max_positions,
             pretrained_length=max_positions,
             length_source="max_position_embeddings (dynamic NTK keeps plain frequencies up to it; "
             "a plan replaces the dynamic update)",
@@ -50,27 +51,29 @@ def extended_spec(plain: RopeSpec, block: dict[str, Any], *, max_positions: int 
     scaling, length, reason = _current_scaling(plain, block, rope_type, max_positions)
     return replace(
         plain,
-        original_length=length,
+        context_length=length,
         prior_factors=tuple(scaling.factors),
         current_inv_freq=tuple(scaling.inv_freq.tolist()),
         prior_attention_factor=float(scaling.attention_factor),
-        pretrained_length=plain.original_length,
+        pretrained_length=plain.context_length,
         length_source=reason,
     )
 
 
-def _current_scaling(plain: RopeSpec, block: dict[str, Any], rope_type: str, max_positions: int):
+def _current_scaling(
+    plain: RopeSpec, block: dict[str, Any], rope_type: str, max_positions: int
+) -> tuple[Scaling, int, str]:
     """(Scaling the block gives at the trained context, trained context, reason)."""
     from ropekit.plan.methods.linear import linear
     from ropekit.plan.methods.llama3 import llama3
     from ropekit.plan.methods.longrope import longrope
     from ropekit.plan.methods.yarn import yarn
 
-    L0 = plain.original_length
+    L0 = plain.context_length
     factor = block.get("factor")
     if rope_type == "linear":
         return (
-            linear(plain, max_positions, factor=float(_required(block, "factor", plain))),
+            linear(plain, max_positions, scale=float(_required(block, "factor", plain))),
             max_positions,
             f"max_position_embeddings {max_positions} (a linear block records no original length)",
         )
@@ -81,7 +84,7 @@ def _current_scaling(plain: RopeSpec, block: dict[str, Any], rope_type: str, max
         scaling = llama3(
             plain,
             length,
-            factor=float(factor),
+            scale=float(factor),
             low_freq_factor=float(_required(block, "low_freq_factor", plain)),
             high_freq_factor=float(_required(block, "high_freq_factor", plain)),
         )
@@ -89,7 +92,7 @@ def _current_scaling(plain: RopeSpec, block: dict[str, Any], rope_type: str, max
         scaling = yarn(
             plain,
             length,
-            factor=float(factor),
+            scale=float(factor),
             beta_fast=float(block.get("beta_fast") or 32),
             beta_slow=float(block.get("beta_slow") or 1),
             truncate=bool(block.get("truncate", True)),

@@ -22,11 +22,11 @@ from ropekit.plan.geometry import RopeSpec, require_spec
 def critical_dimension(spec: RopeSpec) -> int:
     """d_extra = 2·⌈(d/2)·log_b(L/2π)⌉, clipped to [0, d].
 
-    >>> critical_dimension(RopeSpec(head_dim=128, base=10000.0, original_length=4096))
+    >>> critical_dimension(RopeSpec(head_dim=128, base=10000.0, context_length=4096))
     92
     """
     require_spec(spec)
-    d, L = spec.rotary_dim, spec.original_length
+    d, L = spec.rotary_dim, spec.context_length
     if spec.is_extended:  # current frequencies are not b^(-2i/d): count the pairs that completed a turn
         return 2 * int(full_rotation_seen(spec).sum())
     value = 2 * math.ceil((d / 2) * math.log(L / (2 * math.pi)) / math.log(spec.base))
@@ -69,7 +69,7 @@ def base_for_bound(spec: RopeSpec, bound: float) -> float:
 
 def full_rotation_seen(spec: RopeSpec) -> torch.Tensor:
     """Boolean per pair: λ_i ≤ L (the pair saw every angle in pre-training)."""
-    return spec.wavelengths() <= spec.original_length
+    return spec.wavelengths() <= spec.context_length
 
 
 def long_term_decay_min(rotary_dim: int, base: float, length: int) -> float:

@@ -48,7 +48,7 @@ def kl_per_pair(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 def pre_training_distribution(spec: RopeSpec, bins: int = DEFAULT_BINS) -> torch.Tensor:
     """P: the original θ over the pre-training positions 0 … L−1."""
-    return distribution(spec.inv_freq(), spec.original_length, bins)
+    return distribution(spec.inv_freq(), spec.context_length, bins)
 
 
 def pair_disturbance(

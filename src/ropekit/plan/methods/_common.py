@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ropekit.errors import RopekitError
 from ropekit.plan.geometry import RopeSpec
+
+if TYPE_CHECKING:
+    from ropekit.plan.scaling import Plan
 
 
 def pair_exponents(spec: RopeSpec) -> torch.Tensor:
@@ -35,6 +39,6 @@ def require_finite_positive(name: str, value: float) -> None:
         raise RopekitError(f"{name} must be a finite positive number, got {value!r}")
 
 
-def new_base_block(plan) -> dict:
+def new_base_block(plan: Plan) -> dict[str, Any]:
     """A base change's native form: transformers' `default` block with the new rope_theta."""
     return {"rope_type": "default", "rope_theta": plan.scaling.details["new_base"]}

@@ -32,7 +32,7 @@ PAPER_INTERPOLATED_DIMS = {8192: 80, 16384: 64}
 
 def paper_interpolated_dims(spec: RopeSpec, target_length: int) -> int | None:
     """The paper's n for LLaMA-2's geometry at 8k or 16k; None for any other geometry or target."""
-    llama2 = (spec.rotary_dim, spec.base, spec.original_length) == (128, 10000.0, 4096)
+    llama2 = (spec.rotary_dim, spec.base, spec.context_length) == (128, 10000.0, 4096)
     return PAPER_INTERPOLATED_DIMS.get(target_length) if llama2 else None
 
 
@@ -81,7 +81,7 @@ def dprope(
         raise RopekitError(f"threshold must be a finite number, got {threshold}")
     if not isinstance(bins, int) or bins < 2:
         raise RopekitError(f"bins K must be an integer ≥ 2, got {bins!r}")
-    scale = target_length / spec.original_length
+    scale = target_length / spec.context_length
     d_extra, d_interp = candidate_disturbances(spec, target_length, scale=scale, bins=bins)
     margin = d_extra - d_interp
     interpolate = choose_interpolated(margin, threshold=threshold, interpolated_dims=interpolated_dims)

@@ -80,7 +80,7 @@ def dprope_opt(
         raise RopekitError(f"steps (grid points per pair) must be an integer ≥ 3, got {steps!r}")
     if not isinstance(refine_rounds, int) or refine_rounds < 0:
         raise RopekitError(f"refine_rounds must be an integer ≥ 0, got {refine_rounds!r}")
-    scale = target_length / spec.original_length
+    scale = target_length / spec.context_length
     require_scale(scale)
     base_inv_freq = spec.inv_freq()
     p = pre_training_distribution(spec, bins)

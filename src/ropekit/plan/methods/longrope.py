@@ -52,8 +52,8 @@ def longrope(
     if factors is None:
         raise RopekitError("longrope needs per-pair factors: pass factors=[...] or --factors-file FILE")
     values = check_factor_list(spec, factors)
-    s = target_length / spec.original_length
-    a = longrope_attention_factor(s, spec.original_length) if attention_factor is None else float(attention_factor)
+    s = target_length / spec.context_length
+    a = longrope_attention_factor(s, spec.context_length) if attention_factor is None else float(attention_factor)
     if not math.isfinite(a) or a <= 0:
         raise RopekitError(f"attention_factor must be finite and > 0, got {a}")
     return Scaling(inv_freq=per_pair_inv_freq(spec, values), factors=values, attention_factor=a)

@@ -21,11 +21,11 @@ def ntk_base(spec: RopeSpec, alpha: float) -> float:
 def ntk(spec: RopeSpec, target_length: int, *, alpha: float | None = None) -> Scaling:
     """NTK-aware base change with α (default s = L'/L).
 
-    >>> plan = ntk(RopeSpec(head_dim=128, base=10000.0, original_length=4096), 16384)
+    >>> plan = ntk(RopeSpec(head_dim=128, base=10000.0, context_length=4096), 16384)
     >>> round(plan.details["new_base"])
     40890
     """
-    a = target_length / spec.original_length if alpha is None else alpha
+    a = target_length / spec.context_length if alpha is None else alpha
     require_scale(a, what="NTK alpha")
     if spec.rotary_dim == 2:
         new_base = spec.base * a  # d/(d-2) is undefined for a single pair; keep the spirit (last pair ÷ α)

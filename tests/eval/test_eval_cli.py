@@ -103,7 +103,7 @@ def test_eval_ruler_records_protocol_and_skipped_tasks(s260k, story_text, tmp_pa
     ruler = json.loads((out / "results.json").read_text())["methods"]["none"]["ruler"]
     assert set(ruler["score"]) == {"niah_single_1@1024", "niah_single_2@1024"}
     assert all(0.0 <= v <= 100.0 for v in ruler["score"].values())
-    assert ruler["protocol"] == "ruler/2" and ruler["prompts"] == "ropekit wording" and ruler["essay"] == str(text)
+    assert ruler["protocol"] == "ruler/3" and ruler["prompts"] == "ropekit wording" and ruler["essay"] == str(text)
     report = (out / "report.md").read_text()
     assert "## RULER" in report and "qa_1 skipped" in report
 

@@ -69,7 +69,7 @@ def test_eval_compares_methods_and_writes_report(s260k, tmp_path):
     longppl = results["methods"]["dprope"]["longppl"]
     assert set(longppl) == {"4096"} and longppl["4096"]["short_length"] == 256 and longppl["4096"]["key_tokens"] > 0
     assert (longppl["4096"]["sliding_window"], longppl["4096"]["beta"]) == (128, -2.0)
-    assert longppl["4096"]["evaluator"].startswith("self") and longppl["4096"]["protocol"] == "longppl/2"
+    assert longppl["4096"]["evaluator"].startswith("self") and longppl["4096"]["protocol"] == "longppl/3"
     assert "## LongPPL" in report
     assert len((out / "results.csv").read_text().splitlines()) == 1 + 2 * (2 + 1 + 4)
 

@@ -110,37 +110,41 @@ class Essay:
 
     `sentences(n)` equals `sent_tokenize(" ".join(first n words))` without splitting that text
     again: Punkt decides each break from the word that ends a sentence and the word after it,
-    so the split of a prefix cut at a word boundary is the whole text's split up to the cut,
-    whose last sentence is cut there too. The whole text is split once per repetition count.
+    so the split of a prefix cut at a word boundary is the split of any longer prefix up to the
+    cut, whose last sentence is cut there too. One split of the first 2n words (at least 4,096)
+    serves every shorter prefix; a longer n splits again.
     """
 
     def __init__(self, words: list[str]) -> None:
         self.words = list(words)
-        self._splits: dict[int, tuple[str, list[int], list[int], list[int]]] = {}
+        self._split: tuple[str, list[int], list[int], list[int]] = ("", [], [], [])  # text, word ends, sentences
 
     def __len__(self) -> int:
         return len(self.words)
 
-    def text(self, n: int) -> str:
-        """The first n words (repeated as needed), joined by single spaces."""
-        repeats = -(-n // len(self.words))
-        return " ".join((self.words * repeats)[:n])
+    def head(self, n: int) -> list[str]:
+        """The first n words, the essay repeated as needed."""
+        return (self.words * -(-n // len(self.words)))[:n]
 
-    def _split(self, repeats: int) -> tuple[str, list[int], list[int], list[int]]:
-        """(text of the words repeated `repeats` times, end of each word, sentence starts, sentence ends)."""
-        if repeats not in self._splits:
-            words = self.words * repeats
+    def text(self, n: int) -> str:
+        """The first n words joined by single spaces."""
+        return " ".join(self.head(n))
+
+    def _prefix_split(self, n: int) -> tuple[str, list[int], list[int], list[int]]:
+        """(text of the first m ≥ n words, end of each word, sentence starts, sentence ends)."""
+        if len(self._split[1]) < n:
+            words = self.head(max(2 * n, 4096))
             text = " ".join(words)
             word_ends = [end - 1 for end in itertools.accumulate(len(w) + 1 for w in words)]
             spans = list(punkt_english().span_tokenize(text))
-            self._splits[repeats] = (text, word_ends, [s for s, _ in spans], [e for _, e in spans])
-        return self._splits[repeats]
+            self._split = (text, word_ends, [s for s, _ in spans], [e for _, e in spans])
+        return self._split
 
     def sentences(self, n: int) -> list[str]:
         """`sent_tokenize` of `text(n)`."""
         if n <= 0:
             return []
-        text, word_ends, starts, ends = self._split(-(-n // len(self.words)))
+        text, word_ends, starts, ends = self._prefix_split(n)
         cut = word_ends[n - 1]
         whole = bisect.bisect_right(ends, cut)  # sentences ending at or before the cut
         out = [text[s:e] for s, e in zip(starts[:whole], ends[:whole])]

@@ -187,8 +187,8 @@ def test_largest_fit_equals_a_plain_search_on_real_prompts(llama_tokenizer, stor
     for name, length in (("niah_single_1", 1500), ("niah_single_2", 1500), ("cwe", 2000), ("vt", 1800)):
         task = get_task(name)
         build = ruler._Builder(task, llama_tokenizer, length, 0, essay, None)
-        example, low = build.example_size(), task.minimum()
-        plain = low + largest_fill(lambda n, b=build, e=example, lo=low: b.tokens(lo + n, e), build.budget)
+        low = task.minimum()
+        plain = low + largest_fill(lambda n, b=build, lo=low: b.tokens(lo + n), build.budget)
         assert haystack_size(task, llama_tokenizer, length, 0, essay=essay) == plain, name
     with pytest.raises(RopekitError, match="does not fit in 200 tokens"):
         haystack_size(get_task("vt"), llama_tokenizer, 200, 0)

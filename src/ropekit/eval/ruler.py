@@ -58,6 +58,7 @@ import string
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -479,10 +480,11 @@ class _Builder:
     def budget(self) -> int:
         return self.length - self.task.max_new_tokens
 
+    @cached_property
     def example_size(self) -> int:
         return vt_example_size(self.task, self.tokenizer) if self.task.kind == "vt" else 0
 
-    def text(self, size: int, example_size: int) -> tuple[str, list[str], list[str]]:
+    def text(self, size: int) -> tuple[str, list[str], list[str]]:
         return prompt_text(
             self.task,
             size,
@@ -490,11 +492,27 @@ class _Builder:
             length=self.length,
             essay=self.essay,
             qa=self.qa,
-            example_size=example_size,
+            example_size=self.example_size,
         )
 
-    def tokens(self, size: int, example_size: int) -> int:
-        return len(self.tokenizer(self.text(size, example_size)[0])["input_ids"])
+    def tokens(self, size: int) -> int:
+        return len(self.tokenizer(self.text(size)[0])["input_ids"])
+
+    def search(self) -> int:
+        """The haystack size (see `haystack_size`)."""
+        if self.task.kind == "fwe":  # the last of start, start + step, … whose prompt is shorter than the budget
+            start, step = max(1, self.budget // 6), self.task.increment(self.length)
+            try:
+                return start + step * largest_fit(lambda k: self.tokens(start + k * step), self.budget - 1, 0)
+            except RopekitError:  # the start is already too long: RULER steps back once
+                return max(1, start - step)
+        try:
+            return largest_fit(self.tokens, self.budget, self.task.minimum())
+        except RopekitError:
+            raise RopekitError(
+                f"RULER task {self.task.name} does not fit in {self.length} tokens: its smallest prompt needs "
+                f"more than {self.budget} (the window less {self.task.max_new_tokens} generated tokens)"
+            ) from None
 
 
 def haystack_size(
@@ -509,22 +527,7 @@ def haystack_size(
     """RULER's haystack size for `task` at `length`, found with sample `seed`'s draw: the largest whose
     prompt fits in `length` − the generation budget (binary search); fwe: RULER's steps of
     budget // 32 words from budget // 6, the last whose prompt is shorter than the budget."""
-    build = _Builder(task, tokenizer, length, seed, _as_essay(essay), qa)
-    example = build.example_size()
-    if task.kind == "fwe":  # the last of start, start + step, … whose prompt is shorter than the budget
-        start, step = max(1, build.budget // 6), task.increment(length)
-        try:
-            return start + step * largest_fit(lambda k: build.tokens(start + k * step, example), build.budget - 1, 0)
-        except RopekitError:  # the start is already too long: RULER steps back once
-            return max(1, start - step)
-    low = task.minimum()
-    try:
-        return largest_fit(lambda n: build.tokens(n, example), build.budget, low)
-    except RopekitError:
-        raise RopekitError(
-            f"RULER task {task.name} does not fit in {length} tokens: its smallest prompt needs more than "
-            f"{build.budget} (the window less {task.max_new_tokens} generated tokens)"
-        ) from None
+    return _Builder(task, tokenizer, length, seed, _as_essay(essay), qa).search()
 
 
 def make_sample(
@@ -544,10 +547,9 @@ def make_sample(
     back RULER's increment until it does.
     """
     build = _Builder(task, tokenizer, length, seed, _as_essay(essay), qa)
-    size = haystack_size(task, tokenizer, length, seed, essay=build.essay, qa=qa) if size is None else size
-    example = build.example_size()
+    size = build.search() if size is None else size
     while True:
-        text, answers, statements = build.text(size, example)
+        text, answers, statements = build.text(size)
         ids = tokenizer(text)["input_ids"]
         if len(ids) <= build.budget:
             return Sample(ids, answers, statements, size)

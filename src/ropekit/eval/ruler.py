@@ -310,9 +310,14 @@ def niah_context(
             raise RopekitError(f"RULER task {task.name} needs an essay haystack (--ruler-essay)")
         return insert_by_depth(essay.sentences(size), needles, rng)
     if task.haystack == "needle":
+        asked = set(keys)
         lines = [
-            _needle(task.value_type, key, random_item(task.value_type, rng))
-            for key in (distinct_items(task.key_type, 1, rng, avoid=set(keys))[0] for _ in range(size))
+            _needle(
+                task.value_type,
+                distinct_items(task.key_type, 1, rng, avoid=asked)[0],
+                random_item(task.value_type, rng),
+            )
+            for _ in range(size)
         ]
     else:
         lines = [FILLER] * size
@@ -450,7 +455,7 @@ def prompt_text(
         text, answer = cwe_text(size, rng, small=length < SMALL_WINDOW)
         return text, answer, []
     if task.kind == "fwe":
-        text, answer = fwe_text(size, (length - task.max_new_tokens) // 50, rng)
+        text, answer = fwe_text(size, max(4, (length - task.max_new_tokens) // 50), rng)  # (≥ 4: three answers)
         return fwe_prompt(text), answer, []
     if qa is None:
         raise RopekitError(f"RULER task {task.name} needs question-answer files (--ruler-qa-dir)")

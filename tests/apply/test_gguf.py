@@ -121,7 +121,10 @@ def test_convert_matches_transformers_own_gguf_loader(q8_path, tmp_path):
     assert tok(text).input_ids == gguf_tok(text).input_ids
 
 
-def test_existing_yarn_is_replaced_not_stacked(tmp_path, model):
+def test_existing_yarn_composes_and_from_scratch_replaces_it(tmp_path, model):
+    """A yarn GGUF (×4 from 128) is planned from its yarn frequencies over 512 tokens, as the same model as a
+    transformers config would be; --from-scratch plans plain RoPE at 128 and replaces the yarn keys."""
+    keys = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}
     path = write_llama_gguf(
         tmp_path / "yarn.gguf",
         model,
@@ -132,23 +135,43 @@ def test_existing_yarn_is_replaced_not_stacked(tmp_path, model):
         },
     )
     spec = ropekit.RopeSpec.from_gguf(str(path))
-    assert spec.original_length == 128 and spec.current_scaling["rope_type"] == "yarn"
-    extend_gguf(path, tmp_path / "ext.gguf", target_length=1024, method="pi")
+    cfg = {
+        **model.config.to_dict(),
+        "rope_parameters": {**keys, "rope_theta": model.config.rope_parameters["rope_theta"]},
+    }
+    from ropekit.plan.geometry import spec_from_config_dict
+
+    hf = spec_from_config_dict(cfg)
+    assert (spec.original_length, spec.pretrained_length) == (512, 128) == (hf.original_length, hf.pretrained_length)
+    assert spec.current_inv_freq == hf.current_inv_freq and spec.prior_attention_factor == hf.prior_attention_factor
+    assert "llama.context_length" in spec.length_source
+    plan = extend_gguf(path, tmp_path / "ext.gguf", target_length=1024, method="pi")
+    rope = read_rope(tmp_path / "ext.gguf")
+    assert rope.rope_freqs == tuple(float(np.float32(g * 2.0)) for g in hf.prior_factors)  # g_i × f_i, f = 2
+    assert rope.scaling["attn_factor"] == pytest.approx(plan.attention_factor) == pytest.approx(1 + 0.1 * np.log(4))
     new = fields(tmp_path / "ext.gguf")
     assert "llama.rope.scaling.factor" not in new and new["llama.rope.scaling.type"] == "none"
-    assert read_rope(tmp_path / "ext.gguf").rope_freqs == (8.0,) * 8
+    assert new["llama.rope.scaling.original_context_length"] == 128 and new["llama.context_length"] == 1024
+    extend_gguf(path, tmp_path / "scratch.gguf", target_length=1024, method="pi", from_scratch=True)
+    assert read_rope(tmp_path / "scratch.gguf").rope_freqs == (8.0,) * 8
 
 
-def test_existing_rope_freqs_needs_the_trained_length_then_is_replaced(tmp_path, model):
+def test_existing_rope_freqs_composes_over_the_files_context(tmp_path, model):
     old = np.linspace(1, 8, 8, dtype=np.float32)  # like a Llama 3.1 GGUF: factors, no original length
     path = write_llama_gguf(tmp_path / "l31.gguf", model, extra_tensors={ROPE_FREQS: old})
     assert read_rope(path).rope_freqs == tuple(float(x) for x in old)
-    with pytest.raises(RopekitError, match="--original-length"):
-        extend_gguf(path, tmp_path / "ext.gguf", target_length=2048, method="pi")
-    assert not (tmp_path / "ext.gguf").exists()
-    extend_gguf(path, tmp_path / "ext.gguf", target_length=2048, method="pi", original_length=512)
+    spec = ropekit.RopeSpec.from_gguf(str(path))
+    assert spec.original_length == 512 and spec.prior_factors == tuple(float(x) for x in old)
+    extend_gguf(path, tmp_path / "ext.gguf", target_length=2048, method="pi")
     names = [t.name for t in open_gguf(tmp_path / "ext.gguf").tensors]
-    assert names.count(ROPE_FREQS) == 1 and read_rope(tmp_path / "ext.gguf").rope_freqs == (4.0,) * 8
+    assert names.count(ROPE_FREQS) == 1 and read_rope(tmp_path / "ext.gguf").rope_freqs == tuple(4.0 * old)
+    with pytest.raises(RopekitError, match="--original-length"):  # replacing needs the pre-scaling length
+        extend_gguf(path, tmp_path / "scratch.gguf", target_length=2048, method="pi", from_scratch=True)
+    assert not (tmp_path / "scratch.gguf").exists()
+    extend_gguf(
+        path, tmp_path / "scratch.gguf", target_length=2048, method="pi", from_scratch=True, original_length=512
+    )
+    assert read_rope(tmp_path / "scratch.gguf").rope_freqs == (4.0,) * 8
 
 
 def test_old_linear_key_is_read(tmp_path, model):
@@ -158,7 +181,9 @@ def test_old_linear_key_is_read(tmp_path, model):
         extra_keys={"llama.rope.scale_linear": 2.0, "llama.rope.scaling.original_context_length": 256},
     )
     rope = read_rope(path)
-    assert rope.scaling_type == "linear" and rope.spec().original_length == 256
+    assert rope.scaling_type == "linear" and rope.spec(from_scratch=True).original_length == 256
+    spec = rope.spec()  # composing: θ/2 over the file's 512-token context
+    assert (spec.original_length, spec.pretrained_length, spec.prior_factors) == (512, 256, (2.0,) * 8)
 
 
 @pytest.mark.parametrize(
@@ -180,7 +205,7 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(case, tmp_path, model, 
         src.write_text("{}")
     elif case == "truncated":
         src.write_bytes(gguf_path.read_bytes()[:200_000])
-    elif case == "unsupported-arch":
+    elif case == "unsupported-arch":  # dprope (the default) on a graph without per-pair factors
         write_llama_gguf(src, model, arch="qwen2")
     else:
         src.write_bytes(gguf_path.read_bytes())
@@ -190,7 +215,7 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(case, tmp_path, model, 
         "rope_freqs-and-longrope": "conflicting",
         "not-gguf": "not a GGUF",
         "truncated": "truncated",
-        "unsupported-arch": "ignores rope_freqs",
+        "unsupported-arch": "qwen2",
         "same-file": "is the input",
     }[case]
     before = sorted(os.listdir(tmp_path))
@@ -227,7 +252,7 @@ def test_cli_inspect_plan_and_convert(gguf_path, tmp_path):
         16,
         512,
     )
-    assert card["llama_cpp_plan"].startswith("supported")
+    assert card["llama_cpp_plan"].startswith("per-pair: every method")
     planned = json.loads(
         cli("plan", "--model", str(gguf_path), "--target-length", "2048", "--method", "pi", "--json", "--no-write")
     )

@@ -276,7 +276,8 @@ def extend_cmd(
     original_length: Annotated[
         int | None,
         typer.Option(
-            "--original-length", help="GGUF only: trained context when the file carries scaling without saying it."
+            "--original-length",
+            help="GGUF only: the context to plan from (with --from-scratch: the length before the file's scaling).",
         ),
     ] = None,
     *,
@@ -294,6 +295,11 @@ def extend_cmd(
 
     params = o.method_params(method, method_options)
     if model.lower().endswith(".gguf"):
+        if layer_types:
+            raise RopekitError(
+                "--layer-types does not apply to a .gguf MODEL: llama.cpp's graph decides which layers a plan reaches"
+            )
+        params["from_scratch"] = from_scratch
         return _extend_gguf(model, out, target_length, method, overwrite, original_length, bins, params)
     if original_length is not None:
         raise RopekitError("--original-length applies to a .gguf MODEL only (a model directory's config says it)")
@@ -341,7 +347,7 @@ def extend_cmd(
 
 
 def _extend_gguf(model: str, out, target_length, method, overwrite, original_length, bins, params) -> None:
-    from ropekit.apply.gguf import extend_gguf
+    from ropekit.apply.gguf import extend_gguf, read_rope
 
     with err_console.status(f"extending {model} to {target_length} tokens with {method}"):
         plan = extend_gguf(
@@ -357,11 +363,11 @@ def _extend_gguf(model: str, out, target_length, method, overwrite, original_len
     out_console.print(
         f"wrote {out} ({plan.method}: {len(plan.interpolated_pairs)} of {plan.spec.num_pairs} pairs "
         f"interpolated, attention factor {plan.attention_factor:.4f}; tensors copied unchanged, "
-        f"rope_freqs.weight added, context_length {target_length})"
+        f"{read_rope(out).carried_by()}, context_length {target_length})"
     )
     out_console.print(
-        f"run it with llama.cpp: llama-cli -m {out} -c {target_length}  (or llama_cpp.Llama(model_path="
-        f"{str(out)!r}, n_ctx={target_length}))",
+        f"run it with llama.cpp: llama-cli -m {out} -c {target_length}, no --rope-* or --yarn-* flags "
+        f"(they would scale again)  (or llama_cpp.Llama(model_path={str(out)!r}, n_ctx={target_length}))",
         soft_wrap=True,
     )
 

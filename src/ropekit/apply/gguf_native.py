@@ -59,8 +59,8 @@ def _yarn_keys(rope: GgufRope, arch: ArchRope, plan: Plan) -> dict[str, Any]:
     block = METHODS[plan.method].native.block(plan)  # type: ignore[union-attr]  # _native_type said it has one
     if block.get("truncate") is False:
         raise RopekitError(
-            f"{rope.path}: llama.cpp's YaRN always rounds the ramp bounds to whole pairs; a yarn plan with "
-            "truncate=False cannot run there"
+            f"{rope.path}: llama.cpp's {rope.architecture!r} graph rounds YaRN's ramp bounds to whole pairs; a "
+            "yarn plan with truncate=False cannot run there"
         )
     betas = (float(block["beta_fast"]), float(block["beta_slow"]))
     if betas != YARN_DEFAULT_BETAS and not arch.yarn_betas:

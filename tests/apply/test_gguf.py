@@ -390,3 +390,72 @@ def test_converted_scaling_computes_what_llama_cpp_computes(keys, model, tmp_pat
     assert (
         converted["max_abs_logit_diff"] < 1e-4 and plain["mean_abs_logit_diff"] > 20 * converted["mean_abs_logit_diff"]
     )
+
+
+def llama31_factors(head_dim: int, base: float, original: int, factor: float = 4.0) -> np.ndarray:
+    """Llama 3.1's rope_freqs as llama.cpp's converter writes them (low/high frequency factors 1 and 4)."""
+    out = []
+    for i in range(head_dim // 2):
+        wavelength = 2 * np.pi * base ** (2 * i / head_dim)
+        if wavelength < original / 4:
+            out.append(1.0)
+        elif wavelength > original:
+            out.append(factor)
+        else:
+            smooth = (original / wavelength - 1) / 3
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def llama31_gguf(tmp_path_factory, model):
+    """A Llama-3.1-style GGUF: llama3 factors (×4 from 128) in rope_freqs.weight, context_length 512, and no
+    rope.scaling keys at all, as llama.cpp's converter writes Llama 3.1."""
+    old = llama31_factors(16, model.config.rope_parameters["rope_theta"], 128)
+    return write_llama_gguf(tmp_path_factory.mktemp("l31") / "l31.gguf", model, extra_tensors={ROPE_FREQS: old}), old
+
+
+@pytest.mark.slow
+def test_llama31_style_gguf_extended_again_reloads_to_the_composed_frequencies(llama31_gguf, model, tmp_path):
+    """dprope on top of the llama3 factors: the file carries g_i·f_i; transformers (through `convert gguf`, built on
+    transformers' own GGUF reader) reloads exactly the plan's frequencies, and transformers' `gguf_file=` loader
+    gives the same weights but plain θ, because it reads no RoPE scaling for llama."""
+    from transformers import AutoModelForCausalLM
+
+    from ropekit.apply.gguf_convert import convert_gguf
+
+    path, old = llama31_gguf
+    plan = extend_gguf(path, tmp_path / "ext.gguf", target_length=2048, method="dprope")
+    assert plan.spec.is_extended and plan.spec.original_length == 512
+    assert read_rope(tmp_path / "ext.gguf").rope_freqs == tuple(
+        float(np.float32(g * f)) for g, f in zip(old, plan.factors)
+    )
+    convert_gguf(tmp_path / "ext.gguf", tmp_path / "hf")
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    assert torch.allclose(ours.model.rotary_emb.inv_freq, plan.inv_freq, rtol=4e-7, atol=0)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="ext.gguf", dtype=torch.float32).eval()
+    for (name, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert torch.equal(
+        theirs.model.rotary_emb.inv_freq,
+        ropekit.RopeSpec(head_dim=16, base=model.config.rope_parameters["rope_theta"], original_length=512).inv_freq(),
+    )
+
+
+@pytest.mark.slow
+def test_llama31_style_gguf_extended_again_runs_the_composition_in_llama_cpp(llama31_gguf, tmp_path):
+    """llama.cpp on the composed file = transformers with the composed plan (F32 weights, 3× past 512 tokens)."""
+    from gguf_fixtures import require_llama_cpp
+
+    require_llama_cpp()
+    from ropekit.eval.llamacpp import agreement, llama_cpp_logits, transformers_logits
+
+    path, _ = llama31_gguf
+    plan = extend_gguf(path, tmp_path / "ext.gguf", target_length=2048, method="dprope")
+    ids = torch.randint(0, len(vocabulary()), (1536,), generator=torch.Generator().manual_seed(0)).tolist()
+    positions = list(range(1280, 1536))
+    reference = transformers_logits(ropekit.apply_plan(tiny_llama(len(vocabulary()), seed=3), plan), ids, positions)
+    composed = agreement(llama_cpp_logits(tmp_path / "ext.gguf", ids, positions), reference)
+    before = agreement(llama_cpp_logits(path, ids, positions), reference)
+    assert composed["top1_agreement"] == 1.0 and composed["max_abs_logit_diff"] < 1e-4
+    assert before["mean_abs_logit_diff"] > 20 * composed["mean_abs_logit_diff"]

@@ -22,7 +22,8 @@ from gguf_fixtures import require_llama_cpp
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
-        os.environ.get("ROPEKIT_LLAMACPP_PARITY") != "1", reason="optional: set ROPEKIT_LLAMACPP_PARITY=1 (minutes each)"
+        os.environ.get("ROPEKIT_LLAMACPP_PARITY") != "1",
+        reason="optional: set ROPEKIT_LLAMACPP_PARITY=1 (minutes each)",
     ),
 ]
 

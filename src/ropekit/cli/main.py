@@ -327,7 +327,9 @@ def extend_cmd(
     out_console.print("load it with: AutoModelForCausalLM.from_pretrained(" + repr(str(out)) + ")")
     plan = plans[0]
     out_console.print(
-        f"vLLM on the original weights: --hf-overrides '{json.dumps(vllm_hf_overrides(plan))}'", soft_wrap=True
+        f"vLLM on the original weights: --hf-overrides '{json.dumps(vllm_hf_overrides(plan))}' "
+        f"--max-model-len {target_length}",
+        soft_wrap=True,
     )
     cpp = llama_cpp_rope_freqs(plan)
     if cpp.get("note"):

@@ -207,7 +207,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=sorted(MODELS), default="smollm2")
     ap.add_argument("--methods", default="yarn,dprope")
-    ap.add_argument("--tokens", type=int, default=None, help="input length (default: the model's, past its trained context)")
+    ap.add_argument(
+        "--tokens", type=int, default=None, help="input length (default: the model's, past its trained context)"
+    )
     ap.add_argument("--chunk", type=int, default=2048, help="transformers forward chunk (tokens)")
     ap.add_argument("--book", type=Path, default=BOOK)
     ap.add_argument("--out", type=Path, default=OUT)

@@ -448,13 +448,14 @@ def test_llama31_style_gguf_extended_again_runs_the_composition_in_llama_cpp(lla
     from gguf_fixtures import require_llama_cpp
 
     require_llama_cpp()
+    from ropekit.apply.gguf_convert import load_gguf_model
     from ropekit.eval.llamacpp import agreement, llama_cpp_logits, transformers_logits
 
     path, _ = llama31_gguf
     plan = extend_gguf(path, tmp_path / "ext.gguf", target_length=2048, method="dprope")
     ids = torch.randint(0, len(vocabulary()), (1536,), generator=torch.Generator().manual_seed(0)).tolist()
     positions = list(range(1280, 1536))
-    reference = transformers_logits(ropekit.apply_plan(tiny_llama(len(vocabulary()), seed=3), plan), ids, positions)
+    reference = transformers_logits(ropekit.apply_plan(load_gguf_model(path), plan), ids, positions)  # llama3 + plan
     composed = agreement(llama_cpp_logits(tmp_path / "ext.gguf", ids, positions), reference)
     before = agreement(llama_cpp_logits(path, ids, positions), reference)
     assert composed["top1_agreement"] == 1.0 and composed["max_abs_logit_diff"] < 1e-4

@@ -195,3 +195,26 @@ def test_gemma3_native_yarn_converts_to_transformers_per_layer_type(tmp_path):
     assert torch.equal(
         rotary.sliding_attention_inv_freq, ropekit.RopeSpec(head_dim=16, base=1e4, original_length=512).inv_freq()
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["yarn", "pi"])
+def test_llama_cpp_runs_native_keys_like_transformers_with_the_plan(method, model, tmp_path):
+    """The real llama.cpp, qwen2 graph (no factor tensor): the native keys ropekit writes compute the plan. The tiny
+    Llama written as qwen2 (rotate-half rows, as llama.cpp's NEOX RoPE) is the same function in both runtimes;
+    F32 weights, 3× past the trained 512 tokens."""
+    from gguf_fixtures import require_llama_cpp
+
+    require_llama_cpp()
+    from ropekit.eval.llamacpp import agreement, llama_cpp_logits, transformers_logits
+
+    src = write_llama_gguf(tmp_path / "qwen2.gguf", model, arch="qwen2")
+    plan = extend_gguf(src, tmp_path / "ext.gguf", target_length=2048, method=method)
+    ids = torch.randint(0, len(vocabulary()), (1536,), generator=torch.Generator().manual_seed(0)).tolist()
+    positions = list(range(1280, 1536))
+    plain = transformers_logits(model, ids, positions)
+    assert agreement(llama_cpp_logits(src, ids, positions), plain)["max_abs_logit_diff"] < 1e-4  # same function
+    reference = transformers_logits(ropekit.apply_plan(tiny_llama(len(vocabulary()), seed=5), plan), ids, positions)
+    extended = agreement(llama_cpp_logits(tmp_path / "ext.gguf", ids, positions), reference)
+    assert extended["top1_agreement"] == 1.0 and extended["max_abs_logit_diff"] < 1e-4
+    assert agreement(plain, reference)["mean_abs_logit_diff"] > 20 * extended["mean_abs_logit_diff"]

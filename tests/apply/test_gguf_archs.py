@@ -218,3 +218,29 @@ def test_llama_cpp_runs_native_keys_like_transformers_with_the_plan(method, mode
     extended = agreement(llama_cpp_logits(tmp_path / "ext.gguf", ids, positions), reference)
     assert extended["top1_agreement"] == 1.0 and extended["max_abs_logit_diff"] < 1e-4
     assert agreement(plain, reference)["mean_abs_logit_diff"] > 20 * extended["mean_abs_logit_diff"]
+
+
+def test_cli_passes_from_scratch_and_refuses_layer_types_for_a_gguf(model, tmp_path):
+    from typer.testing import CliRunner
+
+    from ropekit.cli.main import app
+
+    keys = {"qwen2.rope.scaling.type": "linear", "qwen2.rope.scaling.factor": 2.0}
+    src = write_llama_gguf(tmp_path / "in.gguf", model, arch="qwen2", extra_keys=keys)
+    base = ["extend", str(src), "--method", "yarn", "--target-length", "2048"]
+    r = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "a.gguf")])
+    assert r.exit_code == 2 and "--from-scratch" in r.stderr and r.stderr.count("\n") == 1
+    r = CliRunner().invoke(
+        app, [*base, "--from-scratch", "--original-length", "256", "--out", str(tmp_path / "b.gguf")]
+    )
+    assert r.exit_code == 0, r.stderr
+    assert "qwen2.rope.scaling.type yarn" in " ".join(r.stdout.split()) and "no --rope-*" in r.stdout
+    r = CliRunner().invoke(app, [*base, "--layer-types", "full_attention", "--out", str(tmp_path / "c.gguf")])
+    assert r.exit_code == 2 and "llama.cpp's graph decides" in r.stderr
+    planned = CliRunner().invoke(
+        app, ["plan", "--model", str(src), "--target-length", "2048", "--method", "pi", "--json", "--no-write"]
+    )
+    assert planned.exit_code == 0, planned.stderr
+    import json
+
+    assert json.loads(planned.stdout)["factors"] == [4.0] * 8  # composing: ×4 on top of the file's ×2

@@ -15,8 +15,11 @@ What llama.cpp reads (source: ggml-org/llama.cpp as vendored by llama-cpp-python
   `rope.scaling.attn_factor` times, for YaRN-type scaling only, get_mscale(s)/(1 + 0.1 ln s); ggml's
   YaRN kernel then multiplies by its own 1 + 0.1 ln s (src/llama-context.cpp, constructor). With
   scaling type `none` neither term appears, so `attn_factor` is the plan's a exactly. That is why
-  an extended GGUF carries type `none`, the plan's factors in `rope_freqs.weight` (YaRN's ramp is
-  per-pair divisors too), and a in `attn_factor`.
+  an extended GGUF of an architecture that applies a factor tensor carries type `none`, the plan's
+  factors in that tensor (YaRN's ramp is per-pair divisors too), and a in `attn_factor`; the other
+  architectures get llama.cpp's native keys (`ropekit.apply.gguf_native`). Which architecture applies
+  what is recorded in `ropekit.apply.gguf_archs`.
+- Existing scaling composes with a new plan (`GgufRope.spec`), as in a transformers config.
 
 Pair convention: pair i has frequency b^(−2i/n_rot) in llama.cpp and in transformers alike (the
 interleaved vs rotate-half layout differs, the frequency order does not), so ropekit's factors

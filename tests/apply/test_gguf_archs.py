@@ -17,7 +17,7 @@ import torch
 
 import ropekit
 from conftest import REPO, tiny_llama
-from gguf_fixtures import vocabulary, write_llama_gguf
+from gguf_fixtures import gguf_fields, vocabulary, write_llama_gguf
 from ropekit.apply.gguf import ROPE_FREQS, extend_gguf, gguf_card, open_gguf, read_rope
 from ropekit.apply.gguf_archs import ARCHITECTURES, LONGROPE_TENSORS, markdown_table
 from ropekit.errors import RopekitError
@@ -26,10 +26,6 @@ from ropekit.errors import RopekitError
 @pytest.fixture(scope="module")
 def model():
     return tiny_llama(len(vocabulary()), seed=5)
-
-
-def fields(path) -> dict:
-    return {k: f.contents() for k, f in open_gguf(path).fields.items() if not k.startswith("GGUF.")}
 
 
 def llama_cpp_yarn(base: float, d: int, s: float, length: int, beta_fast=32.0, beta_slow=1.0) -> np.ndarray:
@@ -69,7 +65,7 @@ def test_per_pair_architectures_take_every_plan_in_their_factor_tensor(arch, mod
     for name in ARCHITECTURES[arch].tensors:
         assert np.array_equal(new[name].data, np.float32(plan.factors))
     assert not set(new) & (set(LONGROPE_TENSORS + (ROPE_FREQS,)) - set(ARCHITECTURES[arch].tensors))
-    assert fields(tmp_path / "out.gguf")[f"{arch}.rope.scaling.type"] == "none"
+    assert gguf_fields(tmp_path / "out.gguf")[f"{arch}.rope.scaling.type"] == "none"
     assert gguf_card(src)["llama_cpp_plan"].startswith("per-pair")
 
 
@@ -78,7 +74,7 @@ def test_native_architectures_take_yarn_and_linear_as_rope_scaling_keys(arch, mo
     src = write_llama_gguf(tmp_path / "in.gguf", model, arch=arch)
     base = model.config.rope_parameters["rope_theta"]
     plan = extend_gguf(src, tmp_path / "yarn.gguf", target_length=2048, method="yarn")
-    new = fields(tmp_path / "yarn.gguf")
+    new = gguf_fields(tmp_path / "yarn.gguf")
     p = f"{arch}.rope.scaling."
     assert (new[p + "type"], new[p + "factor"], new[p + "original_context_length"]) == ("yarn", 4.0, 512)
     assert new[f"{arch}.context_length"] == 2048
@@ -89,7 +85,10 @@ def test_native_architectures_take_yarn_and_linear_as_rope_scaling_keys(arch, mo
     assert np.allclose(llama_cpp_yarn(base, 16, 4.0, 512), plan.inv_freq.double().numpy(), rtol=1e-6)
     assert ROPE_FREQS not in {t.name for t in open_gguf(tmp_path / "yarn.gguf").tensors}
     extend_gguf(src, tmp_path / "pi.gguf", target_length=2048, method="pi")
-    assert (fields(tmp_path / "pi.gguf")[p + "type"], fields(tmp_path / "pi.gguf")[p + "factor"]) == ("linear", 4.0)
+    assert (gguf_fields(tmp_path / "pi.gguf")[p + "type"], gguf_fields(tmp_path / "pi.gguf")[p + "factor"]) == (
+        "linear",
+        4.0,
+    )
     assert gguf_card(src)["llama_cpp_plan"].startswith("native only: pi, yarn")
 
 
@@ -131,13 +130,13 @@ def test_native_composition_linear_on_linear_and_refusal_otherwise(model, tmp_pa
         extra_keys={"qwen2.rope.scaling.type": "linear", "qwen2.rope.scaling.factor": 2.0},
     )
     extend_gguf(src, tmp_path / "pi.gguf", target_length=2048, method="pi")  # θ/2 over 512, ×4 more: linear 8
-    assert fields(tmp_path / "pi.gguf")["qwen2.rope.scaling.factor"] == 8.0
+    assert gguf_fields(tmp_path / "pi.gguf")["qwen2.rope.scaling.factor"] == 8.0
     with pytest.raises(
         RopekitError, match="linear scaling times a yarn plan is not one of the forms .* --from-scratch"
     ):
         extend_gguf(src, tmp_path / "yarn.gguf", target_length=2048, method="yarn")
     extend_gguf(src, tmp_path / "yarn.gguf", target_length=2048, method="yarn", from_scratch=True, original_length=256)
-    new = fields(tmp_path / "yarn.gguf")
+    new = gguf_fields(tmp_path / "yarn.gguf")
     assert (new["qwen2.rope.scaling.factor"], new["qwen2.rope.scaling.original_context_length"]) == (8.0, 256)
 
 
@@ -155,7 +154,7 @@ def test_gemma3_full_attention_layers_only(model, tmp_path):
     assert "full-attention layers only" in gguf_card(src)["llama_cpp_plan"]
     plan = extend_gguf(src, tmp_path / "yarn.gguf", target_length=2048, method="yarn")
     assert plan.spec.layer_type == "full_attention"
-    assert fields(tmp_path / "yarn.gguf")["gemma3.rope.scaling.type"] == "yarn"
+    assert gguf_fields(tmp_path / "yarn.gguf")["gemma3.rope.scaling.type"] == "yarn"
     with pytest.raises(RopekitError, match="'gemma3' graph applies no per-pair factors"):
         extend_gguf(src, tmp_path / "dprope.gguf", target_length=2048, method="dprope")
     with pytest.raises(RopekitError, match="sliding-window layers' cos and sin"):

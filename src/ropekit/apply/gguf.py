@@ -39,7 +39,6 @@ from typing import Any
 import numpy as np
 
 from ropekit.apply.gguf_archs import (
-    ARCHITECTURES,
     LONGROPE_TENSORS,
     ROPE_FREQS,
     ArchRope,
@@ -51,8 +50,6 @@ from ropekit.plan.geometry import RopeSpec
 from ropekit.plan.scaling import Plan
 
 GGUF_MAGIC = b"GGUF"
-# Architectures whose llama.cpp graph applies per-pair factors, so every plan runs (ropekit.apply.gguf_archs).
-ROPE_FREQS_ARCHITECTURES = tuple(name for name, a in ARCHITECTURES.items() if a.support == "per-pair")
 
 
 @dataclass(frozen=True)

@@ -299,8 +299,7 @@ def extend_cmd(
             raise RopekitError(
                 "--layer-types does not apply to a .gguf MODEL: llama.cpp's graph decides which layers a plan reaches"
             )
-        params["from_scratch"] = from_scratch
-        return _extend_gguf(model, out, target_length, method, overwrite, original_length, bins, params)
+        return _extend_gguf(model, out, target_length, method, overwrite, original_length, bins, params, from_scratch)
     if original_length is not None:
         raise RopekitError("--original-length applies to a .gguf MODEL only (a model directory's config says it)")
     with err_console.status(f"extending {model} to {target_length} tokens with {method}"):
@@ -348,7 +347,17 @@ def extend_cmd(
         )
 
 
-def _extend_gguf(model: str, out, target_length, method, overwrite, original_length, bins, params) -> None:
+def _extend_gguf(
+    model: str,
+    out: Path,
+    target_length: int,
+    method: str,
+    overwrite: bool,
+    original_length: int | None,
+    bins: int,
+    params: dict[str, Any],
+    from_scratch: bool,
+) -> None:
     from ropekit.apply.gguf import extend_gguf, read_rope
 
     with err_console.status(f"extending {model} to {target_length} tokens with {method}"):
@@ -359,6 +368,7 @@ def _extend_gguf(model: str, out, target_length, method, overwrite, original_len
             method=method,
             overwrite=overwrite,
             original_length=original_length,
+            from_scratch=from_scratch,
             bins=bins,
             **params,
         )

@@ -138,6 +138,17 @@ def versions() -> dict:
     }
 
 
+def cpu_model() -> str:
+    """The CPU's model name (llama.cpp builds with -march=native, so its kernels, and the noise floor, follow it)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
 def run(name: str, method: str, args: argparse.Namespace) -> dict:
     from ropekit.apply.extend import load_tokenizer
     from ropekit.apply.gguf_convert import converted_dir
@@ -159,7 +170,7 @@ def run(name: str, method: str, args: argparse.Namespace) -> dict:
         "book": args.book.name,
         "transformers_forward": f"chunks of {args.chunk} tokens with a KV cache",
         "versions": versions(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "machine": f"{cpu_model()}, {os.cpu_count()} CPUs",
     }
     work = REPO / "out" / "bench-llamacpp"
     extended = work / f"{name}-{method}-{setting.target_length}.gguf"

@@ -214,3 +214,18 @@ def test_write_exports_files(tmp_path):
         "transformers_v5_native",
     }
     assert json.loads(written["transformers_v5_native"].read_text())["rope_parameters"]["rope_type"] == "yarn"
+
+
+@pytest.mark.parametrize("method", ["dprope", "yarn", "pi", "dynamic-ntk"])
+def test_every_export_sets_the_context_the_runtime_serves(method, tmp_path):
+    """The served length is the target L' in every file (transformers' dynamic alone keeps L there: it reads L
+    from max_position_embeddings); vLLM derives max_model_len from the overrides' max_position_embeddings."""
+    spec = RopeSpec(head_dim=64, base=10000.0, original_length=2048)
+    plan = ropekit.make_plan(spec, 8192, method)
+    files = {k: json.loads(p.read_text()) for k, p in write_exports(plan, tmp_path).items()}
+    for kind in ("transformers_v5", "transformers_v4", "vllm_hf_overrides", "vllm_hf_overrides_v4"):
+        assert files[kind]["max_position_embeddings"] == 8192, kind
+    assert files["llama_cpp_rope_freqs"]["context_length"] == 8192
+    if "transformers_v5_native" in files:
+        native = files["transformers_v5_native"]
+        assert native["max_position_embeddings"] == (2048 if method == "dynamic-ntk" else 8192)

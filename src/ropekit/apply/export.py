@@ -8,7 +8,10 @@ runtime implements natively also export in that native form (`Method.native` of 
     transformers v4: config["rope_scaling"] + top-level rope_theta
     vLLM:            --hf-overrides JSON, magnitude from short_mscale / long_mscale (= a)
     llama.cpp:       GGUF tensor `rope_freqs.weight` (= f, float32), one entry per pair, scaling type
-                     none, attention factor in `<arch>.rope.scaling.attn_factor` (ropekit.apply.gguf)
+                     none, attention factor in `<arch>.rope.scaling.attn_factor` (ropekit.apply.gguf);
+                     architectures without it take native rope.scaling keys (ropekit.apply.gguf_native)
+    served length:   every form sets the target L' as the context the runtime allows: config
+                     max_position_embeddings (vLLM derives max_model_len from it), GGUF context_length
 """
 
 from __future__ import annotations
@@ -142,7 +145,9 @@ def llama_cpp_rope_freqs(plan: Plan) -> dict[str, Any]:
         "attention_factor": plan.attention_factor,
         "context_length": plan.target_length,
         "how_to_use": (
-            "ropekit extend MODEL.gguf --method M --target-length N --out OUT.gguf writes these into a GGUF. By hand: "
+            "ropekit extend MODEL.gguf --method M --target-length N --out OUT.gguf writes these into a GGUF whose "
+            "llama.cpp graph applies rope_freqs (ropekit.apply.gguf_archs; others take linear/yarn as "
+            "rope.scaling keys, and no per-pair plan). By hand: "
             "add `values` as the float32 tensor `rope_freqs.weight` (llama.cpp divides each pair's frequency by it), "
             "set '<arch>.rope.scaling.type' to 'none' and remove any other rope.scaling keys and rope_factors_* "
             "tensors, set '<arch>.context_length' to context_length and '<arch>.rope.scaling.attn_factor' to "
@@ -152,8 +157,9 @@ def llama_cpp_rope_freqs(plan: Plan) -> dict[str, Any]:
     }
     if plan.spec.layer_type is not None:
         out["note"] = (
-            f"this plan is for the {plan.spec.layer_type} layers only; llama.cpp's rope_freqs tensor is "
-            "shared by all layers, so it has no exact llama.cpp form"
+            f"this plan is for the {plan.spec.layer_type} layers only; llama.cpp's rope_freqs tensor reaches "
+            "every layer, so these values are no exact llama.cpp form; `ropekit extend MODEL.gguf` writes a "
+            "linear or yarn plan of a gemma3/olmo2 GGUF natively, for its full-attention layers only"
         )
     return out
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -33,44 +32,9 @@ RECORD = "ropekit.json"
 
 
 def rope_scaling_block(rope: GgufRope) -> dict[str, Any] | None:
-    """transformers' `rope_parameters` (without rope_theta) that reproduce llama.cpp's RoPE for this file.
-
-    - rope_freqs.weight (e.g. written by `ropekit extend X.gguf`, or Llama 3.1): `longrope` with
-      short = long = the factors and the explicit attention factor `attn_factor` (llama.cpp
-      applies both at every length, so original_max_position_embeddings only sets the ratio).
-    - linear: transformers' `linear` with the same factor.
-    - yarn: transformers' `yarn`; llama.cpp's magnitude is attn_factor × (1 + 0.1 ln s)
-      (src/llama-context.cpp), given to transformers explicitly.
-    """
-    scaling, kind = rope.scaling, rope.scaling_type
-    if kind == "none":
-        return None
-    if kind == "rope_freqs":
-        original = rope.original_length or rope.context_length
-        return {
-            "rope_type": "longrope",
-            "short_factor": list(rope.rope_freqs or ()),
-            "long_factor": list(rope.rope_freqs or ()),
-            "factor": rope.context_length / original,
-            "original_max_position_embeddings": original,
-            "attention_factor": float(scaling.get("attn_factor", 1.0)),
-        }
-    factor = float(scaling.get("factor") or 1.0)
-    if kind == "linear":
-        return {"rope_type": "linear", "factor": factor}
-    if kind == "yarn":
-        original = rope.original_length or round(rope.context_length / factor)
-        block = {
-            "rope_type": "yarn",
-            "factor": factor,
-            "original_max_position_embeddings": original,
-            "attention_factor": float(scaling.get("attn_factor", 1.0)) * (1.0 + 0.1 * math.log(factor)),
-        }
-        for name in ("beta_fast", "beta_slow"):
-            if f"yarn_{name}" in scaling:
-                block[name] = float(scaling[f"yarn_{name}"])
-        return block
-    raise RopekitError(f"{rope.path}: {kind} RoPE scaling in a GGUF cannot be converted to transformers yet")
+    """transformers' `rope_parameters` (without rope_theta) that reproduce llama.cpp's RoPE for this file
+    (`GgufRope.transformers_block`)."""
+    return rope.transformers_block()
 
 
 def gguf_config(path: str | os.PathLike, rope: GgufRope) -> PretrainedConfig:
@@ -86,7 +50,11 @@ def gguf_config(path: str | os.PathLike, rope: GgufRope) -> PretrainedConfig:
     config = AutoConfig.for_model(parsed.pop("model_type"), **parsed)
     block = rope_scaling_block(rope)
     if block is not None:
-        config.rope_parameters = {"rope_theta": rope.base, **block}
+        block = {"rope_theta": rope.base, **block}
+        if rope.layer_type is not None:  # per-layer-type RoPE (Gemma 3): llama.cpp scales only these layers
+            config.rope_parameters = {**config.rope_parameters, rope.layer_type: block}
+        else:
+            config.rope_parameters = block
         config.max_position_embeddings = rope.context_length
     return config
 

@@ -262,7 +262,8 @@ def extend_cmd(
     original_length: Annotated[
         int | None,
         typer.Option(
-            "--original-length", help="GGUF only: trained context when the file carries scaling without saying it."
+            "--original-length",
+            help="GGUF only: the context to plan from (with --from-scratch: the length before the file's scaling).",
         ),
     ] = None,
     *,
@@ -280,7 +281,11 @@ def extend_cmd(
 
     params = o.method_params(method, method_options)
     if model.lower().endswith(".gguf"):
-        return _extend_gguf(model, out, target_length, method, overwrite, original_length, bins, params)
+        if layer_types:
+            raise RopekitError(
+                "--layer-types does not apply to a .gguf MODEL: llama.cpp's graph decides which layers a plan reaches"
+            )
+        return _extend_gguf(model, out, target_length, method, overwrite, original_length, bins, params, from_scratch)
     if original_length is not None:
         raise RopekitError("--original-length applies to a .gguf MODEL only (a model directory's config says it)")
     with err_console.status(f"extending {model} to {target_length} tokens with {method}"):
@@ -307,7 +312,9 @@ def extend_cmd(
     out_console.print("load it with: AutoModelForCausalLM.from_pretrained(" + repr(str(out)) + ")")
     plan = plans[0]
     out_console.print(
-        f"vLLM on the original weights: --hf-overrides '{json.dumps(vllm_hf_overrides(plan))}'", soft_wrap=True
+        f"vLLM on the original weights: --hf-overrides '{json.dumps(vllm_hf_overrides(plan))}' "
+        f"--max-model-len {target_length}",
+        soft_wrap=True,
     )
     cpp = llama_cpp_rope_freqs(plan)
     if cpp.get("note"):
@@ -335,8 +342,9 @@ def _extend_gguf(
     original_length: int | None,
     bins: int,
     params: dict[str, Any],
+    from_scratch: bool,
 ) -> None:
-    from ropekit.apply.gguf import extend_gguf
+    from ropekit.apply.gguf import extend_gguf, read_rope
 
     with err_console.status(f"extending {model} to {target_length} tokens with {method}"):
         plan = extend_gguf(
@@ -346,17 +354,18 @@ def _extend_gguf(
             method=method,
             overwrite=overwrite,
             original_length=original_length,
+            from_scratch=from_scratch,
             bins=bins,
             **params,
         )
     out_console.print(
         f"wrote {out} ({plan.method}: {len(plan.interpolated_pairs)} of {plan.spec.num_pairs} pairs "
         f"interpolated, attention factor {plan.attention_factor:.4f}; tensors copied unchanged, "
-        f"rope_freqs.weight added, context_length {target_length})"
+        f"{read_rope(out).carried_by()}, context_length {target_length})"
     )
     out_console.print(
-        f"run it with llama.cpp: llama-cli -m {out} -c {target_length}  (or llama_cpp.Llama(model_path="
-        f"{str(out)!r}, n_ctx={target_length}))",
+        f"run it with llama.cpp: llama-cli -m {out} -c {target_length}, no --rope-* or --yarn-* flags "
+        f"(they would scale again)  (or llama_cpp.Llama(model_path={str(out)!r}, n_ctx={target_length}))",
         soft_wrap=True,
     )
 

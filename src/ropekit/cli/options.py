@@ -109,7 +109,13 @@ def build_spec(
     if preset:
         spec = RopeSpec.from_preset(preset)
     elif model and model.lower().endswith(".gguf"):  # a GGUF may need --original-length to be read at all
-        spec = RopeSpec.from_gguf(model, original_length=original_length)
+        from ropekit.apply.gguf import spec_from_gguf
+
+        if layer_type:
+            raise RopekitError(
+                "--layer-type does not apply to a .gguf MODEL: llama.cpp's graph decides which layers a plan reaches"
+            )
+        spec = spec_from_gguf(model, original_length=original_length, from_scratch=from_scratch)
     elif model:
         spec = RopeSpec.from_pretrained(model, from_scratch=from_scratch, layer_type=layer_type)
     else:

@@ -176,46 +176,6 @@ def agreement(logits: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     }
 
 
-def runtime_parity(
-    original_gguf: str | os.PathLike,
-    extended_gguf: str | os.PathLike,
-    plan,
-    model_dir: str | os.PathLike,
-    ids: Sequence[int],
-    *,
-    compare_last: int = 256,
-    noise_window: int = 1024,
-    n_threads: int | None = None,
-) -> dict[str, dict[str, float]]:
-    """Does llama.cpp run the plan? Logits at the last `compare_last` positions of `ids`:
-
-    - `extended_vs_plan`: llama.cpp on the extended GGUF vs transformers + `plan` on the same
-      (dequantised) weights in `model_dir` — the check itself;
-    - `unextended_vs_plan`: llama.cpp on the original GGUF vs the same reference — what losing the
-      plan looks like;
-    - `noise_floor`: llama.cpp vs transformers on the original model inside the trained window
-      (`noise_window` tokens): identical math, so what is left is quantised activations and kernels.
-    """
-    from ropekit.apply.extend import load_model
-    from ropekit.apply.patch import apply
-
-    ids = list(ids)
-    positions = list(range(len(ids) - compare_last, len(ids)))
-    short, short_positions = ids[:noise_window], list(range(noise_window - compare_last, noise_window))
-    model = load_model(str(model_dir), dtype="float32")
-    floor_reference = transformers_logits(model, short, short_positions)
-    reference = transformers_logits(apply(model, plan), ids, positions)
-    return {
-        "extended_vs_plan": agreement(llama_cpp_logits(extended_gguf, ids, positions, n_threads=n_threads), reference),
-        "unextended_vs_plan": agreement(
-            llama_cpp_logits(original_gguf, ids, positions, n_threads=n_threads), reference
-        ),
-        "noise_floor": agreement(
-            llama_cpp_logits(original_gguf, short, short_positions, n_threads=n_threads), floor_reference
-        ),
-    }
-
-
 def evaluate_llama_cpp(cfg, limit: int) -> dict:
     """`ropekit eval X.gguf --backend llama.cpp --tasks ppl`: perplexity in llama.cpp, the file as saved or
     extended on the fly by each `--method` to `limit` tokens (an extended GGUF in a temporary directory);

@@ -17,6 +17,7 @@ from rich.table import Table
 from ropekit.apply.atomic import atomic_directory, prepare_output
 from ropekit.cli import options as o
 from ropekit.cli.render import comparison_table, geometry_header, pair_table
+from ropekit.cli.tune import tune_cmd
 from ropekit.errors import RopekitError
 
 if TYPE_CHECKING:
@@ -770,6 +771,9 @@ def finetune_cmd(
     err_console.print(
         f"{state}; {record['tokens_per_second'] or 0:,.0f} tokens/s; loss curve in {out}/logs/loss_curve.csv"
     )
+
+
+app.command("tune")(user_errors(tune_cmd))  # the command lives in ropekit.cli.tune
 
 
 @app.command("methods")

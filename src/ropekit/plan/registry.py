@@ -27,6 +27,7 @@ from ropekit.plan.methods import (
     none,
     ntk,
     resonance,
+    tuned,
     yarn,
 )
 from ropekit.plan.methods.record import Method, NativeForm, Param
@@ -66,7 +67,20 @@ def unregister_method(name: str, *, missing_ok: bool = False) -> None:
         del ALIASES[alias]
 
 
-for _module in (none, linear, ntk, dynamic_ntk, yarn, llama3, longrope, base_change, resonance, dprope, dprope_opt):
+for _module in (
+    none,
+    linear,
+    ntk,
+    dynamic_ntk,
+    yarn,
+    llama3,
+    longrope,
+    base_change,
+    resonance,
+    dprope,
+    dprope_opt,
+    tuned,
+):
     register_method(_module.METHOD)
 
 

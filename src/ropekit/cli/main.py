@@ -78,7 +78,11 @@ def plan_cmd(
         bool, typer.Option("--json", help="Print one JSON object (and nothing else) on stdout.")
     ] = False,
     compare: Annotated[
-        bool, typer.Option("--compare", help="With --json: add disturbance_by_method for every method.")
+        bool, typer.Option(
+            "--compare",
+            help="With --json: add disturbance_by_method for every method (how far each moves the angle "
+            "statistics, not a quality ranking: `ropekit tune` measures that).",
+        )
     ] = False,
     paper_setting: Annotated[
         bool,
@@ -99,7 +103,9 @@ def plan_cmd(
     """Plan an extension: per-pair factors, attention factor, disturbance, and config exports.
 
     Prints the per-pair plan and every method's disturbance, and writes configs for
-    transformers (v5 and v4), vLLM and llama.cpp.
+    transformers (v5 and v4), vLLM and llama.cpp. The disturbance says how far a plan moves the
+    angle statistics from pre-training; it does not rank plans by quality (on SmolLM2-135M the
+    lowest-disturbance plans had the worst perplexity): `ropekit tune` measures that.
     """
     from ropekit.apply.export import write_exports
     from ropekit.plan.registry import compare as compare_methods

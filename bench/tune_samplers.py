@@ -27,20 +27,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "choose"))
 
 import known_optimum as ko  # noqa: E402
+
 import ropekit  # noqa: E402
 from ropekit.choose.tune import TuneConfig  # noqa: E402
 
 FAMILIES = ("ramp", "monotone", "per-pair")
 SAMPLERS = ("tpe", "cmaes", "random")
 OUT = ROOT / "bench" / "results"
-
-
-def distance(factors, attention, k: ko.KnownOptimum) -> float:
-    """As in tests/choose/test_tune.py: log2 factors weighted by the share of a turn each pair makes over L′."""
-    wavelengths = 2 * np.pi * 10000.0 ** (np.arange(0, 16, 2) / 16)
-    weight = np.minimum(1.0, ko.TARGET / wavelengths)
-    diff = weight * (np.log2(np.asarray(factors)) - np.log2(np.asarray(k.x_factors)))
-    return float(np.sqrt((diff**2).sum() + (attention - k.x_attention) ** 2))
 
 
 def x_reference(k: ko.KnownOptimum, root: Path) -> dict:
@@ -77,7 +70,7 @@ def one_run(k: ko.KnownOptimum, root: Path, family: str, sampler: str, seed: int
         "seed": seed,
         "best_by_trial": best,
         "held_out_ppl": tuned["ppl"],
-        "distance_to_x": distance(r["tuned"]["factors"], r["tuned"]["attention_factor"], k),
+        "distance_to_x": ko.distance_to_x(r["tuned"]["factors"], r["tuned"]["attention_factor"], k),
         "seconds": time.perf_counter() - started,
     }
 
@@ -91,7 +84,9 @@ def summarise(runs: list[dict], x: dict, checkpoints: list[int]) -> list[dict]:
                 continue
             row = {"family": family, "sampler": sampler, "runs": len(mine)}
             for n in checkpoints:
-                row[f"gap@{n}"] = float(np.mean([r["best_by_trial"][min(n, len(r["best_by_trial"])) - 1] for r in mine]))
+                row[f"gap@{n}"] = float(
+                    np.mean([r["best_by_trial"][min(n, len(r["best_by_trial"])) - 1] for r in mine])
+                )
                 row[f"gap@{n}"] -= x["nll_beyond"]
             row["held_out_vs_x"] = float(np.mean([r["held_out_ppl"] / x["held_out_ppl"] - 1 for r in mine]))
             row["distance_to_x"] = float(np.mean([r["distance_to_x"] for r in mine]))

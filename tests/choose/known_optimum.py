@@ -116,3 +116,14 @@ def build(root: Path, *, documents: int = 8, held_out: int = 4) -> KnownOptimum:
         for i, row in enumerate(rows):
             (folder / f"doc{i}.txt").write_text(tokenizer.decode(row[1:].tolist()))
     return KnownOptimum(model_dir, root / "tuning", root / "held_out", tuple(x.factors), X_ATTENTION)
+
+
+def distance_to_x(factors, attention: float, k: KnownOptimum) -> float:
+    """L2 distance of log2 factors to X's, each pair weighted by the share of a turn it makes over the
+    window (min(1, L′/λ_i): a pair that barely rotates leaves its factor unseen), plus the attention factor's."""
+    import numpy as np
+
+    wavelengths = 2 * np.pi * 10000.0 ** (np.arange(0, 16, 2) / 16)
+    weight = np.minimum(1.0, TARGET / wavelengths)
+    diff = weight * (np.log2(np.asarray(factors)) - np.log2(np.asarray(k.x_factors)))
+    return float(np.sqrt((diff**2).sum() + (attention - k.x_attention) ** 2))

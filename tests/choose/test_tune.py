@@ -17,11 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
+import known_optimum as ko
 import pytest
 import torch
 
-import known_optimum as ko
 import ropekit
 from ropekit.apply.extend import load_model, load_tokenizer
 from ropekit.choose import measure
@@ -87,15 +86,6 @@ def study(optimum, tmp_path_factory):
     return out, results
 
 
-def log_distance(factors, attention, k: ko.KnownOptimum) -> float:
-    """L2 distance of log2 factors, each pair weighted by the share of a turn it makes over the window
-    (min(1, L′/λ_i): a pair that barely rotates leaves its factor unseen), plus the attention factor's."""
-    wavelengths = 2 * np.pi * 10000.0 ** (np.arange(0, 16, 2) / 16)
-    weight = np.minimum(1.0, ko.TARGET / wavelengths)
-    diff = weight * (np.log2(np.asarray(factors)) - np.log2(np.asarray(k.x_factors)))
-    return float(np.sqrt((diff**2).sum() + (attention - k.x_attention) ** 2))
-
-
 @pytest.mark.slow
 def test_the_search_moves_from_a_bad_seed_toward_the_known_optimum(optimum, study):
     out, results = study
@@ -104,7 +94,7 @@ def test_the_search_moves_from_a_bad_seed_toward_the_known_optimum(optimum, stud
     best = min(trials, key=lambda t: t["value"])
     assert seed["number"] == 0  # the enqueued seed runs first
     assert best["value"] < seed["value"] - 0.01  # nats beyond the trained length, tuning documents
-    assert log_distance(best["factors"], best["attention_factor"], optimum) < 0.5 * log_distance(
+    assert ko.distance_to_x(best["factors"], best["attention_factor"], optimum) < 0.5 * ko.distance_to_x(
         seed["factors"], seed["attention_factor"], optimum
     )
     # X is the optimum by construction: on the tuning documents it beats the seed and is not beaten by much

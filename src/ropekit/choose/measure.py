@@ -41,7 +41,7 @@ class Documents:
     names: tuple[str, ...]
     ids: tuple[np.ndarray, ...]
 
-    def windows(self, length: int) -> list[np.ndarray]:
+    def windows(self, length: int) -> list[Any]:
         """The first `length` tokens of each document."""
         return [doc[:length] for doc in self.ids]
 
@@ -111,7 +111,8 @@ class Measurer:
         """Teacher-forced passkey accuracy of `plan` at `length` tokens (`ropekit.eval.passkey`), stored once."""
         from ropekit.eval.passkey import passkey_grid
 
-        if self.tokenizer is None:
+        tokenizer = self.tokenizer
+        if tokenizer is None:
             raise RuntimeError("passkey needs the model's tokenizer")
         settings = {"length": length, "depths": [float(d) for d in depths], "trials": trials, "seed": seed}
         key = CellKey(self.model_key, plan_fingerprint(plan), PASSKEY_TASK, settings, "")
@@ -122,7 +123,7 @@ class Measurer:
             started = time.perf_counter()
             r = passkey_grid(
                 model,
-                self.tokenizer,
+                tokenizer,
                 lengths=[length],
                 depths=list(depths),
                 trials=trials,

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import matplotlib.ticker
 import numpy as np
 
 from ropekit.plan.analysis.plots import new_figure
@@ -134,6 +135,7 @@ def plot_objective(trials: list[dict[str, Any]], screen: list[dict[str, Any]], p
     yarn = next((r for r in screen if r["label"] == "yarn" and r.get("nll_beyond") is not None), None)
     if yarn is not None:
         ax.axhline(yarn["nll_beyond"], color="grey", ls="--", lw=1, label="yarn (screened)")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("trial")
     ax.set_ylabel("NLL beyond the trained length (nats, tuning documents)")
     ax.set_title("objective by trial")

@@ -292,12 +292,13 @@ def load(cfg: TuneConfig) -> tuple[Any, Any, Path | None]:
         from ropekit.apply.gguf_convert import converted_dir
 
         source = str(converted_dir(source, progress=lambda m: print(m, file=sys.stderr)))
-    model = load_model(source, dtype="float32")
+    model: Any = load_model(source, dtype="float32")  # transformers types .to as a wrapped method
     tokenizer = load_tokenizer(source)
     if tokenizer is None:
         raise RopekitError(f"{cfg.model}: no tokenizer found beside the model; tune reads text documents")
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device), tokenizer, fingerprinted
+    model.to(device)
+    return model, tokenizer, fingerprinted
 
 
 def paths(given: str | list[str]) -> list[str]:

@@ -78,11 +78,12 @@ def plan_cmd(
         bool, typer.Option("--json", help="Print one JSON object (and nothing else) on stdout.")
     ] = False,
     compare: Annotated[
-        bool, typer.Option(
+        bool,
+        typer.Option(
             "--compare",
             help="With --json: add disturbance_by_method for every method (how far each moves the angle "
             "statistics, not a quality ranking: `ropekit tune` measures that).",
-        )
+        ),
     ] = False,
     paper_setting: Annotated[
         bool,

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ropekit.choose.screen import screen_labels, screened
+from ropekit.choose.screen import screened
 from ropekit.choose.tune import (
     Context,
     best_feasible,
@@ -32,7 +32,6 @@ from ropekit.choose.tune import (
     write_json_atomically,
     write_marker,
 )
-from ropekit.errors import did_you_mean
 from ropekit.eval.store import plan_fingerprint
 
 if TYPE_CHECKING:
@@ -70,7 +69,7 @@ def finish(ctx: Context, study: optuna.Study) -> dict[str, Any]:
         "reference_retention": ctx.reference_retention,
         "screen": ctx.screen,
         "trials": trials,
-        "winner": {k: v for k, v in winner.items() if k != "params"} | {"params": winner.get("params", {})},
+        "winner": winner,
         "tuned": block,
         "held_out": rows,
         "exports": {k: str(v) for k, v in exports.items()},
@@ -113,26 +112,19 @@ def choose_winner(trials: list[dict[str, Any]], screen: list[dict[str, Any]]) ->
     Its factors are read back from the plan the trial measured (`factors` of the trial's user attrs).
     """
     candidates = [dict(r, source=f"trial {r['number']}") for r in trials if "factors" in r]
-    candidates += [dict(r, source=f"screened {r['label']}", value=screened_value(r)) for r in screen]
+    candidates += [dict(r, source=f"screened {r['label']}") for r in screen]
     if not candidates:
         raise RuntimeError("no measured plan to choose from")
     best = min(candidates, key=lambda r: (not r.get("feasible", False), float(r["value"])))
     return best
 
 
-def screened_value(row: dict[str, Any]) -> float:
-    return float(row["value"])
-
-
 def report_plans(ctx: Context, tuned_plan: Plan, study: optuna.Study) -> dict[str, Plan]:
     """label → plan for the held-out report: tuned, its seeds, none, YaRN and the report methods."""
     labels = [s["label"] for s in study.user_attrs.get("seeds") or []] if ctx.cfg.report_seeds else []
     labels += ["none", REFERENCE, *ctx.cfg.report_methods]
-    known = screen_labels(ctx.spec)
     plans: dict[str, Plan] = {"tuned": tuned_plan}
     for label in labels:
-        if label not in known:
-            raise did_you_mean("report method", label, known)
         if label not in plans:
             plans[label] = screened(ctx.spec, ctx.cfg.target_length, label).plan
     return plans

@@ -13,7 +13,7 @@ process ran.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -59,7 +59,6 @@ class Measurer:
     trained_length: int
     bucket: int = 256
     tokenizer: PreTrainedTokenizerBase | None = None
-    on_pass: Callable[[str], None] | None = None  # told before every forward pass (progress)
     passes: int = 0
     seconds: float = 0.0  # spent in forward passes by this process
     _applied: str | None = field(default=None, repr=False)
@@ -91,7 +90,7 @@ class Measurer:
 
         def compute() -> dict[str, Any]:
             model = self.use(plan)
-            self._count(f"{docs.role} window {length:,} × {len(docs.ids)}", len(docs.ids))
+            self._count(len(docs.ids))
             started = time.perf_counter()
             result = position_nll(
                 model,
@@ -119,7 +118,7 @@ class Measurer:
 
         def compute() -> dict[str, Any]:
             model = self.use(plan)
-            self._count(f"passkey {length:,}", len(depths) * trials)
+            self._count(len(depths) * trials)
             started = time.perf_counter()
             r = passkey_grid(
                 model,
@@ -137,7 +136,5 @@ class Measurer:
         value, _ = self.store.measure(key, compute, plan_record=plan_record(plan))
         return float(value["accuracy"])
 
-    def _count(self, what: str, passes: int) -> None:
-        if self.on_pass is not None:
-            self.on_pass(what)
+    def _count(self, passes: int) -> None:
         self.passes += passes

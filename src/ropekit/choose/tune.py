@@ -46,9 +46,9 @@ from typing import TYPE_CHECKING, Any
 from ropekit._version import __version__
 from ropekit.apply.atomic import SIGNATURE, default_modes, prepare_output, remove_replaced
 from ropekit.choose.measure import Documents, Measurer
-from ropekit.choose.screen import NAMED, Screened, screen_plans
+from ropekit.choose.screen import NAMED, Screened, screen_labels, screen_plans
 from ropekit.choose.space import FAMILIES, SearchSpace
-from ropekit.errors import RopekitError
+from ropekit.errors import RopekitError, did_you_mean
 from ropekit.eval.store import EvalStore, canonical_json, model_fingerprint, plan_fingerprint, state_fingerprint
 
 if TYPE_CHECKING:
@@ -236,6 +236,9 @@ def open_context(cfg: TuneConfig) -> Context:
             raise RopekitError(f"{name} {value} must lie beyond the trained length {trained} and within the target")
     if not 2 <= retention < trained:
         raise RopekitError(f"--retention-length {retention} must be at least 2 and below the trained length {trained}")
+    for label in [*(cfg.screen or []), *cfg.report_methods]:  # before any measurement
+        if label not in screen_labels(spec):
+            raise did_you_mean("screened plan", label, screen_labels(spec))
     tuning = read_documents_for(cfg.data, tokenizer, role="tuning", length=window)
     held_out = read_documents_for(cfg.held_out, tokenizer, role="held-out", length=report_window)
     scale = cfg.target_length / trained
@@ -245,7 +248,7 @@ def open_context(cfg: TuneConfig) -> Context:
     fingerprint = model_fingerprint(model_path, store) if model_path is not None else state_fingerprint(model)
     measurer = Measurer(model, store, fingerprint, trained, bucket=cfg.bucket, tokenizer=tokenizer)
     identity = study_identity(cfg, fingerprint, tuning, window, retention, space)
-    if earlier is not None and earlier.get("identity") != identity:
+    if earlier is not None and (cfg.overwrite or earlier.get("identity") != identity):
         if not cfg.overwrite:
             store.close()
             raise RopekitError(

@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from ropekit.choose.screen import NAMED
+from ropekit.choose.tune import TuneConfig
 from ropekit.cli import options as o
 from ropekit.errors import RopekitError
 
+
+def _default(name: str) -> Any:
+    """TuneConfig's default for `name`: each default is written once, there."""
+    return TuneConfig.__dataclass_fields__[name].default
+
+
+REPORTED = ",".join(label for label in NAMED if label not in ("none", "yarn"))  # none and yarn are always reported
 SEARCH = "Search"
 STUDY = "Study and workers"
 REPORT = "Report"
@@ -58,14 +67,14 @@ def tune_cmd(
             "pair, unconstrained).",
             rich_help_panel=SEARCH,
         ),
-    ] = "ramp",
+    ] = _default("family"),
     sampler: Annotated[
         str, typer.Option("--sampler", help="tpe, cmaes or random (optuna).", rich_help_panel=SEARCH)
-    ] = "tpe",
+    ] = _default("sampler"),
     trials: Annotated[
         int,
         typer.Option("--trials", help="Search trials in the study, all workers together.", rich_help_panel=SEARCH),
-    ] = 40,
+    ] = _default("trials"),
     budget_minutes: Annotated[
         float | None,
         typer.Option(
@@ -90,7 +99,7 @@ def tune_cmd(
             help="Largest relative rise of the retention perplexity over the unscaled model's (0.01 = 1%).",
             rich_help_panel=SEARCH,
         ),
-    ] = 0.01,
+    ] = _default("retention_tolerance"),
     attention_range: Annotated[
         str | None,
         typer.Option(
@@ -105,13 +114,13 @@ def tune_cmd(
             "passkey accuracy) at the tuning window).",
             rich_help_panel=SEARCH,
         ),
-    ] = "nll",
+    ] = _default("objective"),
     passkey_weight: Annotated[
         float, typer.Option("--passkey-weight", help="Nats per unit of passkey accuracy.", rich_help_panel=SEARCH)
-    ] = 1.0,
+    ] = _default("passkey_weight"),
     passkey_trials: Annotated[
         int, typer.Option("--passkey-trials", help="Passkey trials per depth (5 depths).", rich_help_panel=SEARCH)
-    ] = 2,
+    ] = _default("passkey_trials"),
     screen: Annotated[
         str,
         typer.Option(
@@ -123,8 +132,8 @@ def tune_cmd(
     ] = "",
     seeds: Annotated[
         int, typer.Option("--seeds", help="Best screened plans enqueued as the first trials.", rich_help_panel=SEARCH)
-    ] = 3,
-    seed: Annotated[int, typer.Option("--seed", help="Sampler seed.", rich_help_panel=SEARCH)] = 0,
+    ] = _default("seeds"),
+    seed: Annotated[int, typer.Option("--seed", help="Sampler seed.", rich_help_panel=SEARCH)] = _default("seed"),
     report_window: Annotated[
         int | None,
         typer.Option(
@@ -138,7 +147,7 @@ def tune_cmd(
             help="Screened plans measured on held-out text beside the tuned plan, its seeds, none and yarn.",
             rich_help_panel=REPORT,
         ),
-    ] = "pi,ntk,llama3,dprope,dprope-n,base",
+    ] = REPORTED,
     storage: Annotated[
         str | None,
         typer.Option(
@@ -159,7 +168,7 @@ def tune_cmd(
             rich_help_panel=STUDY,
         ),
     ] = False,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")] = "auto",
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")] = _default("device"),
     overwrite: o.Overwrite = False,
 ) -> None:
     """Find the plan that works best on your model at the target length, by measurement.
@@ -169,7 +178,7 @@ def tune_cmd(
     from the best screened plans, and reports on --held-out text only. The winner is the method
     `tuned`: apply it with `ropekit extend MODEL --method tuned --from-study OUT ...`.
     """
-    from ropekit.choose.tune import TuneConfig, tune
+    from ropekit.choose.tune import tune
 
     cfg = TuneConfig(
         model=model,

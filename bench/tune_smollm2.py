@@ -1,7 +1,7 @@
 """`ropekit tune` on a real model: SmolLM2-135M (trained at 8k) tuned for 16k, reported on held-out books.
 
     nice -n 19 .venv/bin/python bench/tune_smollm2.py            # the study (s = 2): ~2 h of 2 quiet CPU cores, resumable
-    .venv/bin/python bench/tune_smollm2.py --quick                # ≤ 15 min: one 12k window, 4 trials, one held-out book
+    .venv/bin/python bench/tune_smollm2.py --quick                # ~12 min on quiet cores: one 12k window, 4 trials, one book
     .venv/bin/python bench/tune_smollm2.py --readme [--quick]     # README block from the results JSON (no model needed)
     .venv/bin/python bench/tune_smollm2.py --device cuda          # the same study on a GPU (minutes)
 

@@ -160,6 +160,7 @@ def plot_factors(tuned: Plan, plans: dict[str, Plan], seeds: list[dict[str, Any]
     if crit:
         ax.axvline(crit[0] - 0.5, color="grey", ls=":", lw=1, label="first pair without a full turn in L")
     ax.set_yscale("log", base=2)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("pair i (0 = highest frequency)")
     ax.set_ylabel("factor f_i (θ'_i = θ_i / f_i)")
     ax.set_title("per-pair factors")

@@ -258,6 +258,15 @@ def test_bad_settings_are_refused_before_any_model_loads(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_spent_budget_stops_cleanly_and_still_reports(optimum, tmp_path):
+    results = ropekit.tune(config(optimum, tmp_path / "budget", budget_minutes=1e-6))
+    assert [r["label"] for r in results["screen"]] == ["none"]  # the retention reference, always screened
+    assert results["trials"] == []
+    assert results["tuned"]["factors"] == [1.0] * 8 and results["tuned"]["chosen_from"] == "screened none"
+    assert {r["label"] for r in results["held_out"]} == {"tuned", "none", "yarn"}
+
+
+@pytest.mark.slow
 def test_a_directory_of_another_study_is_refused(optimum, study):
     out, _ = study
     with pytest.raises(RopekitError, match="holds a study with other settings .*retention_tolerance"):

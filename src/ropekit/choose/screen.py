@@ -55,8 +55,7 @@ def screen_plans(spec: RopeSpec, target_length: int, labels: list[str] | None = 
     for label in chosen:
         if label not in known:
             raise did_you_mean("screened plan", label, known)
-    if "none" not in chosen:
-        chosen = ["none", *chosen]  # the unscaled model is the retention reference
+    chosen = ["none", *(label for label in chosen if label != "none")]  # first: the retention reference
     return [screened(spec, target_length, label) for label in chosen]
 
 

@@ -183,8 +183,8 @@ def tune(cfg: TuneConfig) -> dict[str, Any]:
     try:
         study = open_study(ctx)
         if not cfg.worker:
-            run_screen(ctx, study)
-            enqueue_seeds(ctx, study)
+            if run_screen(ctx, study):  # complete: seed the search (a budget stop leaves it to the rerun)
+                enqueue_seeds(ctx, study)
         else:
             ctx.screen = list(study.user_attrs.get("screen", []))
             ctx.reference_retention = float(study.user_attrs.get("reference_retention", math.nan))
@@ -478,18 +478,18 @@ def evaluate(ctx: Context, plan: Plan, *, gate: bool) -> Evaluation:
     )
 
 
-def run_screen(ctx: Context, study: optuna.Study) -> None:
-    """Measure every screened plan once (the store remembers them); record them in the study."""
+def run_screen(ctx: Context, study: optuna.Study) -> bool:
+    """Measure every screened plan once (the store remembers them) and record them in the study;
+    False when the budget ran out first."""
     plans = screen_plans(ctx.spec, ctx.cfg.target_length, ctx.cfg.screen)
     P = ctx.retention_length
-    none = next(item for item in plans if item.label == "none")
-    reference = ctx.measurer.window(none.plan, ctx.tuning, P, prefixes=(P,))
+    reference = ctx.measurer.window(plans[0].plan, ctx.tuning, P, prefixes=(P,))  # `none`
     ctx.reference_retention = float(reference["prefix_ppl"][str(P)])
     study.set_user_attr("reference_retention", ctx.reference_retention)
     bar = progress_bar(ctx, total=len(plans), desc="screen", unit="plan")
     rows = []
     for item in plans:
-        if ctx.out_of_time():
+        if ctx.out_of_time() and rows:  # `none`, first, is always screened
             print(
                 f"note: the budget ran out while screening; {item.label} and later plans not screened", file=sys.stderr
             )
@@ -501,6 +501,7 @@ def run_screen(ctx: Context, study: optuna.Study) -> None:
     bar.close()
     ctx.screen = rows
     study.set_user_attr("screen", rows)
+    return len(rows) == len(plans)
 
 
 def screen_row(item: Screened, ev: Evaluation) -> dict[str, Any]:

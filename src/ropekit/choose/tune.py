@@ -115,6 +115,8 @@ class TuneConfig:
             raise RopekitError(f"--budget-minutes must be > 0, got {self.budget_minutes}")
         if not (math.isfinite(self.retention_tolerance) and self.retention_tolerance >= 0):
             raise RopekitError(f"--retention-tolerance must be ≥ 0, got {self.retention_tolerance}")
+        if self.worker and self.overwrite:
+            raise RopekitError("--worker joins a running study; it never starts one again (drop --overwrite)")
         if self.seeds < 0 or self.bucket < 1 or self.passkey_trials < 1:
             raise RopekitError("--seeds must be ≥ 0, --bucket and --passkey-trials ≥ 1")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
@@ -217,7 +219,8 @@ def open_context(cfg: TuneConfig) -> Context:
         existing_ok=True,
     )
     earlier = read_marker(out)
-    if out.is_dir() and any(out.iterdir()) and earlier is None:
+    filled = out.is_dir() and any(out.iterdir())
+    if filled and earlier is None and not cfg.overwrite:  # with --overwrite: another ropekit output, replaced below
         raise RopekitError(
             f"{out} is not a `ropekit tune` study directory (no {MARKER} of a study); choose another --out"
         )
@@ -248,11 +251,11 @@ def open_context(cfg: TuneConfig) -> Context:
     fingerprint = model_fingerprint(model_path, store) if model_path is not None else state_fingerprint(model)
     measurer = Measurer(model, store, fingerprint, trained, bucket=cfg.bucket, tokenizer=tokenizer)
     identity = study_identity(cfg, fingerprint, tuning, window, retention, space)
-    if earlier is not None and (cfg.overwrite or earlier.get("identity") != identity):
+    if filled and (cfg.overwrite or earlier is None or earlier.get("identity") != identity):
         if not cfg.overwrite:
             store.close()
             raise RopekitError(
-                f"{out} holds a study with other settings ({describe_change(earlier.get('identity'), identity)}); "
+                f"{out} holds a study with other settings ({describe_change((earlier or {}).get('identity'), identity)}); "
                 "use another --out, or --overwrite to start it again"
             )
         store.close()
@@ -279,8 +282,9 @@ def open_context(cfg: TuneConfig) -> Context:
     ctx = Context(
         cfg, spec, measurer, tuning, held_out, space, window, report_window, retention, identity, provenance, started
     )
-    if earlier is None and not cfg.worker:
-        write_marker(out, {"status": "running", "identity": identity, "provenance": provenance})
+    if earlier is None:
+        status = "worker" if cfg.worker else "running"
+        write_marker(out, {"status": status, "identity": identity, "provenance": provenance})
     return ctx
 
 
@@ -487,7 +491,7 @@ def run_screen(ctx: Context, study: optuna.Study) -> bool:
     ctx.reference_retention = float(reference["prefix_ppl"][str(P)])
     study.set_user_attr("reference_retention", ctx.reference_retention)
     bar = progress_bar(ctx, total=len(plans), desc="screen", unit="plan")
-    rows = []
+    rows: list[dict[str, Any]] = []
     for item in plans:
         if ctx.out_of_time() and rows:  # `none`, first, is always screened
             print(

@@ -138,9 +138,10 @@ def plot_objective(trials: list[dict[str, Any]], screen: list[dict[str, Any]], p
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("trial")
     ax.set_ylabel("NLL beyond the trained length (nats, tuning documents)")
-    ax.set_title("objective by trial")
+    ax.set_title("objective by trial" if trials else "objective by trial (no search trials yet)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return path

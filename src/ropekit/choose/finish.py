@@ -52,8 +52,8 @@ def finish(ctx: Context, study: optuna.Study) -> dict[str, Any]:
     tuned_plan = ctx.plan_of(winner["factors"], winner["attention_factor"])
     plans = report_plans(ctx, tuned_plan, study)
     measured = measure_held_out(ctx, plans)
-    rows = ranked_rows(ctx, plans, measured, trials)
-    block = tuned_block(ctx, study, winner, tuned_plan, trials, rows)
+    rows = ranked_rows(ctx, plans, measured)
+    block = tuned_block(ctx, study, winner, tuned_plan, rows)
     out = Path(ctx.cfg.out)
     exports = write_plan(out, tuned_plan, block)
     figures = [
@@ -90,20 +90,11 @@ def finish(ctx: Context, study: optuna.Study) -> dict[str, Any]:
 
 
 def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
-    """Every complete trial as plain data, in trial order."""
+    """Every complete trial as plain data (number, value, parameters and the measured attributes), in trial order."""
     import optuna
 
-    rows = []
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        rows.append(
-            {
-                "number": t.number,
-                "value": t.value,
-                "params": dict(t.params),
-                **{k: v for k, v in t.user_attrs.items()},
-            }
-        )
-    return rows
+    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    return [{"number": t.number, "value": t.value, "params": dict(t.params), **t.user_attrs} for t in done]
 
 
 def choose_winner(trials: list[dict[str, Any]], screen: list[dict[str, Any]]) -> dict[str, Any]:
@@ -115,8 +106,7 @@ def choose_winner(trials: list[dict[str, Any]], screen: list[dict[str, Any]]) ->
     candidates += [dict(r, source=f"screened {r['label']}") for r in screen]
     if not candidates:
         raise RuntimeError("no measured plan to choose from")
-    best = min(candidates, key=lambda r: (not r.get("feasible", False), float(r["value"])))
-    return best
+    return min(candidates, key=lambda r: (not r.get("feasible", False), float(r["value"])))
 
 
 def report_plans(ctx: Context, tuned_plan: Plan, study: optuna.Study) -> dict[str, Plan]:
@@ -143,9 +133,7 @@ def measure_held_out(ctx: Context, plans: dict[str, Plan]) -> dict[str, dict[str
     return out
 
 
-def ranked_rows(
-    ctx: Context, plans: dict[str, Plan], measured: dict[str, dict[str, Any]], trials: list[dict[str, Any]]
-) -> list[dict[str, Any]]:
+def ranked_rows(ctx: Context, plans: dict[str, Plan], measured: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per report plan, best held-out perplexity first, with noise against YaRN."""
     P = str(ctx.retention_length)
     none_retention = measured["none"]["prefix_ppl"][P]
@@ -207,7 +195,6 @@ def tuned_block(
     study: optuna.Study,
     winner: dict[str, Any],
     plan: Plan,
-    trials: list[dict[str, Any]],
     rows: list[dict[str, Any]],
 ) -> dict[str, Any]:
     """What `ropekit extend --method tuned --from-study DIR` reads: the plan and the study's provenance."""

@@ -194,7 +194,7 @@ def test_without_out_plan_and_eval_write_nothing_and_the_others_ask_for_it(tiny,
     evaluated = runner.invoke(app, [a for a in eval_args(model, text, "-") if a not in ("--out", "-")])
     assert evaluated.exit_code == 0 and "written to" not in evaluated.stdout, evaluated.output
     assert list(cwd.iterdir()) == []
-    for command in ("analyze", "convert", "extend", "finetune"):
+    for command in ("analyze", "convert", "extend", "finetune", "tune"):
         args = command_args(command, tiny, tmp_path, Path("unused"))
         at = args.index("--out")
         result = runner.invoke(app, args[:at] + args[at + 2 :])  # main() makes this one `error:` line
@@ -224,6 +224,8 @@ def command_args(name: str, tiny, tmp_path: Path, out: Path) -> list[str]:
         "convert": ["convert", "llama2c", str(ckpt), str(tok), "--out", str(out)],
         "extend": ["extend", str(model), "--target-length", "1024", "--method", "pi", "--out", str(out)],
         "eval": eval_args(model, text, out),
+        "tune": ["tune", str(model), "--target-length", "1024", "--data", str(text), "--held-out", str(text)]
+        + ["--out", str(out)],
         "finetune": [
             "finetune",
             str(model),
@@ -243,7 +245,7 @@ def command_args(name: str, tiny, tmp_path: Path, out: Path) -> list[str]:
     }[name]
 
 
-COMMANDS = ("plan", "analyze", "convert", "extend", "eval", "finetune")
+COMMANDS = ("plan", "analyze", "convert", "extend", "eval", "finetune", "tune")
 
 
 def no_work(monkeypatch):

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from ropekit.cli import options as o
 from ropekit.cli.render import comparison_table, print_plan
+from ropekit.cli.tune import tune_cmd
 from ropekit.errors import RopekitError
 from ropekit.output import atomic_directory, prepare_output
 from ropekit.plan.analysis.angles import DEFAULT_BINS
@@ -80,7 +81,12 @@ def plan_cmd(
         bool, typer.Option("--json", help="Print one JSON object (and nothing else) on stdout.")
     ] = False,
     compare: Annotated[
-        bool, typer.Option("--compare", help="With --json: add disturbance_by_method for every method.")
+        bool,
+        typer.Option(
+            "--compare",
+            help="With --json: add disturbance_by_method for every method (how far each moves the angle "
+            "statistics, not a quality ranking: `ropekit tune` measures that).",
+        ),
     ] = False,
     paper_setting: Annotated[
         bool,
@@ -101,7 +107,9 @@ def plan_cmd(
     """Plan an extension: per-pair factors, attention factor, disturbance, and config exports.
 
     Prints the per-pair plan and every method's disturbance, and writes configs for
-    transformers (v5 and v4), vLLM and llama.cpp.
+    transformers (v5 and v4), vLLM and llama.cpp. The disturbance says how far a plan moves the
+    angle statistics from pre-training; it does not rank plans by quality (on SmolLM2-135M the
+    lowest-disturbance plans had the worst perplexity): `ropekit tune` measures that.
     """
     from ropekit.apply.plan_dir import write_plan_directory
     from ropekit.plan.report import plan_report
@@ -782,6 +790,9 @@ def finetune_cmd(
     err_console.print(
         f"{state}; {record['tokens_per_second'] or 0:,.0f} tokens/s; loss curve in {out}/logs/loss_curve.csv"
     )
+
+
+app.command("tune")(user_errors(tune_cmd))  # the command lives in ropekit.cli.tune
 
 
 @app.command("methods")

@@ -23,6 +23,7 @@ from ropekit.plan.methods import (
     none,
     ntk,
     resonance,
+    tuned,
     yarn,
 )
 from ropekit.plan.methods.catalog import (
@@ -53,7 +54,20 @@ __all__ = [  # the method table lives in ropekit.plan.methods.catalog; these nam
     "unregister_method",
 ]
 
-for _module in (none, linear, ntk, dynamic_ntk, yarn, llama3, longrope, base_change, resonance, dprope, dprope_opt):
+for _module in (
+    none,
+    linear,
+    ntk,
+    dynamic_ntk,
+    yarn,
+    llama3,
+    longrope,
+    base_change,
+    resonance,
+    dprope,
+    dprope_opt,
+    tuned,
+):
     register_method(_module.METHOD)
 
 

@@ -50,7 +50,7 @@ def write_plan_directory(
     ...     sorted(p.name for p in Path(f"{tmp}/plan").iterdir())[:3]
     ['llama_cpp_rope_freqs.json', 'plan.json', 'transformers_v4.json']
     """
-    target = prepare_output(out, overwrite=overwrite, inputs=inputs, marker=PLAN_FILE)
+    target = prepare_output(out, kind="plan", overwrite=overwrite, inputs=inputs, marker=PLAN_FILE)
     report = plan_report(
         spec,
         target_length,

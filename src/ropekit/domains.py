@@ -5,13 +5,13 @@ fine-tuning setting (`TrainConfig` field metadata) or a geometry number (`ropeki
 the Python API checks it (`Domain.check`, one `RopekitError` line) and the CLI's --help states it
 (`Domain.describe`), so the two never disagree. Upper bounds that exist for memory say so in `why`.
 
->>> BINS = Domain(1, 36_000, integer=True, why="memory: d/2 × K histograms")
+>>> BINS = Domain(1, 36_000, integer=True, why="memory")
 >>> BINS.describe()
 'an integer in [1, 36000]'
 >>> BINS.check("--bins", 0)
 Traceback (most recent call last):
 ...
-ropekit.errors.RopekitError: --bins must be an integer in [1, 36000], got 0
+ropekit.errors.RopekitError: --bins must be an integer in [1, 36000] (memory), got 0
 """
 
 from __future__ import annotations

@@ -210,7 +210,7 @@ def test_absurd_target_length_and_base_are_refused_at_once(tmp_path):
                 str(tmp_path / "o"),
             ],
         )
-        assert_one_line_error(result, "new_base must be a finite number > 1")
+        assert_one_line_error(result, "new_base (--new-base) must be a number in (1, ")
     assert not (tmp_path / "o").exists()
 
 

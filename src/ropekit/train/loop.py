@@ -111,8 +111,8 @@ def _setup(cfg: TrainConfig) -> _Run:
     spec = RopeSpec.from_pretrained(cfg.model)
     cfg.validate(spec.context_length)
     check_environment(cfg)
+    target = claim_run_dir(cfg)  # checks only: nothing is written before every check has passed
     make_plan(spec, cfg.target_length, cfg.method, **cfg.method_params)  # a plan that cannot be made: refused now
-    target = claim_run_dir(cfg)
     # accelerate only builds a gloo process group under torchrun when told cpu=True on a machine without CUDA
     cpu = not torch.cuda.is_available()
     state = PartialState(cpu=cpu)

@@ -59,7 +59,15 @@ METHOD = Method(
     "emozilla 2023",
     params=(
         Param("scale", float, "the scale s: s of the base formula", default="L'/L", flag=None, domain=SCALE),
-        Param("at_length", int, "sequence length to evaluate at, above L", default="L'", unit="tokens", domain=LENGTH),
+        Param(
+            "at_length",
+            int,
+            "sequence length to evaluate at; at or below L the frequencies are the original ones (no scaling), "
+            "as transformers' dynamic rope_type does",
+            default="L'",
+            unit="tokens",
+            domain=LENGTH,
+        ),
     ),
     aliases=("dynamic",),
     native=NativeForm("dynamic", native_block),

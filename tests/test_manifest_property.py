@@ -57,7 +57,9 @@ def write_output(path: Path, kind: str, files: dict[str, bytes]) -> None:
 
 
 SCRATCH = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None  # memory-backed where there is one: fast
-OTHER_OUTPUT = Path(tempfile.mkdtemp(prefix="manifest-property-other-", dir=SCRATCH)) / "other"  # whose manifest gets copied
+OTHER_OUTPUT = (
+    Path(tempfile.mkdtemp(prefix="manifest-property-other-", dir=SCRATCH)) / "other"
+)  # whose manifest gets copied
 write_output(OTHER_OUTPUT, "plan", {"x.json": b"{}", "y.txt": b"other output"})
 
 state = st.fixed_dictionaries(
@@ -67,9 +69,7 @@ state = st.fixed_dictionaries(
         "asked_kind": st.sampled_from(KINDS),
         "files": st.lists(st.sampled_from(NAMES), min_size=1, max_size=4, unique=True),
         "contents": st.lists(st.binary(min_size=1, max_size=64), min_size=4, max_size=4),
-        "changes": st.lists(
-            st.tuples(st.sampled_from(USER_CHANGES + HARMLESS_CHANGES), st.integers(0, 3)), max_size=3
-        ),
+        "changes": st.lists(st.tuples(st.sampled_from(USER_CHANGES + HARMLESS_CHANGES), st.integers(0, 3)), max_size=3),
         "input_inside": st.booleans(),
         "via_symlink": st.booleans(),
     }

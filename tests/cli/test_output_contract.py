@@ -337,7 +337,10 @@ def test_a_target_that_appears_meanwhile_is_never_replaced(tmp_path):
 
 
 def test_a_failing_body_leaves_nothing_not_even_new_parents(tmp_path):
-    with pytest.raises(ZeroDivisionError), atomic_directory(prepare_output(tmp_path / "a" / "b" / "out", kind="plan")) as tmp:
+    with (
+        pytest.raises(ZeroDivisionError),
+        atomic_directory(prepare_output(tmp_path / "a" / "b" / "out", kind="plan")) as tmp,
+    ):
         (tmp / "half.txt").write_text("partial")
         raise ZeroDivisionError("the body fails half-way")
     assert list(tmp_path.iterdir()) == []

@@ -902,6 +902,30 @@ def presets_cmd() -> None:
             out_console.print(f"[bold]{name}[/]: {p.note}")
 
 
+class _Command(typer.core.TyperCommand):
+    """A command whose --help shows no `<bool>` after --help itself (flags take no value)."""
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class _Group(typer.core.TyperGroup):
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+for _typer in (app, convert_app):
+    _typer.info.cls = _Group  # (ropekit defines no command class of its own elsewhere)
+    for _info in _typer.registered_commands:
+        _info.cls = _Command
+
+
 def _terminate(signum: int, frame: Any) -> None:
     """SIGTERM raises `Terminated` (a KeyboardInterrupt), so it cleans up exactly as Ctrl-C does; exit 143."""
     raise Terminated

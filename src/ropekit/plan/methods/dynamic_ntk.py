@@ -32,11 +32,8 @@ def dynamic_ntk(
     s = target_length / spec.context_length if scale is None else scale
     require_finite_positive("scale", s)
     length = target_length if at_length is None else at_length
-    if isinstance(length, bool) or not isinstance(length, int) or length <= spec.context_length:
-        raise RopekitError(
-            f"at_length must be an integer above the original length {spec.context_length} "
-            f"(at or below it dynamic NTK keeps the original frequencies), got {length!r}"
-        )
+    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+        raise RopekitError(f"at_length must be a positive integer, got {length!r}")
     if spec.rotary_dim == 2:
         raise RopekitError("dynamic NTK needs a rotary dimension > 2 (its exponent is d/(d−2))")
     new_base = dynamic_ntk_base(spec, s, length)

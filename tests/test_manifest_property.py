@@ -179,8 +179,10 @@ def test_a_file_added_between_the_check_and_the_replacement_is_kept(tmp_path):
     write_output(out, "plan", {"plan.json": b"{}"})
     target = prepare_output(out, kind="plan", overwrite=True)
     (out / "NOTES.md").write_text("written while the run worked")
-    with pytest.raises(RopekitError, match="changed while this run was writing") as info:
-        with atomic_directory(target) as tmp:
-            (tmp / "plan.json").write_text("{}")
+    with (
+        pytest.raises(RopekitError, match="changed while this run was writing") as info,
+        atomic_directory(target) as tmp,
+    ):
+        (tmp / "plan.json").write_text("{}")
     assert (out / "NOTES.md").read_text() == "written while the run worked"
     assert "\n" not in str(info.value) and (tmp_path / "out-2" / "plan.json").is_file()

@@ -40,9 +40,9 @@ class Domain:
             return False
         if self.integer and not isinstance(value, numbers.Integral):
             return False
-        x = float(value) if not isinstance(value, numbers.Integral) else value
-        if isinstance(x, float) and not math.isfinite(x):
+        if not isinstance(value, numbers.Integral) and not math.isfinite(float(value)):
             return False
+        x = int(value) if isinstance(value, numbers.Integral) else float(value)  # exact for big integers
         if self.low is not None and (x < self.low or (self.low_open and x == self.low)):
             return False
         return not (self.high is not None and (x > self.high or (self.high_open and x == self.high)))

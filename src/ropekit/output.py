@@ -111,7 +111,7 @@ def prepare_output(
     return OutputTarget(path=path, overwrite=overwrite, marker=marker, replaces=replaces, kind=kind, snapshot=snapshot)
 
 
-def resolve_output_path(out: str | Path) -> Path:
+def resolve_output_path(out: str | os.PathLike[str]) -> Path:
     """`out` as an absolute path; a symbolic link (also a dangling one) is replaced by where it points."""
     path = Path(os.path.abspath(os.path.expanduser(out)))
     return Path(os.path.realpath(path)) if path.is_symlink() else path

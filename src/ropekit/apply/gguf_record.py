@@ -17,6 +17,7 @@ matches its hash, so `--overwrite` refuses it: it replaces only a file whose rec
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +88,7 @@ def seal(path: Path) -> None:
         fh.write(value.encode())
 
 
-def check_replaceable(path: Path, shown: str | Path) -> None:
+def check_replaceable(path: Path, shown: str | os.PathLike[str]) -> None:
     """Refuse, with one line, to replace `path` unless it is an extended GGUF ropekit wrote, unchanged."""
     advice = f"choose another --out (or delete {shown} yourself)"
     fields = _fields(path)

@@ -19,7 +19,7 @@ from rich.table import Table
 from ropekit.cli import options as o
 from ropekit.cli.render import comparison_table, print_plan
 from ropekit.errors import RopekitError, Terminated
-from ropekit.manifest import set_command
+from ropekit.manifest import MANIFEST, set_command
 from ropekit.output import atomic_directory, prepare_output
 from ropekit.plan.analysis.angles import DEFAULT_BINS
 from ropekit.plan.registry import DEFAULT_METHOD
@@ -133,7 +133,7 @@ def plan_cmd(
     print_plan(out_console, report)
     if out_dir is not None:
         names = ", ".join(p.name for p in report.exports.values())
-        out_console.print(f"exports written to {out_dir}/: {names}, plan.json")
+        out_console.print(f"exports written to {out_dir}/: {names}, plan.json, {MANIFEST}")
     elif not no_write:
         out_console.print("add --out DIR to write the transformers, vLLM and llama.cpp exports and plan.json")
 

@@ -62,7 +62,8 @@ def plan_report(
         label, setting = published_setting(method, spec, target_length, params)
         params = {**params, **setting}
     chosen = plan(spec, target_length, method, bins=bins, **params)
-    scores, skipped = None, {}
+    scores: dict[str, float] | None = None
+    skipped: dict[str, str] = {}
     if compare_methods:
         plans, skipped = comparison(spec, target_length, bins=bins)
         scores = {name: p.disturbance for name, p in plans.items()}

@@ -18,8 +18,8 @@ import math
 
 import torch
 
-from ropekit.errors import RopekitError
 from ropekit.domains import Domain
+from ropekit.errors import RopekitError
 from ropekit.plan.analysis.angles import BINS, DEFAULT_BINS
 from ropekit.plan.analysis.disturbance import distribution, kl_per_pair, pre_training_distribution
 from ropekit.plan.geometry import HEAD_DIM, RopeSpec

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from ropekit.errors import RopekitError
 from ropekit.domains import Domain
+from ropekit.errors import RopekitError
 from ropekit.plan.analysis.angles import BINS, DEFAULT_BINS, angle_counts, angle_distribution
 from ropekit.plan.analysis.disturbance import kl_per_pair, pre_training_distribution
 from ropekit.plan.geometry import RopeSpec

@@ -11,9 +11,9 @@ import math
 
 import torch
 
+from ropekit.domains import POSITIVE
 from ropekit.errors import RopekitError
 from ropekit.plan.geometry import RopeSpec
-from ropekit.domains import POSITIVE
 from ropekit.plan.methods._common import SCALE, require_finite_positive
 from ropekit.plan.methods.record import Method, NativeForm, Param, renamed_keywords
 from ropekit.plan.scaling import Plan, Scaling

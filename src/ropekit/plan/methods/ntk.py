@@ -6,9 +6,8 @@ is divided by exactly α.
 
 from __future__ import annotations
 
-from ropekit.plan.geometry import RopeSpec
 from ropekit.domains import Domain
-from ropekit.plan.geometry import MAX_LENGTH
+from ropekit.plan.geometry import MAX_LENGTH, RopeSpec
 from ropekit.plan.methods._common import base_change_factors, new_base_block, require_scale
 from ropekit.plan.methods.record import Method, NativeForm, Param
 from ropekit.plan.scaling import Scaling

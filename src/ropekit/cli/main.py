@@ -902,22 +902,22 @@ def presets_cmd() -> None:
             out_console.print(f"[bold]{name}[/]: {p.note}")
 
 
-class _Command(typer.core.TyperCommand):
-    """A command whose --help shows no `<bool>` after --help itself (flags take no value)."""
+class _FlagHelp:
+    """--help shows no `<bool>` after --help itself (a flag takes no value; `o.flag` does it for the others)."""
 
     def get_help_option(self, ctx: Any) -> Any:
-        option = super().get_help_option(ctx)
+        option = super().get_help_option(ctx)  # type: ignore[misc]
         if option is not None:
             option.metavar = ""
         return option
 
 
-class _Group(typer.core.TyperGroup):
-    def get_help_option(self, ctx: Any) -> Any:
-        option = super().get_help_option(ctx)
-        if option is not None:
-            option.metavar = ""
-        return option
+class _Command(_FlagHelp, typer.core.TyperCommand):
+    pass
+
+
+class _Group(_FlagHelp, typer.core.TyperGroup):
+    pass
 
 
 for _typer in (app, convert_app):

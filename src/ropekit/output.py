@@ -3,27 +3,35 @@
 Two calls, used by every command that writes a directory (plan, analyze, convert, extend,
 eval, finetune):
 
-    target = prepare_output(out, overwrite=overwrite, inputs=(model, data))   # first, before any work
-    ...                                                                        # the long computation
-    with atomic_directory(target) as tmp:                                      # at the end
-        write files into tmp                                                   # renamed to `out` on success
+    target = prepare_output(out, kind="plan", overwrite=overwrite, inputs=(model, data))  # first, before any work
+    ...                                                                                   # the long computation
+    with atomic_directory(target) as tmp:                                                 # at the end
+        write files into tmp                                              # renamed to `out` on success
+
+The rule of `--overwrite` (see `ropekit.manifest`): every output directory carries a manifest of
+the files ropekit wrote (path, size, sha256), the command and the kind of output; a directory is
+replaced only if its manifest is valid, of the same kind, and every entry on disk is in it,
+unchanged. Anything else is refused with one line naming the first offending file.
 
 `prepare_output` refuses, with one `RopekitError` line and without writing anything:
   * `out` equal to, inside, or containing one of `inputs` (model, data, checkpoint paths)
     or the working directory (`--out .`);
   * `out` naming an existing file, or a path whose parent is a file;
   * `out` an existing non-empty directory, unless `overwrite`; and even with `overwrite`,
-    a directory ropekit did not write (one without a marker file carrying ropekit's
-    signature, see `is_ropekit_output`);
+    anything but an unchanged ropekit output of the same kind (`ropekit.manifest.verify`);
+  * `overwrite` that is not a bool (`overwrite="no"` would read as True);
   * a place where nothing can be written (read-only mount, immutable or unwritable parent):
     it creates and removes a probe directory, so this fails in seconds, not after the work.
 
+A symbolic link given as `out` is resolved: the output goes where it points (the link keeps working).
+
 `atomic_directory` builds the output in a temporary sibling directory (normal permissions:
 0777/0666 minus the umask, not mkdtemp's 0700), writes the marker (`marker`, by default
-`ropekit.json`; an existing marker file gets the signature merged in), and renames it into
-place only when the body finished. If the body fails, only the temporary directory is
-removed. If `out` changed while the run worked (another run wrote it), nothing is replaced:
-the new results are kept under a free sibling name and the error says where.
+`ropekit.json`; an existing marker file gets the signature merged in) and the manifest, and
+renames it into place only when the body finished. If the body fails (an error, Ctrl-C,
+SIGTERM), only the temporary directory is removed. If `out` changed while the run worked
+(another run wrote it, a file was added), nothing is replaced: the new results are kept under a
+free sibling name and the error says where.
 """
 
 from __future__ import annotations
@@ -37,26 +45,32 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+from ropekit import manifest
 from ropekit.errors import RopekitError
+from ropekit.manifest import MANIFEST, Snapshot
 
 MARKER = "ropekit.json"
 MARKER_FILES = ("ropekit.json", "results.json", "plan.json")  # files that may carry ropekit's signature
 SIGNATURE = {"written_by": "ropekit"}
+KIND_OF_MARKER = {"plan.json": "plan", "results.json": "eval report"}  # when a caller gives the marker only
 
 
 @dataclass(frozen=True)
 class OutputTarget:
     """An output directory that passed `prepare_output`; pass it to `atomic_directory`."""
 
-    path: Path  # absolute
+    path: Path  # absolute, a symbolic link resolved
     overwrite: bool
     marker: str
     replaces: tuple[int, int] | None  # (device, inode) of the ropekit output it may replace
+    kind: str = "plan"  # of output (`ropekit.manifest.KINDS`), recorded in its manifest
+    snapshot: Snapshot | None = None  # what `verify` saw in the output it may replace
 
 
 def prepare_output(
     out: str | Path,
     *,
+    kind: str | None = None,
     overwrite: bool = False,
     inputs: Iterable[str | Path | None] = (),
     marker: str = MARKER,
@@ -65,42 +79,63 @@ def prepare_output(
 ) -> OutputTarget:
     """Check `out` before any work (see the module docstring); returns the target to write.
 
-    `inputs`: paths the command reads (hub ids and None are ignored). `in_place`: the command
-    writes inside the directory as it goes instead of through `atomic_directory` (finetune's
-    run directory). `existing_ok`: an existing directory is continued (`finetune --resume`).
+    `kind`: the kind of output (`ropekit.manifest.KINDS`; inferred from `marker` for plan.json and
+    results.json). `inputs`: paths the command reads (hub ids and None are ignored). `in_place`: the
+    command writes inside the directory as it goes instead of through `atomic_directory` (finetune's
+    run directory). `existing_ok`: an existing output of this kind is continued (`finetune --resume`).
     """
     if isinstance(out, bool) or not isinstance(out, (str, os.PathLike)) or not str(out).strip():
         raise RopekitError(f"output directory must be a path, got {out!r}")
-    path = Path(os.path.abspath(os.path.expanduser(out)))
+    if not isinstance(overwrite, bool):
+        raise RopekitError(f"overwrite must be True or False, got {overwrite!r}")
+    kind = kind or KIND_OF_MARKER.get(marker)
+    if kind is None:
+        raise TypeError("prepare_output needs kind= (one of ropekit.manifest.KINDS)")
+    manifest.check_kind(kind)
+    path = resolve_output_path(out)
     _refuse_overlaps(path, out, inputs)
     _refuse_file_in_the_way(path, out)
-    replaces = None
-    if path.is_dir() and any(path.iterdir()) and not existing_ok:
-        if not overwrite:
+    replaces, snapshot = None, None
+    if path.is_dir() and any(path.iterdir()):
+        if existing_ok:
+            _require_continuable(path, out, kind)
+        elif not overwrite:
             raise RopekitError(
                 f"{out} already exists and is not empty; choose another output directory "
-                "(or --overwrite to replace an earlier ropekit output)"
+                f"(or --overwrite to replace an earlier, unchanged {kind} ropekit wrote there)"
             )
-        if not is_ropekit_output(path):
-            raise RopekitError(
-                f"{out} is not a directory ropekit wrote (no {' / '.join(MARKER_FILES)} with "
-                "ropekit's signature); --overwrite replaces only ropekit's own outputs, "
-                "so choose another output directory"
-            )
-        replaces = _identity(path)
+        else:
+            snapshot = manifest.verify(path, kind, shown=out, legacy_signed=is_ropekit_output(path))
+            replaces = _identity(path)
     _check_writable(path, out, in_place=in_place)
-    return OutputTarget(path=path, overwrite=overwrite, marker=marker, replaces=replaces)
+    return OutputTarget(path=path, overwrite=overwrite, marker=marker, replaces=replaces, kind=kind, snapshot=snapshot)
 
 
-def check_target(target: str | Path, *, overwrite: bool = False) -> Path:
+def resolve_output_path(out: str | os.PathLike[str]) -> Path:
+    """`out` as an absolute path; a symbolic link (also a dangling one) is replaced by where it points."""
+    path = Path(os.path.abspath(os.path.expanduser(out)))
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+def _require_continuable(path: Path, shown: str | Path, kind: str) -> None:
+    """An existing output continued in place (`--resume`) must be ropekit's, of this kind."""
+    record = manifest.read_manifest(path)
+    if record is None and not is_ropekit_output(path):
+        raise RopekitError(f"{shown} is not a {kind} ropekit wrote (no {MANIFEST}); choose another --out")
+    if record is not None and record["kind"] != kind:
+        raise RopekitError(f"{shown} holds a {record['kind']} ropekit wrote, not a {kind}; choose another --out")
+
+
+def check_target(target: str | Path, *, kind: str, overwrite: bool = False) -> Path:
     """`prepare_output` without inputs, returning the path (kept for existing callers)."""
-    return prepare_output(target, overwrite=overwrite).path
+    return prepare_output(target, kind=kind, overwrite=overwrite).path
 
 
 def is_ropekit_output(path: str | Path) -> bool:
     """True if `path` holds a marker file (ropekit.json, results.json, plan.json) that is a
     JSON object carrying ropekit's signature: `"written_by": "ropekit"`, or a
-    `ropekit_version` key (top level or in `plan`, as earlier versions wrote)."""
+    `ropekit_version` key (top level or in `plan`, as earlier versions wrote). A signature proves
+    nothing about the files beside it (it can be copied): `--overwrite` asks `ropekit.manifest.verify`."""
     for name in MARKER_FILES:
         record = _read_json_object(Path(path) / name)
         if record is None:
@@ -114,15 +149,16 @@ def is_ropekit_output(path: str | Path) -> bool:
 
 @contextmanager
 def atomic_directory(
-    target: OutputTarget | str | Path, *, overwrite: bool = False, marker: str = MARKER
+    target: OutputTarget | str | Path, *, overwrite: bool = False, marker: str = MARKER, kind: str | None = None
 ) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it becomes the target, on error it is removed.
+    """Yield a temporary sibling directory; on success it becomes the target (with its manifest), on error
+    it is removed.
 
     `target` is what `prepare_output` returned (checked before the work), or a path, which
-    is checked now with `overwrite` and `marker`.
+    is checked now with `overwrite`, `marker` and `kind`.
     """
     if not isinstance(target, OutputTarget):
-        target = prepare_output(target, overwrite=overwrite, marker=marker)
+        target = prepare_output(target, overwrite=overwrite, marker=marker, kind=kind)
     path = target.path
     created = [p for p in path.parents if not p.exists()]  # removed again if the body fails
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -130,6 +166,7 @@ def atomic_directory(
     try:
         yield tmp
         _sign(tmp / target.marker)
+        manifest.write_manifest(tmp, target.kind)
         set_normal_permissions(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -141,6 +178,11 @@ def atomic_directory(
 
 
 # ---- checks ------------------------------------------------------------------------------------
+
+
+def refuse_overlaps(out: str | Path, inputs: Iterable[str | Path | None]) -> None:
+    """Refuse an output path (a file or a directory) equal to, inside or containing one of `inputs`."""
+    _refuse_overlaps(resolve_output_path(out), out, inputs)
 
 
 def _refuse_overlaps(path: Path, shown: str | Path, inputs: Iterable[str | Path | None]) -> None:
@@ -248,6 +290,10 @@ def _commit(tmp: Path, target: OutputTarget) -> None:
             raise FileExistsError(path)
         if current is not None and current == target.replaces:
             aside = _move_aside(path)
+            if _changed(aside, target):  # a file added or changed since the check: not ours to delete
+                os.rename(aside, path)
+                aside = None
+                raise FileExistsError(path)
         elif path.exists():
             os.rmdir(path)  # empty: fails if something arrived meanwhile
         os.rename(tmp, path)  # a directory that appeared meanwhile makes this fail (not empty)
@@ -276,7 +322,7 @@ def remove_replaced(target: OutputTarget) -> None:
     if target.replaces is None or _identity(target.path) is None:
         return
     aside = _move_aside(target.path)
-    if _identity(aside) != target.replaces:  # replaced since the check: not ours to delete
+    if _identity(aside) != target.replaces or _changed(aside, target):  # changed since the check: not ours
         try:
             os.rename(aside, target.path)
             where = str(target.path)
@@ -286,6 +332,10 @@ def remove_replaced(target: OutputTarget) -> None:
             f"{target.path} changed since it was checked (another run?); nothing was removed (it is in {where})"
         )
     shutil.rmtree(aside, ignore_errors=True)
+
+
+def _changed(directory: Path, target: OutputTarget) -> bool:
+    return target.snapshot is not None and manifest.changed_since(directory, target.snapshot) is not None
 
 
 def _is_empty_dir(path: Path) -> bool:

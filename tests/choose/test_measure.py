@@ -20,7 +20,7 @@ def test_window_and_passkey_cells_are_measured_once_and_match_the_eval_functions
     vocab = len(tokenizer)
     docs = Documents("tuning", "generated", ("a", "b"), (rng.integers(3, vocab, 700), rng.integers(3, vocab, 650)))
     with EvalStore(tmp_path / "cells.sqlite") as store:
-        m = Measurer(model, store, state_fingerprint(model), spec.original_length, bucket=100, tokenizer=tokenizer)
+        m = Measurer(model, store, state_fingerprint(model), spec.context_length, bucket=100, tokenizer=tokenizer)
         first = m.window(plan, docs, 600, prefixes=(64,))
         accuracy = m.passkey(plan, length=256, depths=(0.2, 0.8), trials=1, seed=3)
         passes = m.passes

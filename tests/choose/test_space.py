@@ -12,16 +12,16 @@ from ropekit.errors import RopekitError
 from ropekit.eval.store import plan_fingerprint
 
 GEOMETRIES = [
-    (ropekit.RopeSpec(head_dim=64, base=1e5, original_length=8192), 16384),  # SmolLM2 at s = 2
-    (ropekit.RopeSpec(head_dim=64, base=1e5, original_length=8192), 32768),
-    (ropekit.RopeSpec(head_dim=128, base=1e4, original_length=4096), 16384),  # Llama 2 at s = 4
-    (ropekit.RopeSpec(head_dim=16, base=1e4, original_length=64), 256),
+    (ropekit.RopeSpec(head_dim=64, base=1e5, context_length=8192), 16384),  # SmolLM2 at s = 2
+    (ropekit.RopeSpec(head_dim=64, base=1e5, context_length=8192), 32768),
+    (ropekit.RopeSpec(head_dim=128, base=1e4, context_length=4096), 16384),  # Llama 2 at s = 4
+    (ropekit.RopeSpec(head_dim=16, base=1e4, context_length=64), 256),
 ]
 
 
 @pytest.mark.parametrize(("spec", "target"), GEOMETRIES)
 def test_yarn_pi_none_and_steps_are_ramp_members_bit_for_bit(spec, target):
-    s = target / spec.original_length
+    s = target / spec.context_length
     space = SearchSpace("ramp", spec.num_pairs, s, (1.0, 1.0 + 0.2 * math.log(s)))
     step = [1.0] * (spec.num_pairs - 5) + [s] * 5
     seeds = [ropekit.make_plan(spec, target, m) for m in ("yarn", "pi", "none")]

@@ -12,7 +12,7 @@ from ropekit.apply.export import transformers_config
 from ropekit.errors import RopekitError
 from ropekit.plan.methods.tuned import read_study
 
-SPEC = ropekit.RopeSpec(head_dim=16, base=10000.0, original_length=64)
+SPEC = ropekit.RopeSpec(head_dim=16, base=10000.0, context_length=64)
 FACTORS = [1.0, 1.0, 1.0, 1.5, 2.0, 4.0, 4.0, 4.0]
 
 

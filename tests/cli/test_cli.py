@@ -174,7 +174,7 @@ def bad_inputs(tmp_path):
             "finite",
         ),
         "inf threshold": ([*geometry, "--target-length", "8192", "--threshold", "inf"], "finite"),
-        "alpha below one": ([*geometry, "--target-length", "8192", "--method", "ntk", "--alpha", "0.5"], "≥ 1"),
+        "alpha below one": ([*geometry, "--target-length", "8192", "--method", "ntk", "--alpha", "0.5"], "in [1, "),
         "wrong-length factors": (
             [
                 *geometry,

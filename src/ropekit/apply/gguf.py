@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ropekit.apply import gguf_record
 from ropekit.apply.export import require_rotation
 from ropekit.apply.gguf_archs import (
     LONGROPE_TENSORS,
@@ -47,6 +48,7 @@ from ropekit.apply.gguf_archs import (
     support_line,
 )
 from ropekit.errors import RopekitError
+from ropekit.output import resolve_output_path
 from ropekit.plan.geometry import RopeSpec
 from ropekit.plan.scaling import Plan
 
@@ -433,10 +435,11 @@ def write_extended_gguf(
     check_plan_matches(rope, plan)
     out = check_output_file(out, source=source, overwrite=overwrite)
     sets, drop, new_tensors = extended_metadata(rope, plan)
+    sets.update(gguf_record.record_keys())  # the file's own manifest: kind, command, hash (ropekit.apply.gguf_record)
     skip_tensors = {ROPE_FREQS, *LONGROPE_TENSORS}
-    _atomic_write(
-        out,
-        lambda tmp: _write_gguf(
+
+    def write(tmp: Path) -> None:
+        _write_gguf(
             reader,
             rope.architecture,
             tmp,
@@ -444,16 +447,20 @@ def write_extended_gguf(
             drop=drop,
             new_tensors=new_tensors,
             skip_tensors=skip_tensors,
-        ),
-        overwrite=overwrite,
-    )
+        )
+        gguf_record.seal(tmp)
+
+    _atomic_write(out, write, overwrite=overwrite)
     return out
 
 
 def check_output_file(out: str | os.PathLike, *, source: str | os.PathLike, overwrite: bool) -> Path:
-    """An output GGUF path: ends in .gguf, is not the source, writable, and does not exist, unless
-    `overwrite` and the existing file is a GGUF that ropekit wrote (it carries `ropekit.method`)."""
-    out = Path(out)
+    """An output GGUF path (a symbolic link resolved): ends in .gguf, is not the source, writable, and does not
+    exist, unless `overwrite` and the existing file is an extended GGUF ropekit wrote, unchanged since
+    (`ropekit.apply.gguf_record`)."""
+    if not isinstance(overwrite, bool):
+        raise RopekitError(f"overwrite must be True or False, got {overwrite!r}")
+    shown, out = out, resolve_output_path(out)
     if not is_gguf_path(out):
         raise RopekitError(
             f"--out {out}: a GGUF input is written to a GGUF file; give a path ending in .gguf "
@@ -466,24 +473,16 @@ def check_output_file(out: str | os.PathLike, *, source: str | os.PathLike, over
     if out.exists():
         if not overwrite:
             raise RopekitError(
-                f"{out} already exists; choose another path (or --overwrite to replace a GGUF that ropekit wrote)"
+                f"{shown} already exists; choose another path (or --overwrite to replace an extended GGUF ropekit "
+                "wrote there, unchanged)"
             )
-        if not _written_by_ropekit(out):
-            raise RopekitError(
-                f"{out} is not a GGUF that ropekit wrote (no ropekit.method key); --overwrite "
-                "replaces only ropekit's own outputs, so choose another path"
-            )
-    parent = out.parent if str(out.parent) else Path(".")
-    if parent.exists() and not os.access(parent, os.W_OK):
+        gguf_record.check_replaceable(out, shown)
+    parent = next(p for p in out.parents if p.exists())
+    if not parent.is_dir():
+        raise RopekitError(f"{parent} is a file, so it cannot hold the output file {shown}")
+    if not os.access(parent, os.W_OK):
         raise RopekitError(f"{parent}: directory is not writable")
     return out
-
-
-def _written_by_ropekit(path: Path) -> bool:
-    try:
-        return field_value(open_gguf(path), "ropekit.method") is not None
-    except RopekitError:
-        return False
 
 
 def _atomic_write(target: Path, write: Callable[[Path], None], *, overwrite: bool = False) -> None:
@@ -656,7 +655,7 @@ def extend_gguf(
 
     rope = read_rope(source)
     check_architecture(rope)  # before planning: one clear line, nothing written
-    check_output_file(out, source=source, overwrite=overwrite)
+    out = check_output_file(out, source=source, overwrite=overwrite)
     spec = rope.spec(original_length=original_length, from_scratch=from_scratch)
     plan = make_plan(spec, target_length, method, **params)
     write_extended_gguf(source, plan, out, overwrite=overwrite)

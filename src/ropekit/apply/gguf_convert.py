@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from ropekit.apply.gguf import GgufRope, first_line, open_gguf, read_rope
 from ropekit.errors import RopekitError
 from ropekit.output import atomic_directory, prepare_output
-from ropekit.paths import cache_root
+from ropekit.paths import cache_root, describe_size
 
 if TYPE_CHECKING:
     import torch
@@ -100,7 +100,9 @@ def load_gguf_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase | No
 def convert_gguf(path: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write a transformers model directory from a GGUF: `AutoModelForCausalLM.from_pretrained(out_dir)`
     loads it with stock transformers. Weights are dequantised to float32; `ropekit.json` records the source."""
-    target = prepare_output(Path(out_dir), overwrite=overwrite, inputs=(Path(path),))  # before the slow dequantisation
+    target = prepare_output(
+        Path(out_dir), kind="converted model", overwrite=overwrite, inputs=(Path(path),)
+    )  # before the slow dequantisation
     rope = read_rope(path)
     model = load_gguf_model(path)
     tokenizer = load_gguf_tokenizer(path)
@@ -128,6 +130,9 @@ def converted_dir(path: str | os.PathLike, *, progress: Callable[[str], Any] | N
     target = cache_root() / "gguf" / f"{path.stem}-{key}"
     if not (target / "config.json").is_file():
         if progress:
-            progress(f"converting {path} ({rope.architecture}) into {target}")
+            progress(f"converting {path} ({rope.architecture}) into ropekit's cache, {target}")
         convert_gguf(path, target, overwrite=True)
+        if progress:
+            size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
+            progress(f"the conversion takes {describe_size(size)} of cache (`ropekit cache --clear` frees it)")
     return target

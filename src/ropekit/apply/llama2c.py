@@ -32,6 +32,8 @@ import torch
 from ropekit.errors import RopekitError
 from ropekit.output import OutputTarget
 
+KIND = "converted model"  # the kind of output in its manifest (ropekit.manifest)
+
 if TYPE_CHECKING:
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -280,14 +282,14 @@ def convert(
     from ropekit.output import atomic_directory, prepare_output
 
     if not isinstance(out_dir, OutputTarget):
-        out_dir = prepare_output(out_dir, overwrite=overwrite, inputs=(checkpoint, tokenizer))
+        out_dir = prepare_output(out_dir, kind=KIND, overwrite=overwrite, inputs=(checkpoint, tokenizer))
     config, weights = read_checkpoint(checkpoint)
     if not allow_non_finite:
         check_finite_weights(weights, checkpoint)
     pieces, scores = read_tokenizer(tokenizer, config.vocab_size)
     model = to_transformers(config, weights)
     hf_tokenizer = to_transformers_tokenizer(pieces, scores)
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+    with atomic_directory(out_dir, overwrite=overwrite, kind=KIND) as tmp:
         model.save_pretrained(tmp)
         hf_tokenizer.save_pretrained(tmp)
     return out_dir.path

@@ -121,6 +121,10 @@ def apply(
     """
     if route not in ROUTES:
         raise RopekitError(f"route must be one of {', '.join(ROUTES)}, got {route!r}")
+    import torch
+
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise RopekitError(f"apply_plan takes a loaded transformers model (e.g. AutoModelForCausalLM), got {model!r}")
     plans = as_plan_list(plan)
     check_family(model, plans)
     for p in plans:
@@ -160,7 +164,19 @@ def check_family(model: torch.nn.Module, plans: list[Plan]) -> None:
 
 def as_plan_list(plan: Plan | Mapping[str, Plan] | Iterable[Plan]) -> list[Plan]:
     """One plan, a {layer_type: plan} mapping, or a list of plans, as a list (one target length, distinct layers)."""
-    plans = [plan] if isinstance(plan, Plan) else list(plan.values() if isinstance(plan, Mapping) else plan)
+    iterable = isinstance(plan, (Mapping, list, tuple))
+    plans = (
+        [plan]
+        if isinstance(plan, Plan)
+        else list(plan.values() if isinstance(plan, Mapping) else plan)
+        if iterable
+        else []
+    )
+    if not (isinstance(plan, Plan) or iterable) or not all(isinstance(p, Plan) for p in plans):
+        raise RopekitError(
+            f"expected a Plan (ropekit.make_plan(spec, target_length, method)), a {{layer_type: Plan}} mapping or a "
+            f"list of plans, got {plan!r}"
+        )
     if not plans:
         raise RopekitError("no plan to apply")
     if len({p.target_length for p in plans}) > 1:

@@ -3,6 +3,7 @@
     DIR/transformers_v5.json, transformers_v4.json, vllm_hf_overrides*.json,
         llama_cpp_rope_freqs.json, transformers_v5_native.json (see `ropekit.apply.export`)
     DIR/plan.json     every number of the plan, the comparison, and the export paths
+    DIR/ropekit-manifest.json   every file's size and sha256, the command, kind "plan" (ropekit.manifest)
 
 The output contract of `ropekit.output` holds: DIR is checked before any work and written atomically.
 """
@@ -48,9 +49,9 @@ def write_plan_directory(
     >>> with tempfile.TemporaryDirectory() as tmp:
     ...     report = write_plan_directory(spec, 1024, f"{tmp}/plan", "yarn")
     ...     sorted(p.name for p in Path(f"{tmp}/plan").iterdir())[:3]
-    ['llama_cpp_rope_freqs.json', 'plan.json', 'transformers_v4.json']
+    ['llama_cpp_rope_freqs.json', 'plan.json', 'ropekit-manifest.json']
     """
-    target = prepare_output(out, overwrite=overwrite, inputs=inputs, marker=PLAN_FILE)
+    target = prepare_output(out, kind="plan", overwrite=overwrite, inputs=inputs, marker=PLAN_FILE)
     report = plan_report(
         spec,
         target_length,

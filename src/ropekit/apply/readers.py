@@ -72,6 +72,10 @@ def spec_from_pretrained(path_or_id: str, *, from_scratch: bool = False, layer_t
 def load_config_dict(path_or_id: str) -> dict[str, Any]:
     """Read a model config as a plain dict: a `config.json` file, a directory holding one, or a hub id."""
     path = Path(path_or_id)
+    if path.exists() and not (path.is_dir() or path.is_file()):
+        raise RopekitError(
+            f"{path_or_id}: not a model directory, config.json or .gguf file (a device or other special file)"
+        )
     if path.is_dir():
         path = path / "config.json"
         if not path.is_file():
@@ -111,13 +115,39 @@ def check_local_source(path_or_id: str | Path) -> None:
 
 
 def _config_dict_from_hub(model_id: str) -> dict[str, Any]:
+    """A hub model's config: from the local hub cache when the hub cannot be reached (checked in a few
+    seconds, instead of the hub client's retries), else downloaded."""
     from transformers import AutoConfig
 
+    offline = not hub_reachable()
     try:
-        return AutoConfig.from_pretrained(model_id).to_dict()
+        return AutoConfig.from_pretrained(model_id, local_files_only=offline).to_dict()
     except Exception as exc:  # noqa: BLE001 - hub/network errors come in many types
+        if offline:
+            raise RopekitError(
+                f"{model_id}: not a local path, and the Hugging Face hub cannot be reached (no network?) nor is the "
+                "model in its local cache; give a model directory, config.json or .gguf file"
+            ) from None
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RopekitError(f"{model_id}: could not load a config from a path or the hub ({first_line})") from None
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection within `timeout` seconds (False when
+    HF_HUB_OFFLINE is set)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname or "", url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def spec_from_config_dict(
@@ -166,10 +196,10 @@ def spec_from_config_dict(
     if current is not None and "original_max_position_embeddings" in current:
         current["original_max_position_embeddings"] = original
     plain = RopeSpec(
-        head_dim=int(head_dim),
-        base=float(base),
-        context_length=int(original),
-        partial_rotary_factor=float(prf if prf is not None else 1.0),
+        head_dim=_whole(head_dim, "head_dim", name),
+        base=_number(base, "rope_theta", name),
+        context_length=_whole(original, "max_position_embeddings", name),
+        partial_rotary_factor=_number(prf if prf is not None else 1.0, "partial_rotary_factor", name),
         name=name,
         current_scaling=current,
         layer_type=layer_type if blocks is not None else None,
@@ -177,7 +207,24 @@ def spec_from_config_dict(
     )
     if current is None or from_scratch:
         return plain
-    return extended_spec(plain, current, max_positions=int(max_pos) if max_pos else None)
+    return extended_spec(
+        plain, current, max_positions=_whole(max_pos, "max_position_embeddings", name) if max_pos else None
+    )
+
+
+def _number(value: Any, key: str, name: str | None) -> float:
+    """A config number as float; one line for a string, a list or a bool."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RopekitError(f"{name}: config {key} must be a number, got {value!r}")
+    return float(value)
+
+
+def _whole(value: Any, key: str, name: str | None) -> int:
+    """A config count (tokens, channels) as int; 4096.5 is refused, 4096.0 is 4096."""
+    number = _number(value, key, name)
+    if not number.is_integer():
+        raise RopekitError(f"{name}: config {key} must be a whole number, got {value!r}")
+    return int(number)
 
 
 def text_config_of(cfg: dict[str, Any], name: str | None) -> dict[str, Any]:

@@ -22,13 +22,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ropekit.choose.screen import screened
-from ropekit.choose.tune import (
+from ropekit.choose.study import (
     Context,
     best_feasible,
     completed,
     progress_bar,
     redact,
     storage_url,
+    sync_manifest,
     write_json_atomically,
     write_marker,
 )
@@ -83,6 +84,7 @@ def finish(ctx: Context, study: optuna.Study) -> dict[str, Any]:
     }
     (out / "report.md").write_text(markdown_report(results, ctx))
     write_marker(out, results)
+    sync_manifest(out, ["report.md", *(p.name for p in exports.values()), *(p.name for p in figures)])
     return results
 
 
@@ -208,7 +210,7 @@ def tuned_block(
             "head_dim": spec.head_dim,
             "rotary_dim": spec.rotary_dim,
             "rope_theta": spec.base,
-            "original_length": spec.original_length,
+            "context_length": spec.context_length,
         },
         "family": ctx.space.family,
         "chosen_from": winner["source"],
@@ -238,7 +240,7 @@ def tuned_block(
 def settings_of(ctx: Context) -> dict[str, Any]:
     return {
         "target_length": ctx.cfg.target_length,
-        "trained_length": ctx.spec.original_length,
+        "trained_length": ctx.spec.context_length,
         "window": ctx.window,
         "report_window": ctx.report_window,
         "retention_length": ctx.retention_length,

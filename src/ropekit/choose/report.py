@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 import matplotlib.ticker
 import numpy as np
 
-from ropekit.plan.analysis.plots import new_figure
+from ropekit.plan.plots import new_figure
 
 if TYPE_CHECKING:
-    from ropekit.choose.tune import Context
+    from ropekit.choose.study import Context
     from ropekit.plan.scaling import Plan
 
 MAX_POINTS = 64  # position buckets are merged to at most this many points per curve
@@ -157,7 +157,7 @@ def plot_factors(tuned: Plan, plans: dict[str, Plan], seeds: list[dict[str, Any]
             p = plans[label]
             ax.plot(pairs, p.factors, marker=".", lw=1, alpha=0.7, label=f"{label} (a = {p.attention_factor:.3f})")
     ax.plot(pairs, tuned.factors, marker="o", lw=2.2, color="black", label=f"tuned (a = {tuned.attention_factor:.3f})")
-    crit = [i for i, w in enumerate(tuned.spec.wavelengths().tolist()) if w > tuned.spec.original_length]
+    crit = [i for i, w in enumerate(tuned.spec.wavelengths().tolist()) if w > tuned.spec.context_length]
     if crit:
         ax.axvline(crit[0] - 0.5, color="grey", ls=":", lw=1, label="first pair without a full turn in L")
     ax.set_yscale("log", base=2)
@@ -181,7 +181,7 @@ def plot_nll_by_position(
         starts, values = position_curve(measured[row["label"]])
         style = {"color": "black", "lw": 2.2} if row["label"] == "tuned" else {"lw": 1, "alpha": 0.8}
         ax.plot(starts, values, label=f"{row['label']} ({row['ppl']:.2f})", **style)
-    ax.axvline(ctx.spec.original_length, color="grey", ls=":", lw=1.2, label="trained length")
+    ax.axvline(ctx.spec.context_length, color="grey", ls=":", lw=1.2, label="trained length")
     ax.set_xlabel("position (tokens)")
     ax.set_ylabel("NLL (nats, held-out)")
     ax.set_title("NLL by position (perplexity over the window in brackets)")

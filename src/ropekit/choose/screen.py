@@ -65,7 +65,7 @@ def screened(spec: RopeSpec, target_length: int, label: str) -> Screened:
     method, params = _method_of(spec, base_label)
     override = None
     if plus_a:
-        override = yarn_attention_factor(target_length / spec.original_length)
+        override = yarn_attention_factor(target_length / spec.context_length)
     elif base_label == "yarn-a1":
         override = 1.0
     plan = make_plan(spec, target_length, method, **params)

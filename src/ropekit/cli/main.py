@@ -6,6 +6,7 @@ import csv
 import functools
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -18,11 +19,12 @@ from rich.table import Table
 from ropekit.cli import options as o
 from ropekit.cli.render import comparison_table, print_plan
 from ropekit.cli.tune import tune_cmd
-from ropekit.errors import RopekitError
+from ropekit.errors import RopekitError, Terminated
+from ropekit.manifest import MANIFEST, set_command
 from ropekit.output import atomic_directory, prepare_output
 from ropekit.plan.analysis.angles import DEFAULT_BINS
 from ropekit.plan.registry import DEFAULT_METHOD
-from ropekit.train.config import TrainConfig
+from ropekit.train.config import TrainConfig, domain_help
 
 T = TypeVar("T")
 TRAIN = TrainConfig(model="", out=Path(), data="", target_length=1)  # its defaults, shown by `finetune --help`
@@ -39,7 +41,8 @@ err_console = Console(stderr=True)
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn a RopekitError into one line on stderr and exit code 2 (130 for an interrupt)."""
+    """Turn a RopekitError into one line on stderr and exit code 2; Ctrl-C (exit 130) and SIGTERM (143)
+    into one line saying that nothing was written (partial files are removed on the way out)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -48,13 +51,10 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except RopekitError as exc:
             print(f"error: {exc}", file=sys.stderr)
             raise typer.Exit(getattr(exc, "exit_code", 2)) from None
-        except KeyboardInterrupt:
-            print(
-                "error: interrupted before any result was complete (a fine-tune interrupted before its first step "
-                "leaves only its settings in the run directory: rerun with --overwrite)",
-                file=sys.stderr,
-            )
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as exc:
+            what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+            print(f"error: {what} before the result was complete; nothing was written", file=sys.stderr)
+            raise typer.Exit(getattr(exc, "exit_code", 130)) from None
 
     return wrapper
 
@@ -77,12 +77,10 @@ def plan_cmd(
     bins: o.Bins = DEFAULT_BINS,
     from_scratch: o.FromScratch = False,
     layer_type: o.LayerType = None,
-    json_out: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object (and nothing else) on stdout.")
-    ] = False,
+    json_out: Annotated[bool, o.flag("--json", help="Print one JSON object (and nothing else) on stdout.")] = False,
     compare: Annotated[
         bool,
-        typer.Option(
+        o.flag(
             "--compare",
             help="With --json: add disturbance_by_method for every method (how far each moves the angle "
             "statistics, not a quality ranking: `ropekit tune` measures that).",
@@ -90,7 +88,7 @@ def plan_cmd(
     ] = False,
     paper_setting: Annotated[
         bool,
-        typer.Option(
+        o.flag(
             "--paper-setting",
             help="dprope: the paper's n for LLaMA-2 (80 dims at 8k, 64 at 16k) instead of the t = 0 argmin.",
         ),
@@ -99,7 +97,7 @@ def plan_cmd(
         Path | None,
         typer.Option("--out", help="Directory for the export files and plan.json (without it nothing is written)."),
     ] = None,
-    no_write: Annotated[bool, typer.Option("--no-write", help="Do not write export files, even with --out.")] = False,
+    no_write: Annotated[bool, o.flag("--no-write", help="Do not write export files, even with --out.")] = False,
     overwrite: o.Overwrite = False,
     *,
     method_options: dict[str, Any],
@@ -133,7 +131,7 @@ def plan_cmd(
         if out_dir is None:
             report = plan_report(spec, target_length, method, **settings)
         else:
-            inputs = (model, *(v for v in method_options.values() if isinstance(v, Path)))  # e.g. a factors file
+            inputs = (model, *o.method_input_paths(method_options))  # e.g. a factors file
             report = write_plan_directory(
                 spec, target_length, out_dir, method, overwrite=overwrite, inputs=inputs, **settings
             )
@@ -143,7 +141,7 @@ def plan_cmd(
     print_plan(out_console, report)
     if out_dir is not None:
         names = ", ".join(p.name for p in report.exports.values())
-        out_console.print(f"exports written to {out_dir}/: {names}, plan.json")
+        out_console.print(f"exports written to {out_dir}/: {names}, plan.json, {MANIFEST}")
     elif not no_write:
         out_console.print("add --out DIR to write the transformers, vLLM and llama.cpp exports and plan.json")
 
@@ -202,7 +200,7 @@ def analyze_cmd(
                 f"(see it with: ropekit plan --method {name} --factors-file FILE)"
             )
     pair_list = _parse_pairs(pairs, spec.num_pairs) or _default_pairs(critical_dimension(spec) // 2, spec.num_pairs)
-    target = prepare_output(out, overwrite=overwrite, inputs=(model,))
+    target = prepare_output(out, kind="analysis", overwrite=overwrite, inputs=(model,))
     with err_console.status("computing angle distributions"), atomic_directory(target) as tmp:
         plans = compare_methods(spec, target_length, names, bins=bins)
         written = [
@@ -288,12 +286,16 @@ def extend_cmd(
     from ropekit.apply.patch import as_plan_list
 
     params = o.method_params(method, method_options)
+    inputs = o.method_input_paths(method_options)  # e.g. a --factors-file: never inside --out
     if model.lower().endswith(".gguf"):
         if layer_types:
             raise RopekitError(
-                "--layer-types does not apply to a .gguf MODEL: llama.cpp's graph decides which layers a plan reaches"
+                "--layer-types applies to a model directory with per-layer-type RoPE; a GGUF's rope_freqs tensor "
+                "is shared by all layers"
             )
-        return _extend_gguf(model, out, target_length, method, overwrite, original_length, bins, params, from_scratch)
+        return _extend_gguf(
+            model, out, target_length, method, overwrite, original_length, bins, params, from_scratch, inputs
+        )
     if original_length is not None:
         raise RopekitError("--original-length applies to a .gguf MODEL only (a model directory's config says it)")
     with err_console.status(f"extending {model} to {target_length} tokens with {method}"):
@@ -307,6 +309,7 @@ def extend_cmd(
                 overwrite=overwrite,
                 from_scratch=from_scratch,
                 layer_types=_split(layer_types, str) or None,
+                inputs=inputs,
                 **params,
             )
         )
@@ -351,9 +354,12 @@ def _extend_gguf(
     bins: int,
     params: dict[str, Any],
     from_scratch: bool,
+    inputs: tuple[Path, ...],
 ) -> None:
     from ropekit.apply.gguf import extend_gguf, read_rope
+    from ropekit.output import refuse_overlaps
 
+    refuse_overlaps(out, inputs)
     with err_console.status(f"extending {model} to {target_length} tokens with {method}"):
         plan = extend_gguf(
             model,
@@ -395,7 +401,7 @@ def convert_llama2c_cmd(
     ] = None,
     overwrite: o.Overwrite = False,
     allow_non_finite: Annotated[
-        bool, typer.Option("--allow-non-finite", help="Convert even if some weights are NaN or inf.")
+        bool, o.flag("--allow-non-finite", help="Convert even if some weights are NaN or inf.")
     ] = False,
 ) -> None:
     """Convert a llama2.c checkpoint + tokenizer to a transformers LlamaForCausalLM directory."""
@@ -403,7 +409,7 @@ def convert_llama2c_cmd(
 
     from ropekit.apply.llama2c import convert
 
-    target = prepare_output(out, overwrite=overwrite, inputs=(checkpoint, tokenizer))
+    target = prepare_output(out, kind="converted model", overwrite=overwrite, inputs=(checkpoint, tokenizer))
     if sha256 is not None:
         if not checkpoint.is_file():
             raise RopekitError(f"{checkpoint}: checkpoint file not found")
@@ -421,7 +427,7 @@ def convert_gguf_cmd(
         Path, typer.Argument(metavar="GGUF", help="A .gguf file (any quantisation transformers can dequantise).")
     ],
     out: Annotated[Path, typer.Option("--out", help="Output model directory (must not exist or be empty).")],
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out directory.")] = False,
+    overwrite: o.Overwrite = False,
 ) -> None:
     """Convert a GGUF to a transformers directory: dequantised float32 weights, tokenizer, chat template, RoPE plan."""
     from ropekit.apply.gguf_convert import convert_gguf
@@ -435,7 +441,7 @@ def convert_gguf_cmd(
 @user_errors
 def inspect_cmd(
     model: Annotated[str, typer.Argument(metavar="MODEL", help="Model directory, config.json, .gguf file, or hub id.")],
-    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    json_out: Annotated[bool, o.flag("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Model card: RoPE geometry, current scaling, critical dimension, trained context, what to do next."""
     from ropekit.apply.inspect import model_card
@@ -446,8 +452,13 @@ def inspect_cmd(
         return
     t = Table(title=f"{model}", show_header=False)
     for key, value in card.items():
-        t.add_row(key.replace("_", " "), value if isinstance(value, str) else json.dumps(value))
+        if key != "next":
+            t.add_row(key.replace("_", " "), value if isinstance(value, str) else json.dumps(value))
     out_console.print(t)
+    if card.get("next"):  # whole lines, never folded or cut, so they can be pasted
+        out_console.print("next:")
+        for command in str(card["next"]).split("; "):
+            out_console.print(f"  {command}", soft_wrap=True, markup=False, highlight=False)
 
 
 @app.command("eval")
@@ -665,18 +676,25 @@ def finetune_cmd(
     train_length: Annotated[
         int | None,
         typer.Option(
-            "--train-length", help="Training window (default: target; with --pose: required, e.g. the original length)."
+            "--train-length",
+            help="Training window (default: target; with --pose: required, e.g. the original length)."
+            + " "
+            + domain_help("train_length"),
         ),
     ] = None,
     pose: Annotated[
-        bool, typer.Option("--pose", help="PoSE: train at --train-length with position ids skipped up to the target.")
+        bool, o.flag("--pose", help="PoSE: train at --train-length with position ids skipped up to the target.")
     ] = False,
-    pose_chunks: Annotated[int, typer.Option("--pose-chunks", help="PoSE chunks per window.")] = TRAIN.pose_chunks,
+    pose_chunks: Annotated[
+        int, typer.Option("--pose-chunks", help="PoSE chunks per window." + " " + domain_help("pose_chunks"))
+    ] = TRAIN.pose_chunks,
     pose_text_skip: Annotated[
         int,
         typer.Option(
             "--pose-text-skip",
-            help="PoSE text skipping: cut each window from a span this many tokens longer (0 = off).",
+            help="PoSE text skipping: cut each window from a span this many tokens longer (0 = off)."
+            + " "
+            + domain_help("pose_text_skip"),
         ),
     ] = TRAIN.pose_text_skip,
     passkey_mix: Annotated[
@@ -684,38 +702,66 @@ def finetune_cmd(
         typer.Option(
             "--passkey-mix",
             help="Share of training windows that are passkey examples (yarn-style prompt + answer, one window "
-            "each), so retrieval is trained rather than forgotten; 0 = text only.",
+            "each), so retrieval is trained rather than forgotten; 0 = text only." + " " + domain_help("passkey_mix"),
         ),
     ] = TRAIN.passkey_mix,
-    steps: Annotated[int | None, typer.Option("--steps", help=f"Optimizer steps (default {TRAIN.steps}).")] = None,
+    steps: Annotated[
+        int | None,
+        typer.Option("--steps", help=f"Optimizer steps (default {TRAIN.steps})." + " " + domain_help("steps")),
+    ] = None,
     global_batch: Annotated[
         int | None,
-        typer.Option("--global-batch", help=f"Windows per step over all processes (default {TRAIN.global_batch})."),
+        typer.Option(
+            "--global-batch",
+            help=f"Windows per step over all processes (default {TRAIN.global_batch})."
+            + " "
+            + domain_help("global_batch"),
+        ),
     ] = None,
     micro_batch: Annotated[
-        int, typer.Option("--micro-batch", help="Windows per forward pass per process.")
+        int,
+        typer.Option("--micro-batch", help="Windows per forward pass per process." + " " + domain_help("micro_batch")),
     ] = TRAIN.micro_batch,
-    lr: Annotated[float | None, typer.Option("--lr", help=f"AdamW learning rate (default {TRAIN.lr:g}).")] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option("--lr", help=f"AdamW learning rate (default {TRAIN.lr:g})." + " " + domain_help("lr")),
+    ] = None,
     weight_decay: Annotated[
-        float | None, typer.Option("--weight-decay", help=f"AdamW weight decay (default {TRAIN.weight_decay:g}).")
+        float | None,
+        typer.Option(
+            "--weight-decay",
+            help=f"AdamW weight decay (default {TRAIN.weight_decay:g})." + " " + domain_help("weight_decay"),
+        ),
     ] = None,
     warmup_steps: Annotated[
-        int | None, typer.Option("--warmup-steps", help=f"Linear warmup steps (default {TRAIN.warmup_steps}).")
+        int | None,
+        typer.Option(
+            "--warmup-steps",
+            help=f"Linear warmup steps (default {TRAIN.warmup_steps})." + " " + domain_help("warmup_steps"),
+        ),
     ] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Data order, PoSE skips and init of any new state.")] = TRAIN.seed,
-    save_every: Annotated[int, typer.Option("--save-every", help="Checkpoint every N steps.")] = TRAIN.save_every,
+    seed: Annotated[
+        int,
+        typer.Option("--seed", help="Data order, PoSE skips and init of any new state." + " " + domain_help("seed")),
+    ] = TRAIN.seed,
+    save_every: Annotated[
+        int, typer.Option("--save-every", help="Checkpoint every N steps." + " " + domain_help("save_every"))
+    ] = TRAIN.save_every,
     resume: Annotated[
-        bool, typer.Option("--resume", help="Continue the run in --out from its latest complete checkpoint.")
+        bool, o.flag("--resume", help="Continue the run in --out from its latest complete checkpoint.")
     ] = False,
     stop_after_steps: Annotated[
         int | None,
         typer.Option(
-            "--stop-after-steps", help="Stop cleanly after N steps (time-limited jobs); continue with --resume."
+            "--stop-after-steps",
+            help="Stop cleanly after N steps (time-limited jobs); continue with --resume."
+            + " "
+            + domain_help("stop_after"),
         ),
     ] = None,
     gradient_checkpointing: Annotated[
         bool | None,
-        typer.Option(
+        o.flag(
             "--gradient-checkpointing/--no-gc",
             help=f"Trade compute for memory (default {'on' if TRAIN.gradient_checkpointing else 'off'}; on in recipes).",
         ),
@@ -726,7 +772,9 @@ def finetune_cmd(
     report_to: Annotated[
         str, typer.Option("--report-to", help="auto (tensorboard if installed), none, tensorboard, wandb.")
     ] = TRAIN.report_to,
-    max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Tokens read per document.")] = None,
+    max_tokens: Annotated[
+        int | None, typer.Option("--max-tokens", help="Tokens read per document." + " " + domain_help("max_tokens"))
+    ] = None,
     overwrite: o.Overwrite = False,
     bins: o.Bins = DEFAULT_BINS,
     *,
@@ -761,6 +809,7 @@ def finetune_cmd(
         model=model,
         out=out,
         data=data,
+        extra_inputs=tuple(str(p) for p in o.method_input_paths(method_options)),
         method=chosen,
         method_params=params,
         train_length=train_length,
@@ -779,7 +828,12 @@ def finetune_cmd(
         overwrite=overwrite,
         **settings,
     )
-    record = finetune(cfg)
+    try:
+        record = finetune(cfg)
+    except KeyboardInterrupt as exc:  # before the first step (the loop itself stops cleanly after a step)
+        kept = f"{out} holds only the run's settings: rerun with --overwrite" if out.is_dir() else "nothing was written"
+        print(f"error: interrupted before the first training step; {kept}", file=sys.stderr)
+        raise typer.Exit(getattr(exc, "exit_code", 130)) from None
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun every process returns here; one reports
     state = (
@@ -789,6 +843,43 @@ def finetune_cmd(
     )
     err_console.print(
         f"{state}; {record['tokens_per_second'] or 0:,.0f} tokens/s; loss curve in {out}/logs/loss_curve.csv"
+    )
+    err_console.print(cache_note(), soft_wrap=True)
+
+
+@app.command("cache")
+@user_errors
+def cache_cmd(
+    clear: Annotated[
+        bool, o.flag("--clear", help="Empty ropekit's cache (only a directory tagged as ropekit's).")
+    ] = False,
+) -> None:
+    """Where ropekit caches (tokenisations, GGUF conversions, evaluation cells), how much, and how to clear it."""
+    from ropekit.paths import PARTS, cache_root, cache_usage, clear_cache, describe_size
+
+    root = cache_root(create=False)
+    where = "ROPEKIT_CACHE" if os.environ.get("ROPEKIT_CACHE") else "default; set ROPEKIT_CACHE to move it"
+    if clear:
+        out_console.print(f"cleared {root}: {describe_size(clear_cache())} freed")
+        return
+    usage = cache_usage()
+    t = Table(title=f"ropekit's cache: {root} ({where})")
+    for col in ("part", "what", "size", "files"):
+        t.add_column(col, justify="right" if col in ("size", "files") else "left")
+    for part, (size, files) in usage.items():
+        t.add_row(f"{part}/", PARTS[part], describe_size(size), str(files))
+    out_console.print(t)
+    total = sum(size for size, _ in usage.values())
+    out_console.print(f"total {describe_size(total)}; `ropekit cache --clear` empties it (it is rebuilt when needed)")
+
+
+def cache_note() -> str:
+    """One line for the end of a long command: where the cache is and how large."""
+    from ropekit.paths import cache_root, cache_usage, describe_size
+
+    total = sum(size for size, _ in cache_usage().values())
+    return (
+        f"cache: {cache_root(create=False)} holds {describe_size(total)} (`ropekit cache` shows it, --clear empties it)"
     )
 
 
@@ -829,8 +920,48 @@ def presets_cmd() -> None:
             out_console.print(f"[bold]{name}[/]: {p.note}")
 
 
+class _FlagHelp:
+    """--help shows no `<bool>` after --help itself (a flag takes no value; `o.flag` does it for the others)."""
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)  # type: ignore[misc]
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class _Command(_FlagHelp, typer.core.TyperCommand):
+    pass
+
+
+class _Group(_FlagHelp, typer.core.TyperGroup):
+    pass
+
+
+for _typer in (app, convert_app):
+    _typer.info.cls = _Group  # (ropekit defines no command class of its own elsewhere)
+    for _info in _typer.registered_commands:
+        _info.cls = _Command
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    """SIGTERM raises `Terminated` (a KeyboardInterrupt), so it cleans up exactly as Ctrl-C does; exit 143."""
+    raise Terminated
+
+
 def main() -> None:
-    """Entry point: usage mistakes (missing or malformed options) also become one `error:` line, exit 2."""
+    """Entry point: usage mistakes (missing or malformed options) also become one `error:` line, exit 2.
+    SIGTERM is handled like Ctrl-C (partial files removed), exit 143."""
+    set_command(sys.argv[1:])
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        _run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        set_command(None)
+
+
+def _run() -> None:
     try:
         code = app(standalone_mode=False)
     except typer.TyperException as exc:  # typer's public base of its usage errors (no private imports)
@@ -842,9 +973,9 @@ def main() -> None:
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
         print(f"error: {message} (see '{command} --help')", file=sys.stderr)
         raise SystemExit(2) from None
-    except (typer.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt) as exc:
         print("error: aborted", file=sys.stderr)
-        raise SystemExit(130) from None
+        raise SystemExit(getattr(exc, "exit_code", 130)) from None
     raise SystemExit(code if isinstance(code, int) else 0)
 
 

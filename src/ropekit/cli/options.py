@@ -8,16 +8,24 @@ import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from ropekit.errors import RopekitError
-from ropekit.plan.geometry import RopeSpec
+from ropekit.plan.analysis.angles import BINS
+from ropekit.plan.geometry import CONTEXT_LENGTH, HEAD_DIM, PARTIAL_ROTARY_FACTOR, ROPE_THETA, TARGET_LENGTH, RopeSpec
 from ropekit.plan.registry import METHODS, Method, Param, get_method
 
 GEOMETRY = "Model geometry (pick one source)"
 METHOD = "Method options"
+
+
+def flag(*decls: str, help: str, **kwargs: Any) -> Any:  # noqa: A002 (typer's own keyword)
+    """A boolean option: --help shows no `<bool>` after it (a flag takes no value)."""
+    return typer.Option(*decls, help=help, metavar="", **kwargs)
+
 
 Preset = Annotated[
     str | None,
@@ -28,16 +36,18 @@ Model = Annotated[
     typer.Option("--model", help="Model directory, config.json path, .gguf file, or hub id.", rich_help_panel=GEOMETRY),
 ]
 HeadDim = Annotated[
-    int | None, typer.Option("--head-dim", help="Channels per attention head.", rich_help_panel=GEOMETRY)
+    int | None,
+    typer.Option("--head-dim", help=f"Channels per attention head {HEAD_DIM.help()}.", rich_help_panel=GEOMETRY),
 ]
 RopeTheta = Annotated[
-    float | None, typer.Option("--rope-theta", help="RoPE base b, e.g. 10000.", rich_help_panel=GEOMETRY)
+    float | None,
+    typer.Option("--rope-theta", help=f"RoPE base b, e.g. 10000 {ROPE_THETA.help()}.", rich_help_panel=GEOMETRY),
 ]
 OriginalLength = Annotated[
     int | None,
     typer.Option(
         "--original-length",
-        help="Pre-training context L in tokens (overrides a preset/config).",
+        help=f"Pre-training context L in tokens (overrides a preset/config) {CONTEXT_LENGTH.help()}.",
         rich_help_panel=GEOMETRY,
     ),
 ]
@@ -45,13 +55,13 @@ PartialRotary = Annotated[
     float | None,
     typer.Option(
         "--partial-rotary-factor",
-        help="Rotated fraction of head_dim (GPT-NeoX/Phi), default 1.",
+        help=f"Rotated fraction of head_dim (GPT-NeoX/Phi), default 1 {PARTIAL_ROTARY_FACTOR.help()}.",
         rich_help_panel=GEOMETRY,
     ),
 ]
 FromScratch = Annotated[
     bool,
-    typer.Option(
+    flag(
         "--from-scratch",
         help="Already-extended model: plan from plain RoPE at its original length, replacing its scaling (default: plan from its current frequencies over its trained context).",
         rich_help_panel=GEOMETRY,
@@ -65,15 +75,25 @@ LayerType = Annotated[
         rich_help_panel=GEOMETRY,
     ),
 ]
-TargetLength = Annotated[int, typer.Option("--target-length", help="Target context L' in tokens; must exceed L.")]
+TargetLength = Annotated[
+    int, typer.Option("--target-length", help=f"Target context L' in tokens; must exceed L {TARGET_LENGTH.help()}.")
+]
 Bins = Annotated[
     int,
     typer.Option(
-        "--bins", help="Histogram bins K over [0, 2π) for disturbance (and dprope's choice).", rich_help_panel=METHOD
+        "--bins",
+        help=f"Histogram bins K over [0, 2π) for disturbance (and dprope's choice) {BINS.help()}.",
+        rich_help_panel=METHOD,
     ),
 ]
 Overwrite = Annotated[
-    bool, typer.Option("--overwrite", help="Replace --out if it is an earlier ropekit output (never anything else).")
+    bool,
+    flag(
+        "--overwrite",
+        help="Replace --out only if it is an earlier output of the same kind that ropekit wrote and nobody "
+        "changed: its manifest (ropekit-manifest.json) must list every file in it, unchanged. Anything else "
+        "(a file you added or edited, another kind of output, a folder ropekit did not write) is refused.",
+    ),
 ]
 
 
@@ -126,7 +146,7 @@ def build_spec(
             head_dim=head_dim,
             base=rope_theta,
             context_length=original_length,
-            partial_rotary_factor=partial_rotary_factor or 1.0,
+            partial_rotary_factor=1.0 if partial_rotary_factor is None else partial_rotary_factor,
             name=name,
         )
     if original_length is not None:
@@ -213,6 +233,11 @@ def method_options() -> dict[str, MethodOption]:
 def _flags_of(p: inspect.Parameter) -> list[str]:
     infos = [a for a in getattr(p.annotation, "__metadata__", ()) if isinstance(a, typer.models.OptionInfo)]
     return [d for info in infos for d in (info.default, *(info.param_decls or ())) if isinstance(d, str)]
+
+
+def method_input_paths(given: dict[str, Any]) -> tuple[Path, ...]:
+    """The files method options name (a --factors-file): inputs the output must never overlap."""
+    return tuple(v for v in given.values() if isinstance(v, Path))
 
 
 def method_params(method: str, given: dict[str, Any]) -> dict[str, Any]:

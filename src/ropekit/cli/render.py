@@ -62,7 +62,8 @@ DISTURBANCE_CAVEAT = (
 )
 
 
-def comparison_table(scores: dict[str, float], chosen: str) -> Table:
+def comparison_table(scores: dict[str, float], chosen: str, skipped: dict[str, str] | None = None) -> Table:
+    """Every method's disturbance, lowest first; methods that do not apply to the geometry last, with why."""
     t = Table(
         title="disturbance by method (1000 × mean KL; lower = angle statistics closer to pre-training)",
         caption=DISTURBANCE_CAVEAT,
@@ -74,6 +75,8 @@ def comparison_table(scores: dict[str, float], chosen: str) -> Table:
     for name, value in sorted(scores.items(), key=lambda kv: kv[1]):
         rel = f"{100 * (value / pi - 1):+.0f}%" if pi else ""
         t.add_row(f"[bold]{name}[/] ←" if name == chosen else name, f"{value:.3f}", rel)
+    for name, reason in (skipped or {}).items():
+        t.add_row(name, "skipped", reason)
     return t
 
 
@@ -83,7 +86,7 @@ def print_plan(console: Console, report: PlanReport) -> None:
     geometry_header(console, plan)
     console.print(pair_table(plan))
     if report.disturbance_by_method is not None:
-        console.print(comparison_table(report.disturbance_by_method, report.label))
+        console.print(comparison_table(report.disturbance_by_method, report.label, report.skipped))
     removed = f", {len(plan.removed_pairs)} no longer rotate" if plan.removed_pairs else ""
     console.print(
         f"[bold]{plan.method}[/]: disturbance {plan.disturbance:.3f}, attention factor "

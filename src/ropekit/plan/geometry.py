@@ -18,8 +18,17 @@ from typing import Any
 
 import torch
 
+from ropekit.domains import Domain
 from ropekit.errors import RopekitError, did_you_mean
 from ropekit.plan.presets import PRESETS
+
+MAX_LENGTH = 1 << 22  # 4,194,304 tokens (LongRoPE's 2048k fits): disturbance costs O(L' · d/2), ~1 min per method
+# The valid ranges of the geometry's numbers; the CLI's --help states them (ropekit.cli.options).
+HEAD_DIM = Domain(2, 1024, integer=True, why="memory: the histograms hold d/2 × K counts; released models use ≤ 512")
+ROPE_THETA = Domain(1, 1e12, low_open=True, why="beyond 1e12 the float32 frequencies underflow")
+CONTEXT_LENGTH = Domain(1, MAX_LENGTH, integer=True, why="2^22 tokens, ropekit's bound on lengths")
+TARGET_LENGTH = Domain(2, MAX_LENGTH, integer=True, why="2^22 tokens; planning cost grows with the length")
+PARTIAL_ROTARY_FACTOR = Domain(0, 1, low_open=True)
 
 
 @dataclass(frozen=True, init=False)
@@ -102,14 +111,12 @@ class RopeSpec:
         self._validate()
 
     def _validate(self) -> None:
-        _check_positive_int("head_dim", self.head_dim)
-        _check_positive_int("context_length", self.context_length)
-        _check_positive_int("pretrained_length", self.pretrained_length)
-        if not _finite(self.base) or self.base <= 1.0:
-            raise RopekitError(f"rope base (rope_theta) must be a finite number > 1, got {self.base}")
+        HEAD_DIM.check("head_dim", self.head_dim)
+        CONTEXT_LENGTH.check("context_length", self.context_length)
+        CONTEXT_LENGTH.check("pretrained_length", self.pretrained_length)
+        ROPE_THETA.check("rope base (rope_theta)", self.base)
         prf = self.partial_rotary_factor
-        if not _finite(prf) or not 0.0 < prf <= 1.0:
-            raise RopekitError(f"partial_rotary_factor must be in (0, 1], got {prf}")
+        PARTIAL_ROTARY_FACTOR.check("partial_rotary_factor", prf)
         if prf == 1.0 and self.head_dim % 2:
             raise RopekitError(f"head_dim must be even for RoPE, got {self.head_dim}")
         if self.rotary_dim < 2 or self.rotary_dim % 2:
@@ -266,12 +273,3 @@ def require_spec(spec: Any, name: str = "spec") -> None:
     """Refuse anything but a RopeSpec where the API expects one (`critical_dimension("x")`)."""
     if not isinstance(spec, RopeSpec):
         raise RopekitError(f"{name} must be a RopeSpec (e.g. RopeSpec.from_preset('llama2-7b')), got {spec!r}")
-
-
-def _check_positive_int(what: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise RopekitError(f"{what} must be a positive integer, got {value!r}")
-
-
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

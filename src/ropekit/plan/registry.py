@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from ropekit.errors import RopekitError
-from ropekit.plan.analysis.angles import DEFAULT_BINS
-from ropekit.plan.geometry import RopeSpec, require_spec
+from ropekit.plan.analysis.angles import BINS, DEFAULT_BINS
+from ropekit.plan.geometry import MAX_LENGTH, RopeSpec, require_spec
 from ropekit.plan.methods import (
     base_change,
     dprope,
@@ -88,6 +88,7 @@ def plan(
     """
     require_spec(spec)
     check_target_length(spec, target_length)
+    BINS.check("bins (--bins)", bins)
     m = get_method(method)
     params = m.current_keywords(params)
     if m.uses_bins:  # methods that choose by disturbance use the same K
@@ -102,9 +103,7 @@ def plan(
     return Plan(method=m.name, spec=spec, target_length=target_length, params=params, scaling=scaling, bins=bins)
 
 
-MAX_TARGET_LENGTH = (
-    1 << 22
-)  # 4,194,304 tokens (LongRoPE's 2048k fits): disturbance costs O(L' · d/2), ~1 min per method there
+MAX_TARGET_LENGTH = MAX_LENGTH  # 4,194,304 tokens (see ropekit.plan.geometry)
 
 
 def compose_with_current(spec: RopeSpec, scaling: Scaling) -> Scaling:
@@ -154,7 +153,24 @@ def comparable_methods(spec: RopeSpec | None = None) -> list[str]:
 def compare(
     spec: RopeSpec, target_length: int, methods: list[str] | None = None, *, bins: int = DEFAULT_BINS
 ) -> dict[str, Plan]:
-    """Plan every method (default: all that need no extra input) with default parameters."""
+    """Plan every method (default: all that need no extra input and apply to this geometry) with default
+    parameters. Methods named in `methods` must all apply; see `comparison` for the ones skipped."""
+    return comparison(spec, target_length, methods, bins=bins)[0]
+
+
+def comparison(
+    spec: RopeSpec, target_length: int, methods: list[str] | None = None, *, bins: int = DEFAULT_BINS
+) -> tuple[dict[str, Plan], dict[str, str]]:
+    """(plans by method, {method: why it was skipped}). With the default list, a method that does not apply
+    to this geometry (dynamic NTK at rotary dimension 2) is skipped with its reason instead of failing the
+    whole comparison; methods named in `methods` raise their error."""
     require_spec(spec)
-    names = methods or comparable_methods(spec)
-    return {get_method(n).name: plan(spec, target_length, n, bins=bins) for n in names}
+    plans, skipped = {}, {}
+    for name in methods or comparable_methods(spec):
+        try:
+            plans[get_method(name).name] = plan(spec, target_length, name, bins=bins)
+        except RopekitError as exc:
+            if methods:
+                raise
+            skipped[get_method(name).name] = str(exc)
+    return plans, skipped

@@ -16,7 +16,7 @@ from typing import Any
 from ropekit.errors import RopekitError
 from ropekit.plan.analysis.angles import DEFAULT_BINS
 from ropekit.plan.geometry import RopeSpec
-from ropekit.plan.registry import DEFAULT_METHOD, METHODS, compare, get_method, plan
+from ropekit.plan.registry import DEFAULT_METHOD, METHODS, comparison, get_method, plan
 from ropekit.plan.scaling import Plan
 from ropekit.plan.summary import plan_summary
 
@@ -29,10 +29,13 @@ class PlanReport:
     label: str  # the plan's row in the comparison: its method, or e.g. "dprope (paper, n=64)"
     disturbance_by_method: dict[str, float] | None  # 1000 × mean KL per method; None when not compared
     exports: dict[str, Path] = field(default_factory=dict)  # {kind: path} once written (write_plan_directory)
+    skipped: dict[str, str] = field(default_factory=dict)  # methods left out of the comparison, with the reason
 
     def summary(self) -> dict[str, Any]:
         """plan.json / `ropekit plan --json`: `plan_summary`, the comparison when made, the exports when written."""
         out = plan_summary(self.plan, disturbance_by_method=self.disturbance_by_method)
+        if self.skipped:
+            out["skipped_methods"] = dict(self.skipped)
         if self.exports:
             out["exports"] = {kind: str(path) for kind, path in self.exports.items()}
         return out
@@ -59,12 +62,15 @@ def plan_report(
         label, setting = published_setting(method, spec, target_length, params)
         params = {**params, **setting}
     chosen = plan(spec, target_length, method, bins=bins, **params)
-    scores = None
+    scores: dict[str, float] | None = None
+    skipped: dict[str, str] = {}
     if compare_methods:
-        scores = {name: p.disturbance for name, p in compare(spec, target_length, bins=bins).items()}
+        plans, skipped = comparison(spec, target_length, bins=bins)
+        scores = {name: p.disturbance for name, p in plans.items()}
         scores.update(published_setting_scores(spec, target_length, bins))
         scores[label] = chosen.disturbance
-    return PlanReport(chosen, label, scores)
+        skipped.pop(label, None)
+    return PlanReport(chosen, label, scores, skipped=skipped)
 
 
 def published_setting(

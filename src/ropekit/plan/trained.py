@@ -77,8 +77,10 @@ def _current_scaling(
             max_positions,
             f"max_position_embeddings {max_positions} (a linear block records no original length)",
         )
+    if factor is None and rope_type in ("yarn", "llama3"):  # transformers requires it too (its key validation)
+        _required(block, "factor", plain)
     if factor is None:
-        factor = max_positions / L0  # transformers' fallback for yarn and longrope
+        factor = max_positions / L0  # transformers' fallback for longrope
     length, reason = trained_length(L0, float(factor), max_positions, rope_type)
     if rope_type == "llama3":
         scaling = llama3(
@@ -136,5 +138,7 @@ def yarn_block_attention(block: dict[str, Any], factor: float) -> float:
 
 def _required(block: dict[str, Any], key: str, plain: RopeSpec) -> Any:
     if block.get(key) is None:
-        raise RopekitError(f"{plain.name}: its {block.get('rope_type')} block has no {key!r}")
+        raise RopekitError(
+            f"{plain.name}: its {block.get('rope_type')} block has no {key!r} (transformers needs it too)"
+        )
     return block[key]

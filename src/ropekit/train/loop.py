@@ -14,6 +14,7 @@ data, model, resume), `_train` (`_train_step` + `_log_step` per optimizer step, 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -41,6 +42,7 @@ from ropekit.train.run_dir import (
     claim_run_dir,
     loss_curve,
     start_run_dir,
+    sync_manifest,
     truncate_log,
     write_loss_csv,
     write_loss_csv_on_main,
@@ -100,27 +102,30 @@ def finetune(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _setup(cfg: TrainConfig) -> _Run:
-    """Validate, claim the run directory, then build the accelerator, data, model and optimizer (in this
-    order: the seed is set after the accelerator and before anything draws random numbers)."""
+    """Validate, check the run directory, build the accelerator, data, model and optimizer (in this order:
+    the seed is set after the accelerator and before anything draws random numbers), and only then write
+    into the run directory: a refused run writes nothing."""
     from accelerate import PartialState
     from accelerate.utils import set_seed
 
     spec = RopeSpec.from_pretrained(cfg.model)
     cfg.validate(spec.context_length)
-    target = claim_run_dir(cfg)
+    check_environment(cfg)
+    target = claim_run_dir(cfg)  # checks only: nothing is written before every check has passed
+    make_plan(spec, cfg.target_length, cfg.method, **cfg.method_params)  # a plan that cannot be made: refused now
     # accelerate only builds a gloo process group under torchrun when told cpu=True on a machine without CUDA
     cpu = not torch.cuda.is_available()
     state = PartialState(cpu=cpu)
     world, rank = state.num_processes, state.process_index
-    if not cfg.resume:
-        if state.is_main_process:
-            start_run_dir(target)
-        state.wait_for_everyone()
     accumulation = _accumulation(cfg, world)
     accelerator = _setup_accelerator(cfg, cpu=cpu, accumulation=accumulation)
     set_seed(cfg.seed)
     tokenizer, windows, passkey_windows = _setup_data(cfg, accelerator)
     model, optimizer, scheduler, plan = _setup_model(cfg, accelerator)
+    if not cfg.resume:
+        if state.is_main_process:
+            start_run_dir(target)
+        state.wait_for_everyone()
     start_step = resume_checkpoint(accelerator, cfg) if cfg.resume else 0
     end_step = cfg.steps if cfg.stop_after is None else min(cfg.steps, start_step + cfg.stop_after)
     run = _Run(
@@ -141,6 +146,24 @@ def _setup(cfg: TrainConfig) -> _Run:
     )
     _setup_logs(run)
     return run
+
+
+def check_environment(cfg: TrainConfig) -> None:
+    """Refuse settings this machine cannot honour, instead of recording them while doing something else."""
+    import importlib.util
+
+    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise RopekitError(
+            "--mixed-precision fp16 needs a CUDA GPU (on the CPU accelerate would train in fp32 while the run "
+            "recorded fp16); use --mixed-precision no, or bf16"
+        )
+    if cfg.report_to != "auto":
+        missing = [t for t in _trackers(cfg.report_to) if importlib.util.find_spec(t) is None]
+        if missing:
+            raise RopekitError(
+                f"--report-to {missing[0]}: {missing[0]} is not installed (pip install {missing[0]}), "
+                "or use --report-to none (losses always go to logs/)"
+            )
 
 
 def _accumulation(cfg: TrainConfig, world: int) -> int:
@@ -192,9 +215,14 @@ def _setup_data(cfg: TrainConfig, accelerator: Accelerator) -> tuple[PreTrainedT
         raise RopekitError(f"{cfg.model}: no tokenizer beside the model")
     with accelerator.main_process_first():  # one process fills the tokenisation cache
         documents = tokenize_documents(read_documents(cfg.data), tokenizer)
-    documents = [d[: cfg.max_tokens] for d in documents] if cfg.max_tokens else documents
+    documents = [d[: cfg.max_tokens] for d in documents] if cfg.max_tokens is not None else documents
     windows = pack_windows(documents, cfg.window() + cfg.pose_text_skip, eos_id=tokenizer.eos_token_id)
     mixed = mix_passkey(windows, cfg.passkey_mix, tokenizer, seed=cfg.seed, eos_id=tokenizer.eos_token_id)
+    if cfg.global_batch > len(mixed):
+        raise RopekitError(
+            f"--global-batch {cfg.global_batch} exceeds the {len(mixed)} windows of {cfg.window()} tokens the data "
+            f"gives, so every step would see each window many times; use --global-batch ≤ {len(mixed)} or more data"
+        )
     return tokenizer, mixed, len(mixed) - len(windows)
 
 
@@ -251,18 +279,20 @@ def _train(run: _Run) -> float:
     try:
         with GracefulStop() as stop:
             for step in range(run.start_step, run.end_step):
-                loss, seen = _train_step(run, step)
+                loss, grad_norm, seen = _train_step(run, step)
                 _log_step(run, step + 1, loss, seen, started)
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(loss=f"{loss:.4f}")
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                    _diverged(run, step + 1, loss, grad_norm)
                 if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-                    save_checkpoint(run.accelerator, cfg, step + 1)
+                    _checkpoint(run, step + 1)
                 completed = step + 1
                 if any_rank(run.accelerator, stop.requested) and completed < cfg.steps:
-                    _stop_requested(run, completed)
-    except KeyboardInterrupt:  # a second Ctrl-C
-        _abort(run, completed)
+                    _stop_requested(run, completed, stop.signal_number)
+    except KeyboardInterrupt as exc:  # a second Ctrl-C or SIGTERM
+        _abort(run, completed, getattr(exc, "exit_code", 130) - 128)
     finally:
         if progress is not None:
             progress.close()
@@ -283,13 +313,15 @@ def _progress_bar(run: _Run) -> tqdm | None:
     )
 
 
-def _train_step(run: _Run, step: int) -> tuple[float, list[int]]:
+def _train_step(run: _Run, step: int) -> tuple[float, float, list[int]]:
     """One optimizer step (0-based `step`): `accumulation` forward/backward passes, then clip, step, zero.
 
-    Returns the loss averaged over the step's micro-batches and all ranks, and the window indices this
-    rank trained on (see `ropekit.train.data.window_indices`)."""
+    Returns the loss averaged over the step's micro-batches and all ranks, the gradient norm before
+    clipping (0 when not clipping), and the window indices this rank trained on (see
+    `ropekit.train.data.window_indices`)."""
     cfg, accelerator, model = run.cfg, run.accelerator, run.model
     loss_sum = torch.zeros((), device=accelerator.device)
+    grad_norm = 0.0
     seen = []
     for micro in range(run.accumulation):
         idx = window_indices(
@@ -310,13 +342,14 @@ def _train_step(run: _Run, step: int) -> tuple[float, list[int]]:
             loss = model(input_ids=ids, position_ids=positions, labels=ids).loss
             accelerator.backward(loss)  # scales by 1/accumulation
             if cfg.max_grad_norm and accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                grad_norm = 0.0 if norm is None else float(norm)
             run.optimizer.step()
             if accelerator.sync_gradients:
                 run.scheduler.step()
             run.optimizer.zero_grad()
         loss_sum += loss.detach() / run.accumulation
-    return float(accelerator.reduce(loss_sum, "mean")), seen
+    return float(accelerator.reduce(loss_sum, "mean")), grad_norm, seen
 
 
 def _batch(
@@ -356,23 +389,52 @@ def _log_step(run: _Run, step: int, loss: float, seen: list[int], started: float
     run.accelerator.log({"loss": loss, "lr": lr}, step=step)
 
 
-def _stop_requested(run: _Run, completed: int) -> None:
-    """First Ctrl-C, seen after step `completed`: checkpoint it (unless just done), write the loss curve, raise."""
-    if completed % run.cfg.save_every:
-        save_checkpoint(run.accelerator, run.cfg, completed)
+def _checkpoint(run: _Run, step: int) -> None:
+    """Checkpoint after step `step` (every rank), then record the run's files in its manifest (main process)."""
+    save_checkpoint(run.accelerator, run.cfg, step)
+    _sync_manifest(run)
+
+
+def _sync_manifest(run: _Run, also: tuple[str, ...] = ()) -> None:
+    """Main process: the loss curve so far, then the run's files in its manifest."""
     write_loss_csv_on_main(run.accelerator, run.logs)
-    raise Interrupted(
-        f"interrupted after step {completed}; its checkpoint is complete and the loss "
-        f"curve so far is in {run.logs / 'loss_curve.csv'}; continue with --resume"
+    if run.accelerator.is_main_process:
+        sync_manifest(run.cfg.out, also)
+
+
+def _diverged(run: _Run, step: int, loss: float, grad_norm: float) -> None:
+    """The loss or the gradient norm of step `step` is NaN or inf: stop without saving that step."""
+    latest = latest_checkpoint(run.cfg.out)
+    _sync_manifest(run)
+    kept = f"the last good checkpoint is {latest.name}" if latest else "no checkpoint was saved before it"
+    what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
+    raise RopekitError(
+        f"training diverged: {what} at step {step}, so the run stopped there without saving it; {kept} "
+        f"(the loss curve is in {run.logs / 'loss_curve.csv'}); start again with a lower --lr (now {run.cfg.lr:g})"
     )
 
 
-def _abort(run: _Run, completed: int) -> None:
-    """Second Ctrl-C, during step `completed + 1`: keep the latest complete checkpoint and the loss curve, raise."""
+def _stop_requested(run: _Run, completed: int, signal_number: int) -> None:
+    """First Ctrl-C or SIGTERM, seen after step `completed`: checkpoint it (unless just done), write the loss
+    curve, raise."""
+    if completed % run.cfg.save_every:
+        save_checkpoint(run.accelerator, run.cfg, completed)
+    _sync_manifest(run)
+    raise Interrupted(
+        f"interrupted after step {completed}; its checkpoint is complete and the loss "
+        f"curve so far is in {run.logs / 'loss_curve.csv'}; continue with --resume",
+        signal_number=signal_number,
+    )
+
+
+def _abort(run: _Run, completed: int, signal_number: int) -> None:
+    """Second Ctrl-C or SIGTERM, during step `completed + 1`: keep the latest complete checkpoint and the loss
+    curve, raise."""
     latest = latest_checkpoint(run.cfg.out)
     where = f"the latest complete checkpoint is {latest.name}" if latest else "no checkpoint was completed"
-    write_loss_csv_on_main(run.accelerator, run.logs)
-    raise Interrupted(f"aborted during step {completed + 1}; {where}") from None
+    if run.accelerator.num_processes == 1:  # other ranks may be mid-write: their next run's checkpoint records them
+        _sync_manifest(run)
+    raise Interrupted(f"aborted during step {completed + 1}; {where}", signal_number=signal_number) from None
 
 
 # ---- finish -----------------------------------------------------------------------------------------
@@ -392,7 +454,7 @@ def _finish(run: _Run, elapsed: float) -> dict[str, Any]:
     else:
         if run.end_step % cfg.save_every:
             save_checkpoint(run.accelerator, cfg, run.end_step)
-        write_loss_csv_on_main(run.accelerator, run.logs)
+        _sync_manifest(run)
     run.accelerator.end_training()
     return record
 
@@ -446,9 +508,11 @@ def _save_final(
         (staging / RECORD).write_text(json.dumps(full, indent=2) + "\n")
         write_loss_csv(cfg.out / "logs")
         set_normal_permissions(staging)
-        for item in staging.iterdir():
-            os.replace(item, cfg.out / item.name)
+        names = tuple(item.name for item in staging.iterdir())
+        for name in names:
+            os.replace(staging / name, cfg.out / name)
         staging.rmdir()
+        sync_manifest(cfg.out, names)
     accelerator.wait_for_everyone()
 
 

@@ -15,12 +15,17 @@ from typing import TYPE_CHECKING
 from ropekit._version import __version__
 from ropekit.data.documents import jsonl_records
 from ropekit.errors import RopekitError
+from ropekit.manifest import read_manifest, update_manifest, write_manifest
 from ropekit.output import MARKER, SIGNATURE, OutputTarget, default_modes, prepare_output, remove_replaced
 from ropekit.train.checkpoints import latest_checkpoint
 from ropekit.train.config import TrainConfig
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
+
+
+KIND = "fine-tune run"  # the kind of output in its manifest (ropekit.manifest)
+RUN_PATHS = (MARKER, "checkpoints", "logs")  # what a run writes in place before its final model
 
 
 def claim_run_dir(cfg: TrainConfig) -> OutputTarget:
@@ -32,7 +37,7 @@ def claim_run_dir(cfg: TrainConfig) -> OutputTarget:
             "it again, or choose another --out"
         )
     target = prepare_output(
-        out, overwrite=cfg.overwrite, inputs=(cfg.model, cfg.data), in_place=True, existing_ok=cfg.resume
+        out, kind=KIND, overwrite=cfg.overwrite, inputs=cfg.inputs(), in_place=True, existing_ok=cfg.resume
     )
     if cfg.resume and latest_checkpoint(out) is None:
         raise RopekitError(f"{out}: no complete checkpoint to resume from")
@@ -40,7 +45,8 @@ def claim_run_dir(cfg: TrainConfig) -> OutputTarget:
 
 
 def start_run_dir(target: OutputTarget) -> None:
-    """Main process: remove the earlier ropekit run `--overwrite` replaces (only that one), then sign the new one."""
+    """Main process: remove the earlier ropekit run `--overwrite` replaces (only that one), then sign the new one
+    and write its manifest (kept current by `sync_manifest`)."""
     remove_replaced(target)
     dir_mode, _ = default_modes()
     target.path.mkdir(parents=True, exist_ok=True)
@@ -56,6 +62,18 @@ def start_run_dir(target: OutputTarget) -> None:
         )
         + "\n"
     )
+    write_manifest(target.path, KIND, paths=RUN_PATHS)
+
+
+def sync_manifest(out: Path, also: tuple[str, ...] = ()) -> None:
+    """Main process, at a point where every rank's files are complete (a checkpoint, a stop, the end): record
+    the run's own files (`RUN_PATHS` and `also`, e.g. the final model's files) in its manifest. A run from
+    before manifests (resumed) gets one now, listing only those files."""
+    paths = (*RUN_PATHS, *also)
+    if read_manifest(out) is None:
+        write_manifest(out, KIND, paths=paths)
+    else:
+        update_manifest(out, paths)
 
 
 def truncate_log(path: Path, keep_until_step: int) -> None:

@@ -1,4 +1,4 @@
-"""Ctrl-C during fine-tuning: the first stops after the current step on every rank, the second aborts."""
+"""Ctrl-C or SIGTERM during fine-tuning: the first stops after the current step on every rank, the second aborts."""
 
 from __future__ import annotations
 
@@ -10,31 +10,37 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ropekit.errors import Terminated
+
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
 
 class GracefulStop:
-    """First Ctrl-C: finish the current step, checkpoint, stop. Second Ctrl-C: abort at once."""
+    """First Ctrl-C or SIGTERM: finish the current step, checkpoint, stop. A second: abort at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous: Any = None  # the SIGINT handler this one replaced
+        self.signal_number = int(signal.SIGINT)  # the first stop signal received (for the exit status)
+        self._previous: dict[int, Any] = {}  # the handlers this one replaced
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nstopping after this step (Ctrl-C again to abort)", file=sys.stderr, flush=True)
+            raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+        self.requested, self.signal_number = True, signum
+        name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        print(f"\n{name}: stopping after this step (again to abort)", file=sys.stderr, flush=True)
 
     def __enter__(self) -> GracefulStop:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {int(s): signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 def any_rank(accelerator: Accelerator, flag: bool) -> bool:

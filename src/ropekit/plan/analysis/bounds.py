@@ -16,7 +16,7 @@ import math
 import torch
 
 from ropekit.errors import RopekitError
-from ropekit.plan.geometry import RopeSpec, require_spec
+from ropekit.plan.geometry import TARGET_LENGTH, RopeSpec, require_spec
 
 
 def critical_dimension(spec: RopeSpec) -> int:
@@ -160,8 +160,7 @@ def min_base_for_length(
     Cost: O(length · d/2) cosines per passing candidate; failing ones stop at their first negative chunk.
     """
     require_spec(spec)
-    if isinstance(length, bool) or not isinstance(length, int) or length < 2:
-        raise RopekitError(f"length must be an integer number of tokens ≥ 2, got {length!r}")
+    TARGET_LENGTH.check("length (tokens)", length)
     if rule not in MEN_RULES:
         raise RopekitError(f"base-bound rule must be one of {', '.join(MEN_RULES)}, got {rule!r}")
     if not 0 < resolution <= 1:

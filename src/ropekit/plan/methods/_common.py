@@ -7,11 +7,21 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ropekit.domains import Domain
 from ropekit.errors import RopekitError
-from ropekit.plan.geometry import RopeSpec
+from ropekit.plan.geometry import MAX_LENGTH, ROPE_THETA, RopeSpec
 
 if TYPE_CHECKING:
     from ropekit.plan.scaling import Plan
+
+
+# Domains shared by several methods' parameters (`Param.domain`): checked by make_plan, shown by --help.
+SCALE = Domain(0, MAX_LENGTH, low_open=True)  # the scalar scale s
+ATTENTION_FACTOR = Domain(
+    0, 10, low_open=True, why="it multiplies cos and sin, so attention logits scale by a²; methods give 1 to 2"
+)
+NEW_BASE = ROPE_THETA
+LENGTH = Domain(1, MAX_LENGTH, integer=True)
 
 
 def pair_exponents(spec: RopeSpec) -> torch.Tensor:

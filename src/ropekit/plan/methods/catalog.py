@@ -22,8 +22,18 @@ METHODS: dict[str, Method] = {}
 ALIASES: dict[str, str] = {}  # other name → method name, from the records' `aliases`
 
 
-def register_method(method: Method) -> None:
-    """Add (or replace) a method under `method.name` (and its aliases)."""
+def register_method(method: Method, *, replace: bool = False) -> None:
+    """Add a method under `method.name` (and its aliases). A name or alias already taken is refused
+    unless `replace=True` (which replaces the method of that name)."""
+    if not isinstance(method, Method):
+        raise RopekitError(f"register_method takes a ropekit.plan.registry.Method record, got {method!r}")
+    taken = [n for n in (method.name, *method.aliases) if n.lower() in METHODS or n.lower() in ALIASES]
+    owners = {ALIASES.get(n.lower(), n.lower()) for n in taken}
+    if taken and not (replace and owners == {method.name}):
+        raise RopekitError(
+            f"method name {taken[0]!r} is already registered (by {sorted(owners)[0]!r}); choose another name, "
+            "or register_method(record, replace=True) to replace that method"
+        )
     unregister_method(method.name, missing_ok=True)
     METHODS[method.name] = method
     ALIASES.update({alias.lower(): method.name for alias in method.aliases})
@@ -41,6 +51,8 @@ def unregister_method(name: str, *, missing_ok: bool = False) -> None:
 
 
 def get_method(name: str) -> Method:
+    if not isinstance(name, str):
+        raise RopekitError(f"method must be a method name (e.g. 'dprope'; see ropekit.METHODS), got {name!r}")
     key = ALIASES.get(name.lower(), name.lower())
     if key not in METHODS:
         raise did_you_mean("method", name, METHODS)
@@ -58,6 +70,10 @@ def compute_scaling(method: str, spec: RopeSpec, target_length: int, **params: A
         allowed = ", ".join(accepted) or "no parameters"
         raise RopekitError(f"method {m.name!r} does not take {unknown[0]!r}; it takes: {allowed}")
     check_parameter_types(m, params)
+    records = {p.name: p for p in m.params}
+    for name, value in params.items():
+        if name in records:
+            records[name].check(m.name, value)
     return m.function(spec, target_length, **params)
 
 

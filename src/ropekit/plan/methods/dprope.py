@@ -18,10 +18,11 @@ import math
 
 import torch
 
+from ropekit.domains import Domain
 from ropekit.errors import RopekitError
-from ropekit.plan.analysis.angles import DEFAULT_BINS
+from ropekit.plan.analysis.angles import BINS, DEFAULT_BINS
 from ropekit.plan.analysis.disturbance import distribution, kl_per_pair, pre_training_distribution
-from ropekit.plan.geometry import RopeSpec
+from ropekit.plan.geometry import HEAD_DIM, RopeSpec
 from ropekit.plan.methods.longrope import per_pair_inv_freq
 from ropekit.plan.methods.record import Method, Param
 from ropekit.plan.scaling import Scaling
@@ -116,9 +117,14 @@ METHOD = Method(
     "per-pair interpolate/extrapolate by least angle-distribution disturbance",
     "Wu et al. 2024",
     params=(
-        Param("bins", int, "histogram bins K over [0, 2π)", default=DEFAULT_BINS, flag=None),  # plan's own --bins
-        Param("threshold", float, "interpolate a pair iff D(extra) − D(interp) > t", default=0),
-        Param("interpolated_dims", int, "interpolate exactly n dims (n/2 pairs with largest margin)"),
+        Param("bins", int, "histogram bins K over [0, 2π)", default=DEFAULT_BINS, flag=None, domain=BINS),
+        Param("threshold", float, "interpolate a pair iff D(extra) − D(interp) > t", default=0, domain=Domain()),
+        Param(
+            "interpolated_dims",
+            int,
+            "interpolate exactly n dims (n/2 pairs with largest margin), n even",
+            domain=Domain(0, HEAD_DIM.high, integer=True),
+        ),
     ),
     aliases=("distributional",),
     exact_inv_freq=True,

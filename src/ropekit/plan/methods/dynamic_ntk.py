@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ropekit.errors import RopekitError
 from ropekit.plan.geometry import RopeSpec
-from ropekit.plan.methods._common import base_change_factors, require_finite_positive
+from ropekit.plan.methods._common import LENGTH, SCALE, base_change_factors, require_finite_positive
 from ropekit.plan.methods.record import Method, NativeForm, Param, renamed_keywords
 from ropekit.plan.scaling import Plan, Scaling
 
@@ -32,7 +32,7 @@ def dynamic_ntk(
     s = target_length / spec.context_length if scale is None else scale
     require_finite_positive("scale", s)
     length = target_length if at_length is None else at_length
-    if not isinstance(length, int) or length < 1:
+    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
         raise RopekitError(f"at_length must be a positive integer, got {length!r}")
     if spec.rotary_dim == 2:
         raise RopekitError("dynamic NTK needs a rotary dimension > 2 (its exponent is d/(d−2))")
@@ -55,8 +55,16 @@ METHOD = Method(
     "NTK base recomputed for the current length",
     "emozilla 2023",
     params=(
-        Param("scale", float, "the scale s: s of the base formula", default="L'/L", flag=None),
-        Param("at_length", int, "sequence length to evaluate at", default="L'"),
+        Param("scale", float, "the scale s: s of the base formula", default="L'/L", flag=None, domain=SCALE),
+        Param(
+            "at_length",
+            int,
+            "sequence length to evaluate at; at or below L the frequencies are the original ones (no scaling), "
+            "as transformers' dynamic rope_type does",
+            default="L'",
+            unit="tokens",
+            domain=LENGTH,
+        ),
     ),
     aliases=("dynamic",),
     native=NativeForm("dynamic", native_block),

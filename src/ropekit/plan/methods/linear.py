@@ -7,7 +7,7 @@ Scaling positions by 1/s is the same as scaling inv_freq by 1/s. Matches transfo
 from __future__ import annotations
 
 from ropekit.plan.geometry import RopeSpec
-from ropekit.plan.methods._common import require_finite_positive
+from ropekit.plan.methods._common import SCALE, require_finite_positive
 from ropekit.plan.methods.record import Method, NativeForm, Param, renamed_keywords
 from ropekit.plan.scaling import Plan, Scaling
 
@@ -36,7 +36,7 @@ METHOD = Method(
     linear,
     "linear position interpolation: every θ_i / s",
     "Chen et al. 2023",
-    params=(Param("scale", float, "the scale s: divisor of every frequency", default="L'/L", flag=None),),
+    params=(Param("scale", float, "the scale s: divisor of every frequency", default="L'/L", flag=None, domain=SCALE),),
     aliases=("linear",),
     native=NativeForm("linear", native_block),
 )

@@ -11,9 +11,10 @@ import math
 
 import torch
 
+from ropekit.domains import POSITIVE
 from ropekit.errors import RopekitError
 from ropekit.plan.geometry import RopeSpec
-from ropekit.plan.methods._common import require_finite_positive
+from ropekit.plan.methods._common import SCALE, require_finite_positive
 from ropekit.plan.methods.record import Method, NativeForm, Param, renamed_keywords
 from ropekit.plan.scaling import Plan, Scaling
 
@@ -66,9 +67,9 @@ METHOD = Method(
     "Llama 3.1 wavelength-banded interpolation",
     "Meta 2024",
     params=(
-        Param("scale", float, "the scale s: interpolation divisor", default="L'/L", flag=None),
-        Param("low_freq_factor", float, "lf", default=1),
-        Param("high_freq_factor", float, "hf", default=4),
+        Param("scale", float, "the scale s: interpolation divisor", default="L'/L", flag=None, domain=SCALE),
+        Param("low_freq_factor", float, "lf (< hf)", default=1, domain=POSITIVE),
+        Param("high_freq_factor", float, "hf", default=4, domain=POSITIVE),
     ),
     native=NativeForm("llama3", native_block),
 )

@@ -16,6 +16,7 @@ import torch
 
 from ropekit.errors import RopekitError
 from ropekit.plan.geometry import RopeSpec
+from ropekit.plan.methods._common import ATTENTION_FACTOR
 from ropekit.plan.methods.record import Method, Param
 from ropekit.plan.scaling import Scaling
 
@@ -96,7 +97,7 @@ METHOD = Method(
             flag="--factors-file",
             read=read_factors_file,
         ),
-        Param("attention_factor", float, "override the attention factor a"),
+        Param("attention_factor", float, "override the attention factor a", domain=ATTENTION_FACTOR),
     ),
     needs_factors=True,
 )

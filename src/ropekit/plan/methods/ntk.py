@@ -6,7 +6,8 @@ is divided by exactly α.
 
 from __future__ import annotations
 
-from ropekit.plan.geometry import RopeSpec
+from ropekit.domains import Domain
+from ropekit.plan.geometry import MAX_LENGTH, RopeSpec
 from ropekit.plan.methods._common import base_change_factors, new_base_block, require_scale
 from ropekit.plan.methods.record import Method, NativeForm, Param
 from ropekit.plan.scaling import Scaling
@@ -43,7 +44,7 @@ METHOD = Method(
     ntk,
     "NTK-aware base change b·α^(d/(d−2))",
     "bloc97 2023",
-    params=(Param("alpha", float, "α", default="s"),),
+    params=(Param("alpha", float, "α", default="s", domain=Domain(1, MAX_LENGTH)),),
     aliases=("ntk-aware",),
     native=NativeForm("default", new_base_block),
 )

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from ropekit.domains import Domain
 from ropekit.errors import RopekitError
 
 if TYPE_CHECKING:
@@ -34,6 +35,7 @@ class Param:
     unit: str = ""  # of the value and its default, e.g. "tokens"
     flag: str | None = ""  # CLI flag: "" gives --name-with-dashes, None keeps the parameter off the CLI
     read: Callable[[Any], Any] | None = None  # CLI value → API value, or a RopekitError before any work
+    domain: Domain | None = None  # the valid range of a number, checked by make_plan and stated by --help
 
     @property
     def option(self) -> str | None:
@@ -45,7 +47,14 @@ class Param:
     def describe(self) -> str:
         """`help` with the default and unit, as --help shows it."""
         unit = f" {self.unit}" if self.unit else ""
-        return self.help + ("" if self.default is None else f" (default {self.default}{unit})")
+        text = self.help + ("" if self.default is None else f" (default {self.default}{unit})")
+        return text + ("" if self.domain is None else f" {self.domain.help()}")
+
+    def check(self, method: str, value: Any) -> None:
+        """Refuse a value outside the parameter's domain, naming the keyword and its CLI flag."""
+        if self.domain is not None and value is not None:
+            flag = f" ({self.option})" if self.option else ""
+            self.domain.check(f"{method}: {self.name}{flag}", value)
 
 
 @dataclass(frozen=True)

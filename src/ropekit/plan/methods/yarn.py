@@ -14,9 +14,10 @@ import math
 
 import torch
 
+from ropekit.domains import POSITIVE
 from ropekit.errors import RopekitError
 from ropekit.plan.geometry import RopeSpec
-from ropekit.plan.methods._common import require_finite_positive
+from ropekit.plan.methods._common import ATTENTION_FACTOR, SCALE, require_finite_positive
 from ropekit.plan.methods.record import Method, NativeForm, Param, renamed_keywords
 from ropekit.plan.scaling import Plan, Scaling
 
@@ -58,6 +59,8 @@ def yarn(
     """YaRN frequencies and attention factor for the scale s (`scale`, default L'/L)."""
     s = target_length / spec.context_length if scale is None else scale
     require_finite_positive("scale", s)
+    if not (beta_fast > 0 and beta_slow > 0):  # corr(β) divides by β
+        raise RopekitError(f"beta_fast and beta_slow must be > 0 rotations, got {beta_fast} and {beta_slow}")
     if beta_fast < beta_slow:
         raise RopekitError(f"beta_fast ({beta_fast}) must be ≥ beta_slow ({beta_slow})")
     low, high = yarn_ramp_bounds(spec, beta_fast, beta_slow, truncate=truncate)
@@ -102,10 +105,10 @@ METHOD = Method(
     "ramp between interpolation and extrapolation + attention factor",
     "Peng et al. 2023",
     params=(
-        Param("scale", float, "the scale s: interpolation divisor", default="L'/L", flag=None),
-        Param("beta_fast", float, "β_fast", default=32),
-        Param("beta_slow", float, "β_slow", default=1),
-        Param("attention_factor", float, "override the attention factor a"),
+        Param("scale", float, "the scale s: interpolation divisor", default="L'/L", flag=None, domain=SCALE),
+        Param("beta_fast", float, "β_fast, rotations where the ramp starts; ≥ β_slow", default=32, domain=POSITIVE),
+        Param("beta_slow", float, "β_slow, rotations where the ramp ends", default=1, domain=POSITIVE),
+        Param("attention_factor", float, "override the attention factor a", domain=ATTENTION_FACTOR),
         Param("truncate", bool, "round the ramp bounds to whole pairs", default=True, flag=None),
     ),
     native=NativeForm("yarn", native_block),

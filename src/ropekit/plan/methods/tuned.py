@@ -61,7 +61,11 @@ def check_study_fits(study: Mapping[str, Any], spec: RopeSpec, target_length: in
         ("target length", study.get("target_length"), target_length),
         ("head_dim", geometry.get("head_dim"), spec.head_dim),
         ("rotary_dim", geometry.get("rotary_dim"), spec.rotary_dim),
-        ("trained context length", geometry.get("context_length", geometry.get("original_length")), spec.context_length),
+        (
+            "trained context length",
+            geometry.get("context_length", geometry.get("original_length")),
+            spec.context_length,
+        ),
     ]:
         if want != got:
             raise RopekitError(f"the tuning study was made for {what} {want}, not {got}; tune again for this one")

@@ -220,7 +220,7 @@ def test_write_exports_files(tmp_path):
 def test_every_export_sets_the_context_the_runtime_serves(method, tmp_path):
     """The served length is the target L' in every file (transformers' dynamic alone keeps L there: it reads L
     from max_position_embeddings); vLLM derives max_model_len from the overrides' max_position_embeddings."""
-    spec = RopeSpec(head_dim=64, base=10000.0, original_length=2048)
+    spec = RopeSpec(head_dim=64, base=10000.0, context_length=2048)
     plan = ropekit.make_plan(spec, 8192, method)
     files = {k: json.loads(p.read_text()) for k, p in write_exports(plan, tmp_path).items()}
     for kind in ("transformers_v5", "transformers_v4", "vllm_hf_overrides", "vllm_hf_overrides_v4"):

@@ -135,7 +135,7 @@ def test_native_composition_linear_on_linear_and_refusal_otherwise(model, tmp_pa
         RopekitError, match="linear scaling times a yarn plan is not one of the forms .* --from-scratch"
     ):
         extend_gguf(src, tmp_path / "yarn.gguf", target_length=2048, method="yarn")
-    extend_gguf(src, tmp_path / "yarn.gguf", target_length=2048, method="yarn", from_scratch=True, context_length=256)
+    extend_gguf(src, tmp_path / "yarn.gguf", target_length=2048, method="yarn", from_scratch=True, original_length=256)
     new = gguf_fields(tmp_path / "yarn.gguf")
     assert (new["qwen2.rope.scaling.factor"], new["qwen2.rope.scaling.original_context_length"]) == (8.0, 256)
 

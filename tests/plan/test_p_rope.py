@@ -59,7 +59,9 @@ def test_a_model_with_removed_pairs_is_planned_on_its_rotating_pairs_only():
         on_all = ropekit.make_plan(plain, 1024, method)
         removed = ropekit.make_plan(gemma4_like, 1024, method)
         assert torch.equal(removed.inv_freq[:4], on_all.inv_freq[:4]) and not removed.inv_freq[4:].any(), method
-        assert removed.removed_pairs == [4, 5, 6, 7] and removed.interpolated_pairs == [i for i in on_all.interpolated_pairs if i < 4]
+        assert removed.removed_pairs == [4, 5, 6, 7] and removed.interpolated_pairs == [
+            i for i in on_all.interpolated_pairs if i < 4
+        ]
         # the disturbance is the mean over the rotating pairs of the same per-pair values
         assert removed.disturbance == pytest.approx(1000 * float(on_all.pair_disturbance[:4].mean()), rel=1e-12)
         assert removed.pair_disturbance[4:].eq(0).all()

@@ -298,13 +298,14 @@ def read_rope(path: str | os.PathLike, reader: GGUFReader | None = None) -> Gguf
     rope_freqs = _rope_freqs(tensors.get(ROPE_FREQS), rotary_dim, path)
     long_factors = _rope_freqs(tensors.get(LONGROPE_TENSORS[0]), rotary_dim, path)
     _check_no_conflict(scaling_type, rope_freqs, [n for n in LONGROPE_TENSORS if n in tensors], path, arch)
+    original = scaling.get("original_context_length")
+    only_removal = rope_freqs is not None and set(rope_freqs) <= {1.0, ROTATION_REMOVED}  # Gemma 4 as converted
+    if scaling_type == "none" and (rope_freqs is None or only_removal) and long_factors is None:
+        original = original or context  # no scaling: the file's context is the trained one
     if rope_freqs is not None:
         scaling_type = "rope_freqs"
     elif long_factors is not None:
         scaling_type = "longrope"  # phi3 loads the factor tensors whatever the type says
-    original = scaling.get("original_context_length")
-    if scaling_type == "none":
-        original = original or context
     return GgufRope(
         path=str(path),
         architecture=arch,

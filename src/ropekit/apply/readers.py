@@ -42,7 +42,12 @@ SUPPORTED_MODEL_TYPES = (
     "smollm3",
     "llama4_text",
 )
-PER_LAYER_TYPE_MODEL_TYPES = ("gemma3_text", "gemma3n_text", "olmo3", "gemma4_text")  # per-layer-type rotary modules, tested
+PER_LAYER_TYPE_MODEL_TYPES = (
+    "gemma3_text",
+    "gemma3n_text",
+    "olmo3",
+    "gemma4_text",
+)  # per-layer-type rotary modules, tested
 
 
 def spec_from_config(

@@ -290,7 +290,8 @@ def extend_cmd(
     if model.lower().endswith(".gguf"):
         if layer_types:
             raise RopekitError(
-                "--layer-types does not apply to a .gguf MODEL: llama.cpp's graph decides which layers a plan reaches"
+                "--layer-types applies to a model directory with per-layer-type RoPE; for a .gguf MODEL llama.cpp's "
+                "graph decides which layers a plan reaches"
             )
         return _extend_gguf(
             model, out, target_length, method, overwrite, original_length, bins, params, from_scratch, inputs

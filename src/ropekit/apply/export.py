@@ -68,11 +68,8 @@ def proportional_block(plan: Plan, *, runtime: str = "transformers") -> dict[str
     spec, removed = plan.spec, plan.removed_pairs
     form = f"{'vLLM' if runtime == 'vllm' else 'transformers'} proportional block"
     if spec.partial_rotary_factor != 1.0:
-        require_rotation(
-            plan,
-            form,
-            why=f"its frequencies run over the whole head_dim, this model rotates {spec.rotary_dim} of {spec.head_dim} channels",
-        )
+        channels = f"{spec.rotary_dim} of {spec.head_dim} channels"
+        require_rotation(plan, form, why=f"its frequencies run over the whole head_dim; this model rotates {channels}")
     kept = spec.num_pairs - len(removed)
     if removed != list(range(kept, spec.num_pairs)):
         require_rotation(plan, form, why="it removes only the lowest-frequency tail of the pairs")

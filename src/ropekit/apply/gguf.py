@@ -172,7 +172,7 @@ class GgufRope:
         factors = [1.0 if f == ROTATION_REMOVED else f for f in self.rope_freqs or ()]
         if all(f == 1.0 for f in factors) and float(self.scaling.get("attn_factor", 1.0)) == 1.0:
             return None
-        return {**self._longrope_block(factors), "rope_type": "longrope"}
+        return self._longrope_block(factors)
 
     def _longrope_block(self, factors: list[float]) -> dict[str, Any]:
         original = self.original_length or self.context_length

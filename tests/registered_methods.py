@@ -18,11 +18,6 @@ def _params(names: list[str]) -> list[Any]:
     return [n if ropekit.METHODS[n].in_default_comparison else pytest.param(n, marks=pytest.mark.slow) for n in names]
 
 
-# the built-in methods, as registered when the tests are collected
-REGISTERED = _params(sorted(ropekit.METHODS))
-NATIVE = _params(sorted(name for name, m in ropekit.METHODS.items() if m.native is not None))
-
-
 def method_params(name: str, spec: ropekit.RopeSpec, target_length: int) -> dict[str, Any]:
     """{} for most methods; per-pair factors in [1, s] (seeded) for one that needs user-given factors (longrope)."""
     if not ropekit.get_method(name).needs_factors:
@@ -35,3 +30,16 @@ def method_params(name: str, spec: ropekit.RopeSpec, target_length: int) -> dict
 @lru_cache(maxsize=64)  # plans are immutable; several tests read the same one (dprope-opt searches)
 def make_plan(spec: ropekit.RopeSpec, target_length: int, name: str) -> ropekit.Plan:
     return ropekit.make_plan(spec, target_length, name, **method_params(name, spec, target_length))
+
+
+def removes_pairs(name: str) -> bool:
+    """Whether the method's default plan stops some pairs rotating (p-rope): such plans have no longrope form."""
+    spec = ropekit.RopeSpec(head_dim=8, base=10000.0, context_length=64)
+    return bool(ropekit.make_plan(spec, 128, name, **method_params(name, spec, 128)).removed_pairs)
+
+
+# the built-in methods, as registered when the tests are collected
+REGISTERED = _params(sorted(ropekit.METHODS))
+ROTATING = _params(sorted(n for n in ropekit.METHODS if not removes_pairs(n)))  # every pair keeps rotating
+REMOVING = _params(sorted(n for n in ropekit.METHODS if removes_pairs(n)))
+NATIVE = _params(sorted(name for name, m in ropekit.METHODS.items() if m.native is not None))

@@ -11,9 +11,10 @@ from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 import ropekit
-from registered_methods import NATIVE, REGISTERED, make_plan
+from registered_methods import NATIVE, REMOVING, ROTATING, make_plan
 from ropekit import RopeSpec
 from ropekit.apply.export import llama_cpp_rope_freqs, transformers_config, vllm_hf_overrides, write_exports
+from ropekit.errors import RopekitError
 
 SPEC = RopeSpec(head_dim=64, base=10000.0, context_length=256, name="tiny")
 TARGET = 1024
@@ -43,7 +44,7 @@ def runtime_rope(model: LlamaForCausalLM, length: int):
     return rotary.inv_freq, rotary.attention_scaling
 
 
-@pytest.mark.parametrize("method", REGISTERED)
+@pytest.mark.parametrize("method", ROTATING)
 @pytest.mark.parametrize("version", [5, 4])
 def test_longrope_export_reloads_to_the_plan(method, version, tmp_path):
     plan = make_plan(SPEC, TARGET, method)
@@ -146,7 +147,7 @@ def vllm_rope(config: dict, head_dim: int, max_model_len: int) -> tuple[torch.Te
     raise AssertionError(f"no vLLM reference for {kind}")
 
 
-@pytest.mark.parametrize("method", REGISTERED)
+@pytest.mark.parametrize("method", ROTATING)
 @pytest.mark.parametrize("version", [5, 4])
 def test_vllm_overrides_give_vllm_the_plans_frequencies_and_magnitude(method, version):
     plan = make_plan(SPEC, TARGET, method)
@@ -155,6 +156,20 @@ def test_vllm_overrides_give_vllm_the_plans_frequencies_and_magnitude(method, ve
         inv_freq, mscale = vllm_rope({"max_position_embeddings": TARGET, **overrides}, SPEC.head_dim, served)
         assert torch.allclose(inv_freq, plan.inv_freq, rtol=3e-7, atol=0)
         assert mscale == pytest.approx(plan.attention_factor, rel=1e-12)
+
+
+@pytest.mark.parametrize("method", REMOVING)
+def test_a_plan_that_removes_pairs_exports_as_proportional_or_refuses(method):
+    """transformers' own proportional function reloads the v5 form exactly; v4 and longrope cannot hold it."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    plan = make_plan(SPEC, TARGET, method)
+    block = transformers_config(plan)["rope_parameters"]
+    config = LlamaConfig(hidden_size=SPEC.head_dim * 2, num_attention_heads=2, rope_parameters=block)
+    inv_freq, attention = ROPE_INIT_FUNCTIONS["proportional"](config, "cpu")
+    assert torch.equal(inv_freq, plan.inv_freq) and attention == plan.attention_factor == 1.0
+    with pytest.raises(RopekitError, match="v4 has no proportional rope type"):
+        transformers_config(plan, version=4)
 
 
 def test_without_the_overrides_vllm_would_use_phi3s_magnitude():
@@ -177,15 +192,20 @@ def test_native_exports_mean_the_plan_in_vllm(method):
     assert mscale == pytest.approx(plan.attention_factor, rel=1e-12)
 
 
-@pytest.mark.parametrize("method", REGISTERED)
+@pytest.mark.parametrize("method", ROTATING + REMOVING)
 def test_llama_cpp_rope_freqs_mean_the_plan(method):
-    """llama.cpp divides each pair's θ_i = base^(-2i/d) by rope_freqs[i] and scales cos/sin by attn_factor."""
+    """llama.cpp divides each pair's θ_i = base^(-2i/d) by rope_freqs[i] and scales cos/sin by attn_factor; a
+    removed pair's divisor 1e30 (llama.cpp's own Gemma 4 convention) leaves it < 1e-29 rad/token."""
     plan = make_plan(SPEC, TARGET, method)
     cpp = llama_cpp_rope_freqs(plan)
     assert cpp["tensor"] == "rope_freqs.weight" and cpp["shape"] == [SPEC.head_dim // 2]
     i = torch.arange(SPEC.head_dim // 2, dtype=torch.float64)
     theta = cpp["rope_freq_base"] ** (-2 * i / SPEC.head_dim) / torch.tensor(cpp["values"], dtype=torch.float64)
-    assert torch.allclose(theta.float(), plan.inv_freq, rtol=3e-7, atol=0)
+    rotating = plan.inv_freq > 0
+    assert torch.allclose(theta.float()[rotating], plan.inv_freq[rotating], rtol=3e-7, atol=0)
+    assert (theta[~rotating] < 1e-29).all() and [cpp["values"][j] for j in plan.removed_pairs] == [1e30] * len(
+        plan.removed_pairs
+    )
     assert cpp["attention_factor"] == pytest.approx(plan.attention_factor, rel=1e-12)
     assert cpp["context_length"] == TARGET
 

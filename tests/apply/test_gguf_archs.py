@@ -104,7 +104,7 @@ def test_native_architectures_take_yarn_and_linear_as_rope_scaling_keys(arch, mo
         ("qwen2", {"method": "yarn", "beta_fast": 16.0}, "reads no yarn_beta_fast/slow keys"),
         ("qwen2", {"method": "yarn", "truncate": False}, "truncate=False"),
         ("qwen2vl", {"method": "yarn"}, "refused: multimodal RoPE sections"),
-        ("gemma4", {"method": "yarn"}, "proportional RoPE"),
+        ("deepseek2", {"method": "yarn"}, "refused: MLA's decoupled RoPE"),
         ("mamba", {"method": "yarn"}, "has not read llama.cpp's 'mamba' graph"),
     ],
 )

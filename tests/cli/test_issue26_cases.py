@@ -240,7 +240,7 @@ def test_extend_gguf_refuses_layer_types(tmp_path):
     result = invoke(
         "extend", source, "--target-length", "2048", "--layer-types", "sliding_attention", "--out", tmp_path / "y.gguf"
     )
-    assert_one_line_error(result, "--layer-types does not apply to a .gguf MODEL")
+    assert_one_line_error(result, "--layer-types applies to a model directory")
     assert not (tmp_path / "y.gguf").exists()
 
 

@@ -182,28 +182,28 @@ def test_a_removed_pair_is_explicit_and_never_counted_as_interpolated(removing):
     assert math.isfinite(plan.disturbance)
 
 
-@pytest.mark.parametrize(
-    ("export", "form"),
-    [
-        (lambda p: transformers_config(p, version=5), "a longrope block"),
-        (lambda p: transformers_config(p, version=4), "a longrope block"),
-        (vllm_hf_overrides, "a longrope block"),
-        (llama_cpp_rope_freqs, "llama.cpp's rope_freqs tensor"),
-    ],
-)
-def test_every_export_refuses_a_removed_pair_in_one_line(removing, export, form):
-    with pytest.raises(ropekit.RopekitError, match=f"removes the rotation of 2 pairs .*{form}") as info:
-        export(removing)
-    assert "\n" not in str(info.value)
+def test_exports_carry_a_removed_pair_or_refuse_in_one_line(removing):
+    # the kept pairs share one factor (2) and the tail is removed: transformers' v5 proportional block holds it
+    block = transformers_config(removing, version=5)["rope_parameters"]
+    assert block == {"rope_type": "proportional", "partial_rotary_factor": 0.75, "factor": 2.0, "rope_theta": 10000.0}
+    assert llama_cpp_rope_freqs(removing)["values"] == [2.0] * 6 + [1e30] * 2  # llama.cpp's own divisor for it
+    for export, why in [
+        (lambda p: transformers_config(p, version=4), "v4 has no proportional rope type"),
+        (vllm_hf_overrides, "ignores `factor`"),
+    ]:
+        with pytest.raises(ropekit.RopekitError, match=f"leaves 2 pairs without rotation .*{why}") as info:
+            export(removing)
+        assert "\n" not in str(info.value)
 
 
-def test_write_exports_writes_nothing_for_a_removed_pair(removing, tmp_path):
-    with pytest.raises(ropekit.RopekitError, match="removes the rotation"):
-        write_exports(removing, tmp_path / "exports")
-    assert not list((tmp_path / "exports").glob("*.json"))
+def test_write_exports_lists_the_forms_that_refuse_a_removed_pair(removing, tmp_path):
+    written = write_exports(removing, tmp_path / "exports")
+    assert set(written) == {"transformers_v5", "llama_cpp_rope_freqs", "exports_refused"}
+    refused = json.loads(written["exports_refused"].read_text())
+    assert set(refused) == {"transformers_v4", "vllm_hf_overrides", "vllm_hf_overrides_v4"}
 
 
-def test_the_inv_freq_route_applies_a_removed_pair_exactly(removing):
+def test_both_routes_apply_a_removed_pair_exactly(removing):
     from conftest import tiny_llama  # 2 layers, head_dim 16, trained at 512
     from ropekit.apply.patch import model_spec
 
@@ -211,5 +211,6 @@ def test_the_inv_freq_route_applies_a_removed_pair_exactly(removing):
     plan = ropekit.make_plan(model_spec(model), 2048, "remove-last")
     ropekit.apply_plan(model, plan, route="inv_freq")
     assert torch.equal(model.model.rotary_emb.inv_freq, plan.inv_freq) and not model.model.rotary_emb.inv_freq[6:].any()
-    with pytest.raises(ropekit.RopekitError, match="removes the rotation"):
-        ropekit.apply_plan(tiny_llama(64), plan)  # the config route writes a longrope block
+    model = ropekit.apply_plan(tiny_llama(64), plan)  # the config route writes transformers' proportional block
+    assert model.config.rope_parameters["rope_type"] == "proportional"
+    assert torch.equal(model.model.rotary_emb.inv_freq, plan.inv_freq)

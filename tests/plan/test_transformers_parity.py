@@ -142,6 +142,10 @@ def test_every_registered_method_reloads_in_transformers(method, geometry, scale
     plan = make_plan(spec, target, method)
     forms = [("longrope", False)] + ([("native", True)] if ropekit.METHODS[method].native is not None else [])
     for _, native in forms:
+        if plan.removed_pairs and prf < 1:  # proportional's exponents run over the whole head_dim
+            with pytest.raises(ropekit.RopekitError, match="run over the whole head_dim.*route='inv_freq'"):
+                transformers_config(plan, native=native)
+            continue
         keys = transformers_config(plan, native=native)
         block = rope_block_of(keys, plan)
         config = LlamaConfig(

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ropekit._version import __version__
-from ropekit.apply.export import llama_cpp_rope_freqs, vllm_hf_overrides
+from ropekit.apply.export import export_forms
 from ropekit.apply.patch import apply, as_plan_list
 from ropekit.apply.readers import (
     check_local_source,
@@ -140,14 +140,18 @@ def extended_record(plan: Plan | dict[str, Plan], *, source: str, **extra: Any) 
     """
     plans = as_plan_list(plan)
     first = plans[0]
+    forms, refused = export_forms(first)
     record = {
         **SIGNATURE,
         "ropekit_version": __version__,
         "source_model": source,
         "plan": plan_summary(first),
-        "vllm_hf_overrides": vllm_hf_overrides(first),
-        "llama_cpp": llama_cpp_rope_freqs(first),
+        "llama_cpp": forms["llama_cpp_rope_freqs"],
     }
+    if "vllm_hf_overrides" in forms:
+        record["vllm_hf_overrides"] = forms["vllm_hf_overrides"]
+    else:  # a plan with removed pairs that vLLM's proportional RoPE cannot run
+        record["vllm_hf_overrides_refused"] = refused["vllm_hf_overrides"]
     if first.spec.layer_type is not None:
         record["plans_by_layer_type"] = {str(p.spec.layer_type): plan_summary(p) for p in plans}
     return {**record, **extra}

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ropekit.apply import gguf_record
-from ropekit.apply.export import require_rotation
+from ropekit.apply.export import LLAMA_CPP_REMOVED, llama_cpp_divisors, proportional_block
 from ropekit.apply.gguf_archs import (
     LONGROPE_TENSORS,
     ROPE_FREQS,
@@ -50,7 +50,7 @@ from ropekit.apply.gguf_archs import (
 from ropekit.errors import RopekitError
 from ropekit.output import resolve_output_path
 from ropekit.plan.geometry import RopeSpec
-from ropekit.plan.scaling import Plan
+from ropekit.plan.scaling import ROTATION_REMOVED, Plan
 
 if TYPE_CHECKING:
     from gguf import GGUFReader, ReaderField, ReaderTensor
@@ -77,6 +77,11 @@ class GgufRope:
     sliding_window: int = 0  # <arch>.attention.sliding_window (0: no sliding-window layers)
 
     @property
+    def removed_pairs(self) -> tuple[int, ...]:
+        """Pairs llama.cpp does not rotate: rope_freqs divisors ≥ 1e30 (Gemma 4's proportional RoPE)."""
+        return tuple(i for i, f in enumerate(self.rope_freqs or ()) if f == ROTATION_REMOVED)
+
+    @property
     def arch(self) -> ArchRope | None:
         """llama.cpp's record for this architecture (None: ropekit has not read its graph)."""
         return arch_rope(self.architecture)
@@ -100,7 +105,7 @@ class GgufRope:
 
         from ropekit.plan.trained import extended_spec
 
-        block = self.transformers_block()
+        block = self._planning_block()
         if block is None or from_scratch:
             length = original_length or self.original_length
             if length is None:
@@ -130,6 +135,7 @@ class GgufRope:
             current_scaling=block or self.current_scaling(),
             layer_type=self.layer_type,
             length_source=f"{self.architecture}.context_length",
+            removed_pairs=self.removed_pairs,
         )
         if spec.rotary_dim != self.rotary_dim:
             raise RopekitError(
@@ -155,6 +161,30 @@ class GgufRope:
             block["factors"] = list(self.rope_freqs)
         return block
 
+    def _planning_block(self) -> dict[str, Any] | None:
+        """The file's scaling as a transformers block over every pair, to plan from (None: plain RoPE).
+
+        A removed pair (rope_freqs ≥ 1e30) counts with its nominal divisor 1 here: the spec carries it in
+        `removed_pairs`, and a file whose other divisors are all 1 (Gemma 4 as converted) is plain RoPE.
+        """
+        if not self.removed_pairs:
+            return self.transformers_block()
+        factors = [1.0 if f == ROTATION_REMOVED else f for f in self.rope_freqs or ()]
+        if all(f == 1.0 for f in factors) and float(self.scaling.get("attn_factor", 1.0)) == 1.0:
+            return None
+        return self._longrope_block(factors)
+
+    def _longrope_block(self, factors: list[float]) -> dict[str, Any]:
+        original = self.original_length or self.context_length
+        return {
+            "rope_type": "longrope",
+            "short_factor": list(factors),
+            "long_factor": list(factors),
+            "factor": self.context_length / original,
+            "original_max_position_embeddings": original,
+            "attention_factor": float(self.scaling.get("attn_factor", 1.0)),
+        }
+
     def transformers_block(self) -> dict[str, Any] | None:
         """transformers' `rope_parameters` (without rope_theta) that compute what llama.cpp runs for this file.
 
@@ -163,6 +193,8 @@ class GgufRope:
           so original_max_position_embeddings only sets the ratio);
         - rope_factors_long/short.weight (phi3): `longrope` with the long factors, which llama.cpp uses past
           `original_context_length`;
+        - rope_freqs with removed pairs (≥ 1e30, Gemma 4): transformers' `proportional` where it expresses the
+          file (the tail removed, one divisor for the rest, attn_factor 1), else one clear refusal;
         - linear: transformers' `linear` with the same factor;
         - yarn: transformers' `yarn`; llama.cpp's magnitude is attn_factor × (1 + 0.1 ln s)
           (src/llama-context.cpp:211-214 with ggml's kernel), given to transformers explicitly.
@@ -171,17 +203,10 @@ class GgufRope:
         attention = float(scaling.get("attn_factor", 1.0))
         if kind == "none":
             return None
+        if self.removed_pairs:
+            return self._proportional_block()
         if kind in ("rope_freqs", "longrope"):
-            factors = self.rope_freqs if kind == "rope_freqs" else self.long_factors
-            original = self.original_length or self.context_length
-            return {
-                "rope_type": "longrope",
-                "short_factor": list(factors or ()),
-                "long_factor": list(factors or ()),
-                "factor": self.context_length / original,
-                "original_max_position_embeddings": original,
-                "attention_factor": attention,
-            }
+            return self._longrope_block(list((self.rope_freqs if kind == "rope_freqs" else self.long_factors) or ()))
         factor = float(scaling.get("factor") or 1.0)
         if kind == "linear":
             return {"rope_type": "linear", "factor": factor}
@@ -196,6 +221,15 @@ class GgufRope:
             if f"yarn_{name}" in scaling:
                 block[name] = float(scaling[f"yarn_{name}"])
         return block
+
+    def _proportional_block(self) -> dict[str, Any]:
+        """transformers' proportional block for a file with removed pairs, or one clear refusal: the file's own
+        frequencies as a plan (method `none` on its spec keeps every pair as the file has it) through
+        `ropekit.apply.export.proportional_block`, which holds the rules."""
+        from ropekit.plan.registry import plan as make_plan
+
+        spec = self.spec()
+        return proportional_block(make_plan(spec, spec.context_length + 1, "none"))
 
 
 # ---- reading ------------------------------------------------------------------------------------
@@ -264,13 +298,14 @@ def read_rope(path: str | os.PathLike, reader: GGUFReader | None = None) -> Gguf
     rope_freqs = _rope_freqs(tensors.get(ROPE_FREQS), rotary_dim, path)
     long_factors = _rope_freqs(tensors.get(LONGROPE_TENSORS[0]), rotary_dim, path)
     _check_no_conflict(scaling_type, rope_freqs, [n for n in LONGROPE_TENSORS if n in tensors], path, arch)
+    original = scaling.get("original_context_length")
+    only_removal = rope_freqs is not None and set(rope_freqs) <= {1.0, ROTATION_REMOVED}  # Gemma 4 as converted
+    if scaling_type == "none" and (rope_freqs is None or only_removal) and long_factors is None:
+        original = original or context  # no scaling: the file's context is the trained one
     if rope_freqs is not None:
         scaling_type = "rope_freqs"
     elif long_factors is not None:
         scaling_type = "longrope"  # phi3 loads the factor tensors whatever the type says
-    original = scaling.get("original_context_length")
-    if scaling_type == "none":
-        original = original or context
     return GgufRope(
         path=str(path),
         architecture=arch,
@@ -320,7 +355,8 @@ def _rope_freqs(tensor: ReaderTensor | None, rotary_dim: int, path: str | os.Pat
             f"{path}: {tensor.name} has {values.size} values, but rope.dimension_count "
             f"{rotary_dim} needs {rotary_dim // 2} (one per pair)"
         )
-    return tuple(float(v) for v in values)
+    # llama.cpp's divisor 1e30 (Gemma 4's conversion) stops a pair rotating: read back as ROTATION_REMOVED
+    return tuple(ROTATION_REMOVED if v >= LLAMA_CPP_REMOVED else float(v) for v in values)
 
 
 def _check_no_conflict(
@@ -383,7 +419,8 @@ def extended_metadata(rope: GgufRope, plan: Plan) -> tuple[dict[str, Any], set[s
 
     Every existing `<arch>.rope.scaling.*` key (and `rope.scale_linear`) is dropped so nothing stacks on the
     plan. Per-pair architectures get scaling type `none`, the plan's factors (relative to the base: an
-    existing scaling's g_i × the plan's f_i) in their factor tensor(s), and a in `attn_factor`; the others
+    existing scaling's g_i × the plan's f_i; 1e30 for a pair whose rotation is removed, as llama.cpp's own
+    Gemma 4 conversion writes) in their factor tensor(s), and a in `attn_factor`; the others
     get llama.cpp's native keys for the plan (`ropekit.apply.gguf_native`), or a refusal.
     """
     from gguf import GGUFValueType as T
@@ -395,8 +432,9 @@ def extended_metadata(rope: GgufRope, plan: Plan) -> tuple[dict[str, Any], set[s
     drop = {prefix + k for k in (*rope.scaling, "type")} | {f"{rope.architecture}.rope.scale_linear"}
     tensors: dict[str, np.ndarray] = {}
     if arch.per_pair:
+        check_attention_reach(rope, arch, plan.attention_factor)
         scaling: dict[str, Any] = {"type": "none", "attn_factor": float(plan.attention_factor)}
-        factors = np.asarray(plan.runtime_factors, dtype=np.float32)  # llama.cpp divides θ_i by them
+        factors = np.asarray(llama_cpp_divisors(plan), dtype=np.float32)  # llama.cpp divides θ_i by them
         tensors = {name: factors for name in arch.tensors}
     else:
         scaling = native_scaling(rope, arch, plan)
@@ -407,6 +445,17 @@ def extended_metadata(rope: GgufRope, plan: Plan) -> tuple[dict[str, Any], set[s
     sets["ropekit.method"] = (plan.method, T.STRING)
     sets["ropekit.version"] = (__version__, T.STRING)
     return sets, drop - set(sets), tensors
+
+
+def check_attention_reach(rope: GgufRope, arch: ArchRope, attention_factor: float) -> None:
+    """Refuse an attention factor ≠ 1 where llama.cpp's graph scales only the full-attention layers' frequencies:
+    `rope.scaling.attn_factor` multiplies the sliding-window layers' cos and sin too."""
+    if arch.layers == "full_attention" and rope.layer_type and not math.isclose(attention_factor, 1.0, rel_tol=1e-6):
+        raise RopekitError(
+            f"{rope.path}: llama.cpp's {rope.architecture!r} graph multiplies the sliding-window layers' cos and sin "
+            f"by rope.scaling.attn_factor too, so it must stay 1 (this plan needs {attention_factor:.4f}); plan with "
+            "attention factor 1 (e.g. yarn --attention-factor 1)"
+        )
 
 
 def check_plan_matches(rope: GgufRope, plan: Plan) -> None:
@@ -429,7 +478,6 @@ def write_extended_gguf(
     Existing `rope_freqs.weight` and `rope_factors_long/short.weight` are replaced. The file is written
     beside `out` and renamed into place, so a failure leaves nothing at `out`.
     """
-    require_rotation(plan, "llama.cpp's rope_freqs tensor")
     reader = open_gguf(source)
     rope = read_rope(source, reader)
     check_plan_matches(rope, plan)

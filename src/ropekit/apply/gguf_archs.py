@@ -20,7 +20,10 @@ freq_base, freq_scale, ext_factor, attn_factor, beta_fast, beta_slow)`; the CPU 
   ramp over `rope.scaling.original_context_length`), and the magnitude `rope.scaling.attn_factor`
   (src/llama-model.cpp:1410-1431, src/llama-context.cpp:165-214). So `pi`/`linear` and `yarn` plans run;
   a per-pair plan (dprope, llama3, longrope, …) cannot be expressed and is refused.
-- **refused**: the graph has no RoPE that ropekit can plan (multimodal M-RoPE sections, removed rotations).
+- **refused**: the graph has no RoPE that ropekit can plan (multimodal M-RoPE sections, MLA).
+
+A pair whose rotation is removed (θ'_i = 0) is divisor 1e30 in a factor tensor, as llama.cpp's own Gemma 4
+conversion writes (conversion/gemma.py:760); native-only architectures cannot remove a pair.
 
 `layers` says which layers the scaling reaches. Sliding-window layers of an iSWA graph take
 `llama_model::get_rope_freq_base/scale` (src/llama-model.cpp:2329-2335): `rope_freq_scale_train_swa`,
@@ -66,8 +69,10 @@ class ArchRope:
         return {ROPE_FREQS: (ROPE_FREQS,), "longrope": LONGROPE_TENSORS}.get(self.per_pair or "", ())
 
 
-def _per_pair(name: str, source: str, *, tensor: str = ROPE_FREQS, yarn_betas: bool = False) -> ArchRope:
-    return ArchRope(name, tensor, "all", source, yarn_betas=yarn_betas)
+def _per_pair(
+    name: str, source: str, *, tensor: str = ROPE_FREQS, yarn_betas: bool = False, layers: str = "all"
+) -> ArchRope:
+    return ArchRope(name, tensor, layers, source, yarn_betas=yarn_betas)
 
 
 def _native(name: str, source: str, *, layers: str = "all") -> ArchRope:
@@ -94,6 +99,11 @@ ARCHITECTURES: dict[str, ArchRope] = {a.name: a for a in (
     _per_pair("granitehybrid", "src/models/granite-hybrid.cpp " + _RF.format("106,120", 211)),
     _per_pair("apertus", "src/models/apertus.cpp " + _RF.format(35, 87)),
     _per_pair("nanbeige", "src/models/nanbeige.cpp " + _RF.format(57, 113)),
+    # per-pair on the full-attention layers only: Gemma 4's proportional RoPE is rope_freqs with 1e30 for the
+    # pairs that do not rotate (conversion/gemma.py:760); sliding layers get no factors and freq_scale 1.0
+    _per_pair("gemma4", "src/models/gemma4.cpp creates rope_freqs on full-attention layers :94-97; freq_factors "
+              "only there → ggml_rope_ext :202-205,228; sliding layers rope_freq_scale_train_swa stays 1.0 "
+              "(src/llama-hparams.h:153), base rope.freq_base_swa :14", layers="full_attention"),
     # per-pair: rope_factors_long/short.weight, loaded whatever the scaling type
     _per_pair("phi3", "src/models/phi3.cpp creates rope_factors_long/short :54-55; get_rope_factors :97",
               tensor="longrope"),
@@ -138,8 +148,6 @@ ARCHITECTURES: dict[str, ArchRope] = {a.name: a for a in (
                  "multimodal RoPE sections (M-RoPE) are not supported")
         for name in ("qwen2vl", "qwen3vl", "qwen3vlmoe", "qwen35", "qwen35moe")
     ),
-    _refused("gemma4", "src/models/gemma4.cpp:96 rope_freqs on full-attention layers only, for proportional RoPE",
-             "proportional RoPE (pairs whose rotation is removed) is not supported yet"),
     _refused("deepseek2", "src/models/deepseek2.cpp:311 MLA with its own YaRN magnitude (rope.scaling.yarn_log_multiplier)",
              "MLA's decoupled RoPE with its own YaRN magnitude is not supported"),
 )}

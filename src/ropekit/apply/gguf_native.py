@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ropekit.apply.export import require_rotation
 from ropekit.apply.gguf_archs import YARN_DEFAULT_BETAS, ArchRope, native_methods
 from ropekit.errors import RopekitError
 from ropekit.plan.registry import METHODS
@@ -45,6 +46,11 @@ class GgufRope(Protocol):
 
 def native_scaling(rope: GgufRope, arch: ArchRope, plan: Plan) -> dict[str, Any]:
     """The `rope.scaling.*` keys (without the prefix) that make llama.cpp run `plan`, or one clear refusal."""
+    require_rotation(
+        plan,
+        f"llama.cpp's {rope.architecture!r} graph",
+        why="it applies no per-pair factor tensor, only rope.scaling.*",
+    )
     factors, a = plan.runtime_factors, float(plan.attention_factor)
     if all(math.isclose(f, factors[0], rel_tol=1e-12) for f in factors):  # one divisor for every pair
         keys: dict[str, Any] = {"type": "none" if factors[0] == 1.0 else "linear", "attn_factor": a}

@@ -94,6 +94,7 @@ def check_plan_fits(model_geometry: RopeSpec, plan: Plan) -> None:
         ("head_dim", model_geometry.head_dim, planned.head_dim),
         ("rotary_dim", model_geometry.rotary_dim, planned.rotary_dim),
         ("original length", model_geometry.context_length, planned.context_length),
+        ("pairs without rotation", list(model_geometry.removed_pairs), list(planned.removed_pairs)),
     ]:
         if got != want:
             raise RopekitError(

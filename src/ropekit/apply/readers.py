@@ -42,7 +42,12 @@ SUPPORTED_MODEL_TYPES = (
     "smollm3",
     "llama4_text",
 )
-PER_LAYER_TYPE_MODEL_TYPES = ("gemma3_text", "gemma3n_text", "olmo3")  # per-layer-type rotary modules, tested
+PER_LAYER_TYPE_MODEL_TYPES = (
+    "gemma3_text",
+    "gemma3n_text",
+    "olmo3",
+    "gemma4_text",
+)  # per-layer-type rotary modules, tested
 
 
 def spec_from_config(
@@ -176,14 +181,18 @@ def spec_from_config_dict(
     mrope = rope.get("mrope_section") or rope.get("rope_type") in ("mrope", "3d", "axial")
     if mrope:
         raise RopekitError(f"{name}: multimodal RoPE variant {rope.get('rope_type')!r} is not supported")
-    if rope.get("rope_type") == "proportional":
-        raise RopekitError(
-            f"{name}: 'proportional' RoPE (Gemma 4: exponents over head_dim, unrotated pairs kept) is not supported"
-        )
     base = rope.get("rope_theta", cfg.get("rope_theta", cfg.get("rotary_emb_base", 10000.0)))
     prf = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", cfg.get("rotary_pct", 1.0)))
-    head_dim = cfg.get("head_dim") or _derive_head_dim(cfg, name)
+    head_dim = _whole(layer_head_dim(cfg, layer_type if blocks is not None else None, name), "head_dim", name)
     rope_type = rope.get("rope_type", rope.get("type", "default"))
+    removed: tuple[int, ...] = ()
+    if rope_type == "proportional":  # exponents over head_dim; the pairs past prf·head_dim/2 do not rotate
+        removed = proportional_removed_pairs(
+            head_dim, _number(prf if prf is not None else 1.0, "partial_rotary_factor", name)
+        )
+        prf = 1.0
+        if float(rope.get("factor", 1.0)) == 1.0:
+            rope_type = "default"  # no scaling beyond the removed pairs
     max_pos = cfg.get("max_position_embeddings") or cfg.get("n_positions") or cfg.get("seq_len")
     # transformers gives a top-level original_max_position_embeddings (Phi-3) priority over the block's
     original = cfg.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings")
@@ -196,7 +205,7 @@ def spec_from_config_dict(
     if current is not None and "original_max_position_embeddings" in current:
         current["original_max_position_embeddings"] = original
     plain = RopeSpec(
-        head_dim=_whole(head_dim, "head_dim", name),
+        head_dim=head_dim,
         base=_number(base, "rope_theta", name),
         context_length=_whole(original, "max_position_embeddings", name),
         partial_rotary_factor=_number(prf if prf is not None else 1.0, "partial_rotary_factor", name),
@@ -204,12 +213,35 @@ def spec_from_config_dict(
         current_scaling=current,
         layer_type=layer_type if blocks is not None else None,
         length_source="max_position_embeddings" if current is None else "original_max_position_embeddings",
+        removed_pairs=removed,
     )
     if current is None or from_scratch:
         return plain
     return extended_spec(
         plain, current, max_positions=_whole(max_pos, "max_position_embeddings", name) if max_pos else None
     )
+
+
+def proportional_removed_pairs(head_dim: int, partial_rotary_factor: float) -> tuple[int, ...]:
+    """transformers' `proportional` rope type (Gemma 4): pairs 0 … int(prf·head_dim // 2) − 1 rotate at
+    b^(−2i/head_dim), the rest of the head_dim/2 pairs do not (`_compute_proportional_rope_parameters`)."""
+    rotating = int(partial_rotary_factor * head_dim // 2)
+    return tuple(range(rotating, head_dim // 2))
+
+
+def layer_head_dim(cfg: dict[str, Any], layer_type: str | None, name: str | None) -> Any:
+    """The head dimension of `layer_type`'s layers: Gemma 4's full-attention layers have their own
+    (`global_head_dim`, or `per_layer_config` entries of those layers); every other layer `head_dim`."""
+    if layer_type == "full_attention" and cfg.get("global_head_dim"):
+        return cfg["global_head_dim"]
+    per_layer = cfg.get("per_layer_config")
+    layer_types = cfg.get("layer_types") or []
+    if layer_type is not None and isinstance(per_layer, dict):
+        for index, overrides in per_layer.items():
+            of_type = str(index).isdigit() and int(index) < len(layer_types) and layer_types[int(index)] == layer_type
+            if of_type and isinstance(overrides, dict) and overrides.get("head_dim"):
+                return overrides["head_dim"]
+    return cfg.get("head_dim") or _derive_head_dim(cfg, name)
 
 
 def _number(value: Any, key: str, name: str | None) -> float:

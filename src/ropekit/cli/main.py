@@ -281,7 +281,7 @@ def extend_cmd(
     max_position_embeddings = target; ropekit.json records the plan. Prints the vLLM and
     llama.cpp equivalents. A .gguf MODEL gives a .gguf that llama.cpp runs with the plan.
     """
-    from ropekit.apply.export import llama_cpp_rope_freqs, vllm_hf_overrides
+    from ropekit.apply.export import export_forms, llama_cpp_rope_freqs
     from ropekit.apply.extend import extend
     from ropekit.apply.patch import as_plan_list
 
@@ -290,7 +290,8 @@ def extend_cmd(
     if model.lower().endswith(".gguf"):
         if layer_types:
             raise RopekitError(
-                "--layer-types does not apply to a .gguf MODEL: llama.cpp's graph decides which layers a plan reaches"
+                "--layer-types applies to a model directory with per-layer-type RoPE; for a .gguf MODEL llama.cpp's "
+                "graph decides which layers a plan reaches"
             )
         return _extend_gguf(
             model, out, target_length, method, overwrite, original_length, bins, params, from_scratch, inputs
@@ -321,11 +322,15 @@ def extend_cmd(
         )
     out_console.print("load it with: AutoModelForCausalLM.from_pretrained(" + repr(str(out)) + ")")
     plan = plans[0]
-    out_console.print(
-        f"vLLM on the original weights: --hf-overrides '{json.dumps(vllm_hf_overrides(plan))}' "
-        f"--max-model-len {target_length}",
-        soft_wrap=True,
-    )
+    forms, refused = export_forms(plan)
+    if "vllm_hf_overrides" in forms:
+        out_console.print(
+            f"vLLM on the original weights: --hf-overrides '{json.dumps(forms['vllm_hf_overrides'])}' "
+            f"--max-model-len {target_length}",
+            soft_wrap=True,
+        )
+    else:
+        out_console.print(f"vLLM: {refused['vllm_hf_overrides']}", soft_wrap=True)
     cpp = llama_cpp_rope_freqs(plan)
     if cpp.get("note"):
         out_console.print(cpp["note"], soft_wrap=True)

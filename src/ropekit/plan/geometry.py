@@ -60,6 +60,9 @@ class RopeSpec:
     pretrained_length: int  # L_0: the pre-training context before any scaling block (= L for plain RoPE)
     layer_type: str | None  # per-layer-type RoPE (Gemma 3): which layers' block this is
     length_source: str | None = field(compare=False)  # why context_length is what it is
+    # Pairs the model does not rotate (transformers' `proportional`, Gemma 4: θ_i = 0 at run time); every plan
+    # keeps them removed, and analysis skips them. inv_freq() still gives their nominal b^(−2i/d).
+    removed_pairs: tuple[int, ...] = ()
 
     def __init__(
         self,
@@ -76,6 +79,7 @@ class RopeSpec:
         layer_type: str | None = None,
         length_source: str | None = None,
         *,
+        removed_pairs: tuple[int, ...] | list[int] = (),
         original_length: int | None = None,
     ) -> None:
         """`pretrained_length` defaults to `context_length`; `original_length` is the deprecated name of
@@ -105,6 +109,7 @@ class RopeSpec:
             pretrained_length=context_length if pretrained_length is None else pretrained_length,
             layer_type=layer_type,
             length_source=length_source,
+            removed_pairs=_pair_indices(removed_pairs),
         )
         for key, value in values.items():
             object.__setattr__(self, key, value)
@@ -127,6 +132,11 @@ class RopeSpec:
             values = getattr(self, what)
             if values is not None and len(values) != self.num_pairs:
                 raise RopekitError(f"{what} has {len(values)} entries; this geometry has {self.num_pairs} pairs")
+        removed = self.removed_pairs
+        if removed and (removed[0] < 0 or removed[-1] >= self.num_pairs):
+            raise RopekitError(f"removed_pairs must be pair indices in 0 … {self.num_pairs - 1}, got {list(removed)}")
+        if len(removed) >= self.num_pairs:
+            raise RopekitError("removed_pairs removes every pair; at least one pair must rotate")
 
     @property
     def original_length(self) -> int:
@@ -157,14 +167,32 @@ class RopeSpec:
 
     @property
     def num_pairs(self) -> int:
-        """d/2 rotary pairs (frequencies)."""
+        """d/2 rotary pairs (frequencies), the removed ones included."""
         return self.rotary_dim // 2
+
+    @property
+    def rotating_pairs(self) -> tuple[int, ...]:
+        """The pairs the model rotates: all but `removed_pairs`."""
+        removed = set(self.removed_pairs)
+        return tuple(i for i in range(self.num_pairs) if i not in removed)
+
+    def rotates(self) -> torch.Tensor:
+        """Boolean per pair, shape (d/2,): False for the pairs the model does not rotate."""
+        mask = torch.ones(self.num_pairs, dtype=torch.bool)
+        mask[list(self.removed_pairs)] = False
+        return mask
+
+    def model_inv_freq(self) -> torch.Tensor:
+        """The frequencies the model computes now, float32: `inv_freq()` with 0 at the removed pairs."""
+        return torch.where(self.rotates(), self.inv_freq(), torch.zeros(()))
 
     def inv_freq(self, base: float | None = None) -> torch.Tensor:
         """The frequencies planning starts from, float32, shape (d/2,).
 
         Plain RoPE: θ_i = 1/b^(2i/d) with transformers' exact arithmetic. An already-extended
-        spec: its current frequencies θ_i / g_i. With `base`: plain RoPE at that base.
+        spec: its current frequencies θ_i / g_i. With `base`: plain RoPE at that base. A removed
+        pair keeps its nominal frequency here (methods plan every pair; `ropekit.make_plan` then
+        removes it again); `model_inv_freq()` gives 0 there, as the model runs.
         """
         if base is None and self.current_inv_freq is not None:
             return torch.tensor(self.current_inv_freq, dtype=torch.float32)
@@ -186,8 +214,9 @@ class RopeSpec:
     def describe(self) -> str:
         prf = f", partial_rotary_factor={self.partial_rotary_factor:g}" if self.partial_rotary_factor < 1 else ""
         layers = f"{self.layer_type} layers: " if self.layer_type else ""
+        pairs = f"{self.num_pairs} pairs" + (f", {len(self.removed_pairs)} not rotated" if self.removed_pairs else "")
         text = (
-            f"{layers}head_dim={self.head_dim}{prf} (rotary_dim={self.rotary_dim}, {self.num_pairs} pairs), "
+            f"{layers}head_dim={self.head_dim}{prf} (rotary_dim={self.rotary_dim}, {pairs}), "
             f"rope_theta={self.base:g}, context_length={self.context_length}"
         )
         if self.is_extended:
@@ -267,6 +296,17 @@ def __getattr__(name: str) -> Any:
         )
         return _reader(name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _pair_indices(values: Any) -> tuple[int, ...]:
+    """Sorted distinct pair indices, or one clear line for anything else."""
+    try:
+        indices = sorted({int(v) for v in values})
+    except (TypeError, ValueError):
+        raise RopekitError(f"removed_pairs must be a list of pair indices, got {values!r}") from None
+    if any(isinstance(v, bool) or float(v) != int(v) for v in values):
+        raise RopekitError(f"removed_pairs must be whole pair indices, got {values!r}")
+    return tuple(indices)
 
 
 def require_spec(spec: Any, name: str = "spec") -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from ropekit.errors import RopekitError
 from ropekit.plan.analysis.angles import BINS, DEFAULT_BINS
 from ropekit.plan.geometry import MAX_LENGTH, RopeSpec, require_spec
@@ -22,6 +24,7 @@ from ropekit.plan.methods import (
     longrope,
     none,
     ntk,
+    p_rope,
     resonance,
     tuned,
     yarn,
@@ -36,7 +39,7 @@ from ropekit.plan.methods.catalog import (
     unregister_method,
 )
 from ropekit.plan.methods.record import Method, NativeForm, Param
-from ropekit.plan.scaling import Plan, Scaling, combined_factors
+from ropekit.plan.scaling import ROTATION_REMOVED, Plan, Scaling, combined_factors
 
 __all__ = [  # the method table lives in ropekit.plan.methods.catalog; these names stay importable from here
     "ALIASES",
@@ -64,6 +67,7 @@ for _module in (
     longrope,
     base_change,
     resonance,
+    p_rope,
     dprope,
     dprope_opt,
     tuned,
@@ -100,6 +104,8 @@ def plan(
         )
     if spec.is_extended:
         scaling = compose_with_current(spec, scaling)
+    if spec.removed_pairs:
+        scaling = keep_removed(spec, scaling)
     return Plan(method=m.name, spec=spec, target_length=target_length, params=params, scaling=scaling, bins=bins)
 
 
@@ -121,6 +127,19 @@ def compose_with_current(spec: RopeSpec, scaling: Scaling) -> Scaling:
         factors=scaling.factors,
         attention_factor=spec.prior_attention_factor * scaling.attention_factor,
         details={**scaling.details, "method_attention_factor": scaling.attention_factor},
+    )
+
+
+def keep_removed(spec: RopeSpec, scaling: Scaling) -> Scaling:
+    """`scaling` with the pairs the model does not rotate (`spec.removed_pairs`) removed again: θ'_i = 0,
+    f_i = ROTATION_REMOVED. Methods plan every pair from its nominal frequency; only the rotating ones
+    keep what the method chose."""
+    rotates = spec.rotates()
+    return Scaling(
+        inv_freq=torch.where(rotates, scaling.inv_freq, torch.zeros(())),
+        factors=tuple(f if keep else ROTATION_REMOVED for f, keep in zip(scaling.factors, rotates.tolist())),
+        attention_factor=scaling.attention_factor,
+        details=scaling.details,
     )
 
 

@@ -180,15 +180,21 @@ class Plan:
 
     @cached_property
     def pair_disturbance(self) -> torch.Tensor:
-        """D_i = KL(P_i ‖ Q_i) per pair (nats, float64); see `ropekit.plan.analysis.disturbance`."""
+        """D_i = KL(P_i ‖ Q_i) per pair (nats, float64); see `ropekit.plan.analysis.disturbance`.
+
+        A pair the model does not rotate (`spec.removed_pairs`) has no angle distribution to disturb: 0.
+        A pair this plan removes counts: its angles collapse to 0 at every position.
+        """
         from ropekit.plan.analysis.disturbance import pair_disturbance
 
         precomputed = self.scaling.details.get("pair_disturbance")
         if precomputed is not None:
-            return torch.as_tensor(precomputed, dtype=torch.float64)
-        return pair_disturbance(self.spec, self.inv_freq, self.target_length, bins=self.bins)
+            values = torch.as_tensor(precomputed, dtype=torch.float64)
+        else:
+            values = pair_disturbance(self.spec, self.inv_freq, self.target_length, bins=self.bins)
+        return torch.where(self.spec.rotates(), values, torch.zeros((), dtype=torch.float64))
 
     @property
     def disturbance(self) -> float:
-        """Whole-method disturbance in the paper's units: 1000 × mean over pairs of D_i."""
-        return 1000.0 * float(self.pair_disturbance.mean())
+        """Whole-method disturbance in the paper's units: 1000 × mean of D_i over the pairs the model rotates."""
+        return 1000.0 * float(self.pair_disturbance[self.spec.rotates()].mean())

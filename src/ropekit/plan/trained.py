@@ -7,7 +7,7 @@ frequencies θ_i / g_i over its *trained* context, so ropekit plans from those b
     current frequencies  θ^cur_i = θ_i / g_i, computed with the same arithmetic as transformers'
                          ROPE_INIT_FUNCTIONS for the block's rope_type (ropekit's own method
                          functions, which equal it bit for bit), attention factor a_cur
-    trained context L_t  linear: max_position_embeddings (a linear block records no original length);
+    trained context L_t  linear, proportional (Gemma 4's factor): max_position_embeddings (no original length);
                          llama3 / yarn / longrope: max_position_embeddings when it exceeds the
                          block's original length (the config says the model runs there), else
                          original × factor (the length the block was made for)
@@ -28,7 +28,7 @@ from ropekit.errors import RopekitError
 from ropekit.plan.geometry import RopeSpec
 from ropekit.plan.scaling import Scaling
 
-SUPPORTED_TYPES = ("linear", "dynamic", "yarn", "llama3", "longrope")
+SUPPORTED_TYPES = ("linear", "proportional", "dynamic", "yarn", "llama3", "longrope")
 
 
 def extended_spec(plain: RopeSpec, block: dict[str, Any], *, max_positions: int | None) -> RopeSpec:
@@ -71,7 +71,7 @@ def _current_scaling(
 
     L0 = plain.context_length
     factor = block.get("factor")
-    if rope_type == "linear":
+    if rope_type in ("linear", "proportional"):  # proportional: a linear factor on the rotating pairs
         return (
             linear(plain, max_positions, scale=float(_required(block, "factor", plain))),
             max_positions,

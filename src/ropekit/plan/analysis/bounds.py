@@ -36,14 +36,15 @@ def critical_dimension(spec: RopeSpec) -> int:
 def extrapolation_bound(spec: RopeSpec, base: float | None = None) -> float:
     """T_extra = 2π·b'^(d_extra/d) in tokens, with d_extra from the pre-training geometry.
 
-    For an already-extended spec (and no `base`): the shortest current wavelength that did not
-    complete a turn in L (the same quantity for plain RoPE), or inf when every pair did.
+    For an already-extended spec, or one with removed pairs (and no `base`): the shortest current
+    wavelength of a rotating pair that did not complete a turn in L (the same quantity for plain
+    RoPE), or inf when every rotating pair did.
     """
     require_spec(spec)
     if base is not None and not (isinstance(base, (int, float)) and math.isfinite(base) and base > 1):
         raise RopekitError(f"base must be a finite number > 1, got {base!r}")
-    if spec.is_extended and base is None:
-        unseen = spec.wavelengths()[~full_rotation_seen(spec)]
+    if (spec.is_extended or spec.removed_pairs) and base is None:
+        unseen = spec.wavelengths()[~full_rotation_seen(spec) & spec.rotates()]
         return float(unseen.min()) if unseen.numel() else math.inf
     b = spec.base if base is None else base
     return 2 * math.pi * b ** (critical_dimension(spec) / spec.rotary_dim)

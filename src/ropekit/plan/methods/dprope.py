@@ -49,16 +49,25 @@ def candidate_disturbances(
 
 
 def choose_interpolated(
-    margin: torch.Tensor, *, threshold: float | None, interpolated_dims: int | None
+    margin: torch.Tensor,
+    *,
+    threshold: float | None,
+    interpolated_dims: int | None,
+    candidates: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
-    """Boolean per pair: interpolate? By threshold (margin > t) or by count (top n/2 margins)."""
+    """Boolean per pair: interpolate? By threshold (margin > t) or by count (top n/2 margins).
+
+    Only `candidates` (default: every pair; the rotating pairs of a model with removed ones) can be chosen.
+    """
+    pairs = list(range(margin.numel()) if candidates is None else candidates)
+    allowed = torch.zeros(margin.numel(), dtype=torch.bool)
+    allowed[pairs] = True
     if interpolated_dims is None:
-        return margin > (0.0 if threshold is None else threshold)
-    num_pairs = margin.numel()
-    if interpolated_dims % 2 or not 0 <= interpolated_dims <= 2 * num_pairs:
-        raise RopekitError(f"interpolated_dims n must be even and in [0, {2 * num_pairs}], got {interpolated_dims}")
-    order = sorted(range(num_pairs), key=lambda i: (-float(margin[i]), i))  # largest margin first, ties by pair
-    chosen = torch.zeros(num_pairs, dtype=torch.bool)
+        return (margin > (0.0 if threshold is None else threshold)) & allowed
+    if interpolated_dims % 2 or not 0 <= interpolated_dims <= 2 * len(pairs):
+        raise RopekitError(f"interpolated_dims n must be even and in [0, {2 * len(pairs)}], got {interpolated_dims}")
+    order = sorted(pairs, key=lambda i: (-float(margin[i]), i))  # largest margin first, ties by pair
+    chosen = torch.zeros(margin.numel(), dtype=torch.bool)
     chosen[order[: interpolated_dims // 2]] = True
     return chosen
 
@@ -73,8 +82,9 @@ def dprope(
 ) -> Scaling:
     """Per-pair choice of interpolation or extrapolation by least angle-distribution disturbance.
 
-    Give at most one of `threshold` (t, default 0) and `interpolated_dims` (n, even).
-    `details` carries the per-pair D_extra, D_interp, margin and the chosen D.
+    Give at most one of `threshold` (t, default 0) and `interpolated_dims` (n, even; at most twice the
+    rotating pairs). `details` carries the per-pair D_extra, D_interp, margin and the chosen D; pairs the
+    model does not rotate are never interpolated (`ropekit.make_plan` removes them again).
     """
     if threshold is not None and interpolated_dims is not None:
         raise RopekitError("give either threshold t or interpolated_dims n, not both")
@@ -85,7 +95,9 @@ def dprope(
     scale = target_length / spec.context_length
     d_extra, d_interp = candidate_disturbances(spec, target_length, scale=scale, bins=bins)
     margin = d_extra - d_interp
-    interpolate = choose_interpolated(margin, threshold=threshold, interpolated_dims=interpolated_dims)
+    interpolate = choose_interpolated(
+        margin, threshold=threshold, interpolated_dims=interpolated_dims, candidates=spec.rotating_pairs
+    )
     factors = tuple(float(scale) if flag else 1.0 for flag in interpolate.tolist())
     chosen = torch.where(interpolate, d_interp, d_extra)
     return Scaling(

@@ -23,7 +23,8 @@ from ropekit.apply.extend import load_tokenizer
 from ropekit.apply.gguf import extend_gguf
 from ropekit.apply.gguf_convert import converted_dir
 from ropekit.data.documents import gutenberg_body
-from ropekit.eval.llamacpp import require_llama_cpp, runtime_parity
+from ropekit.eval.llamacpp import require_llama_cpp
+from ropekit.eval.parity import runtime_parity
 
 REPO = Path(__file__).resolve().parents[1]
 BOOK = REPO.parent / "shared" / "assets" / "text" / "pg19_test" / "10146.txt"

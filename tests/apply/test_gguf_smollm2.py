@@ -73,7 +73,7 @@ def test_llama_cpp_runs_the_plan_past_the_trained_context(smollm2, converted, tm
     require_llama_cpp()
     from ropekit.apply.extend import load_tokenizer
     from ropekit.data.documents import gutenberg_body
-    from ropekit.eval.llamacpp import runtime_parity
+    from ropekit.eval.parity import runtime_parity
 
     book = gutenberg_body(require_asset("text/pg19_test/10146.txt").read_text(encoding="utf-8", errors="replace"))
     tokenizer = load_tokenizer(str(converted))

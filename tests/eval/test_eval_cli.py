@@ -152,7 +152,7 @@ def test_eval_bad_inputs_exit_2_without_results(s260k, story_text, tmp_path):
         "garbled": (["--data", str(garbled)], "UTF-8"),
         "jsonl without text": (["--data", str(nofield)], "'text'"),
         "beyond limit": (["--data", good, "--lengths", "4096"], "beyond"),
-        "no data": ([], "need --data"),
+        "no data": ([], "the ppl task needs --data"),
         "unknown task": (["--tasks", "ppl,bogus", "--data", good], "unknown task"),
         "unknown ruler task": (["--tasks", "ruler", "--ruler-tasks", "niah_singel"], "did you mean"),
         "longbench without dir": (["--tasks", "longbench"], "--longbench-dir"),

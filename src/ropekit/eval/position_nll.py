@@ -19,16 +19,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from ropekit.errors import RopekitError
-from ropekit.eval.perplexity import token_logprobs
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedModel
+from ropekit.eval.backend import Scorer, as_scorer
 
 DEFAULT_BUCKET = 256  # tokens per position bucket
 DEFAULT_PREFIXES = (2048,)  # retention windows P
@@ -68,7 +65,7 @@ class PositionNLL:
 
 
 def position_nll(
-    model: PreTrainedModel,
+    model: Scorer | torch.nn.Module,
     documents: Sequence[Sequence[int] | np.ndarray | torch.Tensor],
     *,
     length: int,
@@ -83,11 +80,12 @@ def position_nll(
     (each ≤ length) reported as perplexities.
     """
     check_window(documents, length=length, trained_length=trained_length, bucket=bucket, prefixes=prefixes)
+    scorer = as_scorer(model, loss_chunk=loss_chunk)
     per_token = []
     for doc in documents:
         ids = torch.as_tensor(np.asarray(doc[:length]), dtype=torch.long)
         with torch.no_grad():
-            per_token.append(-token_logprobs(model, ids, loss_chunk=loss_chunk).double())  # (length − 1,)
+            per_token.append(-scorer.token_logprobs(ids).double())  # (length − 1,)
     return summarise(per_token, length=length, trained_length=trained_length, bucket=bucket, prefixes=prefixes)
 
 

@@ -1,0 +1,316 @@
+"""Backends: what an evaluation task may ask of a model, whatever runs it.
+
+Two levels:
+
+* a **`Backend`** is one model as a runtime sees it before any weights load: its RoPE geometry
+  (what plans start from), tokenizer, trained and saved context, and fingerprint (the model part
+  of every stored cell's key). `load(plan)` loads the weights with a plan applied.
+* a **`Scorer`** is that model under one plan: log-probabilities over token ids, next-token
+  argmax at the last positions, and greedy generation. `capabilities` says which of these a
+  backend gives, so a task that needs more is refused before any work.
+
+`TransformersBackend` (the reference) is defined here; `ropekit.eval.llamacpp.LlamaCppBackend`
+runs a GGUF in llama.cpp itself. Log-probabilities are natural logs, float32, on the CPU; token
+positions are 0-based indices into the ids given.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from ropekit.errors import RopekitError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from ropekit.eval.store import EvalStore
+    from ropekit.plan.geometry import RopeSpec
+    from ropekit.plan.scaling import Plan
+
+LOGPROBS = "logprobs"  # token_logprobs and next_token_argmax
+GENERATE = "generate"  # generate_greedy
+TRANSFORMERS = "transformers"  # Scorer.model: a transformers model, for protocols written against one
+
+
+# ---- the transformers primitives ----------------------------------------------------------------
+
+
+def final_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """LM head on hidden states, float32, with the model's logit soft-capping if it has one."""
+    logits = model.get_output_embeddings()(hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+@torch.no_grad()
+def token_logprobs(
+    model: PreTrainedModel, ids: torch.Tensor, *, score_from: int = 1, loss_chunk: int = 512
+) -> torch.Tensor:
+    """log p(ids[t] | ids[:t]) for t = score_from … T−1 (window-relative), float32, shape (T − score_from,).
+
+    ids: (T,) token ids of one window. The decoder runs once; the LM head runs on `loss_chunk`
+    positions at a time, so full-length logits (T × vocab) are never materialised.
+    """
+    device = next(model.parameters()).device
+    ids = ids.to(device)[None]  # (1, T)
+    hidden = model.get_decoder()(input_ids=ids).last_hidden_state  # (1, T, H)
+    parts = []
+    for a in range(score_from - 1, ids.shape[1] - 1, loss_chunk):
+        b = min(a + loss_chunk, ids.shape[1] - 1)
+        logits = final_logits(model, hidden[:, a:b])  # (1, b−a, V) float32
+        targets = ids[:, a + 1 : b + 1]
+        parts.append(-F.cross_entropy(logits[0], targets[0], reduction="none"))
+    return torch.cat(parts).cpu() if parts else torch.zeros(0)
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def generate_greedy(
+    model: torch.nn.Module,
+    prompt_ids: Sequence[int],
+    max_new_tokens: int,
+    *,
+    stop_ids: Sequence[int] = (),
+    no_stop_first: bool = False,
+) -> list[int]:
+    """Greedy continuation with the model's KV cache, as `model.generate(do_sample=False)`.
+
+    Stops after emitting a token in `stop_ids` (that token is returned, as generate returns
+    the EOS). `no_stop_first`: the first token may not be a stop token (its logits are masked,
+    as generate's `min_length = prompt + 1` does).
+    """
+    ids = torch.tensor([list(prompt_ids)], device=_device(model))
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    generated: list[int] = []
+    stops = set(stop_ids)
+    for _ in range(max_new_tokens):
+        logits = out.logits[0, -1]
+        if no_stop_first and not generated and stops:
+            logits = logits.clone()
+            logits[list(stops)] = -float("inf")
+        token = int(logits.argmax())
+        generated.append(token)
+        if token in stops or len(generated) == max_new_tokens:
+            break
+        step = torch.tensor([[token]], device=ids.device)
+        out = model(input_ids=step, past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+    return generated
+
+
+# ---- the interface --------------------------------------------------------------------------------
+
+
+class Scorer(ABC):
+    """One model under one plan, as tasks use it (see the module docstring)."""
+
+    backend: ClassVar[str]  # the backend's name, e.g. "transformers"
+    capabilities: ClassVar[frozenset[str]]  # of LOGPROBS, GENERATE, TRANSFORMERS
+
+    @abstractmethod
+    def token_logprobs(self, ids: Sequence[int] | torch.Tensor, *, score_from: int = 1) -> torch.Tensor:
+        """log p(ids[t] | ids[:t]) for t = score_from … T−1, float32 on the CPU, shape (T − score_from,)."""
+
+    @abstractmethod
+    def next_token_argmax(self, ids: Sequence[int], *, last: int) -> list[int]:
+        """The argmax next token after each of the last `last` positions of `ids` (one pass)."""
+
+    @abstractmethod
+    def generate_greedy(
+        self,
+        prompt_ids: Sequence[int],
+        max_new_tokens: int,
+        *,
+        stop_ids: Sequence[int] = (),
+        no_stop_first: bool = False,
+    ) -> list[int]:
+        """Greedy continuation of `prompt_ids`, as `generate_greedy` (stop token included, at most max_new_tokens)."""
+
+    @property
+    def model(self) -> PreTrainedModel:
+        """The transformers model, for protocols written against one (capability TRANSFORMERS)."""
+        raise RopekitError(f"the {self.backend} backend runs no transformers model; use --backend transformers")
+
+    def close(self) -> None:  # noqa: B027 (a hook: nothing to free by default)
+        """Free what the scorer holds (weights, contexts, temporary files)."""
+
+
+class TransformersScorer(Scorer):
+    """A transformers causal LM (or any module with its call signature) as a `Scorer`."""
+
+    backend = "transformers"
+    capabilities = frozenset({LOGPROBS, GENERATE, TRANSFORMERS})
+
+    def __init__(self, model: torch.nn.Module, *, loss_chunk: int = 512) -> None:
+        self._model = model
+        self.loss_chunk = loss_chunk
+
+    @property
+    def model(self) -> PreTrainedModel:
+        return self._model  # type: ignore[return-value]  # any module with the causal-LM call signature
+
+    def token_logprobs(self, ids: Sequence[int] | torch.Tensor, *, score_from: int = 1) -> torch.Tensor:
+        window = torch.as_tensor(ids, dtype=torch.long)
+        return token_logprobs(self.model, window, score_from=score_from, loss_chunk=self.loss_chunk)
+
+    @torch.no_grad()
+    def next_token_argmax(self, ids: Sequence[int], *, last: int) -> list[int]:
+        batch = torch.tensor([list(ids)], device=_device(self._model))
+        logits = self._model(input_ids=batch, logits_to_keep=last).logits[0]  # (last, V)
+        return [int(t) for t in logits.argmax(-1).cpu()]
+
+    def generate_greedy(
+        self,
+        prompt_ids: Sequence[int],
+        max_new_tokens: int,
+        *,
+        stop_ids: Sequence[int] = (),
+        no_stop_first: bool = False,
+    ) -> list[int]:
+        return generate_greedy(self._model, prompt_ids, max_new_tokens, stop_ids=stop_ids, no_stop_first=no_stop_first)
+
+
+def as_scorer(model: Scorer | torch.nn.Module, *, loss_chunk: int = 512) -> Scorer:
+    """A `Scorer` as given, or a transformers model wrapped as one (the eval functions take either)."""
+    return model if isinstance(model, Scorer) else TransformersScorer(model, loss_chunk=loss_chunk)
+
+
+class Backend(ABC):
+    """One model as a runtime sees it before its weights load (see the module docstring).
+
+    `source` is what the user named (a directory, hub id or .gguf file). Everything here reads
+    configuration only; `load` is the one place weights are read.
+    """
+
+    name: ClassVar[str]
+    capabilities: ClassVar[frozenset[str]]
+    dtype: ClassVar[str] = "float32"  # of the computation, recorded in every cell's settings
+
+    def __init__(self, source: str) -> None:
+        self.check_source(source)
+        self.source = str(source)
+
+    @classmethod  # noqa: B027 (a hook: any source by default)
+    def check_source(cls, source: str) -> None:
+        """Refuse, before anything is read, a model this backend cannot run (e.g. not a .gguf for llama.cpp)."""
+
+    @property
+    @abstractmethod
+    def spec(self) -> RopeSpec:
+        """The geometry plans start from (the model as saved)."""
+
+    @property
+    @abstractmethod
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The model's tokenizer (a RopekitError when it has none)."""
+
+    @property
+    @abstractmethod
+    def context_length(self) -> int:
+        """The context the saved model runs at: the longest length it may be evaluated at without a plan."""
+
+    @property
+    def trained_length(self) -> int | None:
+        """The context the model was trained at (its spec's original length), or None when unknown."""
+        try:
+            return self.spec.original_length
+        except RopekitError:
+            return None
+
+    @abstractmethod
+    def fingerprint(self, store: EvalStore | None = None) -> str:
+        """The model part of every cell key: sha256 of the weights and configuration."""
+
+    def settings(self) -> dict[str, Any]:
+        """What every cell measured on this backend depends on besides model, plan, task and documents."""
+        return {"backend": self.name, "dtype": self.dtype}
+
+    def check_plans(self) -> None:  # noqa: B027 (a hook: every model takes plans by default)
+        """Refuse, before any work, a model this backend cannot run a plan on."""
+
+    def plan(self, method: str, target_length: int, *, bins: int, params: dict[str, Any]) -> Plan:
+        """The plan `method` makes for this model at `target_length` (from the spec, no weights)."""
+        from ropekit.plan.registry import plan as make_plan
+
+        return make_plan(self.spec, target_length, method, bins=bins, **params)
+
+    @abstractmethod
+    def load(self, plan: Plan | None) -> Scorer:
+        """The weights, with `plan` applied (None: as saved). The caller closes the scorer."""
+
+    def describe(self) -> dict[str, Any]:
+        """What results.json records of the backend."""
+        return {"name": self.name, "model": self.source, "dtype": self.dtype}
+
+
+class TransformersBackend(Backend):
+    """transformers, float32, SDPA attention. A `.gguf` source is dequantised once into ropekit's cache
+    (`ropekit.apply.gguf_convert.converted_dir`) and that directory is the model."""
+
+    name = "transformers"
+    capabilities = TransformersScorer.capabilities
+
+    @cached_property
+    def directory(self) -> str:
+        """The transformers model directory (or hub id) the weights load from."""
+        if self.source.lower().endswith(".gguf"):
+            from ropekit.apply.gguf_convert import converted_dir
+
+            return str(converted_dir(self.source))
+        return self.source
+
+    @cached_property
+    def spec(self) -> RopeSpec:
+        from ropekit.plan.geometry import RopeSpec
+
+        return RopeSpec.from_pretrained(self.directory)
+
+    @cached_property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        from ropekit.apply.extend import load_tokenizer
+
+        tokenizer = load_tokenizer(self.directory)
+        if tokenizer is None:
+            raise RopekitError(f"{self.source}: no tokenizer found beside the model")
+        return tokenizer
+
+    @property
+    def context_length(self) -> int:
+        if self.source.lower().endswith(".gguf"):
+            from ropekit.apply.gguf import read_rope
+
+            return int(read_rope(self.source).context_length)
+        from ropekit.plan.geometry import load_config_dict
+
+        return int(load_config_dict(self.source).get("max_position_embeddings") or 0)
+
+    def fingerprint(self, store: EvalStore | None = None) -> str:
+        from ropekit.eval.store import model_fingerprint, state_fingerprint
+
+        if Path(self.source).exists():  # the file (a GGUF is converted deterministically) or directory
+            return model_fingerprint(self.source, store)
+        return state_fingerprint(self._load_model())  # a hub id: the weights themselves
+
+    def _load_model(self) -> PreTrainedModel:
+        from ropekit.apply.extend import load_model
+
+        return load_model(self.directory, dtype=self.dtype)
+
+    def load(self, plan: Plan | None) -> Scorer:
+        from ropekit.apply.patch import apply
+
+        model = self._load_model()
+        return TransformersScorer(model if plan is None else apply(model, plan))
+
+    def describe(self) -> dict[str, Any]:
+        converted = self.source.lower().endswith(".gguf")
+        return {**super().describe(), "converted_from_gguf": converted}

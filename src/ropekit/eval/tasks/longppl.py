@@ -1,0 +1,106 @@
+"""Task `longppl`: perplexity over key tokens (Fang et al. 2024), one cell per length above the short
+context (`ropekit.eval.longppl`)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ropekit.errors import RopekitError
+from ropekit.eval.backend import TRANSFORMERS, Scorer
+from ropekit.eval.longppl import PROTOCOL, Evaluator, long_ppl
+from ropekit.eval.report import length_table
+from ropekit.eval.tasks.record import Cell, Row, Task, TaskOptions, TaskRun, option, row
+
+
+@dataclass(frozen=True)
+class LongPplOptions(TaskOptions):
+    short_length: int = option(4096, "short context (official 4096)", unit="tokens", low=2)
+    longppl_window: int = option(1024, "tokens sharing one short context (official 1024)", unit="tokens", low=1)
+    longppl_threshold: float = option(2.0, "α, long − short log-prob difference of a key token", unit="nats")
+    longppl_beta: float = option(-2.0, "β, floor on a key token's long-context log-prob", unit="nats")
+    evaluator: str | None = option(
+        None, "model that finds the key tokens", path=True, shown_default="the model under test itself"
+    )
+
+
+def prepare(run: TaskRun[LongPplOptions]) -> Callable[[], Evaluator] | None:
+    """The evaluator, loaded when a cell is first measured (a resumed run may need none)."""
+    path = run.options.evaluator
+    return None if path is None else functools.cache(lambda: load_evaluator(path))
+
+
+def load_evaluator(path: str) -> Evaluator:
+    """The LongPPL key-token evaluator: a model (as saved) and its own tokenizer."""
+    from ropekit.apply.extend import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(path)
+    if tokenizer is None:
+        raise RopekitError(f"--evaluator {path}: no tokenizer found beside the model")
+    return Evaluator(load_model(path, dtype="float32"), tokenizer, path)
+
+
+def cells(run: TaskRun[LongPplOptions]) -> list[Cell]:
+    """One per length beyond the short context (shorter windows hold no token that can be key)."""
+    return [{"length": n} for n in run.lengths if n > run.options.short_length]
+
+
+def measure(scorer: Scorer, run: TaskRun[LongPplOptions], cell: Cell) -> dict[str, Any]:
+    o = run.options
+    result = long_ppl(
+        scorer.model,
+        run.documents,
+        length=cell["length"],
+        short_length=o.short_length,
+        sliding_window=o.longppl_window,
+        threshold=o.longppl_threshold,
+        beta=o.longppl_beta,
+        evaluator=run.inputs() if run.inputs else None,
+        tokenizer=run.tokenizer,
+    )
+    return result.as_dict()
+
+
+def rows(method: str, entry: dict[str, Any]) -> list[Row]:
+    return [
+        row(
+            method,
+            "longppl",
+            r["long_ppl"],
+            length=int(n),
+            convention=f"short {r['short_length']}/{r['sliding_window']}, α {r['threshold']}, β {r['beta']}, "
+            f"evaluator {r['evaluator']}",
+            tokens_scored=r["key_tokens"],
+        )
+        for n, r in entry.items()
+    ]
+
+
+def _cell(r: Row) -> str:
+    return f"{r['value']:.3f} (key tokens: {r['tokens_scored']})" if r["value"] is not None else "no key tokens"
+
+
+def report(results: dict[str, Any], rows: list[Row]) -> list[str]:
+    cfg = results["config"]
+    title = (
+        f"## LongPPL (key tokens: long − short log-prob > {cfg['longppl_threshold']} nats, "
+        f"short context {cfg['short_length']}; the model is its own evaluator)"
+    )
+    return length_table(title, [r for r in rows if r["task"] == "longppl"], _cell)
+
+
+TASK = Task(
+    "longppl",
+    "perplexity over key tokens (LongPPL): the tokens the long context predicts much better than a short one",
+    LongPplOptions,
+    measure,
+    rows,
+    cells=cells,
+    prepare=prepare,
+    report=report,
+    needs=frozenset({TRANSFORMERS}),
+    uses_documents=True,
+    protocol=PROTOCOL,
+)

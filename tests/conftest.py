@@ -184,6 +184,14 @@ def llama_model_dir(tmp_path_factory, llama_tokenizer) -> Path:
 
 
 @pytest.fixture(scope="session")
+def small_text(tmp_path_factory) -> Path:
+    """A few kilobytes of generated story text: enough for windows of a few hundred tokens, quick to tokenise."""
+    path = tmp_path_factory.mktemp("small-text") / "stories.txt"
+    path.write_text(generated_stories(24))
+    return path
+
+
+@pytest.fixture(scope="session")
 def small_model(tmp_path_factory, llama_tokenizer) -> Path:
     """A tiny random Llama (2 layers, hidden 64, trained length 512) with a real tokenizer, saved: `ropekit eval`
     runs on it in a second or two."""

@@ -20,8 +20,8 @@ runner = CliRunner()
 
 
 def eval_args(model: Path, text: Path, store: Path, *extra: str) -> list[str]:
-    """ppl and nll at two lengths: 4 cells per plan."""
-    args = ["eval", str(model), "--tasks", "ppl,nll", "--lengths", "32,64", "--target-length", "1024"]
+    """ppl and nll at one length: 2 cells per plan."""
+    args = ["eval", str(model), "--tasks", "ppl,nll", "--lengths", "64", "--target-length", "1024"]
     return [*args, "--data", str(text), "--max-tokens", "64", "--retention", "16", "--store", str(store), *extra]
 
 
@@ -43,10 +43,10 @@ def measured(results: dict) -> dict:
     return {m: {k: v for k, v in e.items() if k != "plan"} for m, e in results["methods"].items()}
 
 
-def test_an_interrupted_eval_resumes_and_measures_nothing_twice(small_model, story_text, tmp_path, monkeypatch):
-    methods = ["--method", "none", "--method", "pi"]  # cells in order: none ppl 32, 64, nll 32, 64; pi the same
+def test_an_interrupted_eval_resumes_and_measures_nothing_twice(small_model, small_text, tmp_path, monkeypatch):
+    methods = ["--method", "none", "--method", "pi"]  # cells in order: none ppl, nll; pi ppl, nll
     reference = runner.invoke(
-        app, eval_args(small_model, story_text, tmp_path / "ref.sqlite", *methods, "--out", str(tmp_path / "ref"))
+        app, eval_args(small_model, small_text, tmp_path / "ref.sqlite", *methods, "--out", str(tmp_path / "ref"))
     )
     assert reference.exit_code == 0, reference.output
 
@@ -55,59 +55,59 @@ def test_an_interrupted_eval_resumes_and_measures_nothing_twice(small_model, sto
     calls = []
     original = nll_task.position_nll
 
-    def interrupt_on_the_third(*args: Any, **kwargs: Any) -> Any:
+    def interrupt_on_the_second(*args: Any, **kwargs: Any) -> Any:
         calls.append(1)
-        if len(calls) == 3:  # pi's nll @ 32: 6 cells are done
+        if len(calls) == 2:  # pi's nll: 3 cells are done
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
     store, out = tmp_path / "cells.sqlite", tmp_path / "report"
     with monkeypatch.context() as patch:
-        patch.setattr(nll_task, "position_nll", interrupt_on_the_third)
-        stopped = runner.invoke(app, eval_args(small_model, story_text, store, *methods, "--out", str(out)))
+        patch.setattr(nll_task, "position_nll", interrupt_on_the_second)
+        stopped = runner.invoke(app, eval_args(small_model, small_text, store, *methods, "--out", str(out)))
     assert stopped.exit_code == 130 and not out.exists()
-    assert f"interrupted; 6 cells measured in this run are kept in the evaluation store {store}" in stopped.stderr
+    assert f"interrupted; the cells measured in this run (3) are kept in the evaluation store {store}" in stopped.stderr
 
     passes = count_forward_passes(monkeypatch)
-    resumed = runner.invoke(app, eval_args(small_model, story_text, store, *methods, "--out", str(out)))
+    resumed = runner.invoke(app, eval_args(small_model, small_text, store, *methods, "--out", str(out)))
     assert resumed.exit_code == 0, resumed.output
-    assert "2 cells measured, 6 read from the evaluation store" in resumed.stderr
+    assert "cells: 1 measured, 3 read from the evaluation store" in resumed.stderr
     resumed_passes = passes[0]
     passes[0] = 0
     only_pi_nll = runner.invoke(
-        app, eval_args(small_model, story_text, tmp_path / "pi.sqlite", "--method", "pi", "--tasks", "nll")
+        app, eval_args(small_model, small_text, tmp_path / "pi.sqlite", "--method", "pi", "--tasks", "nll")
     )
-    assert only_pi_nll.exit_code == 0 and resumed_passes == passes[0] > 0  # exactly the two missing cells' passes
+    assert only_pi_nll.exit_code == 0 and resumed_passes == passes[0] > 0  # exactly the missing cell's passes
     results = json.loads((out / "results.json").read_text())
     assert measured(results) == measured(json.loads((tmp_path / "ref" / "results.json").read_text()))
-    assert results["store"] == {"path": str(store), "measured": 2, "reused": 6}
+    assert results["store"] == {"path": str(store), "measured": 1, "reused": 3}
 
     passes[0] = 0
-    again = runner.invoke(app, eval_args(small_model, story_text, store, *methods))
-    assert again.exit_code == 0 and passes[0] == 0 and "0 cells measured, 8 read" in again.stderr
+    again = runner.invoke(app, eval_args(small_model, small_text, store, *methods))
+    assert again.exit_code == 0 and passes[0] == 0 and "cells: 0 measured, 4 read" in again.stderr
 
 
-def test_identical_plans_share_cells_and_fresh_measures_again(small_model, story_text, tmp_path, monkeypatch):
+def test_identical_plans_share_cells_and_fresh_measures_again(small_model, small_text, tmp_path, monkeypatch):
     """ntk with α = 1 leaves every frequency as it is: the same plan as none, measured once."""
     passes = count_forward_passes(monkeypatch)
     store = tmp_path / "cells.sqlite"
-    args = eval_args(small_model, story_text, store, "--method", "none", "--method", "ntk", "--alpha", "1")
+    args = eval_args(small_model, small_text, store, "--method", "none", "--method", "ntk", "--alpha", "1")
     result = runner.invoke(app, [*args, "--out", str(tmp_path / "r")])
     assert result.exit_code == 0, result.output
-    assert "4 cells measured, 4 read from the evaluation store" in result.stderr
+    assert "cells: 2 measured, 2 read from the evaluation store" in result.stderr
     methods = json.loads((tmp_path / "r" / "results.json").read_text())["methods"]
     assert methods["ntk"]["plan"]["factors"] == methods["none"]["plan"]["factors"]
     assert measured({"methods": {"x": methods["none"]}}) == measured({"methods": {"x": methods["ntk"]}})
     first = passes[0]
     fresh = runner.invoke(app, [*args, "--fresh"])
-    assert fresh.exit_code == 0 and "4 cells measured, 4 read" in fresh.stderr and passes[0] == 2 * first
+    assert fresh.exit_code == 0 and "cells: 2 measured, 2 read" in fresh.stderr and passes[0] == 2 * first
     with sqlite3.connect(store) as db:
-        assert db.execute("SELECT COUNT(*) FROM cells").fetchone()[0] == 4  # replaced, not added
+        assert db.execute("SELECT COUNT(*) FROM cells").fetchone()[0] == 2  # replaced, not added
 
 
-def test_the_default_store_lives_in_ropekits_cache(small_model, story_text, tmp_path, monkeypatch):
+def test_the_default_store_lives_in_ropekits_cache(small_model, small_text, tmp_path, monkeypatch):
     monkeypatch.setenv("ROPEKIT_CACHE", str(tmp_path / "cache"))
-    args = ["eval", str(small_model), "--lengths", "32", "--data", str(story_text), "--max-tokens", "32"]
+    args = ["eval", str(small_model), "--lengths", "32", "--data", str(small_text), "--max-tokens", "32"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     store = tmp_path / "cache" / "eval" / "cells.sqlite"
@@ -124,7 +124,7 @@ def _evaluate_in_a_process(model: str, text: str, store: str, methods: list[str]
 
 
 @pytest.mark.slow
-def test_two_processes_sharing_one_store_do_not_corrupt_it(small_model, story_text, tmp_path):
+def test_two_processes_sharing_one_store_do_not_corrupt_it(small_model, small_text, tmp_path):
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
@@ -132,7 +132,7 @@ def test_two_processes_sharing_one_store_do_not_corrupt_it(small_model, story_te
     jobs = [
         context.Process(
             target=_evaluate_in_a_process,
-            args=(str(small_model), str(story_text), str(store), methods, str(tmp_path / f"r{i}")),
+            args=(str(small_model), str(small_text), str(store), methods, str(tmp_path / f"r{i}")),
         )
         for i, methods in enumerate((["none", "pi", "yarn"], ["yarn", "pi", "ntk"]))
     ]

@@ -248,8 +248,13 @@ class Backend(ABC):
         """The weights, with `plan` applied (None: as saved). The caller closes the scorer."""
 
     def describe(self) -> dict[str, Any]:
-        """What results.json records of the backend."""
-        return {"name": self.name, "model": self.source, "dtype": self.dtype}
+        """What results.json records of the backend (the same keys for every backend)."""
+        return {"name": self.name, "model": self.source, "dtype": self.dtype, "weights": self.weights}
+
+    @property
+    def weights(self) -> str:
+        """Where the weights that run come from."""
+        return "as saved"
 
 
 class TransformersBackend(Backend):
@@ -311,6 +316,8 @@ class TransformersBackend(Backend):
         model = self._load_model()
         return TransformersScorer(model if plan is None else apply(model, plan))
 
-    def describe(self) -> dict[str, Any]:
-        converted = self.source.lower().endswith(".gguf")
-        return {**super().describe(), "converted_from_gguf": converted}
+    @property
+    def weights(self) -> str:
+        if self.source.lower().endswith(".gguf"):
+            return f"the GGUF dequantised to float32 in {self.directory}"
+        return "as saved"

@@ -259,7 +259,7 @@ class LlamaCppBackend(Backend):
 
     name = "llama.cpp"
     capabilities = LlamaCppScorer.capabilities
-    dtype = "as stored in the GGUF"
+    dtype = "gguf"  # each tensor's own type (F32, F16, Q4_1, …)
 
     def __init__(self, source: str) -> None:
         super().__init__(source)
@@ -297,6 +297,10 @@ class LlamaCppBackend(Backend):
         from ropekit.eval.store import model_fingerprint
 
         return model_fingerprint(self.source, store)
+
+    @property
+    def weights(self) -> str:
+        return "as stored in the GGUF; a plan is written into a temporary extended copy (ropekit extend's file)"
 
     def check_plans(self) -> None:
         from ropekit.apply.gguf import check_rope_freqs_support

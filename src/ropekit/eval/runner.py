@@ -209,11 +209,11 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                     results["methods"][method] = {**entry, **evaluation.measure(plan, label=method)}
             except KeyboardInterrupt:
                 raise Interrupted(
-                    f"interrupted; {evaluation.measured} cells measured in this run are kept in the evaluation "
-                    f"store {store_path}: run the same command again to resume"
+                    f"interrupted; the cells measured in this run ({evaluation.measured}) are kept in the "
+                    f"evaluation store {store_path}: run the same command again to resume"
                 ) from None
     results["store"].update(measured=evaluation.measured, reused=evaluation.reused)
-    print(f"{evaluation.measured} cells measured, {evaluation.reused} read from the evaluation store", file=sys.stderr)
+    print(f"cells: {evaluation.measured} measured, {evaluation.reused} read from the evaluation store", file=sys.stderr)
     results["warnings"] += [w for _, run in runs for w in run.warnings]
     results["warnings"] += non_finite_warnings(result_rows(results))
     for line in results["warnings"]:

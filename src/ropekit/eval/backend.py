@@ -193,7 +193,8 @@ class Backend(ABC):
 
     name: ClassVar[str]
     capabilities: ClassVar[frozenset[str]]
-    dtype: ClassVar[str] = "float32"  # of the computation, recorded in every cell's settings
+    dtype: str = "float32"  # of the computation, recorded in every cell's settings
+    device: str = "cpu"
 
     def __init__(self, source: str) -> None:
         self.check_source(source)
@@ -232,7 +233,7 @@ class Backend(ABC):
 
     def settings(self) -> dict[str, Any]:
         """What every cell measured on this backend depends on besides model, plan, task and documents."""
-        return {"backend": self.name, "dtype": self.dtype}
+        return {"backend": self.name, "dtype": self.dtype, "device": self.device}
 
     def check_plans(self) -> None:  # noqa: B027 (a hook: every model takes plans by default)
         """Refuse, before any work, a model this backend cannot run a plan on."""
@@ -258,11 +259,36 @@ class Backend(ABC):
 
 
 class TransformersBackend(Backend):
-    """transformers, float32, SDPA attention. A `.gguf` source is dequantised once into ropekit's cache
-    (`ropekit.apply.gguf_convert.converted_dir`) and that directory is the model."""
+    """transformers, SDPA attention, on `device` in `dtype` (default float32 on the CPU). A `.gguf` source is
+    dequantised once into ropekit's cache (`ropekit.apply.gguf_convert.converted_dir`) and that directory is
+    the model.
+
+    By default each plan gets freshly loaded weights with the plan applied through the model's config (as
+    `ropekit extend` saves it). `reuse_weights=True` loads the weights once and applies each plan by
+    overwriting the rotary frequencies (`apply(..., route="inv_freq")`): for many plans on one model, as a
+    search measures them. Other dtypes than float32 keep the rotary `inv_freq` in float32 (bfloat16 would
+    round θ'_i by up to 0.4%). `warmup_tokens`: one untimed pass of that many tokens after loading, so no
+    measured cell pays the first pass's one-time costs.
+    """
 
     name = "transformers"
     capabilities = TransformersScorer.capabilities
+
+    def __init__(
+        self,
+        source: str,
+        *,
+        dtype: str = "float32",
+        device: str = "cpu",
+        reuse_weights: bool = False,
+        warmup_tokens: int = 0,
+    ) -> None:
+        super().__init__(source)
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise RopekitError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+        self.dtype, self.device = dtype, device
+        self.reuse_weights, self.warmup_tokens = reuse_weights, warmup_tokens
+        self._weights: PreTrainedModel | None = None  # kept when reuse_weights
 
     @cached_property
     def directory(self) -> str:
@@ -306,18 +332,53 @@ class TransformersBackend(Backend):
         return state_fingerprint(self._load_model())  # a hub id: the weights themselves
 
     def _load_model(self) -> PreTrainedModel:
+        """The weights as saved, float32 on the CPU (a subclass may read them otherwise)."""
         from ropekit.apply.extend import load_model
 
-        return load_model(self.directory, dtype=self.dtype)
+        return load_model(self.directory, dtype="float32")
+
+    def _ready(self, model: PreTrainedModel) -> PreTrainedModel:
+        """`model` on the device in the dtype (rotary frequencies kept float32), warmed up."""
+        torch.nn.Module.to(model, self.device)  # in place (transformers' wrapper of `to` confuses the types)
+        if self.dtype != "float32":
+            model = cast_keeping_rotary_float32(model, getattr(torch, self.dtype))
+        if self.warmup_tokens:
+            with torch.no_grad():
+                model(input_ids=torch.arange(self.warmup_tokens, device=self.device)[None])
+        return model
 
     def load(self, plan: Plan | None) -> Scorer:
         from ropekit.apply.patch import apply
 
+        if self.reuse_weights and plan is not None:
+            if self._weights is None:
+                self._weights = self._ready(self._load_model())
+            return TransformersScorer(apply(self._weights, plan, route="inv_freq"))
         model = self._load_model()
-        return TransformersScorer(model if plan is None else apply(model, plan))
+        return TransformersScorer(self._ready(model if plan is None else apply(model, plan)))
 
     @property
     def weights(self) -> str:
         if self.source.lower().endswith(".gguf"):
             return f"the GGUF dequantised to float32 in {self.directory}"
         return "as saved"
+
+
+def cast_keeping_rotary_float32(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
+    """`model` cast to `dtype` in place, its rotary `inv_freq` buffers kept float32 with their exact values.
+
+    `Module.to(bfloat16)` rounds inv_freq to 8 mantissa bits (θ'_i wrong by up to 0.4%); transformers
+    computes cos/sin in float32 from it, so keeping it float32 keeps the plan exact.
+    """
+    from ropekit.apply.patch import rotary_modules
+
+    kept = [
+        (module, name, buffer.detach().clone())
+        for _, _, module in rotary_modules(model)
+        for name in ("inv_freq", "original_inv_freq")
+        if isinstance(buffer := getattr(module, name, None), torch.Tensor)
+    ]
+    torch.nn.Module.to(model, dtype)  # in place
+    for module, name, buffer in kept:
+        module.register_buffer(name, buffer, persistent=False)
+    return model

@@ -26,6 +26,7 @@ import functools
 import json
 import math
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
@@ -50,6 +51,7 @@ from ropekit.eval.tasks.record import ROW_FIELDS, Cell, Row, Task, TaskOptions, 
 from ropekit.paths import cache_root
 
 if TYPE_CHECKING:
+    import numpy as np
     from tqdm.auto import tqdm
 
     from ropekit.plan.scaling import Plan
@@ -244,19 +246,19 @@ def prepare_runs(
     limit: int,
     data: str | None,
     max_tokens: int | None,
+    documents: list[np.ndarray] | None = None,
     progress: bool = False,
 ) -> list[tuple[Task[Any], TaskRun[Any]]]:
-    """Each task's run: the documents (read once, tokenised with the backend's tokenizer, cut to
-    `max_tokens`) and its inputs from `prepare`. Reads files, never weights."""
+    """Each task's run: the documents (`documents` as given, else `data` read once and tokenised with the
+    backend's tokenizer), cut to `max_tokens`, and its inputs from `prepare`. Reads files, never weights."""
     from ropekit.data.documents import read_documents, tokenize_documents
 
     tokenizer = backend.tokenizer
-    documents = []
-    if any(task.uses_documents for task, _ in selected):
+    if documents is None and any(task.uses_documents for task, _ in selected):
         if data is None:
             raise RopekitError("--data is needed")
         documents = tokenize_documents(read_documents(data), tokenizer)
-        documents = [doc[:max_tokens] for doc in documents] if max_tokens else documents
+    documents = [doc[:max_tokens] for doc in documents] if documents and max_tokens else documents or []
     runs = []
     for task, options in selected:
         run = TaskRun(
@@ -285,10 +287,44 @@ class Evaluation:
     runs: list[tuple[Task[Any], TaskRun[Any]]]
     store: EvalStore
     fresh: bool = False  # measure every cell again (once in this evaluation), replacing stored values
+    deadline: float | None = (
+        None  # time.perf_counter() after which no cell is measured (a task missing one is left out)
+    )
     measured: int = 0  # cells measured by this evaluation
     reused: int = 0  # cells read from the store
+    skipped: int = 0  # cells left unmeasured at the deadline
     bar: tqdm | None = None
     _done: set[str] = field(default_factory=set)  # digests measured by this evaluation
+
+    @classmethod
+    def of(
+        cls,
+        backend: Backend,
+        store: EvalStore,
+        tasks: dict[str, dict[str, Any]],
+        *,
+        lengths: list[int],
+        limit: int | None = None,
+        data: str | None = None,
+        documents: list[np.ndarray] | None = None,
+        max_tokens: int | None = None,
+        fresh: bool = False,
+        deadline: float | None = None,
+    ) -> Evaluation:
+        """An evaluation of `tasks` ({task name: its options}) at `lengths`: the documents are `documents` (token
+        ids) or read from `data`, cut to `max_tokens`; `limit`, the longest context, defaults to the longest
+        length; `deadline`: see the field."""
+        selected = [(task, options_for(task, given)) for task, given in ((get_task(n), g) for n, g in tasks.items())]
+        runs = prepare_runs(
+            backend,
+            selected,
+            lengths=lengths,
+            limit=limit or max(lengths),
+            data=data,
+            documents=documents,
+            max_tokens=max_tokens,
+        )
+        return cls(backend, runs, store, fresh=fresh, deadline=deadline)
 
     @cached_property
     def model_key(self) -> str:
@@ -328,11 +364,17 @@ class Evaluation:
                 measured = []
                 for cell in task.cells(run):
                     key = self.key(task, plan, cell)
+                    fresh = self.fresh and key.digest not in self._done
+                    if fresh or key not in self.store:
+                        if self.deadline is not None and time.perf_counter() > self.deadline:
+                            self.skipped += 1
+                            continue
+                        scorer()  # loaded before the measurement starts: a cell's seconds are its own
                     value, stored = self.store.measure(
                         key,
                         functools.partial(_measure_cell, task, scorer, run, cell),
                         plan_record=None if plan is None else plan_record(plan),
-                        fresh=self.fresh and key.digest not in self._done,
+                        fresh=fresh,
                     )
                     self._done.add(key.digest)
                     self.reused += stored
@@ -340,7 +382,7 @@ class Evaluation:
                     measured.append((cell, value))
                     if self.bar is not None:
                         self.bar.update(1)
-                collected = task.collect(run, measured)
+                collected = task.collect(run, measured) if len(measured) == len(task.cells(run)) else None
                 if collected is not None:
                     entry[task.name] = collected
         return entry

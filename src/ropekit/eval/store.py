@@ -202,6 +202,11 @@ class EvalStore:
         seconds = time.perf_counter() - started
         return self.put(key, value, plan_record=plan_record, seconds=seconds, replace=fresh), False
 
+    def cell(self, key: CellKey) -> Cell | None:
+        """The stored cell of `key` with its provenance (seconds it took, when, which ropekit), or None."""
+        row = self._db.execute("SELECT * FROM cells WHERE digest = ?", (key.digest,)).fetchone()
+        return None if row is None else _cell_of(row)
+
     def __contains__(self, key: CellKey) -> bool:
         return self._db.execute("SELECT 1 FROM cells WHERE digest = ?", (key.digest,)).fetchone() is not None
 
@@ -212,9 +217,7 @@ class EvalStore:
         """Every stored cell (optionally of one model and/or task), oldest first."""
         query, args = _filtered("SELECT * FROM cells", model=model, task=task)
         for row in self._db.execute(query + " ORDER BY created", args).fetchall():
-            _, m, p, t, settings, docs, value, record, seconds, created, version = row
-            key = CellKey(model=m, plan=p, task=t, settings=json.loads(settings), documents=docs)
-            yield Cell(key, json.loads(value), json.loads(record) if record else None, seconds, created, version)
+            yield _cell_of(row)
 
     # ---- remembered file hashes ----------------------------------------------------------------
 
@@ -241,6 +244,12 @@ class EvalStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _cell_of(row: tuple[Any, ...]) -> Cell:
+    _, m, p, t, settings, docs, value, record, seconds, created, version = row
+    key = CellKey(model=m, plan=p, task=t, settings=json.loads(settings), documents=docs)
+    return Cell(key, json.loads(value), json.loads(record) if record else None, seconds, created, version)
 
 
 def _filtered(query: str, **filters: str | None) -> tuple[str, list[str]]:

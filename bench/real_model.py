@@ -180,8 +180,7 @@ class TinySmolLM2(TransformersBackend):
     def spec(self) -> ropekit.RopeSpec:
         return ropekit.RopeSpec.from_gguf(self.source)
 
-    @cached_property
-    def tokenizer(self):
+    def read_tokenizer(self):
         return load_gguf_tokenizer(self.source)
 
     def fingerprint(self, store: EvalStore | None = None) -> str:

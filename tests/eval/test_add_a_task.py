@@ -80,6 +80,7 @@ def naive_accuracy(model, documents: list[list[int]], n: int, k: int) -> float:
     return hits / total
 
 
+@pytest.mark.slow
 def test_a_registered_task_runs_through_the_cli_with_its_option(registered, small_model, small_text, tmp_path):
     assert "--top1-positions" in eval_flags()
     out = tmp_path / "report"
@@ -108,21 +109,21 @@ def test_a_registered_task_runs_through_the_cli_with_its_option(registered, smal
     assert again.exit_code == 0 and "cells: 0 measured, 4 read from the evaluation store" in again.stderr
 
 
-def test_its_option_is_checked_and_refused_without_the_task(registered, small_model, small_text, tmp_path):
-    base = ["eval", str(small_model), "--lengths", "64", "--data", str(small_text), "--max-tokens", "64"]
+def test_its_option_is_checked_and_refused_without_the_task(registered, tmp_path):
+    base = ["eval", str(tmp_path), "--lengths", "64", "--data", str(tmp_path), "--max-tokens", "64"]  # refused first
     low = runner.invoke(app, [*base, "--tasks", "top1", "--top1-positions", "0"])
     assert low.exit_code == 2 and "--top1-positions must be ≥ 1, got 0" in low.stderr
     other = runner.invoke(app, [*base, "--tasks", "ppl", "--top1-positions", "8"])
     assert other.exit_code == 2 and "--top1-positions is for the top1 task, which this run leaves out" in other.stderr
 
 
-def test_unregistering_removes_the_task_and_its_option(small_model, small_text):
+def test_unregistering_removes_the_task_and_its_option(tmp_path):
     register_task(TOP1)
     from ropekit.eval.registry import TASKS, unregister_task
 
     unregister_task("top1")
     assert "top1" not in TASKS and "--top1-positions" not in eval_flags()
-    base = ["eval", str(small_model), "--lengths", "64", "--data", str(small_text)]
+    base = ["eval", str(tmp_path), "--lengths", "64", "--data", str(tmp_path)]  # refused before any file is read
     unknown = runner.invoke(app, [*base, "--tasks", "top1"])
     assert unknown.exit_code == 2 and "unknown task 'top1'" in unknown.stderr
     gone = runner.invoke(app, [*base, "--top1-positions", "8"])

@@ -101,8 +101,8 @@ def test_llama_cpp_scorer_gives_what_the_transformers_scorer_gives(gguf, model):
         scorer.close()
 
 
-def test_the_llama_cpp_backend_refuses_what_it_cannot_run(small_model, text, tmp_path):
-    base = ["eval", str(small_model), "--data", str(text), "--lengths", "64"]
+def test_the_llama_cpp_backend_refuses_what_it_cannot_run(tmp_path):
+    base = ["eval", str(tmp_path), "--data", str(tmp_path), "--lengths", "64"]  # refused before any file is read
     directory = runner.invoke(app, [*base, "--backend", "llama.cpp"])
     assert directory.exit_code == 2 and "--backend llama.cpp runs a .gguf MODEL" in directory.stderr
     ruler = runner.invoke(app, ["eval", "x.gguf", "--backend", "llama.cpp", "--tasks", "ruler", "--lengths", "64"])

@@ -204,3 +204,21 @@ def test_eval_bins_reaches_the_plan_and_is_recorded(s260k, tmp_path):
     assert plan["factors"] == list(expected.factors) and plan["bins"] == 36
     assert plan["disturbance"] == pytest.approx(expected.disturbance)
     assert plan["factors"] != list(ropekit.make_plan(spec, 1024, "dprope").factors)  # K = 360 chooses otherwise
+
+
+@pytest.mark.slow
+def test_eval_through_the_entry_point(small_model, small_text, tmp_path):
+    """The one subprocess smoke test of `ropekit eval` (the others run in-process): the installed entry point
+    writes the report, prints the table, and names the evaluation store on stderr."""
+    import subprocess
+    import sys
+
+    out, store = tmp_path / "report", tmp_path / "cells.sqlite"
+    args = ["eval", str(small_model), "--data", str(small_text), "--lengths", "32,64", "--out", str(out)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "ropekit.cli.main", *args, "--store", str(store)], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["methods"]["as-saved"]["ppl"]) == {"32", "64"} and results["store"]["measured"] == 2
+    assert f"evaluation store: {store} (0 cells stored)" in proc.stderr and "as-saved" in proc.stdout

@@ -43,6 +43,7 @@ def measured(results: dict) -> dict:
     return {m: {k: v for k, v in e.items() if k != "plan"} for m, e in results["methods"].items()}
 
 
+@pytest.mark.slow
 def test_an_interrupted_eval_resumes_and_measures_nothing_twice(small_model, small_text, tmp_path, monkeypatch):
     methods = ["--method", "none", "--method", "pi"]  # cells in order: none ppl, nll; pi ppl, nll
     reference = runner.invoke(
@@ -87,6 +88,7 @@ def test_an_interrupted_eval_resumes_and_measures_nothing_twice(small_model, sma
     assert again.exit_code == 0 and passes[0] == 0 and "cells: 0 measured, 4 read" in again.stderr
 
 
+@pytest.mark.slow
 def test_identical_plans_share_cells_and_fresh_measures_again(small_model, small_text, tmp_path, monkeypatch):
     """ntk with α = 1 leaves every frequency as it is: the same plan as none, measured once."""
     passes = count_forward_passes(monkeypatch)

@@ -209,10 +209,17 @@ class Backend(ABC):
     def spec(self) -> RopeSpec:
         """The geometry plans start from (the model as saved)."""
 
-    @property
-    @abstractmethod
+    @cached_property
     def tokenizer(self) -> PreTrainedTokenizerBase:
         """The model's tokenizer (a RopekitError when it has none)."""
+        tokenizer = self.read_tokenizer()
+        if tokenizer is None:
+            raise RopekitError(f"{self.source}: no tokenizer found for this model")
+        return tokenizer
+
+    @abstractmethod
+    def read_tokenizer(self) -> PreTrainedTokenizerBase | None:
+        """The model's tokenizer as its files give it, or None when they hold none."""
 
     @property
     @abstractmethod
@@ -305,14 +312,10 @@ class TransformersBackend(Backend):
 
         return RopeSpec.from_pretrained(self.directory)
 
-    @cached_property
-    def tokenizer(self) -> PreTrainedTokenizerBase:
+    def read_tokenizer(self) -> PreTrainedTokenizerBase | None:
         from ropekit.apply.extend import load_tokenizer
 
-        tokenizer = load_tokenizer(self.directory)
-        if tokenizer is None:
-            raise RopekitError(f"{self.source}: no tokenizer found beside the model")
-        return tokenizer
+        return load_tokenizer(self.directory)
 
     @property
     def context_length(self) -> int:

@@ -280,14 +280,10 @@ class LlamaCppBackend(Backend):
     def spec(self) -> RopeSpec:
         return self.rope.spec()
 
-    @cached_property
-    def tokenizer(self) -> PreTrainedTokenizerBase:
+    def read_tokenizer(self) -> PreTrainedTokenizerBase | None:
         from ropekit.apply.gguf_convert import load_gguf_tokenizer
 
-        tokenizer = load_gguf_tokenizer(self.source)
-        if tokenizer is None:
-            raise RopekitError(f"{self.source}: transformers cannot read this GGUF's tokenizer")
-        return tokenizer
+        return load_gguf_tokenizer(self.source)
 
     @property
     def context_length(self) -> int:

@@ -199,23 +199,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     )
     plans = {method: plan_of(backend, method, cfg, limit) for method in cfg.methods or [AS_SAVED]}
     results = results_header(cfg, backend, runs)
-    store_path = cfg.store_path()
-    store_path.parent.mkdir(parents=True, exist_ok=True)
-    with EvalStore(store_path) as store:
-        print(f"evaluation store: {store_path} ({len(store)} cells stored)", file=sys.stderr)
-        evaluation = Evaluation(backend, runs, store, fresh=cfg.fresh)
-        with evaluation.progress_bar(len(plans), enabled=cfg.progress):
-            try:
-                for method, plan in plans.items():
-                    entry = {} if plan is None else {"plan": plan_entry(plan, cfg.bins)}
-                    results["methods"][method] = {**entry, **evaluation.measure(plan, label=method)}
-            except KeyboardInterrupt:
-                raise Interrupted(
-                    f"interrupted; the cells measured in this run ({evaluation.measured}) are kept in the "
-                    f"evaluation store {store_path}: run the same command again to resume"
-                ) from None
+    results["methods"], evaluation = measure_plans(cfg, backend, runs, plans)
     results["store"].update(measured=evaluation.measured, reused=evaluation.reused)
-    print(f"cells: {evaluation.measured} measured, {evaluation.reused} read from the evaluation store", file=sys.stderr)
     results["warnings"] += [w for _, run in runs for w in run.warnings]
     results["warnings"] += non_finite_warnings(result_rows(results))
     for line in results["warnings"]:
@@ -223,6 +208,31 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     if target is not None:
         write_report(results, target)
     return results
+
+
+def measure_plans(
+    cfg: EvalConfig, backend: Backend, runs: list[tuple[Task[Any], TaskRun[Any]]], plans: dict[str, Plan | None]
+) -> tuple[dict[str, Any], Evaluation]:
+    """Each method's results entry (its plan and every task's), every cell through the evaluation store;
+    the evaluation, for its counts. Ctrl-C becomes one line saying what is kept."""
+    store_path = cfg.store_path()
+    store_path.parent.mkdir(parents=True, exist_ok=True)
+    entries: dict[str, Any] = {}
+    with EvalStore(store_path) as store:
+        print(f"evaluation store: {store_path} ({len(store)} cells stored)", file=sys.stderr)
+        evaluation = Evaluation(backend, runs, store, fresh=cfg.fresh)
+        with evaluation.progress_bar(len(plans), enabled=cfg.progress):
+            try:
+                for method, plan in plans.items():
+                    entry = {} if plan is None else {"plan": plan_entry(plan, cfg.bins)}
+                    entries[method] = {**entry, **evaluation.measure(plan, label=method)}
+            except KeyboardInterrupt:
+                raise Interrupted(
+                    f"interrupted; the cells measured in this run ({evaluation.measured}) are kept in the "
+                    f"evaluation store {store_path}: run the same command again to resume"
+                ) from None
+    print(f"cells: {evaluation.measured} measured, {evaluation.reused} read from the evaluation store", file=sys.stderr)
+    return entries, evaluation
 
 
 def plan_of(backend: Backend, method: str, cfg: EvalConfig, limit: int) -> Plan | None:
@@ -361,8 +371,8 @@ class Evaluation:
                 run.label = label
                 if self.bar is not None:
                     self.bar.set_description(f"eval: {label} · {task.name}")
-                measured = []
-                for cell in task.cells(run):
+                measured, cells = [], task.cells(run)
+                for cell in cells:
                     key = self.key(task, plan, cell)
                     fresh = self.fresh and key.digest not in self._done
                     if fresh or key not in self.store:
@@ -382,7 +392,7 @@ class Evaluation:
                     measured.append((cell, value))
                     if self.bar is not None:
                         self.bar.update(1)
-                collected = task.collect(run, measured) if len(measured) == len(task.cells(run)) else None
+                collected = task.collect(run, measured) if len(measured) == len(cells) else None
                 if collected is not None:
                     entry[task.name] = collected
         return entry

@@ -21,7 +21,7 @@ from ropekit.eval.longbench import (
     run_longbench,
 )
 from ropekit.eval.store import canonical_json
-from ropekit.eval.tasks.record import Cell, Row, Task, TaskOptions, TaskRun, option, row
+from ropekit.eval.tasks.record import Cell, Row, Task, TaskOptions, TaskRun, merged, option, row
 
 
 @dataclass(frozen=True)
@@ -92,14 +92,10 @@ def measure(scorer: Scorer, run: TaskRun[LongBenchOptions], cell: Cell) -> dict[
 
 def collect(run: TaskRun[LongBenchOptions], measured: list[tuple[Cell, Any]]) -> dict[str, Any]:
     """One `LongBenchResult` over every dataset: their scores and rows, and the mean over datasets per bucket."""
-    parts = [value for _, value in measured]
-    scores = {name: s for part in parts for name, s in part["scores"].items()}
-    average = {}
-    for bucket, _, _ in BUCKETS:
-        values = [s[bucket] for s in scores.values() if bucket in s]
-        if values:
-            average[bucket] = sum(values) / len(values)
-    return {**parts[0], "scores": scores, "average": average, "rows": [r for part in parts for r in part["rows"]]}
+    result = merged(measured, union="scores")
+    per_bucket = {bucket: [s[bucket] for s in result["scores"].values() if bucket in s] for bucket, _, _ in BUCKETS}
+    result["average"] = {bucket: sum(values) / len(values) for bucket, values in per_bucket.items() if values}
+    return result
 
 
 def rows(method: str, entry: dict[str, Any]) -> list[Row]:

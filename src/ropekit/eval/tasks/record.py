@@ -280,6 +280,18 @@ def by_length(run: TaskRun[Any], measured: list[tuple[Cell, Any]]) -> dict[str, 
     return {str(cell["length"]): value for cell, value in measured}
 
 
+def merged(measured: list[tuple[Cell, Any]], *, union: str, concat: str = "rows", **fields: Any) -> dict[str, Any]:
+    """One result dict from per-cell result dicts of the same shape: the first cell's fields, the `union` of
+    their `union` dicts, the concatenation of their `concat` lists (in cell order), and `fields` set."""
+    parts = [value for _, value in measured]
+    return {
+        **parts[0],
+        union: {k: v for part in parts for k, v in part[union].items()},
+        concat: [item for part in parts for item in part[concat]],
+        **fields,
+    }
+
+
 def row(method: str, task: str, value: Any, **columns: Any) -> Row:
     """One results.csv row; the columns not given are empty."""
     return {**dict.fromkeys(ROW_FIELDS, ""), **columns, "method": method, "task": task, "value": value}

@@ -12,7 +12,7 @@ from ropekit.eval.ruler import TASKS as RULER_TASKS
 from ropekit.eval.ruler import get_task as get_ruler_task
 from ropekit.eval.ruler_qa import load_qa
 from ropekit.eval.store import path_fingerprint
-from ropekit.eval.tasks.record import Cell, Row, Task, TaskRun, Trials, option, row
+from ropekit.eval.tasks.record import Cell, Row, Task, TaskRun, Trials, merged, option, row
 
 
 @dataclass(frozen=True)
@@ -78,11 +78,8 @@ def measure(scorer: Scorer, run: TaskRun[RulerOptions], cell: Cell) -> dict[str,
 
 def collect(run: TaskRun[RulerOptions], measured: list[tuple[Cell, Any]]) -> dict[str, Any]:
     """One `RulerResult` over every cell: the cells' scores and rows, with the run's tasks, lengths and skips."""
-    parts = [value for _, value in measured]
-    merged = {**parts[0], "tasks": run.inputs.tasks, "lengths": list(run.lengths), "skipped": run.inputs.skipped}
-    merged["score"] = {k: v for part in parts for k, v in part["score"].items()}
-    merged["rows"] = [r for part in parts for r in part["rows"]]
-    return merged
+    inputs = run.inputs
+    return merged(measured, union="score", tasks=inputs.tasks, lengths=list(run.lengths), skipped=inputs.skipped)
 
 
 def rows(method: str, entry: dict[str, Any]) -> list[Row]:

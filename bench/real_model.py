@@ -58,7 +58,8 @@ import ropekit
 from ropekit.apply.gguf_convert import load_gguf_tokenizer
 from ropekit.data.documents import gutenberg_lines
 from ropekit.eval.backend import TransformersBackend
-from ropekit.eval.report import accuracy_heatmap, bucket_means, method_color, plain_log_axes
+from ropekit.eval.position_nll import bucket_means
+from ropekit.eval.report import accuracy_heatmap, method_color, plain_log_axes
 from ropekit.eval.runner import Evaluation
 from ropekit.eval.stats import spearman
 from ropekit.eval.store import EvalStore

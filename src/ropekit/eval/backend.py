@@ -334,6 +334,10 @@ class TransformersBackend(Backend):
             return model_fingerprint(self.source, store)
         return state_fingerprint(self._load_model())  # a hub id: the weights themselves
 
+    def settings(self) -> dict[str, Any]:
+        # the two routes give the same frequencies up to float32 rounding (see `ropekit.apply_plan`): kept apart
+        return {**super().settings(), "route": "inv_freq" if self.reuse_weights else "config"}
+
     def _load_model(self) -> PreTrainedModel:
         """The weights as saved, float32 on the CPU (a subclass may read them otherwise)."""
         from ropekit.apply.extend import load_model

@@ -59,6 +59,7 @@ __all__ = [  # the prompt names are re-exported: eval code and users import them
     "collect_passkey",
     "passkey_cell",
     "passkey_grid",
+    "task_line_for",
     "teacher_forced_correct",
 ]
 
@@ -111,6 +112,12 @@ class PasskeyResult:
         return self.accuracy[f"{length}@{depth:g}"]
 
 
+def task_line_for(style: str, task_file: str | Path | None) -> tuple[str, str]:
+    """(task line, where it came from) of a prompt style: the "yarn" style reads `task_file` (default: ropekit's
+    wording); "compact" has none."""
+    return read_task_line(task_file) if style == "yarn" else ("", "none (compact style)")
+
+
 def passkey_grid(
     model: Scorer | torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -131,7 +138,7 @@ def passkey_grid(
     Every `agreement_every`-th trial of the whole grid (trials counted length-major, then depth)
     is also scored by the other scorer, and the share of those where the two agree is recorded.
     """
-    task_line, task_source = read_task_line(task_file) if style == "yarn" else ("", "none (compact style)")
+    task_line, task_source = task_line_for(style, task_file)
     cells = [
         passkey_cell(
             model,

@@ -52,13 +52,7 @@ class PositionNLL:
 
     def by_position(self) -> dict[int, float]:
         """Bucket start → mean NLL over every document (token-weighted)."""
-        sums = np.zeros(len(self.per_document[0]["bucket_nll"]))
-        counts = np.zeros_like(sums)
-        for doc in self.per_document:
-            n = np.asarray(doc["bucket_tokens"], dtype=float)
-            sums += np.asarray([v or 0.0 for v in doc["bucket_nll"]], dtype=float) * n  # an empty bucket is None
-            counts += n
-        return {i * self.bucket: float(s / c) for i, (s, c) in enumerate(zip(sums, counts)) if c > 0}
+        return dict(zip(*bucket_means(self.as_dict())))
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -143,3 +137,14 @@ def summarise(
         prefix_ppl={str(p): math.exp(float(nll[:, : p - 1].mean())) for p in prefixes},
         per_document=per_document,
     )
+
+
+def bucket_means(result: dict[str, Any]) -> tuple[list[int], list[float]]:
+    """(bucket starts, token-weighted mean NLL over the documents) of a `PositionNLL.as_dict()` (as stored and
+    written to results.json); empty buckets are left out."""
+    tokens = np.array([d["bucket_tokens"] for d in result["per_document"]], dtype=float)
+    nll = np.array([[v or 0.0 for v in d["bucket_nll"]] for d in result["per_document"]], dtype=float)
+    counts = tokens.sum(axis=0)
+    kept = counts > 0
+    starts = [i * result["bucket"] for i in range(len(counts)) if kept[i]]
+    return starts, [float(v) for v in (nll * tokens).sum(axis=0)[kept] / counts[kept]]

@@ -94,39 +94,6 @@ def plot_passkey_heatmaps(results: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def plot_nll_by_position(results: dict[str, Any], path: Path) -> Path:
-    """Mean next-token NLL by position bucket per method (the `nll` task's longest window), with the
-    trained length dotted."""
-    fig, ax = new_figure(figsize=(7, 4.2))
-    trained = None
-    for method, entry in results["methods"].items():
-        by_length = entry.get("nll")
-        if not by_length:
-            continue
-        r = by_length[max(by_length, key=int)]
-        starts, means = bucket_means(r)
-        ax.plot(starts, means, marker="o", ms=2.5, lw=1, label=f"{method} ({r['nll']:.3f})")
-        trained = r["trained_length"]
-    if trained:
-        ax.axvline(trained, color="grey", ls=":", lw=1.2, label=f"trained length ({trained})")
-    ax.set(xlabel="position (bucket start, tokens)", ylabel="mean next-token NLL (nats)", title="NLL by position")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return path
-
-
-def bucket_means(result: dict[str, Any]) -> tuple[list[int], list[float]]:
-    """(bucket starts, token-weighted mean NLL over the documents) of a `PositionNLL.as_dict()`."""
-    tokens = np.array([d["bucket_tokens"] for d in result["per_document"]], dtype=float)
-    nll = np.array([[v or 0.0 for v in d["bucket_nll"]] for d in result["per_document"]], dtype=float)
-    counts = tokens.sum(axis=0)
-    kept = counts > 0
-    starts = [i * result["bucket"] for i in range(len(counts)) if kept[i]]
-    return starts, list((nll * tokens).sum(axis=0)[kept] / counts[kept])
-
-
 def plain_log_axes(ax: Axes, *, x: bool = True) -> None:
     """Log axes labelled with plain numbers (100, 200) rather than 10^2, 2×10^2."""
     plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")

@@ -16,9 +16,9 @@ from typing import Any
 
 from ropekit.errors import RopekitError
 from ropekit.eval.backend import Scorer
-from ropekit.eval.position_nll import DEFAULT_BUCKET, DEFAULT_PREFIXES, check_window, position_nll
-from ropekit.eval.report import plot_nll_by_position
+from ropekit.eval.position_nll import DEFAULT_BUCKET, DEFAULT_PREFIXES, bucket_means, check_window, position_nll
 from ropekit.eval.tasks.record import Cell, Row, Task, TaskOptions, TaskRun, option, row
+from ropekit.plan.analysis.plots import new_figure
 
 
 @dataclass(frozen=True)
@@ -119,6 +119,29 @@ def report(results: dict[str, Any], rows: list[Row]) -> list[str]:
 
 def plot(results: dict[str, Any], rows: list[Row], directory: Path) -> Path:
     return plot_nll_by_position(results, directory / "nll_by_position.png")
+
+
+def plot_nll_by_position(results: dict[str, Any], path: Path) -> Path:
+    """Mean next-token NLL by position bucket per method (the `nll` task's longest window), with the
+    trained length dotted."""
+    fig, ax = new_figure(figsize=(7, 4.2))
+    trained = None
+    for method, entry in results["methods"].items():
+        by_length = entry.get("nll")
+        if not by_length:
+            continue
+        r = by_length[max(by_length, key=int)]
+        starts, means = bucket_means(r)
+        ax.plot(starts, means, marker="o", ms=2.5, lw=1, label=f"{method} ({r['nll']:.3f})")
+        trained = r["trained_length"]
+    if trained:
+        ax.axvline(trained, color="grey", ls=":", lw=1.2, label=f"trained length ({trained})")
+    ax.set(xlabel="position (bucket start, tokens)", ylabel="mean next-token NLL (nats)", title="NLL by position")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
 
 
 TASK = Task(

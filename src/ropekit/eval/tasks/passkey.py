@@ -17,7 +17,7 @@ from ropekit.eval.passkey import (
     collect_passkey,
     other_scorer,
     passkey_cell,
-    read_task_line,
+    task_line_for,
 )
 from ropekit.eval.report import plot_passkey_heatmaps
 from ropekit.eval.tasks.record import Cell, Row, Task, TaskRun, Trials, option, row
@@ -40,9 +40,7 @@ class PasskeyOptions(Trials):
 def prepare(run: TaskRun[PasskeyOptions]) -> tuple[str, str]:
     """(task line, its source); refuses, before any weights load, a prompt that cannot fit the shortest length."""
     o = run.options
-    task_line, source = (
-        read_task_line(o.passkey_task_file) if o.passkey_style == "yarn" else ("", "none (compact style)")
-    )
+    task_line, source = task_line_for(o.passkey_style, o.passkey_task_file)
     try:
         build_prompt(run.tokenizer, min(run.lengths), 0.0, 12345, style=o.passkey_style, task_line=task_line)
     except RopekitError as exc:

@@ -54,7 +54,7 @@ class Option:
     low: float | None = None  # inclusive bounds of a number
     high: float | None = None
     path: bool = False  # names a file or folder: cell keys record its content's sha256, not its name
-    shown_default: str | None = None  # what --help says for a default of None, e.g. "the model itself"
+    shown_default: str | None = None  # what --help says of the default instead of its value, e.g. "--data"
 
 
 def option(
@@ -101,11 +101,11 @@ class OptionSpec:
         return self.flag or self.name
 
     def default_text(self) -> str | None:
-        """The default as --help shows it (e.g. "0,0.25,0.5" for a list), or None."""
-        if self.default is None:
+        """The default as --help shows it (e.g. "0,0.25,0.5" for a list, or its description), or None."""
+        if self.record.shown_default is not None or self.default is None:
             return self.record.shown_default
         if self.many:
-            return ",".join(_plain(v) for v in self.default) or (self.record.shown_default or "none")
+            return ",".join(_plain(v) for v in self.default) or "none"
         return _plain(self.default)
 
     def describe(self) -> str:
@@ -113,7 +113,7 @@ class OptionSpec:
         shown = self.default_text()
         if shown is None:
             return self.record.help
-        if self.default is None or (self.many and not self.default):  # a described default, e.g. "--data"
+        if self.record.shown_default is not None:  # a described default, e.g. "--data"
             return f"{self.record.help} (default: {shown})"
         unit = f" {self.record.unit}" if self.record.unit else ""
         return f"{self.record.help} (default {shown}{unit})"

@@ -17,10 +17,18 @@ from ropekit.eval.tasks.record import Cell, Row, Task, TaskRun, Trials, merged, 
 
 @dataclass(frozen=True)
 class RulerOptions(Trials):
-    ruler_tasks: tuple[str, ...] = option(tuple(RULER_TASKS), "RULER's tasks to run", choices=tuple(RULER_TASKS))
+    ruler_tasks: tuple[str, ...] = option(
+        tuple(RULER_TASKS),
+        "RULER's tasks to run: niah_single_1 … niah_multiquery, vt, cwe, fwe, qa_1, qa_2",
+        choices=tuple(RULER_TASKS),
+        shown_default=f"all {len(RULER_TASKS)}",
+    )
     ruler_essay: str | None = option(None, "essay haystack, a text file or folder", path=True, shown_default="--data")
     ruler_qa_dir: str | None = option(
-        None, "folder with SQuAD / HotpotQA files for qa_1 / qa_2", path=True, shown_default="none: they are skipped"
+        None,
+        "folder with SQuAD / HotpotQA files for qa_1 / qa_2",
+        path=True,
+        shown_default="none, and qa_1 / qa_2 are skipped",
     )
 
 

@@ -174,7 +174,7 @@ def test_a_fault_during_the_work_keeps_the_earlier_report(tiny, tmp_path, monkey
         raise KeyboardInterrupt
 
     monkeypatch.setattr("ropekit.eval.tasks.ppl.perplexity", crash)
-    result = runner.invoke(app, eval_args(model, text, out, "--overwrite"))
+    result = runner.invoke(app, eval_args(model, text, out, "--overwrite", "--fresh"))  # measured, not read
     assert_one_line_error(result, "interrupted", code=130, after_work=True)
     assert fingerprint(out) == before and leftovers(tmp_path) == []
 
@@ -254,14 +254,16 @@ def no_work(monkeypatch):
 
     import importlib
 
-    for module, name in (
+    targets = (
         ("ropekit.apply.extend", "load_model"),
         ("ropekit.apply.extend", "load_tokenizer"),  # the eval backends read it from there
         ("ropekit.train.loop", "load_tokenizer"),
         ("ropekit.apply.llama2c", "read_checkpoint"),
         ("ropekit.plan.registry", "compute_scaling"),
-    ):
-        monkeypatch.setattr(importlib.import_module(module), name, forbidden)
+    )
+    modules = {module: importlib.import_module(module) for module, _ in targets}  # all imported before any patch
+    for module, name in targets:
+        monkeypatch.setattr(modules[module], name, forbidden)
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -39,9 +39,9 @@ def time_vectorised(spec: ropekit.RopeSpec, target: int, repeats: int) -> float:
 def time_literal(spec: ropekit.RopeSpec, target: int, pairs: int) -> float:
     """Seconds for the authors' three histograms (P at L, both candidates at L') on `pairs` pairs."""
     theta = spec.inv_freq()[:pairs]
-    scale = target / spec.original_length
+    scale = target / spec.context_length
     start = time.perf_counter()
-    angle_counts_literal(theta, spec.original_length)
+    angle_counts_literal(theta, spec.context_length)
     angle_counts_literal(theta, target)
     angle_counts_literal(theta / scale, target)
     return time.perf_counter() - start

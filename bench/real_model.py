@@ -199,7 +199,7 @@ class TinySmolLM2(TransformersBackend):
             num_key_value_heads=1,
             head_dim=self.spec.head_dim,
             vocab_size=len(self.tokenizer),
-            max_position_embeddings=self.spec.original_length,
+            max_position_embeddings=self.spec.context_length,
             rope_parameters={"rope_type": "default", "rope_theta": self.spec.base},
             attn_implementation="sdpa",
         )
@@ -385,7 +385,7 @@ def run_precision(study: Study, setting) -> dict:
     for label, (method, params) in list({"none": ("none", {}), "yarn": ("yarn", {})}.items())[
         : setting.get("precision_plans", 2)
     ]:
-        plan = ropekit.make_plan(spec, spec.original_length * 2, method, **params)
+        plan = ropekit.make_plan(spec, spec.context_length * 2, method, **params)
         row = {dt: study.ppl(plan, length, dt, one_window=True) for dt in ("float32", "bfloat16")}
         if all(row.values()):
             out[label] = {
@@ -404,7 +404,7 @@ def run_main(study: Study, setting, *, include_ruler: bool) -> dict:
     grid = method_grid(spec)
     out: dict = {}
     for scale in setting["scales"]:
-        target = spec.original_length * scale
+        target = spec.context_length * scale
         row = out.setdefault(str(scale), {})
         for label in setting["methods"]:
             method, params = grid[label]
@@ -436,7 +436,7 @@ def run_investigation(study: Study, setting) -> dict:
     spec, length = study.spec, setting["investigate_length"]
     if not length:
         return {}
-    target = spec.original_length * 4
+    target = spec.context_length * 4
     plans = {
         label: ropekit.make_plan(spec, target, m, **p)
         for label, (m, p) in method_grid(spec).items()
@@ -460,7 +460,7 @@ def run_investigation(study: Study, setting) -> dict:
                 "nll": r["nll"],
                 "margin": dprope.scaling.details["margin"][i],
             }
-    seen = [i for i in dprope.interpolated_pairs if wavelengths[i] <= spec.original_length]
+    seen = [i for i in dprope.interpolated_pairs if wavelengths[i] <= spec.context_length]
     factors = [1.0 if i in seen else f for i, f in enumerate(dprope.factors)]
     r = study.position_nll(factor_plan(spec, target, factors), length)
     if r:
@@ -475,7 +475,7 @@ def run_nll_grid(study: Study, setting) -> dict:
     grid = method_grid(spec)
     out: dict = {"nll_grid": {}, "nll_sweep": {}, "nll_lengths": {}}
     for scale in sorted(setting["scales"], reverse=True):
-        target, length = spec.original_length * scale, setting["nll_lengths"][str(scale)]
+        target, length = spec.context_length * scale, setting["nll_lengths"][str(scale)]
         out["nll_lengths"][str(scale)] = length
         row = out["nll_grid"].setdefault(str(scale), {})
         plans = {}
@@ -501,7 +501,7 @@ def ablations(study: Study, plans: dict, target: int, length: int) -> dict:
     spec = study.spec
     dprope, yarn = plans["dprope"], plans["yarn"]
     wavelengths = spec.wavelengths().tolist()
-    reset = [i for i in dprope.interpolated_pairs if wavelengths[i] <= spec.original_length]
+    reset = [i for i in dprope.interpolated_pairs if wavelengths[i] <= spec.context_length]
     reset_factors = [1.0 if i in reset else f for i, f in enumerate(dprope.factors)]
     note = {"pairs_reset": reset, "wavelengths_reset": [wavelengths[i] for i in reset]}
     variants = {
@@ -516,7 +516,7 @@ def nll_sweep(study: Study, setting, scale: int) -> dict:
     """dprope with n interpolated dims (the n/2 pairs of largest margin) and with K bins (t = 0) at `scale`:
     NLL over the scale's window; disturbance measured at K = 360 for every plan (a common yardstick)."""
     spec = study.spec
-    target, length = spec.original_length * scale, setting["nll_lengths"][str(scale)]
+    target, length = spec.context_length * scale, setting["nll_lengths"][str(scale)]
     variants = [("n", n, {"interpolated_dims": n}) for n in setting["sweep_n"]]
     variants += [("K", k, {"bins": k}) for k in setting.get("sweep_bins", [])]
     points = []
@@ -541,7 +541,7 @@ def nll_sweep(study: Study, setting, scale: int) -> dict:
 def run_sweeps(study: Study, setting, scale: int) -> dict:
     """dprope over n (interpolated dims) and K (bins, t = 0): disturbance at K = 360 vs quality at the sweep length."""
     spec = study.spec
-    target, length = spec.original_length * scale, setting["sweep_length"]
+    target, length = spec.context_length * scale, setting["sweep_length"]
     variants = [("n", n, {"interpolated_dims": n}) for n in setting["sweep_n"]]
     variants += [("K", k, {"bins": k}) for k in setting["sweep_bins"]]
     out: dict = {"length": length, "target": target, "points": []}
@@ -638,7 +638,7 @@ def run(args, name: str) -> dict:
             "spec": {
                 "head_dim": spec.head_dim,
                 "base": spec.base,
-                "original_length": spec.original_length,
+                "original_length": spec.context_length,
                 "critical_dimension": ropekit.critical_dimension(spec),
                 "wavelengths": spec.wavelengths().tolist(),
             },

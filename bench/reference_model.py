@@ -50,8 +50,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ropekit.apply.atomic import atomic_directory
 from ropekit.data.documents import gutenberg_lines as gutenberg_body
+from ropekit.output import atomic_directory
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT.parent / "shared" / "assets" / "text"

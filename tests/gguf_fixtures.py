@@ -51,8 +51,13 @@ def write_llama_gguf(
     extra_keys: dict[str, Any] | None = None,
     extra_tensors: dict[str, np.ndarray] | None = None,
     quantize: bool = False,
+    interleaved: bool | None = None,
 ) -> Path:
-    """Write `model` (default: tiny_llama(vocab)) as a GGUF; `quantize` stores the matrices as Q8_0."""
+    """Write `model` (default: tiny_llama(vocab)) as a GGUF; `quantize` stores the matrices as Q8_0.
+
+    `interleaved` (default: arch == "llama") permutes Q/K rows for llama.cpp's normal RoPE, which rotates
+    pairs (2j, 2j+1); architectures with NEOX RoPE (qwen2, gemma3, …) rotate halves as transformers does,
+    so their rows stay as they are: a Llama model written as qwen2 computes the same function in llama.cpp."""
     import gguf
 
     vocab = vocabulary()
@@ -86,7 +91,7 @@ def write_llama_gguf(
         _add_key(w, key, value)
     for name, array in (extra_tensors or {}).items():
         w.add_tensor(name, array)
-    for name, array in gguf_tensors(model).items():
+    for name, array in gguf_tensors(model, interleaved=arch == "llama" if interleaved is None else interleaved).items():
         if quantize and array.ndim == 2:
             w.add_tensor(
                 name,
@@ -102,7 +107,7 @@ def write_llama_gguf(
     return path
 
 
-def gguf_tensors(model) -> dict[str, np.ndarray]:
+def gguf_tensors(model, *, interleaved: bool = True) -> dict[str, np.ndarray]:
     """llama.cpp names and layouts of a LlamaForCausalLM's weights (float32)."""
     cfg = model.config
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
@@ -123,9 +128,9 @@ def gguf_tensors(model) -> dict[str, np.ndarray]:
     for i in range(cfg.num_hidden_layers):
         for hf, ll in names.items():
             weight = sd[f"model.layers.{i}.{hf}.weight"]
-            if ll == "attn_q":
+            if ll == "attn_q" and interleaved:
                 weight = to_llama_cpp_rows(weight, cfg.num_attention_heads)
-            elif ll == "attn_k":
+            elif ll == "attn_k" and interleaved:
                 weight = to_llama_cpp_rows(weight, cfg.num_key_value_heads)
             out[f"blk.{i}.{ll}.weight"] = np.ascontiguousarray(weight)
     return out
@@ -140,6 +145,13 @@ def _add_key(w, key: str, value: Any) -> None:
         w.add_uint32(key, value)
     else:
         raise TypeError(f"unsupported fixture key type for {key}")
+
+
+def gguf_fields(path) -> dict:
+    """A GGUF's metadata as {key: value}, through the gguf package's own reader (no GGUF.* header fields)."""
+    from ropekit.apply.gguf import open_gguf
+
+    return {k: f.contents() for k, f in open_gguf(path).fields.items() if not k.startswith("GGUF.")}
 
 
 def require_smollm2() -> Path:

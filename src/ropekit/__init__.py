@@ -1,4 +1,4 @@
-"""ropekit: plan, apply, fine-tune and evaluate RoPE context-window extensions.
+"""ropekit: plan, apply, fine-tune, evaluate and choose RoPE context-window extensions.
 
 >>> import ropekit
 >>> spec = ropekit.RopeSpec.from_preset("llama2-7b")
@@ -9,10 +9,12 @@
 
 from ropekit._version import __version__
 
-# `ropekit.plan`, `ropekit.apply`, `ropekit.train`, `ropekit.eval` are the subpackages; the entry
+# `ropekit.plan`, `ropekit.apply`, `ropekit.train`, `ropekit.eval`, `ropekit.choose` are the subpackages; the entry
 # points have names of their own (`make_plan`, `apply_plan`), so no name is both.
+from ropekit.apply import readers as _readers  # noqa: F401  (registers RopeSpec's file readers)
 from ropekit.apply.extend import extend
 from ropekit.apply.patch import apply as apply_plan
+from ropekit.choose import TuneConfig, tune
 from ropekit.errors import RopekitError
 from ropekit.plan import (
     METHODS,
@@ -38,6 +40,7 @@ __all__ = [
     "RopeSpec",
     "RopekitError",
     "Scaling",
+    "TuneConfig",
     "__version__",
     "apply_plan",
     "base_for_bound",
@@ -49,5 +52,6 @@ __all__ = [
     "min_base_for_length",
     "make_plan",
     "register_method",
+    "tune",
     "unregister_method",
 ]

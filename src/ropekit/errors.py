@@ -17,9 +17,19 @@ class RopekitError(ValueError):
 
 
 class Interrupted(RopekitError):
-    """The user interrupted the run (Ctrl-C); the message says what was kept. CLI exit 130."""
+    """The user interrupted the run (Ctrl-C, or SIGTERM); the message says what was kept.
+    CLI exit 128 + the signal's number: 130 for SIGINT, 143 for SIGTERM."""
 
-    exit_code = 130
+    def __init__(self, message: str, *, signal_number: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signal_number
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would raise KeyboardInterrupt, so the same clean-up runs
+    (partial files removed); the CLI exits 143."""
+
+    exit_code = 143
 
 
 def did_you_mean(kind: str, name: str, choices: Iterable[str]) -> RopekitError:

@@ -16,8 +16,8 @@ from conftest import fast_subset, optional_asset, require_asset, write_llama2c
 from ropekit import RopekitError
 from ropekit.apply.extend import extend, load_model
 from ropekit.apply.patch import apply, model_spec, rotary_modules
+from ropekit.apply.readers import spec_from_config_dict
 from ropekit.cli.main import app
-from ropekit.plan.geometry import spec_from_config_dict
 
 ORIGINAL, TARGET, INPUT_LENGTH = 64, 256, 200
 COMMON = dict(
@@ -94,10 +94,10 @@ def test_refusals():
     llama = make_model("llama")
     with pytest.raises(RopekitError, match="no RoPE"):
         model_spec(gpt2)
-    other = ropekit.make_plan(ropekit.RopeSpec(head_dim=16, base=500000.0, original_length=ORIGINAL), TARGET, "pi")
+    other = ropekit.make_plan(ropekit.RopeSpec(head_dim=16, base=500000.0, context_length=ORIGINAL), TARGET, "pi")
     with pytest.raises(RopekitError, match="rope_theta"):
         apply(llama, other)
-    shorter = ropekit.make_plan(ropekit.RopeSpec(head_dim=16, base=10000.0, original_length=32), TARGET, "pi")
+    shorter = ropekit.make_plan(ropekit.RopeSpec(head_dim=16, base=10000.0, context_length=32), TARGET, "pi")
     with pytest.raises(RopekitError, match="original length"):
         apply(llama, shorter)
     vl = {
@@ -196,7 +196,7 @@ def test_no_public_name_is_both_a_subpackage_and_a_function():
     import types
 
     import ropekit.apply.export  # noqa: F401 - a later submodule import must not rebind any name
-    import ropekit.plan.analysis.plots  # noqa: F401
+    import ropekit.plan.plots  # noqa: F401
 
     for name in ("plan", "apply", "train", "eval", "data", "cli"):
         __import__(f"ropekit.{name}")

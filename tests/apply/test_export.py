@@ -11,10 +11,11 @@ from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 import ropekit
+from registered_methods import NATIVE, REGISTERED, make_plan
 from ropekit import RopeSpec
 from ropekit.apply.export import llama_cpp_rope_freqs, transformers_config, vllm_hf_overrides, write_exports
 
-SPEC = RopeSpec(head_dim=64, base=10000.0, original_length=256, name="tiny")
+SPEC = RopeSpec(head_dim=64, base=10000.0, context_length=256, name="tiny")
 TARGET = 1024
 
 
@@ -42,10 +43,10 @@ def runtime_rope(model: LlamaForCausalLM, length: int):
     return rotary.inv_freq, rotary.attention_scaling
 
 
-@pytest.mark.parametrize("method", ["dprope", "pi", "yarn", "llama3", "ntk", "base", "resonance", "none"])
+@pytest.mark.parametrize("method", REGISTERED)
 @pytest.mark.parametrize("version", [5, 4])
 def test_longrope_export_reloads_to_the_plan(method, version, tmp_path):
-    plan = ropekit.make_plan(SPEC, TARGET, method)
+    plan = make_plan(SPEC, TARGET, method)
     keys = transformers_config(plan, version=version)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", **keys}))
     assert AutoConfig.from_pretrained(tmp_path).max_position_embeddings == TARGET
@@ -67,12 +68,12 @@ def test_per_pair_methods_reload_bit_exact():
     assert torch.equal(inv_freq, plan.inv_freq) and attention == 1.0
 
 
-@pytest.mark.parametrize("method", ["pi", "yarn", "llama3", "dynamic-ntk", "ntk", "base", "none"])
+@pytest.mark.parametrize("method", NATIVE)
 def test_native_exports_reproduce_the_plan(method):
-    plan = ropekit.make_plan(SPEC, TARGET, method)
+    plan = make_plan(SPEC, TARGET, method)
     keys = transformers_config(plan, native=True)
     inv_freq, attention = runtime_rope(tiny_llama(keys), TARGET)
-    if method == "dynamic-ntk":
+    if keys["rope_parameters"]["rope_type"] == "dynamic":
         # transformers' runtime recomputes the base with tensor (float32) arithmetic; its init function,
         # which ropekit matches bit for bit (test_transformers_parity), uses Python floats
         assert torch.allclose(inv_freq, plan.inv_freq, rtol=1e-5, atol=0)
@@ -145,12 +146,12 @@ def vllm_rope(config: dict, head_dim: int, max_model_len: int) -> tuple[torch.Te
     raise AssertionError(f"no vLLM reference for {kind}")
 
 
-@pytest.mark.parametrize("method", ["dprope", "pi", "yarn", "llama3", "ntk", "base", "resonance", "none"])
+@pytest.mark.parametrize("method", REGISTERED)
 @pytest.mark.parametrize("version", [5, 4])
 def test_vllm_overrides_give_vllm_the_plans_frequencies_and_magnitude(method, version):
-    plan = ropekit.make_plan(SPEC, TARGET, method)
+    plan = make_plan(SPEC, TARGET, method)
     overrides = vllm_hf_overrides(plan, version=version)
-    for served in (TARGET, SPEC.original_length):  # long and short branch: short = long, so no switch
+    for served in (TARGET, SPEC.context_length):  # long and short branch: short = long, so no switch
         inv_freq, mscale = vllm_rope({"max_position_embeddings": TARGET, **overrides}, SPEC.head_dim, served)
         assert torch.allclose(inv_freq, plan.inv_freq, rtol=3e-7, atol=0)
         assert mscale == pytest.approx(plan.attention_factor, rel=1e-12)
@@ -165,29 +166,32 @@ def test_without_the_overrides_vllm_would_use_phi3s_magnitude():
         assert mscale != pytest.approx(plan.attention_factor)
 
 
-@pytest.mark.parametrize("method", ["pi", "yarn", "llama3", "ntk", "base", "none"])
+@pytest.mark.parametrize("method", NATIVE)
 def test_native_exports_mean_the_plan_in_vllm(method):
-    plan = ropekit.make_plan(SPEC, TARGET, method)
-    inv_freq, mscale = vllm_rope(transformers_config(plan, native=True), SPEC.head_dim, TARGET)
+    plan = make_plan(SPEC, TARGET, method)
+    keys = transformers_config(plan, native=True)
+    if keys["rope_parameters"]["rope_type"] == "dynamic":
+        pytest.skip("vLLM's dynamic NTK scales with the running length; this file has no reference for it")
+    inv_freq, mscale = vllm_rope(keys, SPEC.head_dim, TARGET)
     assert torch.allclose(inv_freq, plan.inv_freq, rtol=1e-6, atol=0)
     assert mscale == pytest.approx(plan.attention_factor, rel=1e-12)
 
 
-def test_llama_cpp_rope_freqs_mean_the_plan():
+@pytest.mark.parametrize("method", REGISTERED)
+def test_llama_cpp_rope_freqs_mean_the_plan(method):
     """llama.cpp divides each pair's θ_i = base^(-2i/d) by rope_freqs[i] and scales cos/sin by attn_factor."""
-    for method in ("yarn", "dprope", "llama3"):
-        plan = ropekit.make_plan(SPEC, TARGET, method)
-        cpp = llama_cpp_rope_freqs(plan)
-        assert cpp["tensor"] == "rope_freqs.weight" and cpp["shape"] == [SPEC.head_dim // 2]
-        i = torch.arange(SPEC.head_dim // 2, dtype=torch.float64)
-        theta = cpp["rope_freq_base"] ** (-2 * i / SPEC.head_dim) / torch.tensor(cpp["values"], dtype=torch.float64)
-        assert torch.allclose(theta.float(), plan.inv_freq, rtol=3e-7, atol=0)
-        assert cpp["attention_factor"] == pytest.approx(plan.attention_factor, rel=1e-12)
-        assert cpp["context_length"] == TARGET
+    plan = make_plan(SPEC, TARGET, method)
+    cpp = llama_cpp_rope_freqs(plan)
+    assert cpp["tensor"] == "rope_freqs.weight" and cpp["shape"] == [SPEC.head_dim // 2]
+    i = torch.arange(SPEC.head_dim // 2, dtype=torch.float64)
+    theta = cpp["rope_freq_base"] ** (-2 * i / SPEC.head_dim) / torch.tensor(cpp["values"], dtype=torch.float64)
+    assert torch.allclose(theta.float(), plan.inv_freq, rtol=3e-7, atol=0)
+    assert cpp["attention_factor"] == pytest.approx(plan.attention_factor, rel=1e-12)
+    assert cpp["context_length"] == TARGET
 
 
 def test_partial_rotary_export_keeps_the_fraction():
-    spec = RopeSpec(head_dim=64, base=10000.0, original_length=256, partial_rotary_factor=0.5)
+    spec = RopeSpec(head_dim=64, base=10000.0, context_length=256, partial_rotary_factor=0.5)
     plan = ropekit.make_plan(spec, 1024, "dprope")
     block = transformers_config(plan)["rope_parameters"]
     assert block["partial_rotary_factor"] == 0.5 and len(block["long_factor"]) == 16
@@ -210,3 +214,18 @@ def test_write_exports_files(tmp_path):
         "transformers_v5_native",
     }
     assert json.loads(written["transformers_v5_native"].read_text())["rope_parameters"]["rope_type"] == "yarn"
+
+
+@pytest.mark.parametrize("method", ["dprope", "yarn", "pi", "dynamic-ntk"])
+def test_every_export_sets_the_context_the_runtime_serves(method, tmp_path):
+    """The served length is the target L' in every file (transformers' dynamic alone keeps L there: it reads L
+    from max_position_embeddings); vLLM derives max_model_len from the overrides' max_position_embeddings."""
+    spec = RopeSpec(head_dim=64, base=10000.0, context_length=2048)
+    plan = ropekit.make_plan(spec, 8192, method)
+    files = {k: json.loads(p.read_text()) for k, p in write_exports(plan, tmp_path).items()}
+    for kind in ("transformers_v5", "transformers_v4", "vllm_hf_overrides", "vllm_hf_overrides_v4"):
+        assert files[kind]["max_position_embeddings"] == 8192, kind
+    assert files["llama_cpp_rope_freqs"]["context_length"] == 8192
+    if "transformers_v5_native" in files:
+        native = files["transformers_v5_native"]
+        assert native["max_position_embeddings"] == (2048 if method == "dynamic-ntk" else 8192)

@@ -19,8 +19,8 @@ import ropekit
 from ropekit import RopekitError
 from ropekit.apply.export import transformers_config, write_exports
 from ropekit.apply.inspect import model_card
+from ropekit.apply.readers import spec_from_config_dict
 from ropekit.cli.main import app
-from ropekit.plan.geometry import spec_from_config_dict
 
 HEAD = 64
 # one config per existing scaling type: rope block, max_position_embeddings, expected trained context
@@ -106,7 +106,7 @@ def reloaded_rope(keys: dict, length: int):
 def test_current_frequencies_are_transformers_own(kind):
     rope, max_positions, trained = EXISTING[kind]
     spec = spec_from_config_dict(config_dict(rope, max_positions), name=kind)
-    assert spec.original_length == trained and spec.length_source
+    assert spec.context_length == trained and spec.length_source
     inv_freq, attention = hf_current(rope, max_positions, seq_len=trained)
     assert torch.equal(spec.inv_freq(), inv_freq)
     assert spec.prior_attention_factor == pytest.approx(attention, rel=1e-12)
@@ -129,9 +129,7 @@ def test_composed_plan_reloads_exactly(kind, method):
     else:  # dynamic: plain frequencies up to L_t, so the plan is an ordinary one (longrope within 2.5 ulps)
         assert torch.allclose(inv_freq, plan.inv_freq, rtol=3e-7, atol=0)
     current, current_attention = hf_current(rope, max_positions, seq_len=trained)
-    method_only = ropekit.make_plan(
-        spec.__class__(head_dim=HEAD, base=10000.0, original_length=trained), target, method
-    )
+    method_only = ropekit.make_plan(spec.__class__(head_dim=HEAD, base=10000.0, context_length=trained), target, method)
     # runtime = current / new factors (within float32 rounding), attention factors multiply
     assert torch.allclose(plan.inv_freq.double(), current.double() / torch.tensor(plan.factors), rtol=4e-7, atol=0)
     method_attention = plan.scaling.details.get("method_attention_factor", plan.attention_factor)  # dynamic: plain
@@ -207,7 +205,7 @@ def test_llama31_inspect_and_plan_from_its_trained_context(llama31_dir):
 
 def test_from_scratch_keeps_the_previous_behaviour(llama31_dir):
     spec = ropekit.RopeSpec.from_pretrained(str(llama31_dir), from_scratch=True)
-    assert (spec.original_length, spec.prior_factors, spec.base) == (8192, None, 500000.0)
+    assert (spec.context_length, spec.prior_factors, spec.base) == (8192, None, 500000.0)
     assert torch.equal(spec.inv_freq(), spec.base_inv_freq())
     plan = ropekit.make_plan(spec, 32768, "dprope")
     assert plan.runtime_factors == plan.factors

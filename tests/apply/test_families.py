@@ -12,7 +12,7 @@ from conftest import fast_subset
 from ropekit import RopekitError
 from ropekit.apply.extend import extend, load_model, read_record
 from ropekit.apply.patch import apply, as_plan_list, buffer_name, model_spec
-from ropekit.plan.geometry import spec_from_config_dict
+from ropekit.apply.readers import spec_from_config_dict
 from ropekit.plan.registry import plan as make_plan
 
 INPUT_LENGTH = 300
@@ -190,7 +190,7 @@ def test_round_trip_through_stock_reload(family, input_ids, tmp_path):
     before = rotary_state(source)
     trained = FAMILIES[family][2]
     plans = as_plan_list(extend(str(tmp_path / "src"), tmp_path / "out", target_length=2 * trained, method="dprope"))
-    assert all(p.spec.original_length == trained for p in plans)
+    assert all(p.spec.context_length == trained for p in plans)
     reloaded = T.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
     patched = apply(load_model(str(tmp_path / "src"), dtype="float32"), plans)
     planned = {buffer_name(p.spec.layer_type): p for p in plans}
@@ -258,7 +258,7 @@ def test_gemma3_v4_hub_config_reads_per_layer_type():
     }
     full = spec_from_config_dict(cfg, name="gemma-3-4b")
     sliding = spec_from_config_dict(cfg, name="gemma-3-4b", layer_type="sliding_attention")
-    assert (full.layer_type, full.base, full.original_length, full.is_extended) == ("full_attention", 1e6, 131072, True)
+    assert (full.layer_type, full.base, full.context_length, full.is_extended) == ("full_attention", 1e6, 131072, True)
     assert torch.equal(full.inv_freq(), full.base_inv_freq() / 8)
     assert (sliding.base, sliding.is_extended) == (10000.0, False)
     with pytest.raises(RopekitError, match="layer type 'global'"):
@@ -337,7 +337,7 @@ def test_from_scratch_plan_replaces_the_existing_scaling(input_ids, tmp_path):
     family = "llama3.x (llama3 scaling)"
     make_model(family).save_pretrained(tmp_path / "src")
     plan = extend(str(tmp_path / "src"), tmp_path / "out", target_length=128, method="dprope", from_scratch=True)
-    assert (plan.spec.original_length, plan.spec.is_extended) == (16, False)  # the llama3 block's original length
+    assert (plan.spec.context_length, plan.spec.is_extended) == (16, False)  # the llama3 block's original length
     reloaded = T.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
     assert torch.equal(reloaded.model.rotary_emb.inv_freq, plan.inv_freq)
     patched = apply(load_model(str(tmp_path / "src"), dtype="float32"), plan)

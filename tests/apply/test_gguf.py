@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,8 +16,8 @@ import torch
 from typer.testing import CliRunner
 
 import ropekit
-from conftest import REPO, tiny_llama
-from gguf_fixtures import vocabulary, write_llama_gguf
+from conftest import tiny_llama
+from gguf_fixtures import gguf_fields, vocabulary, write_llama_gguf
 from ropekit.apply.gguf import ROPE_FREQS, extend_gguf, open_gguf, read_rope, write_extended_gguf
 from ropekit.cli.main import app
 from ropekit.errors import RopekitError
@@ -42,15 +40,10 @@ def q8_path(tmp_path_factory, model):
     return write_llama_gguf(tmp_path_factory.mktemp("gguf") / "tiny-q8.gguf", model, quantize=True)
 
 
-def fields(path) -> dict:
-    reader = open_gguf(path)
-    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
-
-
 def test_geometry_from_gguf_matches_the_model(gguf_path, model):
     spec = ropekit.RopeSpec.from_pretrained(str(gguf_path))
     assert spec == ropekit.RopeSpec(
-        head_dim=16, base=model.config.rope_parameters["rope_theta"], original_length=512, name=str(gguf_path)
+        head_dim=16, base=model.config.rope_parameters["rope_theta"], context_length=512, name=str(gguf_path)
     )
     assert spec.current_scaling is None and read_rope(gguf_path).architecture == "llama"
 
@@ -68,7 +61,7 @@ def test_extend_copies_tensors_byte_for_byte_and_sets_the_rope_keys(q8_path, tmp
         assert after[name].data.tobytes() == t.data.tobytes()
     freqs = after[ROPE_FREQS]
     assert freqs.tensor_type.name == "F32" and np.array_equal(freqs.data, np.asarray(plan.factors, dtype=np.float32))
-    old, new = fields(q8_path), fields(out)
+    old, new = gguf_fields(q8_path), gguf_fields(out)
     changed = {
         "llama.context_length": 2048,
         "llama.rope.scaling.type": "none",
@@ -121,7 +114,10 @@ def test_convert_matches_transformers_own_gguf_loader(q8_path, tmp_path):
     assert tok(text).input_ids == gguf_tok(text).input_ids
 
 
-def test_existing_yarn_is_replaced_not_stacked(tmp_path, model):
+def test_existing_yarn_composes_and_from_scratch_replaces_it(tmp_path, model):
+    """A yarn GGUF (×4 from 128) is planned from its yarn frequencies over 512 tokens, as the same model as a
+    transformers config would be; --from-scratch plans plain RoPE at 128 and replaces the yarn keys."""
+    keys = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}
     path = write_llama_gguf(
         tmp_path / "yarn.gguf",
         model,
@@ -132,23 +128,43 @@ def test_existing_yarn_is_replaced_not_stacked(tmp_path, model):
         },
     )
     spec = ropekit.RopeSpec.from_gguf(str(path))
-    assert spec.original_length == 128 and spec.current_scaling["rope_type"] == "yarn"
-    extend_gguf(path, tmp_path / "ext.gguf", target_length=1024, method="pi")
-    new = fields(tmp_path / "ext.gguf")
+    cfg = {
+        **model.config.to_dict(),
+        "rope_parameters": {**keys, "rope_theta": model.config.rope_parameters["rope_theta"]},
+    }
+    from ropekit.apply.readers import spec_from_config_dict
+
+    hf = spec_from_config_dict(cfg)
+    assert (spec.context_length, spec.pretrained_length) == (512, 128) == (hf.context_length, hf.pretrained_length)
+    assert spec.current_inv_freq == hf.current_inv_freq and spec.prior_attention_factor == hf.prior_attention_factor
+    assert "llama.context_length" in spec.length_source
+    plan = extend_gguf(path, tmp_path / "ext.gguf", target_length=1024, method="pi")
+    rope = read_rope(tmp_path / "ext.gguf")
+    assert rope.rope_freqs == tuple(float(np.float32(g * 2.0)) for g in hf.prior_factors)  # g_i × f_i, f = 2
+    assert rope.scaling["attn_factor"] == pytest.approx(plan.attention_factor) == pytest.approx(1 + 0.1 * np.log(4))
+    new = gguf_fields(tmp_path / "ext.gguf")
     assert "llama.rope.scaling.factor" not in new and new["llama.rope.scaling.type"] == "none"
-    assert read_rope(tmp_path / "ext.gguf").rope_freqs == (8.0,) * 8
+    assert new["llama.rope.scaling.original_context_length"] == 128 and new["llama.context_length"] == 1024
+    extend_gguf(path, tmp_path / "scratch.gguf", target_length=1024, method="pi", from_scratch=True)
+    assert read_rope(tmp_path / "scratch.gguf").rope_freqs == (8.0,) * 8
 
 
-def test_existing_rope_freqs_needs_the_trained_length_then_is_replaced(tmp_path, model):
+def test_existing_rope_freqs_composes_over_the_files_context(tmp_path, model):
     old = np.linspace(1, 8, 8, dtype=np.float32)  # like a Llama 3.1 GGUF: factors, no original length
     path = write_llama_gguf(tmp_path / "l31.gguf", model, extra_tensors={ROPE_FREQS: old})
     assert read_rope(path).rope_freqs == tuple(float(x) for x in old)
-    with pytest.raises(RopekitError, match="--original-length"):
-        extend_gguf(path, tmp_path / "ext.gguf", target_length=2048, method="pi")
-    assert not (tmp_path / "ext.gguf").exists()
-    extend_gguf(path, tmp_path / "ext.gguf", target_length=2048, method="pi", original_length=512)
+    spec = ropekit.RopeSpec.from_gguf(str(path))
+    assert spec.context_length == 512 and spec.prior_factors == tuple(float(x) for x in old)
+    extend_gguf(path, tmp_path / "ext.gguf", target_length=2048, method="pi")
     names = [t.name for t in open_gguf(tmp_path / "ext.gguf").tensors]
-    assert names.count(ROPE_FREQS) == 1 and read_rope(tmp_path / "ext.gguf").rope_freqs == (4.0,) * 8
+    assert names.count(ROPE_FREQS) == 1 and read_rope(tmp_path / "ext.gguf").rope_freqs == tuple(4.0 * old)
+    with pytest.raises(RopekitError, match="--original-length"):  # replacing needs the pre-scaling length
+        extend_gguf(path, tmp_path / "scratch.gguf", target_length=2048, method="pi", from_scratch=True)
+    assert not (tmp_path / "scratch.gguf").exists()
+    extend_gguf(
+        path, tmp_path / "scratch.gguf", target_length=2048, method="pi", from_scratch=True, original_length=512
+    )
+    assert read_rope(tmp_path / "scratch.gguf").rope_freqs == (4.0,) * 8
 
 
 def test_old_linear_key_is_read(tmp_path, model):
@@ -158,7 +174,9 @@ def test_old_linear_key_is_read(tmp_path, model):
         extra_keys={"llama.rope.scale_linear": 2.0, "llama.rope.scaling.original_context_length": 256},
     )
     rope = read_rope(path)
-    assert rope.scaling_type == "linear" and rope.spec().original_length == 256
+    assert rope.scaling_type == "linear" and rope.spec(from_scratch=True).context_length == 256
+    spec = rope.spec()  # composing: θ/2 over the file's 512-token context
+    assert (spec.context_length, spec.pretrained_length, spec.prior_factors) == (512, 256, (2.0,) * 8)
 
 
 @pytest.mark.parametrize(
@@ -180,7 +198,7 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(case, tmp_path, model, 
         src.write_text("{}")
     elif case == "truncated":
         src.write_bytes(gguf_path.read_bytes()[:200_000])
-    elif case == "unsupported-arch":
+    elif case == "unsupported-arch":  # dprope (the default) on a graph without per-pair factors
         write_llama_gguf(src, model, arch="qwen2")
     else:
         src.write_bytes(gguf_path.read_bytes())
@@ -190,7 +208,7 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(case, tmp_path, model, 
         "rope_freqs-and-longrope": "conflicting",
         "not-gguf": "not a GGUF",
         "truncated": "truncated",
-        "unsupported-arch": "ignores rope_freqs",
+        "unsupported-arch": "qwen2",
         "same-file": "is the input",
     }[case]
     before = sorted(os.listdir(tmp_path))
@@ -201,17 +219,10 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(case, tmp_path, model, 
 
 
 @pytest.mark.slow
-def test_bad_gguf_through_the_entry_point(tmp_path):
+def test_bad_gguf_through_the_entry_point(tmp_path, run_main):
     (tmp_path / "x.gguf").write_bytes(b"GGUF\x03\x00")
-    r = subprocess.run(
-        [sys.executable, "-m", "ropekit.cli.main", "inspect", str(tmp_path / "x.gguf")],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )
-    assert (
-        r.returncode == 2 and r.stderr.startswith("error: ") and "truncated" in r.stderr and r.stderr.count("\n") == 1
-    )
+    code, _, stderr = run_main("inspect", str(tmp_path / "x.gguf"))
+    assert code == 2 and stderr.startswith("error: ") and "truncated" in stderr and stderr.count("\n") == 1
 
 
 def test_cli_inspect_plan_and_convert(gguf_path, tmp_path):
@@ -227,7 +238,7 @@ def test_cli_inspect_plan_and_convert(gguf_path, tmp_path):
         16,
         512,
     )
-    assert card["llama_cpp_plan"].startswith("supported")
+    assert card["llama_cpp_plan"].startswith("per-pair: every method")
     planned = json.loads(
         cli("plan", "--model", str(gguf_path), "--target-length", "2048", "--method", "pi", "--json", "--no-write")
     )
@@ -269,8 +280,8 @@ def test_llama_cpp_runs_the_extended_tiny_gguf_like_transformers_with_the_plan(g
     from gguf_fixtures import require_llama_cpp
 
     require_llama_cpp()
+    from ropekit.eval.gguf_parity import agreement, transformers_logits
     from ropekit.eval.llamacpp import llama_cpp_logits
-    from ropekit.eval.parity import agreement, transformers_logits
 
     plan = extend_gguf(gguf_path, tmp_path / "yarn.gguf", target_length=2048, method="yarn")
     ids = torch.randint(0, len(vocabulary()), (1536,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -354,8 +365,8 @@ def test_converted_scaling_computes_what_llama_cpp_computes(keys, model, tmp_pat
 
     require_llama_cpp()
     from ropekit.apply.gguf_convert import load_gguf_model
+    from ropekit.eval.gguf_parity import agreement, transformers_logits
     from ropekit.eval.llamacpp import llama_cpp_logits
-    from ropekit.eval.parity import agreement, transformers_logits
 
     path = write_llama_gguf(tmp_path / "scaled.gguf", model, extra_keys=keys)
     ids = torch.randint(0, len(vocabulary()), (1024,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -366,3 +377,74 @@ def test_converted_scaling_computes_what_llama_cpp_computes(keys, model, tmp_pat
     assert (
         converted["max_abs_logit_diff"] < 1e-4 and plain["mean_abs_logit_diff"] > 20 * converted["mean_abs_logit_diff"]
     )
+
+
+def llama31_factors(head_dim: int, base: float, original: int, factor: float = 4.0) -> np.ndarray:
+    """Llama 3.1's rope_freqs as llama.cpp's converter writes them (low/high frequency factors 1 and 4)."""
+    out = []
+    for i in range(head_dim // 2):
+        wavelength = 2 * np.pi * base ** (2 * i / head_dim)
+        if wavelength < original / 4:
+            out.append(1.0)
+        elif wavelength > original:
+            out.append(factor)
+        else:
+            smooth = (original / wavelength - 1) / 3
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def llama31_gguf(tmp_path_factory, model):
+    """A Llama-3.1-style GGUF: llama3 factors (×4 from 128) in rope_freqs.weight, context_length 512, and no
+    rope.scaling keys at all, as llama.cpp's converter writes Llama 3.1."""
+    old = llama31_factors(16, model.config.rope_parameters["rope_theta"], 128)
+    return write_llama_gguf(tmp_path_factory.mktemp("l31") / "l31.gguf", model, extra_tensors={ROPE_FREQS: old}), old
+
+
+@pytest.mark.slow
+def test_llama31_style_gguf_extended_again_reloads_to_the_composed_frequencies(llama31_gguf, model, tmp_path):
+    """dprope on top of the llama3 factors: the file carries g_i·f_i; transformers (through `convert gguf`, built on
+    transformers' own GGUF reader) reloads exactly the plan's frequencies, and transformers' `gguf_file=` loader
+    gives the same weights but plain θ, because it reads no RoPE scaling for llama."""
+    from transformers import AutoModelForCausalLM
+
+    from ropekit.apply.gguf_convert import convert_gguf
+
+    path, old = llama31_gguf
+    plan = extend_gguf(path, tmp_path / "ext.gguf", target_length=2048, method="dprope")
+    assert plan.spec.is_extended and plan.spec.context_length == 512
+    assert read_rope(tmp_path / "ext.gguf").rope_freqs == tuple(
+        float(np.float32(g * f)) for g, f in zip(old, plan.factors)
+    )
+    convert_gguf(tmp_path / "ext.gguf", tmp_path / "hf")
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    assert torch.allclose(ours.model.rotary_emb.inv_freq, plan.inv_freq, rtol=4e-7, atol=0)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="ext.gguf", dtype=torch.float32).eval()
+    for (name, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert torch.equal(
+        theirs.model.rotary_emb.inv_freq,
+        ropekit.RopeSpec(head_dim=16, base=model.config.rope_parameters["rope_theta"], context_length=512).inv_freq(),
+    )
+
+
+@pytest.mark.slow
+def test_llama31_style_gguf_extended_again_runs_the_composition_in_llama_cpp(llama31_gguf, tmp_path):
+    """llama.cpp on the composed file = transformers with the composed plan (F32 weights, 3× past 512 tokens)."""
+    from gguf_fixtures import require_llama_cpp
+
+    require_llama_cpp()
+    from ropekit.apply.gguf_convert import load_gguf_model
+    from ropekit.eval.gguf_parity import agreement, transformers_logits
+    from ropekit.eval.llamacpp import llama_cpp_logits
+
+    path, _ = llama31_gguf
+    plan = extend_gguf(path, tmp_path / "ext.gguf", target_length=2048, method="dprope")
+    ids = torch.randint(0, len(vocabulary()), (1536,), generator=torch.Generator().manual_seed(0)).tolist()
+    positions = list(range(1280, 1536))
+    reference = transformers_logits(ropekit.apply_plan(load_gguf_model(path), plan), ids, positions)  # llama3 + plan
+    composed = agreement(llama_cpp_logits(tmp_path / "ext.gguf", ids, positions), reference)
+    before = agreement(llama_cpp_logits(path, ids, positions), reference)
+    assert composed["top1_agreement"] == 1.0 and composed["max_abs_logit_diff"] < 1e-4
+    assert before["mean_abs_logit_diff"] > 20 * composed["mean_abs_logit_diff"]

@@ -38,7 +38,7 @@ def converted(smollm2, tmp_path_factory):
 
 def test_smollm2_geometry(smollm2):
     spec = ropekit.RopeSpec.from_gguf(str(smollm2))
-    assert (spec.head_dim, spec.rotary_dim, spec.base, spec.original_length) == (64, 64, 1e5, 8192)
+    assert (spec.head_dim, spec.rotary_dim, spec.base, spec.context_length) == (64, 64, 1e5, 8192)
 
 
 def test_convert_matches_transformers_gguf_loader(smollm2, converted):
@@ -73,7 +73,7 @@ def test_llama_cpp_runs_the_plan_past_the_trained_context(smollm2, converted, tm
     require_llama_cpp()
     from ropekit.apply.extend import load_tokenizer
     from ropekit.data.documents import gutenberg_body
-    from ropekit.eval.parity import runtime_parity
+    from ropekit.eval.gguf_parity import runtime_parity
 
     book = gutenberg_body(require_asset("text/pg19_test/10146.txt").read_text(encoding="utf-8", errors="replace"))
     tokenizer = load_tokenizer(str(converted))

@@ -1,4 +1,4 @@
-"""The output contract (ropekit.apply.atomic): no command removes or replaces a path it did not
+"""The output contract (ropekit.output): no command removes or replaces a path it did not
 create in that run. Bad output paths give one `error:` line, exit 2, and write nothing; faults
 (an exception, Ctrl-C, a concurrent run) lose nothing.
 
@@ -21,8 +21,9 @@ from typer.testing import CliRunner
 
 from conftest import tiny_llama, write_llama2c  # noqa: F401  (write_llama2c: imported from here by other tests)
 from ropekit import RopekitError
-from ropekit.apply.atomic import atomic_directory, is_ropekit_output, prepare_output, remove_replaced
 from ropekit.cli.main import app
+from ropekit.manifest import write_manifest
+from ropekit.output import atomic_directory, is_ropekit_output, prepare_output, remove_replaced
 
 runner = CliRunner()
 WORDS = [
@@ -168,6 +169,7 @@ def test_a_fault_during_the_work_keeps_the_earlier_report(tiny, tmp_path, monkey
     out.mkdir()
     (out / "results.json").write_text(json.dumps({"written_by": "ropekit", "ropekit_version": "0"}))
     (out / "report.md").write_text("earlier report")
+    write_manifest(out, "eval report")
     before = fingerprint(out)
 
     def crash(*args, **kwargs):
@@ -194,7 +196,7 @@ def test_without_out_plan_and_eval_write_nothing_and_the_others_ask_for_it(tiny,
     evaluated = runner.invoke(app, [a for a in eval_args(model, text, "-") if a not in ("--out", "-")])
     assert evaluated.exit_code == 0 and "written to" not in evaluated.stdout, evaluated.output
     assert list(cwd.iterdir()) == []
-    for command in ("analyze", "convert", "extend", "finetune"):
+    for command in ("analyze", "convert", "extend", "finetune", "tune"):
         args = command_args(command, tiny, tmp_path, Path("unused"))
         at = args.index("--out")
         result = runner.invoke(app, args[:at] + args[at + 2 :])  # main() makes this one `error:` line
@@ -224,6 +226,8 @@ def command_args(name: str, tiny, tmp_path: Path, out: Path) -> list[str]:
         "convert": ["convert", "llama2c", str(ckpt), str(tok), "--out", str(out)],
         "extend": ["extend", str(model), "--target-length", "1024", "--method", "pi", "--out", str(out)],
         "eval": eval_args(model, text, out),
+        "tune": ["tune", str(model), "--target-length", "1024", "--data", str(text), "--held-out", str(text)]
+        + ["--out", str(out)],
         "finetune": [
             "finetune",
             str(model),
@@ -243,7 +247,7 @@ def command_args(name: str, tiny, tmp_path: Path, out: Path) -> list[str]:
     }[name]
 
 
-COMMANDS = ("plan", "analyze", "convert", "extend", "eval", "finetune")
+COMMANDS = ("plan", "analyze", "convert", "extend", "eval", "finetune", "tune")
 
 
 def no_work(monkeypatch):
@@ -261,9 +265,9 @@ def no_work(monkeypatch):
         ("ropekit.apply.llama2c", "read_checkpoint"),
         ("ropekit.plan.registry", "compute_scaling"),
     )
-    modules = {module: importlib.import_module(module) for module, _ in targets}  # all imported before any patch
-    for module, name in targets:
-        monkeypatch.setattr(modules[module], name, forbidden)
+    modules = [importlib.import_module(module) for module, _ in targets]  # all imported before any is patched
+    for module, (_, name) in zip(modules, targets):  # (a module imported later would keep the patched name)
+        monkeypatch.setattr(module, name, forbidden)
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -297,7 +301,7 @@ def test_read_only_place_is_refused_before_work(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tempfile, "mkdtemp", read_only)
     with pytest.raises(RopekitError, match="not writable .Read-only file system"):
-        prepare_output(tmp_path / "out")
+        prepare_output(tmp_path / "out", kind="plan")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -314,8 +318,8 @@ def test_finetune_refuses_the_model_directory_with_the_right_reason(tiny, tmp_pa
 
 def test_a_target_that_appears_meanwhile_is_never_replaced(tmp_path):
     out = tmp_path / "out"
-    slow = prepare_output(out)  # run A checks first ...
-    with atomic_directory(prepare_output(out)) as tmp:  # ... run B finishes first
+    slow = prepare_output(out, kind="plan")  # run A checks first ...
+    with atomic_directory(prepare_output(out, kind="plan")) as tmp:  # ... run B finishes first
         (tmp / "who").write_text("B")
     with (
         pytest.raises(RopekitError, match="changed while this run was writing") as info,
@@ -325,8 +329,8 @@ def test_a_target_that_appears_meanwhile_is_never_replaced(tmp_path):
     assert (out / "who").read_text() == "B"
     assert (tmp_path / "out-2" / "who").read_text() == "A" and "out-2" in str(info.value)
     # with --overwrite too: A may replace the output it checked, not the one B wrote since
-    checked = prepare_output(out, overwrite=True)
-    with atomic_directory(prepare_output(out, overwrite=True)) as tmp:
+    checked = prepare_output(out, kind="plan", overwrite=True)
+    with atomic_directory(prepare_output(out, kind="plan", overwrite=True)) as tmp:
         (tmp / "who").write_text("C")
     with pytest.raises(RopekitError, match="changed while"), atomic_directory(checked) as tmp:
         (tmp / "who").write_text("D")
@@ -335,7 +339,10 @@ def test_a_target_that_appears_meanwhile_is_never_replaced(tmp_path):
 
 
 def test_a_failing_body_leaves_nothing_not_even_new_parents(tmp_path):
-    with pytest.raises(ZeroDivisionError), atomic_directory(prepare_output(tmp_path / "a" / "b" / "out")) as tmp:
+    with (
+        pytest.raises(ZeroDivisionError),
+        atomic_directory(prepare_output(tmp_path / "a" / "b" / "out", kind="plan")) as tmp,
+    ):
         (tmp / "half.txt").write_text("partial")
         raise ZeroDivisionError("the body fails half-way")
     assert list(tmp_path.iterdir()) == []
@@ -370,16 +377,17 @@ def test_every_command_signs_its_output_so_overwrite_can_replace_it(tiny, tmp_pa
 def signed_run(path: Path, who: str) -> Path:
     path.mkdir()
     (path / "ropekit.json").write_text(json.dumps({"written_by": "ropekit", "who": who}))
+    write_manifest(path, "fine-tune run")
     return path
 
 
 def test_in_place_overwrite_removes_only_the_run_it_checked(tmp_path):
     out = signed_run(tmp_path / "run", "old")
-    remove_replaced(prepare_output(out, overwrite=True, in_place=True))
+    remove_replaced(prepare_output(out, kind="fine-tune run", overwrite=True, in_place=True))
     assert not out.exists() and list(tmp_path.iterdir()) == []
     # the checked run is swapped for another (another run?) before the removal: that one stays
     signed_run(out, "checked")
-    target = prepare_output(out, overwrite=True, in_place=True)
+    target = prepare_output(out, kind="fine-tune run", overwrite=True, in_place=True)
     out.rename(tmp_path / "elsewhere")
     signed_run(out, "newer")
     with pytest.raises(RopekitError, match="changed since it was checked"):

@@ -69,7 +69,7 @@ def test_eval_compares_methods_and_writes_report(s260k, tmp_path):
     longppl = results["methods"]["dprope"]["longppl"]
     assert set(longppl) == {"4096"} and longppl["4096"]["short_length"] == 256 and longppl["4096"]["key_tokens"] > 0
     assert (longppl["4096"]["sliding_window"], longppl["4096"]["beta"]) == (128, -2.0)
-    assert longppl["4096"]["evaluator"].startswith("self") and longppl["4096"]["protocol"] == "longppl/2"
+    assert longppl["4096"]["evaluator"].startswith("self") and longppl["4096"]["protocol"] == "longppl/3"
     assert "## LongPPL" in report
     assert len((out / "results.csv").read_text().splitlines()) == 1 + 2 * (2 + 1 + 4)
 
@@ -103,7 +103,7 @@ def test_eval_ruler_records_protocol_and_skipped_tasks(s260k, story_text, tmp_pa
     ruler = json.loads((out / "results.json").read_text())["methods"]["none"]["ruler"]
     assert set(ruler["score"]) == {"niah_single_1@1024", "niah_single_2@1024"}
     assert all(0.0 <= v <= 100.0 for v in ruler["score"].values())
-    assert ruler["protocol"] == "ruler/2" and ruler["prompts"] == "ropekit wording" and ruler["essay"] == str(text)
+    assert ruler["protocol"] == "ruler/3" and ruler["prompts"] == "ropekit wording" and ruler["essay"] == str(text)
     report = (out / "report.md").read_text()
     assert "## RULER" in report and "qa_1 skipped" in report
 

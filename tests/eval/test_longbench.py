@@ -14,12 +14,14 @@ from conftest import tiny_llama
 from ropekit import RopekitError
 from ropekit.eval.longbench import (
     DATASETS,
+    EMPTY_BUCKETS,
     bucket_of,
     build_prompt_ids,
     default_max_length,
     load_longbench,
     load_prompt_config,
     run_longbench,
+    scorer_e,
 )
 from ropekit.eval.longbench_metrics import classification, count, edit_sim, qa_f1, retrieval, rouge_l
 from ropekit.eval.passkey import generate_greedy
@@ -82,6 +84,18 @@ def test_classification_reproduces_the_official_single_pass_removal():
 
 def test_buckets():
     assert [bucket_of(n) for n in (0, 3999, 4000, 7999, 8000, 20000)] == ["0-4k", "0-4k", "4-8k", "4-8k", "8k+", "8k+"]
+
+
+def test_bucket_scores_round_as_scorer_e():
+    """The issue's passage_count example: answer "1"; per-example counts 0, 0, 1/5, 3/8 → mean
+    0.14375. eval.py rounds 100 · np.mean: 14.37 (the float lies just below the tie); the mean of
+    ×100 scores is exactly 14.375 and rounds to 14.38."""
+    predictions = ["2", "2", "1 2 3 4 5", "1 1 1 2 3 4 5 6"]
+    scores = [count(p, "1") for p in predictions]
+    assert scores == [0.0, 0.0, 0.2, 0.375]
+    assert scorer_e(scores, [100, 200, 300, 3999]) == {"0-4k": 14.37}
+    assert round(sum(100 * s for s in scores) / 4, 2) == 14.38  # the other order of operations
+    assert scorer_e([1.0, 0.0, 0.5], [10, 9000, 9500]) == {"0-4k": 100.0, "8k+": 25.0}  # no 4-8k: left out
 
 
 def test_loader_reads_the_fixture_and_refuses_bad_files(tmp_path):
@@ -202,6 +216,10 @@ def test_answering_oracle_scores_100_in_every_bucket(tokenizer):
     assert all(r["score"] == pytest.approx(100.0) for r in result.rows), result.rows
     assert result.average == pytest.approx({"0-4k": 100.0, "4-8k": 100.0, "8k+": 100.0})
     assert result.scores["trec"] == pytest.approx({"0-4k": 100.0, "8k+": 100.0})
+    assert result.bucket_sizes["trec"]["4-8k"] == 0 and sum(result.bucket_sizes["trec"].values()) == len(data["trec"])
+    record = result.as_dict()
+    assert record["empty_buckets"] == EMPTY_BUCKETS and "NaN" in record["empty_buckets"]
+    assert "scorer_e" in record["rounding"] and record["protocol"] == "longbench-e/3"
 
 
 def test_chat_template_wraps_all_but_few_shot_and_code_tasks(tokenizer):

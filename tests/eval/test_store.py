@@ -22,7 +22,7 @@ from ropekit.eval.store import (
     state_fingerprint,
 )
 
-SPEC = ropekit.RopeSpec(head_dim=8, base=10000.0, original_length=512)
+SPEC = ropekit.RopeSpec(head_dim=8, base=10000.0, context_length=512)
 
 
 def key(task: str = "ppl", **settings) -> CellKey:

@@ -18,7 +18,7 @@ from ropekit.plan.analysis.angles import EPSILON, angle_counts, angle_counts_lit
     ],
 )
 def test_vectorised_counts_equal_literal_double_loop(head_dim, base, length, scale, bins):
-    spec = RopeSpec(head_dim=head_dim, base=base, original_length=length)
+    spec = RopeSpec(head_dim=head_dim, base=base, context_length=length)
     target = int(length * scale)
     for inv_freq, n in [(spec.inv_freq(), length), (spec.inv_freq(), target), (spec.inv_freq() / scale, target)]:
         fast = angle_counts(inv_freq, n, bins, chunk=97)  # a chunk that does not divide n

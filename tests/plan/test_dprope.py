@@ -26,15 +26,15 @@ def slow_kl(p_counts, q_counts, n_p, n_q):
 
 def slow_dprope(spec: RopeSpec, target: int, bins: int = 360):
     """The reference recipe step by step: literal histograms, KL per pair, choose per pair."""
-    s = target / spec.original_length
+    s = target / spec.context_length
     theta = spec.inv_freq()
-    p = angle_counts_literal(theta, spec.original_length, bins).tolist()
+    p = angle_counts_literal(theta, spec.context_length, bins).tolist()
     q_extra = angle_counts_literal(theta, target, bins).tolist()
     q_interp = angle_counts_literal(theta / s, target, bins).tolist()
     factors, chosen = [], []
     for i in range(spec.num_pairs):
-        d_e = slow_kl(p[i], q_extra[i], spec.original_length, target)
-        d_i = slow_kl(p[i], q_interp[i], spec.original_length, target)
+        d_e = slow_kl(p[i], q_extra[i], spec.context_length, target)
+        d_i = slow_kl(p[i], q_interp[i], spec.context_length, target)
         factors.append(s if d_e - d_i > 0 else 1.0)
         chosen.append(d_i if d_e - d_i > 0 else d_e)
     return factors, 1000 * sum(chosen) / len(chosen)
@@ -44,8 +44,8 @@ def slow_dprope(spec: RopeSpec, target: int, bins: int = 360):
 @pytest.mark.parametrize(
     "spec,target",
     [
-        (RopeSpec(head_dim=16, base=10000.0, original_length=256), 1024),
-        (RopeSpec(head_dim=24, base=500.0, original_length=300), 750),
+        (RopeSpec(head_dim=16, base=10000.0, context_length=256), 1024),
+        (RopeSpec(head_dim=24, base=500.0, context_length=300), 750),
     ],
 )
 def test_dprope_equals_slow_reference(spec, target):
@@ -121,13 +121,12 @@ def test_paper_setting_for_llama2_and_both_in_compare():
 
     from ropekit.cli.main import app
     from ropekit.plan.methods.dprope import paper_interpolated_dims
-    from ropekit.plan.presets import PRESETS
 
-    spec = PRESETS["llama2-7b"].spec
+    spec = ropekit.RopeSpec.from_preset("llama2-7b")
     assert paper_interpolated_dims(spec, 8192) == 80 and paper_interpolated_dims(spec, 16384) == 64
     assert (
         paper_interpolated_dims(spec, 32768) is None
-        and paper_interpolated_dims(PRESETS["llama3-8b"].spec, 16384) is None
+        and paper_interpolated_dims(ropekit.RopeSpec.from_preset("llama3-8b"), 16384) is None
     )
     assert 2 * len(ropekit.make_plan(spec, 8192, "dprope").interpolated_pairs) == 94
     assert 2 * len(ropekit.make_plan(spec, 16384, "dprope").interpolated_pairs) == 84

@@ -13,10 +13,10 @@ from ropekit.plan.analysis.disturbance import pair_disturbance
 from ropekit.plan.methods.longrope import per_pair_inv_freq
 
 GEOMETRIES = [  # (spec, target): SmolLM2-like, a small head, a non-integer scale, a large base
-    (RopeSpec(head_dim=64, base=100000.0, original_length=2048), 8192),
-    (RopeSpec(head_dim=32, base=10000.0, original_length=512), 1024),
-    (RopeSpec(head_dim=16, base=500.0, original_length=300), 1000),
-    (RopeSpec(head_dim=32, base=1e6, original_length=1024), 4096),
+    (RopeSpec(head_dim=64, base=100000.0, context_length=2048), 8192),
+    (RopeSpec(head_dim=32, base=10000.0, context_length=512), 1024),
+    (RopeSpec(head_dim=16, base=500.0, context_length=300), 1000),
+    (RopeSpec(head_dim=32, base=1e6, context_length=1024), 4096),
 ]
 
 
@@ -30,7 +30,7 @@ def disturbance_at(spec: RopeSpec, target: int, factor: float, bins: int = 360) 
 @pytest.mark.parametrize("spec,target", GEOMETRIES)
 def test_never_more_disturbed_than_dprope(spec, target):
     opt = ropekit.make_plan(spec, target, "dprope-opt")
-    s = target / spec.original_length
+    s = target / spec.context_length
     assert all(1.0 <= f <= s * (1 + 1e-6) for f in opt.factors)
     for params in [{}, {"threshold": 0.01}, {"interpolated_dims": spec.rotary_dim // 2}]:
         dp = ropekit.make_plan(spec, target, "dprope", **params)
@@ -53,7 +53,7 @@ def test_reported_disturbance_is_the_chosen_factors(spec, target):
 def test_grid_stage_equals_brute_force_over_the_same_grid(spec, target):
     """With no refinement the method is exactly the argmin over its log-spaced grid, pair by pair."""
     steps = 17
-    s = target / spec.original_length
+    s = target / spec.context_length
     grid = [1.0] + [math.exp(math.log(s) * k / (steps - 1)) for k in range(1, steps - 1)] + [s]
     table = torch.stack([disturbance_at(spec, target, f) for f in grid], dim=1)  # (pairs, steps)
     opt = ropekit.make_plan(spec, target, "dprope-opt", steps=steps, refine_rounds=0)
@@ -71,7 +71,7 @@ def test_default_search_beats_a_dense_brute_force_on_the_whole_method(spec, targ
     Per pair it can: D_i(f) of a high-frequency pair is rough in f (aliasing of θ·m mod 2π
     against the bins), so any finite search may miss a narrow dip; the module docstring says so.
     """
-    s = target / spec.original_length
+    s = target / spec.context_length
     grid = [math.exp(math.log(s) * k / 256) for k in range(257)]
     brute = torch.stack([disturbance_at(spec, target, f) for f in grid], dim=1).min(dim=1).values
     assert ropekit.make_plan(spec, target, "dprope-opt").disturbance <= 1000 * float(brute.mean())
@@ -91,7 +91,7 @@ def test_pairs_that_never_rotated_in_pretraining_interpolate_fully():
     opt = ropekit.make_plan(spec, target, "dprope-opt")
     longest = int(torch.argmax(spec.wavelengths()))
     assert float(spec.wavelengths()[longest]) > target
-    assert opt.factors[longest] == pytest.approx(target / spec.original_length, rel=1e-2)  # bin edges: not exact
+    assert opt.factors[longest] == pytest.approx(target / spec.context_length, rel=1e-2)  # bin edges: not exact
 
 
 @pytest.mark.parametrize("params", [{"steps": 2}, {"refine_rounds": -1}, {"bins": 1}])

@@ -10,11 +10,11 @@ import torch
 import ropekit
 from ropekit import RopekitError, RopeSpec
 
-LLAMA2 = RopeSpec(head_dim=128, base=10000.0, original_length=4096, name="llama2")
+LLAMA2 = RopeSpec(head_dim=128, base=10000.0, context_length=4096, name="llama2")
 
 
 def test_scale_one_longrope_is_identity():
-    spec = RopeSpec(head_dim=64, base=10000.0, original_length=1024)
+    spec = RopeSpec(head_dim=64, base=10000.0, context_length=1024)
     plan = ropekit.make_plan(spec, 2048, "longrope", factors=[1.0] * 32, attention_factor=1.0)
     assert torch.equal(plan.inv_freq, spec.inv_freq())
 
@@ -98,7 +98,7 @@ def _grid(k: int, resolution: float) -> float:
 @pytest.mark.slow
 def test_min_base_smallest_and_all_above_match_a_brute_force_scan():
     """Every grid base 2·1.01^k checked with the naive loop: first pass, and the point after the last failure."""
-    spec = RopeSpec(head_dim=32, base=10000.0, original_length=64)
+    spec = RopeSpec(head_dim=32, base=10000.0, context_length=64)
     passes = [naive_min_b(32, _grid(k, 1e-2), 256) >= 0 for k in range(1030)]  # up to b ≈ 5.7e4
     assert all(passes[-150:])  # the scan reaches well into the all-passing region
     first_pass = passes.index(True)
@@ -113,7 +113,7 @@ def test_min_base_smallest_and_all_above_match_a_brute_force_scan():
 @pytest.mark.slow
 def test_min_base_llama_head_at_1024_is_the_true_smallest():
     """d = 128, L' = 1,024: the smallest passing base is ≈ 4,296, well below the ≈ 6,022 a bisection finds."""
-    spec = RopeSpec(head_dim=128, base=10000.0, original_length=4096)
+    spec = RopeSpec(head_dim=128, base=10000.0, context_length=4096)
     smallest = ropekit.min_base_for_length(spec, 1024)
     assert 4290 < smallest < 4300
     assert naive_min_b(128, smallest, 1024) >= 0 and naive_min_b(128, smallest / 1.001, 1024) < 0
@@ -121,7 +121,7 @@ def test_min_base_llama_head_at_1024_is_the_true_smallest():
 
 
 def test_min_base_rejects_bad_settings():
-    spec = RopeSpec(head_dim=16, base=10000.0, original_length=64)
+    spec = RopeSpec(head_dim=16, base=10000.0, context_length=64)
     with pytest.raises(RopekitError, match="rule must be one of"):
         ropekit.min_base_for_length(spec, 100, rule="bisect")
     with pytest.raises(RopekitError, match="resolution"):
@@ -131,11 +131,11 @@ def test_min_base_rejects_bad_settings():
 @pytest.mark.parametrize(
     "bad",
     [
-        dict(head_dim=127, base=10000.0, original_length=4096),
-        dict(head_dim=128, base=float("nan"), original_length=4096),
-        dict(head_dim=128, base=float("inf"), original_length=4096),
-        dict(head_dim=128, base=10000.0, original_length=0),
-        dict(head_dim=128, base=10000.0, original_length=4096, partial_rotary_factor=1.5),
+        dict(head_dim=127, base=10000.0, context_length=4096),
+        dict(head_dim=128, base=float("nan"), context_length=4096),
+        dict(head_dim=128, base=float("inf"), context_length=4096),
+        dict(head_dim=128, base=10000.0, context_length=0),
+        dict(head_dim=128, base=10000.0, context_length=4096, partial_rotary_factor=1.5),
     ],
 )
 def test_bad_geometry_is_refused(bad):
@@ -152,5 +152,5 @@ def test_bad_plans_are_refused():
         ropekit.make_plan(LLAMA2, 8192, "longrope", factors=[1.0] * 63)
     with pytest.raises(RopekitError, match="does not take 'alpha'"):
         ropekit.make_plan(LLAMA2, 8192, "pi", alpha=2.0)  # an option of another method
-    with pytest.raises(RopekitError, match="NTK alpha"):
+    with pytest.raises(RopekitError, match="ntk: alpha .--alpha. must be a number in .1, "):
         ropekit.make_plan(LLAMA2, 8192, "ntk", alpha=0.5)

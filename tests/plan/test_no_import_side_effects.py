@@ -9,7 +9,7 @@ import pytest
 
 CHECK = """
 import sys
-import ropekit, ropekit.plan.analysis.plots, ropekit.eval.report
+import ropekit, ropekit.plan.plots, ropekit.eval.report
 assert "matplotlib.pyplot" not in sys.modules, "pyplot was imported"
 """
 

@@ -8,7 +8,10 @@ runtime implements natively also export in that native form (`Method.native` of 
     transformers v4: config["rope_scaling"] + top-level rope_theta
     vLLM:            --hf-overrides JSON, magnitude from short_mscale / long_mscale (= a)
     llama.cpp:       GGUF tensor `rope_freqs.weight` (= f, float32), one entry per pair, scaling type
-                     none, attention factor in `<arch>.rope.scaling.attn_factor` (ropekit.apply.gguf)
+                     none, attention factor in `<arch>.rope.scaling.attn_factor` (ropekit.apply.gguf);
+                     architectures without it take native rope.scaling keys (ropekit.apply.gguf_native)
+    served length:   every form sets the target L' as the context the runtime allows: config
+                     max_position_embeddings (vLLM derives max_model_len from it), GGUF context_length
 """
 
 from __future__ import annotations
@@ -22,6 +25,22 @@ from ropekit.plan.registry import METHODS
 from ropekit.plan.scaling import Plan
 
 
+def require_rotation(plan: Plan, form: str) -> None:
+    """Refuse, in one line, to write `form` for a plan that removes some pairs' rotation (θ'_i = 0).
+
+    Per-pair divisors (longrope factors, llama.cpp's rope_freqs) would need f_i = ∞, which JSON cannot
+    hold and no runtime reads; `ropekit.apply_plan(model, plan, route="inv_freq")` applies such a plan.
+    """
+    removed = plan.removed_pairs
+    if removed:
+        shown = ", ".join(str(i) for i in removed[:8]) + (", …" if len(removed) > 8 else "")
+        raise RopekitError(
+            f"the {plan.method} plan removes the rotation of {len(removed)} pairs ({shown}: θ' = 0); {form} "
+            "cannot express that (its per-pair factor would be infinite); ropekit.apply_plan(model, plan, "
+            "route='inv_freq') applies it in memory"
+        )
+
+
 def longrope_block(plan: Plan) -> dict[str, Any]:
     """The `longrope` parameters that reproduce `plan` exactly (without rope_theta).
 
@@ -30,7 +49,8 @@ def longrope_block(plan: Plan) -> dict[str, Any]:
     Phi-3 top-level value priority, so it must stay that); short = long, so transformers'
     length switch at that length changes nothing, and the explicit attention factor is used as is.
     """
-    original = plan.export_original_length
+    require_rotation(plan, "a longrope block")
+    original = plan.spec.pretrained_length
     block: dict[str, Any] = {
         "rope_type": "longrope",
         "short_factor": list(plan.runtime_factors),
@@ -48,6 +68,7 @@ def native_block(plan: Plan) -> dict[str, Any] | None:
     method = METHODS.get(plan.method)
     if plan.spec.is_extended or method is None or method.native is None:
         return None
+    require_rotation(plan, f"transformers' {method.native.rope_type} block")
     return method.native.block(plan)
 
 
@@ -61,7 +82,7 @@ def _with_geometry(plan: Plan, block: dict[str, Any]) -> dict[str, Any]:
 
 def max_positions_for(plan: Plan, block: dict[str, Any]) -> int:
     """`max_position_embeddings` to write. transformers' `dynamic` reads L from it, so it stays L there."""
-    return plan.spec.original_length if block.get("rope_type") == "dynamic" else plan.target_length
+    return plan.spec.context_length if block.get("rope_type") == "dynamic" else plan.target_length
 
 
 def transformers_config(plan: Plan, *, native: bool = False, version: int = 5) -> dict[str, Any]:
@@ -114,6 +135,7 @@ def llama_cpp_rope_freqs(plan: Plan) -> dict[str, Any]:
 
     `ropekit extend MODEL.gguf ... --out OUT.gguf` writes exactly this (see `ropekit.apply.gguf`).
     """
+    require_rotation(plan, "llama.cpp's rope_freqs tensor")
     out = {
         "tensor": "rope_freqs.weight",
         "ggml_type": "F32",
@@ -123,7 +145,9 @@ def llama_cpp_rope_freqs(plan: Plan) -> dict[str, Any]:
         "attention_factor": plan.attention_factor,
         "context_length": plan.target_length,
         "how_to_use": (
-            "ropekit extend MODEL.gguf --method M --target-length N --out OUT.gguf writes these into a GGUF. By hand: "
+            "ropekit extend MODEL.gguf --method M --target-length N --out OUT.gguf writes these into a GGUF whose "
+            "llama.cpp graph applies rope_freqs (ropekit.apply.gguf_archs; others take linear/yarn as "
+            "rope.scaling keys, and no per-pair plan). By hand: "
             "add `values` as the float32 tensor `rope_freqs.weight` (llama.cpp divides each pair's frequency by it), "
             "set '<arch>.rope.scaling.type' to 'none' and remove any other rope.scaling keys and rope_factors_* "
             "tensors, set '<arch>.context_length' to context_length and '<arch>.rope.scaling.attn_factor' to "
@@ -133,8 +157,9 @@ def llama_cpp_rope_freqs(plan: Plan) -> dict[str, Any]:
     }
     if plan.spec.layer_type is not None:
         out["note"] = (
-            f"this plan is for the {plan.spec.layer_type} layers only; llama.cpp's rope_freqs tensor is "
-            "shared by all layers, so it has no exact llama.cpp form"
+            f"this plan is for the {plan.spec.layer_type} layers only; llama.cpp's rope_freqs tensor reaches "
+            "every layer, so these values are no exact llama.cpp form; `ropekit extend MODEL.gguf` writes a "
+            "linear or yarn plan of a gemma3/olmo2 GGUF natively, for its full-attention layers only"
         )
     return out
 

@@ -9,22 +9,23 @@ first, so a failure leaves nothing partial at `out_dir`.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ropekit._version import __version__
-from ropekit.apply.atomic import SIGNATURE, OutputTarget, atomic_directory, prepare_output
 from ropekit.apply.export import llama_cpp_rope_freqs, vllm_hf_overrides
 from ropekit.apply.patch import apply, as_plan_list
-from ropekit.errors import RopekitError
-from ropekit.plan.geometry import (
-    RopeSpec,
+from ropekit.apply.readers import (
     check_local_source,
     default_layer_type,
     layer_rope_blocks,
     load_config_dict,
+    spec_from_pretrained,
     text_config_of,
 )
+from ropekit.errors import RopekitError
+from ropekit.output import SIGNATURE, OutputTarget, atomic_directory, prepare_output
 from ropekit.plan.registry import plan as make_plan
 from ropekit.plan.scaling import Plan
 from ropekit.plan.summary import plan_summary
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 
 
 RECORD = "ropekit.json"
+KIND = "extended model"  # the kind of output in its manifest (ropekit.manifest)
 
 
 def load_model(path_or_id: str, *, dtype: str = "auto") -> PreTrainedModel:
@@ -49,7 +51,7 @@ def load_model(path_or_id: str, *, dtype: str = "auto") -> PreTrainedModel:
         raise RopekitError(f"{path_or_id}: could not load the model ({first})") from None
 
 
-def load_tokenizer(path_or_id: str):
+def load_tokenizer(path_or_id: str) -> PreTrainedTokenizerBase | None:
     """The model's tokenizer, or None when it has none."""
     from transformers import AutoTokenizer
 
@@ -70,7 +72,7 @@ def plan_for_model(
     **params: Any,
 ) -> Plan:
     """Plan against the geometry in the model's own config (its current frequencies unless `from_scratch`)."""
-    spec = RopeSpec.from_pretrained(path_or_id, from_scratch=from_scratch, layer_type=layer_type)
+    spec = spec_from_pretrained(path_or_id, from_scratch=from_scratch, layer_type=layer_type)
     return make_plan(spec, target_length, method, **params)
 
 
@@ -111,14 +113,18 @@ def extend(
     overwrite: bool = False,
     from_scratch: bool = False,
     layer_types: list[str] | None = None,
+    inputs: Iterable[str | Path] = (),
     **params: Any,
 ) -> Plan | dict[str, Plan]:
     """Write an extended copy of a model to `out_dir`; returns the plan it applied.
 
     Per-layer-type models (Gemma 3) return {layer_type: plan} for the layer types changed
-    (default: only the full-attention layers).
+    (default: only the full-attention layers). `inputs`: other files the plan was read from (a
+    factors file), which `out_dir` must not overlap.
     """
-    target = prepare_output(out_dir, overwrite=overwrite, inputs=(path_or_id,))  # before the (slow) model load
+    target = prepare_output(  # before the (slow) model load
+        out_dir, kind=KIND, overwrite=overwrite, inputs=(path_or_id, *inputs)
+    )
     plan = plans_for_model(
         path_or_id, target_length, method, from_scratch=from_scratch, layer_types=layer_types, **params
     )
@@ -157,7 +163,7 @@ def save_extended(
     overwrite: bool = False,
 ) -> Path:
     """Save an already-patched model, its tokenizer and `ropekit.json` atomically."""
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+    with atomic_directory(out_dir, overwrite=overwrite, kind=KIND) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

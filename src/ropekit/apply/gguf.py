@@ -15,8 +15,11 @@ What llama.cpp reads (source: ggml-org/llama.cpp as vendored by llama-cpp-python
   `rope.scaling.attn_factor` times, for YaRN-type scaling only, get_mscale(s)/(1 + 0.1 ln s); ggml's
   YaRN kernel then multiplies by its own 1 + 0.1 ln s (src/llama-context.cpp, constructor). With
   scaling type `none` neither term appears, so `attn_factor` is the plan's a exactly. That is why
-  an extended GGUF carries type `none`, the plan's factors in `rope_freqs.weight` (YaRN's ramp is
-  per-pair divisors too), and a in `attn_factor`.
+  an extended GGUF of an architecture that applies a factor tensor carries type `none`, the plan's
+  factors in that tensor (YaRN's ramp is per-pair divisors too), and a in `attn_factor`; the other
+  architectures get llama.cpp's native keys (`ropekit.apply.gguf_native`). Which architecture applies
+  what is recorded in `ropekit.apply.gguf_archs`.
+- Existing scaling composes with a new plan (`GgufRope.spec`), as in a transformers config.
 
 Pair convention: pair i has frequency b^(−2i/n_rot) in llama.cpp and in transformers alike (the
 interleaved vs rotate-half layout differs, the frequency order does not), so ropekit's factors
@@ -25,27 +28,34 @@ f_i go into `rope_freqs.weight` in order.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ropekit.apply import gguf_record
+from ropekit.apply.export import require_rotation
+from ropekit.apply.gguf_archs import (
+    LONGROPE_TENSORS,
+    ROPE_FREQS,
+    ArchRope,
+    arch_rope,
+    support_line,
+)
 from ropekit.errors import RopekitError
+from ropekit.output import resolve_output_path
 from ropekit.plan.geometry import RopeSpec
 from ropekit.plan.scaling import Plan
 
-GGUF_MAGIC = b"GGUF"
-ROPE_FREQS = "rope_freqs.weight"
-LONGROPE_TENSORS = ("rope_factors_long.weight", "rope_factors_short.weight")
+if TYPE_CHECKING:
+    from gguf import GGUFReader, ReaderField, ReaderTensor
 
-# Architectures whose llama.cpp graph loads `rope_freqs.weight` (unless the type is longrope) and passes
-# `model.get_rope_factors(...)` to ggml_rope_ext for Q and K on every layer: src/models/{llama,deci,
-# mistral3,arcee,exaone,exaone4,granite,apertus,nanbeige}.cpp. Tested in llama.cpp itself: llama.
-ROPE_FREQS_ARCHITECTURES = ("llama", "deci", "mistral3", "arcee", "exaone", "exaone4", "granite", "apertus", "nanbeige")
+GGUF_MAGIC = b"GGUF"
 
 
 @dataclass(frozen=True)
@@ -62,24 +72,64 @@ class GgufRope:
     scaling_type: str  # none, linear, yarn, longrope, or rope_freqs (a per-pair tensor, e.g. Llama 3.1)
     scaling: dict[str, Any] = field(default_factory=dict)  # factor, attn_factor, original_context_length, …
     rope_freqs: tuple[float, ...] | None = None  # values of rope_freqs.weight, if present
+    long_factors: tuple[float, ...] | None = None  # rope_factors_long.weight (longrope), if present
     ropekit_method: str | None = None  # set when ropekit wrote the file
+    sliding_window: int = 0  # <arch>.attention.sliding_window (0: no sliding-window layers)
 
-    def spec(self, *, original_length: int | None = None) -> RopeSpec:
-        """The geometry to plan from: the trained length before any scaling the file carries."""
-        length = original_length or self.original_length
-        if length is None:
-            raise RopekitError(
-                f"{self.path}: carries {self.scaling_type} RoPE scaling but not the context it was trained at "
-                f"(no {self.architecture}.rope.scaling.original_context_length); pass --original-length L "
-                "(the new plan then replaces the existing scaling)"
-            )
+    @property
+    def arch(self) -> ArchRope | None:
+        """llama.cpp's record for this architecture (None: ropekit has not read its graph)."""
+        return arch_rope(self.architecture)
+
+    @property
+    def layer_type(self) -> str | None:
+        """ "full_attention" when llama.cpp scales only those layers of this file (Gemma 3), else None."""
+        arch = self.arch
+        return "full_attention" if arch and arch.layers == "full_attention" and self.sliding_window > 0 else None
+
+    def spec(self, *, original_length: int | None = None, from_scratch: bool = False) -> RopeSpec:
+        """The geometry to plan from, as for a transformers config (`ropekit.plan.trained`).
+
+        Plain RoPE: θ over `context_length` (or `rope.scaling.original_context_length`). A file that
+        carries scaling (rope_freqs, rope.scaling.*, longrope factors) is planned from its current
+        frequencies over its trained context, and a plan composes with them; `from_scratch` plans from
+        plain RoPE at the pre-scaling length instead, replacing the scaling. `original_length`
+        overrides the length planned from (the trained context; with `from_scratch`, the pre-scaling one).
+        """
+        from dataclasses import replace
+
+        from ropekit.plan.trained import extended_spec
+
+        block = self.transformers_block()
+        if block is None or from_scratch:
+            length = original_length or self.original_length
+            if length is None:
+                raise RopekitError(
+                    f"{self.path}: carries {self.scaling_type} RoPE scaling but not the context it was trained at "
+                    f"before it (no {self.architecture}.rope.scaling.original_context_length); pass "
+                    "--original-length L with --from-scratch (the new plan then replaces the existing scaling)"
+                )
+            return self._plain_spec(int(length))
+        prior = int(
+            block.get("original_max_position_embeddings") or self.original_length or self.context_length
+        )  # yarn's ramp needs it
+        spec = extended_spec(self._plain_spec(prior, block), block, max_positions=self.context_length)
+        context_key = f"{self.architecture}.context_length"
+        spec = replace(spec, length_source=(spec.length_source or "").replace("max_position_embeddings", context_key))
+        if original_length:
+            spec = replace(spec.with_context_length(int(original_length)), length_source="--original-length")
+        return spec
+
+    def _plain_spec(self, length: int, block: dict[str, Any] | None = None) -> RopeSpec:
         spec = RopeSpec(
             head_dim=self.head_dim,
             base=self.base,
-            original_length=int(length),
+            context_length=int(length),
             partial_rotary_factor=self.rotary_dim / self.head_dim,
             name=self.path,
-            current_scaling=self.current_scaling(),
+            current_scaling=block or self.current_scaling(),
+            layer_type=self.layer_type,
+            length_source=f"{self.architecture}.context_length",
         )
         if spec.rotary_dim != self.rotary_dim:
             raise RopekitError(
@@ -88,6 +138,14 @@ class GgufRope:
             )
         return spec
 
+    def carried_by(self) -> str:
+        """Where the file's scaling lives, in a few words (for messages)."""
+        if self.rope_freqs is not None:
+            return f"{ROPE_FREQS} ({len(self.rope_freqs)} factors)"
+        if self.long_factors is not None:
+            return "rope_factors_long/short.weight"
+        return f"{self.architecture}.rope.scaling.type {self.scaling_type}"
+
     def current_scaling(self) -> dict[str, Any] | None:
         """The file's existing scaling as a plain dict (None for plain RoPE)."""
         if self.scaling_type == "none":
@@ -95,6 +153,48 @@ class GgufRope:
         block: dict[str, Any] = {"rope_type": self.scaling_type, **self.scaling}
         if self.rope_freqs is not None:
             block["factors"] = list(self.rope_freqs)
+        return block
+
+    def transformers_block(self) -> dict[str, Any] | None:
+        """transformers' `rope_parameters` (without rope_theta) that compute what llama.cpp runs for this file.
+
+        - rope_freqs.weight (written by `ropekit extend X.gguf`, or Llama 3.1): `longrope` with short = long =
+          the factors and the explicit attention factor `attn_factor` (llama.cpp applies both at every length,
+          so original_max_position_embeddings only sets the ratio);
+        - rope_factors_long/short.weight (phi3): `longrope` with the long factors, which llama.cpp uses past
+          `original_context_length`;
+        - linear: transformers' `linear` with the same factor;
+        - yarn: transformers' `yarn`; llama.cpp's magnitude is attn_factor × (1 + 0.1 ln s)
+          (src/llama-context.cpp:211-214 with ggml's kernel), given to transformers explicitly.
+        """
+        scaling, kind = self.scaling, self.scaling_type
+        attention = float(scaling.get("attn_factor", 1.0))
+        if kind == "none":
+            return None
+        if kind in ("rope_freqs", "longrope"):
+            factors = self.rope_freqs if kind == "rope_freqs" else self.long_factors
+            original = self.original_length or self.context_length
+            return {
+                "rope_type": "longrope",
+                "short_factor": list(factors or ()),
+                "long_factor": list(factors or ()),
+                "factor": self.context_length / original,
+                "original_max_position_embeddings": original,
+                "attention_factor": attention,
+            }
+        factor = float(scaling.get("factor") or 1.0)
+        if kind == "linear":
+            return {"rope_type": "linear", "factor": factor}
+        original = self.original_length or self.context_length  # llama.cpp's n_ctx_orig_yarn default
+        block = {
+            "rope_type": "yarn",
+            "factor": factor,
+            "original_max_position_embeddings": original,
+            "attention_factor": attention * (1.0 + 0.1 * math.log(factor)),
+        }
+        for name in ("beta_fast", "beta_slow"):
+            if f"yarn_{name}" in scaling:
+                block[name] = float(scaling[f"yarn_{name}"])
         return block
 
 
@@ -106,7 +206,7 @@ def is_gguf_path(path_or_id: str | os.PathLike) -> bool:
     return str(path_or_id).lower().endswith(".gguf")
 
 
-def open_gguf(path: str | os.PathLike):
+def open_gguf(path: str | os.PathLike) -> GGUFReader:
     """A `gguf.GGUFReader`, or one clear error for a missing, foreign, truncated or corrupt file."""
     from gguf import GGUFReader
 
@@ -131,7 +231,7 @@ def open_gguf(path: str | os.PathLike):
     return reader
 
 
-def field_value(reader, key: str, default: Any = None) -> Any:
+def field_value(reader: GGUFReader, key: str, default: Any = None) -> Any:
     """A metadata value as Python data (str, int, float, bool or list), or `default` when absent."""
     f = reader.fields.get(key)
     if f is None:
@@ -142,7 +242,7 @@ def field_value(reader, key: str, default: Any = None) -> Any:
         raise RopekitError(f"{reader.data.filename}: metadata key {key} is unreadable ({first_line(exc)})") from None
 
 
-def read_rope(path: str | os.PathLike, reader=None) -> GgufRope:
+def read_rope(path: str | os.PathLike, reader: GGUFReader | None = None) -> GgufRope:
     """The RoPE geometry and existing scaling of a GGUF (see the module docstring for the keys)."""
     reader = reader or open_gguf(path)
     arch = field_value(reader, "general.architecture")
@@ -162,9 +262,12 @@ def read_rope(path: str | os.PathLike, reader=None) -> GgufRope:
     scaling, scaling_type = _existing_scaling(reader, arch, path)
     tensors = {t.name: t for t in reader.tensors}
     rope_freqs = _rope_freqs(tensors.get(ROPE_FREQS), rotary_dim, path)
+    long_factors = _rope_freqs(tensors.get(LONGROPE_TENSORS[0]), rotary_dim, path)
     _check_no_conflict(scaling_type, rope_freqs, [n for n in LONGROPE_TENSORS if n in tensors], path, arch)
     if rope_freqs is not None:
         scaling_type = "rope_freqs"
+    elif long_factors is not None:
+        scaling_type = "longrope"  # phi3 loads the factor tensors whatever the type says
     original = scaling.get("original_context_length")
     if scaling_type == "none":
         original = original or context
@@ -179,11 +282,15 @@ def read_rope(path: str | os.PathLike, reader=None) -> GgufRope:
         scaling_type=scaling_type,
         scaling=scaling,
         rope_freqs=rope_freqs,
+        long_factors=long_factors,
         ropekit_method=field_value(reader, "ropekit.method"),
+        sliding_window=int(
+            _scalar(field_value(reader, key("attention.sliding_window"), 0), path, "sliding_window") or 0
+        ),
     )
 
 
-def _existing_scaling(reader, arch: str, path) -> tuple[dict[str, Any], str]:
+def _existing_scaling(reader: GGUFReader, arch: str, path: str | os.PathLike) -> tuple[dict[str, Any], str]:
     """The `<arch>.rope.scaling.*` keys (and the old `rope.scale_linear`) and the effective type."""
     prefix = f"{arch}.rope.scaling."
     scaling = {name[len(prefix) :]: field_value(reader, name) for name in reader.fields if name.startswith(prefix)}
@@ -202,7 +309,7 @@ def _existing_scaling(reader, arch: str, path) -> tuple[dict[str, Any], str]:
     return scaling, kind
 
 
-def _rope_freqs(tensor, rotary_dim: int, path) -> tuple[float, ...] | None:
+def _rope_freqs(tensor: ReaderTensor | None, rotary_dim: int, path: str | os.PathLike) -> tuple[float, ...] | None:
     if tensor is None:
         return None
     from gguf import dequantize
@@ -210,13 +317,19 @@ def _rope_freqs(tensor, rotary_dim: int, path) -> tuple[float, ...] | None:
     values = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float64).reshape(-1)
     if values.size != rotary_dim // 2:
         raise RopekitError(
-            f"{path}: {ROPE_FREQS} has {values.size} values, but rope.dimension_count "
+            f"{path}: {tensor.name} has {values.size} values, but rope.dimension_count "
             f"{rotary_dim} needs {rotary_dim // 2} (one per pair)"
         )
     return tuple(float(v) for v in values)
 
 
-def _check_no_conflict(scaling_type: str, rope_freqs, longrope_tensors: list[str], path, arch: str) -> None:
+def _check_no_conflict(
+    scaling_type: str,
+    rope_freqs: tuple[float, ...] | None,
+    longrope_tensors: list[str],
+    path: str | os.PathLike,
+    arch: str,
+) -> None:
     """Refuse combinations llama.cpp would reject or silently run unextended."""
     if rope_freqs is not None and (scaling_type == "longrope" or longrope_tensors):
         raise RopekitError(
@@ -231,7 +344,7 @@ def _check_no_conflict(scaling_type: str, rope_freqs, longrope_tensors: list[str
         )
 
 
-def _scalar(value: Any, path, key: str) -> int | None:
+def _scalar(value: Any, path: str | os.PathLike, key: str) -> int | None:
     """A per-model count that some GGUFs store per layer: refuse if the layers differ."""
     if isinstance(value, list):
         if len(set(value)) != 1:
@@ -245,44 +358,55 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def spec_from_gguf(path: str | os.PathLike, *, original_length: int | None = None) -> RopeSpec:
+def spec_from_gguf(
+    path: str | os.PathLike, *, original_length: int | None = None, from_scratch: bool = False
+) -> RopeSpec:
     """`RopeSpec` of a GGUF file (see `GgufRope.spec`)."""
-    return read_rope(path).spec(original_length=original_length)
+    return read_rope(path).spec(original_length=original_length, from_scratch=from_scratch)
 
 
 # ---- writing ------------------------------------------------------------------------------------
 
 
-def check_rope_freqs_support(rope: GgufRope) -> None:
-    """Refuse architectures whose llama.cpp graph ignores `rope_freqs.weight`."""
-    if rope.architecture not in ROPE_FREQS_ARCHITECTURES:
+def check_architecture(rope: GgufRope) -> ArchRope:
+    """llama.cpp's record for the file's architecture, or one clear line when no plan can run there."""
+    arch = rope.arch
+    if arch is None or arch.refused:
         raise RopekitError(
-            f"{rope.path}: llama.cpp's {rope.architecture!r} graph ignores rope_freqs, so an extended "
-            f"GGUF would run unextended; supported architectures: {', '.join(ROPE_FREQS_ARCHITECTURES)}"
+            f"{rope.path}: llama.cpp architecture {rope.architecture!r}: {support_line(arch, rope.architecture)}"
         )
+    return arch
 
 
-def extended_metadata(rope: GgufRope, plan: Plan) -> tuple[dict[str, Any], set[str]]:
-    """The keys an extended GGUF sets ({key: (value, GGUFValueType)}) and the keys it drops.
+def extended_metadata(rope: GgufRope, plan: Plan) -> tuple[dict[str, Any], set[str], dict[str, np.ndarray]]:
+    """What an extended GGUF sets ({key: (value, GGUFValueType)}), the keys it drops, and its factor tensors.
 
-    Every existing `<arch>.rope.scaling.*` key (and `rope.scale_linear`) is dropped so nothing
-    stacks on the plan; the plan is then written as type `none` + `rope_freqs.weight` + `attn_factor`.
+    Every existing `<arch>.rope.scaling.*` key (and `rope.scale_linear`) is dropped so nothing stacks on the
+    plan. Per-pair architectures get scaling type `none`, the plan's factors (relative to the base: an
+    existing scaling's g_i × the plan's f_i) in their factor tensor(s), and a in `attn_factor`; the others
+    get llama.cpp's native keys for the plan (`ropekit.apply.gguf_native`), or a refusal.
     """
     from gguf import GGUFValueType as T
 
     from ropekit._version import __version__
+    from ropekit.apply.gguf_native import native_scaling
 
-    arch = rope.architecture
-    drop = {f"{arch}.rope.scaling.{k}" for k in (*rope.scaling, "type")} | {f"{arch}.rope.scale_linear"}
-    sets = {
-        f"{arch}.context_length": (plan.target_length, T.UINT32),
-        f"{arch}.rope.scaling.type": ("none", T.STRING),
-        f"{arch}.rope.scaling.original_context_length": (plan.spec.original_length, T.UINT32),
-        f"{arch}.rope.scaling.attn_factor": (float(plan.attention_factor), T.FLOAT32),
-        "ropekit.method": (plan.method, T.STRING),
-        "ropekit.version": (__version__, T.STRING),
-    }
-    return sets, drop - set(sets)
+    arch, prefix = check_architecture(rope), f"{rope.architecture}.rope.scaling."
+    drop = {prefix + k for k in (*rope.scaling, "type")} | {f"{rope.architecture}.rope.scale_linear"}
+    tensors: dict[str, np.ndarray] = {}
+    if arch.per_pair:
+        scaling: dict[str, Any] = {"type": "none", "attn_factor": float(plan.attention_factor)}
+        factors = np.asarray(plan.runtime_factors, dtype=np.float32)  # llama.cpp divides θ_i by them
+        tensors = {name: factors for name in arch.tensors}
+    else:
+        scaling = native_scaling(rope, arch, plan)
+    scaling.setdefault("original_context_length", plan.spec.pretrained_length)
+    types = {"type": T.STRING, "original_context_length": T.UINT32}
+    sets = {prefix + k: (v, types.get(k, T.FLOAT32)) for k, v in scaling.items()}
+    sets[f"{rope.architecture}.context_length"] = (plan.target_length, T.UINT32)  # the context llama.cpp serves
+    sets["ropekit.method"] = (plan.method, T.STRING)
+    sets["ropekit.version"] = (__version__, T.STRING)
+    return sets, drop - set(sets), tensors
 
 
 def check_plan_matches(rope: GgufRope, plan: Plan) -> None:
@@ -295,43 +419,54 @@ def check_plan_matches(rope: GgufRope, plan: Plan) -> None:
         )
 
 
+def check_extension(rope: GgufRope, plan: Plan) -> tuple[dict[str, Any], set[str], dict[str, np.ndarray]]:
+    """`extended_metadata` of `plan` for the file, after one clear line where llama.cpp cannot run the plan
+    there (a removed rotation, another geometry, the architecture's refusal). Reads no tensor."""
+    require_rotation(plan, "llama.cpp's rope_freqs tensor")
+    check_plan_matches(rope, plan)
+    return extended_metadata(rope, plan)
+
+
 def write_extended_gguf(
     source: str | os.PathLike, plan: Plan, out: str | os.PathLike, *, overwrite: bool = False
 ) -> Path:
     """Copy `source` to `out` with the plan: every tensor byte for byte (no requantisation), every key
-    unchanged except the RoPE keys of `extended_metadata`, plus `rope_freqs.weight` (F32, f_i per pair).
+    unchanged except the RoPE keys of `extended_metadata`, plus the architecture's factor tensor(s) (F32,
+    one divisor per pair) where llama.cpp applies one.
 
     Existing `rope_freqs.weight` and `rope_factors_long/short.weight` are replaced. The file is written
     beside `out` and renamed into place, so a failure leaves nothing at `out`.
     """
     reader = open_gguf(source)
     rope = read_rope(source, reader)
-    check_rope_freqs_support(rope)
-    check_plan_matches(rope, plan)
+    sets, drop, new_tensors = check_extension(rope, plan)
     out = check_output_file(out, source=source, overwrite=overwrite)
-    sets, drop = extended_metadata(rope, plan)
-    factors = np.asarray(plan.runtime_factors, dtype=np.float32)  # relative to the base, as llama.cpp divides θ_i
+    sets.update(gguf_record.record_keys())  # the file's own manifest: kind, command, hash (ropekit.apply.gguf_record)
     skip_tensors = {ROPE_FREQS, *LONGROPE_TENSORS}
-    _atomic_write(
-        out,
-        lambda tmp: _write_gguf(
+
+    def write(tmp: Path) -> None:
+        _write_gguf(
             reader,
             rope.architecture,
             tmp,
             sets=sets,
             drop=drop,
-            new_tensors={ROPE_FREQS: factors},
+            new_tensors=new_tensors,
             skip_tensors=skip_tensors,
-        ),
-        overwrite=overwrite,
-    )
+        )
+        gguf_record.seal(tmp)
+
+    _atomic_write(out, write, overwrite=overwrite)
     return out
 
 
 def check_output_file(out: str | os.PathLike, *, source: str | os.PathLike, overwrite: bool) -> Path:
-    """An output GGUF path: ends in .gguf, is not the source, writable, and does not exist, unless
-    `overwrite` and the existing file is a GGUF that ropekit wrote (it carries `ropekit.method`)."""
-    out = Path(out)
+    """An output GGUF path (a symbolic link resolved): ends in .gguf, is not the source, writable, and does not
+    exist, unless `overwrite` and the existing file is an extended GGUF ropekit wrote, unchanged since
+    (`ropekit.apply.gguf_record`)."""
+    if not isinstance(overwrite, bool):
+        raise RopekitError(f"overwrite must be True or False, got {overwrite!r}")
+    shown, out = out, resolve_output_path(out)
     if not is_gguf_path(out):
         raise RopekitError(
             f"--out {out}: a GGUF input is written to a GGUF file; give a path ending in .gguf "
@@ -344,24 +479,16 @@ def check_output_file(out: str | os.PathLike, *, source: str | os.PathLike, over
     if out.exists():
         if not overwrite:
             raise RopekitError(
-                f"{out} already exists; choose another path (or --overwrite to replace a GGUF that ropekit wrote)"
+                f"{shown} already exists; choose another path (or --overwrite to replace an extended GGUF ropekit "
+                "wrote there, unchanged)"
             )
-        if not _written_by_ropekit(out):
-            raise RopekitError(
-                f"{out} is not a GGUF that ropekit wrote (no ropekit.method key); --overwrite "
-                "replaces only ropekit's own outputs, so choose another path"
-            )
-    parent = out.parent if str(out.parent) else Path(".")
-    if parent.exists() and not os.access(parent, os.W_OK):
+        gguf_record.check_replaceable(out, shown)
+    parent = next(p for p in out.parents if p.exists())
+    if not parent.is_dir():
+        raise RopekitError(f"{parent} is a file, so it cannot hold the output file {shown}")
+    if not os.access(parent, os.W_OK):
         raise RopekitError(f"{parent}: directory is not writable")
     return out
-
-
-def _written_by_ropekit(path: Path) -> bool:
-    try:
-        return field_value(open_gguf(path), "ropekit.method") is not None
-    except RopekitError:
-        return False
 
 
 def _atomic_write(target: Path, write: Callable[[Path], None], *, overwrite: bool = False) -> None:
@@ -392,7 +519,7 @@ def _atomic_write(target: Path, write: Callable[[Path], None], *, overwrite: boo
 
 
 def _write_gguf(
-    reader,
+    reader: GGUFReader,
     arch: str,
     path: Path,
     *,
@@ -415,7 +542,7 @@ def _write_gguf(
             value, vtype = sets[name]
             writer.add_key_value(name, value, vtype)
         else:
-            writer.add_key_value(name, *_raw_value(f, path=reader.data.filename))
+            writer.add_key_value(name, *_raw_value(f, path=reader.data.filename or "GGUF"))
     for name, (value, vtype) in sets.items():
         if name not in reader.fields:
             writer.add_key_value(name, value, vtype)
@@ -430,7 +557,7 @@ def _write_gguf(
     writer.close()
 
 
-def _raw_value(f, *, path) -> tuple[Any, Any, Any]:
+def _raw_value(f: ReaderField, *, path: str | os.PathLike) -> tuple[Any, Any, Any]:
     """(value, type, sub_type) of a reader field, strings kept as raw bytes so they copy exactly."""
     from gguf import GGUFValueType as T
 
@@ -453,7 +580,7 @@ def _raw_value(f, *, path) -> tuple[Any, Any, Any]:
 
 
 def gguf_card(path: str | os.PathLike) -> dict[str, Any]:
-    """`ropekit inspect X.gguf`: geometry, existing scaling, quantisation, and whether llama.cpp can take a plan."""
+    """`ropekit inspect X.gguf`: geometry, existing scaling, quantisation, and what llama.cpp can run of a plan."""
     from collections import Counter
 
     from ropekit.plan.analysis.bounds import critical_dimension, extrapolation_bound
@@ -469,26 +596,31 @@ def gguf_card(path: str | os.PathLike) -> dict[str, Any]:
         "rotary_dim": rope.rotary_dim,
         "rope_theta": rope.base,
         "context_length": rope.context_length,
-        "trained_context": rope.original_length or "unknown (pass --original-length to plan)",
+        "trained_context": "unknown (pass --original-length to plan)",
         "current_scaling": _scaling_summary(rope),
         "ropekit_plan": rope.ropekit_method or "none",
     }
-    if rope.original_length:
-        spec = rope.spec()
+    if rope.layer_type:
+        card["layer_type"] = f"{rope.layer_type} (llama.cpp scales only these; sliding window {rope.sliding_window})"
+    try:
+        spec: RopeSpec | None = rope.spec()
+    except RopekitError:
+        spec = None
+    if spec is not None:
         crit = critical_dimension(spec)
+        card["trained_context"] = spec.context_length
         card["critical_dimension"] = crit
         card["pairs_without_full_turn"] = f"{spec.num_pairs - crit // 2} of {spec.num_pairs} (pairs ≥ {crit // 2})"
-        card["extrapolation_bound"] = round(extrapolation_bound(spec))
-    supported = rope.architecture in ROPE_FREQS_ARCHITECTURES
-    card["llama_cpp_plan"] = (
-        "supported (rope_freqs.weight)"
-        if supported
-        else f"not supported: llama.cpp's {rope.architecture!r} graph ignores rope_freqs"
-    )
-    target = 4 * (rope.original_length or rope.context_length)
+        bound = extrapolation_bound(spec)
+        card["extrapolation_bound"] = round(bound) if math.isfinite(bound) else "unbounded"
+    arch = rope.arch
+    card["llama_cpp_plan"] = support_line(arch, rope.architecture)
+    runs = arch is not None and not arch.refused
+    method = "dprope" if arch is not None and arch.per_pair else "yarn"
+    target = 2 * spec.context_length if spec is not None and spec.is_extended else 4 * rope.context_length
     card["next"] = (
         f"ropekit plan --model {path} --target-length {target}; "
-        + (f"ropekit extend {path} --method dprope --target-length {target} --out EXTENDED.gguf; " if supported else "")
+        + (f"ropekit extend {path} --method {method} --target-length {target} --out EXTENDED.gguf; " if runs else "")
         + f"ropekit convert gguf {path} --out DIR"
     )
     return card
@@ -515,19 +647,22 @@ def extend_gguf(
     method: str = "dprope",
     overwrite: bool = False,
     original_length: int | None = None,
+    from_scratch: bool = False,
     **params: Any,
 ) -> Plan:
     """Plan against the GGUF's own geometry and write the extended GGUF (`write_extended_gguf`); returns the plan.
 
-    Any scaling the file already carries is replaced, not stacked: the plan starts from the trained
-    length before it (`rope.scaling.original_context_length`, or `original_length` when the file
-    does not say).
+    Scaling the file already carries composes with the plan, as for a transformers directory: the plan
+    starts from the file's current frequencies over its trained context (`GgufRope.spec`), and the file
+    gets the product. `from_scratch=True` plans from plain RoPE at the pre-scaling length instead
+    (`rope.scaling.original_context_length`, or `original_length`), replacing the existing scaling.
     """
     from ropekit.plan.registry import plan as make_plan
 
     rope = read_rope(source)
-    check_rope_freqs_support(rope)  # before planning: one clear line, nothing written
-    check_output_file(out, source=source, overwrite=overwrite)
-    plan = make_plan(rope.spec(original_length=original_length), target_length, method, **params)
+    check_architecture(rope)  # before planning: one clear line, nothing written
+    out = check_output_file(out, source=source, overwrite=overwrite)
+    spec = rope.spec(original_length=original_length, from_scratch=from_scratch)
+    plan = make_plan(spec, target_length, method, **params)
     write_extended_gguf(source, plan, out, overwrite=overwrite)
     return plan

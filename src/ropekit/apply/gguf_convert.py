@@ -14,61 +14,30 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ropekit.apply.atomic import atomic_directory, prepare_output
 from ropekit.apply.gguf import GgufRope, first_line, open_gguf, read_rope
 from ropekit.errors import RopekitError
-from ropekit.paths import cache_root
+from ropekit.output import atomic_directory, prepare_output
+from ropekit.paths import cache_root, describe_size
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 RECORD = "ropekit.json"
 
 
 def rope_scaling_block(rope: GgufRope) -> dict[str, Any] | None:
-    """transformers' `rope_parameters` (without rope_theta) that reproduce llama.cpp's RoPE for this file.
-
-    - rope_freqs.weight (e.g. written by `ropekit extend X.gguf`, or Llama 3.1): `longrope` with
-      short = long = the factors and the explicit attention factor `attn_factor` (llama.cpp
-      applies both at every length, so original_max_position_embeddings only sets the ratio).
-    - linear: transformers' `linear` with the same factor.
-    - yarn: transformers' `yarn`; llama.cpp's magnitude is attn_factor × (1 + 0.1 ln s)
-      (src/llama-context.cpp), given to transformers explicitly.
-    """
-    scaling, kind = rope.scaling, rope.scaling_type
-    if kind == "none":
-        return None
-    if kind == "rope_freqs":
-        original = rope.original_length or rope.context_length
-        return {
-            "rope_type": "longrope",
-            "short_factor": list(rope.rope_freqs or ()),
-            "long_factor": list(rope.rope_freqs or ()),
-            "factor": rope.context_length / original,
-            "original_max_position_embeddings": original,
-            "attention_factor": float(scaling.get("attn_factor", 1.0)),
-        }
-    factor = float(scaling.get("factor") or 1.0)
-    if kind == "linear":
-        return {"rope_type": "linear", "factor": factor}
-    if kind == "yarn":
-        original = rope.original_length or round(rope.context_length / factor)
-        block = {
-            "rope_type": "yarn",
-            "factor": factor,
-            "original_max_position_embeddings": original,
-            "attention_factor": float(scaling.get("attn_factor", 1.0)) * (1.0 + 0.1 * math.log(factor)),
-        }
-        for name in ("beta_fast", "beta_slow"):
-            if f"yarn_{name}" in scaling:
-                block[name] = float(scaling[f"yarn_{name}"])
-        return block
-    raise RopekitError(f"{rope.path}: {kind} RoPE scaling in a GGUF cannot be converted to transformers yet")
+    """transformers' `rope_parameters` (without rope_theta) that reproduce llama.cpp's RoPE for this file
+    (`GgufRope.transformers_block`)."""
+    return rope.transformers_block()
 
 
-def gguf_config(path: str | os.PathLike, rope: GgufRope):
+def gguf_config(path: str | os.PathLike, rope: GgufRope) -> PretrainedConfig:
     """A transformers config from the GGUF metadata (transformers' own mapping) plus its RoPE scaling."""
     from transformers import AutoConfig
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
@@ -81,12 +50,16 @@ def gguf_config(path: str | os.PathLike, rope: GgufRope):
     config = AutoConfig.for_model(parsed.pop("model_type"), **parsed)
     block = rope_scaling_block(rope)
     if block is not None:
-        config.rope_parameters = {"rope_theta": rope.base, **block}
+        block = {"rope_theta": rope.base, **block}
+        if rope.layer_type is not None:  # per-layer-type RoPE (Gemma 3): llama.cpp scales only these layers
+            config.rope_parameters = {**config.rope_parameters, rope.layer_type: block}
+        else:
+            config.rope_parameters = block
         config.max_position_embeddings = rope.context_length
     return config
 
 
-def load_gguf_model(path: str | os.PathLike, *, dtype=None):
+def load_gguf_model(path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> PreTrainedModel:
     """A plain (not quantised) transformers model with the GGUF's dequantised weights, in float32."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -113,7 +86,7 @@ def load_gguf_model(path: str | os.PathLike, *, dtype=None):
     return model.eval()
 
 
-def load_gguf_tokenizer(path: str | os.PathLike):
+def load_gguf_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase | None:
     """The GGUF's tokenizer (with its chat template) through transformers, or None when it has none."""
     from transformers import AutoTokenizer
 
@@ -127,7 +100,9 @@ def load_gguf_tokenizer(path: str | os.PathLike):
 def convert_gguf(path: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write a transformers model directory from a GGUF: `AutoModelForCausalLM.from_pretrained(out_dir)`
     loads it with stock transformers. Weights are dequantised to float32; `ropekit.json` records the source."""
-    target = prepare_output(Path(out_dir), overwrite=overwrite, inputs=(Path(path),))  # before the slow dequantisation
+    target = prepare_output(
+        Path(out_dir), kind="converted model", overwrite=overwrite, inputs=(Path(path),)
+    )  # before the slow dequantisation
     rope = read_rope(path)
     model = load_gguf_model(path)
     tokenizer = load_gguf_tokenizer(path)
@@ -146,7 +121,7 @@ def convert_gguf(path: str | os.PathLike, out_dir: str | os.PathLike, *, overwri
     return target.path
 
 
-def converted_dir(path: str | os.PathLike, *, progress=None) -> Path:
+def converted_dir(path: str | os.PathLike, *, progress: Callable[[str], Any] | None = None) -> Path:
     """The transformers directory for a GGUF, converted once into the cache (keyed by path, size and mtime)."""
     path = Path(path)
     rope = read_rope(path)  # one clear line for a bad file before anything is written
@@ -155,6 +130,9 @@ def converted_dir(path: str | os.PathLike, *, progress=None) -> Path:
     target = cache_root() / "gguf" / f"{path.stem}-{key}"
     if not (target / "config.json").is_file():
         if progress:
-            progress(f"converting {path} ({rope.architecture}) into {target}")
+            progress(f"converting {path} ({rope.architecture}) into ropekit's cache, {target}")
         convert_gguf(path, target, overwrite=True)
+        if progress:
+            size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
+            progress(f"the conversion takes {describe_size(size)} of cache (`ropekit cache --clear` frees it)")
     return target

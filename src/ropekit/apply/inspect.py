@@ -6,9 +6,15 @@ import math
 from typing import Any
 
 from ropekit.apply.extend import read_record
-from ropekit.apply.patch import SUPPORTED_FAMILIES
+from ropekit.apply.readers import (
+    SUPPORTED_MODEL_TYPES,
+    layer_rope_blocks,
+    load_config_dict,
+    spec_from_config_dict,
+    text_config_of,
+)
 from ropekit.plan.analysis.bounds import critical_dimension, extrapolation_bound
-from ropekit.plan.geometry import RopeSpec, layer_rope_blocks, load_config_dict, spec_from_config_dict, text_config_of
+from ropekit.plan.geometry import RopeSpec
 
 
 def model_card(path_or_id: str) -> dict[str, Any]:
@@ -43,7 +49,7 @@ def model_card(path_or_id: str) -> dict[str, Any]:
         }
     if record is not None and "training" not in record and spec.is_extended:
         card["note"] = (
-            f"extended by ropekit without fine-tuning: it was never trained at {spec.original_length} "
+            f"extended by ropekit without fine-tuning: it was never trained at {spec.context_length} "
             f"tokens; pass --from-scratch to plan from its RoPE before that extension "
             f"({spec.pretrained_length} tokens)"
         )
@@ -60,7 +66,7 @@ def _geometry(spec: RopeSpec) -> dict[str, Any]:
         "rotary_dim": spec.rotary_dim,
         "rope_theta": spec.base,
         "current_scaling": spec.current_scaling or "none",
-        "trained_context": spec.original_length,
+        "trained_context": spec.context_length,
         "trained_context_source": _length_reason(spec),
         "critical_dimension": crit,
         "pairs_without_full_turn": f"{spec.num_pairs - crit // 2} of {spec.num_pairs}",
@@ -71,7 +77,7 @@ def _geometry(spec: RopeSpec) -> dict[str, Any]:
     if spec.is_extended:
         out["planning_from"] = (
             f"its current {(spec.current_scaling or {}).get('rope_type')} frequencies over "
-            f"{spec.original_length} tokens (attention factor {spec.prior_attention_factor:.4f}); "
+            f"{spec.context_length} tokens (attention factor {spec.prior_attention_factor:.4f}); "
             f"--from-scratch plans from plain RoPE at {spec.pretrained_length} instead, "
             "replacing the existing scaling"
         )
@@ -86,8 +92,8 @@ def _length_reason(spec: RopeSpec) -> str:
 
 def _next_steps(path_or_id: str, spec: RopeSpec, family: str) -> str:
     """Commands to try, with a target beyond what the model already handles (2× if extended, else 4×)."""
-    target = (2 if spec.is_extended else 4) * spec.original_length
-    if family in SUPPORTED_FAMILIES:
+    target = (2 if spec.is_extended else 4) * spec.context_length
+    if family in SUPPORTED_MODEL_TYPES:
         return (
             f"ropekit plan --model {path_or_id} --target-length {target}; "
             f"ropekit extend {path_or_id} --method dprope --target-length {target} --out DIR"

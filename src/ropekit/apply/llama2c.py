@@ -24,11 +24,18 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from ropekit.errors import RopekitError
+from ropekit.output import OutputTarget
+
+KIND = "converted model"  # the kind of output in its manifest (ropekit.manifest)
+
+if TYPE_CHECKING:
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 V1_MAGIC = 0x616B3432
 V1_HEADER_BYTES = 256
@@ -85,7 +92,7 @@ def _read_bytes(path: str | Path, what: str) -> bytes:
     return p.read_bytes()
 
 
-def _parse_header(data: bytes, path) -> tuple[Llama2cConfig, int]:
+def _parse_header(data: bytes, path: str | Path) -> tuple[Llama2cConfig, int]:
     if len(data) < 28:
         raise RopekitError(f"{path}: too short to be a llama2.c checkpoint")
     magic = struct.unpack_from("<I", data, 0)[0]
@@ -124,11 +131,11 @@ def _weight_shapes(c: Llama2cConfig) -> list[tuple[str, tuple[int, ...]]]:
         "w3": (c.hidden_dim, c.dim),
     }
 
-    def layers(kind):
+    def layers(kind: str) -> list[tuple[str, tuple[int, ...]]]:
         return [(f"layers.{i}.{kind}", per_layer[kind]) for i in range(c.n_layers)]
 
-    embed = [("tok_embeddings.weight", (c.vocab_size, c.dim))]
-    norm = [("norm.weight", (c.dim,))]
+    embed: list[tuple[str, tuple[int, ...]]] = [("tok_embeddings.weight", (c.vocab_size, c.dim))]
+    norm: list[tuple[str, tuple[int, ...]]] = [("norm.weight", (c.dim,))]
     if c.version == 1:
         order = layers("attention_norm") + layers("ffn_norm") + norm + embed
         order += sum((layers(k) for k in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")), [])
@@ -150,7 +157,9 @@ def interleaved_to_half(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     return weight.view(n_heads, head_dim // 2, 2, in_features).transpose(1, 2).reshape(out_features, in_features)
 
 
-def to_transformers(config: Llama2cConfig, weights: dict[str, torch.Tensor], *, rope_theta: float = 10000.0):
+def to_transformers(
+    config: Llama2cConfig, weights: dict[str, torch.Tensor], *, rope_theta: float = 10000.0
+) -> LlamaForCausalLM:
     """Build a transformers `LlamaForCausalLM` with the llama2.c weights (asserting every shape)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -225,7 +234,7 @@ def read_tokenizer(path: str | Path, vocab_size: int) -> tuple[list[bytes], list
 SPECIAL_PIECES = {0: "<unk>", 1: "<s>", 2: "</s>"}  # llama2.c writes BOS/EOS as "\n<s>\n", "\n</s>\n"
 
 
-def to_transformers_tokenizer(pieces: list[bytes], scores: list[float]):
+def to_transformers_tokenizer(pieces: list[bytes], scores: list[float]) -> PreTrainedTokenizerFast:
     """A transformers fast tokenizer that encodes like llama2.c's `encode` (run.c).
 
     llama2.c prepends a ' ' (dummy prefix), starts from one token per UTF-8 character (bytes
@@ -257,7 +266,12 @@ def to_transformers_tokenizer(pieces: list[bytes], scores: list[float]):
 
 
 def convert(
-    checkpoint: str | Path, tokenizer: str | Path, out_dir, *, overwrite: bool = False, allow_non_finite: bool = False
+    checkpoint: str | Path,
+    tokenizer: str | Path,
+    out_dir: OutputTarget | str | Path,
+    *,
+    overwrite: bool = False,
+    allow_non_finite: bool = False,
 ) -> Path:
     """Convert a llama2.c checkpoint + tokenizer.bin to a transformers model directory.
 
@@ -265,23 +279,23 @@ def convert(
     and renames it into place, so a failure leaves nothing partial at `out_dir`. Refuses
     checkpoints with NaN or inf weights unless `allow_non_finite`.
     """
-    from ropekit.apply.atomic import OutputTarget, atomic_directory, prepare_output
+    from ropekit.output import atomic_directory, prepare_output
 
     if not isinstance(out_dir, OutputTarget):
-        out_dir = prepare_output(out_dir, overwrite=overwrite, inputs=(checkpoint, tokenizer))
+        out_dir = prepare_output(out_dir, kind=KIND, overwrite=overwrite, inputs=(checkpoint, tokenizer))
     config, weights = read_checkpoint(checkpoint)
     if not allow_non_finite:
         check_finite_weights(weights, checkpoint)
     pieces, scores = read_tokenizer(tokenizer, config.vocab_size)
     model = to_transformers(config, weights)
     hf_tokenizer = to_transformers_tokenizer(pieces, scores)
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+    with atomic_directory(out_dir, overwrite=overwrite, kind=KIND) as tmp:
         model.save_pretrained(tmp)
         hf_tokenizer.save_pretrained(tmp)
     return out_dir.path
 
 
-def check_finite_weights(weights: dict[str, torch.Tensor], source) -> None:
+def check_finite_weights(weights: dict[str, torch.Tensor], source: str | Path) -> None:
     """Refuse weights holding NaN or inf, naming the first tensor and the count."""
     for name, tensor in weights.items():
         bad = int((~torch.isfinite(tensor)).sum())

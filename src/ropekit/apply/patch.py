@@ -14,12 +14,15 @@ to the plan's:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ropekit.apply import readers
 from ropekit.apply.export import rope_block_of, transformers_config
+from ropekit.apply.readers import PER_LAYER_TYPE_MODEL_TYPES, spec_from_config
 from ropekit.errors import RopekitError
 from ropekit.plan.geometry import RopeSpec
 from ropekit.plan.registry import METHODS
@@ -30,30 +33,25 @@ if TYPE_CHECKING:
 
 
 ROUTES = ("config", "inv_freq")
+_MOVED = {  # old name here → the one list of model types in ropekit.apply.readers
+    "SUPPORTED_FAMILIES": "SUPPORTED_MODEL_TYPES",
+    "PER_LAYER_TYPE_FAMILIES": "PER_LAYER_TYPE_MODEL_TYPES",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """`SUPPORTED_FAMILIES` and `PER_LAYER_TYPE_FAMILIES` still import from here, with a DeprecationWarning."""
+    if name in _MOVED:
+        warnings.warn(
+            f"ropekit.apply.patch.{name} is deprecated: use ropekit.apply.readers.{_MOVED[name]}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(readers, _MOVED[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 GEOMETRY_KEYS = ("partial_rotary_factor",)  # keys of the model's own rope block that a plan keeps
-# model_type values tested end to end (tests/apply/test_apply.py, tests/apply/test_families.py)
-SUPPORTED_FAMILIES = (
-    "llama",
-    "mistral",
-    "mixtral",
-    "qwen2",
-    "qwen3",
-    "phi3",
-    "gemma",
-    "gemma2",
-    "gemma3_text",
-    "gemma3n_text",
-    "gpt_neox",
-    "olmo2",
-    "olmo3",
-    "gpt_oss",
-    "cohere2",
-    "exaone4",
-    "ministral",
-    "smollm3",
-    "llama4_text",
-)
-PER_LAYER_TYPE_FAMILIES = ("gemma3_text", "gemma3n_text", "olmo3")  # per-layer-type rotary modules that are tested
 
 
 def rotary_modules(
@@ -86,7 +84,7 @@ def model_spec(model: torch.nn.Module, *, from_scratch: bool = False, layer_type
             f"{type(model).__name__} has no transformers config; ropekit applies plans to transformers models"
         )
     name = getattr(config, "_name_or_path", None) or config.model_type
-    return RopeSpec.from_config(config, name=name, from_scratch=from_scratch, layer_type=layer_type)
+    return spec_from_config(config, name=name, from_scratch=from_scratch, layer_type=layer_type)
 
 
 def check_plan_fits(model_geometry: RopeSpec, plan: Plan) -> None:
@@ -95,7 +93,7 @@ def check_plan_fits(model_geometry: RopeSpec, plan: Plan) -> None:
     for what, got, want in [
         ("head_dim", model_geometry.head_dim, planned.head_dim),
         ("rotary_dim", model_geometry.rotary_dim, planned.rotary_dim),
-        ("original length", model_geometry.original_length, planned.original_length),
+        ("original length", model_geometry.context_length, planned.context_length),
     ]:
         if got != want:
             raise RopekitError(
@@ -107,7 +105,7 @@ def check_plan_fits(model_geometry: RopeSpec, plan: Plan) -> None:
         raise RopekitError("plan was made for other existing scaling factors than the model's; re-plan for this model")
 
 
-def _same_factors(a, b) -> bool:
+def _same_factors(a: tuple[float, ...] | None, b: tuple[float, ...] | None) -> bool:
     if a is None or b is None:
         return a is b
     return len(a) == len(b) and all(math.isclose(x, y, rel_tol=1e-9) for x, y in zip(a, b))
@@ -123,6 +121,10 @@ def apply(
     """
     if route not in ROUTES:
         raise RopekitError(f"route must be one of {', '.join(ROUTES)}, got {route!r}")
+    import torch
+
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise RopekitError(f"apply_plan takes a loaded transformers model (e.g. AutoModelForCausalLM), got {model!r}")
     plans = as_plan_list(plan)
     check_family(model, plans)
     for p in plans:
@@ -153,16 +155,28 @@ def check_family(model: torch.nn.Module, plans: list[Plan]) -> None:
             "(e.g. model.model.language_model), whose config holds the RoPE block"
         )
     per_layer = any(p.spec.layer_type is not None for p in plans)
-    if per_layer and config.model_type not in PER_LAYER_TYPE_FAMILIES:
+    if per_layer and config.model_type not in PER_LAYER_TYPE_MODEL_TYPES:
         raise RopekitError(
             f"per-layer-type RoPE of {config.model_type!r} models is not tested by ropekit "
-            f"(tested: {', '.join(PER_LAYER_TYPE_FAMILIES)})"
+            f"(tested: {', '.join(PER_LAYER_TYPE_MODEL_TYPES)})"
         )
 
 
 def as_plan_list(plan: Plan | Mapping[str, Plan] | Iterable[Plan]) -> list[Plan]:
     """One plan, a {layer_type: plan} mapping, or a list of plans, as a list (one target length, distinct layers)."""
-    plans = [plan] if isinstance(plan, Plan) else list(plan.values() if isinstance(plan, Mapping) else plan)
+    iterable = isinstance(plan, (Mapping, list, tuple))
+    plans = (
+        [plan]
+        if isinstance(plan, Plan)
+        else list(plan.values() if isinstance(plan, Mapping) else plan)
+        if iterable
+        else []
+    )
+    if not (isinstance(plan, Plan) or iterable) or not all(isinstance(p, Plan) for p in plans):
+        raise RopekitError(
+            f"expected a Plan (ropekit.make_plan(spec, target_length, method)), a {{layer_type: Plan}} mapping or a "
+            f"list of plans, got {plan!r}"
+        )
     if not plans:
         raise RopekitError("no plan to apply")
     if len({p.target_length for p in plans}) > 1:
@@ -198,9 +212,10 @@ def _apply_config(model: PreTrainedModel, plans: list[Plan]) -> None:
         setattr(parent, name, type(old)(config=config).to(device))
 
 
-def _apply_inv_freq(plan: Plan, modules) -> None:
+def _apply_inv_freq(plan: Plan, modules: list[tuple[torch.nn.Module, str, torch.nn.Module]]) -> None:
     layer_type = plan.spec.layer_type
-    for _, _, module in modules:
+    for _, _, rotary in modules:
+        module: Any = rotary  # a transformers rotary-embedding module (rope_type, buffers per layer type)
         target = getattr(module, buffer_name(layer_type))
         inv_freq = plan.inv_freq.to(device=target.device, dtype=target.dtype)
         target.copy_(inv_freq)
@@ -214,7 +229,7 @@ def _apply_inv_freq(plan: Plan, modules) -> None:
             module.rope_type[layer_type] = "default"
 
 
-def _verify(plan: Plan, modules, *, exact: bool) -> None:
+def _verify(plan: Plan, modules: list[tuple[torch.nn.Module, str, torch.nn.Module]], *, exact: bool) -> None:
     layer_type = plan.spec.layer_type
     for _, _, module in modules:
         got = getattr(module, buffer_name(layer_type)).detach().float().cpu()

@@ -6,23 +6,29 @@ import csv
 import functools
 import json
 import os
+import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from ropekit.apply.atomic import atomic_directory, prepare_output
 from ropekit.cli import options as o
 from ropekit.cli.eval_options import run_default, with_task_options
-from ropekit.cli.render import comparison_table, geometry_header, pair_table
-from ropekit.errors import RopekitError
+from ropekit.cli.render import comparison_table, print_plan
+from ropekit.cli.tune import tune_cmd
+from ropekit.errors import RopekitError, Terminated
+from ropekit.manifest import MANIFEST, set_command
+from ropekit.output import atomic_directory, prepare_output
+from ropekit.plan.analysis.angles import DEFAULT_BINS
+from ropekit.plan.registry import DEFAULT_METHOD
+from ropekit.train.config import TrainConfig, domain_help
 
-if TYPE_CHECKING:
-    pass
-
+T = TypeVar("T")
+TRAIN = TrainConfig(model="", out=Path(), data="", target_length=1)  # its defaults, shown by `finetune --help`
 
 app = typer.Typer(
     help="Plan, apply, fine-tune and evaluate RoPE context-window extensions.\n\n"
@@ -35,23 +41,21 @@ out_console = Console()
 err_console = Console(stderr=True)
 
 
-def user_errors(fn):
-    """Turn a RopekitError into one line on stderr and exit code 2 (130 for an interrupt)."""
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a RopekitError into one line on stderr and exit code 2; Ctrl-C (exit 130) and SIGTERM (143)
+    into one line saying that nothing was written (partial files are removed on the way out)."""
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except RopekitError as exc:
             print(f"error: {exc}", file=sys.stderr)
             raise typer.Exit(getattr(exc, "exit_code", 2)) from None
-        except KeyboardInterrupt:
-            print(
-                "error: interrupted before any result was complete (a fine-tune interrupted before its first step "
-                "leaves only its settings in the run directory: rerun with --overwrite)",
-                file=sys.stderr,
-            )
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as exc:
+            what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+            print(f"error: {what} before the result was complete; nothing was written", file=sys.stderr)
+            raise typer.Exit(getattr(exc, "exit_code", 130)) from None
 
     return wrapper
 
@@ -64,25 +68,28 @@ def plan_cmd(
     method: Annotated[
         str,
         typer.Option("--method", help="Scaling method (`ropekit methods` lists them with their options)."),
-    ] = "dprope",
+    ] = DEFAULT_METHOD,
     preset: o.Preset = None,
     model: o.Model = None,
     head_dim: o.HeadDim = None,
     rope_theta: o.RopeTheta = None,
     original_length: o.OriginalLength = None,
     partial_rotary_factor: o.PartialRotary = None,
-    bins: o.Bins = 360,
+    bins: o.Bins = DEFAULT_BINS,
     from_scratch: o.FromScratch = False,
     layer_type: o.LayerType = None,
-    json_out: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object (and nothing else) on stdout.")
-    ] = False,
+    json_out: Annotated[bool, o.flag("--json", help="Print one JSON object (and nothing else) on stdout.")] = False,
     compare: Annotated[
-        bool, typer.Option("--compare", help="With --json: add disturbance_by_method for every method.")
+        bool,
+        o.flag(
+            "--compare",
+            help="With --json: add disturbance_by_method for every method (how far each moves the angle "
+            "statistics, not a quality ranking: `ropekit tune` measures that).",
+        ),
     ] = False,
     paper_setting: Annotated[
         bool,
-        typer.Option(
+        o.flag(
             "--paper-setting",
             help="dprope: the paper's n for LLaMA-2 (80 dims at 8k, 64 at 16k) instead of the t = 0 argmin.",
         ),
@@ -91,7 +98,7 @@ def plan_cmd(
         Path | None,
         typer.Option("--out", help="Directory for the export files and plan.json (without it nothing is written)."),
     ] = None,
-    no_write: Annotated[bool, typer.Option("--no-write", help="Do not write export files, even with --out.")] = False,
+    no_write: Annotated[bool, o.flag("--no-write", help="Do not write export files, even with --out.")] = False,
     overwrite: o.Overwrite = False,
     *,
     method_options: dict[str, Any],
@@ -99,12 +106,12 @@ def plan_cmd(
     """Plan an extension: per-pair factors, attention factor, disturbance, and config exports.
 
     Prints the per-pair plan and every method's disturbance, and writes configs for
-    transformers (v5 and v4), vLLM and llama.cpp.
+    transformers (v5 and v4), vLLM and llama.cpp. The disturbance says how far a plan moves the
+    angle statistics from pre-training; it does not rank plans by quality (on SmolLM2-135M the
+    lowest-disturbance plans had the worst perplexity): `ropekit tune` measures that.
     """
-    from ropekit.apply.export import write_exports
-    from ropekit.plan.registry import compare as compare_methods
-    from ropekit.plan.registry import plan as make_plan
-    from ropekit.plan.summary import plan_summary
+    from ropekit.apply.plan_dir import write_plan_directory
+    from ropekit.plan.report import plan_report
 
     spec = o.build_spec(
         preset=preset,
@@ -117,40 +124,25 @@ def plan_cmd(
         layer_type=layer_type,
     )
     params = o.method_params(method, method_options)
-    if paper_setting:
-        paper_label, setting = o.paper_setting(method, spec, target_length, params)
-        params.update(setting)
-    out_dir = None if no_write else out  # files only where the user asked for them
-    inputs = (model, *(v for v in method_options.values() if isinstance(v, Path)))  # e.g. a factors file
-    target = None if out_dir is None else prepare_output(out_dir, overwrite=overwrite, inputs=inputs)
-    with err_console.status(f"planning {method} to {target_length} tokens"):
-        plan = make_plan(spec, target_length, method, bins=bins, **params)
-        scores: dict[str, float] = {}
-        if compare or not json_out:
-            scores = {n: p.disturbance for n, p in compare_methods(spec, target_length, bins=bins).items()}
-            scores.update(o.paper_setting_scores(spec, target_length, bins))
-            if not paper_setting:
-                scores[plan.method] = plan.disturbance  # the user's own parameters win
-    summary = plan_summary(plan, disturbance_by_method=scores if compare else None)
-    if target is not None and out_dir is not None:
-        with atomic_directory(target, marker="plan.json") as tmp:
-            written = {k: out_dir / p.name for k, p in write_exports(plan, tmp).items()}
-            summary["exports"] = {k: str(v) for k, v in written.items()}
-            (tmp / "plan.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if json_out:
-        print(json.dumps(summary))
-        return
-    geometry_header(out_console, plan)
-    out_console.print(pair_table(plan))
-    out_console.print(comparison_table(scores, paper_label if paper_setting else plan.method))
-    out_console.print(
-        f"[bold]{plan.method}[/]: disturbance {plan.disturbance:.3f}, attention factor "
-        f"{plan.attention_factor:.4f}, {len(plan.interpolated_pairs)} of {spec.num_pairs} pairs interpolated"
+    settings: dict[str, Any] = dict(
+        bins=bins, compare_methods=compare or not json_out, paper_setting=paper_setting, **params
     )
-    if target is not None:
-        out_console.print(
-            f"exports written to {out_dir}/: " + ", ".join(p.name for p in written.values()) + ", plan.json"
-        )
+    out_dir = None if no_write else out  # files only where the user asked for them
+    with err_console.status(f"planning {method} to {target_length} tokens"):
+        if out_dir is None:
+            report = plan_report(spec, target_length, method, **settings)
+        else:
+            inputs = (model, *o.method_input_paths(method_options))  # e.g. a factors file
+            report = write_plan_directory(
+                spec, target_length, out_dir, method, overwrite=overwrite, inputs=inputs, **settings
+            )
+    if json_out:
+        print(json.dumps(report.summary()))
+        return
+    print_plan(out_console, report)
+    if out_dir is not None:
+        names = ", ".join(p.name for p in report.exports.values())
+        out_console.print(f"exports written to {out_dir}/: {names}, plan.json, {MANIFEST}")
     elif not no_write:
         out_console.print("add --out DIR to write the transformers, vLLM and llama.cpp exports and plan.json")
 
@@ -177,13 +169,13 @@ def analyze_cmd(
     rope_theta: o.RopeTheta = None,
     original_length: o.OriginalLength = None,
     partial_rotary_factor: o.PartialRotary = None,
-    bins: o.Bins = 360,
+    bins: o.Bins = DEFAULT_BINS,
     overwrite: o.Overwrite = False,
     from_scratch: o.FromScratch = False,
     layer_type: o.LayerType = None,
 ) -> None:
     """Angle distributions and disturbance of every method: plots (PNG/SVG) and a per-pair CSV."""
-    from ropekit.plan.analysis import plots
+    from ropekit.plan import plots
     from ropekit.plan.analysis.bounds import critical_dimension
     from ropekit.plan.registry import compare as compare_methods
     from ropekit.plan.registry import get_method
@@ -209,7 +201,7 @@ def analyze_cmd(
                 f"(see it with: ropekit plan --method {name} --factors-file FILE)"
             )
     pair_list = _parse_pairs(pairs, spec.num_pairs) or _default_pairs(critical_dimension(spec) // 2, spec.num_pairs)
-    target = prepare_output(out, overwrite=overwrite, inputs=(model,))
+    target = prepare_output(out, kind="analysis", overwrite=overwrite, inputs=(model,))
     with err_console.status("computing angle distributions"), atomic_directory(target) as tmp:
         plans = compare_methods(spec, target_length, names, bins=bins)
         written = [
@@ -225,7 +217,7 @@ def analyze_cmd(
             writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-    out_console.print(comparison_table({n: p.disturbance for n, p in plans.items()}, chosen="dprope"))
+    out_console.print(comparison_table({n: p.disturbance for n, p in plans.items()}, chosen=DEFAULT_METHOD))
     out_console.print(f"wrote {out / 'per_pair.csv'} and " + ", ".join(str(out / p.name) for p in written))
 
 
@@ -263,7 +255,7 @@ def extend_cmd(
             "--out", help="New model directory (must not exist or be empty); for a .gguf MODEL, a new .gguf file."
         ),
     ],
-    method: Annotated[str, typer.Option("--method", help="Scaling method (see `ropekit methods`).")] = "dprope",
+    method: Annotated[str, typer.Option("--method", help="Scaling method (see `ropekit methods`).")] = DEFAULT_METHOD,
     overwrite: o.Overwrite = False,
     from_scratch: o.FromScratch = False,
     layer_types: Annotated[
@@ -273,11 +265,12 @@ def extend_cmd(
             help="Per-layer-type RoPE (Gemma 3): comma-separated layer types to extend (default: full_attention only).",
         ),
     ] = "",
-    bins: o.Bins = 360,
+    bins: o.Bins = DEFAULT_BINS,
     original_length: Annotated[
         int | None,
         typer.Option(
-            "--original-length", help="GGUF only: trained context when the file carries scaling without saying it."
+            "--original-length",
+            help="GGUF only: the context to plan from (with --from-scratch: the length before the file's scaling).",
         ),
     ] = None,
     *,
@@ -294,8 +287,16 @@ def extend_cmd(
     from ropekit.apply.patch import as_plan_list
 
     params = o.method_params(method, method_options)
+    inputs = o.method_input_paths(method_options)  # e.g. a --factors-file: never inside --out
     if model.lower().endswith(".gguf"):
-        return _extend_gguf(model, out, target_length, method, overwrite, original_length, bins, params)
+        if layer_types:
+            raise RopekitError(
+                "--layer-types applies to a model directory with per-layer-type RoPE; for a .gguf MODEL llama.cpp's "
+                "graph decides which layers a plan reaches"
+            )
+        return _extend_gguf(
+            model, out, target_length, method, overwrite, original_length, bins, params, from_scratch, inputs
+        )
     if original_length is not None:
         raise RopekitError("--original-length applies to a .gguf MODEL only (a model directory's config says it)")
     with err_console.status(f"extending {model} to {target_length} tokens with {method}"):
@@ -309,6 +310,7 @@ def extend_cmd(
                 overwrite=overwrite,
                 from_scratch=from_scratch,
                 layer_types=_split(layer_types, str) or None,
+                inputs=inputs,
                 **params,
             )
         )
@@ -322,7 +324,9 @@ def extend_cmd(
     out_console.print("load it with: AutoModelForCausalLM.from_pretrained(" + repr(str(out)) + ")")
     plan = plans[0]
     out_console.print(
-        f"vLLM on the original weights: --hf-overrides '{json.dumps(vllm_hf_overrides(plan))}'", soft_wrap=True
+        f"vLLM on the original weights: --hf-overrides '{json.dumps(vllm_hf_overrides(plan))}' "
+        f"--max-model-len {target_length}",
+        soft_wrap=True,
     )
     cpp = llama_cpp_rope_freqs(plan)
     if cpp.get("note"):
@@ -341,9 +345,22 @@ def extend_cmd(
         )
 
 
-def _extend_gguf(model: str, out, target_length, method, overwrite, original_length, bins, params) -> None:
-    from ropekit.apply.gguf import extend_gguf
+def _extend_gguf(
+    model: str,
+    out: Path,
+    target_length: int,
+    method: str,
+    overwrite: bool,
+    original_length: int | None,
+    bins: int,
+    params: dict[str, Any],
+    from_scratch: bool,
+    inputs: tuple[Path, ...],
+) -> None:
+    from ropekit.apply.gguf import extend_gguf, read_rope
+    from ropekit.output import refuse_overlaps
 
+    refuse_overlaps(out, inputs)
     with err_console.status(f"extending {model} to {target_length} tokens with {method}"):
         plan = extend_gguf(
             model,
@@ -352,17 +369,18 @@ def _extend_gguf(model: str, out, target_length, method, overwrite, original_len
             method=method,
             overwrite=overwrite,
             original_length=original_length,
+            from_scratch=from_scratch,
             bins=bins,
             **params,
         )
     out_console.print(
         f"wrote {out} ({plan.method}: {len(plan.interpolated_pairs)} of {plan.spec.num_pairs} pairs "
         f"interpolated, attention factor {plan.attention_factor:.4f}; tensors copied unchanged, "
-        f"rope_freqs.weight added, context_length {target_length})"
+        f"{read_rope(out).carried_by()}, context_length {target_length})"
     )
     out_console.print(
-        f"run it with llama.cpp: llama-cli -m {out} -c {target_length}  (or llama_cpp.Llama(model_path="
-        f"{str(out)!r}, n_ctx={target_length}))",
+        f"run it with llama.cpp: llama-cli -m {out} -c {target_length}, no --rope-* or --yarn-* flags "
+        f"(they would scale again)  (or llama_cpp.Llama(model_path={str(out)!r}, n_ctx={target_length}))",
         soft_wrap=True,
     )
 
@@ -384,7 +402,7 @@ def convert_llama2c_cmd(
     ] = None,
     overwrite: o.Overwrite = False,
     allow_non_finite: Annotated[
-        bool, typer.Option("--allow-non-finite", help="Convert even if some weights are NaN or inf.")
+        bool, o.flag("--allow-non-finite", help="Convert even if some weights are NaN or inf.")
     ] = False,
 ) -> None:
     """Convert a llama2.c checkpoint + tokenizer to a transformers LlamaForCausalLM directory."""
@@ -392,7 +410,7 @@ def convert_llama2c_cmd(
 
     from ropekit.apply.llama2c import convert
 
-    target = prepare_output(out, overwrite=overwrite, inputs=(checkpoint, tokenizer))
+    target = prepare_output(out, kind="converted model", overwrite=overwrite, inputs=(checkpoint, tokenizer))
     if sha256 is not None:
         if not checkpoint.is_file():
             raise RopekitError(f"{checkpoint}: checkpoint file not found")
@@ -410,7 +428,7 @@ def convert_gguf_cmd(
         Path, typer.Argument(metavar="GGUF", help="A .gguf file (any quantisation transformers can dequantise).")
     ],
     out: Annotated[Path, typer.Option("--out", help="Output model directory (must not exist or be empty).")],
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out directory.")] = False,
+    overwrite: o.Overwrite = False,
 ) -> None:
     """Convert a GGUF to a transformers directory: dequantised float32 weights, tokenizer, chat template, RoPE plan."""
     from ropekit.apply.gguf_convert import convert_gguf
@@ -424,7 +442,7 @@ def convert_gguf_cmd(
 @user_errors
 def inspect_cmd(
     model: Annotated[str, typer.Argument(metavar="MODEL", help="Model directory, config.json, .gguf file, or hub id.")],
-    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    json_out: Annotated[bool, o.flag("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Model card: RoPE geometry, current scaling, critical dimension, trained context, what to do next."""
     from ropekit.apply.inspect import model_card
@@ -435,8 +453,13 @@ def inspect_cmd(
         return
     t = Table(title=f"{model}", show_header=False)
     for key, value in card.items():
-        t.add_row(key.replace("_", " "), value if isinstance(value, str) else json.dumps(value))
+        if key != "next":
+            t.add_row(key.replace("_", " "), value if isinstance(value, str) else json.dumps(value))
     out_console.print(t)
+    if card.get("next"):  # whole lines, never folded or cut, so they can be pasted
+        out_console.print("next:")
+        for command in str(card["next"]).split("; "):
+            out_console.print(f"  {command}", soft_wrap=True, markup=False, highlight=False)
 
 
 @app.command("eval")
@@ -571,7 +594,7 @@ def eval_cmd(
         out_console.print(line)
 
 
-def _split(text: str, kind):
+def _split(text: str, kind: Callable[[str], T]) -> list[T]:
     try:
         return [kind(x.strip()) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -591,7 +614,7 @@ def finetune_cmd(
         str | None,
         typer.Option("--recipe", help="dprope-llama2-8k or dprope-llama2-16k (the paper's recipe); flags override it."),
     ] = None,
-    method: Annotated[str | None, typer.Option("--method", help="Scaling method (default dprope).")] = None,
+    method: Annotated[str | None, typer.Option("--method", help=f"Scaling method (default {TRAIN.method}).")] = None,
     target_length: Annotated[
         int | None,
         typer.Option("--target-length", help="Context to extend to, tokens (required unless --recipe gives it)."),
@@ -599,62 +622,107 @@ def finetune_cmd(
     train_length: Annotated[
         int | None,
         typer.Option(
-            "--train-length", help="Training window (default: target; with --pose: required, e.g. the original length)."
+            "--train-length",
+            help="Training window (default: target; with --pose: required, e.g. the original length)."
+            + " "
+            + domain_help("train_length"),
         ),
     ] = None,
     pose: Annotated[
-        bool, typer.Option("--pose", help="PoSE: train at --train-length with position ids skipped up to the target.")
+        bool, o.flag("--pose", help="PoSE: train at --train-length with position ids skipped up to the target.")
     ] = False,
-    pose_chunks: Annotated[int, typer.Option("--pose-chunks", help="PoSE chunks per window.")] = 2,
+    pose_chunks: Annotated[
+        int, typer.Option("--pose-chunks", help="PoSE chunks per window." + " " + domain_help("pose_chunks"))
+    ] = TRAIN.pose_chunks,
     pose_text_skip: Annotated[
         int,
         typer.Option(
             "--pose-text-skip",
-            help="PoSE text skipping: cut each window from a span this many tokens longer (0 = off).",
+            help="PoSE text skipping: cut each window from a span this many tokens longer (0 = off)."
+            + " "
+            + domain_help("pose_text_skip"),
         ),
-    ] = 0,
+    ] = TRAIN.pose_text_skip,
     passkey_mix: Annotated[
         float,
         typer.Option(
             "--passkey-mix",
             help="Share of training windows that are passkey examples (yarn-style prompt + answer, one window "
-            "each), so retrieval is trained rather than forgotten; 0 = text only.",
+            "each), so retrieval is trained rather than forgotten; 0 = text only." + " " + domain_help("passkey_mix"),
         ),
-    ] = 0.0,
-    steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps (default 100).")] = None,
+    ] = TRAIN.passkey_mix,
+    steps: Annotated[
+        int | None,
+        typer.Option("--steps", help=f"Optimizer steps (default {TRAIN.steps})." + " " + domain_help("steps")),
+    ] = None,
     global_batch: Annotated[
-        int | None, typer.Option("--global-batch", help="Windows per step over all processes (default 8).")
+        int | None,
+        typer.Option(
+            "--global-batch",
+            help=f"Windows per step over all processes (default {TRAIN.global_batch})."
+            + " "
+            + domain_help("global_batch"),
+        ),
     ] = None,
-    micro_batch: Annotated[int, typer.Option("--micro-batch", help="Windows per forward pass per process.")] = 1,
-    lr: Annotated[float | None, typer.Option("--lr", help="AdamW learning rate (default 2e-5).")] = None,
+    micro_batch: Annotated[
+        int,
+        typer.Option("--micro-batch", help="Windows per forward pass per process." + " " + domain_help("micro_batch")),
+    ] = TRAIN.micro_batch,
+    lr: Annotated[
+        float | None,
+        typer.Option("--lr", help=f"AdamW learning rate (default {TRAIN.lr:g})." + " " + domain_help("lr")),
+    ] = None,
     weight_decay: Annotated[
-        float | None, typer.Option("--weight-decay", help="AdamW weight decay (default 0).")
+        float | None,
+        typer.Option(
+            "--weight-decay",
+            help=f"AdamW weight decay (default {TRAIN.weight_decay:g})." + " " + domain_help("weight_decay"),
+        ),
     ] = None,
-    warmup_steps: Annotated[int | None, typer.Option("--warmup-steps", help="Linear warmup steps (default 0).")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Data order, PoSE skips and init of any new state.")] = 0,
-    save_every: Annotated[int, typer.Option("--save-every", help="Checkpoint every N steps.")] = 50,
+    warmup_steps: Annotated[
+        int | None,
+        typer.Option(
+            "--warmup-steps",
+            help=f"Linear warmup steps (default {TRAIN.warmup_steps})." + " " + domain_help("warmup_steps"),
+        ),
+    ] = None,
+    seed: Annotated[
+        int,
+        typer.Option("--seed", help="Data order, PoSE skips and init of any new state." + " " + domain_help("seed")),
+    ] = TRAIN.seed,
+    save_every: Annotated[
+        int, typer.Option("--save-every", help="Checkpoint every N steps." + " " + domain_help("save_every"))
+    ] = TRAIN.save_every,
     resume: Annotated[
-        bool, typer.Option("--resume", help="Continue the run in --out from its latest complete checkpoint.")
+        bool, o.flag("--resume", help="Continue the run in --out from its latest complete checkpoint.")
     ] = False,
     stop_after_steps: Annotated[
         int | None,
         typer.Option(
-            "--stop-after-steps", help="Stop cleanly after N steps (time-limited jobs); continue with --resume."
+            "--stop-after-steps",
+            help="Stop cleanly after N steps (time-limited jobs); continue with --resume."
+            + " "
+            + domain_help("stop_after"),
         ),
     ] = None,
     gradient_checkpointing: Annotated[
         bool | None,
-        typer.Option("--gradient-checkpointing/--no-gc", help="Trade compute for memory (default off; on in recipes)."),
+        o.flag(
+            "--gradient-checkpointing/--no-gc",
+            help=f"Trade compute for memory (default {'on' if TRAIN.gradient_checkpointing else 'off'}; on in recipes).",
+        ),
     ] = None,
     mixed_precision: Annotated[
         str, typer.Option("--mixed-precision", help="auto (bf16 on a capable GPU), no, bf16, fp16.")
-    ] = "auto",
+    ] = TRAIN.mixed_precision,
     report_to: Annotated[
         str, typer.Option("--report-to", help="auto (tensorboard if installed), none, tensorboard, wandb.")
-    ] = "auto",
-    max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Tokens read per document.")] = None,
+    ] = TRAIN.report_to,
+    max_tokens: Annotated[
+        int | None, typer.Option("--max-tokens", help="Tokens read per document." + " " + domain_help("max_tokens"))
+    ] = None,
     overwrite: o.Overwrite = False,
-    bins: o.Bins = 360,
+    bins: o.Bins = DEFAULT_BINS,
     *,
     method_options: dict[str, Any],
 ) -> None:
@@ -664,7 +732,7 @@ def finetune_cmd(
     `torchrun --nproc_per_node N -m ropekit.cli.main finetune ...` (CPU/GPU) or
     `accelerate launch --config_file configs/accelerate/deepspeed_zero3.yaml -m ropekit.cli.main finetune ...`.
     """
-    from ropekit.train.loop import TrainConfig, finetune
+    from ropekit.train.loop import finetune
     from ropekit.train.recipes import get_recipe
 
     settings = get_recipe(recipe) if recipe else {}
@@ -681,12 +749,13 @@ def finetune_cmd(
     settings.update({k: v for k, v in explicit.items() if v is not None})
     if settings.get("target_length") is None:
         raise RopekitError("give --target-length (or a --recipe)")
-    chosen = settings.pop("method", "dprope")
+    chosen = settings.pop("method", TRAIN.method)
     params = {**o.method_params(chosen, method_options), "bins": bins}  # make_plan takes bins for any method
     cfg = TrainConfig(
         model=model,
         out=out,
         data=data,
+        extra_inputs=tuple(str(p) for p in o.method_input_paths(method_options)),
         method=chosen,
         method_params=params,
         train_length=train_length,
@@ -705,7 +774,12 @@ def finetune_cmd(
         overwrite=overwrite,
         **settings,
     )
-    record = finetune(cfg)
+    try:
+        record = finetune(cfg)
+    except KeyboardInterrupt as exc:  # before the first step (the loop itself stops cleanly after a step)
+        kept = f"{out} holds only the run's settings: rerun with --overwrite" if out.is_dir() else "nothing was written"
+        print(f"error: interrupted before the first training step; {kept}", file=sys.stderr)
+        raise typer.Exit(getattr(exc, "exit_code", 130)) from None
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun every process returns here; one reports
     state = (
@@ -716,6 +790,46 @@ def finetune_cmd(
     err_console.print(
         f"{state}; {record['tokens_per_second'] or 0:,.0f} tokens/s; loss curve in {out}/logs/loss_curve.csv"
     )
+    err_console.print(cache_note(), soft_wrap=True)
+
+
+@app.command("cache")
+@user_errors
+def cache_cmd(
+    clear: Annotated[
+        bool, o.flag("--clear", help="Empty ropekit's cache (only a directory tagged as ropekit's).")
+    ] = False,
+) -> None:
+    """Where ropekit caches (tokenisations, GGUF conversions, evaluation cells), how much, and how to clear it."""
+    from ropekit.paths import PARTS, cache_root, cache_usage, clear_cache, describe_size
+
+    root = cache_root(create=False)
+    where = "ROPEKIT_CACHE" if os.environ.get("ROPEKIT_CACHE") else "default; set ROPEKIT_CACHE to move it"
+    if clear:
+        out_console.print(f"cleared {root}: {describe_size(clear_cache())} freed")
+        return
+    usage = cache_usage()
+    t = Table(title=f"ropekit's cache: {root} ({where})")
+    for col in ("part", "what", "size", "files"):
+        t.add_column(col, justify="right" if col in ("size", "files") else "left")
+    for part, (size, files) in usage.items():
+        t.add_row(f"{part}/", PARTS[part], describe_size(size), str(files))
+    out_console.print(t)
+    total = sum(size for size, _ in usage.values())
+    out_console.print(f"total {describe_size(total)}; `ropekit cache --clear` empties it (it is rebuilt when needed)")
+
+
+def cache_note() -> str:
+    """One line for the end of a long command: where the cache is and how large."""
+    from ropekit.paths import cache_root, cache_usage, describe_size
+
+    total = sum(size for size, _ in cache_usage().values())
+    return (
+        f"cache: {cache_root(create=False)} holds {describe_size(total)} (`ropekit cache` shows it, --clear empties it)"
+    )
+
+
+app.command("tune")(user_errors(tune_cmd))  # the command lives in ropekit.cli.tune
 
 
 @app.command("methods")
@@ -735,6 +849,7 @@ def methods_cmd() -> None:
 @app.command("presets")
 def presets_cmd() -> None:
     """List the model presets and where their numbers come from."""
+    from ropekit.plan.geometry import RopeSpec
     from ropekit.plan.presets import PRESETS
 
     t = Table(title="presets (figures from public config.json files)")
@@ -743,16 +858,56 @@ def presets_cmd() -> None:
         t.add_column(col, justify="right", no_wrap=True)
     t.add_column("source", overflow="fold")
     for name, p in PRESETS.items():
-        s = p.spec
-        t.add_row(name, str(s.head_dim), str(s.rotary_dim), f"{s.base:g}", str(s.original_length), p.source)
+        s = RopeSpec.from_preset(name)
+        t.add_row(name, str(s.head_dim), str(s.rotary_dim), f"{s.base:g}", str(s.context_length), p.source)
     out_console.print(t)
     for name, p in PRESETS.items():
         if p.note:
             out_console.print(f"[bold]{name}[/]: {p.note}")
 
 
+class _FlagHelp:
+    """--help shows no `<bool>` after --help itself (a flag takes no value; `o.flag` does it for the others)."""
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)  # type: ignore[misc]
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class _Command(_FlagHelp, typer.core.TyperCommand):
+    pass
+
+
+class _Group(_FlagHelp, typer.core.TyperGroup):
+    pass
+
+
+for _typer in (app, convert_app):
+    _typer.info.cls = _Group  # (ropekit defines no command class of its own elsewhere)
+    for _info in _typer.registered_commands:
+        _info.cls = _Command
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    """SIGTERM raises `Terminated` (a KeyboardInterrupt), so it cleans up exactly as Ctrl-C does; exit 143."""
+    raise Terminated
+
+
 def main() -> None:
-    """Entry point: usage mistakes (missing or malformed options) also become one `error:` line, exit 2."""
+    """Entry point: usage mistakes (missing or malformed options) also become one `error:` line, exit 2.
+    SIGTERM is handled like Ctrl-C (partial files removed), exit 143."""
+    set_command(sys.argv[1:])
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        _run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        set_command(None)
+
+
+def _run() -> None:
     try:
         code = app(standalone_mode=False)
     except typer.TyperException as exc:  # typer's public base of its usage errors (no private imports)
@@ -764,9 +919,9 @@ def main() -> None:
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
         print(f"error: {message} (see '{command} --help')", file=sys.stderr)
         raise SystemExit(2) from None
-    except (typer.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt) as exc:
         print("error: aborted", file=sys.stderr)
-        raise SystemExit(130) from None
+        raise SystemExit(getattr(exc, "exit_code", 130)) from None
     raise SystemExit(code if isinstance(code, int) else 0)
 
 

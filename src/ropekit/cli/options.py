@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from ropekit.errors import RopekitError
-from ropekit.plan.geometry import RopeSpec
+from ropekit.plan.analysis.angles import BINS
+from ropekit.plan.geometry import CONTEXT_LENGTH, HEAD_DIM, PARTIAL_ROTARY_FACTOR, ROPE_THETA, TARGET_LENGTH, RopeSpec
 from ropekit.plan.registry import METHODS, Method, Param, get_method
 
 GEOMETRY = "Model geometry (pick one source)"
 METHOD = "Method options"
+
+
+def flag(*decls: str, help: str, **kwargs: Any) -> Any:  # noqa: A002 (typer's own keyword)
+    """A boolean option: --help shows no `<bool>` after it (a flag takes no value)."""
+    return typer.Option(*decls, help=help, metavar="", **kwargs)
+
 
 Preset = Annotated[
     str | None,
@@ -27,16 +36,18 @@ Model = Annotated[
     typer.Option("--model", help="Model directory, config.json path, .gguf file, or hub id.", rich_help_panel=GEOMETRY),
 ]
 HeadDim = Annotated[
-    int | None, typer.Option("--head-dim", help="Channels per attention head.", rich_help_panel=GEOMETRY)
+    int | None,
+    typer.Option("--head-dim", help=f"Channels per attention head {HEAD_DIM.help()}.", rich_help_panel=GEOMETRY),
 ]
 RopeTheta = Annotated[
-    float | None, typer.Option("--rope-theta", help="RoPE base b, e.g. 10000.", rich_help_panel=GEOMETRY)
+    float | None,
+    typer.Option("--rope-theta", help=f"RoPE base b, e.g. 10000 {ROPE_THETA.help()}.", rich_help_panel=GEOMETRY),
 ]
 OriginalLength = Annotated[
     int | None,
     typer.Option(
         "--original-length",
-        help="Pre-training context L in tokens (overrides a preset/config).",
+        help=f"Pre-training context L in tokens (overrides a preset/config) {CONTEXT_LENGTH.help()}.",
         rich_help_panel=GEOMETRY,
     ),
 ]
@@ -44,13 +55,13 @@ PartialRotary = Annotated[
     float | None,
     typer.Option(
         "--partial-rotary-factor",
-        help="Rotated fraction of head_dim (GPT-NeoX/Phi), default 1.",
+        help=f"Rotated fraction of head_dim (GPT-NeoX/Phi), default 1 {PARTIAL_ROTARY_FACTOR.help()}.",
         rich_help_panel=GEOMETRY,
     ),
 ]
 FromScratch = Annotated[
     bool,
-    typer.Option(
+    flag(
         "--from-scratch",
         help="Already-extended model: plan from plain RoPE at its original length, replacing its scaling (default: plan from its current frequencies over its trained context).",
         rich_help_panel=GEOMETRY,
@@ -64,15 +75,25 @@ LayerType = Annotated[
         rich_help_panel=GEOMETRY,
     ),
 ]
-TargetLength = Annotated[int, typer.Option("--target-length", help="Target context L' in tokens; must exceed L.")]
+TargetLength = Annotated[
+    int, typer.Option("--target-length", help=f"Target context L' in tokens; must exceed L {TARGET_LENGTH.help()}.")
+]
 Bins = Annotated[
     int,
     typer.Option(
-        "--bins", help="Histogram bins K over [0, 2π) for disturbance (and dprope's choice).", rich_help_panel=METHOD
+        "--bins",
+        help=f"Histogram bins K over [0, 2π) for disturbance (and dprope's choice) {BINS.help()}.",
+        rich_help_panel=METHOD,
     ),
 ]
 Overwrite = Annotated[
-    bool, typer.Option("--overwrite", help="Replace --out if it is an earlier ropekit output (never anything else).")
+    bool,
+    flag(
+        "--overwrite",
+        help="Replace --out only if it is an earlier output of the same kind that ropekit wrote and nobody "
+        "changed: its manifest (ropekit-manifest.json) must list every file in it, unchanged. Anything else "
+        "(a file you added or edited, another kind of output, a folder ropekit did not write) is refused.",
+    ),
 ]
 
 
@@ -108,7 +129,13 @@ def build_spec(
     if preset:
         spec = RopeSpec.from_preset(preset)
     elif model and model.lower().endswith(".gguf"):  # a GGUF may need --original-length to be read at all
-        spec = RopeSpec.from_gguf(model, original_length=original_length)
+        from ropekit.apply.gguf import spec_from_gguf
+
+        if layer_type:
+            raise RopekitError(
+                "--layer-type does not apply to a .gguf MODEL: llama.cpp's graph decides which layers a plan reaches"
+            )
+        spec = spec_from_gguf(model, original_length=original_length, from_scratch=from_scratch)
     elif model:
         spec = RopeSpec.from_pretrained(model, from_scratch=from_scratch, layer_type=layer_type)
     else:
@@ -118,16 +145,15 @@ def build_spec(
         return RopeSpec(
             head_dim=head_dim,
             base=rope_theta,
-            original_length=original_length,
-            partial_rotary_factor=partial_rotary_factor or 1.0,
+            context_length=original_length,
+            partial_rotary_factor=1.0 if partial_rotary_factor is None else partial_rotary_factor,
             name=name,
         )
-    overrides: dict[str, Any] = {}
     if original_length is not None:
-        overrides["original_length"] = original_length
+        spec = spec.with_context_length(original_length)
     if partial_rotary_factor is not None:
-        overrides["partial_rotary_factor"] = partial_rotary_factor
-    return RopeSpec(**{**spec.__dict__, **overrides}) if overrides else spec
+        spec = dataclasses.replace(spec, partial_rotary_factor=partial_rotary_factor)
+    return spec
 
 
 class with_method_options:  # noqa: N801 (used as a decorator)
@@ -209,6 +235,11 @@ def _flags_of(p: inspect.Parameter) -> list[str]:
     return [d for info in infos for d in (info.default, *(info.param_decls or ())) if isinstance(d, str)]
 
 
+def method_input_paths(given: dict[str, Any]) -> tuple[Path, ...]:
+    """The files method options name (a --factors-file): inputs the output must never overlap."""
+    return tuple(v for v in given.values() if isinstance(v, Path))
+
+
 def method_params(method: str, given: dict[str, Any]) -> dict[str, Any]:
     """The method options the user set, as the method takes them; refuse ones that do not apply to `method`."""
     params = _read(given)
@@ -267,33 +298,3 @@ def check_finite(**values: float | None) -> None:
     for name, value in values.items():
         if value is not None and not math.isfinite(value):
             raise RopekitError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
-
-
-def paper_setting(method: str, spec, target_length: int, params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """--paper-setting: (label, parameters) of the method's published setting for this geometry and target,
-    or one clear error."""
-    m = get_method(method)
-    if m.paper_setting is None:
-        having = [n for n, r in METHODS.items() if r.paper_setting is not None]
-        raise RopekitError(f"--paper-setting applies to --method {' or '.join(having)}")
-    label, setting = m.paper_setting(spec, target_length)
-    both = [k for k in setting if k in params]
-    if both:
-        raise RopekitError(f"give --paper-setting or {_flag(both[0])}, not both")
-    return f"{m.name} (paper, {label})", setting
-
-
-def paper_setting_scores(spec, target_length: int, bins: int) -> dict[str, float]:
-    """{'dprope (paper, n=N)': disturbance} for each method with a published setting for this geometry and target."""
-    from ropekit.plan.registry import plan as make_plan
-
-    scores = {}
-    for name, m in METHODS.items():
-        if m.paper_setting is None or not m.in_default_comparison:
-            continue
-        try:
-            label, setting = m.paper_setting(spec, target_length)
-        except RopekitError:  # no setting for this geometry or target
-            continue
-        scores[f"{name} (paper, {label})"] = make_plan(spec, target_length, name, bins=bins, **setting).disturbance
-    return scores

@@ -20,6 +20,7 @@ from ropekit.errors import RopekitError
 from ropekit.paths import cache_root
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PreTrainedTokenizerBase
 
 
@@ -184,7 +185,12 @@ def gutenberg_lines(text: str) -> str:
     return "\n".join(lines[start:end]).strip()
 
 
-def decode_text(tokenizer: PreTrainedTokenizerBase, ids, *, skip_special_tokens: bool = False) -> str:
+def decode_text(
+    tokenizer: PreTrainedTokenizerBase,
+    ids: list[int] | torch.Tensor | np.ndarray,
+    *,
+    skip_special_tokens: bool = False,
+) -> str:
     """`tokenizer.decode` of one sequence of token ids, as the one string it returns for one sequence."""
     text = tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
     return text if isinstance(text, str) else "".join(text)

@@ -16,6 +16,7 @@ The filler is sized to the longest prompt whose tokens (answer included) fit in 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -63,7 +64,7 @@ class PasskeyPrompt:
     depth: float  # requested needle depth in [0, 1]
 
 
-def largest_fill(count_tokens, length: int) -> int:
+def largest_fill(count_tokens: Callable[[int], int], length: int) -> int:
     """The largest n ≥ 0 with count_tokens(n) ≤ length (count_tokens must grow with n)."""
     if count_tokens(0) > length:
         raise RopekitError(f"the prompt needs more than {length} tokens even without filler")

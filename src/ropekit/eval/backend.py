@@ -228,9 +228,9 @@ class Backend(ABC):
 
     @property
     def trained_length(self) -> int | None:
-        """The context the model was trained at (its spec's original length), or None when unknown."""
+        """The context the model was trained at (its spec's context_length), or None when unknown."""
         try:
-            return self.spec.original_length
+            return self.spec.context_length
         except RopekitError:
             return None
 
@@ -241,9 +241,6 @@ class Backend(ABC):
     def settings(self) -> dict[str, Any]:
         """What every cell measured on this backend depends on besides model, plan, task and documents."""
         return {"backend": self.name, "dtype": self.dtype, "device": self.device}
-
-    def check_plans(self) -> None:  # noqa: B027 (a hook: every model takes plans by default)
-        """Refuse, before any work, a model this backend cannot run a plan on."""
 
     def plan(self, method: str, target_length: int, *, bins: int, params: dict[str, Any]) -> Plan:
         """The plan `method` makes for this model at `target_length` (from the spec, no weights)."""
@@ -323,7 +320,7 @@ class TransformersBackend(Backend):
             from ropekit.apply.gguf import read_rope
 
             return int(read_rope(self.source).context_length)
-        from ropekit.plan.geometry import load_config_dict
+        from ropekit.apply.readers import load_config_dict
 
         return int(load_config_dict(self.source).get("max_position_embeddings") or 0)
 

@@ -8,7 +8,7 @@
   positions are 0-based token indices and the context is sized to the input. Only the asked-for
   positions are kept, so an 8k-token pass stores K × vocab floats, not 8k × vocab.
 
-The comparison with transformers (`runtime_parity`) is in `ropekit.eval.parity`.
+The comparison with transformers (`runtime_parity`) is in `ropekit.eval.gguf_parity`.
 """
 
 from __future__ import annotations
@@ -298,10 +298,13 @@ class LlamaCppBackend(Backend):
     def weights(self) -> str:
         return "as stored in the GGUF; a plan is written into a temporary extended copy (ropekit extend's file)"
 
-    def check_plans(self) -> None:
-        from ropekit.apply.gguf import check_rope_freqs_support
+    def plan(self, method: str, target_length: int, *, bins: int, params: dict[str, Any]) -> Plan:
+        """The plan, refused in one line (before any work) where llama.cpp cannot run it on this file."""
+        from ropekit.apply.gguf import check_extension
 
-        check_rope_freqs_support(self.rope)
+        plan = super().plan(method, target_length, bins=bins, params=params)
+        check_extension(self.rope, plan)
+        return plan
 
     def load(self, plan: Plan | None) -> Scorer:
         if plan is None:

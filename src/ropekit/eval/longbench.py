@@ -18,7 +18,11 @@ Protocol, per example (pred.py):
   4. re-tokenise, greedy-generate up to the dataset's budget, stop at EOS; samsum also stops
      at a newline and may not stop on its first token;
   5. decode without special tokens; trec, triviaqa, samsum, lsht keep only the first line
-     (eval.py); score = max over references, ×100, averaged per bucket, rounded to 2 places.
+     (eval.py); score = max over references (0-1); per bucket round(100 · mean, 2), the
+     mean taken by numpy as eval.py's `scorer_e` does (rounding the mean of ×100 scores
+     instead can land on the other side of an exact x.xx5).
+A bucket without examples is left out of `scores` (scorer_e writes NaN, np.mean of nothing:
+not valid JSON, and no score to average); `bucket_sizes` counts every bucket, zeros included.
 `max_length` is a per-model setting in LongBench (config/model2maxlen.json: the window minus
 500 in whole thousands, e.g. 3500 for a 4096 window); here the same rule is the default, recorded.
 """
@@ -26,9 +30,12 @@ Protocol, per example (pred.py):
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from ropekit.data.documents import decode_text, jsonl_records
 from ropekit.errors import RopekitError, did_you_mean
@@ -39,7 +46,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
-PROTOCOL = "longbench-e/2"  # bump when anything below changes scores
+PROTOCOL = "longbench-e/3"  # bump when anything below changes scores
 FOLLOWS = "THUDM/LongBench LongBench/pred.py, eval.py, metrics.py"
 BUCKETS = (("0-4k", 0, 4000), ("4-8k", 4000, 8000), ("8k+", 8000, float("inf")))
 REQUIRED_FIELDS = ("input", "context", "answers", "length")
@@ -283,6 +290,21 @@ def bucket_of(length: int) -> str:
     return next(name for name, lo, hi in BUCKETS if lo <= length < hi)
 
 
+def scorer_e(scores: list[float], lengths: list[int]) -> dict[str, float]:
+    """eval.py's scorer_e over one dataset: round(100 · np.mean(bucket scores), 2) for each length
+    bucket that has examples; `scores` are per-example (0-1), `lengths` LongBench's word counts."""
+    by_bucket: dict[str, list[float]] = defaultdict(list)
+    for score, length in zip(scores, lengths):
+        by_bucket[bucket_of(length)].append(score)
+    return {name: round(100 * float(np.mean(by_bucket[name])), 2) for name, _, _ in BUCKETS if by_bucket[name]}
+
+
+EMPTY_BUCKETS = (
+    "absent from scores (eval.py's scorer_e writes NaN, the mean of no examples: not valid JSON and "
+    "no score to average over datasets); bucket_sizes counts them as 0"
+)
+
+
 @dataclass
 class LongBenchResult:
     window: int
@@ -293,6 +315,9 @@ class LongBenchResult:
     protocol: str = PROTOCOL
     follows: str = FOLLOWS
     code_similarity: str = field(default_factory=lambda: f"fuzzywuzzy fuzz.ratio ({fuzz_backend()})")
+    rounding: str = "round(100 · np.mean(example scores), 2) per bucket, as eval.py's scorer_e"
+    empty_buckets: str = EMPTY_BUCKETS
+    bucket_sizes: dict[str, dict[str, int]] = field(default_factory=dict)  # dataset → bucket → examples
     scores: dict[str, dict[str, float]] = field(default_factory=dict)  # dataset → bucket → score (0–100)
     average: dict[str, float] = field(default_factory=dict)  # bucket → mean over datasets
     rows: list[dict] = field(default_factory=list)
@@ -344,7 +369,7 @@ def run_longbench(
     progress: bool = False,
     label: str = "",
 ) -> LongBenchResult:
-    """Generate and score every example; scores are ×100 and bucket means rounded to 2 places, as eval.py."""
+    """Generate and score every example; bucket scores as eval.py's scorer_e (×100, rounded to 2 places)."""
     config = config or PromptConfig.fallback()
     max_length = max_length or default_max_length(window)
     if max_length < 2:
@@ -356,10 +381,11 @@ def run_longbench(
         from tqdm.auto import tqdm
 
         items = tqdm(items, desc=f"{label + ' · ' if label else ''}longbench-e", unit="example", leave=False)
+    scores: dict[str, list[float]] = defaultdict(list)  # dataset → example scores (0-1), in order
     for ex in items:
         spec = DATASETS[ex.dataset]
         prediction = predict(model, tokenizer, ex, max_length=max_length, config=config, chat=use_chat)
-        score = 100 * score_sample(spec.metric, prediction, ex.answers, ex.all_classes)
+        scores[ex.dataset].append(score_sample(spec.metric, prediction, ex.answers, ex.all_classes))
         result.rows.append(
             {
                 "dataset": ex.dataset,
@@ -367,16 +393,13 @@ def run_longbench(
                 "bucket": bucket_of(ex.length),
                 "metric": spec.metric,
                 "prediction": prediction,
-                "score": score,
+                "score": 100 * scores[ex.dataset][-1],
             }
         )
-    for name in examples:
-        per_bucket = {}
-        for bucket, _, _ in BUCKETS:
-            values = [r["score"] for r in result.rows if r["dataset"] == name and r["bucket"] == bucket]
-            if values:
-                per_bucket[bucket] = round(sum(values) / len(values), 2)
-        result.scores[name] = per_bucket
+    for name, group in examples.items():
+        lengths = [ex.length for ex in group]
+        result.scores[name] = scorer_e(scores[name], lengths)
+        result.bucket_sizes[name] = {b: sum(bucket_of(n) == b for n in lengths) for b, _, _ in BUCKETS}
     for bucket, _, _ in BUCKETS:
         values = [s[bucket] for s in result.scores.values() if bucket in s]
         if values:

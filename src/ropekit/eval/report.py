@@ -1,4 +1,4 @@
-"""Tables and plots for an evaluation run: the report's frame and the tables, plots and plot helpers
+"""Tables and plots for an evaluation run: the tables, plots and plot helpers
 the tasks share (perplexity vs length, passkey heatmaps, NLL by position; plain log axes, one
 colour per method, accuracy heatmaps). Each task's own section lives in its record."""
 
@@ -13,7 +13,7 @@ import matplotlib.ticker
 import numpy as np
 from matplotlib.axes import Axes
 
-from ropekit.plan.analysis.plots import new_figure
+from ropekit.plan.plots import new_figure
 
 
 def _finite(value: Any) -> bool:
@@ -142,30 +142,3 @@ def length_table(title: str, rows: list[dict[str, Any]], cell: Callable[[dict[st
         values = {r["length"]: r for r in rows if r["method"] == method}
         lines.append(f"| {method} | " + " | ".join(cell(values[n]) if n in values else "—" for n in lengths) + " |")
     return [*lines, ""]
-
-
-def markdown_report(results: dict[str, Any], rows: list[dict[str, Any]], figures: list[str]) -> str:
-    """report.md: the run, each task's section (its record's `report`, else a table of its rows), warnings, figures."""
-    from ropekit.eval.registry import TASKS
-
-    cfg = results["config"]
-    lines = [
-        f"# ropekit eval: {cfg['model']}",
-        "",
-        f"ropekit {results['ropekit_version']}; tasks {', '.join(cfg['tasks'])}"
-        + (f"; seed {cfg['seed']}." if "seed" in cfg else "."),
-        "",
-    ]
-    for name in cfg["tasks"]:
-        task = TASKS.get(name)
-        if task is None:
-            continue
-        if task.report is not None:
-            lines += task.report(results, rows)
-        else:
-            mine = [r for r in rows if r["task"] == name]
-            lines += length_table(f"## {name} ({task.metric or 'value'})", mine, lambda r: f"{r['value']:.4g}")
-    if results.get("warnings"):
-        lines += ["", "## Warnings", ""] + [f"- {w}" for w in results["warnings"]]
-    lines += [""] + [f"![{f}]({f})" for f in figures] + [""]
-    return "\n".join(lines)

@@ -15,6 +15,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ropekit.errors import RopekitError
 
@@ -36,7 +37,7 @@ class QaData:
     source: str
 
 
-def _load(path: Path):
+def _load(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -73,7 +74,7 @@ def read_hotpotqa(path: Path) -> QaData:
     data = _load(path)
     try:
 
-        def text(title, sentences):
+        def text(title: str, sentences: list[str]) -> str:
             return f"{title}\n{''.join(sentences)}"
 
         docs = sorted({text(t, s) for item in data for t, s in item["context"]})

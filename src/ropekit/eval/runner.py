@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ropekit._version import __version__
-from ropekit.apply.atomic import OutputTarget, atomic_directory, prepare_output
 from ropekit.errors import Interrupted, RopekitError
 from ropekit.eval.backend import Backend, Scorer, TransformersBackend
 from ropekit.eval.llamacpp import LlamaCppBackend
@@ -48,6 +47,7 @@ from ropekit.eval.store import (
     plan_record,
 )
 from ropekit.eval.tasks.record import ROW_FIELDS, Cell, Row, Task, TaskOptions, TaskRun
+from ropekit.output import OutputTarget, atomic_directory, prepare_output
 from ropekit.paths import cache_root
 
 if TYPE_CHECKING:
@@ -64,12 +64,14 @@ __all__ = [
     "best_by_length",
     "default_store_path",
     "evaluate",
+    "markdown_report",
     "open_backend",
     "prepare_runs",
     "result_rows",
     "write_report",
 ]
 
+REPORT_KIND = "eval report"  # the kind of output in the report directory's manifest (ropekit.manifest.KINDS)
 BACKENDS: dict[str, type[Backend]] = {"transformers": TransformersBackend, "llama.cpp": LlamaCppBackend}
 
 
@@ -177,7 +179,11 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     target = None
     if cfg.out is not None:  # before any work
         target = prepare_output(
-            cfg.out, overwrite=cfg.overwrite, marker="results.json", inputs=(cfg.model, cfg.data, *input_paths(cfg))
+            cfg.out,
+            kind=REPORT_KIND,
+            overwrite=cfg.overwrite,
+            marker="results.json",
+            inputs=(cfg.model, cfg.data, *input_paths(cfg)),
         )
     backend = open_backend(cfg.backend, cfg.model)
     limit = cfg.limit(backend)  # from the configuration alone: refuse before loading any weights
@@ -186,8 +192,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             f"length {max(cfg.lengths)} is beyond this run's limit of {limit} tokens "
             "(raise --target-length, or evaluate a model extended that far)"
         )
-    if cfg.methods:
-        backend.check_plans()
+    plans = {method: plan_of(backend, method, cfg, limit) for method in cfg.methods or [AS_SAVED]}  # refusals first
     runs = prepare_runs(
         backend,
         selected,
@@ -197,7 +202,6 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         max_tokens=cfg.max_tokens,
         progress=cfg.progress,
     )
-    plans = {method: plan_of(backend, method, cfg, limit) for method in cfg.methods or [AS_SAVED]}
     results = results_header(cfg, backend, runs)
     results["methods"], evaluation = measure_plans(cfg, backend, runs, plans)
     results["store"].update(measured=evaluation.measured, reused=evaluation.reused)
@@ -520,10 +524,8 @@ def result_rows(results: dict[str, Any]) -> list[Row]:
 def write_report(results: dict[str, Any], out: OutputTarget | Path) -> None:
     """results.json (the marker), results.csv, report.md and the tasks' figures, written atomically to `out`
     (an `OutputTarget` from `prepare_output`; a bare path must be new or empty)."""
-    from ropekit.eval.report import markdown_report
-
     rows = result_rows(results)
-    with atomic_directory(out, marker="results.json") as tmp:
+    with atomic_directory(out, marker="results.json", kind=REPORT_KIND) as tmp:
         figures = []
         for name in results["config"]["tasks"]:
             task = TASKS.get(name)
@@ -537,3 +539,30 @@ def write_report(results: dict[str, Any], out: OutputTarget | Path) -> None:
             writer.writerows(rows)
         (tmp / "report.md").write_text(markdown_report(results, rows, [f.name for f in figures]))
         (tmp / "results.json").write_text(json.dumps(_finite_or_null(results), indent=2) + "\n")
+
+
+def markdown_report(results: dict[str, Any], rows: list[dict[str, Any]], figures: list[str]) -> str:
+    """report.md: the run, each task's section (its record's `report`, else a table of its rows), warnings, figures."""
+    from ropekit.eval.report import length_table
+
+    cfg = results["config"]
+    lines = [
+        f"# ropekit eval: {cfg['model']}",
+        "",
+        f"ropekit {results['ropekit_version']}; tasks {', '.join(cfg['tasks'])}"
+        + (f"; seed {cfg['seed']}." if "seed" in cfg else "."),
+        "",
+    ]
+    for name in cfg["tasks"]:
+        task = TASKS.get(name)
+        if task is None:
+            continue
+        if task.report is not None:
+            lines += task.report(results, rows)
+        else:
+            mine = [r for r in rows if r["task"] == name]
+            lines += length_table(f"## {name} ({task.metric or 'value'})", mine, lambda r: f"{r['value']:.4g}")
+    if results.get("warnings"):
+        lines += ["", "## Warnings", ""] + [f"- {w}" for w in results["warnings"]]
+    lines += [""] + [f"![{f}]({f})" for f in figures] + [""]
+    return "\n".join(lines)

@@ -10,50 +10,113 @@ Conventions (see docs/rope-methods.md in the shared reference):
 
 from __future__ import annotations
 
-import json
 import math
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from ropekit.domains import Domain
 from ropekit.errors import RopekitError, did_you_mean
+from ropekit.plan.presets import PRESETS
+
+MAX_LENGTH = 1 << 22  # 4,194,304 tokens (LongRoPE's 2048k fits): disturbance costs O(L' · d/2), ~1 min per method
+# The valid ranges of the geometry's numbers; the CLI's --help states them (ropekit.cli.options).
+HEAD_DIM = Domain(2, 1024, integer=True, why="memory: the histograms hold d/2 × K counts; released models use ≤ 512")
+ROPE_THETA = Domain(1, 1e12, low_open=True, why="beyond 1e12 the float32 frequencies underflow")
+CONTEXT_LENGTH = Domain(1, MAX_LENGTH, integer=True, why="2^22 tokens, ropekit's bound on lengths")
+TARGET_LENGTH = Domain(2, MAX_LENGTH, integer=True, why="2^22 tokens; planning cost grows with the length")
+PARTIAL_ROTARY_FACTOR = Domain(0, 1, low_open=True)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class RopeSpec:
-    """The RoPE geometry of one attention head.
+    """The RoPE geometry of one attention head, and the two lengths that matter for extending it.
 
-    >>> spec = RopeSpec(head_dim=128, base=10000.0, original_length=4096)
-    >>> spec.rotary_dim, spec.num_pairs
-    (128, 64)
+    `context_length` L is the context the spec's frequencies run at: every method scales from it
+    (s = L'/L) and the disturbance compares against angles over 0 … L−1. `pretrained_length` L_0 is
+    the context of pre-training, before any scaling block; exports write it as
+    `original_max_position_embeddings`. For plain RoPE they are one length; for an already-extended
+    model (Llama 3.1: L_0 = 8192, L = 131072, see `ropekit.plan.trained`) they differ.
+
+    >>> spec = RopeSpec(head_dim=128, base=10000.0, context_length=4096)
+    >>> spec.rotary_dim, spec.num_pairs, spec.pretrained_length
+    (128, 64, 4096)
     """
 
     head_dim: int  # channels per attention head
     base: float  # RoPE base (rope_theta), e.g. 10000.0
-    original_length: int  # pre-training context length L, in tokens
-    partial_rotary_factor: float = 1.0  # fraction of head_dim that is rotated (GPT-NeoX, Phi)
-    name: str | None = None  # where it came from: preset name, model path or id
-    current_scaling: dict[str, Any] | None = field(default=None, compare=False)  # existing rope block, if any
+    context_length: int  # L: the context the current frequencies run at, in tokens (what methods scale from)
+    partial_rotary_factor: float  # fraction of head_dim that is rotated (GPT-NeoX, Phi)
+    name: str | None  # where it came from: preset name, model path or id
+    current_scaling: dict[str, Any] | None = field(compare=False)  # existing rope block, if any
     # An already-extended model (see `ropekit.plan.trained`): its current frequencies are θ_i / g_i with
-    # g = prior_factors, attention factor prior_attention_factor, and `original_length` is the context it
-    # runs at with them; `pretrained_length` is the length before that scaling. None: plain RoPE.
-    prior_factors: tuple[float, ...] | None = None
-    current_inv_freq: tuple[float, ...] | None = None  # float32 values of the current θ_i / g_i, runtime arithmetic
-    prior_attention_factor: float = 1.0
-    pretrained_length: int | None = None
-    layer_type: str | None = None  # per-layer-type RoPE (Gemma 3): which layers' block this is
-    length_source: str | None = field(default=None, compare=False)  # why original_length is what it is
+    # g = prior_factors and attention factor prior_attention_factor. None: plain RoPE.
+    prior_factors: tuple[float, ...] | None
+    current_inv_freq: tuple[float, ...] | None  # float32 values of the current θ_i / g_i, runtime arithmetic
+    prior_attention_factor: float
+    pretrained_length: int  # L_0: the pre-training context before any scaling block (= L for plain RoPE)
+    layer_type: str | None  # per-layer-type RoPE (Gemma 3): which layers' block this is
+    length_source: str | None = field(compare=False)  # why context_length is what it is
 
-    def __post_init__(self) -> None:
-        _check_positive_int("head_dim", self.head_dim)
-        _check_positive_int("original_length", self.original_length)
-        if not _finite(self.base) or self.base <= 1.0:
-            raise RopekitError(f"rope base (rope_theta) must be a finite number > 1, got {self.base}")
+    def __init__(
+        self,
+        head_dim: int,
+        base: float,
+        context_length: int | None = None,
+        partial_rotary_factor: float = 1.0,
+        name: str | None = None,
+        current_scaling: dict[str, Any] | None = None,
+        prior_factors: tuple[float, ...] | None = None,
+        current_inv_freq: tuple[float, ...] | None = None,
+        prior_attention_factor: float = 1.0,
+        pretrained_length: int | None = None,
+        layer_type: str | None = None,
+        length_source: str | None = None,
+        *,
+        original_length: int | None = None,
+    ) -> None:
+        """`pretrained_length` defaults to `context_length`; `original_length` is the deprecated name of
+        `context_length`."""
+        if original_length is not None:
+            warnings.warn(
+                "RopeSpec(original_length=...) is deprecated: it is context_length (the context the frequencies "
+                "run at); pretrained_length is the length before any scaling block",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            if context_length is not None and context_length != original_length:
+                raise RopekitError("give context_length or its old name original_length, not both")
+            context_length = original_length
+        if context_length is None:
+            raise RopekitError("RopeSpec needs context_length: the context its RoPE frequencies were trained at")
+        values = dict(
+            head_dim=head_dim,
+            base=base,
+            context_length=context_length,
+            partial_rotary_factor=partial_rotary_factor,
+            name=name,
+            current_scaling=current_scaling,
+            prior_factors=prior_factors,
+            current_inv_freq=current_inv_freq,
+            prior_attention_factor=prior_attention_factor,
+            pretrained_length=context_length if pretrained_length is None else pretrained_length,
+            layer_type=layer_type,
+            length_source=length_source,
+        )
+        for key, value in values.items():
+            object.__setattr__(self, key, value)
+        self._validate()
+
+    def _validate(self) -> None:
+        HEAD_DIM.check("head_dim", self.head_dim)
+        CONTEXT_LENGTH.check("context_length", self.context_length)
+        CONTEXT_LENGTH.check("pretrained_length", self.pretrained_length)
+        ROPE_THETA.check("rope base (rope_theta)", self.base)
         prf = self.partial_rotary_factor
-        if not _finite(prf) or not 0.0 < prf <= 1.0:
-            raise RopekitError(f"partial_rotary_factor must be in (0, 1], got {prf}")
+        PARTIAL_ROTARY_FACTOR.check("partial_rotary_factor", prf)
         if prf == 1.0 and self.head_dim % 2:
             raise RopekitError(f"head_dim must be even for RoPE, got {self.head_dim}")
         if self.rotary_dim < 2 or self.rotary_dim % 2:
@@ -64,6 +127,23 @@ class RopeSpec:
             values = getattr(self, what)
             if values is not None and len(values) != self.num_pairs:
                 raise RopekitError(f"{what} has {len(values)} entries; this geometry has {self.num_pairs} pairs")
+
+    @property
+    def original_length(self) -> int:
+        """Deprecated name of `context_length`."""
+        warnings.warn(
+            "RopeSpec.original_length is deprecated: use context_length (the context the frequencies run at) "
+            "or pretrained_length (the length before any scaling block)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.context_length
+
+    def with_context_length(self, length: int) -> RopeSpec:
+        """The same geometry trained at `length` tokens (`--original-length`); for plain RoPE both lengths move."""
+        return replace(
+            self, context_length=length, pretrained_length=self.pretrained_length if self.is_extended else length
+        )
 
     @property
     def is_extended(self) -> bool:
@@ -108,7 +188,7 @@ class RopeSpec:
         layers = f"{self.layer_type} layers: " if self.layer_type else ""
         text = (
             f"{layers}head_dim={self.head_dim}{prf} (rotary_dim={self.rotary_dim}, {self.num_pairs} pairs), "
-            f"rope_theta={self.base:g}, original_length={self.original_length}"
+            f"rope_theta={self.base:g}, context_length={self.context_length}"
         )
         if self.is_extended:
             kind = (self.current_scaling or {}).get("rope_type", "existing")
@@ -120,246 +200,76 @@ class RopeSpec:
     @classmethod
     def from_preset(cls, name: str) -> RopeSpec:
         """Geometry of a well-known model, from its public config (see `PRESETS`)."""
-        from ropekit.plan.presets import PRESETS
-
         key = name.lower()
         if key not in PRESETS:
             raise did_you_mean("preset", name, PRESETS)
-        return PRESETS[key].spec
+        p = PRESETS[key]
+        return cls(
+            head_dim=p.head_dim,
+            base=p.base,
+            context_length=p.length,
+            partial_rotary_factor=p.partial_rotary_factor,
+            name=p.name,
+        )
 
     @classmethod
     def from_config(
         cls, config: Any, *, name: str | None = None, from_scratch: bool = False, layer_type: str | None = None
     ) -> RopeSpec:
-        """Geometry from a transformers `PretrainedConfig` (v5 `rope_parameters` or v4 `rope_scaling`).
-
-        See `spec_from_config_dict` for what an existing scaling block means.
-        """
-        return spec_from_config_dict(config.to_dict(), name=name, from_scratch=from_scratch, layer_type=layer_type)
+        """Geometry from a transformers `PretrainedConfig` (`ropekit.apply.readers.spec_from_config`)."""
+        return _reader("spec_from_config")(config, name=name, from_scratch=from_scratch, layer_type=layer_type)
 
     @classmethod
     def from_pretrained(cls, path_or_id: str, *, from_scratch: bool = False, layer_type: str | None = None) -> RopeSpec:
-        """Geometry from a model directory, a `config.json` path, a `.gguf` file, or a hub id (needs the hub)."""
-        if str(path_or_id).lower().endswith(".gguf"):
-            return cls.from_gguf(path_or_id)
-        return spec_from_config_dict(
-            load_config_dict(path_or_id), name=str(path_or_id), from_scratch=from_scratch, layer_type=layer_type
-        )
+        """Geometry from a model directory, a `config.json` path, a `.gguf` file, or a hub id (needs the hub);
+        see `ropekit.apply.readers.spec_from_pretrained`."""
+        return _reader("spec_from_pretrained")(path_or_id, from_scratch=from_scratch, layer_type=layer_type)
 
     @classmethod
     def from_gguf(cls, path: str, *, original_length: int | None = None) -> RopeSpec:
-        """Geometry from a GGUF file's metadata (see `ropekit.apply.gguf.read_rope`)."""
-        from ropekit.apply.gguf import spec_from_gguf
-
-        return spec_from_gguf(path, original_length=original_length)
+        """Geometry from a GGUF file's metadata (`ropekit.apply.gguf.spec_from_gguf`)."""
+        return _reader("spec_from_gguf")(path, original_length=original_length)
 
 
-# ---- config parsing -----------------------------------------------------------------------------
+# ---- readers of model files ---------------------------------------------------------------------
+# Reading a spec from a model's files (config.json, the hub, GGUF) is apply-level work: plan imports
+# nothing above it. `ropekit.apply.readers` registers the readers here when ropekit is imported (the
+# package imports it), and the constructors above call them.
+
+_READERS: dict[str, Callable[..., Any]] = {}
+# names that lived in this module before the readers moved to ropekit.apply.readers (still importable from here)
+_MOVED = (
+    "load_config_dict",
+    "check_local_source",
+    "spec_from_config_dict",
+    "text_config_of",
+    "layer_rope_blocks",
+    "default_layer_type",
+)
 
 
-def load_config_dict(path_or_id: str) -> dict[str, Any]:
-    """Read a model config as a plain dict: a `config.json` file, a directory holding one, or a hub id."""
-    path = Path(path_or_id)
-    if path.is_dir():
-        path = path / "config.json"
-        if not path.is_file():
-            raise RopekitError(f"{path_or_id}: no config.json in this directory")
-    if path.is_file():
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise RopekitError(f"{path}: not a valid JSON config ({exc})") from None
-        if not isinstance(data, dict):
-            raise RopekitError(f"{path}: a model config must be a JSON object")
-        return data
-    check_local_source(path_or_id)
-    if path.suffix == ".json":
-        raise RopekitError(f"{path_or_id}: no such file or directory")
-    return _config_dict_from_hub(path_or_id)
+def register_readers(*readers: Callable[..., Any]) -> None:
+    """Make `readers` (functions of `ropekit.apply.readers` and `ropekit.apply.gguf`) available by name."""
+    _READERS.update({fn.__name__: fn for fn in readers})
 
 
-def check_local_source(path_or_id: str | Path) -> None:
-    """Refuse at once a model path that looks local but does not exist, instead of asking the hub.
-
-    Local-looking: an absolute or ./ path, more than one '/', a backslash, or a first
-    component that exists here (`out/s260kk` when `out/` exists). Hub ids are `org/name`.
-    """
-    text = str(path_or_id)
-    if Path(text).exists():
-        return
-    first = text.replace("\\", "/").split("/")[0]
-    looks_local = (
-        text.startswith((".", "/", "~"))
-        or text.count("/") > 1
-        or "\\" in text
-        or ("/" in text and Path(first).exists())
-    )
-    if looks_local:
-        raise RopekitError(f"{text}: no such file or directory")
+def _reader(name: str) -> Callable[..., Any]:
+    if name not in _READERS:  # only when ropekit.apply.readers failed to import
+        raise RopekitError(f"{name} needs ropekit.apply.readers; import ropekit first")
+    return _READERS[name]
 
 
-def _config_dict_from_hub(model_id: str) -> dict[str, Any]:
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(model_id).to_dict()
-    except Exception as exc:  # noqa: BLE001 - hub/network errors come in many types
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RopekitError(f"{model_id}: could not load a config from a path or the hub ({first_line})") from None
-
-
-def spec_from_config_dict(
-    cfg: dict[str, Any], *, name: str | None = None, from_scratch: bool = False, layer_type: str | None = None
-) -> RopeSpec:
-    """Build a `RopeSpec` from a config dict (transformers v4 or v5 layout; GPT-NeoX `rotary_pct` too).
-
-    A config that already carries a scaling block (linear, yarn, llama3, longrope, dynamic) is
-    planned, by default, from what the model runs with now: its current frequencies over the
-    context it runs at (`ropekit.plan.trained`). `from_scratch=True` plans from plain RoPE at
-    the original length instead (replacing the existing block). Per-layer-type configs (Gemma 3)
-    give the block of `layer_type` (default: the full-attention layers).
-    """
-    cfg = text_config_of(cfg, name)
-    blocks = layer_rope_blocks(cfg)
-    if blocks is not None:
-        layer_type = layer_type or default_layer_type(blocks, name)
-        block = blocks.get(layer_type)
-        if block is None:
-            raise RopekitError(f"{name}: no RoPE block for layer type {layer_type!r}; it has: {', '.join(blocks)}")
-        rope = dict(block)
-    elif layer_type is not None:
-        raise RopekitError(f"{name}: this model has one RoPE block for every layer; --layer-type does not apply")
-    else:
-        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-    mrope = rope.get("mrope_section") or rope.get("rope_type") in ("mrope", "3d", "axial")
-    if mrope:
-        raise RopekitError(f"{name}: multimodal RoPE variant {rope.get('rope_type')!r} is not supported")
-    if rope.get("rope_type") == "proportional":
-        raise RopekitError(
-            f"{name}: 'proportional' RoPE (Gemma 4: exponents over head_dim, unrotated pairs kept) is not supported"
+def __getattr__(name: str) -> Any:
+    """Names moved to `ropekit.apply.readers` stay importable from here, with a DeprecationWarning."""
+    if name in _MOVED:
+        warnings.warn(
+            f"ropekit.plan.geometry.{name} moved to ropekit.apply.readers.{name}", DeprecationWarning, stacklevel=2
         )
-    base = rope.get("rope_theta", cfg.get("rope_theta", cfg.get("rotary_emb_base", 10000.0)))
-    prf = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", cfg.get("rotary_pct", 1.0)))
-    head_dim = cfg.get("head_dim") or _derive_head_dim(cfg, name)
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    max_pos = cfg.get("max_position_embeddings") or cfg.get("n_positions") or cfg.get("seq_len")
-    # transformers gives a top-level original_max_position_embeddings (Phi-3) priority over the block's
-    original = cfg.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings")
-    if rope_type in ("default", None) or original is None:
-        original = max_pos
-    if original is None:
-        raise RopekitError(f"{name}: config has no max_position_embeddings; pass --original-length")
-    scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")}
-    current = scaling if rope_type not in ("default", None) else None
-    if current is not None and "original_max_position_embeddings" in current:
-        current["original_max_position_embeddings"] = original
-    plain = RopeSpec(
-        head_dim=int(head_dim),
-        base=float(base),
-        original_length=int(original),
-        partial_rotary_factor=float(prf if prf is not None else 1.0),
-        name=name,
-        current_scaling=current,
-        layer_type=layer_type if blocks is not None else None,
-        length_source="max_position_embeddings" if current is None else "original_max_position_embeddings",
-    )
-    if current is None or from_scratch:
-        return plain
-    from ropekit.plan.trained import extended_spec
-
-    return extended_spec(plain, current, max_positions=int(max_pos) if max_pos else None)
-
-
-def text_config_of(cfg: dict[str, Any], name: str | None) -> dict[str, Any]:
-    """The config dict holding the RoPE keys (a multimodal config's `text_config` when the top has none)."""
-    text_cfg = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else None
-    if text_cfg is not None and not _has_rope(cfg):
-        cfg = {**text_cfg, "model_type": text_cfg.get("model_type", cfg.get("model_type"))}
-    if not _has_rope(cfg):
-        kind = cfg.get("model_type", "this model")
-        raise RopekitError(
-            f"{name or kind}: config has no RoPE (no rope_theta / rope_parameters); ropekit needs a RoPE model"
-        )
-    return cfg
-
-
-def layer_rope_blocks(cfg: dict[str, Any]) -> dict[str, dict[str, Any] | None] | None:
-    """Per-layer-type RoPE blocks {layer_type: block}, or None for a model with one block.
-
-    transformers v5 nests `rope_parameters` by layer type (Gemma 3: `sliding_attention`,
-    `full_attention`); Gemma 3's v4 form is `rope_theta` + `rope_scaling` for the full-attention
-    layers and `rope_local_base_freq` for the sliding ones.
-    """
-    rope = cfg.get("rope_parameters")
-    if isinstance(rope, dict) and rope and all(v is None or isinstance(v, dict) for v in rope.values()):
-        return {k: (dict(v) if v is not None else None) for k, v in rope.items()}
-    if cfg.get("rope_local_base_freq") is not None:
-        full = {
-            "rope_type": "default",
-            "rope_theta": cfg.get("rope_theta", 1_000_000.0),
-            **(cfg.get("rope_scaling") or {}),
-        }
-        return {
-            "sliding_attention": {"rope_type": "default", "rope_theta": cfg["rope_local_base_freq"]},
-            "full_attention": full,
-        }
-    return None
-
-
-def default_layer_type(blocks: dict[str, Any], name: str | None) -> str:
-    """The layer type planned by default: the one that attends over the whole context."""
-    if "full_attention" in blocks:
-        return "full_attention"
-    raise RopekitError(
-        f"{name}: per-layer-type RoPE without a 'full_attention' block ({', '.join(blocks)}); pass --layer-type"
-    )
-
-
-def _has_rope(cfg: dict[str, Any]) -> bool:
-    keys = ("rope_parameters", "rope_scaling", "rope_theta", "rotary_emb_base", "rotary_pct")
-    if any(cfg.get(k) is not None for k in keys):
-        return True
-    # Llama-family configs may omit rope_theta and rely on the 10000 default.
-    return cfg.get("model_type") in _ROPE_MODEL_TYPES
-
-
-_ROPE_MODEL_TYPES = {
-    "llama",
-    "mistral",
-    "mixtral",
-    "qwen2",
-    "qwen3",
-    "phi3",
-    "gemma",
-    "gemma2",
-    "gemma3_text",
-    "gpt_neox",
-    "phi",
-    "olmo",
-    "olmo2",
-    "olmo3",
-    "gpt_oss",
-}
-
-
-def _derive_head_dim(cfg: dict[str, Any], name: str | None) -> int:
-    hidden = cfg.get("hidden_size") or cfg.get("dim") or cfg.get("n_embd")
-    heads = cfg.get("num_attention_heads") or cfg.get("n_heads") or cfg.get("n_head")
-    if not hidden or not heads:
-        raise RopekitError(f"{name}: config gives neither head_dim nor hidden_size/num_attention_heads")
-    return int(hidden) // int(heads)
+        return _reader(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def require_spec(spec: Any, name: str = "spec") -> None:
     """Refuse anything but a RopeSpec where the API expects one (`critical_dimension("x")`)."""
     if not isinstance(spec, RopeSpec):
         raise RopekitError(f"{name} must be a RopeSpec (e.g. RopeSpec.from_preset('llama2-7b')), got {spec!r}")
-
-
-def _check_positive_int(what: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise RopekitError(f"{what} must be a positive integer, got {value!r}")
-
-
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

@@ -1,6 +1,6 @@
 """RoPE geometry of well-known models, copied from their public `config.json` files.
 
-Each entry records where its numbers come from. `original_length` is the context the
+Each entry records where its numbers come from. `length` is the context the
 model was pre-trained at (for Llama 3.1 that is the `original_max_position_embeddings`
 of its shipped llama3 block, not the already-extended 131072).
 """
@@ -9,25 +9,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ropekit.plan.geometry import RopeSpec
-
 
 @dataclass(frozen=True)
 class Preset:
-    spec: RopeSpec
+    """One model's RoPE figures (plain numbers: `RopeSpec.from_preset(name)` builds the spec)."""
+
+    name: str
     source: str  # hub id whose config.json the figures are from
+    head_dim: int
+    base: float
+    length: int  # pre-training context, tokens
+    partial_rotary_factor: float = 1.0
     note: str = ""  # anything a user should know before extending it
 
 
 def _preset(
     name: str, source: str, *, head_dim: int, base: float, length: int, prf: float = 1.0, note: str = ""
 ) -> Preset:
-    spec = RopeSpec(head_dim=head_dim, base=base, original_length=length, partial_rotary_factor=prf, name=name)
-    return Preset(spec=spec, source=source, note=note)
+    return Preset(name, source, head_dim, base, length, prf, note)
 
 
 PRESETS: dict[str, Preset] = {
-    str(p.spec.name): p
+    p.name: p
     for p in [
         _preset("llama2-7b", "meta-llama/Llama-2-7b-hf", head_dim=128, base=10000.0, length=4096),
         _preset("llama2-13b", "meta-llama/Llama-2-13b-hf", head_dim=128, base=10000.0, length=4096),

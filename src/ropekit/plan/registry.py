@@ -7,15 +7,11 @@ form, …) next to its function; this module registers them. Users add methods w
 
 from __future__ import annotations
 
-import inspect
-import numbers
-import types
-import typing
-from collections.abc import Sequence
 from typing import Any
 
-from ropekit.errors import RopekitError, did_you_mean
-from ropekit.plan.geometry import RopeSpec, require_spec
+from ropekit.errors import RopekitError
+from ropekit.plan.analysis.angles import BINS, DEFAULT_BINS
+from ropekit.plan.geometry import MAX_LENGTH, RopeSpec, require_spec
 from ropekit.plan.methods import (
     base_change,
     dprope,
@@ -27,126 +23,87 @@ from ropekit.plan.methods import (
     none,
     ntk,
     resonance,
+    tuned,
     yarn,
+)
+from ropekit.plan.methods.catalog import (
+    ALIASES,
+    METHODS,
+    check_parameter_types,
+    compute_scaling,
+    get_method,
+    register_method,
+    unregister_method,
 )
 from ropekit.plan.methods.record import Method, NativeForm, Param
 from ropekit.plan.scaling import Plan, Scaling, combined_factors
 
-__all__ = [
+__all__ = [  # the method table lives in ropekit.plan.methods.catalog; these names stay importable from here
+    "ALIASES",
+    "DEFAULT_METHOD",
     "METHODS",
     "Method",
     "NativeForm",
     "Param",
+    "check_parameter_types",
     "compare",
+    "compute_scaling",
     "get_method",
     "plan",
     "register_method",
     "unregister_method",
 ]
 
-METHODS: dict[str, Method] = {}
-ALIASES: dict[str, str] = {}  # other name → method name, from the records' `aliases`
-
-
-def register_method(method: Method) -> None:
-    """Add (or replace) a method under `method.name` (and its aliases)."""
-    unregister_method(method.name, missing_ok=True)
-    METHODS[method.name] = method
-    ALIASES.update({alias.lower(): method.name for alias in method.aliases})
-
-
-def unregister_method(name: str, *, missing_ok: bool = False) -> None:
-    """Remove the method registered as `name`, with its aliases."""
-    if name not in METHODS:
-        if missing_ok:
-            return
-        raise did_you_mean("method", name, METHODS)
-    del METHODS[name]
-    for alias in [a for a, target in ALIASES.items() if target == name]:
-        del ALIASES[alias]
-
-
-for _module in (none, linear, ntk, dynamic_ntk, yarn, llama3, longrope, base_change, resonance, dprope, dprope_opt):
+for _module in (
+    none,
+    linear,
+    ntk,
+    dynamic_ntk,
+    yarn,
+    llama3,
+    longrope,
+    base_change,
+    resonance,
+    dprope,
+    dprope_opt,
+    tuned,
+):
     register_method(_module.METHOD)
 
 
-def get_method(name: str) -> Method:
-    key = ALIASES.get(name.lower(), name.lower())
-    if key not in METHODS:
-        raise did_you_mean("method", name, METHODS)
-    return METHODS[key]
+DEFAULT_METHOD = "dprope"  # the method `make_plan`, `extend`, `ropekit plan/extend/finetune` use unless told
 
 
-def compute_scaling(method: str, spec: RopeSpec, target_length: int, **params: Any) -> Scaling:
-    """Run one method function after checking its parameter names."""
-    m = get_method(method)
-    accepted = m.parameters
-    takes_any = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(m.function).parameters.values())
-    unknown = [k for k in params if k not in accepted]
-    if unknown and not takes_any:
-        allowed = ", ".join(accepted) or "no parameters"
-        raise RopekitError(f"method {m.name!r} does not take {unknown[0]!r}; it takes: {allowed}")
-    check_parameter_types(m, params)
-    return m.function(spec, target_length, **params)
-
-
-def check_parameter_types(m: Method, params: dict[str, Any]) -> None:
-    """Refuse a parameter whose value does not fit the method's annotation (`threshold="x"`)."""
-    hints = typing.get_type_hints(m.function)
-    for name, value in params.items():
-        hint = hints.get(name)
-        if hint is None or value is None:
-            continue
-        union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
-        options = [t for t in (typing.get_args(hint) if union else (hint,)) if t is not type(None)]
-        if not any(_fits(value, t) for t in options):
-            raise RopekitError(
-                f"method {m.name!r}: {name} must be {' or '.join(_describe(t) for t in options)}, got {value!r}"
-            )
-
-
-def _fits(value: Any, kind: Any) -> bool:
-    if kind is float:
-        return isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if kind is int:
-        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-    if kind is str:
-        return isinstance(value, str)
-    if typing.get_origin(kind) in (Sequence, list, tuple):
-        return (isinstance(value, (list, tuple)) or hasattr(value, "tolist")) and all(
-            _fits(v, float) for v in (value.tolist() if hasattr(value, "tolist") else value)
-        )
-    return True
-
-
-def _describe(kind: Any) -> str:
-    return {float: "a number", int: "an integer", str: "a string"}.get(kind, "a list of numbers")
-
-
-def plan(spec: RopeSpec, target_length: int, method: str = "dprope", *, bins: int = 360, **params: Any) -> Plan:
+def plan(
+    spec: RopeSpec, target_length: int, method: str = DEFAULT_METHOD, *, bins: int = DEFAULT_BINS, **params: Any
+) -> Plan:
     """Plan a context extension of `spec` to `target_length` tokens with `method`.
 
     Method parameters go as keywords (e.g. `threshold=0.0`, `beta_fast=32`); `bins` is the
     histogram resolution K used for disturbance scores (and by dprope itself).
 
-    >>> p = plan(RopeSpec(head_dim=8, base=10000.0, original_length=512), 2048, "pi")
+    >>> p = plan(RopeSpec(head_dim=8, base=10000.0, context_length=512), 2048, "pi")
     >>> p.factors, p.scale
     ((4.0, 4.0, 4.0, 4.0), 4.0)
     """
     require_spec(spec)
     check_target_length(spec, target_length)
+    BINS.check("bins (--bins)", bins)
     m = get_method(method)
+    params = m.current_keywords(params)
     if m.uses_bins:  # methods that choose by disturbance use the same K
         params = {"bins": bins, **params}
     scaling = compute_scaling(m.name, spec, target_length, **params)
+    if scaling.num_pairs != spec.num_pairs:
+        raise RopekitError(
+            f"method {m.name!r} returned {scaling.num_pairs} per-pair factors; this geometry has {spec.num_pairs} pairs"
+        )
     if spec.is_extended:
         scaling = compose_with_current(spec, scaling)
     return Plan(method=m.name, spec=spec, target_length=target_length, params=params, scaling=scaling, bins=bins)
 
 
-MAX_TARGET_LENGTH = (
-    1 << 22
-)  # 4,194,304 tokens (LongRoPE's 2048k fits): disturbance costs O(L' · d/2), ~1 min per method there
+MAX_TARGET_LENGTH = MAX_LENGTH  # 4,194,304 tokens (see ropekit.plan.geometry)
 
 
 def compose_with_current(spec: RopeSpec, scaling: Scaling) -> Scaling:
@@ -170,10 +127,10 @@ def compose_with_current(spec: RopeSpec, scaling: Scaling) -> Scaling:
 def check_target_length(spec: RopeSpec, target_length: int) -> None:
     if isinstance(target_length, bool) or not isinstance(target_length, int):
         raise RopekitError(f"target length must be an integer number of tokens, got {target_length!r}")
-    if target_length <= spec.original_length and spec.is_extended:
+    if target_length <= spec.context_length and spec.is_extended:
         kind = (spec.current_scaling or {}).get("rope_type", "existing")
         raise RopekitError(
-            f"target length {target_length} does not exceed the {spec.original_length} tokens this model already "
+            f"target length {target_length} does not exceed the {spec.context_length} tokens this model already "
             f"handles with its {kind} scaling; pass --from-scratch (from_scratch=True) to re-plan from its original "
             f"{spec.pretrained_length}-token RoPE, replacing that scaling"
         )
@@ -182,8 +139,8 @@ def check_target_length(spec: RopeSpec, target_length: int) -> None:
             f"target length {target_length:,} is beyond ropekit's bound of {MAX_TARGET_LENGTH:,} tokens "
             "(2^22; planning cost grows with the length)"
         )
-    if target_length <= spec.original_length:
-        raise RopekitError(f"target length {target_length} must exceed the original length {spec.original_length}")
+    if target_length <= spec.context_length:
+        raise RopekitError(f"target length {target_length} must exceed the original length {spec.context_length}")
 
 
 def comparable_methods(spec: RopeSpec | None = None) -> list[str]:
@@ -194,9 +151,26 @@ def comparable_methods(spec: RopeSpec | None = None) -> list[str]:
 
 
 def compare(
-    spec: RopeSpec, target_length: int, methods: list[str] | None = None, *, bins: int = 360
+    spec: RopeSpec, target_length: int, methods: list[str] | None = None, *, bins: int = DEFAULT_BINS
 ) -> dict[str, Plan]:
-    """Plan every method (default: all that need no extra input) with default parameters."""
+    """Plan every method (default: all that need no extra input and apply to this geometry) with default
+    parameters. Methods named in `methods` must all apply; see `comparison` for the ones skipped."""
+    return comparison(spec, target_length, methods, bins=bins)[0]
+
+
+def comparison(
+    spec: RopeSpec, target_length: int, methods: list[str] | None = None, *, bins: int = DEFAULT_BINS
+) -> tuple[dict[str, Plan], dict[str, str]]:
+    """(plans by method, {method: why it was skipped}). With the default list, a method that does not apply
+    to this geometry (dynamic NTK at rotary dimension 2) is skipped with its reason instead of failing the
+    whole comparison; methods named in `methods` raise their error."""
     require_spec(spec)
-    names = methods or comparable_methods(spec)
-    return {get_method(n).name: plan(spec, target_length, n, bins=bins) for n in names}
+    plans, skipped = {}, {}
+    for name in methods or comparable_methods(spec):
+        try:
+            plans[get_method(name).name] = plan(spec, target_length, name, bins=bins)
+        except RopekitError as exc:
+            if methods:
+                raise
+            skipped[get_method(name).name] = str(exc)
+    return plans, skipped

@@ -6,7 +6,12 @@ from typing import Any
 
 from ropekit._version import __version__
 from ropekit.plan.analysis.bounds import critical_dimension, extrapolation_bound, full_rotation_seen
-from ropekit.plan.scaling import Plan
+from ropekit.plan.scaling import ROTATION_REMOVED, Plan
+
+
+def finite_or_null(factors: tuple[float, ...]) -> list[float | None]:
+    """Factors for JSON: a pair whose rotation is removed (f = ∞) is null, never `Infinity` (listed in removed_pairs)."""
+    return [None if f == ROTATION_REMOVED else f for f in factors]
 
 
 def plan_summary(plan: Plan, *, disturbance_by_method: dict[str, float] | None = None) -> dict[str, Any]:
@@ -23,10 +28,12 @@ def plan_summary(plan: Plan, *, disturbance_by_method: dict[str, float] | None =
         "partial_rotary_factor": spec.partial_rotary_factor,
         "rotary_dim": spec.rotary_dim,
         "rope_theta": spec.base,
-        "original_length": spec.original_length,
+        "context_length": spec.context_length,
+        "pretrained_length": spec.pretrained_length,
+        "original_length": spec.context_length,  # the earlier name of context_length, kept for readers of old files
         "target_length": plan.target_length,
         "scale": plan.scale,
-        "factors": list(plan.factors),
+        "factors": finite_or_null(plan.factors),
         "inv_freq": [float(x) for x in plan.inv_freq.tolist()],
         "attention_factor": plan.attention_factor,
         "disturbance": plan.disturbance,
@@ -35,6 +42,7 @@ def plan_summary(plan: Plan, *, disturbance_by_method: dict[str, float] | None =
         "interpolated_pairs": interpolated,
         "num_interpolated_pairs": len(interpolated),
         "interpolated_dims": 2 * len(interpolated),
+        "removed_pairs": plan.removed_pairs,
         "critical_dimension": critical_dimension(spec),
         "extrapolation_bound": extrapolation_bound(spec),
         "details": {k: v for k, v in plan.scaling.details.items() if k != "pair_disturbance"},
@@ -48,7 +56,7 @@ def plan_summary(plan: Plan, *, disturbance_by_method: dict[str, float] | None =
             "factors": list(spec.prior_factors or ()),
             "attention_factor": spec.prior_attention_factor,
         }
-        out["runtime_factors"] = list(plan.runtime_factors)
+        out["runtime_factors"] = finite_or_null(plan.runtime_factors)
     if disturbance_by_method is not None:
         out["disturbance_by_method"] = disturbance_by_method
     return out
@@ -70,7 +78,7 @@ def per_pair_rows(plans: dict[str, Plan]) -> list[dict[str, Any]]:
             "full_rotation_seen": seen[i],
         }
         for name, p in plans.items():
-            row[f"factor_{name}"] = p.factors[i]
+            row[f"factor_{name}"] = p.factors[i] if i not in p.removed_pairs else None
             row[f"disturbance_{name}"] = float(p.pair_disturbance[i])
         rows.append(row)
     return rows

@@ -26,6 +26,7 @@ from typing import Any
 
 from ropekit.errors import RopekitError
 from ropekit.plan.geometry import RopeSpec
+from ropekit.plan.scaling import Scaling
 
 SUPPORTED_TYPES = ("linear", "dynamic", "yarn", "llama3", "longrope")
 
@@ -38,11 +39,11 @@ def extended_spec(plain: RopeSpec, block: dict[str, Any], *, max_positions: int 
             f"{plain.name}: existing rope_type {rope_type!r} is not supported "
             f"(supported: {', '.join(SUPPORTED_TYPES)}); plan with --from-scratch to replace it"
         )
-    max_positions = max_positions or plain.original_length
+    max_positions = max_positions or plain.context_length
     if rope_type == "dynamic":
         return replace(
             plain,
-            original_length=max_positions,
+            context_length=max_positions,
             pretrained_length=max_positions,
             length_source="max_position_embeddings (dynamic NTK keeps plain frequencies up to it; "
             "a plan replaces the dynamic update)",
@@ -50,38 +51,42 @@ def extended_spec(plain: RopeSpec, block: dict[str, Any], *, max_positions: int 
     scaling, length, reason = _current_scaling(plain, block, rope_type, max_positions)
     return replace(
         plain,
-        original_length=length,
+        context_length=length,
         prior_factors=tuple(scaling.factors),
         current_inv_freq=tuple(scaling.inv_freq.tolist()),
         prior_attention_factor=float(scaling.attention_factor),
-        pretrained_length=plain.original_length,
+        pretrained_length=plain.context_length,
         length_source=reason,
     )
 
 
-def _current_scaling(plain: RopeSpec, block: dict[str, Any], rope_type: str, max_positions: int):
+def _current_scaling(
+    plain: RopeSpec, block: dict[str, Any], rope_type: str, max_positions: int
+) -> tuple[Scaling, int, str]:
     """(Scaling the block gives at the trained context, trained context, reason)."""
     from ropekit.plan.methods.linear import linear
     from ropekit.plan.methods.llama3 import llama3
     from ropekit.plan.methods.longrope import longrope
     from ropekit.plan.methods.yarn import yarn
 
-    L0 = plain.original_length
+    L0 = plain.context_length
     factor = block.get("factor")
     if rope_type == "linear":
         return (
-            linear(plain, max_positions, factor=float(_required(block, "factor", plain))),
+            linear(plain, max_positions, scale=float(_required(block, "factor", plain))),
             max_positions,
             f"max_position_embeddings {max_positions} (a linear block records no original length)",
         )
+    if factor is None and rope_type in ("yarn", "llama3"):  # transformers requires it too (its key validation)
+        _required(block, "factor", plain)
     if factor is None:
-        factor = max_positions / L0  # transformers' fallback for yarn and longrope
+        factor = max_positions / L0  # transformers' fallback for longrope
     length, reason = trained_length(L0, float(factor), max_positions, rope_type)
     if rope_type == "llama3":
         scaling = llama3(
             plain,
             length,
-            factor=float(factor),
+            scale=float(factor),
             low_freq_factor=float(_required(block, "low_freq_factor", plain)),
             high_freq_factor=float(_required(block, "high_freq_factor", plain)),
         )
@@ -89,7 +94,7 @@ def _current_scaling(plain: RopeSpec, block: dict[str, Any], rope_type: str, max
         scaling = yarn(
             plain,
             length,
-            factor=float(factor),
+            scale=float(factor),
             beta_fast=float(block.get("beta_fast") or 32),
             beta_slow=float(block.get("beta_slow") or 1),
             truncate=bool(block.get("truncate", True)),
@@ -133,5 +138,7 @@ def yarn_block_attention(block: dict[str, Any], factor: float) -> float:
 
 def _required(block: dict[str, Any], key: str, plain: RopeSpec) -> Any:
     if block.get(key) is None:
-        raise RopekitError(f"{plain.name}: its {block.get('rope_type')} block has no {key!r}")
+        raise RopekitError(
+            f"{plain.name}: its {block.get('rope_type')} block has no {key!r} (transformers needs it too)"
+        )
     return block[key]

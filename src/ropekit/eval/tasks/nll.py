@@ -18,7 +18,7 @@ from ropekit.errors import RopekitError
 from ropekit.eval.backend import Scorer
 from ropekit.eval.position_nll import DEFAULT_BUCKET, DEFAULT_PREFIXES, bucket_means, check_window, position_nll
 from ropekit.eval.tasks.record import Cell, Row, Task, TaskOptions, TaskRun, option, row
-from ropekit.plan.analysis.plots import new_figure
+from ropekit.plan.plots import new_figure
 
 
 @dataclass(frozen=True)

@@ -14,12 +14,16 @@ import math
 
 import torch
 
+from ropekit.domains import Domain
+
 EPSILON = 6.103515625e-05  # smallest normal float16: every bin starts here
 DEFAULT_BINS = 360
+BINS = Domain(2, 36_000, integer=True, why="memory: d/2 × K counts per histogram; 36,000 bins are 0.01° wide")
+CHUNK_ELEMENTS = 1 << 22  # angles computed per chunk (pairs × positions): bounded memory at any head_dim
 
 
 def angle_counts(
-    inv_freq: torch.Tensor, length: int, bins: int = DEFAULT_BINS, *, chunk: int = 1 << 17
+    inv_freq: torch.Tensor, length: int, bins: int = DEFAULT_BINS, *, chunk: int | None = None
 ) -> torch.Tensor:
     """Integer angle counts, shape (d/2, K), int64; each row sums to `length`.
 
@@ -31,6 +35,7 @@ def angle_counts(
     """
     inv_freq = inv_freq.to(torch.float32).reshape(-1)
     num_pairs = inv_freq.numel()
+    chunk = chunk or max(1, CHUNK_ELEMENTS // max(num_pairs, 1))  # positions per chunk
     two_pi = math.pi * 2
     bin_scale = bins / two_pi
     row_offset = (torch.arange(num_pairs, dtype=torch.int64) * bins)[:, None]  # (P, 1)

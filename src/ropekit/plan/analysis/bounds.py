@@ -16,17 +16,17 @@ import math
 import torch
 
 from ropekit.errors import RopekitError
-from ropekit.plan.geometry import RopeSpec, require_spec
+from ropekit.plan.geometry import TARGET_LENGTH, RopeSpec, require_spec
 
 
 def critical_dimension(spec: RopeSpec) -> int:
     """d_extra = 2·⌈(d/2)·log_b(L/2π)⌉, clipped to [0, d].
 
-    >>> critical_dimension(RopeSpec(head_dim=128, base=10000.0, original_length=4096))
+    >>> critical_dimension(RopeSpec(head_dim=128, base=10000.0, context_length=4096))
     92
     """
     require_spec(spec)
-    d, L = spec.rotary_dim, spec.original_length
+    d, L = spec.rotary_dim, spec.context_length
     if spec.is_extended:  # current frequencies are not b^(-2i/d): count the pairs that completed a turn
         return 2 * int(full_rotation_seen(spec).sum())
     value = 2 * math.ceil((d / 2) * math.log(L / (2 * math.pi)) / math.log(spec.base))
@@ -69,7 +69,7 @@ def base_for_bound(spec: RopeSpec, bound: float) -> float:
 
 def full_rotation_seen(spec: RopeSpec) -> torch.Tensor:
     """Boolean per pair: λ_i ≤ L (the pair saw every angle in pre-training)."""
-    return spec.wavelengths() <= spec.original_length
+    return spec.wavelengths() <= spec.context_length
 
 
 def long_term_decay_min(rotary_dim: int, base: float, length: int) -> float:
@@ -160,8 +160,7 @@ def min_base_for_length(
     Cost: O(length · d/2) cosines per passing candidate; failing ones stop at their first negative chunk.
     """
     require_spec(spec)
-    if isinstance(length, bool) or not isinstance(length, int) or length < 2:
-        raise RopekitError(f"length must be an integer number of tokens ≥ 2, got {length!r}")
+    TARGET_LENGTH.check("length (tokens)", length)
     if rule not in MEN_RULES:
         raise RopekitError(f"base-bound rule must be one of {', '.join(MEN_RULES)}, got {rule!r}")
     if not 0 < resolution <= 1:

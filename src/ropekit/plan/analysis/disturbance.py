@@ -20,6 +20,7 @@ from ropekit.plan.geometry import RopeSpec
 
 _CACHE: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 _CACHE_SIZE = 64
+_CACHE_BYTES = 1 << 29  # memoised distributions kept below 512 MiB (large head_dim × bins)
 
 
 def distribution(inv_freq: torch.Tensor, length: int, bins: int = DEFAULT_BINS) -> torch.Tensor:
@@ -31,7 +32,9 @@ def distribution(inv_freq: torch.Tensor, length: int, bins: int = DEFAULT_BINS) 
         return _CACHE[key]
     result = angle_distribution(angle_counts(inv_freq, length, bins), length)
     _CACHE[key] = result
-    if len(_CACHE) > _CACHE_SIZE:
+    while len(_CACHE) > 1 and (
+        len(_CACHE) > _CACHE_SIZE or sum(t.numel() * t.element_size() for t in _CACHE.values()) > _CACHE_BYTES
+    ):
         _CACHE.popitem(last=False)
     return result
 
@@ -48,7 +51,7 @@ def kl_per_pair(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 def pre_training_distribution(spec: RopeSpec, bins: int = DEFAULT_BINS) -> torch.Tensor:
     """P: the original θ over the pre-training positions 0 … L−1."""
-    return distribution(spec.inv_freq(), spec.original_length, bins)
+    return distribution(spec.inv_freq(), spec.context_length, bins)
 
 
 def pair_disturbance(

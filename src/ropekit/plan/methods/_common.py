@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ropekit.domains import Domain
 from ropekit.errors import RopekitError
-from ropekit.plan.geometry import RopeSpec
+from ropekit.plan.geometry import MAX_LENGTH, ROPE_THETA, RopeSpec
+
+if TYPE_CHECKING:
+    from ropekit.plan.scaling import Plan
+
+
+# Domains shared by several methods' parameters (`Param.domain`): checked by make_plan, shown by --help.
+SCALE = Domain(0, MAX_LENGTH, low_open=True)  # the scalar scale s
+ATTENTION_FACTOR = Domain(
+    0, 10, low_open=True, why="it multiplies cos and sin, so attention logits scale by a²; methods give 1 to 2"
+)
+NEW_BASE = ROPE_THETA
+LENGTH = Domain(1, MAX_LENGTH, integer=True)
 
 
 def pair_exponents(spec: RopeSpec) -> torch.Tensor:
@@ -35,6 +49,6 @@ def require_finite_positive(name: str, value: float) -> None:
         raise RopekitError(f"{name} must be a finite positive number, got {value!r}")
 
 
-def new_base_block(plan) -> dict:
+def new_base_block(plan: Plan) -> dict[str, Any]:
     """A base change's native form: transformers' `default` block with the new rope_theta."""
     return {"rope_type": "default", "rope_theta": plan.scaling.details["new_base"]}

@@ -17,7 +17,7 @@ import math
 from ropekit.errors import RopekitError, did_you_mean
 from ropekit.plan.analysis.bounds import base_for_bound, min_base_for_length
 from ropekit.plan.geometry import RopeSpec
-from ropekit.plan.methods._common import base_change_factors, new_base_block
+from ropekit.plan.methods._common import NEW_BASE, base_change_factors, new_base_block
 from ropekit.plan.methods.record import Method, NativeForm, Param
 from ropekit.plan.scaling import Scaling
 
@@ -72,7 +72,7 @@ METHOD = Method(
     "RoPE base change (ABF); base from the critical dimension or Men et al.",
     "Liu et al. 2023; Men et al. 2024",
     params=(
-        Param("new_base", float, "the new RoPE base b' (else derived by --base-rule)"),
+        Param("new_base", float, "the new RoPE base b' (else derived by --base-rule)", domain=NEW_BASE),
         Param(
             "rule",
             str,

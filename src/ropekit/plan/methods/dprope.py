@@ -18,10 +18,11 @@ import math
 
 import torch
 
+from ropekit.domains import Domain
 from ropekit.errors import RopekitError
-from ropekit.plan.analysis.angles import DEFAULT_BINS
+from ropekit.plan.analysis.angles import BINS, DEFAULT_BINS
 from ropekit.plan.analysis.disturbance import distribution, kl_per_pair, pre_training_distribution
-from ropekit.plan.geometry import RopeSpec
+from ropekit.plan.geometry import HEAD_DIM, RopeSpec
 from ropekit.plan.methods.longrope import per_pair_inv_freq
 from ropekit.plan.methods.record import Method, Param
 from ropekit.plan.scaling import Scaling
@@ -32,7 +33,7 @@ PAPER_INTERPOLATED_DIMS = {8192: 80, 16384: 64}
 
 def paper_interpolated_dims(spec: RopeSpec, target_length: int) -> int | None:
     """The paper's n for LLaMA-2's geometry at 8k or 16k; None for any other geometry or target."""
-    llama2 = (spec.rotary_dim, spec.base, spec.original_length) == (128, 10000.0, 4096)
+    llama2 = (spec.rotary_dim, spec.base, spec.context_length) == (128, 10000.0, 4096)
     return PAPER_INTERPOLATED_DIMS.get(target_length) if llama2 else None
 
 
@@ -81,7 +82,7 @@ def dprope(
         raise RopekitError(f"threshold must be a finite number, got {threshold}")
     if not isinstance(bins, int) or bins < 2:
         raise RopekitError(f"bins K must be an integer ≥ 2, got {bins!r}")
-    scale = target_length / spec.original_length
+    scale = target_length / spec.context_length
     d_extra, d_interp = candidate_disturbances(spec, target_length, scale=scale, bins=bins)
     margin = d_extra - d_interp
     interpolate = choose_interpolated(margin, threshold=threshold, interpolated_dims=interpolated_dims)
@@ -116,9 +117,14 @@ METHOD = Method(
     "per-pair interpolate/extrapolate by least angle-distribution disturbance",
     "Wu et al. 2024",
     params=(
-        Param("bins", int, "histogram bins K over [0, 2π)", default=DEFAULT_BINS, flag=None),  # plan's own --bins
-        Param("threshold", float, "interpolate a pair iff D(extra) − D(interp) > t", default=0),
-        Param("interpolated_dims", int, "interpolate exactly n dims (n/2 pairs with largest margin)"),
+        Param("bins", int, "histogram bins K over [0, 2π)", default=DEFAULT_BINS, flag=None, domain=BINS),
+        Param("threshold", float, "interpolate a pair iff D(extra) − D(interp) > t", default=0, domain=Domain()),
+        Param(
+            "interpolated_dims",
+            int,
+            "interpolate exactly n dims (n/2 pairs with largest margin), n even",
+            domain=Domain(0, HEAD_DIM.high, integer=True),
+        ),
     ),
     aliases=("distributional",),
     exact_inv_freq=True,

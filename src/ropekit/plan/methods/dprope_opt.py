@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import torch
 
+from ropekit.domains import Domain
 from ropekit.errors import RopekitError
-from ropekit.plan.analysis.angles import DEFAULT_BINS, angle_counts, angle_distribution
+from ropekit.plan.analysis.angles import BINS, DEFAULT_BINS, angle_counts, angle_distribution
 from ropekit.plan.analysis.disturbance import kl_per_pair, pre_training_distribution
 from ropekit.plan.geometry import RopeSpec
 from ropekit.plan.methods._common import require_scale
@@ -80,7 +81,7 @@ def dprope_opt(
         raise RopekitError(f"steps (grid points per pair) must be an integer ≥ 3, got {steps!r}")
     if not isinstance(refine_rounds, int) or refine_rounds < 0:
         raise RopekitError(f"refine_rounds must be an integer ≥ 0, got {refine_rounds!r}")
-    scale = target_length / spec.original_length
+    scale = target_length / spec.context_length
     require_scale(scale)
     base_inv_freq = spec.inv_freq()
     p = pre_training_distribution(spec, bins)
@@ -125,9 +126,16 @@ METHOD = Method(
     "per-pair factor in [1, s] of least angle-distribution disturbance (1-D search)",
     "ropekit; criterion of Wu et al. 2024",
     params=(
-        Param("bins", int, "histogram bins K over [0, 2π)", default=DEFAULT_BINS, flag=None),
-        Param("steps", int, "grid factors per pair", default=33, flag=None),
-        Param("refine_rounds", int, "zoom rounds around the best grid factor", default=2, flag=None),
+        Param("bins", int, "histogram bins K over [0, 2π)", default=DEFAULT_BINS, flag=None, domain=BINS),
+        Param("steps", int, "grid factors per pair", default=33, flag=None, domain=Domain(3, 1000, integer=True)),
+        Param(
+            "refine_rounds",
+            int,
+            "zoom rounds around the best grid factor",
+            default=2,
+            flag=None,
+            domain=Domain(0, 20, integer=True),
+        ),
     ),
     in_default_comparison=False,
 )

@@ -11,27 +11,29 @@ import math
 
 import torch
 
+from ropekit.domains import POSITIVE
 from ropekit.errors import RopekitError
 from ropekit.plan.geometry import RopeSpec
-from ropekit.plan.methods._common import require_finite_positive
-from ropekit.plan.methods.record import Method, NativeForm, Param
+from ropekit.plan.methods._common import SCALE, require_finite_positive
+from ropekit.plan.methods.record import Method, NativeForm, Param, renamed_keywords
 from ropekit.plan.scaling import Plan, Scaling
 
 
+@renamed_keywords(factor="scale")
 def llama3(
     spec: RopeSpec,
     target_length: int,
     *,
-    factor: float | None = None,
+    scale: float | None = None,
     low_freq_factor: float = 1.0,
     high_freq_factor: float = 4.0,
 ) -> Scaling:
-    """Llama 3.1 scaling for s = `factor` (default L'/L)."""
-    s = target_length / spec.original_length if factor is None else factor
-    require_finite_positive("factor", s)
+    """Llama 3.1 scaling for the scale s (`scale`, default L'/L)."""
+    s = target_length / spec.context_length if scale is None else scale
+    require_finite_positive("scale", s)
     if not 0 < low_freq_factor < high_freq_factor:
         raise RopekitError(f"need 0 < low_freq_factor < high_freq_factor, got {low_freq_factor}, {high_freq_factor}")
-    L = spec.original_length
+    L = spec.context_length
     inv_freq = spec.inv_freq()
     low_freq_wavelen, high_freq_wavelen = L / low_freq_factor, L / high_freq_factor
     wavelen = 2 * math.pi / inv_freq
@@ -52,10 +54,10 @@ def native_block(plan: Plan) -> dict:
     p = plan.params
     return {
         "rope_type": "llama3",
-        "factor": p.get("factor") or plan.scale,
+        "factor": p.get("scale") or plan.scale,
         "low_freq_factor": float(p.get("low_freq_factor", 1.0)),
         "high_freq_factor": float(p.get("high_freq_factor", 4.0)),
-        "original_max_position_embeddings": plan.spec.original_length,
+        "original_max_position_embeddings": plan.spec.context_length,
     }
 
 
@@ -65,9 +67,9 @@ METHOD = Method(
     "Llama 3.1 wavelength-banded interpolation",
     "Meta 2024",
     params=(
-        Param("factor", float, "interpolation divisor", default="s", flag=None),
-        Param("low_freq_factor", float, "lf", default=1),
-        Param("high_freq_factor", float, "hf", default=4),
+        Param("scale", float, "the scale s: interpolation divisor", default="L'/L", flag=None, domain=SCALE),
+        Param("low_freq_factor", float, "lf (< hf)", default=1, domain=POSITIVE),
+        Param("high_freq_factor", float, "hf", default=4, domain=POSITIVE),
     ),
     native=NativeForm("llama3", native_block),
 )

@@ -16,6 +16,7 @@ import torch
 
 from ropekit.errors import RopekitError
 from ropekit.plan.geometry import RopeSpec
+from ropekit.plan.methods._common import ATTENTION_FACTOR
 from ropekit.plan.methods.record import Method, Param
 from ropekit.plan.scaling import Scaling
 
@@ -52,8 +53,8 @@ def longrope(
     if factors is None:
         raise RopekitError("longrope needs per-pair factors: pass factors=[...] or --factors-file FILE")
     values = check_factor_list(spec, factors)
-    s = target_length / spec.original_length
-    a = longrope_attention_factor(s, spec.original_length) if attention_factor is None else float(attention_factor)
+    s = target_length / spec.context_length
+    a = longrope_attention_factor(s, spec.context_length) if attention_factor is None else float(attention_factor)
     if not math.isfinite(a) or a <= 0:
         raise RopekitError(f"attention_factor must be finite and > 0, got {a}")
     return Scaling(inv_freq=per_pair_inv_freq(spec, values), factors=values, attention_factor=a)
@@ -96,7 +97,7 @@ METHOD = Method(
             flag="--factors-file",
             read=read_factors_file,
         ),
-        Param("attention_factor", float, "override the attention factor a"),
+        Param("attention_factor", float, "override the attention factor a", domain=ATTENTION_FACTOR),
     ),
     needs_factors=True,
 )

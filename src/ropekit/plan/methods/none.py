@@ -10,7 +10,7 @@ from ropekit.plan.scaling import Plan, Scaling
 def none(spec: RopeSpec, target_length: int) -> Scaling:
     """Keep the pre-training frequencies; positions beyond L are extrapolated.
 
-    >>> none(RopeSpec(head_dim=8, base=10000.0, original_length=512), 2048).factors
+    >>> none(RopeSpec(head_dim=8, base=10000.0, context_length=512), 2048).factors
     (1.0, 1.0, 1.0, 1.0)
     """
     return Scaling(inv_freq=spec.inv_freq(), factors=(1.0,) * spec.num_pairs)

@@ -6,7 +6,8 @@ is divided by exactly α.
 
 from __future__ import annotations
 
-from ropekit.plan.geometry import RopeSpec
+from ropekit.domains import Domain
+from ropekit.plan.geometry import MAX_LENGTH, RopeSpec
 from ropekit.plan.methods._common import base_change_factors, new_base_block, require_scale
 from ropekit.plan.methods.record import Method, NativeForm, Param
 from ropekit.plan.scaling import Scaling
@@ -21,11 +22,11 @@ def ntk_base(spec: RopeSpec, alpha: float) -> float:
 def ntk(spec: RopeSpec, target_length: int, *, alpha: float | None = None) -> Scaling:
     """NTK-aware base change with α (default s = L'/L).
 
-    >>> plan = ntk(RopeSpec(head_dim=128, base=10000.0, original_length=4096), 16384)
+    >>> plan = ntk(RopeSpec(head_dim=128, base=10000.0, context_length=4096), 16384)
     >>> round(plan.details["new_base"])
     40890
     """
-    a = target_length / spec.original_length if alpha is None else alpha
+    a = target_length / spec.context_length if alpha is None else alpha
     require_scale(a, what="NTK alpha")
     if spec.rotary_dim == 2:
         new_base = spec.base * a  # d/(d-2) is undefined for a single pair; keep the spirit (last pair ÷ α)
@@ -43,7 +44,7 @@ METHOD = Method(
     ntk,
     "NTK-aware base change b·α^(d/(d−2))",
     "bloc97 2023",
-    params=(Param("alpha", float, "α", default="s"),),
+    params=(Param("alpha", float, "α", default="s", domain=Domain(1, MAX_LENGTH)),),
     aliases=("ntk-aware",),
     native=NativeForm("default", new_base_block),
 )

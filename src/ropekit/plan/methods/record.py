@@ -9,11 +9,14 @@ module tests a method's name.
 
 from __future__ import annotations
 
+import functools
 import inspect
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from ropekit.domains import Domain
 from ropekit.errors import RopekitError
 
 if TYPE_CHECKING:
@@ -32,6 +35,7 @@ class Param:
     unit: str = ""  # of the value and its default, e.g. "tokens"
     flag: str | None = ""  # CLI flag: "" gives --name-with-dashes, None keeps the parameter off the CLI
     read: Callable[[Any], Any] | None = None  # CLI value → API value, or a RopekitError before any work
+    domain: Domain | None = None  # the valid range of a number, checked by make_plan and stated by --help
 
     @property
     def option(self) -> str | None:
@@ -43,7 +47,14 @@ class Param:
     def describe(self) -> str:
         """`help` with the default and unit, as --help shows it."""
         unit = f" {self.unit}" if self.unit else ""
-        return self.help + ("" if self.default is None else f" (default {self.default}{unit})")
+        text = self.help + ("" if self.default is None else f" (default {self.default}{unit})")
+        return text + ("" if self.domain is None else f" {self.domain.help()}")
+
+    def check(self, method: str, value: Any) -> None:
+        """Refuse a value outside the parameter's domain, naming the keyword and its CLI flag."""
+        if self.domain is not None and value is not None:
+            flag = f" ({self.option})" if self.option else ""
+            self.domain.check(f"{method}: {self.name}{flag}", value)
 
 
 @dataclass(frozen=True)
@@ -94,7 +105,54 @@ class Method:
         """The rope_type of the native form (None: only the longrope export reproduces it)."""
         return self.native.rope_type if self.native else None
 
+    @property
+    def renamed_keywords(self) -> dict[str, str]:
+        """{old keyword: new keyword} the function still accepts, with a DeprecationWarning (`renamed_keywords`)."""
+        return dict(getattr(self.function, "renamed_keywords", {}))
+
+    def current_keywords(self, params: dict[str, Any]) -> dict[str, Any]:
+        """`params` with deprecated keyword names replaced by the current ones (warning once per name)."""
+        return translate_keywords(params, self.renamed_keywords, f"method {self.name!r}")
+
     def default_of(self, name: str) -> Any:
         """The function's default for keyword `name` (None if it has none)."""
         p = inspect.signature(self.function).parameters.get(name)
         return None if p is None or p.default is p.empty else p.default
+
+
+Function = TypeVar("Function", bound=Callable[..., Any])
+
+
+def renamed_keywords(**renamed: str) -> Callable[[Function], Function]:
+    """Keep a method function's old keyword names working, with a DeprecationWarning.
+
+    `@renamed_keywords(factor="scale")`: a call with `factor=` runs as `scale=`. The function's
+    signature (what `Method.parameters` and the CLI read) shows only the new names.
+    """
+
+    def decorate(function: Function) -> Function:
+        @functools.wraps(function)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            return function(*args, **translate_keywords(kwargs, renamed, function.__name__))
+
+        wrapper.renamed_keywords = dict(renamed)  # type: ignore[attr-defined]
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+def translate_keywords(params: dict[str, Any], renamed: dict[str, str], owner: str) -> dict[str, Any]:
+    """`params` with each old name in `renamed` replaced by its new one, warning that the old one is deprecated."""
+    out = dict(params)
+    for old, new in renamed.items():
+        if old not in out:
+            continue
+        if new in out:
+            raise RopekitError(f"{owner}: give {new} or its deprecated name {old}, not both")
+        warnings.warn(
+            f"{owner}: keyword {old!r} is deprecated, use {new!r} (the scalar scale s; per-pair factors are f_i)",
+            DeprecationWarning,
+            stacklevel=4,
+        )
+        out[new] = out.pop(old)
+    return out

@@ -8,11 +8,13 @@ exactly, so positions beyond L reuse angles seen in training (for pairs with λ 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
 from ropekit.plan.geometry import RopeSpec
 from ropekit.plan.methods._common import factors_from_inv_freq
+from ropekit.plan.methods.catalog import compute_scaling, get_method
 from ropekit.plan.methods.record import Method, Param
 from ropekit.plan.scaling import Scaling
 
@@ -23,10 +25,8 @@ def round_wavelengths(inv_freq: torch.Tensor) -> torch.Tensor:
     return (2 * math.pi / wavelength).to(torch.float32)
 
 
-def resonance(spec: RopeSpec, target_length: int, *, inner: str = "yarn", **inner_params) -> Scaling:
+def resonance(spec: RopeSpec, target_length: int, *, inner: str = "yarn", **inner_params: Any) -> Scaling:
     """Resonance applied on top of the method named `inner` (default YaRN, as in the paper)."""
-    from ropekit.plan.registry import compute_scaling
-
     wrapped = compute_scaling(inner, spec, target_length, **inner_params)
     inv_freq = round_wavelengths(wrapped.inv_freq)
     return Scaling(
@@ -39,8 +39,6 @@ def resonance(spec: RopeSpec, target_length: int, *, inner: str = "yarn", **inne
 
 def known_method(name: str) -> str:
     """`name` if a method of that name is registered; refused before any work otherwise."""
-    from ropekit.plan.registry import get_method
-
     get_method(name)
     return name
 

@@ -14,10 +14,11 @@ import math
 
 import torch
 
+from ropekit.domains import POSITIVE
 from ropekit.errors import RopekitError
 from ropekit.plan.geometry import RopeSpec
-from ropekit.plan.methods._common import require_finite_positive
-from ropekit.plan.methods.record import Method, NativeForm, Param
+from ropekit.plan.methods._common import ATTENTION_FACTOR, SCALE, require_finite_positive
+from ropekit.plan.methods.record import Method, NativeForm, Param, renamed_keywords
 from ropekit.plan.scaling import Plan, Scaling
 
 
@@ -33,7 +34,7 @@ def yarn_ramp_bounds(
 
     `truncate=False` keeps the fractional bounds (transformers' `truncate: false`, used by GPT-OSS).
     """
-    d, b, L = spec.rotary_dim, spec.base, spec.original_length
+    d, b, L = spec.rotary_dim, spec.base, spec.context_length
 
     def corr(rotations: float) -> float:
         return (d * math.log(L / (rotations * 2 * math.pi))) / (2 * math.log(b))
@@ -44,19 +45,22 @@ def yarn_ramp_bounds(
     return max(low, 0), min(high, d - 1)
 
 
+@renamed_keywords(factor="scale")
 def yarn(
     spec: RopeSpec,
     target_length: int,
     *,
-    factor: float | None = None,
+    scale: float | None = None,
     beta_fast: float = 32.0,
     beta_slow: float = 1.0,
     attention_factor: float | None = None,
     truncate: bool = True,
 ) -> Scaling:
-    """YaRN frequencies and attention factor for s = `factor` (default L'/L)."""
-    s = target_length / spec.original_length if factor is None else factor
-    require_finite_positive("factor", s)
+    """YaRN frequencies and attention factor for the scale s (`scale`, default L'/L)."""
+    s = target_length / spec.context_length if scale is None else scale
+    require_finite_positive("scale", s)
+    if not (beta_fast > 0 and beta_slow > 0):  # corr(β) divides by β
+        raise RopekitError(f"beta_fast and beta_slow must be > 0 rotations, got {beta_fast} and {beta_slow}")
     if beta_fast < beta_slow:
         raise RopekitError(f"beta_fast ({beta_fast}) must be ≥ beta_slow ({beta_slow})")
     low, high = yarn_ramp_bounds(spec, beta_fast, beta_slow, truncate=truncate)
@@ -86,8 +90,8 @@ def native_block(plan: Plan) -> dict:
     p = plan.params
     return {
         "rope_type": "yarn",
-        "factor": p.get("factor") or plan.scale,
-        "original_max_position_embeddings": plan.spec.original_length,
+        "factor": p.get("scale") or plan.scale,
+        "original_max_position_embeddings": plan.spec.context_length,
         "beta_fast": float(p.get("beta_fast", 32.0)),
         "beta_slow": float(p.get("beta_slow", 1.0)),
         "attention_factor": plan.attention_factor,
@@ -101,10 +105,10 @@ METHOD = Method(
     "ramp between interpolation and extrapolation + attention factor",
     "Peng et al. 2023",
     params=(
-        Param("factor", float, "interpolation divisor", default="s", flag=None),
-        Param("beta_fast", float, "β_fast", default=32),
-        Param("beta_slow", float, "β_slow", default=1),
-        Param("attention_factor", float, "override the attention factor a"),
+        Param("scale", float, "the scale s: interpolation divisor", default="L'/L", flag=None, domain=SCALE),
+        Param("beta_fast", float, "β_fast, rotations where the ramp starts; ≥ β_slow", default=32, domain=POSITIVE),
+        Param("beta_slow", float, "β_slow, rotations where the ramp ends", default=1, domain=POSITIVE),
+        Param("attention_factor", float, "override the attention factor a", domain=ATTENTION_FACTOR),
         Param("truncate", bool, "round the ramp bounds to whole pairs", default=True, flag=None),
     ),
     native=NativeForm("yarn", native_block),

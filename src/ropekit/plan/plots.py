@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import matplotlib.ticker
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from ropekit.plan.analysis.angles import DEFAULT_BINS
@@ -17,8 +19,13 @@ from ropekit.plan.scaling import Plan
 
 
 def new_figure(
-    nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], constrained_layout: bool = False, **subplot_kw
-):
+    nrows: int = 1,
+    ncols: int = 1,
+    *,
+    figsize: tuple[float, float],
+    constrained_layout: bool = False,
+    **subplot_kw: Any,
+) -> tuple[Figure, Any]:
     """(figure, axes) without pyplot: no global backend choice, no figure registry to close."""
     fig = Figure(figsize=figsize, layout="constrained" if constrained_layout else None)
     return fig, fig.subplots(nrows, ncols, **subplot_kw)
@@ -28,11 +35,11 @@ def plot_angle_histograms(
     spec: RopeSpec, target_length: int, pair: int, path: str | Path, *, bins: int = DEFAULT_BINS
 ) -> Path:
     """Pair `pair`'s angle distribution: pre-training (θ, L), interpolated (θ/s, L'), extrapolated (θ, L')."""
-    s = target_length / spec.original_length
+    s = target_length / spec.context_length
     inv = spec.inv_freq()
     p = pre_training_distribution(spec, bins)[pair]
     curves = {
-        f"original (L={spec.original_length})": p,
+        f"original (L={spec.context_length})": p,
         f"interpolated θ/s (L'={target_length})": distribution(inv / s, target_length, bins)[pair],
         f"extrapolated θ (L'={target_length})": distribution(inv, target_length, bins)[pair],
     }
@@ -101,17 +108,17 @@ def plot_factors(plans: dict[str, Plan], path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def times_label(value: float, _position=None) -> str:
+def times_label(value: float, _position: int | None = None) -> str:
     """A factor tick as a multiple: 1×, 2×, 4×, 0.5× (not 4×10⁰)."""
     return f"{value:g}×"
 
 
-def _mark_critical(ax, spec: RopeSpec, *, label: bool = True) -> None:
+def _mark_critical(ax: Axes, spec: RopeSpec, *, label: bool = True) -> None:
     crit_pair = critical_dimension(spec) / 2
     ax.axvline(crit_pair - 0.5, color="black", ls="--", lw=0.8, label="critical dimension" if label else None)
 
 
-def _save(fig, path: str | Path) -> Path:
+def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()

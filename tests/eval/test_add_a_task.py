@@ -15,12 +15,15 @@ from typer.testing import CliRunner
 from ropekit.cli.main import app
 
 # --- README "Adding an eval task" (keep the two in step) ---
+from ropekit.domains import Domain
 from ropekit.eval.registry import Task, TaskOptions, option, register_task, row
 
 
 @dataclass(frozen=True)
 class Top1Options(TaskOptions):
-    top1_positions: int = option(16, "positions scored at the end of each window", unit="tokens", low=1)
+    top1_positions: int = option(
+        16, "positions scored at the end of each window", unit="tokens", domain=Domain(1, integer=True)
+    )
 
 
 def next_token_accuracy(scorer, run, cell) -> dict:
@@ -112,7 +115,7 @@ def test_a_registered_task_runs_through_the_cli_with_its_option(registered, smal
 def test_its_option_is_checked_and_refused_without_the_task(registered, tmp_path):
     base = ["eval", str(tmp_path), "--lengths", "64", "--data", str(tmp_path), "--max-tokens", "64"]  # refused first
     low = runner.invoke(app, [*base, "--tasks", "top1", "--top1-positions", "0"])
-    assert low.exit_code == 2 and "--top1-positions must be ≥ 1, got 0" in low.stderr
+    assert low.exit_code == 2 and "--top1-positions must be an integer ≥ 1, got 0" in low.stderr
     other = runner.invoke(app, [*base, "--tasks", "ppl", "--top1-positions", "8"])
     assert other.exit_code == 2 and "--top1-positions is for the top1 task, which this run leaves out" in other.stderr
 

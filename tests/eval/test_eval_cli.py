@@ -101,7 +101,7 @@ def test_eval_ruler_records_protocol_and_skipped_tasks(s260k, story_text, tmp_pa
     )
     assert result.exit_code == 0, result.output
     ruler = json.loads((out / "results.json").read_text())["methods"]["none"]["ruler"]
-    assert set(ruler["score"]) == {"niah_single_1@1024", "niah_single_2@1024"}
+    assert set(ruler["score"]) == set(ruler["sizes"]) == {"niah_single_1@1024", "niah_single_2@1024"}
     assert all(0.0 <= v <= 100.0 for v in ruler["score"].values())
     assert ruler["protocol"] == "ruler/3" and ruler["prompts"] == "ropekit wording" and ruler["essay"] == str(text)
     report = (out / "report.md").read_text()
@@ -133,7 +133,7 @@ def test_eval_longbench_from_local_files(s260k, tmp_path):
     )
     assert result.exit_code == 0, result.output
     lb = json.loads((out / "results.json").read_text())["methods"]["as-saved"]["longbench"]
-    assert lb["window"] == 512 and set(lb["scores"]) == {"hotpotqa", "trec"}
+    assert lb["window"] == 512 and set(lb["scores"]) == set(lb["bucket_sizes"]) == {"hotpotqa", "trec"}
     assert set(lb["scores"]["trec"]) == {"0-4k", "8k+"} and all(0 <= r["score"] <= 100 for r in lb["rows"])
     assert "## LongBench-E, as-saved" in (out / "report.md").read_text()
 

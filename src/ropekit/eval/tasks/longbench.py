@@ -21,7 +21,7 @@ from ropekit.eval.longbench import (
     run_longbench,
 )
 from ropekit.eval.store import canonical_json
-from ropekit.eval.tasks.record import Cell, Row, Task, TaskOptions, TaskRun, merged, option, row
+from ropekit.eval.tasks.record import TOKENS, Cell, Row, Task, TaskOptions, TaskRun, merged, option, row
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class LongBenchOptions(TaskOptions):
         None,
         "prompt tokens before middle truncation",
         unit="tokens",
-        low=2,
+        domain=TOKENS,
         shown_default="LongBench's rule, e.g. 3500 for a 4096 window",
     )
     longbench_chat: str = option(
@@ -92,7 +92,7 @@ def measure(scorer: Scorer, run: TaskRun[LongBenchOptions], cell: Cell) -> dict[
 
 def collect(run: TaskRun[LongBenchOptions], measured: list[tuple[Cell, Any]]) -> dict[str, Any]:
     """One `LongBenchResult` over every dataset: their scores and rows, and the mean over datasets per bucket."""
-    result = merged(measured, union="scores")
+    result = merged(measured, unions=("scores", "bucket_sizes"))
     per_bucket = {bucket: [s[bucket] for s in result["scores"].values() if bucket in s] for bucket, _, _ in BUCKETS}
     result["average"] = {bucket: sum(values) / len(values) for bucket, values in per_bucket.items() if values}
     return result
@@ -120,9 +120,20 @@ def report(results: dict[str, Any], rows: list[Row]) -> list[str]:
             ]
             for dataset, scores in {**lb["scores"], "average": lb["average"]}.items():
                 lines.append(
-                    f"| {dataset} | " + " | ".join(f"{scores[b]:.1f}" if b in scores else "—" for b in buckets) + " |"
+                    f"| {dataset} | " + " | ".join(f"{scores[b]:.2f}" if b in scores else "—" for b in buckets) + " |"
                 )
             lines.append("")
+    first = next((e["longbench"] for e in results["methods"].values() if e.get("longbench")), None)
+    if first is not None:
+        sizes = "; ".join(
+            f"{dataset} " + ", ".join(f"{bucket} {n}" for bucket, n in counts.items())
+            for dataset, counts in first["bucket_sizes"].items()
+        )
+        lines += [
+            "Bucket scores as LongBench's scorer_e, round(100 · mean, 2); buckets without examples are left out "
+            f"(scorer_e would write NaN). Examples per bucket: {sizes}.",
+            "",
+        ]
     return lines
 
 

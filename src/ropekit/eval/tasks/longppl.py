@@ -10,19 +10,27 @@ from typing import Any
 
 from ropekit.errors import RopekitError
 from ropekit.eval.backend import TRANSFORMERS, Scorer
-from ropekit.eval.longppl import PROTOCOL, Evaluator, long_ppl
+from ropekit.eval.longppl import COVERAGES, PROTOCOL, Evaluator, long_ppl
 from ropekit.eval.report import length_table
-from ropekit.eval.tasks.record import Cell, Row, Task, TaskOptions, TaskRun, option, row
+from ropekit.eval.tasks.record import POSITIVE_INT, TOKENS, Cell, Row, Task, TaskOptions, TaskRun, option, row
 
 
 @dataclass(frozen=True)
 class LongPplOptions(TaskOptions):
-    short_length: int = option(4096, "short context (official 4096)", unit="tokens", low=2)
-    longppl_window: int = option(1024, "tokens sharing one short context (official 1024)", unit="tokens", low=1)
+    short_length: int = option(4096, "short context (official 4096)", unit="tokens", domain=TOKENS)
+    longppl_window: int = option(
+        1024, "tokens sharing one short context (official 1024)", unit="tokens", domain=POSITIVE_INT
+    )
     longppl_threshold: float = option(2.0, "α, long − short log-prob difference of a key token", unit="nats")
     longppl_beta: float = option(-2.0, "β, floor on a key token's long-context log-prob", unit="nats")
     evaluator: str | None = option(
         None, "model that finds the key tokens", path=True, shown_default="the model under test itself"
+    )
+    longppl_coverage: str = option(
+        "disjoint",
+        "which tokens are scored: disjoint windows across each whole document (ropekit), or official: each "
+        "document's first LENGTH − 1 tokens, as PKU-ML/LongPPL's perplexity.py",
+        choices=tuple(COVERAGES),
     )
 
 
@@ -59,6 +67,7 @@ def measure(scorer: Scorer, run: TaskRun[LongPplOptions], cell: Cell) -> dict[st
         beta=o.longppl_beta,
         evaluator=run.inputs() if run.inputs else None,
         tokenizer=run.tokenizer,
+        coverage=o.longppl_coverage,
     )
     return result.as_dict()
 
@@ -84,11 +93,31 @@ def _cell(r: Row) -> str:
 
 def report(results: dict[str, Any], rows: list[Row]) -> list[str]:
     cfg = results["config"]
+    evaluator = f"evaluator {cfg['evaluator']}" if cfg.get("evaluator") else "the model is its own evaluator"
     title = (
         f"## LongPPL (key tokens: long − short log-prob > {cfg['longppl_threshold']} nats, "
-        f"short context {cfg['short_length']}; the model is its own evaluator)"
+        f"short context {cfg['short_length']}; {evaluator})"
     )
-    return length_table(title, [r for r in rows if r["task"] == "longppl"], _cell)
+    table = length_table(title, [r for r in rows if r["task"] == "longppl"], _cell)
+    cells: dict[str, dict[str, Any]] = next((e["longppl"] for e in results["methods"].values() if e.get("longppl")), {})
+    if not cells:
+        return table
+    first = next(iter(cells.values()))
+    lines = [f"Scored: {first['scored']}."]
+    if first.get("offsets"):  # a separate evaluator
+        lines.append(
+            f"Token positions from each tokenizer's offsets; {per_length(cells, 'offset_fallback_tokens')} tokens "
+            "past the short context matched by decoded widths."
+        )
+    return [*table, " ".join(lines), ""]
+
+
+def per_length(cells: dict[str, dict[str, Any]], field: str) -> str:
+    """`field` of every length's cell: one number when they agree, else "a at n1, b at n2"."""
+    values = {n: cell[field] for n, cell in cells.items()}
+    if len(set(values.values())) == 1:
+        return str(next(iter(values.values())))
+    return ", ".join(f"{v} at {n}" for n, v in values.items())
 
 
 TASK = Task(

@@ -17,20 +17,26 @@ from typing import Any
 from ropekit.errors import RopekitError
 from ropekit.eval.backend import Scorer
 from ropekit.eval.position_nll import DEFAULT_BUCKET, DEFAULT_PREFIXES, bucket_means, check_window, position_nll
-from ropekit.eval.tasks.record import Cell, Row, Task, TaskOptions, TaskRun, option, row
+from ropekit.eval.tasks.record import POSITIVE_INT, TOKENS, Cell, Row, Task, TaskOptions, TaskRun, option, row
 from ropekit.plan.plots import new_figure
 
 
 @dataclass(frozen=True)
 class NllOptions(TaskOptions):
-    nll_bucket: int = option(DEFAULT_BUCKET, "positions per bucket of the NLL-by-position curve", unit="tokens", low=1)
+    nll_bucket: int = option(
+        DEFAULT_BUCKET, "positions per bucket of the NLL-by-position curve", unit="tokens", domain=POSITIVE_INT
+    )
     retention: tuple[int, ...] = option(
         DEFAULT_PREFIXES,
         "retention windows P: perplexity of each document's first P tokens (those above a length are left out there)",
-        low=2,
+        domain=TOKENS,
     )
     trained_length: int | None = option(
-        None, "positions from here on are 'beyond'", unit="tokens", low=2, shown_default="the model's trained length"
+        None,
+        "positions from here on are 'beyond'",
+        unit="tokens",
+        domain=TOKENS,
+        shown_default="the model's trained length",
     )
 
 

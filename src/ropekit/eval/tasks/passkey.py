@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ropekit.domains import Domain
 from ropekit.errors import RopekitError
 from ropekit.eval.backend import GENERATE, LOGPROBS, Scorer
 from ropekit.eval.passkey import (
@@ -22,10 +23,12 @@ from ropekit.eval.passkey import (
 from ropekit.eval.report import plot_passkey_heatmaps
 from ropekit.eval.tasks.record import Cell, Row, Task, TaskRun, Trials, option, row
 
+DEPTH = Domain(0, 1)  # of the needle: 0 at the start of the filler, 1 at its end
+
 
 @dataclass(frozen=True)
 class PasskeyOptions(Trials):
-    depths: tuple[float, ...] = option((0.0, 0.25, 0.5, 0.75, 1.0), "needle depths", low=0.0, high=1.0)
+    depths: tuple[float, ...] = option((0.0, 0.25, 0.5, 0.75, 1.0), "needle depths", domain=DEPTH, nonempty=True)
     passkey_scorer: str = option(
         "generation",
         "generation (greedy, first integer) or teacher-forced (every answer token the argmax)",

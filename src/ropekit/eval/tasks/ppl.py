@@ -9,7 +9,7 @@ from typing import Any
 from ropekit.eval.backend import Scorer
 from ropekit.eval.perplexity import CONVENTIONS, perplexity
 from ropekit.eval.report import length_table, plot_ppl
-from ropekit.eval.tasks.record import Cell, Row, Task, TaskOptions, TaskRun, option, row
+from ropekit.eval.tasks.record import POSITIVE_INT, Cell, Row, Task, TaskOptions, TaskRun, option, row
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,9 @@ class PplOptions(TaskOptions):
         "windows: strided (window L moved by the stride, each token scored once), disjoint or truncated",
         choices=CONVENTIONS,
     )
-    stride: int = option(256, "stride S of the strided convention (at most the window)", unit="tokens", low=1)
+    stride: int = option(
+        256, "stride S of the strided convention (at most the window)", unit="tokens", domain=POSITIVE_INT
+    )
 
 
 def measure(scorer: Scorer, run: TaskRun[PplOptions], cell: Cell) -> dict[str, Any]:

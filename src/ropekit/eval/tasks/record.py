@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from ropekit.domains import SEED, Domain
 from ropekit.errors import RopekitError
 from ropekit.eval.backend import LOGPROBS, Scorer
 
@@ -39,6 +40,8 @@ Cell = dict[str, Any]  # a cell's coordinates, e.g. {"length": 512}: JSON, part 
 Row = dict[str, Any]  # one results.csv row (see ROW_FIELDS)
 ROW_FIELDS = ("method", "task", "length", "depth", "value", "convention", "stride", "tokens_scored")
 _META = "ropekit"  # the dataclass field metadata key holding an `Option`
+POSITIVE_INT = Domain(1, integer=True)
+TOKENS = Domain(2, integer=True)  # a token count that holds a context and a next token
 
 
 @dataclass(frozen=True)
@@ -48,11 +51,10 @@ class Option:
     help: str  # one phrase, without the task's name or the default
     unit: str = ""  # of the value and its default, e.g. "tokens"
     flag: str | None = ""  # CLI flag: "" gives --name-with-dashes, None keeps the option off the CLI
-    # The valid values, checked by `TaskOptions.check` (for a tuple option, of each item). Issue 26 will
-    # give every option a checked domain; these are its place.
+    # The valid values, checked by `TaskOptions.check` (for a tuple option, of each item) and stated by --help.
     choices: tuple[Any, ...] | None = None
-    low: float | None = None  # inclusive bounds of a number
-    high: float | None = None
+    domain: Domain | None = None  # of a number (`ropekit.domains`); any number is finite
+    nonempty: bool = False  # a tuple option needs at least one item
     path: bool = False  # names a file or folder: cell keys record its content's sha256, not its name
     shown_default: str | None = None  # what --help says of the default instead of its value, e.g. "--data"
 
@@ -64,8 +66,8 @@ def option(
     unit: str = "",
     flag: str | None = "",
     choices: Sequence[Any] | None = None,
-    low: float | None = None,
-    high: float | None = None,
+    domain: Domain | None = None,
+    nonempty: bool = False,
     path: bool = False,
     shown_default: str | None = None,
 ) -> Any:
@@ -73,7 +75,8 @@ def option(
 
     A tuple default makes a list option (comma-separated on the command line).
     """
-    record = Option(help, unit, flag, None if choices is None else tuple(choices), low, high, path, shown_default)
+    choices = None if choices is None else tuple(choices)
+    record = Option(help, unit, flag, choices, domain, nonempty, path, shown_default)
     return field(default=default, metadata={_META: record})
 
 
@@ -109,14 +112,16 @@ class OptionSpec:
         return _plain(self.default)
 
     def describe(self) -> str:
-        """`help` with the default and unit, as --help shows it."""
-        shown = self.default_text()
-        if shown is None:
-            return self.record.help
-        if self.record.shown_default is not None:  # a described default, e.g. "--data"
-            return f"{self.record.help} (default: {shown})"
-        unit = f" {self.record.unit}" if self.record.unit else ""
-        return f"{self.record.help} (default {shown}{unit})"
+        """`help` with the default and unit, and the valid range where it is one, as --help shows it."""
+        text, shown = self.record.help, self.default_text()
+        if shown is not None and self.record.shown_default is not None:  # a described default, e.g. "--data"
+            text = f"{text} (default: {shown})"
+        elif shown is not None:
+            text = f"{text} (default {shown}{f' {self.record.unit}' if self.record.unit else ''})"
+        domain = self.record.domain
+        if domain is not None and (domain.low is not None or domain.high is not None):
+            text = f"{text} (valid: {'each ' if self.many else ''}{domain.describe()})"
+        return text
 
     def parse(self, text: str) -> Any:
         """A command-line value into the option's value: comma-separated items for a list option."""
@@ -145,6 +150,8 @@ class OptionSpec:
         if value is None:
             return
         record = self.record
+        if self.many and record.nonempty and not value:
+            raise RopekitError(f"{self.shown} needs at least one value")
         for item in value if self.many else (value,):
             if isinstance(item, float) and not math.isfinite(item):
                 raise RopekitError(f"{self.shown} must be a finite number, got {item}")
@@ -156,12 +163,8 @@ class OptionSpec:
                 raise RopekitError(
                     f"{self.shown} must be one of {', '.join(map(str, record.choices))}, got {item!r}{hint}"
                 )
-            low, high = record.low, record.high
-            if (low is not None and item < low) or (high is not None and item > high):
-                where = f"lie in [{_plain(low)}, {_plain(high)}]" if low is not None and high is not None else ""
-                where = where or (f"be ≥ {_plain(low)}" if low is not None else f"be ≤ {_plain(high)}")
-                shown = list(value) if self.many else value
-                raise RopekitError(f"{self.shown} must {where}, got {shown}")
+            if record.domain is not None:
+                record.domain.check(f"each {self.shown} value" if self.many else self.shown, item)
 
 
 def _plain(value: Any) -> str:
@@ -245,8 +248,8 @@ def _value_type(hint: Any, where: str) -> tuple[type, bool, bool]:
 class Trials(TaskOptions):
     """Options shared by the tasks that draw seeded samples (passkey keys, RULER samples)."""
 
-    trials: int = option(5, "seeded trials per cell (passkey keys, RULER samples)", low=1)
-    seed: int = option(0, "seed of the generated samples")
+    trials: int = option(5, "seeded trials per cell (passkey keys, RULER samples)", domain=POSITIVE_INT)
+    seed: int = option(0, "seed of the generated samples", domain=SEED)
 
 
 OptionsT = TypeVar("OptionsT", bound=TaskOptions)
@@ -280,13 +283,15 @@ def by_length(run: TaskRun[Any], measured: list[tuple[Cell, Any]]) -> dict[str, 
     return {str(cell["length"]): value for cell, value in measured}
 
 
-def merged(measured: list[tuple[Cell, Any]], *, union: str, concat: str = "rows", **fields: Any) -> dict[str, Any]:
-    """One result dict from per-cell result dicts of the same shape: the first cell's fields, the `union` of
-    their `union` dicts, the concatenation of their `concat` lists (in cell order), and `fields` set."""
+def merged(
+    measured: list[tuple[Cell, Any]], *, unions: Sequence[str], concat: str = "rows", **fields: Any
+) -> dict[str, Any]:
+    """One result dict from per-cell result dicts of the same shape: the first cell's fields, the union of
+    each of their `unions` dicts, the concatenation of their `concat` lists (in cell order), and `fields` set."""
     parts = [value for _, value in measured]
     return {
         **parts[0],
-        union: {k: v for part in parts for k, v in part[union].items()},
+        **{union: {k: v for part in parts for k, v in part[union].items()} for union in unions},
         concat: [item for part in parts for item in part[concat]],
         **fields,
     }

@@ -21,6 +21,7 @@ class RulerOptions(Trials):
         tuple(RULER_TASKS),
         "RULER's tasks to run: niah_single_1 … niah_multiquery, vt, cwe, fwe, qa_1, qa_2",
         choices=tuple(RULER_TASKS),
+        nonempty=True,
         shown_default=f"all {len(RULER_TASKS)}",
     )
     ruler_essay: str | None = option(None, "essay haystack, a text file or folder", path=True, shown_default="--data")
@@ -87,7 +88,9 @@ def measure(scorer: Scorer, run: TaskRun[RulerOptions], cell: Cell) -> dict[str,
 def collect(run: TaskRun[RulerOptions], measured: list[tuple[Cell, Any]]) -> dict[str, Any]:
     """One `RulerResult` over every cell: the cells' scores and rows, with the run's tasks, lengths and skips."""
     inputs = run.inputs
-    return merged(measured, union="score", tasks=inputs.tasks, lengths=list(run.lengths), skipped=inputs.skipped)
+    return merged(
+        measured, unions=("score", "sizes"), tasks=inputs.tasks, lengths=list(run.lengths), skipped=inputs.skipped
+    )
 
 
 def rows(method: str, entry: dict[str, Any]) -> list[Row]:
@@ -109,8 +112,16 @@ def report(results: dict[str, Any], rows: list[Row]) -> list[str]:
     ]
     for method, task in dict.fromkeys((r["method"], r["task"]) for r in ruler):
         values = {r["length"]: r["value"] for r in ruler if r["method"] == method and r["task"] == task}
-        lines.append(f"| {method} | {task[6:]} | " + " | ".join(f"{values[n]:.1f}" for n in lengths) + " |")
+        lines.append(f"| {method} | {task[6:]} | " + " | ".join(f"{values[n]:.2f}" for n in lengths) + " |")
     lines.append("")
+    entries = [e["ruler"] for e in results["methods"].values() if e.get("ruler")]
+    if entries:
+        first = entries[0]
+        lines += [
+            f"Samples follow NVIDIA/RULER's generator ({first['words']}; {first['sentences']}). "
+            f"Differences: {'; '.join(first['deviations'])}.",
+            "",
+        ]
     for method, entry in results["methods"].items():
         for task, why in entry.get("ruler", {}).get("skipped", {}).items():
             lines.append(f"- {method}: RULER {task} skipped ({why})")

@@ -73,6 +73,7 @@ def test_longppl_coverage_is_checked_and_in_help(small_model, small_text, tmp_pa
     ) in shown.replace("│ ", "").replace(" │", "")
 
 
+@pytest.mark.slow
 def test_longppl_with_an_evaluator_states_the_offset_fallback_count(small_model, small_text, tmp_path):
     out = tmp_path / "evaluated"
     result = runner.invoke(app, [*longppl_args(small_model, small_text, out), "--evaluator", str(small_model)])

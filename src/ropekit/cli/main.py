@@ -592,6 +592,17 @@ def eval_cmd(
     out_console.print(t)
     for line in best_by_length(rows):
         out_console.print(line)
+    err_console.print(eval_cache_note(Path(results["store"]["path"])), soft_wrap=True)
+
+
+def eval_cache_note(store: Path) -> str:
+    """Where `ropekit eval` kept its cells and how to clear them."""
+    from ropekit.paths import cache_root, describe_size
+
+    if cache_root(create=False).resolve() in store.resolve().parents:
+        return f"evaluation cells kept in {store} for reruns; " + cache_note()
+    size = describe_size(store.stat().st_size) if store.is_file() else "empty"
+    return f"evaluation cells kept in {store} ({size}; your --store: delete the file to clear it)"
 
 
 def _split(text: str, kind: Callable[[str], T]) -> list[T]:

@@ -35,6 +35,7 @@ from ropekit.data.passkey_prompts import (
     largest_fill,
     read_task_line,
 )
+from ropekit.domains import POSITIVE_INTEGER, SEED, TOKEN_WINDOW, Domain
 from ropekit.errors import RopekitError
 from ropekit.eval.backend import Scorer, as_scorer, generate_greedy
 
@@ -64,6 +65,7 @@ __all__ = [  # the prompt names are re-exported: eval code and users import them
 ]
 
 SCORERS = ("generation", "teacher-forced")
+DEPTH = Domain(0, 1)  # of the needle: 0 at the start of the filler, 1 at its end
 PROTOCOL = "passkey/2"
 FOLLOWS = "jquesnelle/yarn eval/passkey.py (Mohtashami & Jaggi 2023)"
 GENERATED_TOKENS = 10  # yarn: max_new_tokens
@@ -118,6 +120,17 @@ def task_line_for(style: str, task_file: str | Path | None) -> tuple[str, str]:
     return read_task_line(task_file) if style == "yarn" else ("", "none (compact style)")
 
 
+def check_grid(lengths: Sequence[int], depths: Sequence[float], trials: int, seed: int) -> None:
+    """Refuse, in one line, a grid without cells or a value outside its domain."""
+    for name, values, domain in (("lengths", lengths, TOKEN_WINDOW), ("depths", depths, DEPTH)):
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+            raise RopekitError(f"passkey_grid needs at least one of {name}, got {values!r}")
+        for value in values:
+            domain.check(f"each of {name}", value)
+    POSITIVE_INTEGER.check("trials", trials)
+    SEED.check("seed", seed)
+
+
 def passkey_grid(
     model: Scorer | torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -138,6 +151,7 @@ def passkey_grid(
     Every `agreement_every`-th trial of the whole grid (trials counted length-major, then depth)
     is also scored by the other scorer, and the share of those where the two agree is recorded.
     """
+    check_grid(lengths, depths, trials, seed)
     task_line, task_source = task_line_for(style, task_file)
     cells = [
         passkey_cell(

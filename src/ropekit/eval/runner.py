@@ -25,6 +25,7 @@ import csv
 import functools
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ropekit._version import __version__
+from ropekit.domains import TOKEN_WINDOW
 from ropekit.errors import Interrupted, RopekitError
 from ropekit.eval.backend import Backend, Scorer, TransformersBackend
 from ropekit.eval.llamacpp import LlamaCppBackend
@@ -120,8 +122,10 @@ class EvalConfig:
         if not self.tasks:
             raise RopekitError(f"no task given; choose from {', '.join(TASKS)}")
         tasks = [get_task(name) for name in dict.fromkeys(self.tasks)]
-        if not self.lengths or min(self.lengths) < 2:
-            raise RopekitError("--lengths must be positive token counts ≥ 2")
+        if not self.lengths:
+            raise RopekitError("--lengths needs at least one value")
+        for n in self.lengths:
+            TOKEN_WINDOW.check("each --lengths value", n)
         for method in self.methods:
             get_method(method)
         backend = BACKENDS.get(self.backend)
@@ -185,6 +189,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             marker="results.json",
             inputs=(cfg.model, cfg.data, *input_paths(cfg)),
         )
+        refuse_store_inside(cfg.store_path(), target.path, cfg.out)
     backend = open_backend(cfg.backend, cfg.model)
     limit = cfg.limit(backend)  # from the configuration alone: refuse before loading any weights
     if max(cfg.lengths) > limit:
@@ -237,6 +242,17 @@ def measure_plans(
                 ) from None
     print(f"cells: {evaluation.measured} measured, {evaluation.reused} read from the evaluation store", file=sys.stderr)
     return entries, evaluation
+
+
+def refuse_store_inside(store: Path, out: Path, shown: str | Path) -> None:
+    """The evaluation store is read and written while the run works; the report directory is replaced at
+    its end: refuse a store inside it (it would be deleted, or block the replacement)."""
+    real = Path(os.path.realpath(store))
+    if real == out or out in real.parents:
+        raise RopekitError(
+            f"--store {store} is inside the output directory {shown}, which the run replaces at its end; "
+            "keep the evaluation store outside it (default: ropekit's cache)"
+        )
 
 
 def plan_of(backend: Backend, method: str, cfg: EvalConfig, limit: int) -> Plan | None:

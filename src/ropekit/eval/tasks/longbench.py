@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ropekit.domains import TOKEN_WINDOW
 from ropekit.errors import RopekitError
 from ropekit.eval.backend import TRANSFORMERS, Scorer
 from ropekit.eval.longbench import (
@@ -21,7 +22,7 @@ from ropekit.eval.longbench import (
     run_longbench,
 )
 from ropekit.eval.store import canonical_json
-from ropekit.eval.tasks.record import TOKENS, Cell, Row, Task, TaskOptions, TaskRun, merged, option, row
+from ropekit.eval.tasks.record import Cell, Row, Task, TaskOptions, TaskRun, merged, option, row
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class LongBenchOptions(TaskOptions):
         None,
         "prompt tokens before middle truncation",
         unit="tokens",
-        domain=TOKENS,
+        domain=TOKEN_WINDOW,
         shown_default="LongBench's rule, e.g. 3500 for a 4096 window",
     )
     longbench_chat: str = option(

@@ -4,22 +4,23 @@ context (`ropekit.eval.longppl`)."""
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ropekit.domains import POSITIVE_INTEGER, TOKEN_WINDOW
 from ropekit.errors import RopekitError
 from ropekit.eval.backend import TRANSFORMERS, Scorer
 from ropekit.eval.longppl import COVERAGES, PROTOCOL, Evaluator, long_ppl
 from ropekit.eval.report import length_table
-from ropekit.eval.tasks.record import POSITIVE_INT, TOKENS, Cell, Row, Task, TaskOptions, TaskRun, option, row
+from ropekit.eval.tasks.record import Cell, Row, Task, TaskOptions, TaskRun, option, row
 
 
 @dataclass(frozen=True)
 class LongPplOptions(TaskOptions):
-    short_length: int = option(4096, "short context (official 4096)", unit="tokens", domain=TOKENS)
+    short_length: int = option(4096, "short context (official 4096)", unit="tokens", domain=TOKEN_WINDOW)
     longppl_window: int = option(
-        1024, "tokens sharing one short context (official 1024)", unit="tokens", domain=POSITIVE_INT
+        1024, "tokens sharing one short context (official 1024)", unit="tokens", domain=POSITIVE_INTEGER
     )
     longppl_threshold: float = option(2.0, "α, long − short log-prob difference of a key token", unit="nats")
     longppl_beta: float = option(-2.0, "β, floor on a key token's long-context log-prob", unit="nats")
@@ -34,8 +35,24 @@ class LongPplOptions(TaskOptions):
     )
 
 
+def check(options: LongPplOptions, lengths: Sequence[int]) -> None:
+    """Key tokens lie past the short context: a run whose every length is within it has nothing to score."""
+    if options.short_length >= max(lengths):
+        raise RopekitError(
+            f"--short-length {options.short_length} must be below the longest --lengths value ({max(lengths)}): "
+            "LongPPL scores only tokens past the short context"
+        )
+
+
 def prepare(run: TaskRun[LongPplOptions]) -> Callable[[], Evaluator] | None:
-    """The evaluator, loaded when a cell is first measured (a resumed run may need none)."""
+    """The evaluator, loaded when a cell is first measured (a resumed run may need none); a warning for the
+    lengths within the short context, which LongPPL leaves out."""
+    within = [n for n in run.lengths if n <= run.options.short_length]
+    if within:
+        run.warnings.append(
+            f"longppl leaves out --lengths {','.join(map(str, within))}: not beyond --short-length "
+            f"{run.options.short_length}, so no token there can be key"
+        )
     path = run.options.evaluator
     return None if path is None else functools.cache(lambda: load_evaluator(path))
 
@@ -127,6 +144,7 @@ TASK = Task(
     measure,
     rows,
     cells=cells,
+    check=check,
     prepare=prepare,
     report=report,
     needs=frozenset({TRANSFORMERS}),

@@ -14,28 +14,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ropekit.domains import POSITIVE_INTEGER, TOKEN_WINDOW
 from ropekit.errors import RopekitError
 from ropekit.eval.backend import Scorer
 from ropekit.eval.position_nll import DEFAULT_BUCKET, DEFAULT_PREFIXES, bucket_means, check_window, position_nll
-from ropekit.eval.tasks.record import POSITIVE_INT, TOKENS, Cell, Row, Task, TaskOptions, TaskRun, option, row
+from ropekit.eval.tasks.record import Cell, Row, Task, TaskOptions, TaskRun, option, row
 from ropekit.plan.plots import new_figure
 
 
 @dataclass(frozen=True)
 class NllOptions(TaskOptions):
     nll_bucket: int = option(
-        DEFAULT_BUCKET, "positions per bucket of the NLL-by-position curve", unit="tokens", domain=POSITIVE_INT
+        DEFAULT_BUCKET, "positions per bucket of the NLL-by-position curve", unit="tokens", domain=POSITIVE_INTEGER
     )
     retention: tuple[int, ...] = option(
         DEFAULT_PREFIXES,
         "retention windows P: perplexity of each document's first P tokens (those above a length are left out there)",
-        domain=TOKENS,
+        domain=TOKEN_WINDOW,
     )
     trained_length: int | None = option(
         None,
         "positions from here on are 'beyond'",
         unit="tokens",
-        domain=TOKENS,
+        domain=TOKEN_WINDOW,
         shown_default="the model's trained length",
     )
 

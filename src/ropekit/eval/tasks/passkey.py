@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ropekit.domains import Domain
 from ropekit.errors import RopekitError
 from ropekit.eval.backend import GENERATE, LOGPROBS, Scorer
 from ropekit.eval.passkey import (
+    DEPTH,
     PROTOCOL,
     SCORERS,
     STYLES,
@@ -22,8 +22,6 @@ from ropekit.eval.passkey import (
 )
 from ropekit.eval.report import plot_passkey_heatmaps
 from ropekit.eval.tasks.record import Cell, Row, Task, TaskRun, Trials, option, row
-
-DEPTH = Domain(0, 1)  # of the needle: 0 at the start of the filler, 1 at its end
 
 
 @dataclass(frozen=True)

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ropekit.domains import POSITIVE_INTEGER
+from ropekit.errors import RopekitError
 from ropekit.eval.backend import Scorer
 from ropekit.eval.perplexity import CONVENTIONS, perplexity
 from ropekit.eval.report import length_table, plot_ppl
-from ropekit.eval.tasks.record import POSITIVE_INT, Cell, Row, Task, TaskOptions, TaskRun, option, row
+from ropekit.eval.tasks.record import Cell, Row, Task, TaskOptions, TaskRun, option, row
+
+DEFAULT_STRIDE = 256  # tokens
 
 
 @dataclass(frozen=True)
@@ -20,8 +25,21 @@ class PplOptions(TaskOptions):
         choices=CONVENTIONS,
     )
     stride: int = option(
-        256, "stride S of the strided convention (at most the window)", unit="tokens", domain=POSITIVE_INT
+        DEFAULT_STRIDE,
+        "stride S of the strided convention, at most the longest window; a window shorter than S moves by its "
+        "own length",
+        unit="tokens",
+        domain=POSITIVE_INTEGER,
     )
+
+
+def check(options: PplOptions, lengths: Sequence[int]) -> None:
+    """A stride given beyond every window is a mistake (the default is simply cut to short windows)."""
+    if options.convention == "strided" and options.stride > max(lengths) and options.stride != DEFAULT_STRIDE:
+        raise RopekitError(
+            f"--stride {options.stride} is beyond the longest window ({max(lengths)} tokens): the stride of the "
+            "strided convention must be in [1, window length]"
+        )
 
 
 def measure(scorer: Scorer, run: TaskRun[PplOptions], cell: Cell) -> dict[str, Any]:
@@ -90,6 +108,7 @@ TASK = Task(
     PplOptions,
     measure,
     rows,
+    check=check,
     prepare=prepare,
     report=report,
     plot=plot,

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from ropekit.domains import SEED, Domain
+from ropekit.domains import POSITIVE_INTEGER, SEED, Domain
 from ropekit.errors import RopekitError
 from ropekit.eval.backend import LOGPROBS, Scorer
 
@@ -40,8 +40,6 @@ Cell = dict[str, Any]  # a cell's coordinates, e.g. {"length": 512}: JSON, part 
 Row = dict[str, Any]  # one results.csv row (see ROW_FIELDS)
 ROW_FIELDS = ("method", "task", "length", "depth", "value", "convention", "stride", "tokens_scored")
 _META = "ropekit"  # the dataclass field metadata key holding an `Option`
-POSITIVE_INT = Domain(1, integer=True)
-TOKENS = Domain(2, integer=True)  # a token count that holds a context and a next token
 
 
 @dataclass(frozen=True)
@@ -248,7 +246,7 @@ def _value_type(hint: Any, where: str) -> tuple[type, bool, bool]:
 class Trials(TaskOptions):
     """Options shared by the tasks that draw seeded samples (passkey keys, RULER samples)."""
 
-    trials: int = option(5, "seeded trials per cell (passkey keys, RULER samples)", domain=POSITIVE_INT)
+    trials: int = option(5, "seeded trials per cell (passkey keys, RULER samples)", domain=POSITIVE_INTEGER)
     seed: int = option(0, "seed of the generated samples", domain=SEED)
 
 

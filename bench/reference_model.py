@@ -50,6 +50,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ropekit.data.documents import gutenberg_lines as gutenberg_body
 from ropekit.output import atomic_directory
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,29 +114,6 @@ def config_hash(fields: dict) -> str:
 
 
 QUICK = RefConfig(steps=60, copy_max_steps=20, retrieval_steps=20)
-
-
-def gutenberg_body(text: str) -> str:
-    """Text between the Project Gutenberg header and footer (PG19 or old-etext style)."""
-    lines = text.replace("\r\n", "\n").split("\n")
-    start, end = 0, len(lines)
-    for i, line in enumerate(lines):
-        if "***START OF" in line or "*** START OF" in line:
-            j = i
-            while j < len(lines) and not lines[j].rstrip().endswith("***"):
-                j += 1
-            start = j + 1
-            break
-        if line.startswith("*END*THE SMALL PRINT"):
-            start = i + 1
-            break
-    for i in range(start, len(lines)):
-        if lines[i].startswith(
-            ("***END OF", "*** END OF", "End of The Project Gutenberg", "End of the Project Gutenberg")
-        ):
-            end = i
-            break
-    return "\n".join(lines[start:end]).strip()
 
 
 def corpus() -> tuple[list[str], list[str]]:

@@ -201,6 +201,24 @@ def llama_model_dir(tmp_path_factory, llama_tokenizer) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def small_text(tmp_path_factory) -> Path:
+    """A few kilobytes of generated story text: enough for windows of a few hundred tokens, quick to tokenise."""
+    path = tmp_path_factory.mktemp("small-text") / "stories.txt"
+    path.write_text(generated_stories(24))
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_model(tmp_path_factory, llama_tokenizer) -> Path:
+    """A tiny random Llama (2 layers, hidden 64, trained length 512) with a real tokenizer, saved: `ropekit eval`
+    runs on it in a second or two."""
+    folder = tmp_path_factory.mktemp("small-model") / "model"
+    tiny_llama(len(llama_tokenizer)).save_pretrained(folder)
+    llama_tokenizer.save_pretrained(folder)
+    return folder
+
+
 def write_llama2c(path: Path, *, nan: bool = False, trailing: bytes = b"") -> tuple[Path, Path]:
     import numpy as np
 

@@ -80,3 +80,5 @@ def _num(x: float) -> str:
 POSITIVE = Domain(0, low_open=True)  # a finite number > 0
 NON_NEGATIVE = Domain(0)  # a finite number ≥ 0
 SEED = Domain(0, 2**32 - 1, integer=True, why="numpy and torch seeds are unsigned 32-bit")
+POSITIVE_INTEGER = Domain(1, integer=True)
+TOKEN_WINDOW = Domain(2, integer=True)  # tokens of a window: at least a context and the token it predicts

@@ -280,7 +280,8 @@ def test_llama_cpp_runs_the_extended_tiny_gguf_like_transformers_with_the_plan(g
     from gguf_fixtures import require_llama_cpp
 
     require_llama_cpp()
-    from ropekit.eval.llamacpp import agreement, llama_cpp_logits, transformers_logits
+    from ropekit.eval.gguf_parity import agreement, transformers_logits
+    from ropekit.eval.llamacpp import llama_cpp_logits
 
     plan = extend_gguf(gguf_path, tmp_path / "yarn.gguf", target_length=2048, method="yarn")
     ids = torch.randint(0, len(vocabulary()), (1536,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -314,8 +315,7 @@ def test_llama_cpp_perplexity_backend_matches_transformers(gguf_path, tmp_path, 
             methods=["yarn"],
             method_params={"yarn": {"beta_fast": 8.0}},
             data=str(text),
-            convention="strided",
-            stride=200,
+            options={"convention": "strided", "stride": 200},
             backend=backend,
             progress=False,
         )
@@ -365,7 +365,8 @@ def test_converted_scaling_computes_what_llama_cpp_computes(keys, model, tmp_pat
 
     require_llama_cpp()
     from ropekit.apply.gguf_convert import load_gguf_model
-    from ropekit.eval.llamacpp import agreement, llama_cpp_logits, transformers_logits
+    from ropekit.eval.gguf_parity import agreement, transformers_logits
+    from ropekit.eval.llamacpp import llama_cpp_logits
 
     path = write_llama_gguf(tmp_path / "scaled.gguf", model, extra_keys=keys)
     ids = torch.randint(0, len(vocabulary()), (1024,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -435,7 +436,8 @@ def test_llama31_style_gguf_extended_again_runs_the_composition_in_llama_cpp(lla
 
     require_llama_cpp()
     from ropekit.apply.gguf_convert import load_gguf_model
-    from ropekit.eval.llamacpp import agreement, llama_cpp_logits, transformers_logits
+    from ropekit.eval.gguf_parity import agreement, transformers_logits
+    from ropekit.eval.llamacpp import llama_cpp_logits
 
     path, _ = llama31_gguf
     plan = extend_gguf(path, tmp_path / "ext.gguf", target_length=2048, method="dprope")

@@ -205,7 +205,8 @@ def test_llama_cpp_runs_native_keys_like_transformers_with_the_plan(method, mode
     from gguf_fixtures import require_llama_cpp
 
     require_llama_cpp()
-    from ropekit.eval.llamacpp import agreement, llama_cpp_logits, transformers_logits
+    from ropekit.eval.gguf_parity import agreement, transformers_logits
+    from ropekit.eval.llamacpp import llama_cpp_logits
 
     src = write_llama_gguf(tmp_path / "qwen2.gguf", model, arch="qwen2")
     plan = extend_gguf(src, tmp_path / "ext.gguf", target_length=2048, method=method)

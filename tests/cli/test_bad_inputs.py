@@ -106,7 +106,10 @@ def test_enumerated_options_are_refused_before_any_work(tiny, tmp_path, monkeypa
         "base rule": ([*finetune, "--method", "base", "--base-rule", "men2023"], "did you mean 'men2024'"),
         "inner method": ([*finetune, "--method", "resonance", "--inner", "yarm"], "did you mean 'yarn'"),
         "convention": ([*eval_args(model, text, out), "--convention", "sliding"], "--convention must be one of"),
-        "depths": ([*eval_args(model, text, out), "--tasks", "passkey", "--depths", "0,1.5"], "--depths must lie in"),
+        "depths": (
+            [*eval_args(model, text, out), "--tasks", "passkey", "--depths", "0,1.5"],
+            "each --depths value must be a number in [0, 1]",
+        ),
         "format": (
             ["analyze", "--preset", "llama2-7b", "--target-length", "8192", "--format", "jpg", "--out", str(out)],
             "png or svg",

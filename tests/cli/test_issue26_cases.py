@@ -1,6 +1,5 @@
 """Each case of issue 26 built with sentinel files: the refusal is one `error:` line with a non-zero
-exit, and every sentinel's sha256 is unchanged (or, where a value has a meaning, the result is right).
-The eval cases wait for the evaluation engine's rewrite (see the branch report)."""
+exit, and every sentinel's sha256 is unchanged (or, where a value has a meaning, the result is right)."""
 
 from __future__ import annotations
 
@@ -21,10 +20,10 @@ from test_output_contract import (
 from typer.testing import CliRunner
 
 import ropekit
-from gguf_fixtures import write_llama_gguf
+from gguf_fixtures import require_llama_cpp, write_llama_gguf
 from ropekit import RopekitError
 from ropekit.cli.main import app
-from ropekit.manifest import MANIFEST
+from ropekit.manifest import MANIFEST, read_manifest
 
 runner = CliRunner()
 PLAN = ["plan", "--preset", "llama2-7b", "--target-length", "8192", "--method", "pi"]
@@ -374,3 +373,149 @@ def test_extend_gguf_overwrite_replaces_only_its_own_unchanged_file(tmp_path):
     user.write_bytes(source.read_bytes())
     assert_one_line_error(invoke(*args[:-1], user, "--overwrite"), "is not a GGUF ropekit wrote")
     assert fingerprint(tmp_path) == {**before, "user.gguf": fingerprint(tmp_path)["user.gguf"]}
+
+
+# ---- eval ------------------------------------------------------------------------------------------------
+
+
+def eval_run(model: Path, text: Path, *extra: str | Path) -> tuple[str | Path, ...]:
+    return ("eval", model, "--data", text, "--lengths", "64", "--max-tokens", "128", *extra)
+
+
+def test_eval_refuses_an_evaluator_that_is_the_output(tiny, tmp_path):
+    model, text = tiny
+    evaluator = tmp_path / "extended"
+    ok("extend", model, "--target-length", "1024", "--method", "pi", "--out", evaluator)
+    before = fingerprint(evaluator)
+    args = ("--tasks", "longppl", "--short-length", "32", "--evaluator", evaluator, "--out", evaluator, "--overwrite")
+    assert_one_line_error(invoke(*eval_run(model, text, *args)), f"output directory {evaluator} is the input")
+    assert fingerprint(evaluator) == before and leftovers(tmp_path) == []
+
+
+def test_eval_refuses_a_passkey_task_file_inside_the_output(tiny, tmp_path):
+    model, text = tiny
+    out = tmp_path / "report"
+    ok(*eval_run(model, text, "--tasks", "ppl", "--store", tmp_path / "cells.sqlite", "--out", out))
+    (out / "task.txt").write_text("There is a pass key hidden in this text. Find it.")
+    before = fingerprint(out)
+    result = invoke(*eval_run(model, text, "--tasks", "passkey", "--passkey-task-file", out / "task.txt"), "--out", out)
+    assert_one_line_error(result, f"output directory {out} contains the input {out / 'task.txt'}")
+    result = invoke(
+        *eval_run(model, text, "--tasks", "passkey", "--passkey-task-file", out / "task.txt"),
+        "--out",
+        out,
+        "--overwrite",
+    )
+    assert_one_line_error(result, f"output directory {out} contains the input {out / 'task.txt'}")
+    assert fingerprint(out) == before and leftovers(tmp_path) == []
+
+
+def test_eval_names_a_missing_passkey_task_file(tiny, tmp_path):
+    model, text = tiny
+    missing = tmp_path / "task.txt"
+    result = invoke(*eval_run(model, text, "--tasks", "passkey", "--passkey-task-file", missing))
+    assert_one_line_error(result, f"the passkey task-line file {missing} does not exist")
+    assert "--lengths" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (("--tasks", "longppl", "--longppl-threshold", "nan"), "--longppl-threshold must be a finite number, got nan"),
+        (("--tasks", "passkey", "--depths", ""), "--depths needs at least one value"),
+        (("--tasks", "ppl", "--lengths", ""), "--lengths needs at least one value"),
+        (
+            ("--tasks", "longppl", "--short-length", "4096", "--lengths", "512", "--max-tokens", "512"),
+            "--short-length 4096 must be below the longest --lengths value (512)",
+        ),
+        (("--tasks", "ppl", "--stride", "100000"), "--stride 100000 is beyond the longest window (64 tokens)"),
+        (("--tasks", "passkey", "--seed", "-1"), "--seed must be an integer in [0, 4294967295]"),
+        (("--tasks", "passkey", "--depths", "0,1.5"), "each --depths value must be a number in [0, 1], got 1.5"),
+        (("--tasks", "ppl", "--stride", "0"), "--stride must be an integer ≥ 1, got 0"),
+    ],
+    ids=["threshold nan", "no depths", "no lengths", "short ≥ length", "stride", "seed", "depth", "stride 0"],
+)
+def test_eval_refuses_values_outside_their_domain_and_writes_nothing(tiny, tmp_path, extra, expected):
+    model, text = tiny
+    store, out = tmp_path / "cells.sqlite", tmp_path / "report"
+    result = invoke(*eval_run(model, text, "--store", store, "--out", out, *extra))
+    assert_one_line_error(result, expected)
+    assert not out.exists() and not store.exists() and leftovers(tmp_path) == []
+
+
+def test_eval_refuses_a_store_inside_the_output(tiny, tmp_path):
+    model, text = tiny
+    out = tmp_path / "report"
+    result = invoke(*eval_run(model, text, "--tasks", "ppl", "--store", out / "cells.sqlite", "--out", out))
+    assert_one_line_error(result, f"--store {out / 'cells.sqlite'} is inside the output directory {out}")
+    assert not out.exists()
+
+
+def test_passkey_grid_refuses_an_empty_grid_in_the_api(tiny):
+    from ropekit.eval.passkey import passkey_grid
+
+    for kwargs, message in (
+        ({"lengths": [], "depths": [0.5]}, "passkey_grid needs at least one of lengths"),
+        ({"lengths": [64], "depths": []}, "passkey_grid needs at least one of depths"),
+        ({"lengths": [64], "depths": [0.5], "seed": -1}, "seed must be an integer in [0, 4294967295]"),
+        ({"lengths": [1], "depths": [0.5]}, "each of lengths must be an integer ≥ 2"),
+        ({"lengths": [64], "depths": [0.5], "trials": 0}, "trials must be an integer ≥ 1"),
+    ):
+        with pytest.raises(RopekitError) as raised:
+            passkey_grid(None, None, **kwargs)  # refused before the model or tokenizer is touched
+        assert message in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_eval_help_states_the_domain_of_every_ranged_task_option():
+    from ropekit.eval.registry import task_options
+
+    shown = " ".join(runner.invoke(app, ["eval", "--help"], terminal_width=500).stdout.replace("│", " ").split())
+    ranged = {name: o.spec for name, o in task_options().items() if o.spec.record.domain is not None}
+    assert {"stride", "depths", "seed", "trials", "short_length", "nll_bucket"} <= set(ranged)
+    for spec in ranged.values():
+        domain = spec.record.domain
+        if domain.low is not None or domain.high is not None:
+            assert f"(valid: {'each ' if spec.many else ''}{domain.describe()})" in shown, spec.flag
+    assert "(valid: each a number in [0, 1])" in shown and "(valid: an integer in [0, 4294967295])" in shown
+
+
+def test_eval_says_where_its_cells_are_and_ropekit_cache_clears_them(tiny, tmp_path, monkeypatch):
+    model, text = tiny
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("ROPEKIT_CACHE", str(cache))
+    result = ok(*eval_run(model, text, "--tasks", "ppl"))
+    store = cache / "eval" / "cells.sqlite"
+    assert store.is_file()
+    note = " ".join(result.stderr.split())
+    assert f"evaluation cells kept in {store} for reruns; cache: {cache} holds" in note
+    assert "`ropekit cache` shows it, --clear empties it" in note
+    ok("cache", "--clear")
+    assert not store.exists()
+    own = tmp_path / "mine.sqlite"
+    note = " ".join(ok(*eval_run(model, text, "--tasks", "ppl", "--store", own)).stderr.split())
+    assert f"evaluation cells kept in {own} (" in note and "your --store: delete the file to clear it" in note
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["transformers", "llama.cpp"])
+def test_eval_overwrite_replaces_its_own_report_on_both_backends(backend, tmp_path):
+    if backend == "llama.cpp":
+        require_llama_cpp()
+    source = write_llama_gguf(tmp_path / "x.gguf")
+    text = tmp_path / "doc.txt"
+    text.write_text(" the cat sat on the mat and the dog ran after a ball." * 40)
+    out = tmp_path / "report"
+    args = (
+        "eval", source, "--backend", backend, "--tasks", "ppl", "--lengths", "128", "--data", text,
+        "--method", "pi", "--target-length", "1024", "--store", tmp_path / "cells.sqlite", "--out", out,
+    )  # fmt: skip
+    ok(*args)
+    first = fingerprint(out)
+    ok(*args, "--overwrite")  # its own unchanged report: replaced (the cells come from the store)
+    record = read_manifest(out)
+    assert record is not None and record["kind"] == "eval report"
+    assert set(record["files"]) == set(fingerprint(out)) - {MANIFEST} and set(fingerprint(out)) == set(first)
+    (out / "NOTES.md").write_text("my notes")
+    before = fingerprint(out)
+    assert_one_line_error(invoke(*args, "--overwrite"), f"{out}/NOTES.md is not one of the files")
+    assert fingerprint(out) == before and leftovers(tmp_path) == []

@@ -175,8 +175,8 @@ def test_a_fault_during_the_work_keeps_the_earlier_report(tiny, tmp_path, monkey
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("ropekit.eval.runner.perplexity", crash)
-    result = runner.invoke(app, eval_args(model, text, out, "--overwrite"))
+    monkeypatch.setattr("ropekit.eval.tasks.ppl.perplexity", crash)
+    result = runner.invoke(app, eval_args(model, text, out, "--overwrite", "--fresh"))  # measured, not read
     assert_one_line_error(result, "interrupted", code=130, after_work=True)
     assert fingerprint(out) == before and leftovers(tmp_path) == []
 
@@ -260,7 +260,7 @@ def no_work(monkeypatch):
 
     targets = (
         ("ropekit.apply.extend", "load_model"),
-        ("ropekit.eval.runner", "load_tokenizer"),
+        ("ropekit.apply.extend", "load_tokenizer"),  # the eval backends read it from there
         ("ropekit.train.loop", "load_tokenizer"),
         ("ropekit.apply.llama2c", "read_checkpoint"),
         ("ropekit.plan.registry", "compute_scaling"),

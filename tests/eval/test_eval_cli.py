@@ -101,7 +101,7 @@ def test_eval_ruler_records_protocol_and_skipped_tasks(s260k, story_text, tmp_pa
     )
     assert result.exit_code == 0, result.output
     ruler = json.loads((out / "results.json").read_text())["methods"]["none"]["ruler"]
-    assert set(ruler["score"]) == {"niah_single_1@1024", "niah_single_2@1024"}
+    assert set(ruler["score"]) == set(ruler["sizes"]) == {"niah_single_1@1024", "niah_single_2@1024"}
     assert all(0.0 <= v <= 100.0 for v in ruler["score"].values())
     assert ruler["protocol"] == "ruler/3" and ruler["prompts"] == "ropekit wording" and ruler["essay"] == str(text)
     report = (out / "report.md").read_text()
@@ -133,7 +133,7 @@ def test_eval_longbench_from_local_files(s260k, tmp_path):
     )
     assert result.exit_code == 0, result.output
     lb = json.loads((out / "results.json").read_text())["methods"]["as-saved"]["longbench"]
-    assert lb["window"] == 512 and set(lb["scores"]) == {"hotpotqa", "trec"}
+    assert lb["window"] == 512 and set(lb["scores"]) == set(lb["bucket_sizes"]) == {"hotpotqa", "trec"}
     assert set(lb["scores"]["trec"]) == {"0-4k", "8k+"} and all(0 <= r["score"] <= 100 for r in lb["rows"])
     assert "## LongBench-E, as-saved" in (out / "report.md").read_text()
 
@@ -152,7 +152,7 @@ def test_eval_bad_inputs_exit_2_without_results(s260k, story_text, tmp_path):
         "garbled": (["--data", str(garbled)], "UTF-8"),
         "jsonl without text": (["--data", str(nofield)], "'text'"),
         "beyond limit": (["--data", good, "--lengths", "4096"], "beyond"),
-        "no data": ([], "need --data"),
+        "no data": ([], "the ppl task needs --data"),
         "unknown task": (["--tasks", "ppl,bogus", "--data", good], "unknown task"),
         "unknown ruler task": (["--tasks", "ruler", "--ruler-tasks", "niah_singel"], "did you mean"),
         "longbench without dir": (["--tasks", "longbench"], "--longbench-dir"),
@@ -204,3 +204,21 @@ def test_eval_bins_reaches_the_plan_and_is_recorded(s260k, tmp_path):
     assert plan["factors"] == list(expected.factors) and plan["bins"] == 36
     assert plan["disturbance"] == pytest.approx(expected.disturbance)
     assert plan["factors"] != list(ropekit.make_plan(spec, 1024, "dprope").factors)  # K = 360 chooses otherwise
+
+
+@pytest.mark.slow
+def test_eval_through_the_entry_point(small_model, small_text, tmp_path):
+    """The one subprocess smoke test of `ropekit eval` (the others run in-process): the installed entry point
+    writes the report, prints the table, and names the evaluation store on stderr."""
+    import subprocess
+    import sys
+
+    out, store = tmp_path / "report", tmp_path / "cells.sqlite"
+    args = ["eval", str(small_model), "--data", str(small_text), "--lengths", "32,64", "--out", str(out)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "ropekit.cli.main", *args, "--store", str(store)], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["methods"]["as-saved"]["ppl"]) == {"32", "64"} and results["store"]["measured"] == 2
+    assert f"evaluation store: {store} (0 cells stored)" in proc.stderr and "as-saved" in proc.stdout

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from conftest import tiny_llama
-from ropekit.eval.gguf_parity import chunked_logits
-from ropekit.eval.llamacpp import transformers_logits
+from ropekit.eval.gguf_parity import chunked_logits, transformers_logits
 
 
 def tiny_gemma3():

@@ -1,6 +1,6 @@
 """The markdown report names what it measured: the passkey scorer and the one it was checked against."""
 
-from ropekit.eval.report import markdown_report
+from ropekit.eval.runner import markdown_report
 
 
 def results_with_passkey(scorer: str) -> dict:

@@ -73,6 +73,18 @@ def test_first_stored_value_wins(tmp_path):
         assert store.put(key(), {"v": 2}) == {"v": 1}
 
 
+def test_fresh_replaces_and_a_non_finite_measurement_is_returned_unstored(tmp_path):
+    with EvalStore(tmp_path / "s.sqlite") as store:
+        store.measure(key(), lambda: {"v": 1})
+        assert store.measure(key(), lambda: {"v": 2}, fresh=True) == ({"v": 2}, False)
+        assert store.get(key()) == {"v": 2} and len(store) == 1
+        cell = store.cell(key())
+        assert cell is not None and cell.value == {"v": 2} and cell.seconds is not None and cell.seconds >= 0
+        nan = {"nll": float("nan"), "rows": [1.0, float("inf")]}
+        value, stored = store.measure(key("nll"), lambda: nan)
+        assert value is nan and stored is False and key("nll") not in store and store.cell(key("nll")) is None
+
+
 def test_an_interrupted_measurement_stores_nothing(tmp_path):
     def interrupted():
         raise KeyboardInterrupt

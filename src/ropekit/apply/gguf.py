@@ -468,6 +468,14 @@ def check_plan_matches(rope: GgufRope, plan: Plan) -> None:
         )
 
 
+def check_extension(rope: GgufRope, plan: Plan) -> tuple[dict[str, Any], set[str], dict[str, np.ndarray]]:
+    """`extended_metadata` of `plan` for the file, after one clear line where llama.cpp cannot run the plan
+    there (another geometry, the architecture's refusal; removed pairs are refused by architectures without
+    rope_freqs and written as 1e30 where it is read). Reads no tensor."""
+    check_plan_matches(rope, plan)
+    return extended_metadata(rope, plan)
+
+
 def write_extended_gguf(
     source: str | os.PathLike, plan: Plan, out: str | os.PathLike, *, overwrite: bool = False
 ) -> Path:
@@ -480,9 +488,8 @@ def write_extended_gguf(
     """
     reader = open_gguf(source)
     rope = read_rope(source, reader)
-    check_plan_matches(rope, plan)
+    sets, drop, new_tensors = check_extension(rope, plan)
     out = check_output_file(out, source=source, overwrite=overwrite)
-    sets, drop, new_tensors = extended_metadata(rope, plan)
     sets.update(gguf_record.record_keys())  # the file's own manifest: kind, command, hash (ropekit.apply.gguf_record)
     skip_tensors = {ROPE_FREQS, *LONGROPE_TENSORS}
 

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ropekit.cli import options as o
+from ropekit.cli.eval_options import run_default, with_task_options
 from ropekit.cli.render import comparison_table, print_plan
 from ropekit.cli.tune import tune_cmd
 from ropekit.errors import RopekitError, Terminated
@@ -468,6 +469,7 @@ def inspect_cmd(
 @app.command("eval")
 @user_errors
 @o.with_method_options
+@with_task_options
 def eval_cmd(
     model: Annotated[
         str,
@@ -482,9 +484,14 @@ def eval_cmd(
         ),
     ] = None,
     tasks: Annotated[
-        str, typer.Option("--tasks", help="Comma-separated: ppl, longppl, passkey, ruler, longbench.")
-    ] = "ppl",
-    lengths: Annotated[str, typer.Option("--lengths", help="Comma-separated context lengths in tokens.")] = "512",
+        str | None, typer.Option("--tasks", help="Comma-separated tasks (see `ropekit eval --help`).")
+    ] = None,
+    lengths: Annotated[
+        str | None,
+        typer.Option(
+            "--lengths", help=f"Comma-separated context lengths in tokens (default {run_default('lengths')})."
+        ),
+    ] = None,
     method: Annotated[
         list[str] | None,
         typer.Option(
@@ -495,145 +502,84 @@ def eval_cmd(
     target_length: Annotated[
         int | None, typer.Option("--target-length", help="Plan target (default: the longest length).")
     ] = None,
-    bins: o.Bins = 360,
-    data: Annotated[
-        str | None, typer.Option("--data", help="ppl/longppl: text file, folder, or JSONL with a 'text' field.")
-    ] = None,
-    max_tokens: Annotated[
-        int, typer.Option("--max-tokens", help="ppl/longppl: tokens read per document (0 = all).")
-    ] = 16384,
-    convention: Annotated[str, typer.Option("--convention", help="ppl: strided, disjoint or truncated.")] = "strided",
-    stride: Annotated[int, typer.Option("--stride", help="ppl: stride S of the strided convention.")] = 256,
-    short_length: Annotated[
-        int, typer.Option("--short-length", help="longppl: short context in tokens (official 4096).")
-    ] = 4096,
-    longppl_window: Annotated[
-        int, typer.Option("--longppl-window", help="longppl: tokens sharing one short context (official 1024).")
-    ] = 1024,
-    longppl_threshold: Annotated[
-        float, typer.Option("--longppl-threshold", help="longppl: α, long − short log-prob difference (nats).")
-    ] = 2.0,
-    longppl_beta: Annotated[
-        float, typer.Option("--longppl-beta", help="longppl: β, floor on the long-context log-prob (nats).")
-    ] = -2.0,
-    evaluator: Annotated[
-        str | None,
-        typer.Option("--evaluator", help="longppl: model that finds key tokens (default: the model itself)."),
-    ] = None,
-    depths: Annotated[
-        str, typer.Option("--depths", help="passkey: comma-separated needle depths in [0, 1].")
-    ] = "0,0.25,0.5,0.75,1",
-    trials: Annotated[int, typer.Option("--trials", help="passkey trials / RULER samples per cell (seeded).")] = 5,
-    passkey_scorer: Annotated[
-        str, typer.Option("--passkey-scorer", help="passkey: generation (default) or teacher-forced.")
-    ] = "generation",
-    passkey_style: Annotated[
-        str, typer.Option("--passkey-style", help="passkey: yarn (default: task line, newline joins) or compact.")
-    ] = "yarn",
-    passkey_task_file: Annotated[
-        str | None,
-        typer.Option("--passkey-task-file", help="passkey: text file with the task line (default: ropekit's wording)."),
-    ] = None,
-    longbench_dir: Annotated[
-        str | None,
-        typer.Option("--longbench-dir", help="longbench: folder of LongBench-E *_e.jsonl files you downloaded."),
-    ] = None,
-    longbench_datasets: Annotated[
-        str,
-        typer.Option("--longbench-datasets", help="longbench: comma-separated datasets (default: all files found)."),
-    ] = "",
-    ruler_tasks: Annotated[
-        str,
-        typer.Option(
-            "--ruler-tasks",
-            help="ruler: any of RULER's 13 tasks (niah_single_1 … niah_multiquery, vt, cwe, fwe, qa_1, qa_2).",
-        ),
-    ] = "niah_single_1,niah_single_2,niah_single_3,niah_multikey_1,niah_multikey_2,niah_multikey_3,niah_multivalue,niah_multiquery,vt,cwe,fwe,qa_1,qa_2",
-    ruler_essay: Annotated[
-        str | None,
-        typer.Option("--ruler-essay", help="ruler: essay haystack, a text file or folder (default: --data)."),
-    ] = None,
-    ruler_qa_dir: Annotated[
-        str | None,
-        typer.Option(
-            "--ruler-qa-dir", help="ruler: folder with SQuAD / HotpotQA files for qa_1 / qa_2 (skipped without)."
-        ),
-    ] = None,
-    longbench_config: Annotated[
-        str | None,
-        typer.Option(
-            "--longbench-config",
-            help="longbench: folder with LongBench's dataset2prompt.json / dataset2maxlen.json (default: looked for beside --longbench-dir).",
-        ),
-    ] = None,
-    longbench_max_length: Annotated[
+    bins: Annotated[
         int | None,
         typer.Option(
-            "--longbench-max-length",
-            help="longbench: prompt tokens before middle truncation (default: LongBench's rule, e.g. 3500 for 4096).",
+            "--bins",
+            help=f"Histogram bins K over [0, 2π) for disturbance (and dprope's choice) (default {run_default('bins')}).",
+            rich_help_panel=o.METHOD,
         ),
     ] = None,
-    longbench_chat: Annotated[
-        str,
-        typer.Option("--longbench-chat", help="longbench: chat template auto (when the tokenizer has one), on or off."),
-    ] = "auto",
-    seed: Annotated[int, typer.Option("--seed", help="passkey and ruler: seed for the generated samples.")] = 0,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            "--data", help="Documents for ppl, longppl and nll: text file, folder, or JSONL with a 'text' field."
+        ),
+    ] = None,
+    max_tokens: Annotated[
+        int | None,
+        typer.Option("--max-tokens", help=f"Tokens read per document, 0 = all (default {run_default('max_tokens')})."),
+    ] = None,
+    store: Annotated[
+        Path | None,
+        typer.Option(
+            "--store",
+            help="The evaluation store (SQLite) that keeps every measured cell, so a rerun measures nothing twice "
+            "(default: ropekit's cache, ~/.cache/ropekit/eval/cells.sqlite or $ROPEKIT_CACHE/eval/cells.sqlite).",
+        ),
+    ] = None,
+    fresh: Annotated[
+        bool, typer.Option("--fresh", help="Measure every cell again and replace what the store holds for it.")
+    ] = False,
     overwrite: o.Overwrite = False,
     backend: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--backend",
-            help="transformers, or llama.cpp (ppl of a .gguf in llama.cpp itself; needs ropekit[llamacpp]).",
+            help="transformers, or llama.cpp (a .gguf in llama.cpp itself: ppl, nll, passkey; needs ropekit\\[llamacpp]) "
+            f"(default {run_default('backend')}).",
         ),
-    ] = "transformers",
+    ] = None,
     *,
     method_options: dict[str, Any],
+    task_options: dict[str, Any],
 ) -> None:
     """Evaluate long-context ability; several --method values give a side-by-side comparison.
+
+    Every measured cell (plan × task × length …) is kept in the evaluation store: an interrupted run
+    resumes, and plans with identical factors share their cells.
 
     Example: ropekit eval out/s260k --tasks ppl,passkey --lengths 256,512,1024,2048,4096
     --method none --method pi --method yarn --method dprope --data ../shared/assets/text/tinystories
     """
-    from ropekit.eval.runner import EvalConfig, evaluate
+    from ropekit.eval.runner import EvalConfig, best_by_length, evaluate, result_rows
 
+    methods = list(method or [])
+    given = {
+        "tasks": None if tasks is None else _split(tasks, str),
+        "lengths": None if lengths is None else _split(lengths, int),
+        "target_length": target_length,
+        "bins": bins,
+        "data": data,
+        "max_tokens": max_tokens,
+        "backend": backend,
+        "store": store,
+    }
     cfg = EvalConfig(
         model=model,
         out=out,
-        tasks=_split(tasks, str),
-        lengths=_split(lengths, int),
-        methods=list(method or []),
-        method_params=o.method_params_by_method(list(method or []), method_options),
-        target_length=target_length,
-        bins=bins,
-        data=data,
-        max_tokens=max_tokens or None,
-        convention=convention,
-        stride=stride,
-        short_length=short_length,
-        longppl_window=longppl_window,
-        longppl_threshold=longppl_threshold,
-        longppl_beta=longppl_beta,
-        evaluator=evaluator,
-        depths=_split(depths, float),
-        trials=trials,
-        seed=seed,
-        passkey_scorer=passkey_scorer,
-        passkey_style=passkey_style,
-        passkey_task_file=passkey_task_file,
-        ruler_tasks=_split(ruler_tasks, str),
-        longbench_dir=longbench_dir,
-        longbench_datasets=_split(longbench_datasets, str),
-        ruler_essay=ruler_essay,
-        ruler_qa_dir=ruler_qa_dir,
-        longbench_config=longbench_config,
-        longbench_max_length=longbench_max_length,
-        longbench_chat=longbench_chat,
+        methods=methods,
+        method_params=o.method_params_by_method(methods, method_options),
+        options=task_options,
+        fresh=fresh,
         overwrite=overwrite,
-        backend=backend,
     )
+    for name, value in given.items():  # the others keep EvalConfig's defaults
+        if value is not None:
+            setattr(cfg, name, value)
+    if cfg.max_tokens == 0:
+        cfg.max_tokens = None
     results = evaluate(cfg)
-    from ropekit.eval.runner import best_by_length, result_rows
-
     t = Table(title=f"{model}: results" + (f" (written to {out}/)" if out is not None else ""))
     for col in ("method", "task", "length", "depth", "value", "tokens scored"):
         t.add_column(col)
@@ -650,6 +596,17 @@ def eval_cmd(
     out_console.print(t)
     for line in best_by_length(rows):
         out_console.print(line)
+    err_console.print(eval_cache_note(Path(results["store"]["path"])), soft_wrap=True)
+
+
+def eval_cache_note(store: Path) -> str:
+    """Where `ropekit eval` kept its cells and how to clear them."""
+    from ropekit.paths import cache_root, describe_size
+
+    if cache_root(create=False).resolve() in store.resolve().parents:
+        return f"evaluation cells kept in {store} for reruns; " + cache_note()
+    size = describe_size(store.stat().st_size) if store.is_file() else "empty"
+    return f"evaluation cells kept in {store} ({size}; your --store: delete the file to clear it)"
 
 
 def _split(text: str, kind: Callable[[str], T]) -> list[T]:

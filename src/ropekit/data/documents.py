@@ -158,6 +158,33 @@ def gutenberg_body(text: str) -> str:
     return text[start.end() if start else 0 : end.start() if end else len(text)]
 
 
+def gutenberg_lines(text: str) -> str:
+    """A Project Gutenberg file's text between its header and footer, cut line by line as the reference and
+    real-model studies read PG19 (`bench/`): a '*** START OF' header may run over several lines, up to the one
+    ending '***'; old e-texts end theirs at '*END*THE SMALL PRINT'; the footer starts at '*** END OF' or
+    'End of the Project Gutenberg'. Stripped; Windows line ends made '\\n'. (`gutenberg_body` is the simpler
+    cut the llama.cpp parity check was measured with.)"""
+    lines = text.replace("\r\n", "\n").split("\n")
+    start, end = 0, len(lines)
+    for i, line in enumerate(lines):
+        if "***START OF" in line or "*** START OF" in line:
+            j = i
+            while j < len(lines) and not lines[j].rstrip().endswith("***"):
+                j += 1
+            start = j + 1
+            break
+        if line.startswith("*END*THE SMALL PRINT"):
+            start = i + 1
+            break
+    for i in range(start, len(lines)):
+        if lines[i].startswith(
+            ("***END OF", "*** END OF", "End of The Project Gutenberg", "End of the Project Gutenberg")
+        ):
+            end = i
+            break
+    return "\n".join(lines[start:end]).strip()
+
+
 def decode_text(
     tokenizer: PreTrainedTokenizerBase,
     ids: list[int] | torch.Tensor | np.ndarray,

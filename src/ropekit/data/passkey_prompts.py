@@ -41,6 +41,9 @@ def read_task_line(path: str | Path | None) -> tuple[str, str]:
     """(task line, its source): the file's text (stripped), or ropekit's wording."""
     if path is None:
         return TASK_LINE, "ropekit wording"
+    if not Path(path).is_file():
+        where = "is a folder" if Path(path).is_dir() else "does not exist"
+        raise RopekitError(f"the passkey task-line file {path} {where} (a UTF-8 text file holding the task line)")
     try:
         text = Path(path).read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError):

@@ -16,17 +16,38 @@ needs memory for one chunk's attention and its sliding-window layers attend over
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ropekit.eval.llamacpp import agreement, llama_cpp_logits
+from ropekit.eval.llamacpp import llama_cpp_logits
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
     from ropekit.plan.scaling import Plan
+
+
+def transformers_logits(model: PreTrainedModel, ids: Sequence[int], positions: Sequence[int]) -> np.ndarray:
+    """A transformers causal LM's logits for `ids` at `positions`, float32 (len(positions), vocab): the
+    decoder once over all ids, the output head only at `positions` (the reference `chunked_logits` matches)."""
+    import torch
+
+    with torch.no_grad():
+        hidden = model.model(input_ids=torch.tensor([list(ids)])).last_hidden_state[0]  # (T, hidden)
+        return model.lm_head(hidden[list(positions)]).float().numpy()
+
+
+def agreement(logits: np.ndarray, reference: np.ndarray) -> dict[str, float | int]:
+    """Top-1 agreement (fraction of positions with the same argmax) and |Δlogit| mean and max."""
+    diff = np.abs(logits.astype(np.float64) - reference.astype(np.float64))
+    return {
+        "top1_agreement": float((logits.argmax(-1) == reference.argmax(-1)).mean()),
+        "mean_abs_logit_diff": float(diff.mean()),
+        "max_abs_logit_diff": float(diff.max()),
+        "positions": int(logits.shape[0]),
+    }
 
 
 def chunked_logits(
@@ -53,23 +74,23 @@ def chunked_logits(
 
 
 def runtime_parity(
-    original_gguf: str | os.PathLike,
-    extended_gguf: str | os.PathLike,
+    original_gguf: str | os.PathLike[str],
+    extended_gguf: str | os.PathLike[str],
     plan: Plan,
-    model_dir: str | os.PathLike,
+    model_dir: str | os.PathLike[str],
     ids: Sequence[int],
     *,
     compare_last: int = 256,
     noise_window: int = 1024,
     chunk: int = 2048,
     n_threads: int | None = None,
-    progress: Any = None,
-) -> dict[str, dict[str, float]]:
+    progress: Callable[[str], object] | None = None,
+) -> dict[str, dict[str, float | int]]:
     """The three comparisons of the module docstring, each an `agreement` (top-1, mean and max |Δlogit|)."""
     from ropekit.apply.extend import load_model
     from ropekit.apply.patch import apply
 
-    say = progress or (lambda message: None)
+    say: Callable[[str], object] = progress or (lambda message: None)
     ids = list(ids)
     positions = list(range(len(ids) - compare_last, len(ids)))
     short, short_positions = ids[:noise_window], list(range(noise_window - compare_last, noise_window))
@@ -78,7 +99,7 @@ def runtime_parity(
     floor_reference = chunked_logits(model, short, short_positions, chunk=chunk)
     say(f"transformers + {plan.method}, {len(ids)} tokens")
     reference = chunked_logits(apply(model, plan), ids, positions, chunk=chunk)
-    out = {}
+    out: dict[str, dict[str, float | int]] = {}
     for key, path, tokens, where, ref in (
         ("extended_vs_plan", extended_gguf, ids, positions, reference),
         ("unextended_vs_plan", original_gguf, ids, positions, reference),

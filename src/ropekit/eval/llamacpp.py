@@ -1,32 +1,48 @@
 """Run a GGUF in the real llama.cpp (llama-cpp-python, the optional extra `ropekit[llamacpp]`).
 
-`llama_cpp_logits` feeds token ids to llama.cpp's low-level API in batches and returns the
-logits at the positions asked for (float32, shape (K, vocab)); positions are 0-based token
-indices, and the context is sized to the input. Only the asked-for positions are kept, so an
-8k-token pass stores K × vocab floats, not 8k × vocab. `llama_cpp_perplexity` scores documents
-with the same windows and conventions as `ropekit.eval.perplexity`.
+* `LlamaCppBackend` is `ropekit eval --backend llama.cpp`: the file as saved, or extended on the fly
+  by each plan (`ropekit.apply.gguf.write_extended_gguf` into a temporary folder, so llama.cpp
+  runs the plan exactly as `ropekit extend X.gguf` writes it). Its `LlamaCppScorer` gives the tasks
+  log-probabilities over token ids and greedy generation, through llama.cpp's low-level API.
+* `llama_cpp_logits` returns the logits at the positions asked for (float32, shape (K, vocab));
+  positions are 0-based token indices and the context is sized to the input. Only the asked-for
+  positions are kept, so an 8k-token pass stores K × vocab floats, not 8k × vocab.
+
+The comparison with transformers (`runtime_parity`) is in `ropekit.eval.gguf_parity`.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import cached_property
+from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
 from ropekit.errors import RopekitError
+from ropekit.eval.backend import GENERATE, LOGPROBS, Backend, Scorer
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel
+    from transformers import PreTrainedTokenizerBase
+
+    from ropekit.apply.gguf import GgufRope
+    from ropekit.eval.store import EvalStore
+    from ropekit.plan.geometry import RopeSpec
+    from ropekit.plan.scaling import Plan
 
 
 INSTALL_HINT = "pip install 'ropekit[llamacpp]' (compiles llama.cpp from source; see the README)"
+N_BATCH = 512  # tokens per llama_decode call
 
 
-def require_llama_cpp():
+def require_llama_cpp() -> ModuleType:
     """The `llama_cpp` module, or one clear error saying how to install it."""
     try:
         import llama_cpp
@@ -35,22 +51,39 @@ def require_llama_cpp():
     return llama_cpp
 
 
-@contextmanager
-def llama_context(gguf_path: str | os.PathLike, *, n_ctx: int, n_batch: int = 512, n_threads: int | None = None):
-    """A llama.cpp model and context for `gguf_path` (CPU, quiet), freed on exit."""
-    lib = require_llama_cpp()
+def _load_model(lib: ModuleType, gguf_path: str | os.PathLike[str]) -> Any:
+    """A llama.cpp model for `gguf_path` (CPU, quiet); free it with `lib.llama_model_free`."""
     _silence(lib)
     lib.llama_backend_init()
     model = lib.llama_model_load_from_file(str(gguf_path).encode(), lib.llama_model_default_params())
     if not model:
         raise RopekitError(f"{gguf_path}: llama.cpp could not load this GGUF")
+    return model
+
+
+def _new_context(lib: ModuleType, model: Any, *, n_ctx: int, n_batch: int, n_threads: int | None, where: str) -> Any:
+    """A context of `n_ctx` tokens on `model`; free it with `lib.llama_free`."""
     params = lib.llama_context_default_params()
     params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, n_batch, n_batch
     params.n_threads = params.n_threads_batch = n_threads or os.cpu_count() or 1
     ctx = lib.llama_init_from_model(model, params)
     if not ctx:
+        raise RopekitError(f"{where}: llama.cpp could not create a {n_ctx}-token context")
+    return ctx
+
+
+@contextmanager
+def llama_context(
+    gguf_path: str | os.PathLike[str], *, n_ctx: int, n_batch: int = N_BATCH, n_threads: int | None = None
+) -> Iterator[tuple[ModuleType, Any, Any]]:
+    """(llama_cpp module, model, context) for `gguf_path`, freed on exit."""
+    lib = require_llama_cpp()
+    model = _load_model(lib, gguf_path)
+    try:
+        ctx = _new_context(lib, model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, where=str(gguf_path))
+    except RopekitError:
         lib.llama_model_free(model)
-        raise RopekitError(f"{gguf_path}: llama.cpp could not create a {n_ctx}-token context")
+        raise
     try:
         yield lib, model, ctx
     finally:
@@ -59,11 +92,11 @@ def llama_context(gguf_path: str | os.PathLike, *, n_ctx: int, n_batch: int = 51
 
 
 def llama_cpp_logits(
-    gguf_path: str | os.PathLike,
+    gguf_path: str | os.PathLike[str],
     ids: Sequence[int],
     positions: Sequence[int],
     *,
-    n_batch: int = 512,
+    n_batch: int = N_BATCH,
     n_threads: int | None = None,
 ) -> np.ndarray:
     """llama.cpp's logits for `ids` at `positions` (0-based), float32 of shape (len(positions), vocab)."""
@@ -73,53 +106,27 @@ def llama_cpp_logits(
     rows: dict[int, np.ndarray] = {}
     with llama_context(gguf_path, n_ctx=len(ids), n_batch=n_batch, n_threads=n_threads) as (lib, model, ctx):
         vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(model))
-        for start in range(0, len(ids), n_batch):
-            chunk = list(ids[start : start + n_batch])
-            keep = [p for p in wanted if start <= p < start + len(chunk)]
-            _decode(lib, ctx, chunk, start, keep)
-            for p in keep:
-                ptr = lib.llama_get_logits_ith(ctx, p - start)
-                rows[p] = np.ctypeslib.as_array(ptr, shape=(vocab,)).copy()
+        for p, logits in _logits_at(lib, ctx, list(ids), wanted, n_batch=n_batch, vocab=vocab):
+            rows[p] = logits.copy()
     return np.stack([rows[int(p)] for p in positions])
 
 
-def llama_cpp_perplexity(
-    gguf_path: str | os.PathLike,
-    documents: Sequence[Any],  # token-id sequences: lists of ints or 1-D integer arrays
-    *,
-    length: int,
-    convention: str = "strided",
-    stride: int = 256,
-    n_batch: int = 512,
-    n_threads: int | None = None,
-):
-    """Token-weighted perplexity in llama.cpp with the windows of `ropekit.eval.perplexity.windows`
-    (same conventions, same scored tokens as the transformers backend); a `PerplexityResult`."""
-    from ropekit.eval.perplexity import PerplexityResult, scored_windows
+def _logits_at(
+    lib: ModuleType, ctx: Any, ids: list[int], wanted: Iterable[int], *, n_batch: int, vocab: int, start: int = 0
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Decode `ids` at positions start… in batches; yield (position, logits view) for each wanted position.
 
-    plan = scored_windows(documents, length, convention=convention, stride=stride)
-    nll, count = 0.0, 0
-    with llama_context(gguf_path, n_ctx=length, n_batch=n_batch, n_threads=n_threads) as (lib, model, ctx):
-        vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(model))
-        memory = lib.llama_get_memory(ctx)
-        for d, w in plan:
-            window = [int(t) for t in documents[d][w.start : w.end]]
-            first = w.score_from - w.start - 1  # window index of the first logit that is scored
-            lib.llama_memory_clear(memory, True)
-            for start in range(0, len(window), n_batch):
-                chunk = window[start : start + n_batch]
-                outputs = [i for i in range(start, start + len(chunk)) if first <= i < len(window) - 1]
-                _decode(lib, ctx, chunk, start, outputs)
-                for i in outputs:
-                    logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx, i - start), shape=(vocab,))
-                    nll -= float(_log_softmax(logits.astype(np.float64))[window[i + 1]])
-                count += len(outputs)
-    return PerplexityResult.from_sums(
-        nll, count, windows=len(plan), documents=len(documents), length=length, stride=stride, convention=convention
-    )
+    A view is valid until the next decode: copy it to keep it."""
+    wanted = set(wanted)
+    for first in range(0, len(ids), n_batch):
+        chunk = ids[first : first + n_batch]
+        keep = [p for p in range(start + first, start + first + len(chunk)) if p in wanted]
+        _decode(lib, ctx, chunk, start + first, keep)
+        for p in keep:
+            yield p, np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx, p - start - first), shape=(vocab,))
 
 
-def _decode(lib, ctx, tokens: list[int], start: int, outputs) -> None:
+def _decode(lib: ModuleType, ctx: Any, tokens: list[int], start: int, outputs: Iterable[int]) -> None:
     """One llama_decode of `tokens` at positions start…, sequence 0, logits only at `outputs`."""
     outputs = set(outputs)
     batch = lib.llama_batch_init(len(tokens), 0, 1)
@@ -146,7 +153,7 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 _LOG_CALLBACK = None
 
 
-def _silence(lib) -> None:
+def _silence(lib: ModuleType) -> None:
     """Route llama.cpp's log lines to nowhere (it prints the model card on every load)."""
     global _LOG_CALLBACK
     if _LOG_CALLBACK is None:
@@ -154,63 +161,160 @@ def _silence(lib) -> None:
         lib.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
 
 
-def transformers_logits(model: PreTrainedModel, ids: Sequence[int], positions: Sequence[int]) -> np.ndarray:
-    """A transformers causal LM's logits for `ids` at `positions`, float32 (len(positions), vocab).
+class LlamaCppScorer(Scorer):
+    """A GGUF in llama.cpp as a `Scorer` (CPU). One model stays loaded; its context is sized to the
+    longest input so far and cleared before each pass, so equal windows share one context."""
 
-    Runs the decoder once over all ids and applies the output head only at `positions`."""
-    import torch
+    backend = "llama.cpp"
+    capabilities = frozenset({LOGPROBS, GENERATE})
 
-    with torch.no_grad():
-        hidden = model.model(input_ids=torch.tensor([list(ids)])).last_hidden_state[0]  # (T, hidden)
-        return model.lm_head(hidden[list(positions)]).float().numpy()
+    def __init__(
+        self,
+        gguf_path: str | os.PathLike[str],
+        *,
+        n_batch: int = N_BATCH,
+        n_threads: int | None = None,
+        cleanup: Callable[[], None] | None = None,
+    ) -> None:
+        self.path = str(gguf_path)
+        self.n_batch, self.n_threads, self._cleanup = n_batch, n_threads, cleanup
+        self._lib = require_llama_cpp()
+        self._model = _load_model(self._lib, gguf_path)
+        self._vocab = self._lib.llama_vocab_n_tokens(self._lib.llama_model_get_vocab(self._model))
+        self._ctx: Any = None
+        self._n_ctx = 0
+
+    def _context(self, tokens: int) -> Any:
+        """A context of at least `tokens` tokens with nothing in its memory."""
+        lib = self._lib
+        if self._ctx is not None and self._n_ctx >= tokens:
+            lib.llama_memory_clear(lib.llama_get_memory(self._ctx), True)
+            return self._ctx
+        if self._ctx is not None:
+            lib.llama_free(self._ctx)
+            self._ctx = None
+        self._ctx = _new_context(
+            lib, self._model, n_ctx=tokens, n_batch=self.n_batch, n_threads=self.n_threads, where=self.path
+        )
+        self._n_ctx = tokens
+        return self._ctx
+
+    def token_logprobs(self, ids: Sequence[int] | torch.Tensor, *, score_from: int = 1) -> torch.Tensor:
+        window = [int(t) for t in ids]
+        ctx = self._context(len(window))
+        out = np.zeros(max(len(window) - score_from, 0), dtype=np.float32)
+        predicting = range(score_from - 1, len(window) - 1)  # logits at p predict token p + 1
+        for p, logits in _logits_at(self._lib, ctx, window, predicting, n_batch=self.n_batch, vocab=self._vocab):
+            out[p - score_from + 1] = _log_softmax(logits.astype(np.float64))[window[p + 1]]
+        return torch.from_numpy(out)
+
+    def next_token_argmax(self, ids: Sequence[int], *, last: int) -> list[int]:
+        tokens = [int(t) for t in ids]
+        ctx = self._context(len(tokens))
+        wanted = range(len(tokens) - last, len(tokens))
+        found = _logits_at(self._lib, ctx, tokens, wanted, n_batch=self.n_batch, vocab=self._vocab)
+        return [int(logits.argmax()) for _, logits in found]  # in position order
+
+    def generate_greedy(
+        self,
+        prompt_ids: Sequence[int],
+        max_new_tokens: int,
+        *,
+        stop_ids: Sequence[int] = (),
+        no_stop_first: bool = False,
+    ) -> list[int]:
+        prompt = [int(t) for t in prompt_ids]
+        ctx = self._context(len(prompt) + max_new_tokens)
+        logits = None
+        for _, view in _logits_at(self._lib, ctx, prompt, [len(prompt) - 1], n_batch=self.n_batch, vocab=self._vocab):
+            logits = view.copy()
+        generated: list[int] = []
+        stops = set(stop_ids)
+        while logits is not None and len(generated) < max_new_tokens:
+            if no_stop_first and not generated and stops:
+                logits[list(stops)] = -np.inf
+            token = int(logits.argmax())
+            generated.append(token)
+            if token in stops or len(generated) == max_new_tokens:
+                break
+            position = len(prompt) + len(generated) - 1
+            step = _logits_at(self._lib, ctx, [token], [position], n_batch=1, vocab=self._vocab, start=position)
+            logits = next(step)[1].copy()
+        return generated
+
+    def close(self) -> None:
+        if self._ctx is not None:
+            self._lib.llama_free(self._ctx)
+            self._ctx = None
+        if self._model is not None:
+            self._lib.llama_model_free(self._model)
+            self._model = None
+        if self._cleanup is not None:
+            self._cleanup()
+            self._cleanup = None
 
 
-def agreement(logits: np.ndarray, reference: np.ndarray) -> dict[str, float]:
-    """Top-1 agreement (fraction of positions with the same argmax) and |Δlogit| mean and max."""
-    diff = np.abs(logits.astype(np.float64) - reference.astype(np.float64))
-    return {
-        "top1_agreement": float((logits.argmax(-1) == reference.argmax(-1)).mean()),
-        "mean_abs_logit_diff": float(diff.mean()),
-        "max_abs_logit_diff": float(diff.max()),
-        "positions": int(logits.shape[0]),
-    }
+class LlamaCppBackend(Backend):
+    """A .gguf in llama.cpp itself (the weights as stored, quantised or not)."""
 
+    name = "llama.cpp"
+    capabilities = LlamaCppScorer.capabilities
+    dtype = "gguf"  # each tensor's own type (F32, F16, Q4_1, …)
 
-def evaluate_llama_cpp(cfg, limit: int) -> dict:
-    """`ropekit eval X.gguf --backend llama.cpp --tasks ppl`: perplexity in llama.cpp, the file as saved or
-    extended on the fly by each `--method` to `limit` tokens (an extended GGUF in a temporary directory);
-    the same report files as the transformers backend."""
-    import tempfile
-    from dataclasses import asdict
+    def __init__(self, source: str) -> None:
+        super().__init__(source)
+        require_llama_cpp()
 
-    from ropekit._version import __version__
-    from ropekit.apply.gguf import extend_gguf
-    from ropekit.apply.gguf_convert import load_gguf_tokenizer
-    from ropekit.data.documents import read_documents, tokenize_documents
-    from ropekit.eval.runner import AS_SAVED, _jsonable, plan_entry, write_report
+    @classmethod
+    def check_source(cls, source: str) -> None:
+        if not str(source).lower().endswith(".gguf"):
+            raise RopekitError("--backend llama.cpp runs a .gguf MODEL")
 
-    require_llama_cpp()
-    tokenizer = load_gguf_tokenizer(cfg.model)
-    if tokenizer is None:
-        raise RopekitError(f"{cfg.model}: transformers cannot read this GGUF's tokenizer")
-    documents = tokenize_documents(read_documents(cfg.data), tokenizer)
-    documents = [doc[: cfg.max_tokens] for doc in documents] if cfg.max_tokens else documents
-    results: dict = {"ropekit_version": __version__, "config": _jsonable(asdict(cfg)), "methods": {}}
-    with tempfile.TemporaryDirectory(prefix="ropekit-gguf-") as tmp:
-        for method in cfg.methods or [AS_SAVED]:
-            path, entry = cfg.model, {}
-            if method != AS_SAVED:
-                path = f"{tmp}/{method}.gguf"
-                params = cfg.method_params.get(method, {})
-                plan = extend_gguf(cfg.model, path, target_length=limit, method=method, bins=cfg.bins, **params)
-                entry["plan"] = plan_entry(plan, cfg.bins)
-            entry["ppl"] = {
-                str(n): llama_cpp_perplexity(
-                    path, documents, length=n, convention=cfg.convention, stride=min(cfg.stride, n)
-                ).as_dict()
-                for n in cfg.lengths
-            }
-            results["methods"][method] = entry
-    if cfg.out is not None:
-        write_report(results, cfg.out)
-    return results
+    @cached_property
+    def rope(self) -> GgufRope:
+        from ropekit.apply.gguf import read_rope
+
+        return read_rope(self.source)
+
+    @cached_property
+    def spec(self) -> RopeSpec:
+        return self.rope.spec()
+
+    def read_tokenizer(self) -> PreTrainedTokenizerBase | None:
+        from ropekit.apply.gguf_convert import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(self.source)
+
+    @property
+    def context_length(self) -> int:
+        return int(self.rope.context_length)
+
+    def fingerprint(self, store: EvalStore | None = None) -> str:
+        from ropekit.eval.store import model_fingerprint
+
+        return model_fingerprint(self.source, store)
+
+    @property
+    def weights(self) -> str:
+        return "as stored in the GGUF; a plan is written into a temporary extended copy (ropekit extend's file)"
+
+    def plan(self, method: str, target_length: int, *, bins: int, params: dict[str, Any]) -> Plan:
+        """The plan, refused in one line (before any work) where llama.cpp cannot run it on this file."""
+        from ropekit.apply.gguf import check_extension
+
+        plan = super().plan(method, target_length, bins=bins, params=params)
+        check_extension(self.rope, plan)
+        return plan
+
+    def load(self, plan: Plan | None) -> Scorer:
+        if plan is None:
+            return LlamaCppScorer(self.source)
+        from ropekit.apply.gguf import write_extended_gguf
+
+        folder = tempfile.TemporaryDirectory(prefix="ropekit-gguf-")
+        try:
+            path = write_extended_gguf(self.source, plan, Path(folder.name) / f"{plan.method}.gguf")
+            return LlamaCppScorer(path, cleanup=folder.cleanup)
+        except BaseException:
+            folder.cleanup()
+            raise

@@ -26,6 +26,7 @@ import re
 import string
 import warnings
 from collections import Counter
+from collections.abc import Sequence
 
 with warnings.catch_warnings():  # fuzzywuzzy warns when python-Levenshtein is absent; difflib is what LongBench used
     warnings.simplefilter("ignore")
@@ -42,7 +43,7 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.split())
 
 
-def qa_f1(prediction: str, reference: str, all_classes=None) -> float:
+def qa_f1(prediction: str, reference: str, all_classes: Sequence[str] | None = None) -> float:
     pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
     common = sum((Counter(pred) & Counter(ref)).values())
     if common == 0:
@@ -51,7 +52,7 @@ def qa_f1(prediction: str, reference: str, all_classes=None) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def rouge_l(prediction: str, reference: str, all_classes=None) -> float:
+def rouge_l(prediction: str, reference: str, all_classes: Sequence[str] | None = None) -> float:
     try:
         return float(Rouge().get_scores([prediction], [reference], avg=True)["rouge-l"]["f"])
     except Exception:  # noqa: BLE001 — the official metric scores every failure of the package as 0
@@ -69,17 +70,17 @@ def _drop_nested_names(matches: list[str], reference: str) -> list[str]:
     return kept
 
 
-def classification(prediction: str, reference: str, all_classes=None) -> float:
+def classification(prediction: str, reference: str, all_classes: Sequence[str] | None = None) -> float:
     matches = _drop_nested_names([c for c in (all_classes or []) if c in prediction], reference)
     return 1.0 / len(matches) if reference in matches else 0.0
 
 
-def count(prediction: str, reference: str, all_classes=None) -> float:
+def count(prediction: str, reference: str, all_classes: Sequence[str] | None = None) -> float:
     numbers = re.findall(r"\d+", prediction)
     return sum(n == str(reference) for n in numbers) / len(numbers) if numbers else 0.0
 
 
-def retrieval(prediction: str, reference: str, all_classes=None) -> float:
+def retrieval(prediction: str, reference: str, all_classes: Sequence[str] | None = None) -> float:
     target = re.findall(r"Paragraph (\d+)", reference)
     numbers = re.findall(r"\d+", prediction)
     if not target or not numbers:
@@ -93,7 +94,7 @@ def first_code_line(prediction: str) -> str:
     return next((ln for ln in lines if not any(mark in ln for mark in CODE_COMMENT_MARKS)), "")
 
 
-def edit_sim(prediction: str, reference: str, all_classes=None) -> float:
+def edit_sim(prediction: str, reference: str, all_classes: Sequence[str] | None = None) -> float:
     return fuzz.ratio(first_code_line(prediction), reference) / 100
 
 
@@ -112,7 +113,9 @@ METRICS = {
 }
 
 
-def score_sample(metric: str, prediction: str, references: list[str], all_classes=None) -> float:
+def score_sample(
+    metric: str, prediction: str, references: list[str], all_classes: Sequence[str] | None = None
+) -> float:
     """Max over references of the metric."""
     fn = METRICS[metric]
     return max((fn(prediction, ref, all_classes) for ref in references), default=0.0)

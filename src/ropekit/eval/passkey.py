@@ -15,9 +15,10 @@ Two scorers:
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -34,10 +35,12 @@ from ropekit.data.passkey_prompts import (
     largest_fill,
     read_task_line,
 )
+from ropekit.domains import POSITIVE_INTEGER, SEED, TOKEN_WINDOW, Domain
 from ropekit.errors import RopekitError
+from ropekit.eval.backend import Scorer, as_scorer, generate_greedy
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PreTrainedTokenizerBase
 
 
 __all__ = [  # the prompt names are re-exported: eval code and users import them from here
@@ -54,11 +57,15 @@ __all__ = [  # the prompt names are re-exported: eval code and users import them
     "generate_greedy",
     "generation_correct",
     "other_scorer",
+    "collect_passkey",
+    "passkey_cell",
     "passkey_grid",
+    "task_line_for",
     "teacher_forced_correct",
 ]
 
 SCORERS = ("generation", "teacher-forced")
+DEPTH = Domain(0, 1)  # of the needle: 0 at the start of the filler, 1 at its end
 PROTOCOL = "passkey/2"
 FOLLOWS = "jquesnelle/yarn eval/passkey.py (Mohtashami & Jaggi 2023)"
 GENERATED_TOKENS = 10  # yarn: max_new_tokens
@@ -69,58 +76,18 @@ def other_scorer(scorer: str) -> str:
     return next(name for name in SCORERS if name != scorer)
 
 
-def _device(model: PreTrainedModel) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
-def teacher_forced_correct(model: PreTrainedModel, p: PasskeyPrompt) -> bool:
+def teacher_forced_correct(model: Scorer | torch.nn.Module, p: PasskeyPrompt) -> bool:
     """Every answer token is the argmax after prompt + preceding answer tokens (one forward pass)."""
-    ids = torch.tensor([p.prompt_ids + p.answer_ids], device=_device(model))
     k = len(p.answer_ids)
-    logits = model(input_ids=ids, logits_to_keep=k + 1).logits[0, :-1]  # predictions for the k answer tokens
-    return bool((logits.argmax(-1).cpu() == torch.tensor(p.answer_ids)).all())
+    predicted = as_scorer(model).next_token_argmax(p.prompt_ids + p.answer_ids, last=k + 1)[:-1]
+    return predicted == list(p.answer_ids)  # the predictions for the k answer tokens
 
 
-@torch.no_grad()
-def generate_greedy(
-    model: PreTrainedModel,
-    prompt_ids: list[int],
-    max_new_tokens: int,
-    *,
-    stop_ids: list[int] | tuple[int, ...] = (),
-    no_stop_first: bool = False,
-) -> list[int]:
-    """Greedy continuation with the model's KV cache, as `model.generate(do_sample=False)`.
-
-    Stops after emitting a token in `stop_ids` (that token is returned, as generate returns
-    the EOS). `no_stop_first`: the first token may not be a stop token (its logits are masked,
-    as generate's `min_length = prompt + 1` does).
-    """
-    ids = torch.tensor([prompt_ids], device=_device(model))
-    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    generated: list[int] = []
-    stops = set(stop_ids)
-    for _ in range(max_new_tokens):
-        logits = out.logits[0, -1]
-        if no_stop_first and not generated and stops:
-            logits = logits.clone()
-            logits[list(stops)] = -float("inf")
-        token = int(logits.argmax())
-        generated.append(token)
-        if token in stops or len(generated) == max_new_tokens:
-            break
-        step = torch.tensor([[token]], device=ids.device)
-        out = model(input_ids=step, past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
-    return generated
-
-
-def generation_correct(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, p: PasskeyPrompt) -> bool:
+def generation_correct(model: Scorer | torch.nn.Module, tokenizer: PreTrainedTokenizerBase, p: PasskeyPrompt) -> bool:
     """The first integer in the greedy continuation equals the passkey."""
-    continuation = decode_text(
-        tokenizer, generate_greedy(model, p.prompt_ids, max(GENERATED_TOKENS, len(p.answer_ids)))
-    )
-    match = re.search(r"\d+", continuation)
+    generated = as_scorer(model).generate_greedy(p.prompt_ids, max(GENERATED_TOKENS, len(p.answer_ids)))
+    match = re.search(r"\d+", decode_text(tokenizer, generated))
     return match is not None and int(match.group()) == p.passkey
 
 
@@ -136,23 +103,40 @@ class PasskeyResult:
     protocol: str = PROTOCOL
     follows: str = FOLLOWS
     accuracy: dict[str, float] = field(default_factory=dict)  # "length@depth" → share correct
-    rows: list[dict] = field(default_factory=list)  # one per trial
+    rows: list[dict[str, Any]] = field(default_factory=list)  # one per trial
     agreement: float | None = None  # the two scorers on the sampled trials
     agreement_trials: int = 0
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def cell(self, length: int, depth: float) -> float:
         return self.accuracy[f"{length}@{depth:g}"]
 
 
+def task_line_for(style: str, task_file: str | Path | None) -> tuple[str, str]:
+    """(task line, where it came from) of a prompt style: the "yarn" style reads `task_file` (default: ropekit's
+    wording); "compact" has none."""
+    return read_task_line(task_file) if style == "yarn" else ("", "none (compact style)")
+
+
+def check_grid(lengths: Sequence[int], depths: Sequence[float], trials: int, seed: int) -> None:
+    """Refuse, in one line, a grid without cells or a value outside its domain."""
+    for name, values, domain in (("lengths", lengths, TOKEN_WINDOW), ("depths", depths, DEPTH)):
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+            raise RopekitError(f"passkey_grid needs at least one of {name}, got {values!r}")
+        for value in values:
+            domain.check(f"each of {name}", value)
+    POSITIVE_INTEGER.check("trials", trials)
+    SEED.check("seed", seed)
+
+
 def passkey_grid(
-    model: PreTrainedModel,
+    model: Scorer | torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     *,
-    lengths: list[int],
-    depths: list[float],
+    lengths: Sequence[int],
+    depths: Sequence[float],
     trials: int = 5,
     seed: int = 0,
     scorer: str = "generation",
@@ -164,46 +148,118 @@ def passkey_grid(
 ) -> PasskeyResult:
     """Accuracy per (length, depth) cell over `trials` seeded passkeys.
 
-    Every `agreement_every`-th trial is also scored by the other scorer, and the share of those
-    where the two agree is recorded.
+    Every `agreement_every`-th trial of the whole grid (trials counted length-major, then depth)
+    is also scored by the other scorer, and the share of those where the two agree is recorded.
+    """
+    check_grid(lengths, depths, trials, seed)
+    task_line, task_source = task_line_for(style, task_file)
+    cells = [
+        passkey_cell(
+            model,
+            tokenizer,
+            length=n,
+            depth=d,
+            trials=trials,
+            seed=seed,
+            scorer=scorer,
+            style=style,
+            task_line=task_line,
+            first_trial=index * trials,
+            agreement_every=agreement_every,
+            progress=progress,
+            label=label,
+        )
+        for index, (n, d) in enumerate((n, d) for n in lengths for d in depths)
+    ]
+    return collect_passkey(
+        cells,
+        lengths=lengths,
+        depths=depths,
+        trials=trials,
+        seed=seed,
+        scorer=scorer,
+        style=style,
+        task_source=task_source,
+    )
+
+
+def passkey_cell(
+    model: Scorer | torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    length: int,
+    depth: float,
+    trials: int,
+    seed: int = 0,
+    scorer: str = "generation",
+    style: str = "yarn",
+    task_line: str = TASK_LINE,
+    first_trial: int = 0,
+    agreement_every: int = 4,
+    progress: bool = False,
+    label: str = "",
+) -> dict[str, Any]:
+    """One (length, depth) cell: {"rows": one per trial, "checked": trials also scored by the other scorer,
+    "agreed": how many of those the two scorers agree on}.
+
+    `first_trial` is the cell's first trial's index in its grid: trial t is checked when
+    (first_trial + t) is a multiple of `agreement_every`.
     """
     if scorer not in SCORERS:
         raise RopekitError(f"passkey scorer must be one of {', '.join(SCORERS)}, got {scorer!r}")
-    task_line, task_source = read_task_line(task_file) if style == "yarn" else ("", "none (compact style)")
-    result = PasskeyResult(list(lengths), [float(d) for d in depths], trials, seed, scorer, style, task_source)
-    cells = [(n, d, t) for n in lengths for d in depths for t in range(trials)]
-    iterator = cells
+    runner = as_scorer(model)
+    scorers = {
+        "generation": lambda p: generation_correct(runner, tokenizer, p),
+        "teacher-forced": lambda p: teacher_forced_correct(runner, p),
+    }
+    other = other_scorer(scorer)
+    trial_numbers: Iterable[int] = range(trials)
     if progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(cells, desc=f"{label + ' · ' if label else ''}passkey", unit="trial", leave=False)
-    scorers = {
-        "generation": lambda p: generation_correct(model, tokenizer, p),
-        "teacher-forced": lambda p: teacher_forced_correct(model, p),
-    }
-    other = other_scorer(scorer)
-    agree = checked = 0
-    for index, (n, d, t) in enumerate(iterator):
-        key = draw_passkey(seed, n, d, t, style)
-        p = build_prompt(tokenizer, n, d, key, style=style, task_line=task_line)
+        where = f"passkey @ {length}, depth {depth:g}"
+        trial_numbers = tqdm(trial_numbers, desc=f"{label + ' · ' if label else ''}{where}", unit="trial", leave=False)
+    rows, agreed, checked = [], 0, 0
+    for t in trial_numbers:
+        key = draw_passkey(seed, length, depth, t, style)
+        p = build_prompt(tokenizer, length, depth, key, style=style, task_line=task_line)
         ok = scorers[scorer](p)
-        if agreement_every and index % agreement_every == 0:
+        if agreement_every and (first_trial + t) % agreement_every == 0:
             checked += 1
-            agree += ok == scorers[other](p)
-        result.rows.append(
+            agreed += ok == scorers[other](p)
+        rows.append(
             {
-                "length": n,
-                "depth": d,
+                "length": length,
+                "depth": depth,
                 "trial": t,
                 "passkey": key,
                 "prompt_tokens": len(p.prompt_ids),
                 "correct": bool(ok),
             }
         )
+    return {"rows": rows, "checked": checked, "agreed": agreed}
+
+
+def collect_passkey(
+    cells: Sequence[dict[str, Any]],
+    *,
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    trials: int,
+    seed: int,
+    scorer: str,
+    style: str,
+    task_source: str,
+) -> PasskeyResult:
+    """The grid's result from its `passkey_cell` values, in length-major, depth-minor order."""
+    result = PasskeyResult(list(lengths), [float(d) for d in depths], trials, seed, scorer, style, task_source)
+    for cell in cells:
+        result.rows.extend(cell["rows"])
     for n in lengths:
         for d in depths:
             hits = [r["correct"] for r in result.rows if r["length"] == n and r["depth"] == float(d)]
             result.accuracy[f"{n}@{float(d):g}"] = sum(hits) / len(hits)
+    checked = sum(cell["checked"] for cell in cells)
     if checked:
-        result.agreement, result.agreement_trials = agree / checked, checked
+        result.agreement, result.agreement_trials = sum(cell["agreed"] for cell in cells) / checked, checked
     return result

@@ -9,24 +9,33 @@ Aggregation is token-weighted: exp(Σ NLL / Σ scored tokens) over all windows a
 
 Memory: the decoder runs once per window (SDPA attention); the LM head and the loss are
 applied to `loss_chunk` positions at a time, so full-length float32 logits (L × vocab) are
-never materialised.
+never materialised. The model may be any `ropekit.eval.backend.Scorer` (e.g. llama.cpp's).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ropekit.errors import RopekitError
+from ropekit.eval.backend import Scorer, as_scorer, final_logits, token_logprobs
 
-if TYPE_CHECKING:
-    from transformers import PreTrainedModel
+__all__ = [
+    "CONVENTIONS",
+    "PerplexityResult",
+    "Window",
+    "final_logits",
+    "perplexity",
+    "scored_windows",
+    "token_logprobs",
+    "window_nll",
+    "windows",
+]
 
 
 CONVENTIONS = ("strided", "disjoint", "truncated")
@@ -50,7 +59,7 @@ class PerplexityResult:
     stride: int | None  # S for "strided"
     convention: str
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
@@ -70,7 +79,9 @@ class PerplexityResult:
         )
 
 
-def scored_windows(documents, length: int, *, convention: str, stride: int) -> list[tuple[int, Window]]:
+def scored_windows(
+    documents: Sequence[Sequence[int] | np.ndarray], length: int, *, convention: str, stride: int
+) -> list[tuple[int, Window]]:
     """(document index, window) for every window of every document; refuses documents with nothing to score."""
     plan = [
         (d, w)
@@ -108,44 +119,17 @@ def windows(num_tokens: int, length: int, *, convention: str = "strided", stride
                 break
 
 
-def final_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
-    """LM head on hidden states, float32, with the model's logit soft-capping if it has one."""
-    logits = model.get_output_embeddings()(hidden).float()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits
-
-
-@torch.no_grad()
-def token_logprobs(
-    model: PreTrainedModel, ids: torch.Tensor, *, score_from: int = 1, loss_chunk: int = 512
-) -> torch.Tensor:
-    """log p(ids[t] | ids[:t]) for t = score_from … T−1 (window-relative), float32, shape (T − score_from,).
-
-    ids: (T,) token ids of one window. The LM head runs on `loss_chunk` positions at a time.
-    """
-    device = next(model.parameters()).device
-    ids = ids.to(device)[None]  # (1, T)
-    hidden = model.get_decoder()(input_ids=ids).last_hidden_state  # (1, T, H)
-    parts = []
-    for a in range(score_from - 1, ids.shape[1] - 1, loss_chunk):
-        b = min(a + loss_chunk, ids.shape[1] - 1)
-        logits = final_logits(model, hidden[:, a:b])  # (1, b−a, V) float32
-        targets = ids[:, a + 1 : b + 1]
-        parts.append(-F.cross_entropy(logits[0], targets[0], reduction="none"))
-    return torch.cat(parts).cpu() if parts else torch.zeros(0)
-
-
 def window_nll(
-    model: PreTrainedModel, ids: torch.Tensor, *, score_from: int, loss_chunk: int = 512
+    model: Scorer | torch.nn.Module, ids: torch.Tensor, *, score_from: int, loss_chunk: int = 512
 ) -> tuple[float, int]:
     """Σ NLL (nats) of predicting ids[t] for t ≥ score_from (window-relative), and the count."""
-    logprobs = token_logprobs(model, ids, score_from=score_from, loss_chunk=loss_chunk)
+    logprobs = as_scorer(model, loss_chunk=loss_chunk).token_logprobs(ids, score_from=score_from)
     return float(-logprobs.double().sum()), logprobs.numel()
 
 
 def perplexity(
-    model: PreTrainedModel,
-    documents: list[np.ndarray],
+    model: Scorer | torch.nn.Module,
+    documents: Sequence[Sequence[int] | np.ndarray],
     *,
     length: int,
     convention: str = "strided",
@@ -171,10 +155,11 @@ def perplexity(
             unit="window",
             leave=False,
         )
+    scorer = as_scorer(model, loss_chunk=loss_chunk)
     nll, count = 0.0, 0
     for d, w in iterator:
-        ids = torch.as_tensor(documents[d][w.start : w.end], dtype=torch.long)
-        part, n = window_nll(model, ids, score_from=w.score_from - w.start, loss_chunk=loss_chunk)
+        ids = torch.as_tensor(np.asarray(documents[d][w.start : w.end]), dtype=torch.long)
+        part, n = window_nll(scorer, ids, score_from=w.score_from - w.start)
         nll, count = nll + part, count + n
     return PerplexityResult.from_sums(
         nll, count, windows=len(plan), documents=len(documents), length=length, stride=stride, convention=convention

@@ -19,16 +19,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from ropekit.errors import RopekitError
-from ropekit.eval.perplexity import token_logprobs
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedModel
+from ropekit.eval.backend import Scorer, as_scorer
 
 DEFAULT_BUCKET = 256  # tokens per position bucket
 DEFAULT_PREFIXES = (2048,)  # retention windows P
@@ -55,20 +52,14 @@ class PositionNLL:
 
     def by_position(self) -> dict[int, float]:
         """Bucket start → mean NLL over every document (token-weighted)."""
-        sums = np.zeros(len(self.per_document[0]["bucket_nll"]))
-        counts = np.zeros_like(sums)
-        for doc in self.per_document:
-            n = np.asarray(doc["bucket_tokens"], dtype=float)
-            sums += np.asarray([v or 0.0 for v in doc["bucket_nll"]], dtype=float) * n  # an empty bucket is None
-            counts += n
-        return {i * self.bucket: float(s / c) for i, (s, c) in enumerate(zip(sums, counts)) if c > 0}
+        return dict(zip(*bucket_means(self.as_dict())))
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def position_nll(
-    model: PreTrainedModel,
+    model: Scorer | torch.nn.Module,
     documents: Sequence[Sequence[int] | np.ndarray | torch.Tensor],
     *,
     length: int,
@@ -83,11 +74,12 @@ def position_nll(
     (each ≤ length) reported as perplexities.
     """
     check_window(documents, length=length, trained_length=trained_length, bucket=bucket, prefixes=prefixes)
+    scorer = as_scorer(model, loss_chunk=loss_chunk)
     per_token = []
     for doc in documents:
         ids = torch.as_tensor(np.asarray(doc[:length]), dtype=torch.long)
         with torch.no_grad():
-            per_token.append(-token_logprobs(model, ids, loss_chunk=loss_chunk).double())  # (length − 1,)
+            per_token.append(-scorer.token_logprobs(ids).double())  # (length − 1,)
     return summarise(per_token, length=length, trained_length=trained_length, bucket=bucket, prefixes=prefixes)
 
 
@@ -145,3 +137,14 @@ def summarise(
         prefix_ppl={str(p): math.exp(float(nll[:, : p - 1].mean())) for p in prefixes},
         per_document=per_document,
     )
+
+
+def bucket_means(result: dict[str, Any]) -> tuple[list[int], list[float]]:
+    """(bucket starts, token-weighted mean NLL over the documents) of a `PositionNLL.as_dict()` (as stored and
+    written to results.json); empty buckets are left out."""
+    tokens = np.array([d["bucket_tokens"] for d in result["per_document"]], dtype=float)
+    nll = np.array([[v or 0.0 for v in d["bucket_nll"]] for d in result["per_document"]], dtype=float)
+    counts = tokens.sum(axis=0)
+    kept = counts > 0
+    starts = [i * result["bucket"] for i in range(len(counts)) if kept[i]]
+    return starts, [float(v) for v in (nll * tokens).sum(axis=0)[kept] / counts[kept]]

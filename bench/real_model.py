@@ -188,22 +188,28 @@ class TinySmolLM2(TransformersBackend):
         return "smoke: a random one-layer Llama, seed 0"
 
     def _load_model(self):
-        from transformers import LlamaConfig, LlamaForCausalLM
+        return tiny_llama(self.spec, len(self.tokenizer))
 
-        torch.manual_seed(0)
-        config = LlamaConfig(
-            hidden_size=128,
-            intermediate_size=256,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=self.spec.head_dim,
-            vocab_size=len(self.tokenizer),
-            max_position_embeddings=self.spec.context_length,
-            rope_parameters={"rope_type": "default", "rope_theta": self.spec.base},
-            attn_implementation="sdpa",
-        )
-        return LlamaForCausalLM(config).eval()
+
+def tiny_llama(spec: ropekit.RopeSpec, vocab_size: int, *, trained_length: int | None = None):
+    """A random one-layer Llama (seed 0) with `spec`'s head geometry and base, trained at `trained_length`
+    (default: the spec's context); the smoke settings of this study and of finetune_real.py use it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=spec.head_dim,
+        vocab_size=vocab_size,
+        max_position_embeddings=trained_length or spec.context_length,
+        rope_parameters={"rope_type": "default", "rope_theta": spec.base},
+        attn_implementation="sdpa",
+    )
+    return LlamaForCausalLM(config).eval()
 
 
 def held_out_books(folder: Path, tokenizer, count: int, tokens: int) -> list[np.ndarray]:

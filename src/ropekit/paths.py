@@ -1,8 +1,9 @@
 """Where ropekit keeps caches: a per-user directory, never the working directory.
 
 `$ROPEKIT_CACHE` if set (an absolute path), else `$XDG_CACHE_HOME/ropekit`, else `~/.cache/ropekit`.
-Holds the tokenisation cache (`tokens/`), GGUF conversions for `ropekit eval X.gguf` (`gguf/`) and
-evaluation cells (`eval/`). The root carries a `CACHEDIR.TAG` (the cache-directory standard, which
+Holds the tokenisation cache (`tokens/`), GGUF conversions for `ropekit eval X.gguf` (`gguf/`),
+evaluation cells (`eval/`) and model files fetched for the llama.cpp checks (`models/`,
+bench/llamacpp_parity.py). The root carries a `CACHEDIR.TAG` (the cache-directory standard, which
 backup tools skip) naming ropekit: `ropekit cache` shows the size of each part, and `ropekit cache
 --clear` empties only a directory that carries that tag. A `$ROPEKIT_CACHE` that is a file, lies
 under a file, or is a directory holding other files is refused in one line.
@@ -19,10 +20,15 @@ from ropekit.errors import RopekitError
 TAG = "CACHEDIR.TAG"
 TAG_TEXT = (
     "Signature: 8a477f597d28d172789f06886806bc55\n"
-    "# ropekit's cache (tokenisations, GGUF conversions, evaluation cells).\n"
+    "# ropekit's cache (tokenisations, GGUF conversions, evaluation cells, model files).\n"
     "# `ropekit cache` shows its size; `ropekit cache --clear` empties it.\n"
 )
-PARTS = {"tokens": "tokenisations", "gguf": "GGUF conversions", "eval": "evaluation cells"}
+PARTS = {
+    "tokens": "tokenisations",
+    "gguf": "GGUF conversions",
+    "eval": "evaluation cells",
+    "models": "model files (llama.cpp checks)",
+}
 
 
 def cache_root(*, create: bool = True) -> Path:
@@ -56,7 +62,7 @@ def _check(path: Path, source: str) -> None:
             break
     if path.is_dir() and not is_ropekit_cache(path):
         others = sorted(p.name for p in path.iterdir() if p.name not in PARTS)
-        if others:  # an untagged folder of only tokens/, gguf/, eval/ is an earlier ropekit's cache
+        if others:  # an untagged folder of only these parts is an earlier ropekit's cache
             raise RopekitError(f"{source} holds files that are not ropekit's cache (e.g. {others[0]}); {fix}")
 
 

@@ -307,6 +307,12 @@ def test_cache_command_shows_and_clears_only_ropekits_cache(tmp_path, monkeypatc
     monkeypatch.setenv("ROPEKIT_CACHE", str(foreign))
     assert_one_line_error(invoke("cache", "--clear"), "holds files that are not ropekit's cache")
     assert (foreign / "thesis.tex").read_text() == "mine"
+    earlier = tmp_path / "earlier"  # an untagged cache of an earlier ropekit: its own parts only, models/ included
+    (earlier / "models").mkdir(parents=True)
+    (earlier / "tokens").mkdir()
+    monkeypatch.setenv("ROPEKIT_CACHE", str(earlier))
+    assert "models" in "".join(ok("cache").output.split())
+    assert cache_root() == earlier and (earlier / "CACHEDIR.TAG").is_file() and (earlier / "models").is_dir()
 
 
 # ---- messages that tell the truth --------------------------------------------------------------------------

@@ -169,8 +169,14 @@ def readme_block(setting: str) -> str:
             f"{x['disturbance']:.2f} |"
         )
     t = next(x for x in rows if x["label"] == "tuned")
+    screen = sorted(r["screen"], key=lambda x: x["nll_beyond"])
+    feasible = [x["label"] for x in screen if x["feasible"] and x["label"] != "none"]
     lines += [
         "",
+        f"- Screen on the tuning book ({s['window']:,} tokens; it seeds the search and is not a result): NLL beyond "
+        f"{s['trained_length']:,} (retention vs none) "
+        + ", ".join(f"{x['label']} {x['nll_beyond']:.3f} ({pct(x['retention_ratio'] - 1)})" for x in screen)
+        + f"; within the {s['retention_tolerance']:.0%} tolerance: {', '.join(feasible) or 'no scaled plan'}.",
         f"- Tuned plan ({tuned['chosen_from']}): attention factor {tuned['attention_factor']:.4f}, factors "
         + " ".join(f"{f:.2f}" for f in tuned["factors"])
         + ".",
@@ -178,7 +184,8 @@ def readme_block(setting: str) -> str:
         f"{t['retention_ppl']:.2f} against none {none['retention_ppl']:.2f} ({pct(t['retention_vs_none'])}); "
         f"best plan on held-out text: {best['label']}.",
         f"- Cost: {r['this_run']['wall_seconds'] / 60:.0f} min wall, {r['this_run']['cpu_seconds'] / 60:.0f} min CPU "
-        f"(this run; a resumed study counts its last run only), {r['process']['forward_passes']} document passes.",
+        f"(this run; a resumed study counts its last run only), {r['process']['forward_passes']} document passes"
+        f" in it. Held-out plans: tuned, none, yarn and {', '.join(r.get('report_methods') or []) or 'no others'}.",
         "",
         *(f"![{n}](bench/results/tune_smollm2/{Path(n).stem}_{setting}.png)" for n in FIGURES),
     ]

@@ -10,16 +10,13 @@ its name in --tasks' help) too.
 
 from __future__ import annotations
 
-import functools
 import inspect
-from collections.abc import Callable
 from dataclasses import MISSING, fields
 from typing import Annotated, Any
 
 import typer
 
-from ropekit.cli.options import _flags_of
-from ropekit.errors import RopekitError
+from ropekit.cli.options import GeneratedOption, GeneratedOptions
 from ropekit.eval.registry import TASKS, task_options
 from ropekit.eval.runner import EvalConfig
 
@@ -40,47 +37,35 @@ def tasks_help() -> str:
     return f"Comma-separated tasks (default {run_default('tasks')}): {listed}."
 
 
-class with_task_options:  # noqa: N801 (used as a decorator)
+class with_task_options(GeneratedOptions):  # noqa: N801 (used as a decorator)
     """Give `ropekit eval` one option per task option of the registered tasks, and --tasks' help.
 
     The command body takes `task_options`: {option name: value} of the options the user set
     (list options already split into tuples).
     """
 
-    def __init__(self, command: Callable[..., Any]) -> None:
-        functools.update_wrapper(self, command)
-        self.command = command
+    keyword = "task_options"
+    prefix = PREFIX
+    kind = "task option"
 
-    @property
-    def __signature__(self) -> inspect.Signature:
-        own = inspect.signature(self.command, eval_str=True)
-        kept = [_with_tasks_help(p) for p in own.parameters.values() if p.name != "task_options"]
-        taken = {p.name for p in kept} | {flag for p in kept for flag in _flags_of(p)}
-        extra = []
-        for name, shared in task_options().items():
-            spec = shared.spec
-            if spec.flag is None:
-                continue
-            if {PREFIX + name, spec.flag} & taken:
-                raise RopekitError(f"task option {spec.flag} clashes with an option of `ropekit eval` itself")
-            kind: type = str if spec.many else spec.kind
-            extra.append(
-                inspect.Parameter(
-                    PREFIX + name,
-                    inspect.Parameter.KEYWORD_ONLY,
-                    default=None,
-                    annotation=Annotated[
-                        kind | None, typer.Option(spec.flag, help=shared.help(), rich_help_panel=TASK_PANEL)
-                    ],
-                )
+    def options(self) -> dict[str, GeneratedOption]:
+        return {
+            name: GeneratedOption(
+                shared.spec.flag, str if shared.spec.many else shared.spec.kind, shared.help(), TASK_PANEL
             )
-        return own.replace(parameters=kept + extra)
+            for name, shared in task_options().items()
+            if shared.spec.flag is not None
+        }
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        given = {k[len(PREFIX) :]: kwargs.pop(k) for k in [k for k in kwargs if k.startswith(PREFIX)]}
+    def own_parameter(self, p: inspect.Parameter) -> inspect.Parameter:
+        return _with_tasks_help(p)
+
+    def parse(self, given: dict[str, Any]) -> dict[str, Any]:
         shared = task_options()
-        values = {k: shared[k].spec.parse(v) for k, v in given.items() if v is not None}
-        return self.command(*args, task_options=values, **kwargs)
+        return {k: shared[k].spec.parse(v) for k, v in given.items()}
+
+    def clash_message(self, flag: str) -> str:
+        return f"task option {flag} clashes with an option of `ropekit eval` itself"
 
 
 def _with_tasks_help(p: inspect.Parameter) -> inspect.Parameter:

@@ -156,47 +156,88 @@ def build_spec(
     return spec
 
 
-class with_method_options:  # noqa: N801 (used as a decorator)
-    """Give a CLI command one option per method parameter of every registered method.
+@dataclass(frozen=True)
+class GeneratedOption:
+    """One CLI option generated from records (a method parameter, a task option)."""
 
-    The options come from the records (`Method.params`); one shared by several methods (e.g.
-    --attention-factor) is one option whose help names them all. typer reads the signature
-    each time it builds the CLI, so a method registered later has its options too. The command
-    body takes `method_options`: {parameter name: value} of the options the user set.
+    flag: str
+    type: type
+    help: str
+    panel: str
+
+
+class GeneratedOptions:
+    """A decorator giving a CLI command one option per record-defined option (`options()`).
+
+    The generated parameters are keyword-only, named `prefix` + option name, default None ("not
+    given"); typer reads `__signature__` each time it builds the CLI, so records registered later
+    have their options too. The command body takes `keyword`: {option name: value} of the options
+    the user set, after `parse`.
     """
+
+    keyword: str  # the body's parameter that receives the options given
+    prefix: str  # of the generated parameters' names, apart from the command's own
+    kind: str  # "method option", "task option": for the clash message
 
     def __init__(self, command: Callable[..., Any]) -> None:
         functools.update_wrapper(self, command)
         self.command = command
 
+    def options(self) -> dict[str, GeneratedOption]:
+        raise NotImplementedError
+
+    def own_parameter(self, p: inspect.Parameter) -> inspect.Parameter:
+        """The command's own parameter `p` as the CLI shows it (unchanged unless a subclass says)."""
+        return p
+
+    def parse(self, given: dict[str, Any]) -> dict[str, Any]:
+        """The options the user set, as the body takes them (unchanged unless a subclass says)."""
+        return given
+
+    def clash_message(self, flag: str) -> str:
+        return f"{self.kind} {flag} clashes with the command's own option"
+
     @property
     def __signature__(self) -> inspect.Signature:
         own = inspect.signature(self.command, eval_str=True)
-        kept = [p for p in own.parameters.values() if p.name != "method_options"]
+        kept = [self.own_parameter(p) for p in own.parameters.values() if p.name != self.keyword]
         taken = {p.name for p in kept} | {flag for p in kept for flag in _flags_of(p)}
         extra = []
-        for name, option in method_options().items():
-            clash = {PREFIX + name, option.flag} & taken
-            if clash:
-                raise RopekitError(f"method option {option.flag} clashes with the command's own option")
+        for name, option in self.options().items():
+            if {self.prefix + name, option.flag} & taken:
+                raise RopekitError(self.clash_message(option.flag))
+            help_ = typer.Option(option.flag, help=option.help, rich_help_panel=option.panel)
             extra.append(
                 inspect.Parameter(
-                    PREFIX + name,
+                    self.prefix + name,
                     inspect.Parameter.KEYWORD_ONLY,
                     default=None,
-                    annotation=Annotated[
-                        option.type | None, typer.Option(option.flag, help=option.help, rich_help_panel=METHOD)
-                    ],
+                    annotation=Annotated[option.type | None, help_],
                 )
             )
         return own.replace(parameters=kept + extra)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        given = {k[len(PREFIX) :]: kwargs.pop(k) for k in [k for k in kwargs if k.startswith(PREFIX)]}
-        return self.command(*args, method_options={k: v for k, v in given.items() if v is not None}, **kwargs)
+        n = len(self.prefix)
+        given = {k[n:]: kwargs.pop(k) for k in [k for k in kwargs if k.startswith(self.prefix)]}
+        values = self.parse({k: v for k, v in given.items() if v is not None})
+        return self.command(*args, **{self.keyword: values}, **kwargs)
 
 
-PREFIX = "method_option_"  # of the generated parameters' names, apart from the commands' own
+class with_method_options(GeneratedOptions):  # noqa: N801 (used as a decorator)
+    """Give a CLI command one option per method parameter of every registered method.
+
+    The options come from the records (`Method.params`); one shared by several methods (e.g.
+    --attention-factor) is one option whose help names them all. The command body takes
+    `method_options`: {parameter name: value} of the options the user set.
+    """
+
+    keyword = "method_options"
+    prefix = "method_option_"
+    kind = "method option"
+
+    def options(self) -> dict[str, GeneratedOption]:
+        return {name: GeneratedOption(o.flag, o.type, o.help, METHOD) for name, o in method_options().items()}
 
 
 @dataclass(frozen=True)

@@ -403,6 +403,12 @@ def finetune_cmd(ctx: Study, plan: PlanSpec, out: Path, s: Settings, **override:
     return cmd
 
 
+def replacing(out: Path) -> list[str]:
+    """`--overwrite` where a run directory is left from an interrupted cell: `ropekit finetune` replaces it only
+    if its manifest proves ropekit wrote it (never a folder someone else put under --cache)."""
+    return ["--overwrite"] if out.exists() else []
+
+
 def checkpoint_bytes(run_dir: Path) -> int | None:
     latest = latest_checkpoint(run_dir)
     return None if latest is None else sum(f.stat().st_size for f in latest.rglob("*") if f.is_file())
@@ -774,10 +780,10 @@ class Study:
 
         def compute() -> dict:
             out = self.runs / f"measure-{length}"
-            shutil.rmtree(out, ignore_errors=True)
             self.release()
             plan = PlanSpec("yarn", "yarn")
             cmd = finetune_cmd(self, plan, out, s, train_length=length, steps=s.measure_steps, global_batch=1)
+            cmd += replacing(out)
             self.say(f"measure: one training step at {length} tokens, {s.measure_steps} steps")
             run = run_monitored(cmd, out, self.stop, lock_fd=self.lock_fd)
             self.require(run, f"measure {length}")
@@ -808,16 +814,14 @@ class Study:
             self.release()
             plan = PlanSpec("yarn", "yarn")
             a, b = self.runs / "resume-whole", self.runs / "resume-killed"
-            for d in (a, b):
-                shutil.rmtree(d, ignore_errors=True)
             over = {"train_length": s.resume_length, "steps": s.resume_steps, "global_batch": 2, "save_every": 2}
             self.say("resume check: uninterrupted run")
-            whole = run_monitored(finetune_cmd(self, plan, a, s, **over), a, self.stop, lock_fd=self.lock_fd)
+            cmd_a = [*finetune_cmd(self, plan, a, s, **over), *replacing(a)]
+            whole = run_monitored(cmd_a, a, self.stop, lock_fd=self.lock_fd)
             self.require(whole, "resume check (uninterrupted run)")
             self.say("resume check: run killed after step 3")
-            killed = run_monitored(
-                finetune_cmd(self, plan, b, s, **over), b, self.stop, lock_fd=self.lock_fd, kill_after_step=3
-            )
+            cmd_b = [*finetune_cmd(self, plan, b, s, **over), *replacing(b)]
+            killed = run_monitored(cmd_b, b, self.stop, lock_fd=self.lock_fd, kill_after_step=3)
             crashed = killed["returncode"] == -signal.SIGKILL
             if not crashed:
                 self.require(killed, "resume check (run to be killed)")
@@ -868,7 +872,7 @@ class Study:
                 self.stop.check()
                 cmd = finetune_cmd(self, p, out, self.s)
                 resume = latest_checkpoint(out) is not None
-                cmd += ["--resume"] if resume else ["--overwrite"] if out.exists() else []
+                cmd += ["--resume"] if resume else replacing(out)
                 self.say(f"fine-tune {p.name}: {'resuming' if resume else 'starting'} ({out})")
                 run = run_monitored(cmd, out, self.stop, lock_fd=self.lock_fd)
                 self._invocations(out, append=run)

@@ -14,7 +14,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import known_optimum as ko
@@ -202,21 +201,24 @@ print(json.dumps({{"ppl": math.exp(total / count)}}))
 
 @pytest.mark.slow
 def test_two_worker_processes_share_one_sqlite_study(optimum, tmp_path):
+    """Two processes add trials to one SQLite study: the main one (screen, seeds, 4 trials, report), then a
+    worker taking the study to 10 trials, then the main command again, which continues and reports all 10.
+    In sequence, so the test does not depend on which process wins a race (on quiet cores the main
+    process once ran every trial before a concurrent worker had started)."""
     out = tmp_path / "shared"
     args = [str(optimum.model_dir), "--target-length", str(ko.TARGET), "--data", str(optimum.tuning),
             "--held-out", str(optimum.held_out), "--out", str(out), "--screen", "pi", "--seeds", "1",
-            "--trials", "10", "--retention-tolerance", "1", "--report-methods", ""]  # fmt: skip
+            "--retention-tolerance", "1", "--report-methods", ""]  # fmt: skip
     command = [sys.executable, "-m", "ropekit.cli.main", "tune", *args]
-    main = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 600
-    while not (out / "study.sqlite").is_file() or not _screened(out):
-        assert main.poll() is None or main.returncode == 0, main.communicate()[1]
-        assert time.monotonic() < deadline
-        time.sleep(0.5)
-    worker = subprocess.run([*command, "--worker", "--seed", "7"], capture_output=True, text=True, check=False)
-    stdout, stderr = main.communicate(timeout=600)
-    assert main.returncode == 0, stderr
-    assert worker.returncode == 0, worker.stderr
+
+    def run(*extra: str) -> None:
+        done = subprocess.run([*command, *extra], capture_output=True, text=True, check=False, timeout=600)
+        assert done.returncode == 0, done.stderr
+
+    run("--trials", "4")
+    assert _screened(out)
+    run("--trials", "10", "--worker", "--seed", "7")
+    run("--trials", "10")
     results = json.loads((out / "results.json").read_text())
     workers = {t["worker"] for t in results["trials"]}
     assert len(workers) == 2  # both processes ran trials of the one study

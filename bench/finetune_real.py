@@ -1443,7 +1443,7 @@ def main() -> None:
     study.prepare()
     plans = [p.resolved(study.spec) for p in plans]
     if not (args.status or args.report):
-        study.say(f"study: plans {', '.join(p.name for p in plans)}; cells in {study.root}")
+        study.say(f"study: plans {', '.join(p.name for p in plans)}; cells in {study.cells}, runs in {study.root}")
         try:
             run_study(study, plans)
             study.say("study complete")

@@ -2,6 +2,7 @@
 
     nice -n 19 .venv/bin/python bench/finetune_real.py          # the study (hours): resumable, rerun to continue
     .venv/bin/python bench/finetune_real.py --status            # cells done / to do, time spent, time left
+    nice -n 19 .venv/bin/python bench/finetune_real.py --no-new-finetunes   # only what needs no new fine-tune
     .venv/bin/python bench/finetune_real.py --report            # results JSON from the cells measured so far
     .venv/bin/python bench/finetune_real.py --plan ntk=ntk:factor=2   # one more plan (NAME=METHOD[:PARAM=VALUE,…])
     .venv/bin/python bench/finetune_real.py --smoke             # every code path on a tiny random model (~3 CPU-min)
@@ -20,11 +21,11 @@ Cells, in this order (what needs the fine-tuned model first), each written atomi
                 model (it exists only on the machine that trained it; a plan whose after-cells are
                 incomplete is trained again in the next sitting, and the record says whether the weights
                 came out the same).
+  before NLL    `none` (the retention reference), then per plan: the NLL passes before fine-tuning.
   measure       one training step at 1,024 and 2,048 tokens (fwd + bwd + AdamW, fp32, 2 threads):
                 wall and CPU seconds, peak RSS, checkpoint size, machine load.
   resume        a fine-tune killed (SIGKILL) mid-run and resumed against an uninterrupted one: losses, weights.
-  before        `none` (the retention reference), then per plan: NLL passes and passkey trials before
-                fine-tuning.
+  before passkey  per plan: the passkey trials before fine-tuning.
 Passkey: teacher-forced at 12k and 16k, 10 seeded trials per length (the same for every plan).
 One NLL pass per book gives the three perplexity measures: the whole 16,384-token window, NLL of the
 tokens at positions ≥ 8,192, and the perplexity of the first 2,048 tokens (causal attention: a window of
@@ -1079,13 +1080,17 @@ def plans_of(args: argparse.Namespace) -> list[PlanSpec]:
 def run_study(study: Study, plans: list[PlanSpec]) -> None:
     """Every cell, in the order a sitting should spend its time: per plan its fine-tune (its losses are the
     first sign that training works) and at once everything measured on the fine-tuned model (NLL, passkey),
-    since a fine-tuned model lives only on the machine that trained it; then the step cost and the resume
-    check; then everything measured before fine-tuning (`none` first: the retention reference)."""
+    since a fine-tuned model lives only on the machine that trained it; then the NLL passes before
+    fine-tuning (`none` first: the retention reference); the step cost and the resume check; the passkey
+    trials before fine-tuning (the costliest cells that answer the least)."""
     s = study.s
     base_sha = study.info["model_sha256"]
     for p in plans:
         plan = study.plan(p)
         if study.after_done(p):
+            continue
+        if study.args.no_new_finetunes and not completed(study.run_dir(p, plan)):
+            study.say(f"{p.name}: no finished fine-tune on this machine; left for a later run (--no-new-finetunes)")
             continue
         ft = study.finetune(p)
         study.say(
@@ -1096,18 +1101,19 @@ def run_study(study: Study, plans: list[PlanSpec]) -> None:
         for book in study.books():
             study.nll(ft["model_sha256"], plan, book, tuned, f"after {p.name}")
         study.passkey(ft["model_sha256"], plan, tuned, f"after {p.name}")
+    before = [PlanSpec("none", "none"), *plans]
+    for p in before:
+        plan = study.plan(p)
+        for book in study.books():
+            study.nll(base_sha, plan, book, functools.partial(study.base_model, plan), f"before {p.name}")
     for length in s.measure_lengths:
         study.measure_step(length)
         study.stop.check()
     study.resume_check()
     study.stop.check()
-    for p in [PlanSpec("none", "none"), *plans]:
+    for p in plans:
         plan = study.plan(p)
-        base = functools.partial(study.base_model, plan)
-        for book in study.books():
-            study.nll(base_sha, plan, book, base, f"before {p.name}")
-        if p.name != "none":
-            study.passkey(base_sha, plan, base, f"before {p.name}")
+        study.passkey(base_sha, plan, functools.partial(study.base_model, plan), f"before {p.name}")
 
 
 # --------------------------------------------------------------------------- results
@@ -1414,6 +1420,12 @@ def main() -> None:
         help="one more plan (its cells are added; every cell already measured is reused)",
     )
     parser.add_argument("--smoke", action="store_true", help="tiny random model, tiny lengths (checks the code)")
+    parser.add_argument(
+        "--no-new-finetunes",
+        action="store_true",
+        help="train nothing: measure the cells of fine-tunes finished on this machine and the cells before "
+        "fine-tuning (the end of a sitting, when a 30-minute fine-tune would not finish)",
+    )
     parser.add_argument("--status", action="store_true", help="print what is done and what remains; measure nothing")
     parser.add_argument("--report", action="store_true", help="write the results JSON from the cells; measure nothing")
     parser.add_argument(
@@ -1446,7 +1458,7 @@ def main() -> None:
         study.say(f"study: plans {', '.join(p.name for p in plans)}; cells in {study.cells}, runs in {study.root}")
         try:
             run_study(study, plans)
-            study.say("study complete")
+            study.say("done: every cell that needs no new fine-tune" if args.no_new_finetunes else "study complete")
         except Stopped:
             study.say("stopped cleanly; rerun the same command to continue")
     results = collect(study, plans)

@@ -198,19 +198,49 @@ books this study never trains on, passkey and RULER, before and after) is for a 
 bash scripts/setup.sh --no-main-job                  # a CUDA torch: set TORCH_INDEX_URL (see "Two commands")
 .venv/bin/python bench/finetune_real.py --status     # converts the model, writes the training text (bench/cache/finetune_real/)
 C=bench/cache/finetune_real; E="--tasks ppl,passkey,ruler --lengths 4096,8192,12288,16384 --trials 10"
-for P in yarn dprope "dprope --interpolated-dims 24" pi; do
-  N=$(echo $P | tr -d ' -')
+while read -r N P; do                                # NAME, then the method and its options
   .venv/bin/ropekit eval $C/smollm2 --method $P --target-length 16384 $E --data ../shared/assets/text/pg19_test \\
       --out runs/eval-before-$N
   .venv/bin/ropekit finetune $C/smollm2 --data $C/train-text --method $P --target-length 16384 --pose \\
       --train-length 2048 --passkey-mix 0.2 --steps 200 --global-batch 8 --lr 2e-5 --out runs/smollm2-$N
   .venv/bin/ropekit eval runs/smollm2-$N $E --data ../shared/assets/text/pg19_test --out runs/eval-after-$N
-done
+done <<'PLANS'
+yarn yarn
+dprope dprope
+dprope-n dprope --interpolated-dims 24
+pi pi
+tuned tuned --from-study bench/results/tune_smollm2/results_s2.json
+PLANS
 ```"""
 
 
+def finetune_lines(r: dict) -> list[str]:
+    """One row per finished fine-tune: its cost on this machine and its loss curve's ends."""
+    rows = [(n, row["finetune"]) for n, row in r["plans"].items() if row.get("finetune")]
+    if not rows:
+        return []
+    g = r["settings"]["global_batch"]
+    out = [
+        f"**The fine-tunes** (wall time as it ran; a step is {g} windows; the first step of a run is left out)",
+        "",
+        "| plan | wall min | CPU min | step wall s (median) | step CPU s | peak RSS | checkpoint | loss first 4 → "
+        "last 4 steps | trained again in a later sitting |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, ft in rows:
+        again = ft.get("earlier_fit")
+        refit = "—" if not again else ("same weights" if again["same_weights"] else "different weights")
+        out.append(
+            f"| {name} | {ft['wall_seconds'] / 60:.1f} | {ft['cpu_seconds'] / 60:.1f} | {fmt(ft['median_step_wall'], '.1f')} "
+            f"| {fmt(ft['median_step_cpu'], '.1f')} | {ft['peak_rss_mib'] / 1024:.1f} GiB | "
+            f"{(ft['checkpoint_bytes'] or 0) / 2**30:.2f} GiB | {ft['loss_first4']:.3f} → {ft['loss_last4']:.3f} | {refit} |"
+        )
+    return [*out, ""]
+
+
 def block(r: dict) -> str:
-    lines = header(r) + cost_lines(r) + budget_lines(r) + check_lines(r) + ppl_table(r) + passkey_table(r)
+    lines = header(r) + cost_lines(r) + budget_lines(r) + check_lines(r) + finetune_lines(r) + ppl_table(r)
+    lines += passkey_table(r)
     lines += order_lines(r)
     return "\n".join(lines + missing_lines(r) + [GPU_COMMAND])
 

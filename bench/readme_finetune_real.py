@@ -10,6 +10,7 @@ study is still running: cells not yet measured show as — and are listed).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -185,6 +186,60 @@ def order_lines(r: dict) -> list[str]:
     return [*out, ""] if out else []
 
 
+def ppl_change(nats: float) -> str:
+    """A mean NLL difference as the perplexity ratio it implies, in percent."""
+    return f"{math.expm1(nats):+.1%}"
+
+
+def answer_lines(r: dict) -> list[str]:
+    """The answer to the issue's question, in one paragraph, from what is measured so far."""
+    c, plans = r["comparisons"], r["plans"]
+    after = c.get("minus_best", {}).get("after")
+    if not after:
+        return ["**What it says so far**: fewer than two plans are measured after fine-tuning; no answer yet.", ""]
+    best, others = after["best"], {n: d for n, d in after.items() if n != "best"}
+    parts = [
+        f"**What it says so far** ({len(others) + 1} of {len(plans) - 1} plans measured after fine-tuning, on "
+        f"{len(r['books'])} books): after fine-tuning {best} has the lowest NLL over the {r['settings']['eval_tokens']:,}-"
+        f"token window (ppl {plans[best]['after']['ppl']:.2f})."
+    ]
+    for name, d in sorted(others.items(), key=lambda kv: kv[1]["mean"]):
+        lo, hi = d["ci95"]
+        decided = lo > 0 and d["same_sign_all_books"]
+        verdict = "a difference" if decided else "not a difference this study can call (interval or books disagree)"
+        parts.append(
+            f"{name} is {ppl_change(d['mean'])} in perplexity behind it (ΔNLL {d['mean']:+.4f} nats, 95% "
+            f"[{lo:+.4f}, {hi:+.4f}], per book {', '.join(f'{x:+.4f}' for x in d['per_book'])}): {verdict}."
+        )
+    sp = c.get("spearman", {}).get("after", {}).get("nll")
+    if sp and sp["rho"] is not None:
+        parts.append(
+            f"The order against the disturbance: ρ = {sp['rho']:+.2f} with n = {sp['n']} plans (exact p = "
+            f"{sp['p']:.2f}; n = {sp['n']} cannot reach p below {sp['smallest_possible_p']:.3f}), so the order "
+            "says little either way."
+        )
+    closed = {n: v for n, v in c.get("gap_closed", {}).items() if v["share_closed"] is not None}
+    if closed:
+        parts.append(
+            "Each plan's NLL gap to the best plan, before → after fine-tuning (the share fine-tuning closed): "
+            + ", ".join(
+                f"{n} {v['gap_before']:+.4f} → {v['gap_after']:+.4f} nats ({v['share_closed']:.0%})"
+                for n, v in closed.items()
+            )
+            + "."
+        )
+    elif not c.get("after_minus_before"):
+        parts.append(
+            "Before-fine-tuning passes are not measured yet, so how much of each gap fine-tuning closed is open."
+        )
+    if r["missing"]:
+        n = len(r["missing"])
+        parts.append(
+            f"{n} {'cell is' if n == 1 else 'cells are'} still to measure (listed below); the answer may change."
+        )
+    return [" ".join(parts), ""]
+
+
 def missing_lines(r: dict) -> list[str]:
     if not r["missing"]:
         return []
@@ -241,7 +296,7 @@ def finetune_lines(r: dict) -> list[str]:
 def block(r: dict) -> str:
     lines = header(r) + cost_lines(r) + budget_lines(r) + check_lines(r) + finetune_lines(r) + ppl_table(r)
     lines += passkey_table(r)
-    lines += order_lines(r)
+    lines += order_lines(r) + answer_lines(r)
     return "\n".join(lines + missing_lines(r) + [GPU_COMMAND])
 
 

@@ -117,6 +117,7 @@ class Settings:
     passkey_lengths: tuple[int, ...] = (12288, 16384)
     passkey_trials: int = 10  # per length; depth stratified (one per tenth), key ~ U{1 … 50000}
     passkey_seed: int = 2027
+    passkey_chunk: int = 1024  # tokens per piece after a shared prefix (see suffix_chunks)
     books: int = 2  # the first two of HELD_OUT (the issue's minimum; a third costs 2 min per plan and state)
     measure_lengths: tuple[int, ...] = (1024, 2048)
     measure_steps: int = 3  # the first step includes one-time costs; the rest are timed
@@ -148,6 +149,7 @@ SMOKE = Settings(
     retention_tokens=128,
     passkey_lengths=(768, 1024),
     passkey_trials=2,
+    passkey_chunk=128,
     books=2,
     measure_lengths=(128, 256),
     measure_steps=2,
@@ -467,10 +469,10 @@ class SharedPrefixScorer:
     attention: a prefix's keys and values do not depend on what follows); scored in order of needle position,
     each prompt reruns only its needle and what follows it."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, chunk: int = 1024) -> None:
         from transformers import DynamicCache
 
-        self.model = model
+        self.model, self.chunk = model, chunk
         self.cache = DynamicCache(config=model.config)
         self.ids: list[int] = []
 
@@ -485,11 +487,30 @@ class SharedPrefixScorer:
         remove = self.cache.get_seq_length() - shared
         if remove > 0:
             self.cache.crop(-remove)
-        ids = torch.tensor([full[shared:]])
-        out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=k + 1)
+        chunks = suffix_chunks(len(full) - shared, self.chunk, k + 1)
+        start = shared
+        for size in chunks:
+            ids = torch.tensor([full[start : start + size]])
+            keep = k + 1 if start + size == len(full) else 1
+            out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=keep)
+            start += size
         self.ids = full
         record = answer_scores(out.logits[0, :-1], answer_ids)  # (k, V): predictions of the k answer tokens
-        return {**record, "shared_prefix_tokens": shared, "tokens_run": len(full) - shared}
+        return {**record, "shared_prefix_tokens": shared, "tokens_run": len(full) - shared, "chunks": len(chunks)}
+
+
+def suffix_chunks(tokens: int, chunk: int, last_at_least: int) -> list[int]:
+    """Sizes of the pieces the tokens after a cached prefix run in: `chunk` each, the last one holding at
+    least `last_at_least` tokens (the predictions of the answer). With a cache, the attention of a piece is
+    its queries × every key before them; run as one piece, the suffix of a prompt whose needle is early
+    costs the whole rectangle (SDPA cannot skip the masked half with a cache), in pieces about the causal
+    triangle."""
+    sizes = [chunk] * (tokens // chunk)
+    if tokens % chunk:
+        sizes.append(tokens % chunk)
+    if len(sizes) > 1 and sizes[-1] < last_at_least:
+        sizes[-2:] = [sizes[-2] + sizes[-1]]
+    return sizes
 
 
 def answer_scores(logits: torch.Tensor, answer_ids: list[int]) -> dict[str, Any]:
@@ -1013,7 +1034,7 @@ class Study:
         missing = [t for t in trials if cell(self.cells, self.passkey_key(model_sha, plan, t)) is None]
         if not missing:
             return
-        scorer = SharedPrefixScorer(model())
+        scorer = SharedPrefixScorer(model(), self.s.passkey_chunk)
         prompts = [(t, build_prompt(self.tokenizer(), t["length"], t["depth"], t["key"])) for t in missing]
         for t, p in sorted(prompts, key=lambda tp: (tp[1].needle_start, tp[0]["length"])):
             compute = functools.partial(self._score_trial, scorer, t, p, label)
@@ -1039,6 +1060,7 @@ class Study:
             "task": "check-shared-prefix",
             "model": self.info["model_sha256"],
             "lengths": list(self.s.passkey_lengths),
+            "chunk": self.s.passkey_chunk,
         }
 
     def sharing_check(self, model_sha: str, plan: ropekit.Plan, trial: dict, p: Any, shared: dict, model) -> None:

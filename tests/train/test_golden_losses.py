@@ -64,5 +64,8 @@ def test_first_losses_equal_the_golden_ones(setting: str, stories260k: Path, tmp
     text = require_asset("text/tinystories/tinystories_val_head.txt")
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     losses = golden_losses(setting, tmp_path / "run", stories260k, text)
-    # float32 sums may round differently on another CPU; anything the code changes moves them far more
-    assert losses == pytest.approx(GOLDEN[setting], rel=1e-6, abs=0), losses
+    # float32 sums round differently on another CPU: on an AMD EPYC (the golden values come from another
+    # machine) step 1 was equal and steps 2-3 differed by up to 2.3e-6 relative, after one AdamW update.
+    # A change to what is trained moves them far more: seed 1 instead of 0 moves every step by at least
+    # 2.7e-3 relative (0.09 and 0.16 at most), over 100 times this tolerance.
+    assert losses == pytest.approx(GOLDEN[setting], rel=2e-5, abs=0), losses

@@ -4,7 +4,7 @@
     .venv/bin/python bench/finetune_real.py --status            # cells done / to do, time spent, time left
     nice -n 19 .venv/bin/python bench/finetune_real.py --no-new-finetunes   # only what needs no new fine-tune
     .venv/bin/python bench/finetune_real.py --report            # results JSON from the cells measured so far
-    .venv/bin/python bench/finetune_real.py --plan ntk=ntk:factor=2   # one more plan (NAME=METHOD[:PARAM=VALUE,…])
+    .venv/bin/python bench/finetune_real.py --plan ntk=ntk:alpha=2     # one more plan (NAME=METHOD[:PARAM=VALUE,…])
     .venv/bin/python bench/finetune_real.py --smoke             # every code path on a tiny random model (~3 CPU-min)
     .venv/bin/python bench/readme_finetune_real.py              # the README's fine-tuned block from the JSON
     Stop cleanly: kill -INT <pid> (the current cell or training step finishes, a checkpoint is written).

@@ -20,7 +20,7 @@ Cells, in this order (what needs the fine-tuned model first), each written atomi
                 then at once the NLL pass on each held-out book and the passkey trials on the fine-tuned
                 model (it exists only on the machine that trained it; a plan whose after-cells are
                 incomplete is trained again in the next sitting, and the record says whether the weights
-                came out the same).
+                came out the same). Plans never fine-tuned go before such retrains.
   before NLL    `none` (the retention reference), then per plan: the NLL passes before fine-tuning.
   measure       one training step at 1,024 and 2,048 tokens (fwd + bwd + AdamW, fp32, 2 threads):
                 wall and CPU seconds, peak RSS, checkpoint size, machine load.
@@ -1099,6 +1099,20 @@ def plans_of(args: argparse.Namespace) -> list[PlanSpec]:
     return specs
 
 
+def after_order(study: Study, plans: list[PlanSpec]) -> list[PlanSpec]:
+    """The plans in the order their fine-tunes run: first those never fine-tuned (each brings a new plan's
+    after-numbers), then those fine-tuned in an earlier sitting whose after-cells are incomplete and whose
+    model is not on this machine (training again only finishes what is already partly measured). Stable
+    otherwise, so the study's plan order decides."""
+
+    def retrain(p: PlanSpec) -> bool:
+        plan = study.plan(p)
+        recorded = cell(study.cells, study.finetune_key(plan)) is not None
+        return recorded and not completed(study.run_dir(p, plan))
+
+    return sorted(plans, key=retrain)
+
+
 def run_study(study: Study, plans: list[PlanSpec]) -> None:
     """Every cell, in the order a sitting should spend its time: per plan its fine-tune (its losses are the
     first sign that training works) and at once everything measured on the fine-tuned model (NLL, passkey),
@@ -1107,7 +1121,7 @@ def run_study(study: Study, plans: list[PlanSpec]) -> None:
     trials before fine-tuning (the costliest cells that answer the least)."""
     s = study.s
     base_sha = study.info["model_sha256"]
-    for p in plans:
+    for p in after_order(study, plans):
         plan = study.plan(p)
         if study.after_done(p):
             continue

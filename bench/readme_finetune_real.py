@@ -213,10 +213,14 @@ def answer_lines(r: dict) -> list[str]:
         )
     sp = c.get("spearman", {}).get("after", {}).get("nll")
     if sp and sp["rho"] is not None:
+        reading = (
+            "an order this n can call (p < 0.05), though one plan more or less could change it"
+            if sp["p"] < 0.05
+            else "so the order says little either way"
+        )
         parts.append(
             f"The order against the disturbance: ρ = {sp['rho']:+.2f} with n = {sp['n']} plans (exact p = "
-            f"{sp['p']:.2f}; n = {sp['n']} cannot reach p below {sp['smallest_possible_p']:.3f}), so the order "
-            "says little either way."
+            f"{sp['p']:.2f}; n = {sp['n']} cannot reach p below {sp['smallest_possible_p']:.3f}), {reading}."
         )
     closed = {n: v for n, v in c.get("gap_closed", {}).items() if v["share_closed"] is not None}
     if closed:

@@ -238,7 +238,8 @@ def cpu_header(results: dict) -> list[str]:
             )
     if results.get("cells_skipped_at_deadline"):
         lines.append(
-            f"{results['cells_skipped_at_deadline']} plans were not measured before the run's deadline (— below)."
+            f"{results['cells_skipped_at_deadline']} plans were not measured before the run's deadline: they "
+            "have no row below."
         )
     return lines + [""]
 

@@ -729,7 +729,9 @@ def nll_correlations(results: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--quick", action="store_true", help="s = 2, four methods, 12k, one window (≤ 15 min on 2 cores)"
+        "--quick",
+        action="store_true",
+        help="s = 2, three plans (none, yarn, dprope), 12k, one window (≤ 15 min on 2 cores)",
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument(

@@ -181,9 +181,30 @@ def order_lines(r: dict) -> list[str]:
         out.append(f"- Best {state} fine-tuning: {best['best']}; the others' ΔNLL to it: {gaps}.")
     closed = c.get("gap_closed", {})
     if closed:
-        parts = [f"{n} {v['share_closed']:.0%}" for n, v in closed.items() if v["share_closed"] is not None]
+        parts = [f"{n} ({share_closed(c, n, v)})" for n, v in closed.items() if v["share_closed"] is not None]
         out.append(f"- Share of each plan's NLL gap to the best plan that fine-tuning closed: {', '.join(parts)}.")
     return [*out, ""] if out else []
+
+
+def share_closed(c: dict, name: str, gap: dict) -> str:
+    """The share of a plan's gap to the best that fine-tuning closed, or why there is none to speak of: a
+    gap before fine-tuning whose 95% interval includes 0 is noise, and a share of it means nothing."""
+    before = c["minus_best"]["before"].get(name)
+    if before is None:
+        return "the best before"
+    if before["ci95"][0] <= 0:
+        return "no gap before: within noise"
+    return f"{gap['share_closed']:.0%}"
+
+
+def passkey_after(r: dict) -> str:
+    """Passkey after fine-tuning per plan, both lengths pooled: "yarn 20/20, …"."""
+    parts = []
+    for name, row in r["plans"].items():
+        trials = row.get("after", {}).get("passkey", {}).get("trials", [])
+        if trials:
+            parts.append(f"{name} {sum(t['correct'] for t in trials)}/{len(trials)}")
+    return ", ".join(parts)
 
 
 def ppl_change(nats: float) -> str:
@@ -227,7 +248,7 @@ def answer_lines(r: dict) -> list[str]:
         parts.append(
             "Each plan's NLL gap to the best plan, before → after fine-tuning (the share fine-tuning closed): "
             + ", ".join(
-                f"{n} {v['gap_before']:+.4f} → {v['gap_after']:+.4f} nats ({v['share_closed']:.0%})"
+                f"{n} {v['gap_before']:+.4f} → {v['gap_after']:+.4f} nats ({share_closed(c, n, v)})"
                 for n, v in closed.items()
             )
             + "."
@@ -236,6 +257,8 @@ def answer_lines(r: dict) -> list[str]:
         parts.append(
             "Before-fine-tuning passes are not measured yet, so how much of each gap fine-tuning closed is open."
         )
+    if passkey_after(r):
+        parts.append(f"Passkey after fine-tuning, right of the trials measured at both lengths: {passkey_after(r)}.")
     if r["missing"]:
         parts.append(f"Still to measure: {still_to_measure(r)} (listed below); the answer may change.")
     return [" ".join(parts), ""]

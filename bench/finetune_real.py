@@ -945,10 +945,9 @@ class Study:
             }
 
         key = self.finetune_key(plan)
-        recorded = cell(self.cells, key)
-        if recorded is None or completed(out):
+        if not self.retrain_needed(p):
             return cell(self.cells, key, compute)
-        # Measured in an earlier sitting, on a machine whose run directory is gone: train again here.
+        recorded = cell(self.cells, key)
         self.say(f"fine-tune {p.name}: its fine-tuned model is not on this machine; training it again")
         value = compute()
         value["earlier_fit"] = {
@@ -957,6 +956,12 @@ class Study:
             "same_losses": value["losses"] == recorded["losses"],
         }
         return store_cell(self.cells, key, value)
+
+    def retrain_needed(self, p: PlanSpec) -> bool:
+        """The plan's fine-tune was measured in an earlier sitting, on a machine whose run directory is gone:
+        its model must be trained again here before anything more is measured on it."""
+        plan = self.plan(p)
+        return cell(self.cells, self.finetune_key(plan)) is not None and not completed(self.run_dir(p, plan))
 
     def after_done(self, p: PlanSpec) -> bool:
         """Every measurement of the plan's fine-tuned model is in the cells (its model is no longer needed)."""
@@ -1104,13 +1109,7 @@ def after_order(study: Study, plans: list[PlanSpec]) -> list[PlanSpec]:
     after-numbers), then those fine-tuned in an earlier sitting whose after-cells are incomplete and whose
     model is not on this machine (training again only finishes what is already partly measured). Stable
     otherwise, so the study's plan order decides."""
-
-    def retrain(p: PlanSpec) -> bool:
-        plan = study.plan(p)
-        recorded = cell(study.cells, study.finetune_key(plan)) is not None
-        return recorded and not completed(study.run_dir(p, plan))
-
-    return sorted(plans, key=retrain)
+    return sorted(plans, key=study.retrain_needed)
 
 
 def run_study(study: Study, plans: list[PlanSpec]) -> None:

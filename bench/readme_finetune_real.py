@@ -257,8 +257,9 @@ def answer_lines(r: dict) -> list[str]:
         parts.append(
             "Before-fine-tuning passes are not measured yet, so how much of each gap fine-tuning closed is open."
         )
-    if passkey_after(r):
-        parts.append(f"Passkey after fine-tuning, right of the trials measured at both lengths: {passkey_after(r)}.")
+    passkey = passkey_after(r)
+    if passkey:
+        parts.append(f"Passkey after fine-tuning, right of the trials measured at both lengths: {passkey}.")
     if r["missing"]:
         parts.append(f"Still to measure: {still_to_measure(r)} (listed below); the answer may change.")
     return [" ".join(parts), ""]

@@ -84,7 +84,8 @@ def budget_lines(r: dict) -> list[str]:
         parts.append(f"{count} {names[kind]} {hours:.2f} h ({how}: {(k['cpu_seconds_each'] or 0) / 120:.1f} min each)")
     return [
         f"**Cost of the protocol** in hours of 2 quiet cores (CPU time / 2): {'; '.join(parts)}; {total:.1f} h in "
-        f"all, against the issue's 3.5 h. Measured so far: {c['quiet_hours_spent']:.2f} h.",
+        f"all, against the issue's 3.5 h. {'Measured so far' if r['missing'] else 'Measured'}: "
+        f"{c['quiet_hours_spent']:.2f} h.",
         "",
     ]
 
@@ -197,13 +198,19 @@ def share_closed(c: dict, name: str, gap: dict) -> str:
     return f"{gap['share_closed']:.0%}"
 
 
+def passkey_score(row: dict, stage: str) -> str:
+    """One plan's passkey at one stage ("before"/"after"), both lengths pooled: "20/20", or "" if unmeasured."""
+    trials = row.get(stage, {}).get("passkey", {}).get("trials", [])
+    return f"{sum(t['correct'] for t in trials)}/{len(trials)}" if trials else ""
+
+
 def passkey_after(r: dict) -> str:
-    """Passkey after fine-tuning per plan, both lengths pooled: "yarn 20/20, …"."""
+    """Passkey per plan, both lengths pooled, before → after fine-tuning where both are measured: "yarn 14/20 → 20/20, …"."""
     parts = []
     for name, row in r["plans"].items():
-        trials = row.get("after", {}).get("passkey", {}).get("trials", [])
-        if trials:
-            parts.append(f"{name} {sum(t['correct'] for t in trials)}/{len(trials)}")
+        before, after = passkey_score(row, "before"), passkey_score(row, "after")
+        if after:
+            parts.append(f"{name} {before} → {after}" if before else f"{name} {after}")
     return ", ".join(parts)
 
 
@@ -219,8 +226,9 @@ def answer_lines(r: dict) -> list[str]:
     if not after:
         return ["**What it says so far**: fewer than two plans are measured after fine-tuning; no answer yet.", ""]
     best, others = after["best"], {n: d for n, d in after.items() if n != "best"}
+    heading = "What it says so far" if r["missing"] else "What it says"
     parts = [
-        f"**What it says so far** ({len(others) + 1} of {len(plans) - 1} plans measured after fine-tuning, on "
+        f"**{heading}** ({len(others) + 1} of {len(plans) - 1} plans measured after fine-tuning, on "
         f"{len(r['books'])} books): after fine-tuning {best} has the lowest NLL over the {r['settings']['eval_tokens']:,}-"
         f"token window (ppl {plans[best]['after']['ppl']:.2f})."
     ]
@@ -239,8 +247,13 @@ def answer_lines(r: dict) -> list[str]:
             if sp["p"] < 0.05
             else "so the order says little either way"
         )
+        direction = (
+            "lower disturbance went with higher NLL, against the paper's claim"
+            if sp["rho"] < 0
+            else "lower disturbance went with lower NLL, as the paper claims"
+        )
         parts.append(
-            f"The order against the disturbance: ρ = {sp['rho']:+.2f} with n = {sp['n']} plans (exact p = "
+            f"The order against the disturbance: ρ = {sp['rho']:+.2f} ({direction}) with n = {sp['n']} plans (exact p = "
             f"{sp['p']:.2f}; n = {sp['n']} cannot reach p below {sp['smallest_possible_p']:.3f}), {reading}."
         )
     closed = {n: v for n, v in c.get("gap_closed", {}).items() if v["share_closed"] is not None}
@@ -259,7 +272,7 @@ def answer_lines(r: dict) -> list[str]:
         )
     passkey = passkey_after(r)
     if passkey:
-        parts.append(f"Passkey after fine-tuning, right of the trials measured at both lengths: {passkey}.")
+        parts.append(f"Passkey (right of the trials at both lengths, before → after fine-tuning): {passkey}.")
     if r["missing"]:
         parts.append(f"Still to measure: {still_to_measure(r)} (listed below); the answer may change.")
     return [" ".join(parts), ""]

@@ -123,14 +123,30 @@ class EvalStore:
             raise RopekitError(f"{self.path}: the evaluation store must be a file, and this is not one")
         if not self.path.parent.is_dir():
             raise RopekitError(f"{self.path.parent}: no such directory for the evaluation store")
-        try:
-            self._db = sqlite3.connect(self.path, timeout=timeout_s, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
-            self._check_schema()
-        except sqlite3.DatabaseError as exc:
-            raise RopekitError(f"{self.path}: not a usable ropekit evaluation store ({exc})") from None
+        deadline = time.monotonic() + timeout_s
+        for pause in _backoff():
+            db = None
+            try:
+                db = self._db = sqlite3.connect(self.path, timeout=timeout_s, isolation_level=None)
+                self._prepare()
+                return
+            except sqlite3.DatabaseError as exc:
+                if db is not None:
+                    db.close()
+                if not _is_busy(exc) or time.monotonic() + pause > deadline:
+                    raise RopekitError(f"{self.path}: not a usable ropekit evaluation store ({exc})") from None
+                time.sleep(pause)
+
+    def _prepare(self) -> None:
+        """WAL mode, the schema, and the schema's version checked.
+
+        Two processes opening a new store at once can deadlock in SQLite's lock upgrade (each holds a
+        shared lock and wants the exclusive one to switch to WAL); SQLite then answers SQLITE_BUSY at
+        once, without waiting out the busy timeout, so `__init__` retries the whole opening."""
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        self._check_schema()
 
     def _check_schema(self) -> None:
         row = self._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
@@ -244,6 +260,24 @@ class EvalStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _backoff(first_s: float = 0.01, most_s: float = 0.5) -> Iterator[float]:
+    """Pauses between retries: doubling from `first_s` up to `most_s`, without end."""
+    pause = first_s
+    while True:
+        yield pause
+        pause = min(2 * pause, most_s)
+
+
+def _is_busy(exc: sqlite3.DatabaseError) -> bool:
+    """Whether SQLite refused because another connection holds a lock (SQLITE_BUSY / SQLITE_LOCKED)."""
+    if not isinstance(exc, sqlite3.OperationalError):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return "locked" in str(exc) or "busy" in str(exc)
 
 
 def _cell_of(row: tuple[Any, ...]) -> Cell:

@@ -204,7 +204,7 @@ def passkey_score(row: dict, stage: str) -> str:
     return f"{sum(t['correct'] for t in trials)}/{len(trials)}" if trials else ""
 
 
-def passkey_after(r: dict) -> str:
+def passkey_before_after(r: dict) -> str:
     """Passkey per plan, both lengths pooled, before → after fine-tuning where both are measured: "yarn 14/20 → 20/20, …"."""
     parts = []
     for name, row in r["plans"].items():
@@ -270,7 +270,7 @@ def answer_lines(r: dict) -> list[str]:
         parts.append(
             "Before-fine-tuning passes are not measured yet, so how much of each gap fine-tuning closed is open."
         )
-    passkey = passkey_after(r)
+    passkey = passkey_before_after(r)
     if passkey:
         parts.append(f"Passkey (right of the trials at both lengths, before → after fine-tuning): {passkey}.")
     if r["missing"]:

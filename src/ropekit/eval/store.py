@@ -262,6 +262,9 @@ class EvalStore:
         self.close()
 
 
+BUSY_CODES = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)  # primary result codes of "another connection holds a lock"
+
+
 def _backoff(first_s: float = 0.01, most_s: float = 0.5) -> Iterator[float]:
     """Pauses between retries: doubling from `first_s` up to `most_s`, without end."""
     pause = first_s
@@ -272,12 +275,8 @@ def _backoff(first_s: float = 0.01, most_s: float = 0.5) -> Iterator[float]:
 
 def _is_busy(exc: sqlite3.DatabaseError) -> bool:
     """Whether SQLite refused because another connection holds a lock (SQLITE_BUSY / SQLITE_LOCKED)."""
-    if not isinstance(exc, sqlite3.OperationalError):
-        return False
-    code = getattr(exc, "sqlite_errorcode", None)
-    if code is not None:
-        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
-    return "locked" in str(exc) or "busy" in str(exc)
+    code = getattr(exc, "sqlite_errorcode", None)  # set on every error SQLite itself raised (Python ≥ 3.11)
+    return isinstance(exc, sqlite3.OperationalError) and code is not None and code & 0xFF in BUSY_CODES
 
 
 def _cell_of(row: tuple[Any, ...]) -> Cell:
